@@ -1,0 +1,23 @@
+# fuselip_med: install, demo and tests. CPU machines get the local CPU torch first (no CUDA wheels);
+# machines that already have a torch (e.g. a CUDA build) keep it.
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+PIP := $(PYTHON) -m pip
+
+.PHONY: install demo test test-slow bench
+
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q -e ".[test]"
+
+demo: install
+	fuselip-med finetune --recipe rocov2_demo
+
+test: install
+	$(PYTHON) -m pytest -q
+
+test-slow: install
+	$(PYTHON) -m pytest -q -m slow
+
+bench: install
+	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(PYTHON) $$script || exit 1; done

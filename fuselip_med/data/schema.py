@@ -1,0 +1,37 @@
+"""The one record every adapter yields: a (query, target) pair of optional image and text sides."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import numpy as np
+
+# What an image side may hold: a file path, encoded bytes, a decoded PIL image, an HxW(xC) array or a
+# (3, H, W) float tensor already in the tokenizer's input range. Decoding is deferred to data/images.py
+# so that adapters stay cheap and decoding happens in DataLoader workers.
+ImageInput = Union[str, "os.PathLike[str]", bytes, "PIL.Image.Image", np.ndarray, "torch.Tensor"]
+
+
+@dataclass
+class Sample:
+    """A training/eval item: query (left) side and target (right) side, each an optional image and text.
+
+    A missing text (None) is encoded as the empty string, i.e. [sot, eot], as in the reference. ``group``
+    ties hard negatives together: the sampler keeps every sample with the same group key in one batch.
+    ``meta`` carries per-item labels for evaluation (concepts, modality, split, ...).
+    """
+
+    id: str
+    source: str
+    query_image: ImageInput | None = None
+    query_text: str | None = None
+    target_image: ImageInput | None = None
+    target_text: str | None = None
+    group: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def group_key(self) -> str:
+        """The hard-negative group; a sample without one forms its own group."""
+        return self.group if self.group is not None else f"{self.source}/{self.id}"
