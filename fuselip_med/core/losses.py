@@ -10,13 +10,39 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def _gather_with_grad(features: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All ranks' features concatenated in rank order (gradients flow back to their owners), and our rank."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return features, 0
-    from torch.distributed.nn.functional import all_gather
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for our rows (works on gloo and nccl)."""
 
-    return torch.cat(all_gather(features), dim=0), dist.get_rank()
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.world = dist.get_rank(), dist.get_world_size()
+        parts = [torch.empty_like(tensor) for _ in range(ctx.world)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank]
+
+
+def _gather_with_grad(features: torch.Tensor) -> tuple[torch.Tensor, int, float]:
+    """All ranks' rows in rank order (gradients flow back to their owners), our row offset, mean rows per rank.
+
+    Ranks may hold different numbers of rows (whole hard-negative groups): rows are padded to the largest
+    rank for the collective and the padding is dropped again.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return features, 0, float(features.shape[0])
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sizes = torch.zeros(world, dtype=torch.long, device=features.device)
+    sizes[rank] = features.shape[0]
+    dist.all_reduce(sizes)
+    sizes_list = sizes.tolist()
+    padded = F.pad(features, (0, 0, 0, max(sizes_list) - features.shape[0]))
+    gathered = [part[:size] for part, size in zip(_AllGatherWithGrad.apply(padded), sizes_list)]
+    return torch.cat(gathered, dim=0), sum(sizes_list[:rank]), sum(sizes_list) / world
 
 
 def sigmoid_loss(
@@ -27,21 +53,22 @@ def sigmoid_loss(
     *,
     distributed: bool = True,
 ) -> torch.Tensor:
-    """SigLIP loss of local left items against the right items of every rank, divided by the local batch.
+    """SigLIP loss of local left rows against the right rows of every rank.
 
-    ``logit_scale`` is the log-space parameter (exponentiated here); ``logit_bias`` is additive. Under data
-    parallel training, every rank's loss covers its N left rows against all P·N right rows; averaging the
-    ranks' gradients (as DDP does) then equals the gradient of the single-process loss on the global batch.
+    ``logit_scale`` is the log-space parameter (exponentiated here); ``logit_bias`` is additive. The sum
+    over this rank's rows is divided by the mean rows per rank (the local batch when ranks are equal, as in
+    the reference), so the ranks' mean loss and DDP's averaged gradients equal the single-process loss and
+    gradients on the global batch.
     """
-    rank = 0
+    offset, rows_per_rank = 0, float(left.shape[0])
     if distributed:
-        right, rank = _gather_with_grad(right)
+        right, offset, rows_per_rank = _gather_with_grad(right)
     local = left.shape[0]
     logits = logit_scale.exp() * left @ right.T + logit_bias
     labels = -torch.ones_like(logits)
-    positives = torch.arange(local, device=left.device) + rank * local
-    labels[torch.arange(local, device=left.device), positives] = 1.0
-    return -F.logsigmoid(labels * logits).sum() / local
+    rows = torch.arange(local, device=left.device)
+    labels[rows, rows + offset] = 1.0
+    return -F.logsigmoid(labels * logits).sum() / max(rows_per_rank, 1.0)
 
 
 def clamp_logit_scale(logit_scale: torch.nn.Parameter, max_scale: float = 100.0) -> None:

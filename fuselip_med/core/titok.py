@@ -221,8 +221,11 @@ class TiTokTokenizer(nn.Module):
         x = pixels.to(device=self.latent_tokens.device, dtype=self.latent_tokens.dtype)
         b, w, t = x.shape[0], cfg.width, cfg.num_latent_tokens
         x = enc.patch_embed(x).flatten(2).transpose(1, 2)  # (B, grid*grid, W), row-major patches
-        x = torch.cat([enc.class_embedding.expand(b, 1, w), x], dim=1) + enc.positional_embedding
-        latents = (self.latent_tokens + enc.latent_token_positional_embedding).expand(b, t, w)
+        # the .to(x.dtype) casts mirror upstream, so an outer fp16 autocast behaves as it did in training
+        x = torch.cat([enc.class_embedding.to(x.dtype).expand(b, 1, w), x], dim=1)
+        x = x + enc.positional_embedding.to(x.dtype)
+        latents = self.latent_tokens.to(x.dtype) + enc.latent_token_positional_embedding.to(x.dtype)
+        latents = latents.expand(b, t, w)
         x = enc.ln_pre(torch.cat([x, latents], dim=1))
         for block in enc.transformer:
             x = block(x)

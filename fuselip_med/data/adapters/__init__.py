@@ -1,23 +1,14 @@
-"""Dataset adapters: one module per source, each turning files into a lazy sequence of ``Sample``s.
-
-Recipes name an adapter (``{"name": "rocov2", "path": ..., "split": "train"}``); ``get_adapter(name)`` returns
-its factory ``factory(path, split, limit=None, strict=False, **opts) -> SampleSource``. Adapters never decode
-pixels: image sides hold paths or encoded bytes and ``data/images.py`` decodes them in DataLoader workers.
-
-Conventions every adapter follows:
-- rows it can cheaply see are bad (empty caption, missing image file, malformed CSV row, non-UTF-8 text) are
-  skipped and counted in ``source.skipped`` (reason -> count), or raise ``BadRowError`` naming the file and row
-  when ``strict=True``;
-- a source left with no sample raises ``DatasetEmptyError`` at construction, naming the path; a path that does
-  not exist raises ``DatasetNotFoundError`` (both a ``DatasetEmptyError`` and a ``FileNotFoundError``).
-"""
+"""Dataset adapters: a registry of factories ``(path, split, limit=None, strict=False, **opts) -> SampleSource``
+and the conventions they share (lazy Samples, no pixel decoding, bad rows skipped and counted or strict errors)."""
 from __future__ import annotations
 
 import collections
+import csv
 import importlib
+import os
 import pkgutil
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
 from ..schema import Sample
@@ -30,6 +21,7 @@ __all__ = [
     "SampleSource",
     "available_adapters",
     "clean_caption",
+    "csv_rows",
     "get_adapter",
     "register_adapter",
 ]
@@ -133,6 +125,24 @@ def clean_caption(text: str | None) -> str:
 def has_undecodable(text: str) -> bool:
     """True when ``text`` was read with ``errors="surrogateescape"`` and held bytes that are not UTF-8."""
     return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def csv_rows(file: str | os.PathLike, strict: bool, skipped: collections.Counter, *, delimiter: str = ",",
+             reason: str = "bad csv row") -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of every non-blank row, header included; undecodable bytes stay as surrogates and
+    rows the csv module rejects are counted under ``reason`` (or raise when strict)."""
+    with open(file, newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
+        reader = csv.reader(handle, delimiter=delimiter)
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                skip_or_raise(skipped, strict, reason, f"{file}, line {reader.line_num}", str(exc))
+                continue
+            if fields and fields != [""]:
+                yield reader.line_num, fields
 
 
 def skip_or_raise(skipped: collections.Counter, strict: bool, reason: str, where: str, detail: str = "") -> None:

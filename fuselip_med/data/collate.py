@@ -1,0 +1,157 @@
+"""Decoded items -> ``Batch``: text ids, stacked pixels (or cached image ids) and has-image masks.
+
+Rows are the kept items in order. Image tensors hold only the rows that have an image on that side (in
+row order); ``*_has_image`` tells which rows those are. ``SkippedSample`` items are dropped and listed in
+``Batch.skipped``; ``SkipCounter`` adds them up in the main process.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from fuselip_med.data.dataset import SIDES, DecodedSample, SkippedSample
+
+DEFAULT_CONTEXT_LENGTH = 180
+
+
+@dataclass
+class Batch:
+    query_text_ids: torch.Tensor                 # (B, L) long
+    target_text_ids: torch.Tensor                # (B, L) long
+    query_pixels: torch.Tensor | None            # (Nq, 3, S, S) float, rows with a query image (no cached ids)
+    query_has_image: torch.Tensor                # (B,) bool
+    target_pixels: torch.Tensor | None           # (Nt, 3, S, S) float
+    target_has_image: torch.Tensor               # (B,) bool
+    ids: list[str]
+    groups: list[str]
+    sources: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)   # (path or source/id, reason)
+    query_image_ids: torch.Tensor | None = None  # (Nq, 128) long, when every query image came from a token cache
+    target_image_ids: torch.Tensor | None = None
+    meta: list[dict[str, Any]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        changes = {f.name: fn(value) for f in fields(self)
+                   if isinstance(value := getattr(self, f.name), torch.Tensor)}
+        return replace(self, **changes)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Batch:
+        """Called by DataLoader(pin_memory=True)."""
+        return self._map_tensors(lambda t: t.pin_memory())
+
+
+def _stack(tensors: list[torch.Tensor], what: str) -> torch.Tensor:
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) > 1:
+        raise ValueError(f"{what} in one batch have different shapes {sorted(shapes)}; use one image size "
+                         f"(DecodeOptions.image_size) for every dataset of a mixture")
+    return torch.stack(tensors)
+
+
+def _flatten(items: Iterable[Any]) -> list[Any]:
+    flat: list[Any] = []
+    for item in items:
+        if isinstance(item, (list, tuple)):
+            flat.extend(_flatten(item))
+        else:
+            flat.append(item)
+    return flat
+
+
+def collate_samples(
+    items: Sequence[DecodedSample | SkippedSample], tokenizer: Callable[[list[str]], torch.Tensor]
+) -> Batch:
+    """Build a Batch from dataset items (nested lists are flattened); a missing text becomes ""."""
+    items = _flatten(items)
+    rows = [item for item in items if isinstance(item, DecodedSample)]
+    skipped = [(item.label, item.reason) for item in items if isinstance(item, SkippedSample)]
+    length = getattr(tokenizer, "context_length", DEFAULT_CONTEXT_LENGTH)
+
+    def texts(side: str) -> torch.Tensor:
+        if not rows:
+            return torch.zeros((0, length), dtype=torch.long)
+        return tokenizer([getattr(row, f"{side}_text") or "" for row in rows])
+
+    images: dict[str, Any] = {}
+    for side in SIDES:
+        has = [row.has_image(side) for row in rows]
+        with_image = [row for row, flag in zip(rows, has) if flag]
+        cached = [getattr(row, f"{side}_image_ids") for row in with_image]
+        pixels = [getattr(row, f"{side}_pixels") for row in with_image]
+        images[f"{side}_has_image"] = torch.tensor(has, dtype=torch.bool)
+        images[f"{side}_pixels"] = images[f"{side}_image_ids"] = None
+        if with_image and all(ids is not None for ids in cached):
+            images[f"{side}_image_ids"] = _stack(cached, f"{side} image ids")
+        elif with_image:
+            missing = [row.id for row, p in zip(with_image, pixels) if p is None]
+            if missing:
+                raise ValueError(f"the token cache holds only some {side} images of this batch (e.g. not the one "
+                                 f"of sample {missing[0]!r}); rebuild it for this dataset and decode options")
+            images[f"{side}_pixels"] = _stack(pixels, f"{side} images")
+
+    return Batch(
+        query_text_ids=texts("query"),
+        target_text_ids=texts("target"),
+        ids=[row.id for row in rows],
+        groups=[row.group for row in rows],
+        sources=[row.source for row in rows],
+        skipped=skipped,
+        meta=[row.meta for row in rows],
+        **images,
+    )
+
+
+class Collator:
+    """Picklable ``collate_fn`` for DataLoader workers: ``Collator(TextTokenizer())``."""
+
+    def __init__(self, tokenizer: Callable[[list[str]], torch.Tensor]):
+        self.tokenizer = tokenizer
+
+    def __call__(self, items: Sequence[DecodedSample | SkippedSample]) -> Batch:
+        return collate_samples(items, self.tokenizer)
+
+
+class SkipCounter:
+    """Tallies ``Batch.skipped`` in the main process: counts per reason and the first few examples."""
+
+    def __init__(self, max_examples: int = 3):
+        self.max_examples = max_examples
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}
+        self.kept = 0
+
+    def update(self, batch: Batch | Iterable[tuple[str, str]]) -> None:
+        if isinstance(batch, Batch):
+            self.kept += len(batch)
+            skipped: Iterable[tuple[str, str]] = batch.skipped
+        else:
+            skipped = batch
+        for label, reason in skipped:
+            self.counts[reason] += 1
+            examples = self.examples.setdefault(reason, [])
+            if len(examples) < self.max_examples:
+                examples.append(label)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kept": self.kept, "skipped": self.total, "by_reason": dict(self.counts.most_common()),
+                "examples": {reason: list(self.examples[reason]) for reason, _ in self.counts.most_common()}}
+
+    def summary(self) -> str:
+        if not self.total:
+            return f"no samples skipped ({self.kept} kept)"
+        parts = [f"{count} {reason} (e.g. {', '.join(self.examples[reason])})"
+                 for reason, count in self.counts.most_common()]
+        return f"skipped {self.total} of {self.total + self.kept} samples: " + "; ".join(parts)

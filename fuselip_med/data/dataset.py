@@ -1,0 +1,263 @@
+"""Map-style datasets that turn a SampleSource's cheap ``Sample``s into decoded, batch-ready items.
+
+``SampleDataset.__getitem__`` runs in DataLoader workers: it decodes the image sides to (3, S, S) tensors
+(or looks their TiTok ids up in a token cache) and returns a ``DecodedSample``. Bad data never raises here:
+it comes back as a ``SkippedSample`` with a short reason, the collator drops it and lists it in
+``Batch.skipped``, and a ``SkipCounter`` in the main process tallies them. ``strict=True`` raises instead.
+
+Training crops are drawn from a generator seeded by (seed, epoch, index), so a run is reproducible whatever
+the number of workers and the order in which they fetch items.
+"""
+from __future__ import annotations
+
+import bisect
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from fuselip_med.data.images import DecodeOptions, ImageDecodeError, decode_image
+from fuselip_med.data.schema import Sample
+from fuselip_med.data.token_cache import image_key
+
+if TYPE_CHECKING:
+    from fuselip_med.data.adapters import SampleSource
+    from fuselip_med.data.token_cache import TokenCache
+
+SIDES = ("query", "target")
+
+
+@dataclass
+class DecodedSample:
+    """One item ready for the collator: texts as str (None = absent), images as (3, S, S) float tensors.
+
+    With a token cache, an image side may come as its 128 TiTok ids (``*_image_ids``) instead of pixels.
+    ``*_image_key`` names the image for the token cache (set in eval mode only).
+    """
+
+    id: str
+    source: str
+    group: str
+    query_text: str | None
+    target_text: str | None
+    query_pixels: torch.Tensor | None
+    target_pixels: torch.Tensor | None
+    meta: dict[str, Any] = field(default_factory=dict)
+    query_image_ids: torch.Tensor | None = None
+    target_image_ids: torch.Tensor | None = None
+    query_image_key: str | None = None
+    target_image_key: str | None = None
+
+    def has_image(self, side: str) -> bool:
+        return getattr(self, f"{side}_pixels") is not None or getattr(self, f"{side}_image_ids") is not None
+
+
+@dataclass
+class SkippedSample:
+    """An item that could not be used; ``path`` is the offending file when the problem was a file."""
+
+    id: str
+    source: str
+    reason: str
+    detail: str
+    path: str | None = None
+
+    @property
+    def label(self) -> str:
+        """What ``Batch.skipped`` shows for it: the file when there is one, else source/id."""
+        return self.path if self.path is not None else f"{self.source}/{self.id}"
+
+
+class _BadSample(Exception):
+    def __init__(self, reason: str, detail: str, path: str | None = None):
+        super().__init__(detail)
+        self.reason, self.detail, self.path = reason, detail, path
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed for one item's random crop, from (seed, epoch, index)."""
+    mask = (1 << 64) - 1
+    state = np.random.SeedSequence([seed & mask, epoch & mask, index & mask]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def _check_text(text: Any, side: str) -> str | None:
+    if text is None:
+        return None
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            return bytes(text).decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise _BadSample("non-UTF-8 text", f"{side} text: {error}") from None
+    text = str(text)
+    try:
+        text.encode("utf-8")  # lone surrogates (e.g. from errors="surrogateescape") are not valid text
+    except UnicodeEncodeError as error:
+        raise _BadSample("non-UTF-8 text", f"{side} text: {error}") from None
+    return text
+
+
+def _path_of(image: Any) -> str | None:
+    return os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
+
+
+class SampleDataset(Dataset):
+    """A SampleSource whose items are decoded (in DataLoader workers) into ``DecodedSample``s.
+
+    ``train=True`` applies the reference random resized crop with a per-item generator from
+    (seed, epoch, index); call ``set_epoch`` before each epoch. The epoch lives in shared memory, so
+    persistent DataLoader workers see the new value too. ``token_cache`` (eval only) serves image sides as
+    precomputed TiTok ids; images it does not hold are decoded as usual.
+    """
+
+    def __init__(
+        self,
+        source: SampleSource,
+        decode: DecodeOptions = DecodeOptions(),
+        train: bool = False,
+        strict: bool = False,
+        seed: int = 0,
+        token_cache: TokenCache | None = None,
+    ):
+        if train and token_cache is not None:
+            raise ValueError("a token cache holds ids of untransformed images; it cannot be used with train=True")
+        self.source = source
+        self.decode = decode
+        self.train = train
+        self.strict = strict
+        self.seed = seed
+        self.token_cache = token_cache
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def name(self) -> str:
+        return getattr(self.source, "name", type(self.source).__name__)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(int(epoch))
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def groups(self) -> list[list[int]]:
+        return self.source.groups()
+
+    def image_key(self, sample: Sample, side: str) -> str | None:
+        """The token-cache key of a sample's image on ``side`` (None when that side has no image)."""
+        image = getattr(sample, f"{side}_image")
+        if image is None:
+            return None
+        return image_key(image, self.decode, fallback=f"{sample.source}/{sample.id}#{side}")
+
+    def __getitem__(self, index: int) -> DecodedSample | SkippedSample:
+        sample: Sample | None = None
+        try:
+            sample = self.source[index]
+            return self._decode(sample, index)
+        except (_BadSample, ImageDecodeError, UnicodeDecodeError) as error:
+            sample_id = str(sample.id) if sample is not None else str(index)
+            source = str(sample.source) if sample is not None else self.name
+            if isinstance(error, _BadSample):
+                reason, detail, path = error.reason, error.detail, error.path
+            elif isinstance(error, ImageDecodeError):
+                reason, detail = error.reason, str(error)
+                path = getattr(error, "source", None) or None
+            else:
+                reason, detail, path = "non-UTF-8 text", str(error), None
+            if self.strict:
+                where = f"file {path}" if path else f"sample {sample_id!r} of {source}"
+                raise ValueError(f"{where}: {reason} ({detail}); fix or remove it, or run without strict") from error
+            return SkippedSample(sample_id, source, reason, detail, path if isinstance(path, str) else None)
+
+    def _decode(self, sample: Sample, index: int) -> DecodedSample:
+        texts = {side: _check_text(getattr(sample, f"{side}_text"), side) for side in SIDES}
+        for side in SIDES:
+            text = texts[side]
+            if getattr(sample, f"{side}_image") is None and (text is None or not text.strip()):
+                raise _BadSample("empty caption", f"{side} side has neither an image nor text")
+        generator = None
+        if self.train:
+            generator = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
+        out: dict[str, Any] = {}
+        for side in SIDES:
+            image = getattr(sample, f"{side}_image")
+            pixels = ids = key = None
+            if image is not None:
+                if not self.train:
+                    key = self.image_key(sample, side)
+                if self.token_cache is not None:
+                    ids = self.token_cache.get_one(key)
+                if ids is None:
+                    try:
+                        pixels = decode_image(image, self.decode, train=self.train, generator=generator)
+                    except ImageDecodeError as error:
+                        raise _BadSample(error.reason, f"{side} image: {error}", _path_of(image)) from error
+            out[f"{side}_pixels"], out[f"{side}_image_ids"], out[f"{side}_image_key"] = pixels, ids, key
+        return DecodedSample(
+            id=str(sample.id),
+            source=str(sample.source),
+            group=sample.group_key,
+            query_text=texts["query"],
+            target_text=texts["target"],
+            meta=dict(sample.meta),
+            **out,
+        )
+
+
+class MixtureDataset(Dataset):
+    """Several SampleDatasets end to end, with a sampling weight each (see ``sampling.mixture_group_weights``).
+
+    Global index = local index + the dataset's offset; ``groups()`` are the datasets' groups so shifted.
+    """
+
+    def __init__(self, datasets: Sequence[SampleDataset], weights: Sequence[float] | None = None):
+        if not datasets:
+            raise ValueError("MixtureDataset needs at least one dataset")
+        weights = [1.0] * len(datasets) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(datasets):
+            raise ValueError(f"MixtureDataset got {len(datasets)} datasets but {len(weights)} weights")
+        if any(not np.isfinite(w) or w <= 0 for w in weights):
+            raise ValueError(f"dataset weights must be positive numbers, got {weights}")
+        self.datasets = list(datasets)
+        self.weights = weights
+        self.offsets = [0]
+        for dataset in self.datasets:
+            self.offsets.append(self.offsets[-1] + len(dataset))
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(dataset number, local index) of a global index."""
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a mixture of {len(self)} items")
+        d = bisect.bisect_right(self.offsets, index) - 1
+        return d, index - self.offsets[d]
+
+    def dataset_of(self, index: int) -> int:
+        return self.locate(index)[0]
+
+    def __getitem__(self, index: int) -> DecodedSample | SkippedSample:
+        d, local = self.locate(index)
+        return self.datasets[d][local]
+
+    def groups(self) -> list[list[int]]:
+        return [group for groups in self.dataset_groups() for group in groups]
+
+    def dataset_groups(self) -> list[list[list[int]]]:
+        """Global-index groups, one list per dataset (what ``mixture_group_weights`` needs)."""
+        return [[[i + offset for i in group] for group in dataset.groups()]
+                for dataset, offset in zip(self.datasets, self.offsets)]
+
+    def set_epoch(self, epoch: int) -> None:
+        for dataset in self.datasets:
+            dataset.set_epoch(epoch)

@@ -1,0 +1,242 @@
+"""Batches of whole hard-negative groups: shuffled, optionally weighted across datasets, resumable.
+
+``GroupedBatchSampler`` is a batch sampler (``DataLoader(dataset, batch_sampler=...)``). Per epoch it:
+
+1. lays out a stream of groups: a permutation of all groups seeded by (seed, epoch); with
+   ``group_weights``, groups drawn with replacement in proportion to their weight (``len(groups)`` draws);
+   with ``epoch_length``, the stream goes on (further permutations / draws) until that many batches
+   per rank are filled. Only a single permutation (no weights, no ``epoch_length``) visits each group
+   exactly once; the other streams may repeat a group in an epoch (never within one batch);
+2. packs it into batches of at most ``batch_size`` indices, first-fit: a batch first takes the groups
+   deferred from earlier batches that fit, then the next groups of the stream that fit; a group that does
+   not fit (or is already in the batch) is deferred, kept in stream order for the next batches; a batch
+   closes when it is full or after ``lookahead`` deferred groups. Groups are never split, so unlike the
+   reference sampler (which spills a group's overflow into the next batch) a batch may be a few indices
+   short of ``batch_size``;
+3. deals the batches to ranks round-robin (rank r gets batches r, r + P, ...). Every rank gets the same
+   number of batches, ``total // P``: the last ``total % P`` batches of the epoch are dropped (at most
+   P - 1 batches; the same on every rank), so ranks stay disjoint and in step. With ``drop_last`` the
+   epoch's final batch is also dropped when it is short (only without ``epoch_length``).
+
+Everything is a function of (seed, epoch), the same on every rank and for any number of workers.
+
+Position: the sampler counts the batches it hands out. After an epoch's batches are all out, the next
+iteration starts the following epoch by itself; ``set_epoch(e)`` with a new epoch also starts it from its
+first batch, while ``set_epoch`` with the current epoch keeps the position (so a resumed run may call
+``set_epoch(start_epoch)`` as usual). ``state_dict()`` is {seed, epoch, batches_done}; a new sampler given
+it by ``load_state_dict`` yields exactly the remaining batches of that epoch, then the later epochs as an
+uninterrupted run would. A DataLoader with workers asks for batches ahead of the training loop: pass the
+number of this epoch's batches the loop actually consumed, ``state_dict(batches_done=k)``. Resume with the
+same groups, batch size and number of ranks.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import numpy as np
+from torch.utils.data import Sampler
+
+if TYPE_CHECKING:
+    from fuselip_med.data.dataset import MixtureDataset
+
+_DRAW_CHUNK = 4096
+
+
+def mixture_group_weights(mixture: MixtureDataset) -> list[float]:
+    """Per-group weights (aligned with ``mixture.groups()``) under which dataset d supplies a share of the
+    drawn *samples* proportional to its weight: a group of d weighs w_d / (number of samples in d's groups),
+    whatever its size, so the expected samples drawn from d per draw is w_d / sum(w)."""
+    weights: list[float] = []
+    for weight, groups in zip(mixture.weights, mixture.dataset_groups()):
+        total = sum(len(group) for group in groups)
+        weights.extend([weight / total] * len(groups))
+    return weights
+
+
+def _pack(stream: Iterator[int], sizes: list[int], batch_size: int, lookahead: int,
+          max_batches: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """First-fit packing of a group stream; returns (group ids in batch order, batch boundaries)."""
+    out: list[int] = []
+    bounds = [0]
+    pending: list[int] = []
+    while max_batches is None or len(bounds) - 1 < max_batches:
+        space = batch_size
+        start = len(out)
+        taken: set[int] = set()  # a stream that repeats groups must not put one twice in a batch
+        keep: list[int] = []
+        for position, group in enumerate(pending):
+            if sizes[group] <= space and group not in taken:
+                out.append(group)
+                taken.add(group)
+                space -= sizes[group]
+                if space == 0:
+                    keep.extend(pending[position + 1:])
+                    break
+            else:
+                keep.append(group)
+        pending = keep
+        misses = 0
+        while space > 0 and misses < lookahead:
+            group = next(stream, None)
+            if group is None:
+                break
+            if sizes[group] <= space and group not in taken:
+                out.append(group)
+                taken.add(group)
+                space -= sizes[group]
+            else:
+                pending.append(group)
+                misses += 1
+        if len(out) == start:
+            break
+        bounds.append(len(out))
+    return np.asarray(out, dtype=np.int64), np.asarray(bounds, dtype=np.int64)
+
+
+class GroupedBatchSampler(Sampler[list[int]]):
+    """Yields lists of dataset indices; every group of ``groups`` lands whole in one batch (see module doc)."""
+
+    def __init__(
+        self,
+        groups: Sequence[Sequence[int]],
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        group_weights: Sequence[float] | None = None,
+        num_replicas: int = 1,
+        rank: int = 0,
+        epoch_length: int | None = None,
+        lookahead: int = 64,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if not groups:
+            raise ValueError("GroupedBatchSampler got no groups: the dataset is empty")
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, num_replicas={num_replicas})")
+        if epoch_length is not None and epoch_length < 1:
+            raise ValueError(f"epoch_length must be a positive number of batches, got {epoch_length}")
+        sizes = np.fromiter((len(group) for group in groups), dtype=np.int64, count=len(groups))
+        if sizes.min() < 1:
+            raise ValueError(f"group {int(np.argmin(sizes))} is empty")
+        if sizes.max() > batch_size:
+            big = int(np.argmax(sizes))
+            raise ValueError(f"group {big} has {int(sizes[big])} samples, more than batch_size={batch_size}; "
+                             f"raise the batch size or split that group")
+        self._cdf: np.ndarray | None = None
+        if group_weights is not None:
+            if not shuffle:
+                raise ValueError("group_weights draw groups at random; they need shuffle=True")
+            probs = np.asarray(group_weights, dtype=np.float64)
+            if probs.shape != (len(groups),):
+                raise ValueError(f"group_weights has {probs.size} entries for {len(groups)} groups")
+            if not np.isfinite(probs).all() or (probs < 0).any() or probs.sum() <= 0:
+                raise ValueError("group_weights must be finite, non-negative and not all zero")
+            self._cdf = np.cumsum(probs / probs.sum())
+        self._sizes = sizes
+        self._size_list = sizes.tolist()
+        self._starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        self._members = np.fromiter(itertools.chain.from_iterable(groups), dtype=np.int64, count=int(sizes.sum()))
+        self._singletons = int(sizes.max()) == 1
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch_length = epoch_length
+        self.lookahead = lookahead
+        self.epoch = 0
+        self._position = 0
+        self._plans: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # the last two epochs' plans
+
+    # ---- the epoch plan -------------------------------------------------------------------------------
+    def _stream(self, rng: np.random.Generator) -> Iterator[int]:
+        num_groups = len(self._sizes)
+        endless = self.epoch_length is not None
+        if self._cdf is not None:
+            draws = itertools.count() if endless else range(0, num_groups, _DRAW_CHUNK)
+            for start in draws:
+                count = _DRAW_CHUNK if endless else min(_DRAW_CHUNK, num_groups - start)
+                picks = np.searchsorted(self._cdf, rng.random(count) * self._cdf[-1], side="right")
+                yield from np.minimum(picks, num_groups - 1).tolist()
+            return
+        for _ in itertools.count() if endless else range(1):
+            yield from (rng.permutation(num_groups) if self.shuffle else np.arange(num_groups)).tolist()
+
+    def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(group order, global batch boundaries, this rank's batch numbers) for ``epoch``, cached."""
+        if epoch in self._plans:
+            return self._plans[epoch]
+        rng = np.random.default_rng([self.seed & (2**64 - 1), epoch])
+        wanted = None if self.epoch_length is None else self.epoch_length * self.num_replicas
+        stream = self._stream(rng)
+        if self._singletons and self._cdf is None and wanted is None:
+            # one permutation of singletons: packing is chunking (same result as _pack, much faster)
+            order = np.fromiter(stream, dtype=np.int64)
+            bounds = np.append(np.arange(0, len(order), self.batch_size), len(order))
+        else:
+            order, bounds = _pack(stream, self._size_list, self.batch_size, self.lookahead, wanted)
+        total = len(bounds) - 1
+        if self.drop_last and wanted is None and total:
+            last_size = int(self._sizes[order[bounds[-2]:]].sum())
+            if last_size < self.batch_size:
+                total -= 1
+        per_rank = total // self.num_replicas
+        mine = self.rank + self.num_replicas * np.arange(per_rank, dtype=np.int64)
+        if len(self._plans) >= 2:
+            del self._plans[min(self._plans)]
+        self._plans[epoch] = (order, bounds, mine)
+        return order, bounds, mine
+
+    def _indices(self, order: np.ndarray, bounds: np.ndarray, batch: int) -> list[int]:
+        groups = order[bounds[batch]:bounds[batch + 1]]
+        if self._singletons:
+            return self._members[self._starts[groups]].tolist()
+        lengths = self._sizes[groups]
+        shift = np.repeat(self._starts[groups] - (np.cumsum(lengths) - lengths), lengths)
+        return self._members[shift + np.arange(int(lengths.sum()))].tolist()
+
+    # ---- Sampler API ----------------------------------------------------------------------------------
+    def batches_per_epoch(self, epoch: int | None = None) -> int:
+        """Number of batches this rank gets in ``epoch`` (default: the current one), from its start."""
+        return len(self._plan(self.epoch if epoch is None else epoch)[2])
+
+    def __len__(self) -> int:
+        """Batches the next iteration yields: the rest of the current epoch, or the next epoch if it is done."""
+        remaining = self.batches_per_epoch() - self._position
+        return remaining if remaining > 0 else self.batches_per_epoch(self.epoch + 1)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self._position >= self.batches_per_epoch():
+            self.epoch += 1
+            self._position = 0
+        order, bounds, mine = self._plan(self.epoch)
+        while self._position < len(mine):
+            batch = int(mine[self._position])
+            self._position += 1
+            yield self._indices(order, bounds, batch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its first batch; the current epoch keeps its position (resume)."""
+        if epoch != self.epoch:
+            self.epoch = int(epoch)
+            self._position = 0
+
+    def state_dict(self, batches_done: int | None = None) -> dict[str, Any]:
+        """{seed, epoch, batches_done}; ``batches_done`` overrides the count of batches handed out in the
+        current epoch (pass the training loop's count when a DataLoader prefetches). A finished epoch is
+        saved as the start of the next."""
+        done = self._position if batches_done is None else int(batches_done)
+        if done >= self.batches_per_epoch():
+            return {"seed": self.seed, "epoch": self.epoch + 1, "batches_done": 0}
+        return {"seed": self.seed, "epoch": self.epoch, "batches_done": done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._plans.clear()
+        self.seed = int(state["seed"])
+        self.epoch = int(state["epoch"])
+        self._position = int(state["batches_done"])

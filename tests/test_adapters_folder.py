@@ -1,0 +1,157 @@
+"""The folder/csv adapter: a user's own table of path,caption (+ labels) or a folder with sidecar captions."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fuselip_med.data.adapters import BadRowError, DatasetEmptyError, DatasetNotFoundError, SampleSource, get_adapter
+from fuselip_med.data.adapters.folder import FolderSource, folder, normalize_modality
+
+
+def write_image(path: Path, value: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8), value, np.uint8)).save(path)
+    return path
+
+
+def pixel(image: str) -> int:
+    return int(np.asarray(Image.open(image))[4, 4])
+
+
+@pytest.fixture
+def table(tmp_path) -> Path:
+    root = tmp_path / "mydata"
+    write_image(root / "images" / "a.png", 10)
+    write_image(root / "images" / "b.png", 20)
+    elsewhere = write_image(tmp_path / "elsewhere" / "c.png", 30)
+    write_image(root / "d.png", 40)
+    (root / "train.csv").write_text(
+        "path,caption,label,labels,modality\n"
+        'images/a.png,"CT of the chest, axial.",nodule,nodule;mass,ct\n'
+        f"{elsewhere},Absolute path caption.,,effusion,MR\n"
+        "images/missing.png,No such image.,,,\n"
+        "images/b.png,,,,\n"
+        "images/b.png,Too,many,fields,here,x\n"
+        "d.png,\"Line one\nline two\",fracture,,Radiograph\n"
+        "images/a.png,A second caption of image a.,,,ultrasound\n",
+        encoding="utf-8")
+    return root
+
+
+def test_csv_relative_absolute_labels_and_skips(table, tmp_path):
+    source = get_adapter("csv")(path=str(table / "train.csv"), split="train")
+    assert isinstance(source, FolderSource) and isinstance(source, SampleSource)
+    assert len(source) == 4
+    assert dict(source.skipped) == {"missing image": 1, "empty caption": 1, "bad csv row": 1}
+    first, second, third, fourth = (source[i] for i in range(4))
+    assert first.target_text == "CT of the chest, axial." and pixel(first.query_image) == 10
+    assert Path(first.query_image) == table / "images" / "a.png"
+    assert first.meta["labels"] == ["nodule", "mass"] and first.meta["label"] == "nodule"
+    assert first.meta["modality"] == "CT" and first.meta["split"] == "train"
+    assert second.query_image == str(tmp_path / "elsewhere" / "c.png") and pixel(second.query_image) == 30
+    assert second.meta["labels"] == ["effusion"] and second.meta["label"] is None
+    assert third.target_text == "Line one line two" and pixel(third.query_image) == 40
+    assert third.meta["labels"] == ["fracture"]
+    assert source.modality_labels() == ["CT", "MRI", "X-ray", "ultrasound"]
+    assert [s.id for s in (first, second, third, fourth)] == [
+        "images/a.png", str(tmp_path / "elsewhere" / "c.png"), "d.png", "images/a.png#2"]
+    assert source.groups() == [[0], [1], [2], [3]]
+    assert source.labels(0) == ["nodule", "mass"]
+
+
+def test_folder_with_split_table_and_limit(table):
+    source = folder(table, "train", limit=2)
+    assert len(source) == 2 and source[1].target_text == "Absolute path caption."
+    with pytest.raises(IndexError):
+        source[2]
+
+
+def test_csv_strict_names_file_and_line(table):
+    with pytest.raises(BadRowError, match=r"train\.csv, line 4: missing image"):
+        folder(table / "train.csv", strict=True)
+
+
+def test_check_files_off_keeps_missing_rows(table):
+    source = folder(table / "train.csv", check_files=False)
+    assert len(source) == 5 and "missing image" not in source.skipped
+
+
+def test_tsv_with_id_group_and_image_root(tmp_path):
+    root = tmp_path / "imgs"
+    write_image(root / "x.png", 1)
+    write_image(root / "y.png", 2)
+    tsv = tmp_path / "tables" / "pairs.tsv"
+    tsv.parent.mkdir()
+    tsv.write_text("id\tpath\tcaption\tgroup\n"
+                   "s1\tx.png\tfirst, with comma\tg\n"
+                   "s2\ty.png\tsecond\tg\n"
+                   "s3\tx.png\tthird\t\n")
+    source = folder(tsv, image_root=str(root), pair_mode="caption_to_image")
+    assert [source[i].id for i in range(3)] == ["s1", "s2", "s3"]
+    assert source[0].query_text == "first, with comma" and pixel(source[0].target_image) == 1
+    assert source[0].group == source[1].group == "g" and source[2].group is None
+    assert source.groups() == [[0, 1], [2]]
+
+
+def test_custom_column_names(tmp_path):
+    write_image(tmp_path / "p.png", 5)
+    (tmp_path / "t.csv").write_text("filepath,title\np.png,A title.\n")
+    with pytest.raises(DatasetEmptyError, match="path_column"):
+        folder(tmp_path / "t.csv")
+    source = folder(tmp_path / "t.csv", path_column="filepath", caption_column="title")
+    assert source[0].target_text == "A title."
+
+
+def test_sidecar_folder(tmp_path):
+    root = tmp_path / "scans"
+    write_image(root / "a.jpg", 11)
+    (root / "a.txt").write_text("  Caption of a.\n")
+    write_image(root / "b.png", 22)
+    (root / "b.png.txt").write_text("Caption of b (the fork's naming).")
+    write_image(root / "sub" / "c.png", 33)
+    (root / "sub" / "c.txt").write_text("Caption\nof c.")
+    write_image(root / "d.png", 44)  # no caption
+    write_image(root / "e.png", 55)
+    (root / "e.txt").write_text("   \n")
+    (root / "readme.md").write_text("ignored")
+    source = get_adapter("folder")(path=str(root), split="train")
+    assert [source[i].id for i in range(len(source))] == ["a.jpg", "b.png", "sub/c.png"]
+    assert [source[i].target_text for i in range(3)] == ["Caption of a.", "Caption of b (the fork's naming).",
+                                                         "Caption of c."]
+    assert [pixel(source[i].query_image) for i in range(3)] == [11, 22, 33]
+    assert dict(source.skipped) == {"missing caption": 1, "empty caption": 1}
+    assert source.modality_labels() == [None, None, None]
+    with pytest.raises(BadRowError, match="d.png"):
+        folder(root, strict=True)
+
+
+def test_split_subfolder(tmp_path):
+    write_image(tmp_path / "train" / "t.png", 1)
+    (tmp_path / "train" / "t.txt").write_text("train image")
+    write_image(tmp_path / "valid" / "v.png", 2)
+    (tmp_path / "valid" / "v.txt").write_text("valid image")
+    assert folder(tmp_path, "valid")[0].target_text == "valid image"
+    assert folder(tmp_path, "train")[0].target_text == "train image"
+
+
+def test_missing_and_empty(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="path,caption"):
+        folder(tmp_path / "absent.csv")
+    (tmp_path / "empty.csv").write_text("path,caption\n")
+    with pytest.raises(DatasetEmptyError, match="no usable sample"):
+        folder(tmp_path / "empty.csv")
+
+
+def test_non_utf8_row_skipped(tmp_path):
+    write_image(tmp_path / "a.png", 1)
+    (tmp_path / "t.csv").write_bytes("path,caption\na.png,caf\xe9\na.png,ok\n".encode("latin-1"))
+    source = folder(tmp_path / "t.csv")
+    assert len(source) == 1 and source.skipped["non-utf8 text"] == 1
+
+
+def test_normalize_modality():
+    assert [normalize_modality(v) for v in ("CT", " mr ", "X-Ray", "US", "Angiogram", "PET", "", None, "Fundus")] == [
+        "CT", "MRI", "X-ray", "ultrasound", "angiography", "PET", None, None, "Fundus"]

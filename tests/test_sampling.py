@@ -1,0 +1,221 @@
+"""GroupedBatchSampler: whole groups per batch, determinism, resume, weighted mixtures, distributed shares."""
+import itertools
+import random
+
+import numpy as np
+import pytest
+
+from fuselip_med.data.sampling import GroupedBatchSampler, _pack, mixture_group_weights
+
+
+def random_groups(num_groups=300, max_size=9, seed=0, start=0):
+    rng = random.Random(seed)
+    groups, next_index = [], start
+    for _ in range(num_groups):
+        size = rng.randint(1, max_size)
+        groups.append(list(range(next_index, next_index + size)))
+        next_index += size
+    rng.shuffle(groups)  # group order in the list is unrelated to index order
+    return groups
+
+
+def group_of(groups):
+    return {i: g for g, members in enumerate(groups) for i in members}
+
+
+def epoch_batches(sampler, epoch):
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def test_every_batch_holds_complete_groups_and_each_index_once():
+    groups = random_groups()
+    sampler = GroupedBatchSampler(groups, 16, seed=3)
+    owner = group_of(groups)
+    batches = list(sampler)
+    assert len(batches) == len(sampler.__class__(groups, 16, seed=3))
+    seen = [i for batch in batches for i in batch]
+    assert sorted(seen) == sorted(owner)  # every index exactly once
+    for batch in batches:
+        assert len(batch) <= 16
+        for g in {owner[i] for i in batch}:
+            assert set(groups[g]) <= set(batch)  # the whole group is there
+            members = [i for i in batch if owner[i] == g]
+            assert members == groups[g]  # contiguous, in the group's order
+    # first-fit fills batches: all but the last few are full or within one small group of full
+    sizes = [len(b) for b in batches]
+    assert np.mean(sizes[:-1]) > 15.5, sizes
+
+
+def test_group_larger_than_batch_is_rejected():
+    with pytest.raises(ValueError, match="17 samples"):
+        GroupedBatchSampler([[0], list(range(1, 18))], 16)
+
+
+def test_same_seed_same_order_different_seed_different():
+    groups = random_groups()
+    first = list(GroupedBatchSampler(groups, 16, seed=1))
+    again = list(GroupedBatchSampler(groups, 16, seed=1))
+    other = list(GroupedBatchSampler(groups, 16, seed=2))
+    assert first == again
+    assert first != other
+
+
+def test_epochs_differ_and_set_epoch_is_deterministic():
+    groups = random_groups()
+    sampler = GroupedBatchSampler(groups, 16, seed=0)
+    e0, e1 = epoch_batches(sampler, 0), epoch_batches(sampler, 1)
+    assert e0 != e1
+    assert epoch_batches(GroupedBatchSampler(groups, 16, seed=0), 1) == e1
+    # iterating again without set_epoch moves on to the next epoch by itself
+    fresh = GroupedBatchSampler(groups, 16, seed=0)
+    assert list(fresh) == e0 and list(fresh) == e1
+
+
+@pytest.mark.parametrize("k", [0, 1, 7])
+def test_resume_mid_epoch_yields_exactly_the_remaining_batches(k):
+    groups = random_groups()
+    reference = GroupedBatchSampler(groups, 16, seed=5)
+    full = [epoch_batches(reference, e) for e in range(3)]
+
+    sampler = GroupedBatchSampler(groups, 16, seed=5)
+    sampler.set_epoch(1)
+    iterator = iter(sampler)
+    taken = [next(iterator) for _ in range(k)]
+    state = sampler.state_dict()
+    assert state == {"seed": 5, "epoch": 1, "batches_done": k}
+
+    resumed = GroupedBatchSampler(groups, 16, seed=0)  # the seed comes from the state
+    resumed.load_state_dict(state)
+    assert len(resumed) == len(full[1]) - k
+    resumed.set_epoch(1)  # a resumed trainer calls set_epoch(start_epoch) as usual: position is kept
+    rest = list(resumed)
+    assert taken + rest == full[1]
+    assert epoch_batches(resumed, 2) == full[2]
+
+
+def test_state_of_a_finished_epoch_is_the_start_of_the_next():
+    groups = random_groups()
+    sampler = GroupedBatchSampler(groups, 16, seed=5)
+    list(sampler)
+    assert sampler.state_dict() == {"seed": 5, "epoch": 1, "batches_done": 0}
+    # a DataLoader prefetching ahead: the loop consumed only 3 batches
+    assert sampler.state_dict(batches_done=3) == {"seed": 5, "epoch": 0, "batches_done": 3}
+    resumed = GroupedBatchSampler(groups, 16)
+    resumed.load_state_dict(sampler.state_dict())
+    assert list(resumed) == epoch_batches(GroupedBatchSampler(groups, 16, seed=5), 1)
+
+
+def test_no_shuffle_packs_groups_first_fit_in_order():
+    groups = [[0, 1], [2], [3, 4, 5], [6], [7, 8]]
+    # [3, 4, 5] does not fit after [0, 1], [2]: it waits for the next batch and [6] fills the gap
+    assert list(GroupedBatchSampler(groups, 4, shuffle=False)) == [[0, 1, 2, 6], [3, 4, 5], [7, 8]]
+
+
+def test_drop_last_drops_a_short_final_batch():
+    groups = [[i] for i in range(10)]
+    assert [len(b) for b in GroupedBatchSampler(groups, 4, drop_last=False)] == [4, 4, 2]
+    sampler = GroupedBatchSampler(groups, 4, drop_last=True)
+    assert [len(b) for b in sampler] == [4, 4]
+    assert len(GroupedBatchSampler(groups, 4, drop_last=True)) == 2
+
+
+def test_singleton_fast_path_matches_general_packing():
+    groups = [[i] for i in range(103)]
+    sampler = GroupedBatchSampler(groups, 16, seed=4)
+    rng = np.random.default_rng([4, 0])
+    order, bounds = _pack(iter(rng.permutation(103).tolist()), [1] * 103, 16, 64, None)
+    expected = [order[bounds[b]:bounds[b + 1]].tolist() for b in range(len(bounds) - 1)]
+    assert list(sampler) == expected
+
+
+def test_epoch_length_fixes_the_number_of_batches_and_cycles():
+    groups = random_groups(num_groups=20)
+    sampler = GroupedBatchSampler(groups, 16, seed=0, epoch_length=50)
+    batches = list(sampler)
+    assert len(batches) == 50 == len(GroupedBatchSampler(groups, 16, seed=0, epoch_length=50))
+    owner = group_of(groups)
+    for batch in batches:
+        assert len(batch) == len(set(batch))  # a repeated group never lands twice in one batch
+        for g in {owner[i] for i in batch}:
+            assert [i for i in batch if owner[i] == g] == groups[g]
+    singles = list(GroupedBatchSampler([[i] for i in range(10)], 4, seed=0, epoch_length=9))
+    assert len(singles) == 9 and all(len(b) == 4 == len(set(b)) for b in singles)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_distributed_ranks_are_disjoint_with_equal_counts(world):
+    groups = random_groups(num_groups=301)
+    per_rank = [list(GroupedBatchSampler(groups, 16, seed=9, num_replicas=world, rank=r)) for r in range(world)]
+    counts = {len(batches) for batches in per_rank}
+    assert len(counts) == 1
+    single = list(GroupedBatchSampler(groups, 16, seed=9))
+    assert counts.pop() == len(single) // world
+    flat = [i for batches in per_rank for batch in batches for i in batch]
+    assert len(flat) == len(set(flat))  # disjoint
+    # together they are the single-process epoch minus at most world - 1 trailing batches
+    dealt = [batch for batches in itertools.zip_longest(*per_rank) for batch in batches if batch is not None]
+    assert dealt == single[:len(dealt)] and len(single) - len(dealt) < world
+    assert [len(GroupedBatchSampler(groups, 16, seed=9, num_replicas=world, rank=r)) for r in range(world)] \
+        == [len(b) for b in per_rank]
+
+
+class _FakeMixture:
+    """What mixture_group_weights reads from a MixtureDataset (the real one is tested in test_collate_dataset)."""
+
+    def __init__(self, per_dataset_groups, weights):
+        self.weights = weights
+        self._groups = per_dataset_groups
+
+    def dataset_groups(self):
+        return self._groups
+
+    def groups(self):
+        return [g for groups in self._groups for g in groups]
+
+
+def test_mixture_weights_give_sample_proportions():
+    big = random_groups(num_groups=400, max_size=9, seed=1)                          # ~2000 samples
+    n_big = sum(len(g) for g in big)
+    small = random_groups(num_groups=50, max_size=3, seed=2, start=n_big)            # ~100 samples
+    mixture = _FakeMixture([big, small], [1.0, 3.0])
+    weights = mixture_group_weights(mixture)
+    sampler = GroupedBatchSampler(mixture.groups(), 16, seed=0, group_weights=weights, epoch_length=500)
+    from_small = total = 0
+    for batch in sampler:
+        total += len(batch)
+        from_small += sum(i >= n_big for i in batch)
+        assert len(batch) <= 16 and len(set(batch)) == len(batch)
+    assert total > 7000
+    assert from_small / total == pytest.approx(0.75, abs=0.03)
+    # equal weights: proportions follow the weights, not the dataset sizes
+    sampler = GroupedBatchSampler(mixture.groups(), 16, seed=0, epoch_length=300,
+                                  group_weights=mixture_group_weights(_FakeMixture([big, small], [1.0, 1.0])))
+    batches = list(sampler)
+    share = sum(i >= n_big for b in batches for i in b) / sum(len(b) for b in batches)
+    assert share == pytest.approx(0.5, abs=0.04)
+
+
+def test_weighted_sampling_is_deterministic_and_resumable():
+    groups = random_groups()
+    weights = [1.0 + (i % 3) for i in range(len(groups))]
+    make = lambda: GroupedBatchSampler(groups, 16, seed=2, group_weights=weights)  # noqa: E731
+    full = list(make())
+    assert full == list(make())
+    sampler = make()
+    iterator = iter(sampler)
+    head = [next(iterator) for _ in range(4)]
+    resumed = make()
+    resumed.load_state_dict(sampler.state_dict())
+    assert head + list(resumed) == full
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match="group_weights"):
+        GroupedBatchSampler([[0], [1]], 2, group_weights=[1.0])
+    with pytest.raises(ValueError, match="shuffle"):
+        GroupedBatchSampler([[0], [1]], 2, group_weights=[1.0, 1.0], shuffle=False)
+    with pytest.raises(ValueError, match="rank"):
+        GroupedBatchSampler([[0], [1]], 2, num_replicas=2, rank=2)
+    with pytest.raises(ValueError, match="empty"):
+        GroupedBatchSampler([], 2)
