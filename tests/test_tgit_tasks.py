@@ -245,3 +245,12 @@ def test_eval_pools_function(tmp_path, family):
         assert [p.prompt for p in pool] == [p.prompt for p in again[kind]]
         assert np.array_equal(np.asarray(pool[0].target_image), np.asarray(again[kind][0].target_image))
         assert pool[0].source_image.size == (256, 256)
+
+
+def test_training_dataset_does_not_crop_rendered_pairs_again(tmp_path):
+    base = make_base(tmp_path, n=4)
+    task = TGITTask(base, "tgit", split="train", identity_fraction=0.0, eval_fraction=0.0)
+    index = next(i for i in range(len(task)) if task[i].meta.get("preprocessed"))
+    sample = task[index]
+    item = SampleDataset(task, train=True)[index]
+    assert torch_equal(item.target_pixels, pil_to_tensor(sample.target_image))

@@ -195,8 +195,10 @@ class SampleDataset(Dataset):
                 if self.token_cache is not None:
                     ids = self.token_cache.get_one(key)
                 if ids is None:
+                    # Images a task already rendered at the final size (TGIT) get no second random crop.
+                    augment = self.train and not sample.meta.get("preprocessed", False)
                     try:
-                        pixels = decode_image(image, self.decode, train=self.train, generator=generator)
+                        pixels = decode_image(image, self.decode, train=augment, generator=generator)
                     except ImageDecodeError as error:
                         raise _BadSample(error.reason, f"{side} image: {error}", _path_of(image)) from error
             out[f"{side}_pixels"], out[f"{side}_image_ids"], out[f"{side}_image_key"] = pixels, ids, key

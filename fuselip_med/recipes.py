@@ -1,0 +1,312 @@
+"""Recipes: the typed schema of a training/fine-tuning run, YAML loading and ``--set key=value`` overrides.
+
+A recipe is validated once, here, at the edge; errors name the file and the key and say what to do.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+RECIPE_DIRS = (
+    Path(__file__).resolve().parent / "recipes",  # installed wheel (package data)
+    Path(__file__).resolve().parent.parent / "recipes",  # source checkout / editable install
+)
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message is one line naming the file and key."""
+
+
+class Section(BaseModel):
+    """Base for recipe sections: unknown keys are errors, values are validated strictly where it matters."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraSection(Section):
+    """PEFT LoRA on the encoder's attention and MLP linears."""
+
+    enabled: bool = False
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    targets: list[str] = ["q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"]
+    train_logit_params: bool = True
+
+
+class ModelSection(Section):
+    """Which model to build: a size, optionally initialised from a checkpoint, optionally with LoRA."""
+
+    size: Literal["tiny", "small", "base"] = "small"
+    init: Optional[str] = None
+    lora: LoraSection = LoraSection()
+
+
+class DatasetSpec(Section):
+    """One data source: an adapter name, its path and split, a mixture weight and adapter options.
+
+    ``direct: false`` keeps the dataset out of the mixture itself, so that it only feeds tasks (e.g. CC3M
+    whose image-caption pairs come from the TGIT task's identity pairs, as in the paper's cc3m-aug).
+    """
+
+    name: str
+    id: Optional[str] = None
+    direct: bool = True
+    path: Optional[str] = None
+    split: str = "train"
+    weight: float = Field(1.0, gt=0)
+    limit: Optional[int] = Field(None, gt=0)
+    options: dict[str, Any] = {}
+
+
+class TaskSpec(Section):
+    """A task built on base datasets (e.g. ``tgit``, ``tgit_med``) with its mixture weight.
+
+    ``on`` names the base datasets (their ``id``, else adapter ``name``) it applies to; default: all of them.
+    """
+
+    name: str
+    on: Optional[list[str]] = None
+    weight: float = Field(1.0, gt=0)
+    options: dict[str, Any] = {}
+
+
+class DataSection(Section):
+    """Training and evaluation data."""
+
+    root: Optional[str] = None
+    train: list[DatasetSpec] = []
+    eval: list[DatasetSpec] = []
+    tasks: list[TaskSpec] = []
+    num_workers: int = Field(2, ge=0)
+    image_size: int = Field(256, gt=0)
+    window: Optional[str] = None
+    strict: bool = False
+
+
+class TrainSection(Section):
+    """Optimisation: length, batch, AdamW, schedule, precision, losses and failure handling."""
+
+    steps: Optional[int] = Field(None, gt=0)
+    epochs: Optional[float] = Field(None, gt=0)
+    batch_size: int = Field(256, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    decay_embeddings: bool = False
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    grad_clip: Optional[float] = Field(1.0, gt=0)
+    seed: int = 0
+    mlm_probability: float = Field(0.1, ge=0, lt=1)
+    mmm_weight: float = Field(0.25, ge=0)
+    max_logit_scale: float = Field(100.0, gt=1)
+    max_bad_steps: int = Field(5, gt=0)
+    log_every: int = Field(10, gt=0)
+
+    @model_validator(mode="after")
+    def _length_given(self) -> "TrainSection":
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of train.steps or train.epochs")
+        return self
+
+
+class EvalSection(Section):
+    """Periodic and final evaluation."""
+
+    every_steps: Optional[int] = Field(None, gt=0)
+    at_start: bool = True
+    at_end: bool = True
+    tasks: list[str] = ["retrieval"]
+    split: str = "test"
+    pool_size: int = Field(1000, gt=1)
+    n_pools: int = Field(5, gt=0)
+    batch_size: int = Field(64, gt=0)
+
+
+class CheckpointSection(Section):
+    """Training checkpoints: cadence and how many to keep."""
+
+    every_steps: Optional[int] = Field(None, gt=0)
+    keep_last: int = Field(3, gt=0)
+
+
+class LoggingSection(Section):
+    """Trackers (a JSONL metrics file is always written) and where logs go."""
+
+    dir: Optional[str] = None
+    trackers: list[Literal["jsonl", "tensorboard", "wandb"]] = ["jsonl"]
+    wandb_project: str = "fuselip-med"
+    wandb_mode: Literal["online", "offline", "disabled"] = "online"
+    progress: bool = True
+
+
+class OutputSection(Section):
+    """Where the run directory goes."""
+
+    dir: str = "runs/{name}"
+
+
+class Recipe(Section):
+    """A complete run description; ``load_recipe`` builds and validates it."""
+
+    name: str
+    description: str = ""
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    train: TrainSection
+    eval: EvalSection = EvalSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    logging: LoggingSection = LoggingSection()
+    output: OutputSection = OutputSection()
+
+    @model_validator(mode="after")
+    def _tasks_have_bases(self) -> "Recipe":
+        labels = {spec.id or spec.name for spec in self.data.train}
+        for task in self.data.tasks:
+            missing = sorted(set(task.on or []) - labels)
+            if missing:
+                raise ValueError(f"data.tasks '{task.name}' is on {missing}, which are not in data.train ({sorted(labels)})")
+        return self
+
+    def run_dir(self) -> Path:
+        return Path(self.output.dir.format(name=self.name))
+
+    def log_dir(self) -> Path:
+        return Path(self.logging.dir.format(name=self.name)) if self.logging.dir else self.run_dir()
+
+    def resolve_path(self, path: str | None) -> str | None:
+        """A dataset path made absolute against ``data.root`` when relative (hub ids stay as they are)."""
+        if path is None or self.data.root is None:
+            return path
+        candidate = Path(path).expanduser()
+        if candidate.is_absolute():
+            return path
+        return str(Path(self.data.root).expanduser() / candidate)
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Recipe names shipped with the package -> their files."""
+    found: dict[str, Path] = {}
+    for directory in RECIPE_DIRS:
+        if directory.is_dir():
+            for file in sorted(directory.glob("*.yaml")):
+                found.setdefault(file.stem, file)
+    return found
+
+
+def find_recipe(name_or_path: str) -> Path:
+    """``rocov2`` finds the shipped ``recipes/rocov2.yaml``; anything with a suffix or slash is a path."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise RecipeError(f"Recipe file {path} does not exist.")
+        return path
+    shipped = shipped_recipes()
+    if name_or_path not in shipped:
+        raise RecipeError(f"No recipe named {name_or_path!r}; shipped recipes: {', '.join(sorted(shipped)) or 'none'}.")
+    return shipped[name_or_path]
+
+
+def parse_override(assignment: str) -> tuple[list[str], Any]:
+    """``train.lr=3e-4`` -> (["train", "lr"], 0.0003); the value is read as YAML."""
+    if "=" not in assignment:
+        raise RecipeError(f"--set {assignment!r}: expected key=value, e.g. --set train.lr=3e-4.")
+    key, raw = assignment.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise RecipeError(f"--set {assignment!r}: empty key.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set nested keys in the raw recipe dict; list items are addressed by index (data.train.0.path=...)."""
+    for assignment in overrides:
+        parts, value = parse_override(assignment)
+        node: Any = data
+        for position, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                index = _list_index(part, node, parts, position)
+                node = node[index]
+            else:
+                node = node.setdefault(part, {})
+                if not isinstance(node, (dict, list)):
+                    raise RecipeError(f"--set {assignment!r}: {'.'.join(parts[:position + 1])} is not a section.")
+        last = parts[-1]
+        if isinstance(node, list):
+            node[_list_index(last, node, parts, len(parts) - 1)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def _list_index(part: str, node: list, parts: list[str], position: int) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise RecipeError(f"--set {'.'.join(parts)}: {part!r} is not an index of a list with {len(node)} items.")
+    return int(part)
+
+
+def _format_error(source: str, error: ValidationError) -> str:
+    messages = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            messages.append(f"unknown key '{key}'")
+        elif item["type"] == "missing":
+            messages.append(f"missing key '{key}'")
+        else:
+            messages.append(f"'{key}': {item['msg']} (got {item.get('input')!r})")
+    return f"{source}: " + "; ".join(messages)
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    """Validate a raw dict into a Recipe, turning pydantic errors into one line naming keys and file."""
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as error:
+        raise RecipeError(_format_error(source, error)) from None
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None, size: str | None = None) -> Recipe:
+    """Find, read, override and validate a recipe. ``size`` is the ``--size`` shortcut for ``model.size``.
+
+    A recipe may use ``{size}`` in string values (e.g. an init checkpoint per size); it is filled in here.
+    """
+    path = find_recipe(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path}: not valid YAML ({error}).") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections (model, data, train, ...).")
+    if size is not None:
+        data.setdefault("model", {})["size"] = size
+    data = apply_overrides(data, list(overrides or []))
+    chosen = (data.get("model") or {}).get("size", "small")
+    data = _fill_size(data, str(chosen))
+    return recipe_from_dict(data, str(path))
+
+
+def _fill_size(node: Any, size: str) -> Any:
+    if isinstance(node, dict):
+        return {k: _fill_size(v, size) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fill_size(v, size) for v in node]
+    if isinstance(node, str) and "{size" in node:
+        return node.replace("{size}", size).replace("{size_letter}", size[0].upper())
+    return node
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (stored in checkpoints and model cards)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

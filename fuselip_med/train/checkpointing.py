@@ -1,0 +1,126 @@
+"""Training checkpoints: one directory per step, written atomically, newest complete one found on resume.
+
+``step_000120/`` holds ``model.safetensors`` (the trained module's state), ``optimizer.pt``, ``scaler.pt``
+(fp16 only), ``trainer_state.json`` (step, schedule, sampler position, metrics, skip counts),
+``rng_rank{r}.pt`` per process and ``recipe.yaml``. It is written under a temporary name and renamed, so a
+crash mid-write never leaves a directory that looks complete.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+STEP_DIR = re.compile(r"^step_(\d{6,})$")
+TMP_PREFIX = ".tmp-step_"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints under ``directory``, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    checkpoints = list_checkpoints(directory)
+    return checkpoints[-1] if checkpoints else None
+
+
+def remove_stale_temporaries(directory: Path) -> None:
+    """Drop half-written checkpoint directories left by a killed run."""
+    if directory.is_dir():
+        for path in directory.iterdir():
+            if path.name.startswith(TMP_PREFIX):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def prune(directory: Path, keep_last: int) -> None:
+    """Keep only the newest ``keep_last`` complete checkpoints."""
+    for path in list_checkpoints(directory)[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states in a form ``torch.load(weights_only=True)`` reads back."""
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def temporary_dir(directory: Path, step: int) -> Path:
+    return directory / f"{TMP_PREFIX}{step:06d}"
+
+
+def write_process_files(tmp: Path, rank: int) -> None:
+    """What every process writes into the shared temporary directory (its RNG state)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+
+
+def write_main_files(
+    tmp: Path,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    scaler_state: dict[str, Any] | None,
+    trainer_state: dict[str, Any],
+    recipe_yaml: str,
+) -> None:
+    """What the main process writes: weights, optimizer, scaler, trainer state and the resolved recipe."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+    torch.save(optimizer_state, tmp / "optimizer.pt")
+    if scaler_state is not None:
+        torch.save(scaler_state, tmp / "scaler.pt")
+    (tmp / "recipe.yaml").write_text(recipe_yaml)
+    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+
+
+def commit(tmp: Path, directory: Path, step: int) -> Path:
+    """Rename the finished temporary directory into place (atomic on one filesystem)."""
+    final = directory / step_dir_name(step)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def read_checkpoint(path: Path, rank: int) -> dict[str, Any]:
+    """Everything a resume needs from one checkpoint directory (tensors loaded with weights_only)."""
+    rng_file = path / f"rng_rank{rank}.pt"
+    return {
+        "model": load_file(str(path / "model.safetensors")),
+        "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
+        "scaler": torch.load(path / "scaler.pt", weights_only=True) if (path / "scaler.pt").exists() else None,
+        "trainer_state": json.loads((path / "trainer_state.json").read_text()),
+        "rng": torch.load(rng_file, weights_only=True) if rng_file.exists() else None,
+    }

@@ -1,0 +1,173 @@
+"""Recipe -> training data: adapters and tasks, a weighted mixture, global hard-negative batches per rank.
+
+Every process draws the same *global* batch sequence (same seed) and takes a contiguous share of each
+global batch, cut at group boundaries, so one process and P processes see the same global batches.
+"""
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+import fuselip_med.data.transforms.tasks  # noqa: F401  (registers the "tgit"/"tgit_med" task adapters)
+from fuselip_med.data.adapters import DatasetEmptyError, SampleSource, get_adapter
+from fuselip_med.data.collate import Collator
+from fuselip_med.data.dataset import MixtureDataset, SampleDataset
+from fuselip_med.data.images import DecodeOptions
+from fuselip_med.data.sampling import GroupedBatchSampler, mixture_group_weights
+from fuselip_med.recipes import DatasetSpec, Recipe
+
+
+def _demo_path() -> str:
+    from fuselip_med.data.demo import demo_dataset_path
+
+    return str(demo_dataset_path())
+
+
+BUILTIN_DATA = {"builtin:demo": _demo_path}  # dataset paths that name data the package generates itself
+
+
+class DataSetupError(ValueError):
+    """Training data that cannot be built (missing path, unknown adapter, empty dataset): one clear line."""
+
+
+@dataclass
+class NamedSource:
+    """A built SampleSource with its recipe label and mixture weight."""
+
+    label: str
+    source: SampleSource
+    weight: float
+
+
+def build_source(recipe: Recipe, spec: DatasetSpec, split: str | None = None) -> SampleSource:
+    """One adapter from a recipe entry; a missing path says how to get the data or point the recipe at it."""
+    try:
+        factory = get_adapter(spec.name)
+    except KeyError as error:
+        raise DataSetupError(f"data: {error.args[0]}") from None
+    path = BUILTIN_DATA[spec.path]() if spec.path in BUILTIN_DATA else recipe.resolve_path(spec.path)
+    try:
+        return factory(path, split=split or spec.split, limit=spec.limit, strict=recipe.data.strict, **spec.options)
+    except (DatasetEmptyError, FileNotFoundError) as error:
+        raise DataSetupError(
+            f"data '{spec.id or spec.name}' ({path}): {error} Download ROCOv2 with "
+            "`python data_tools/download_rocov2.py --out ROCOv2_data` (or the bacor_fuselip_download image), "
+            "or point the recipe at local data with --set data.root=DIR / --set data.train.0.path=PATH."
+        ) from None
+
+
+def build_sources(recipe: Recipe) -> list[NamedSource]:
+    """Direct datasets and the tasks built on them, in recipe order, with their weights."""
+    bases = [(spec, build_source(recipe, spec)) for spec in recipe.data.train]
+    if not bases:
+        raise DataSetupError("The recipe has no training data: add entries under data.train.")
+    named = [NamedSource(spec.id or spec.name, source, spec.weight) for spec, source in bases if spec.direct]
+    for task in recipe.data.tasks:
+        factory = get_adapter(task.name)
+        for spec, source in bases:
+            label = spec.id or spec.name
+            if task.on is None or label in task.on:
+                built = factory(source, split="train", strict=recipe.data.strict, seed=recipe.train.seed, **task.options)
+                named.append(NamedSource(f"{task.name}:{label}", built, task.weight))
+    if not named:
+        raise DataSetupError("No dataset feeds the mixture: every data.train entry has direct: false and no task uses it.")
+    return named
+
+
+class RankShard(Sampler[list[int]]):
+    """This rank's contiguous share of each global batch, cut at hard-negative group boundaries."""
+
+    def __init__(self, sampler: GroupedBatchSampler, group_of: np.ndarray, rank: int, world: int):
+        self.sampler = sampler
+        self.group_of = group_of
+        self.rank = rank
+        self.world = world
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.sampler:
+            yield shard_of_batch(batch, self.group_of, self.rank, self.world)
+
+
+def shard_of_batch(batch: list[int], group_of: np.ndarray, rank: int, world: int) -> list[int]:
+    """Rows of ``batch`` for ``rank``: each group goes to the rank whose share holds the group's first row."""
+    if world == 1:
+        return list(batch)
+    groups = group_of[np.asarray(batch)]
+    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
+    owner_of_start = np.minimum(starts * world // len(batch), world - 1)
+    lengths = np.diff(np.r_[starts, len(batch)])
+    owner = np.repeat(owner_of_start, lengths)
+    return [index for index, who in zip(batch, owner) if who == rank]
+
+
+@dataclass
+class TrainData:
+    """What the trainer iterates: the loader, its global sampler (position lives here) and load-time skips."""
+
+    loader: DataLoader
+    sampler: GroupedBatchSampler
+    mixture: MixtureDataset
+    sources: list[NamedSource]
+    load_skips: collections.Counter
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+        self.mixture.set_epoch(epoch)
+
+    def describe(self) -> list[tuple[str, int, float]]:
+        return [(s.label, len(s.source), s.weight) for s in self.sources]
+
+
+def decode_options(recipe: Recipe) -> DecodeOptions:
+    return DecodeOptions(image_size=recipe.data.image_size, window=recipe.data.window)
+
+
+def build_train_data(recipe: Recipe, tokenizer: Any, rank: int = 0, world: int = 1, pin_memory: bool = False) -> TrainData:
+    """Sources -> SampleDatasets (random resized crop) -> mixture -> grouped global batches -> this rank's loader."""
+    sources = build_sources(recipe)
+    options = decode_options(recipe)
+    datasets = [SampleDataset(s.source, options, train=True, strict=recipe.data.strict, seed=recipe.train.seed) for s in sources]
+    mixture = MixtureDataset(datasets, [s.weight for s in sources])
+    groups = mixture.groups()
+    weights = mixture_group_weights(mixture) if len(sources) > 1 else None
+    try:
+        sampler = GroupedBatchSampler(groups, recipe.train.batch_size, seed=recipe.train.seed, group_weights=weights, drop_last=True)
+    except ValueError as error:
+        raise DataSetupError(f"train.batch_size={recipe.train.batch_size}: {error}") from None
+    if sampler.batches_per_epoch() == 0:
+        raise DataSetupError(
+            f"The training data ({len(mixture)} samples) is smaller than one batch of {recipe.train.batch_size}; "
+            "lower train.batch_size."
+        )
+    group_of = np.empty(len(mixture), dtype=np.int64)
+    for number, group in enumerate(groups):
+        group_of[group] = number
+    loader = DataLoader(
+        mixture,
+        batch_sampler=RankShard(sampler, group_of, rank, world),
+        collate_fn=Collator(tokenizer),
+        num_workers=recipe.data.num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )
+    load_skips: collections.Counter = collections.Counter()
+    for named in sources:
+        load_skips.update(getattr(named.source, "skipped", {}) or {})
+    return TrainData(loader, sampler, mixture, sources, load_skips)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch/numpy/python RNGs (model init and anything not derived from (seed, step))."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)

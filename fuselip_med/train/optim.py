@@ -1,0 +1,62 @@
+"""AdamW with the reference's parameter groups, and linear warmup + cosine decay set every step."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+NO_DECAY_NAME_PARTS = ("bn", "ln", "bias", "logit_scale", "logit_bias", "layer_norm")
+
+
+def exclude_from_decay(name: str, param: nn.Parameter, decay_embeddings: bool = False) -> bool:
+    """No weight decay on biases, norms and the loss's scale/bias (any 0/1-d tensor), nor on embeddings
+    unless ``decay_embeddings`` (the reference's pretraining decays token and positional embeddings)."""
+    if param.ndim < 2 or any(part in name for part in NO_DECAY_NAME_PARTS):
+        return True
+    return not decay_embeddings and "embedding" in name
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
+    """Two AdamW groups over the trainable parameters (tied weights appear once)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if exclude_from_decay(name, param, decay_embeddings) else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.98), eps: float = 1e-8, decay_embeddings: bool = False
+) -> torch.optim.AdamW:
+    """AdamW (decoupled decay) over ``parameter_groups``."""
+    groups = parameter_groups(model, weight_decay, decay_embeddings)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+
+
+@dataclass(frozen=True)
+class WarmupCosine:
+    """lr(step) = peak·(step+1)/warmup during warmup, then cosine from peak to ``min_lr`` at ``total`` steps."""
+
+    peak: float
+    warmup: int
+    total: int
+    min_lr: float = 0.0
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return self.peak * (step + 1) / self.warmup
+        span = max(1, self.total - self.warmup)
+        progress = min(1.0, (step - self.warmup) / span)
+        return self.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (self.peak - self.min_lr)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's learning rate (the schedule is applied explicitly at each step)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
