@@ -153,6 +153,129 @@ def data_demo(
     console.print(f"Demo dataset written to {path} (train {n_train}, valid {n_valid}, test {n_test} images).")
 
 
+def _load_for_inference(model: str, device: Optional[str]):
+    from fuselip_med.core.checkpoints import CheckpointError
+    from fuselip_med.train.lora import load_for_inference
+
+    try:
+        return load_for_inference(model, device or ("cuda" if _cuda() else "cpu"))
+    except CheckpointError as error:
+        fail(str(error))
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@app.command("eval")
+def eval_command(
+    model: str = typer.Option(..., "--model", "-m", help="Checkpoint: hub id, local directory, .pt file or LoRA adapter directory."),
+    tasks: str = typer.Option("rocov2-retrieval,rocov2-modality", "--tasks", "-t",
+                              help="Comma-separated: rocov2-retrieval, rocov2-modality, rocov2-concepts, modality-gap, tgit, tgit-med, composed-retrieval."),
+    data: list[str] = typer.Option([], "--data", "-d", help="KEY=PATH, e.g. rocov2=ROCOv2_data (both splits), rocov2_test=..., tgit=..."),
+    out: Path = typer.Option(Path("eval_results"), "--out", "-o", help="Directory for metrics.json, report.md and plots."),
+    pool_size: int = typer.Option(1000, help="Size of the seeded random retrieval pools."),
+    n_pools: int = typer.Option(5, help="Number of random pools to average."),
+    seed: int = typer.Option(0, help="Seed for pools and TGIT sampling."),
+    batch_size: int = typer.Option(64, help="Embedding batch size."),
+    num_workers: int = typer.Option(2, help="Image decoding workers."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
+) -> None:
+    """Evaluate a model: retrieval R@k, zero-shot modality/concepts, TGIT, modality gap.
+
+    Examples:\n
+      fuselip-med eval --model runs/rocov2/final --data rocov2=ROCOv2_data\n
+      fuselip-med eval -m chs20/FuseLIP-S-CC3M-MM -t rocov2-retrieval,rocov2-concepts -d rocov2=eltorio/ROCOv2-radiology
+    """
+    from fuselip_med.eval.runner import run_evaluation
+    from fuselip_med.train.trainer import flatten_metrics
+
+    data_map = {}
+    for entry in data:
+        key, sep, value = entry.partition("=")
+        if not sep or not key or not value:
+            fail(f"--data {entry!r}: expected KEY=PATH, e.g. rocov2=ROCOv2_data.", code=2)
+        data_map[key] = value
+    fuselip, _, _ = _load_for_inference(model, device)
+    try:
+        report = run_evaluation(fuselip, [t.strip() for t in tasks.split(",") if t.strip()], data_map, out,
+                                seed=seed, pool_size=pool_size, n_pools=n_pools, batch_size=batch_size,
+                                num_workers=num_workers, model_id=model)
+    except (ValueError, FileNotFoundError) as error:
+        fail(str(error))
+    table = Table(title=f"Evaluation of {model}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in flatten_metrics(report).items():
+        table.add_row(key.removeprefix("eval/"), f"{value:.4f}")
+    console.print(table)
+    console.print(f"Wrote {out / 'metrics.json'}, {out / 'report.md'} and plots.")
+
+
+@app.command()
+def embed(
+    model: str = typer.Option(..., "--model", "-m", help="Checkpoint: hub id, local directory, .pt file or LoRA adapter directory."),
+    input: Path = typer.Option(..., "--input", "-i", help="A CSV/TSV (path, caption columns) or a folder of images (with optional .txt captions)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .npy (ids in .ids.json beside it) or .parquet."),
+    kind: str = typer.Option("image", help="What to embed per row: image, text or pair (image+caption fused)."),
+    batch_size: int = typer.Option(64, help="Batch size."),
+    num_workers: int = typer.Option(2, help="Image decoding workers."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
+) -> None:
+    """Embed images, texts or image+text pairs for search, batched, with progress.
+
+    Examples:\n
+      fuselip-med embed -m runs/rocov2/final -i my_images/ -o image_embeddings.npy\n
+      fuselip-med embed -m runs/rocov2/final -i reports.csv --kind text -o text_embeddings.parquet
+    """
+    from fuselip_med.data.adapters import DatasetEmptyError, get_adapter
+    from fuselip_med.embed import embed_rows, rows_from_source, write_embeddings
+
+    if kind not in ("image", "text", "pair"):
+        fail(f"--kind {kind!r}: choose image, text or pair.", code=2)
+    if out.suffix not in (".npy", ".parquet"):
+        fail(f"--out {out}: use a .npy or .parquet file name.", code=2)
+    try:
+        source = get_adapter("folder")(str(input), split="train", check_files=False)
+    except (DatasetEmptyError, FileNotFoundError, ValueError) as error:
+        fail(str(error))
+    rows = rows_from_source(source, kind)  # type: ignore[arg-type]
+    if not rows:
+        fail(f"{input}: no rows with {'an image' if kind == 'image' else 'a caption' if kind == 'text' else 'an image and a caption'}.")
+    fuselip, _, _ = _load_for_inference(model, device)
+    matrix, kept, failed = embed_rows(fuselip, rows, batch_size=batch_size, num_workers=num_workers)
+    written = write_embeddings(out, matrix, kept, model)
+    console.print(f"Embedded {len(kept)} {kind} rows -> {', '.join(map(str, written))} (dim {matrix.shape[1]}).")
+    if failed:
+        reasons: dict[str, int] = {}
+        for reason in failed.values():
+            reasons[reason] = reasons.get(reason, 0) + 1
+        console.print(f"[yellow]Skipped {len(failed)} rows:[/] " + ", ".join(f"{r}: {n}" for r, n in reasons.items()))
+
+
+@app.command("merge-lora")
+def merge_lora(
+    adapter: Path = typer.Argument(..., help="A LoRA adapter directory written by finetune (runs/<name>/final)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory for the merged model (config.json + model.safetensors)."),
+) -> None:
+    """Fold a LoRA adapter into its base model and save a plain FuseLIP whose outputs equal base + adapter.
+
+    Example:\n
+      fuselip-med merge-lora runs/rocov2_lora/final --out models/rocov2_lora_merged
+    """
+    from fuselip_med.core.checkpoints import CheckpointError, save_pretrained
+    from fuselip_med.train.lora import merge_adapter
+
+    try:
+        merged = merge_adapter(adapter)
+    except CheckpointError as error:
+        fail(str(error))
+    save_pretrained(merged, out)
+    console.print(f"Merged {adapter} into {out}.")
+
+
 def main() -> None:
     """Entry point for ``python -m fuselip_med.cli``."""
     app()

@@ -4,6 +4,7 @@ A recipe is validated once, here, at the edge; errors name the file and the key 
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -11,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 RECIPE_DIRS = (
-    Path(__file__).resolve().parent / "recipes",  # installed wheel (package data)
+    Path(__file__).resolve().parent / "recipe_files",  # installed wheel (package data)
     Path(__file__).resolve().parent.parent / "recipes",  # source checkout / editable install
 )
 
@@ -65,11 +66,11 @@ class DatasetSpec(Section):
 class TaskSpec(Section):
     """A task built on base datasets (e.g. ``tgit``, ``tgit_med``) with its mixture weight.
 
-    ``on`` names the base datasets (their ``id``, else adapter ``name``) it applies to; default: all of them.
+    ``bases`` names the base datasets (their ``id``, else adapter ``name``) it applies to; default: all.
     """
 
     name: str
-    on: Optional[list[str]] = None
+    bases: Optional[list[str]] = None
     weight: float = Field(1.0, gt=0)
     options: dict[str, Any] = {}
 
@@ -170,9 +171,9 @@ class Recipe(Section):
     def _tasks_have_bases(self) -> "Recipe":
         labels = {spec.id or spec.name for spec in self.data.train}
         for task in self.data.tasks:
-            missing = sorted(set(task.on or []) - labels)
+            missing = sorted(set(task.bases or []) - labels)
             if missing:
-                raise ValueError(f"data.tasks '{task.name}' is on {missing}, which are not in data.train ({sorted(labels)})")
+                raise ValueError(f"data.tasks '{task.name}' has bases {missing}, which are not in data.train ({sorted(labels)})")
         return self
 
     def run_dir(self) -> Path:
@@ -182,13 +183,17 @@ class Recipe(Section):
         return Path(self.logging.dir.format(name=self.name)) if self.logging.dir else self.run_dir()
 
     def resolve_path(self, path: str | None) -> str | None:
-        """A dataset path made absolute against ``data.root`` when relative (hub ids stay as they are)."""
+        """A relative dataset path joined onto ``data.root``; a hub id (owner/name, not a local path) stays."""
         if path is None or self.data.root is None:
             return path
         candidate = Path(path).expanduser()
         if candidate.is_absolute():
             return path
-        return str(Path(self.data.root).expanduser() / candidate)
+        joined = Path(self.data.root).expanduser() / candidate
+        looks_like_hub_id = (
+            re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None and not candidate.suffix and not candidate.exists()
+        )
+        return path if looks_like_hub_id and not joined.exists() else str(joined)
 
 
 def shipped_recipes() -> dict[str, Path]:

@@ -159,6 +159,8 @@ def _resolve_local(name_or_path: str | os.PathLike) -> Path:
 def read_checkpoint(name_or_path: str | os.PathLike) -> tuple[FuseLIPConfig, dict[str, torch.Tensor], str]:
     """(config, state dict in our names, format) for any supported checkpoint; nothing is built yet."""
     path = _resolve_local(name_or_path)
+    if path.is_dir() and not (path / SAFETENSORS_NAME).exists() and (path / "final" / SAFETENSORS_NAME).exists():
+        path = path / "final"  # a training run directory: its final model
     if path.is_dir():
         config_path = path / CONFIG_NAME
         if (path / SAFETENSORS_NAME).exists():

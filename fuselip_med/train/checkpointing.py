@@ -1,6 +1,6 @@
 """Training checkpoints: one directory per step, written atomically, newest complete one found on resume.
 
-``step_000120/`` holds ``model.safetensors`` (the trained module's state), ``optimizer.pt``, ``scaler.pt``
+``step_000120/`` holds ``model.safetensors`` (the trained module's state) with its ``config.json``, ``optimizer.pt``, ``scaler.pt``
 (fp16 only), ``trainer_state.json`` (step, schedule, sampler position, metrics, skip counts),
 ``rng_rank{r}.pt`` per process and ``recipe.yaml``. It is written under a temporary name and renamed, so a
 crash mid-write never leaves a directory that looks complete.
@@ -94,9 +94,12 @@ def write_main_files(
     scaler_state: dict[str, Any] | None,
     trainer_state: dict[str, Any],
     recipe_yaml: str,
+    model_config: dict[str, Any],
 ) -> None:
-    """What the main process writes: weights, optimizer, scaler, trainer state and the resolved recipe."""
+    """What the main process writes: weights (+ config.json, so ``load_model`` reads a full-model checkpoint),
+    optimizer, scaler, trainer state and the resolved recipe."""
     tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "config.json").write_text(json.dumps(model_config, indent=2))
     save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
     torch.save(optimizer_state, tmp / "optimizer.pt")
     if scaler_state is not None:

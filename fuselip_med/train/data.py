@@ -54,10 +54,13 @@ def build_source(recipe: Recipe, spec: DatasetSpec, split: str | None = None) ->
     try:
         return factory(path, split=split or spec.split, limit=spec.limit, strict=recipe.data.strict, **spec.options)
     except (DatasetEmptyError, FileNotFoundError) as error:
+        how_to_get = (
+            "Download ROCOv2 with `python data_tools/download_rocov2.py --out ROCOv2_data` (or the "
+            "bacor_fuselip_download image), or point" if spec.name == "rocov2" else "Point"
+        )
         raise DataSetupError(
-            f"data '{spec.id or spec.name}' ({path}): {error} Download ROCOv2 with "
-            "`python data_tools/download_rocov2.py --out ROCOv2_data` (or the bacor_fuselip_download image), "
-            "or point the recipe at local data with --set data.root=DIR / --set data.train.0.path=PATH."
+            f"data '{spec.id or spec.name}' ({path}): {error} {how_to_get} the recipe at local data with "
+            "--set data.root=DIR or --set data.train.0.path=PATH."
         ) from None
 
 
@@ -71,7 +74,7 @@ def build_sources(recipe: Recipe) -> list[NamedSource]:
         factory = get_adapter(task.name)
         for spec, source in bases:
             label = spec.id or spec.name
-            if task.on is None or label in task.on:
+            if task.bases is None or label in task.bases:
                 built = factory(source, split="train", strict=recipe.data.strict, seed=recipe.train.seed, **task.options)
                 named.append(NamedSource(f"{task.name}:{label}", built, task.weight))
     if not named:

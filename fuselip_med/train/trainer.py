@@ -150,7 +150,7 @@ class Trainer:
             scaler = acc.scaler.state_dict() if acc.scaler is not None else None
             unwrapped = acc.unwrap_model(objective)
             ckpt.write_main_files(tmp, unwrapped.model.state_dict(), optimizer.state_dict(), scaler, state,
-                                  recipe_to_yaml(self.recipe))
+                                  recipe_to_yaml(self.recipe), unwrapped.fuselip.config.to_dict())
             final = ckpt.commit(tmp, self.checkpoint_dir, step)
             ckpt.prune(self.checkpoint_dir, self.recipe.checkpoint.keep_last)
         acc.wait_for_everyone()
@@ -271,7 +271,7 @@ class Trainer:
                     if trackers and (step % recipe.train.log_every == 0 or step == total_steps):
                         trackers.log({"train/loss": totals["total"], "train/contrastive": totals["contrastive"],
                                       "train/mmm": totals["mmm"], "train/lr": lr, "train/samples_per_s": rate,
-                                      "train/logit_scale": float(_unwrap_fuselip(objective).logit_scale.exp()),
+                                      "train/logit_scale": float(_unwrap_fuselip(objective).logit_scale.detach().exp()),
                                       "train/epoch": data.sampler.epoch}, step)
                     if recipe.eval.every_steps and step % recipe.eval.every_steps == 0 and step < total_steps and eval_data:
                         metrics = self.evaluate(objective, eval_data, step, f"step_{step:06d}")

@@ -1,0 +1,156 @@
+"""Recipe schema errors and overrides, and the fuselip-med CLI as a user runs it."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fuselip_med.cli import app
+from fuselip_med.core.checkpoints import save_pretrained
+from fuselip_med.core.fuselip import FuseLIP, FuseLIPConfig
+from fuselip_med.data.demo import write_demo_dataset
+from fuselip_med.recipes import RecipeError, apply_overrides, load_recipe, shipped_recipes
+
+runner = CliRunner()
+
+MINIMAL = """
+name: mini
+model: {size: tiny}
+train: {steps: 2, batch_size: 4}
+"""
+
+
+def write(tmp_path, text, name="r.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_is_named_with_the_file(tmp_path):
+    path = write(tmp_path, MINIMAL.replace("steps: 2", "steps: 2, lrr: 0.1"))
+    with pytest.raises(RecipeError) as error:
+        load_recipe(str(path))
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message and "unknown key 'train.lrr'" in message
+
+
+def test_wrong_type_is_named_with_the_file(tmp_path):
+    path = write(tmp_path, MINIMAL.replace("batch_size: 4", "batch_size: lots"))
+    with pytest.raises(RecipeError) as error:
+        load_recipe(str(path))
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message and "'train.batch_size'" in message and "lots" in message
+
+
+def test_cli_reports_recipe_errors_in_one_line(tmp_path):
+    path = write(tmp_path, MINIMAL.replace("size: tiny", "size: tiny, colour: blue"))
+    result = runner.invoke(app, ["finetune", "--recipe", str(path)])
+    assert result.exit_code == 2
+    assert "unknown key 'model.colour'" in " ".join(result.output.split())
+
+
+def test_overrides_set_nested_keys_and_list_items(tmp_path):
+    path = write(tmp_path, MINIMAL + "data:\n  train:\n    - {name: rocov2, path: a}\n")
+    recipe = load_recipe(str(path), ["train.lr=3e-4", "data.train.0.path=b", "model.lora.enabled=true"], size="small")
+    assert recipe.train.lr == 3e-4 and recipe.data.train[0].path == "b" and recipe.model.lora.enabled
+    assert recipe.model.size == "small"
+    with pytest.raises(RecipeError, match="not an index"):
+        apply_overrides({"data": {"train": []}}, ["data.train.3.path=x"])
+    with pytest.raises(RecipeError, match="key=value"):
+        apply_overrides({}, ["train.lr"])
+
+
+def test_shipped_recipes_load_and_fill_the_size():
+    assert {"rocov2", "rocov2_lora", "rocov2_demo"} <= set(shipped_recipes())
+    small, base = load_recipe("rocov2", size="small"), load_recipe("rocov2", size="base")
+    assert small.model.init == "chs20/FuseLIP-S-CC3M-MM" and base.model.init == "chs20/FuseLIP-B-CC3M-MM"
+    assert str(base.run_dir()) == "runs/rocov2_base"
+    assert load_recipe("rocov2_lora").model.lora.enabled
+    with pytest.raises(RecipeError, match="No recipe named"):
+        load_recipe("nope")
+
+
+def test_every_command_has_help():
+    for command in (["--help"], ["info", "--help"], ["finetune", "--help"], ["train", "--help"], ["eval", "--help"],
+                    ["embed", "--help"], ["merge-lora", "--help"], ["data", "demo", "--help"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 0, command
+        assert "Usage" in result.output
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("model") / "tiny"
+    save_pretrained(FuseLIP(FuseLIPConfig.from_size("tiny")), directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "demo"
+    result = runner.invoke(app, ["data", "demo", "--out", str(out), "--n-train", "8", "--n-valid", "8", "--n-test", "12",
+                                 "--n-dicom", "1"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_info_shows_a_saved_model(tiny_model_dir):
+    result = runner.invoke(app, ["info", str(tiny_model_dir)])
+    assert result.exit_code == 0
+    assert "safetensors" in result.output and "3,331,651" in result.output
+
+
+def test_eval_writes_metrics_report_and_plots(tmp_path, tiny_model_dir, demo):
+    out = tmp_path / "eval"
+    result = runner.invoke(app, ["eval", "--model", str(tiny_model_dir), "--data", f"rocov2={demo}", "--tasks",
+                                 "rocov2-retrieval,rocov2-modality", "--out", str(out), "--pool-size", "5",
+                                 "--n-pools", "2", "--num-workers", "0"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tasks"]["rocov2-retrieval"]["pool_size"] == 5
+    assert (out / "report.md").exists() and list((out / "plots").glob("*.png"))
+
+
+def test_eval_rejects_bad_data_argument(tiny_model_dir):
+    result = runner.invoke(app, ["eval", "--model", str(tiny_model_dir), "--data", "rocov2"])
+    assert result.exit_code == 2 and "KEY=PATH" in result.output
+
+
+def test_embed_images_from_a_csv(tmp_path, tiny_model_dir, demo):
+    images = sorted((demo / "test_images").rglob("*.jpg"))[:5]
+    csv = tmp_path / "mine.csv"
+    csv.write_text("path,caption\n" + "".join(f"{p},case {i}\n" for i, p in enumerate(images)) + "missing.png,gone\n")
+    out = tmp_path / "emb.npy"
+    result = runner.invoke(app, ["embed", "--model", str(tiny_model_dir), "--input", str(csv), "--out", str(out),
+                                 "--num-workers", "0"])
+    assert result.exit_code == 0, result.output
+    matrix = np.load(out)
+    ids = json.loads(out.with_suffix(".ids.json").read_text())["ids"]
+    assert matrix.shape == (5, 64) and len(ids) == 5
+    assert np.allclose(np.linalg.norm(matrix, axis=1), 1.0, atol=1e-5)
+    assert "missing file: 1" in " ".join(result.output.split())
+
+
+def test_embed_texts_to_parquet(tmp_path, tiny_model_dir, demo):
+    import pyarrow.parquet as pq
+
+    images = sorted((demo / "test_images").rglob("*.jpg"))[:3]
+    csv = tmp_path / "mine.csv"
+    csv.write_text("path,caption\n" + "".join(f"{p},report {i}\n" for i, p in enumerate(images)))
+    out = tmp_path / "emb.parquet"
+    result = runner.invoke(app, ["embed", "-m", str(tiny_model_dir), "-i", str(csv), "-o", str(out), "--kind", "text"])
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(out)
+    assert table.num_rows == 3 and table.column("text").to_pylist() == ["report 0", "report 1", "report 2"]
+
+
+def test_pyproject_lists_every_subpackage():
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "fuselip_med").rglob("__init__.py")}
+    assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages"
