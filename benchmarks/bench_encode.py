@@ -55,11 +55,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--iters", type=int, default=None, help="timed batches (default: 2 on CPU, 20 on CUDA)")
     parser.add_argument("--sizes", default="small,base")
-    parser.add_argument("--cpu-only", action="store_true")
+    parser.add_argument("--devices", default="cpu,cuda", help="cpu and/or cuda (cuda is skipped when absent)")
     args = parser.parse_args()
 
-    setups = [("cpu", "fp32")]
-    if torch.cuda.is_available() and not args.cpu_only:
+    devices = args.devices.split(",")
+    setups = [("cpu", "fp32")] if "cpu" in devices else []
+    if torch.cuda.is_available() and "cuda" in devices:
         setups += [("cuda", "fp32"), ("cuda", "bf16")]
     context = mp.get_context("spawn")
     rows = []
