@@ -75,7 +75,7 @@ def info(
 
 RECIPE_HELP = "Shipped recipe name (rocov2, rocov2_lora, rocov2_demo, ...) or a path to a YAML file."
 SET_HELP = "Override a recipe value, e.g. --set train.lr=3e-5 --set data.root=/data/ROCOv2 (repeatable)."
-RESUME_HELP = "Continue from the newest complete checkpoint of this run, or from the run/checkpoint directory given."
+RESUME_HELP = "Continue from the newest complete checkpoint of this run (bare --resume), or from the run/checkpoint directory given."
 
 
 def _run_recipe(recipe_name: str, size: Optional[str], overrides: list[str], resume: Optional[str], from_scratch: bool) -> None:
@@ -98,7 +98,7 @@ def finetune(
     recipe: str = typer.Option("rocov2", "--recipe", "-r", help=RECIPE_HELP),
     size: Optional[str] = typer.Option(None, "--size", help="Model size (small or base; tiny for tests), sets model.size."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP + " Use --resume latest for the newest."),
+    resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP),
 ) -> None:
     """Fine-tune a FuseLIP checkpoint (full or LoRA) with a recipe, on Accelerate.
 
@@ -107,7 +107,7 @@ def finetune(
       fuselip-med finetune --recipe rocov2 --size base --set data.root=/data/ROCOv2_data\n
       fuselip-med finetune --recipe rocov2_lora --set model.lora.r=8\n
       accelerate launch --num_processes 4 -m fuselip_med.cli finetune --recipe rocov2\n
-      fuselip-med finetune --recipe rocov2 --resume latest
+      fuselip-med finetune --recipe rocov2 --resume
     """
     _run_recipe(recipe, size, set_, resume, from_scratch=False)
 
@@ -117,7 +117,7 @@ def train(
     recipe: str = typer.Option(..., "--recipe", "-r", help=RECIPE_HELP),
     size: Optional[str] = typer.Option(None, "--size", help="Model size (small or base; tiny for tests), sets model.size."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP + " Use --resume latest for the newest."),
+    resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP),
 ) -> None:
     """Train a FuseLIP from scratch (model.init is ignored) with the same machinery as finetune.
 
@@ -276,9 +276,22 @@ def merge_lora(
     console.print(f"Merged {adapter} into {out}.")
 
 
+def with_resume_value(argv: list[str]) -> list[str]:
+    """Let ``--resume`` stand alone: a bare ``--resume`` (last, or before another option) means ``latest``."""
+    out = []
+    for position, arg in enumerate(argv):
+        out.append(arg)
+        following = argv[position + 1] if position + 1 < len(argv) else None
+        if arg == "--resume" and (following is None or following.startswith("-")):
+            out.append("latest")
+    return out
+
+
 def main() -> None:
-    """Entry point for ``python -m fuselip_med.cli``."""
-    app()
+    """Console-script entry point (``fuselip-med``, ``python -m fuselip_med.cli``)."""
+    import sys
+
+    app(args=with_resume_value(sys.argv[1:]), prog_name="fuselip-med")
 
 
 if __name__ == "__main__":

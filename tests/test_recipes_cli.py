@@ -154,3 +154,11 @@ def test_pyproject_lists_every_subpackage():
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(root).parts) for p in (root / "fuselip_med").rglob("__init__.py")}
     assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages"
+
+
+def test_bare_resume_means_latest():
+    from fuselip_med.cli import with_resume_value
+
+    assert with_resume_value(["finetune", "--resume"]) == ["finetune", "--resume", "latest"]
+    assert with_resume_value(["finetune", "--resume", "--set", "a=1"]) == ["finetune", "--resume", "latest", "--set", "a=1"]
+    assert with_resume_value(["finetune", "--resume", "runs/x"]) == ["finetune", "--resume", "runs/x"]
