@@ -108,6 +108,7 @@ class Sneaky:
         return (print, ("this must never run",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickled_code_is_refused(tmp_path):
     with open(tmp_path / "evil.pt", "wb") as handle:
         pickle.dump({"state_dict": Sneaky()}, handle)
