@@ -124,8 +124,7 @@ class EvalSection(Section):
     every_steps: Optional[int] = Field(None, gt=0)
     at_start: bool = True
     at_end: bool = True
-    tasks: list[str] = ["retrieval"]
-    split: str = "test"
+    tasks: list[str] = ["rocov2-retrieval"]
     pool_size: int = Field(1000, gt=1)
     n_pools: int = Field(5, gt=0)
     batch_size: int = Field(64, gt=0)

@@ -280,3 +280,12 @@ def test_wandb_without_credentials_falls_back_to_offline(tmp_path, demo_data, mo
     run(recipe)
     assert "logging offline instead" in " ".join(capsys.readouterr().out.split())
     assert list((tmp_path / "run").glob("wandb/offline-run-*"))
+
+
+def test_a_new_run_moves_an_earlier_run_aside(tmp_path, demo_data):
+    recipe = recipe_dict(tmp_path / "runs" / "r", demo_data, train={"steps": 2}, checkpoint={"every_steps": None})
+    run(recipe)
+    run(recipe)
+    names = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert names[0] == "r" and names[1].startswith("r.prev-") and len(names) == 2
+    assert len(logged_losses(tmp_path / "runs" / "r")) == 2

@@ -85,7 +85,7 @@ class FuseLIPObjective(nn.Module):
         return fuselip.build_input_ids(text_ids, codes, has_image, has_text)
 
     def _mask(self, ids: torch.Tensor, step: int, side: int, offset: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
-        generator = torch.Generator().manual_seed(hash((self.seed, step, side)) % (2**63))
+        generator = torch.Generator().manual_seed((self.seed * 2**32 + step * 2 + side) % 2**63)
         draws = torch.rand(total, self.fuselip.config.context_length, generator=generator)
         draws = draws[offset: offset + ids.shape[0], : ids.shape[1]].to(ids.device)
         never = torch.tensor(self.masking.never_mask, device=ids.device)

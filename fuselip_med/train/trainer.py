@@ -156,6 +156,13 @@ class Trainer:
         acc.wait_for_everyone()
         return final
 
+    def _move_previous_run_aside(self) -> None:
+        """A new run in a directory that already holds one keeps the old one, renamed, instead of mixing them."""
+        if self.run_dir.is_dir() and any(self.run_dir.iterdir()):
+            aside = self.run_dir.with_name(f"{self.run_dir.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
+            self.run_dir.rename(aside)
+            self.say(f"{self.run_dir} held an earlier run; moved it to {aside} (use --resume to continue a run).")
+
     def _resume_path(self) -> Path | None:
         if not self.resume:
             return None
@@ -180,9 +187,13 @@ class Trainer:
             eval_data = self._eval_data()
         except (DatasetEmptyError, FileNotFoundError) as error:
             raise DataSetupError(str(error)) from None
+        resume_from = self._resume_path()
         if acc.is_main_process:
+            if resume_from is None:
+                self._move_previous_run_aside()
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale_temporaries(self.checkpoint_dir)
+        acc.wait_for_everyone()
         model, init = self._build_model()
         masking = MaskingConfig.for_model(_fuselip_of(model).config, probability=recipe.train.mlm_probability)
         objective = FuseLIPObjective(model, masking, recipe.train.mmm_weight, recipe.train.seed)
@@ -195,7 +206,6 @@ class Trainer:
         schedule = WarmupCosine(recipe.train.lr, recipe.train.warmup_steps, total_steps, recipe.train.min_lr)
 
         step, batches_done, result_losses = 0, 0, []
-        resume_from = self._resume_path()
         if resume_from is not None:
             step, batches_done = self._load_checkpoint(resume_from, objective, optimizer, data)
             self.say(f"Resumed from {resume_from} at step {step}.")
