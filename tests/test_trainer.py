@@ -76,8 +76,13 @@ def released_tiny(tmp_path):
 def test_finetune_from_released_checkpoint(tmp_path, demo_data, released_tiny):
     init, initial = released_tiny
     recipe = recipe_dict(tmp_path / "run", demo_data, model={"init": str(init)}, train={"steps": 12},
-                         eval={"at_start": True, "at_end": True}, checkpoint={"every_steps": 4, "keep_last": 2})
+                         eval={"at_start": True, "at_end": True, "every_steps": 6},
+                         checkpoint={"every_steps": 4, "keep_last": 2}, logging={"trackers": ["jsonl", "tensorboard"]})
     result = run(recipe)
+    assert (tmp_path / "run" / "eval" / "step_000006" / "metrics.json").exists()
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/rocov2-retrieval/image_to_text_R@1" in row and row["step"] == 6 for row in logged)
     assert result.steps == 12 and len(result.losses) == 12
     assert sum(result.losses[-3:]) / 3 < sum(result.losses[:3]) / 3
     assert [p.name for p in checkpointing.list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_000008", "step_000012"]
@@ -289,3 +294,12 @@ def test_a_new_run_moves_an_earlier_run_aside(tmp_path, demo_data):
     names = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert names[0] == "r" and names[1].startswith("r.prev-") and len(names) == 2
     assert len(logged_losses(tmp_path / "runs" / "r")) == 2
+
+
+def test_gradient_accumulation_consumes_accum_batches_per_step(tmp_path, demo_data):
+    recipe = recipe_dict(tmp_path / "run", demo_data, train={"steps": 3, "grad_accum": 2}, checkpoint={"every_steps": 3})
+    result = run(recipe)
+    assert result.steps == 3
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
+    per_epoch = 40 // 8  # demo train split of 40 images, batch 8, last partial batch dropped
+    assert state["sampler"]["epoch"] * per_epoch + state["sampler"]["batches_done"] == 3 * 2

@@ -321,6 +321,8 @@ class Trainer:
             try:
                 return next(iterator), iterator, batches_done + 1
             except StopIteration:
+                if self.skips.total:
+                    self.say(f"End of epoch {data.sampler.epoch}: skipped samples so far: {self.skips.summary()}")
                 data.set_epoch(data.sampler.epoch + 1)
                 iterator, batches_done = iter(data.loader), 0
 

@@ -8,6 +8,7 @@ reference runs them (crop + bicubic resize, rotate NEAREST with black fill, Imag
 from __future__ import annotations
 
 import itertools
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -27,7 +28,7 @@ class TGITPair:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-class TGITTransform:
+class TGITTransform(ABC):
     """A transformation type: ``sample_params`` draws distinct variants, ``apply`` renders one ``TGITPair``.
 
     ``weight`` is the sampling weight before division by ``train_pairs``; ``prepare`` draws from rng first."""
@@ -43,11 +44,13 @@ class TGITTransform:
     def prepare(self, image: Any, rng: np.random.Generator) -> Any:
         return image
 
+    @abstractmethod
     def sample_params(self, rng: np.random.Generator, prepared: Any, eval: bool = False) -> list[dict[str, Any]]:
-        raise NotImplementedError
+        """The distinct variants' parameters (``eval=True``: the whole evaluation pool, query first)."""
 
+    @abstractmethod
     def apply(self, prepared: Any, params: dict[str, Any]) -> TGITPair:
-        raise NotImplementedError
+        """Render one pair from the prepared source image and one variant's parameters."""
 
     def variants(self, image: Any, rng: np.random.Generator, *, eval: bool = False) -> list[TGITPair]:
         """The sibling pairs of one item (``eval=True``: the evaluation pool, query first)."""
