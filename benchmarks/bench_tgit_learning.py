@@ -67,7 +67,7 @@ def main() -> None:
         batch = recipe.eval.batch_size
 
         seed_everything(recipe.train.seed)  # the same initial weights as the trainer's
-        before = accuracies(build_model(recipe.model.size), pools, out / "eval_before", batch)
+        before = accuracies(build_model(recipe.model.size, init=recipe.model.init), pools, out / "eval_before", batch)
         start = time.perf_counter()
         result = Trainer(recipe, console=Console(quiet=True)).run()
         seconds = time.perf_counter() - start
