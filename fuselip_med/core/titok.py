@@ -17,8 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fuselip_med.core.titok_init import init_local_patches_
+
 # vit_enc_model_size -> (width, layers, heads), as in upstream TiTok.
 ENCODER_SIZES = {"small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16)}
+INITS = ("random", "local_patches")
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
 TORCH_WEIGHTS_NAME = "pytorch_model.bin"
@@ -39,8 +42,11 @@ class TiTokConfig:
     image_size: int = 256
     num_latent_tokens: int = 128
     is_legacy: bool = True
+    init: str = "random"  # weights before loading: "random" (upstream) or "local_patches" (see titok_init.py)
 
     def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise ValueError(f"TiTok init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.width % self.heads:
             raise ValueError(f"TiTok width {self.width} is not divisible by heads {self.heads}")
         if self.image_size % self.patch_size:
@@ -57,8 +63,10 @@ class TiTokConfig:
 
     @classmethod
     def tiny(cls) -> "TiTokConfig":
-        """A few-thousand-parameter encoder with the real input/output geometry, for tests."""
-        return cls(codebook_size=64, token_size=8, use_l2_norm=True, width=32, layers=2, heads=2, is_legacy=True)
+        """A few-thousand-parameter encoder with the real input/output geometry and structured weights whose
+        ids follow image content and layout (there are no released tiny weights), for tests and CPU demos."""
+        return cls(codebook_size=64, token_size=8, use_l2_norm=True, width=32, layers=2, heads=2, is_legacy=False,
+                   init="local_patches")
 
     @classmethod
     def from_name(cls, name: str) -> "TiTokConfig":
@@ -91,7 +99,7 @@ class TiTokConfig:
             use_l2_norm=bool(vq["use_l2_norm"]), width=int(width), layers=int(layers), heads=int(heads),
             mlp_ratio=float(vq.get("vit_enc_mlp_ratio", 4.0)), patch_size=int(vq.get("vit_enc_patch_size", 16)),
             image_size=int(crop), num_latent_tokens=int(vq["num_latent_tokens"]),
-            is_legacy=bool(vq.get("is_legacy", True)),
+            is_legacy=bool(vq.get("is_legacy", True)), init=str(vq.get("init", "random")),
         )
 
     def to_hub_config(self) -> dict:
@@ -102,6 +110,8 @@ class TiTokConfig:
             "vit_enc_width": self.width, "vit_enc_layers": self.layers, "vit_enc_heads": self.heads,
             "vit_enc_mlp_ratio": self.mlp_ratio,
         }
+        if self.init != "random":  # our own key; upstream configs never carry it
+            vq["init"] = self.init
         for size, dims in ENCODER_SIZES.items():
             if dims == (self.width, self.layers, self.heads):
                 vq["vit_enc_model_size"] = size
@@ -188,6 +198,8 @@ class TiTokTokenizer(nn.Module):
         self.encoder = _Encoder(config)
         self.latent_tokens = nn.Parameter(config.width ** -0.5 * torch.randn(config.num_latent_tokens, config.width))
         self.quantize = _Quantizer(config)
+        if config.init == "local_patches":
+            init_local_patches_(self)
         self.requires_grad_(False)
         self.eval()
 
