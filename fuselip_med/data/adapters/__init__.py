@@ -218,6 +218,22 @@ def available_adapters() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def image_files(folders: Iterable[os.PathLike], suffixes: Sequence[str]) -> list[tuple[str, str, str]] | None:
+    """(stem, lower-case suffix, path) of the files with one of ``suffixes`` in the existing ``folders`` (one
+    listing each, not recursive), or None when none of the folders exists."""
+    found: list[tuple[str, str, str]] | None = None
+    for folder in folders:
+        if not os.path.isdir(folder):
+            continue
+        found = found if found is not None else []
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                stem, suffix = os.path.splitext(entry.name)
+                if suffix.lower() in suffixes and entry.is_file():
+                    found.append((stem, suffix.lower(), entry.path))
+    return found
+
+
 def take(items: Sequence, limit: int | None) -> Sequence:
     """The first ``limit`` items (all when ``limit`` is None); a negative limit is a user error."""
     if limit is None:

@@ -19,6 +19,7 @@ from . import (
     clean_caption,
     csv_rows,
     has_undecodable,
+    image_files,
     pair_sample,
     register_adapter,
     require_nonempty,
@@ -263,27 +264,17 @@ def _image_index(root: Path, split: str) -> dict[str, str]:
     folders = []
     for name in _FILE_SPLIT_NAMES[split]:
         folders += [root / f"{name}_images" / name, root / f"{name}_images", root / name]
-    found: dict[str, tuple[int, str]] = {}
-    seen_folder = False
-    for folder in folders:
-        if not folder.is_dir():
-            continue
-        seen_folder = True
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                stem, suffix = os.path.splitext(entry.name)
-                suffix = suffix.lower()
-                if suffix in IMAGE_SUFFIXES and entry.is_file():
-                    rank = IMAGE_SUFFIXES.index(suffix)
-                    if stem not in found or rank < found[stem][0]:
-                        found[stem] = (rank, entry.path)
-    if not seen_folder:
+    files = image_files(folders, IMAGE_SUFFIXES)
+    if files is None:
         archive = root / f"{split}_images.zip"
         hint = f"unzip {archive} in {root}" if archive.is_file() else HOW_TO_GET
         raise DatasetNotFoundError(
             f"{root} has {split}_captions.csv but no image folder ({root / f'{split}_images' / split} or "
             f"{root / split}): {hint}.")
-    return {stem: p for stem, (_, p) in found.items()}
+    found: dict[str, str] = {}
+    for stem, _, path in sorted(files, key=lambda file: IMAGE_SUFFIXES.index(file[1])):  # stable: folder order
+        found.setdefault(stem, path)
+    return found
 
 
 def _read_official(root: Path, split: str, strict: bool) -> _Rows:

@@ -22,6 +22,7 @@ from . import (
     DatasetNotFoundError,
     check_index,
     clean_caption,
+    image_files,
     register_adapter,
     require_nonempty,
     skip_or_raise,
@@ -78,20 +79,13 @@ def suppress_overlaps(boxes: np.ndarray, max_iou: float) -> list[int]:
 
 def _image_index(root: Path) -> dict[int, str]:
     """image id -> file over the known image folders (one listing each)."""
-    found: dict[int, str] = {}
-    seen_folder = False
-    for name in IMAGE_FOLDERS:
-        folder = root / name
-        if not folder.is_dir():
-            continue
-        seen_folder = True
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                stem, suffix = os.path.splitext(entry.name)
-                if stem.isdigit() and suffix.lower() in IMAGE_SUFFIXES and entry.is_file():
-                    found.setdefault(int(stem), entry.path)
-    if not seen_folder:
+    files = image_files((root / name for name in IMAGE_FOLDERS), IMAGE_SUFFIXES)
+    if files is None:
         raise DatasetNotFoundError(f"{root} has no image folder ({', '.join(IMAGE_FOLDERS)}): {HOW_TO_GET}.")
+    found: dict[int, str] = {}
+    for stem, _, path in files:
+        if stem.isdigit():
+            found.setdefault(int(stem), path)
     return found
 
 
