@@ -296,9 +296,29 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None, size: str
     if size is not None:
         data.setdefault("model", {})["size"] = size
     data = apply_overrides(data, list(overrides or []))
+    _keep_one_length(data, list(overrides or []))
     chosen = (data.get("model") or {}).get("size", "small")
     data = _fill_size(data, str(chosen))
     return recipe_from_dict(data, str(path))
+
+
+# Keys of which a recipe gives exactly one: an override that sets one of them replaces the other.
+EXCLUSIVE_KEYS = (("train", "steps", "epochs"),)
+
+
+def _keep_one_length(data: dict[str, Any], overrides: list[str]) -> None:
+    """``--set train.steps=N`` on a recipe with ``train.epochs`` drops the epochs (and the reverse).
+
+    Only when the override gives a value and does not also set the other key; the recipe file is unchanged.
+    """
+    overridden = dict((tuple(parts), value) for parts, value in map(parse_override, overrides))
+    for section, first, second in EXCLUSIVE_KEYS:
+        node = data.get(section)
+        if not isinstance(node, dict):
+            continue
+        for given, other in ((first, second), (second, first)):
+            if overridden.get((section, given)) is not None and (section, other) not in overridden:
+                node.pop(other, None)
 
 
 def _fill_size(node: Any, size: str) -> Any:

@@ -163,3 +163,33 @@ def test_bare_resume_means_latest():
     assert with_resume_value(["finetune", "--resume"]) == ["finetune", "--resume", "latest"]
     assert with_resume_value(["finetune", "--resume", "--set", "a=1"]) == ["finetune", "--resume", "latest", "--set", "a=1"]
     assert with_resume_value(["finetune", "--resume", "runs/x"]) == ["finetune", "--resume", "runs/x"]
+
+
+def test_setting_steps_replaces_the_recipes_epochs_and_the_reverse(tmp_path):
+    recipe = load_recipe("rocov2_lora", ["train.steps=3"])
+    assert recipe.train.steps == 3 and recipe.train.epochs is None
+    path = write(tmp_path, MINIMAL)
+    recipe = load_recipe(str(path), ["train.epochs=2.5"])
+    assert recipe.train.epochs == 2.5 and recipe.train.steps is None
+    with pytest.raises(RecipeError, match="exactly one of train.steps or train.epochs"):
+        load_recipe(str(path), ["train.epochs=2", "train.steps=4"])
+    recipe = load_recipe(str(path), ["train.epochs=2", "train.steps=null"])
+    assert recipe.train.epochs == 2 and recipe.train.steps is None
+
+
+def test_finetune_shipped_recipe_with_steps_override_runs_that_many_steps(tmp_path, demo):
+    from fuselip_med.core.checkpoints import export_reference
+
+    torch.manual_seed(0)
+    export_reference(FuseLIP(FuseLIPConfig.from_size("tiny")).eval(), tmp_path / "released")
+    run_dir = tmp_path / "run"
+    settings = [f"model.init={tmp_path / 'released'}", f"data.root={demo}", "train.steps=3", "train.batch_size=4",
+                "train.warmup_steps=1", "train.precision=fp32", "train.log_every=1", "data.num_workers=0",
+                "eval.at_start=false", "eval.at_end=false", "logging.trackers=[jsonl]", "logging.progress=false",
+                f"output.dir={run_dir}"]
+    result = runner.invoke(app, ["finetune", "--recipe", "rocov2_lora", "--size", "tiny",
+                                 *[arg for s in settings for arg in ("--set", s)]])
+    assert result.exit_code == 0, result.output
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in line]
+    assert steps == [1, 2, 3]

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from fuselip_med.data.workers import usable_workers
+
 __all__ = ["EmbedItem", "EmbeddingTable", "Embedder", "embed_items", "image_key"]
 
 log = logging.getLogger(__name__)
@@ -207,7 +209,7 @@ class Embedder:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
         self.batch_size = batch_size
-        self.num_workers = num_workers
+        self.num_workers = usable_workers(num_workers)
         self.device = torch.device(device) if device is not None else _model_device(model)
         self._decode = decode
         self._decode_options = decode_options

@@ -19,6 +19,7 @@ from fuselip_med.data.collate import Collator
 from fuselip_med.data.dataset import MixtureDataset, SampleDataset
 from fuselip_med.data.images import DecodeOptions
 from fuselip_med.data.sampling import GroupedBatchSampler, mixture_group_weights
+from fuselip_med.data.workers import usable_workers
 from fuselip_med.recipes import DatasetSpec, Recipe
 
 
@@ -157,7 +158,7 @@ def build_train_data(recipe: Recipe, tokenizer: Any, rank: int = 0, world: int =
         mixture,
         batch_sampler=RankShard(sampler, group_of, rank, world),
         collate_fn=Collator(tokenizer),
-        num_workers=recipe.data.num_workers,
+        num_workers=usable_workers(recipe.data.num_workers, "data.num_workers"),
         pin_memory=pin_memory,
         persistent_workers=False,
     )
