@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-import fuselip_med.data.transforms.tasks  # noqa: F401  (registers the "tgit"/"tgit_med" task adapters)
 from fuselip_med.data.adapters import DatasetEmptyError, SampleSource, get_adapter
 from fuselip_med.data.collate import Collator
 from fuselip_med.data.dataset import MixtureDataset, SampleDataset

@@ -1,5 +1,10 @@
 """Dataset adapters: a registry of factories ``(path, split, limit=None, strict=False, **opts) -> SampleSource``
-and the conventions they share (lazy Samples, no pixel decoding, bad rows skipped and counted or strict errors)."""
+and the conventions they share (lazy Samples, no pixel decoding, bad rows skipped and counted or strict errors).
+
+One registry holds dataset adapters and tasks built on them (``tgit``, ``tgit_med``): each module of
+``adapter_modules()`` registers its factories with ``@register_adapter(name)``, and ``get_adapter`` imports those
+modules on first use, so a name resolves in a fresh interpreter without importing anything first. User code
+registers its own adapters with the same decorator."""
 from __future__ import annotations
 
 import collections
@@ -184,19 +189,31 @@ def _qualname(factory: AdapterFactory) -> str:
     return f"{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', repr(factory))}"
 
 
+# Modules outside this package whose factories are adapters too: tasks built on base datasets (TGIT).
+TASK_MODULES = ("fuselip_med.data.transforms.tasks",)
+
+
+def adapter_modules() -> list[str]:
+    """Every module that defines built-in adapters: the modules of this package, then ``TASK_MODULES``."""
+    own = [f"{__name__}.{m.name}" for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
+    return own + list(TASK_MODULES)
+
+
 def _discover() -> dict[str, Exception]:
-    """Import every adapter module of this package once, so that their decorators register them."""
+    """Import every module of ``adapter_modules()`` once, so that their ``register_adapter`` decorators run.
+
+    ``get_adapter`` and ``available_adapters`` call this themselves: a name is found in any interpreter,
+    whatever the caller happened to import before.
+    """
     global _discovered
     failures: dict[str, Exception] = {}
     if _discovered:
         return failures
-    for module in pkgutil.iter_modules(__path__):
-        if module.name.startswith("_"):
-            continue
+    for module in adapter_modules():
         try:
-            importlib.import_module(f"{__name__}.{module.name}")
+            importlib.import_module(module)
         except ImportError as exc:  # an adapter with a missing optional dependency must not hide the others
-            failures[module.name] = exc
+            failures[module.rsplit(".", 1)[-1]] = exc
     _discovered = not failures
     return failures
 

@@ -5,8 +5,9 @@ identity probability, else all training pairs of one type drawn with P proportio
 "eval" every type's whole pool (first pair = query). A block of one type is a hard-negative group,
 "{base source}/{base id}/{family}/{kind}". Images are split train/eval by a hash of the base id. Pixels
 are rendered in ``__getitem__`` from an rng seeded by (seed, base index, kind), after the reference base
-preprocessing; rendered images are final (``meta["preprocessed"]``). Importing this module registers the
-adapter names "tgit" and "tgit_med": ``factory(base, split="train", limit=None, strict=False, **options)``.
+preprocessing; rendered images are final (``meta["preprocessed"]``). The adapter registry finds this module
+(``fuselip_med.data.adapters.TASK_MODULES``): ``get_adapter("tgit" | "tgit_med")`` gives
+``factory(base, split="train", limit=None, strict=False, **options)``.
 """
 from __future__ import annotations
 
