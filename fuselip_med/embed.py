@@ -1,7 +1,6 @@
 """Embed a user's images, texts or image+text pairs (from a CSV or a folder) into a .npy or parquet file."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +10,7 @@ import numpy as np
 
 from fuselip_med.data.adapters import SampleSource
 from fuselip_med.eval.embedding import EmbedItem, embed_items
-from fuselip_med.eval.report import atomic_write_bytes, atomic_write_text
+from fuselip_med.io import atomic_write, atomic_write_bytes, atomic_write_json
 
 Kind = Literal["image", "text", "pair"]
 
@@ -65,7 +64,7 @@ def write_embeddings(path: str | os.PathLike, embeddings: np.ndarray, rows: list
         np.save(buffer, embeddings)
         atomic_write_bytes(path, buffer.getvalue())
         ids = path.with_suffix(".ids.json")
-        atomic_write_text(ids, json.dumps({"model": model_id, "ids": [r.id for r in rows]}, indent=1))
+        atomic_write_json(ids, {"model": model_id, "ids": [r.id for r in rows]}, indent=1)
         return [path, ids]
     if path.suffix == ".parquet":
         import pyarrow as pa
@@ -77,8 +76,6 @@ def write_embeddings(path: str | os.PathLike, embeddings: np.ndarray, rows: list
             "text": [r.text for r in rows],
             "embedding": pa.array(list(embeddings), type=pa.list_(pa.float32())),
         })
-        tmp = path.with_name(f".{path.name}.tmp")
-        pq.write_table(table.replace_schema_metadata({"model": model_id}), tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: pq.write_table(table.replace_schema_metadata({"model": model_id}), tmp))
         return [path]
     raise ValueError(f"--out {path}: use a .npy or .parquet file name.")

@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+import fuselip_med.io as atomic_io
 from fuselip_med.core.fuselip import TRANSFORMER_SIZES, FuseLIP, FuseLIPConfig
 from fuselip_med.core.image_preprocess import ImagePreprocess
 from fuselip_med.core.text_tokenizer import TextTokenizer
@@ -240,50 +239,28 @@ def build_model(size: str = "small", init: str | os.PathLike | None = None, **ov
 
 # --------------------------------------------------------------------------------------------------------
 # writing
-def atomic_directory(target: Path):
-    """A temp sibling directory that replaces ``target`` on success (``commit``), leaving no half-written state."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-
-
-def commit_directory(tmp: Path, target: Path) -> None:
-    """Swap ``tmp`` in for ``target``: the old directory is moved aside before the rename, then removed."""
-    backup = None
-    if target.exists():
-        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, backup)
-    os.replace(tmp, target)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
+# The two-step names train/lora.py imports; new code uses ``fuselip_med.io.atomic_directory``.
+atomic_directory = atomic_io.temp_directory
+commit_directory = atomic_io.publish_directory
 
 
 def save_pretrained(model: FuseLIP, directory: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (tied weight stored once) into ``directory`` atomically."""
     target = Path(directory)
-    tmp = atomic_directory(target)
-    try:
+    with atomic_io.atomic_directory(target) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt", "library": "fuselip_med"})
         (tmp / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        commit_directory(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
 def export_reference(model: FuseLIP, directory: str | os.PathLike) -> Path:
     """Write the released hub layout (config.json + pytorch_model.bin, released key names) for interop."""
     target = Path(directory)
-    tmp = atomic_directory(target)
-    try:
+    with atomic_io.atomic_directory(target) as tmp:
         state = ours_to_reference({k: v.detach().cpu() for k, v in model.state_dict().items()})
         torch.save(state, tmp / REFERENCE_WEIGHTS_NAME)
         (tmp / CONFIG_NAME).write_text(json.dumps(model.config.to_reference_dict(), indent=2))
-        commit_directory(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target

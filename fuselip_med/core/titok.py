@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fuselip_med.core.titok_init import init_local_patches_
+from fuselip_med.io import atomic_write, atomic_write_text
 
 # vit_enc_model_size -> (width, layers, heads), as in upstream TiTok.
 ENCODER_SIZES = {"small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16)}
@@ -289,19 +289,8 @@ class TiTokTokenizer(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         config_text = json.dumps(self.config.to_hub_config(), indent=2)
-        _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(config_text, encoding="utf-8"))
-        _atomic_write(directory / SAFETENSORS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-
-
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write_text(directory / CONFIG_NAME, config_text)
+        atomic_write(directory / SAFETENSORS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
 def _resolve_files(name: str) -> tuple[str, str]:

@@ -8,8 +8,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,8 @@ from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
+
+from fuselip_med.io import atomic_directory
 
 __all__ = ["DEMO_DICOM_FILES", "DicomEntry", "Study", "demo_dataset_path", "render_study", "write_demo_dataset"]
 
@@ -712,26 +712,13 @@ def write_demo_dataset(out_dir: str | os.PathLike, *, seed: int = 0, n_train: in
             what = "a demo dataset with other parameters" if is_demo else "files that are not a demo dataset"
             advice = "pass overwrite=True (--overwrite) to replace it" if is_demo else "choose an empty or new folder"
             raise FileExistsError(f"{out} already holds {what}: {advice}.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        os.chmod(tmp, 0o755)
-        _write_all(tmp, params)
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-            out.rename(old)
-        try:
-            tmp.rename(out)
-        except OSError:
-            if _marker_matches(out, params):  # another process finished the same dataset first
-                shutil.rmtree(tmp, ignore_errors=True)
-                return out
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_directory(out) as tmp:
+            os.chmod(tmp, 0o755)
+            _write_all(tmp, params)
+    except OSError:
+        if _marker_matches(out, params):  # another process finished the same dataset first
+            return out
         raise
     return out
 

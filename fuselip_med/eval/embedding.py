@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fuselip_med.data.workers import usable_workers
+from fuselip_med.progress import progress_bar
 
 __all__ = ["EmbedItem", "EmbeddingTable", "Embedder", "embed_items", "image_key"]
 
@@ -314,8 +315,6 @@ def _to_device_batch(pixels: list[torch.Tensor], device: torch.device):
 
 
 def _embed_unique(emb: Embedder, items: list[EmbedItem], desc: str) -> EmbeddingTable:
-    from tqdm.auto import tqdm
-
     keys: list[Hashable] = []
     chunks: list[torch.Tensor] = []
     failed: dict[Hashable, str] = {}
@@ -323,15 +322,13 @@ def _embed_unique(emb: Embedder, items: list[EmbedItem], desc: str) -> Embedding
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
-    bar = tqdm(total=len(items), desc=desc, unit="item", disable=not emb.progress, leave=False)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), progress_bar(len(items), desc, enabled=emb.progress, transient=True) as bar:
             for batch, out in emb._batches(items, failed):
                 keys.extend(it.key for it in batch)
                 chunks.append(out)
-                bar.update(len(keys) + len(failed) - bar.n)
+                bar.set(len(keys) + len(failed))
     finally:
-        bar.close()
         if hasattr(model, "train"):
             model.train(was_training)
     emb_all = torch.cat(chunks) if chunks else torch.empty((0, emb.table.dim), dtype=torch.float32)

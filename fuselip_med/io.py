@@ -1,0 +1,150 @@
+"""Atomic writes: a file or a directory is either absent, the old complete version or the new complete version.
+
+Files are written to a temp file in the same directory (same filesystem), flushed and fsynced, then swapped in
+with ``os.replace`` (atomic on POSIX and Windows); the directory entry is fsynced where the platform allows.
+Directories are built in a temp sibling and swapped in the same way. Temp names carry ``TEMP_MARK``
+(``.model.safetensors.tmp-k2j4``) so that ``remove_temp_files`` can clear what a killed process left behind.
+
+Standard library only: the data tools load this file by path in the download image (no torch, no package).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "TEMP_MARK",
+    "atomic_directory",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "publish_directory",
+    "remove_temp_files",
+    "temp_directory",
+]
+
+TEMP_MARK = ".tmp-"
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (POSIX); a no-op where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(temp_path)`` to write the whole file, then swap it in for ``path``; returns ``path``.
+
+    For writers that take a path (``safetensors.torch.save_file``, ``pyarrow.parquet.write_table``,
+    ``numpy.save``, ``DataFrame.to_csv``). Parent folders are created. On any exception (or interrupt) the temp
+    file is removed and ``path`` keeps its previous content.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see module docstring); returns ``path``."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` (``encoding``, default UTF-8, newlines as given) to ``path`` atomically; returns ``path``."""
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+def atomic_write_json(path: str | os.PathLike, value: Any, *, indent: int | None = 2, **dumps: Any) -> Path:
+    """``json.dumps(value, indent=indent, **dumps)`` written to ``path`` atomically; returns ``path``.
+
+    Raises ``TypeError``/``ValueError`` from ``json.dumps`` before anything is written.
+    """
+    return atomic_write_text(path, json.dumps(value, indent=indent, **dumps))
+
+
+def temp_directory(target: str | os.PathLike) -> Path:
+    """A new empty temp directory beside ``target`` (same filesystem) to build it in; parents are created."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}{TEMP_MARK}", dir=target.parent))
+
+
+def publish_directory(tmp: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Swap the finished directory ``tmp`` in for ``target``; returns ``target``.
+
+    An existing ``target`` is renamed aside first and removed after the swap: readers see the old or the new
+    directory, never a mix (``target`` is absent only between the two renames). If the swap fails, the old
+    directory is put back and the ``OSError`` is raised; ``tmp`` is then the caller's to remove.
+    """
+    tmp, target = Path(tmp), Path(target)
+    backup = None
+    if target.exists():
+        backup = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(target, backup)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        if backup is not None and not target.exists():
+            os.replace(backup, target)
+        raise
+    _fsync_directory(target.parent)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+    return target
+
+
+@contextmanager
+def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """Build a directory in a temp sibling (yielded) that replaces ``target`` when the block succeeds.
+
+    ``with atomic_directory(run / "final") as tmp: save_file(state, tmp / "model.safetensors")``. On an
+    exception (or interrupt) the temp directory is removed and ``target`` keeps its previous content.
+    """
+    tmp = temp_directory(target)
+    try:
+        yield tmp
+        publish_directory(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_temp_files(folder: str | os.PathLike) -> int:
+    """Delete the temp files an interrupted write left directly in ``folder`` (names with ``TEMP_MARK``);
+    returns how many. Folders and files of other writers are left alone."""
+    removed = 0
+    if os.path.isdir(folder):
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if TEMP_MARK in entry.name and entry.is_file(follow_symlinks=False):
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed
