@@ -1,47 +1,37 @@
-"""Small pieces shared by the data tools: atomic writes, temp-file cleanup, the closing summary table.
+"""Small pieces shared by the data tools: atomic writes and temp-file cleanup (``fuselip_med/io.py``), progress
+bars (``fuselip_med/progress.py``), the closing summary table.
 
 Standard library, pandas and rich only, so that the download image can run the tools without the
 package (and its torch) installed.
 """
 from __future__ import annotations
 
-import os
+import importlib.util
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-
-TMP_MARK = ".tmp-"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is either absent or complete, never half written."""
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+from types import ModuleType
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def _load_shared(name: str) -> ModuleType:
+    """``fuselip_med/<name>.py`` loaded by file path: one implementation for the package and the tools, without
+    importing the package (and its torch). The download image copies these stand-alone files beside the tools."""
+    path = Path(__file__).resolve().parent.parent / "fuselip_med" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_fuselip_med_{name}", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
-def write_csv_atomic(path: Path, frame) -> None:
-    """pandas CSV (header, no index, RFC 4180 quoting) written atomically."""
-    atomic_write_text(path, frame.to_csv(index=False))
-
-
-def remove_temp_files(folder: Path) -> int:
-    """Delete the temp files that an interrupted run left in ``folder``; returns how many."""
-    removed = 0
-    if folder.is_dir():
-        for entry in os.scandir(folder):
-            if TMP_MARK in entry.name and entry.is_file():
-                os.unlink(entry.path)
-                removed += 1
-    return removed
+_io = _load_shared("io")
+atomic_write_bytes = _io.atomic_write_bytes
+atomic_write_csv = _io.atomic_write_csv
+atomic_write_text = _io.atomic_write_text
+remove_temp_files = _io.remove_temp_files
+progress_bar = _load_shared("progress").progress_bar
 
 
 def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> None:

@@ -35,11 +35,12 @@ if not __package__:  # run as a script: make `data_tools` importable
 
 from data_tools._common import (  # noqa: E402
     atomic_write_bytes,
+    atomic_write_csv,
     atomic_write_text,
     format_counter,
     print_table,
+    progress_bar,
     remove_temp_files,
-    write_csv_atomic,
 )
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -209,7 +210,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     import pandas as pd
-    from tqdm import tqdm
 
     args = parse_args(argv)
     try:
@@ -226,22 +226,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             records[shard] = json.loads(part.read_text())
     done_before = len(records)
     pending = [s for s in shards if s not in records]
-    bar = tqdm(total=len(shards), initial=done_before, desc="shards", unit="shard", disable=args.no_progress)
     samples = sum(len(r["rows"]) for r in records.values())
     parallel = args.workers > 1 and len(pending) > 1
-    with ProcessPoolExecutor(args.workers) if parallel else contextlib.nullcontext() as pool:
+    with ProcessPoolExecutor(args.workers) if parallel else contextlib.nullcontext() as pool, \
+            progress_bar(len(shards), "shards", unit="shard", completed=done_before, enabled=not args.no_progress) as bar:
         results = (pool.map if pool else map)(_convert_and_record, pending, [images_dir] * len(pending))
         for shard, record in zip(pending, results):
             records[shard] = record
             samples += len(record["rows"])
-            bar.set_postfix(images=samples)
-            bar.update(1)
-    bar.close()
+            bar.note(f"{samples} images")
+            bar.advance(1)
 
     rows = [row for shard in shards for row in records[shard]["rows"]]
     skipped = sum((Counter(records[s]["skipped"]) for s in shards), Counter())
     args.csv.parent.mkdir(parents=True, exist_ok=True)
-    write_csv_atomic(args.csv, pd.DataFrame(rows, columns=["path", "caption"]))
+    atomic_write_csv(args.csv, pd.DataFrame(rows, columns=["path", "caption"]))
     print_table(
         f"{args.csv} written",
         ["shards", "converted now", "done before", "rows written", "skipped"],

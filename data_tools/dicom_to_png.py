@@ -26,7 +26,12 @@ from pathlib import Path
 if not __package__:  # run as a script: make `data_tools` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data_tools._common import atomic_write_bytes, format_counter, print_table  # noqa: E402
+from data_tools._common import (  # noqa: E402
+    atomic_write_bytes,
+    format_counter,
+    print_table,
+    progress_bar,
+)
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 CONVERTED, EXISTING = "converted", "already there"
@@ -124,8 +129,6 @@ def _convert_star(job: tuple) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from tqdm import tqdm
-
     args = parse_args(argv)
     if not args.input.is_dir():
         print(f"error: {args.input} is not a folder", file=sys.stderr)
@@ -134,15 +137,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     jobs = [(f, png_path(f, args.input, args.output), args.window, args.frame, args.overwrite) for f in files]
     outcomes: Counter = Counter()
     failed: list[tuple[Path, str]] = []
-    bar = tqdm(total=len(jobs), desc="dicom->png", unit="file", disable=args.no_progress)
-    with ProcessPoolExecutor(args.workers) if args.workers > 1 else contextlib.nullcontext() as pool:
+    with ProcessPoolExecutor(args.workers) if args.workers > 1 else contextlib.nullcontext() as pool, \
+            progress_bar(len(jobs), "dicom->png", unit="file", enabled=not args.no_progress) as bar:
         results = pool.map(_convert_star, jobs, chunksize=16) if pool else map(_convert_star, jobs)
         for job, outcome in zip(jobs, results):
             outcomes[outcome] += 1
-            bar.update(1)
+            bar.advance(1)
             if outcome not in (CONVERTED, EXISTING):
                 failed.append((job[0], outcome))
-    bar.close()
     skipped = Counter({reason: n for reason, n in outcomes.items() if reason not in (CONVERTED, EXISTING)})
     for path, reason in failed[:10]:
         print(f"skipped {path}: {reason}", file=sys.stderr)

@@ -40,10 +40,11 @@ if not __package__:  # run as a script: make `data_tools` importable
 
 from data_tools._common import (  # noqa: E402
     atomic_write_bytes,
+    atomic_write_csv,
     atomic_write_text,
     print_table,
+    progress_bar,
     remove_temp_files,
-    write_csv_atomic,
 )
 
 MIRROR_ID = "eltorio/ROCOv2-radiology"
@@ -389,7 +390,6 @@ def make_entry(example: dict, position: int, args, seen: set[str], images_dir: P
 
 def _stream_rows(args, split, journal: Journal, images_dir: Path, images_rel: Path, expected: int | None) -> int:
     """Read the split from the saved position on, journaling every row; returns the number of files written."""
-    from tqdm import tqdm
 
     def limit_reached() -> bool:
         return args.limit is not None and len(journal.ids) >= args.limit
@@ -402,7 +402,7 @@ def _stream_rows(args, split, journal: Journal, images_dir: Path, images_rel: Pa
         dataset.load_state_dict(journal.state["stream"])
     position = journal.state.get("rows", 0)
     new = 0
-    with tqdm(total=expected, initial=len(journal.ids), desc=split, unit="img", disable=args.no_progress) as bar:
+    with progress_bar(expected, split, unit="image", completed=len(journal.ids), enabled=not args.no_progress) as bar:
         for example in dataset:
             if position in journal.entries:  # rows after the last checkpoint come again after a resume
                 if journal.entries[position]["id"] != row_id(example):
@@ -414,7 +414,7 @@ def _stream_rows(args, split, journal: Journal, images_dir: Path, images_rel: Pa
                 entry, written = make_entry(example, position, args, journal.ids, images_dir, images_rel)
                 journal.append(entry)
                 new += written
-                bar.update("file" in entry)
+                bar.advance("file" in entry)
             position += 1
             if limit_reached():
                 break
@@ -428,8 +428,8 @@ def _write_csvs(out: Path, split: str, rows: list[dict]) -> None:
     import pandas as pd
 
     ids = [r["id"] for r in rows]
-    write_csv_atomic(out / f"{split}_captions.csv", pd.DataFrame({"ID": ids, "Caption": [r["caption"] for r in rows]}))
-    write_csv_atomic(
+    atomic_write_csv(out / f"{split}_captions.csv", pd.DataFrame({"ID": ids, "Caption": [r["caption"] for r in rows]}))
+    atomic_write_csv(
         out / f"{split}_concepts_manual.csv", pd.DataFrame({"ID": ids, "CUIs": [r["cuis"] for r in rows]})
     )
 

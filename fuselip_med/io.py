@@ -24,6 +24,7 @@ __all__ = [
     "atomic_directory",
     "atomic_write",
     "atomic_write_bytes",
+    "atomic_write_csv",
     "atomic_write_json",
     "atomic_write_text",
     "publish_directory",
@@ -119,6 +120,12 @@ def publish_directory(tmp: str | os.PathLike, target: str | os.PathLike) -> Path
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
     return target
+
+
+def atomic_write_csv(path: str | os.PathLike, frame: Any, **to_csv: Any) -> Path:
+    """A pandas ``DataFrame`` as CSV (header, no index unless ``index=True``, RFC 4180 quoting, UTF-8) written
+    to ``path`` atomically; ``to_csv`` options pass through to ``DataFrame.to_csv``. Returns ``path``."""
+    return atomic_write_text(path, frame.to_csv(**{"index": False, **to_csv}))
 
 
 @contextmanager
