@@ -39,7 +39,7 @@ CONVERTED, EXISTING = "converted", "already there"
 
 def parse_window(text: str) -> str | tuple[float, float] | None:
     """``auto`` -> None (the file's own window), a preset name, or ``W,L`` -> (width, level)."""
-    from fuselip_med.data.images import WINDOW_PRESETS
+    from fuselip_med.vocab import WINDOW_PRESETS
 
     value = text.strip().lower()
     if value == "auto":

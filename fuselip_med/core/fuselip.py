@@ -17,10 +17,10 @@ from torch import nn
 
 from fuselip_med.core.text_tokenizer import TextTokenizer
 from fuselip_med.core.titok import TiTokConfig, TiTokTokenizer
-
-SOT_ID = 49406
-EOT_ID = 49407
-PAD_ID = 0
+from fuselip_med.vocab import CLIP_BPE_VOCAB_SIZE, TEXT_VOCAB_SIZE
+from fuselip_med.vocab import EOT_TOKEN_ID as EOT_ID
+from fuselip_med.vocab import PAD_TOKEN_ID as PAD_ID
+from fuselip_med.vocab import SOT_TOKEN_ID as SOT_ID
 
 TRANSFORMER_SIZES: dict[str, tuple[int, int, int]] = {
     # name: (width, heads, layers)
@@ -47,7 +47,7 @@ class FuseLIPConfig:
     layers: int = 12
     mlp_ratio: float = 4.0
     context_length: int = 180
-    text_vocab_size: int = 49409  # CLIP BPE 49,408 + [MASK]
+    text_vocab_size: int = TEXT_VOCAB_SIZE  # CLIP BPE 49,408 + [MASK]
     use_eoi: bool = False
     mlm_probability: float = 0.1
     image_tokenizer: str = "yucornetto/tokenizer_titok_s128_imagenet"
@@ -121,7 +121,8 @@ class FuseLIPConfig:
             layers=int(data.get("layers", layers)),
             mlp_ratio=float(data.get("mlp_ratio", 4.0)),
             context_length=int(data.get("context_length", 180)),
-            text_vocab_size=int(data.get("text_vocab_size", 49409 if data.get("mlm_probability", 0.1) > 0 else 49408)),
+            text_vocab_size=int(data.get("text_vocab_size", TEXT_VOCAB_SIZE if data.get("mlm_probability", 0.1) > 0
+                                                             else CLIP_BPE_VOCAB_SIZE)),
             use_eoi=bool(data.get("use_eoi", False)),
             mlm_probability=float(data.get("mlm_probability", 0.1)),
             image_tokenizer=str(data.get("image_tokenizer", IMAGE_TOKENIZER_FOR_SIZE.get(size, "s128"))),

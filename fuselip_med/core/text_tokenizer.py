@@ -47,12 +47,20 @@ import regex
 import torch
 from tokenizers import models
 
+from fuselip_med.vocab import (
+    EOT_TOKEN,
+    EOT_TOKEN_ID,
+    MASK_TOKEN,
+    MASK_TOKEN_ID,
+    PAD_TOKEN_ID,
+    SOT_TOKEN,
+    SOT_TOKEN_ID,
+    TEXT_VOCAB_SIZE,
+)
+
 DEFAULT_BPE_PATH = str(Path(__file__).resolve().parent.parent / "assets" / "bpe_simple_vocab_16e6.txt.gz")
 DEFAULT_CONTEXT_LENGTH = 180
 NUM_MERGES = 49152 - 256 - 2  # lines 1 ... 48894 of the file, as the reference reads it
-SOT_TOKEN = "<start_of_text>"
-EOT_TOKEN = "<end_of_text>"
-MASK_TOKEN = "[MASK]"
 
 _CACHE_LIMIT = 100_000  # pieces kept per instance before the cache is emptied (bounds worker memory)
 
@@ -132,12 +140,12 @@ class TextTokenizer:
     between threads.
     """
 
-    sot_token_id: int = 49406
-    eot_token_id: int = 49407
-    pad_token_id: int = 0
-    pad_id: int = 0  # reference name (vendored open_clip addition)
-    mask_token_id: int | None = 49408
-    vocab_size: int = 49409
+    sot_token_id: int = SOT_TOKEN_ID
+    eot_token_id: int = EOT_TOKEN_ID
+    pad_token_id: int = PAD_TOKEN_ID
+    pad_id: int = PAD_TOKEN_ID  # reference name (vendored open_clip addition)
+    mask_token_id: int | None = MASK_TOKEN_ID
+    vocab_size: int = TEXT_VOCAB_SIZE
     context_length: int = DEFAULT_CONTEXT_LENGTH
 
     def __init__(

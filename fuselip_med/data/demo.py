@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from fuselip_med.io import atomic_directory
+from fuselip_med.vocab import MODALITY_CUIS, ROCOV2_MANUAL_CUI_NAMES
 
 __all__ = ["DEMO_DICOM_FILES", "DicomEntry", "Study", "demo_dataset_path", "render_study", "write_demo_dataset"]
 
@@ -24,20 +25,13 @@ DEMO_FORMAT_VERSION = 1
 MARKER_NAME = ".fuselip_med_demo.json"
 SIZE = 256
 
-MODALITY_CUIS = {"CT": "C0040405", "MRI": "C0024485", "X-ray": "C1306645", "ultrasound": "C0041618"}
 REGION_CUIS = {"chest": "C0817096", "abdomen": "C0000726", "head": "C0037303", "knee": "C0023216",
                "pelvis": "C0030797"}
 DIRECTION_CUIS = {"PA": "C1996865", "AP": "C1999039"}
 FINDING_CUIS = {"nodule": "C0034079", "mass": "C0577559", "cyst": "C0010709", "hemorrhage": "C0019080",
                 "effusion": "C0032227", "fracture": "C0016658"}
-CUI_NAMES = {
-    "C0040405": "X-Ray Computed Tomography", "C0024485": "Magnetic Resonance Imaging", "C1306645": "Plain x-ray",
-    "C0041618": "Ultrasonography", "C0817096": "Chest", "C0000726": "Abdomen",
-    "C0037303": "Bone structure of cranium", "C0023216": "Lower Extremity", "C0030797": "Pelvis",
-    "C1996865": "Postero-Anterior", "C1999039": "Anterior-Posterior", "C0034079": "Lung nodule",
-    "C0577559": "Mass of body structure", "C0010709": "Cyst", "C0019080": "Hemorrhage",
-    "C0032227": "Pleural effusion", "C0016658": "Fracture",
-}
+FINDING_NAMES = {"nodule": "Lung nodule", "mass": "Mass of body structure", "cyst": "Cyst", "hemorrhage": "Hemorrhage",
+                 "effusion": "Pleural effusion", "fracture": "Fracture"}
 
 # (modality, region) -> findings it may show; the modality is drawn first (uniformly), then region and finding.
 STUDIES: dict[str, dict[str, tuple[str, ...]]] = {
@@ -46,6 +40,14 @@ STUDIES: dict[str, dict[str, tuple[str, ...]]] = {
     "MRI": {"head": ("mass", "cyst"), "knee": ("cyst",), "abdomen": ("mass", "cyst")},
     "ultrasound": {"abdomen": ("cyst", "mass"), "pelvis": ("cyst", "mass")},
 }
+
+# cui_mapping.csv: the demo's manual concepts (modality, region, direction) by their ROCOv2 names, and findings.
+CUI_NAMES = {
+    **{cui: ROCOV2_MANUAL_CUI_NAMES[cui] for cui in (*(MODALITY_CUIS[m] for m in STUDIES), *REGION_CUIS.values(),
+                                                     *DIRECTION_CUIS.values())},
+    **{FINDING_CUIS[finding]: name for finding, name in FINDING_NAMES.items()},
+}
+
 MM_PER_PIXEL = {"chest": 1.5, "abdomen": 1.5, "pelvis": 1.2, "head": 0.9, "knee": 0.6}
 # Finding extent in pixels (blob radius; effusion depth; fracture gap) for the small and large classes.
 EXTENT_PX = {
@@ -56,6 +58,7 @@ EXTENT_PX = {
     "effusion": ((10.0, 18.0), (32.0, 46.0)),
     "fracture": ((1.5, 2.5), (6.0, 10.0)),
 }
+
 
 class DicomEntry(NamedTuple):
     file: str  # a file name in pydicom/data/test_files

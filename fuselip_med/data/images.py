@@ -24,22 +24,21 @@ import numpy as np
 import pydicom
 import torch
 from PIL import Image, UnidentifiedImageError
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.pixels import (
+    apply_color_lut,
+    apply_modality_lut,
+    apply_voi_lut,
+    pixel_array,
+)
+from pydicom.uid import (
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from fuselip_med.core.image_preprocess import ImagePreprocess
 from fuselip_med.data.schema import ImageInput
-
-# name -> (width, level) in HU. Windowing maps [level - width/2, level + width/2] to [0, 1] with clipping.
-WINDOW_PRESETS: dict[str, tuple[float, float]] = {
-    "lung": (1500.0, -600.0),
-    "mediastinum": (400.0, 40.0),
-    "soft_tissue": (400.0, 40.0),
-    "abdomen": (400.0, 50.0),
-    "liver": (150.0, 30.0),
-    "brain": (80.0, 40.0),
-    "bone": (1800.0, 400.0),
-}
+from fuselip_med.vocab import WINDOW_PRESETS
 
 _DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 # (implicit VR, little endian) -> transfer syntax, for files whose file meta lacks one

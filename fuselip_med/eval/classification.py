@@ -27,6 +27,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
+from fuselip_med.vocab import MODALITIES, modality_name
+
 __all__ = [
     "MODALITY_CLASSES",
     "MODALITY_TEMPLATES",
@@ -43,7 +45,7 @@ __all__ = [
     "choose_threshold",
 ]
 
-MODALITY_CLASSES: tuple[str, ...] = ("CT", "MRI", "X-ray", "ultrasound", "angiography", "PET")
+MODALITY_CLASSES: tuple[str, ...] = MODALITIES
 
 MODALITY_TEMPLATES: tuple[str, ...] = (
     "a {c} image.",
@@ -60,19 +62,6 @@ CONCEPT_TEMPLATES: tuple[str, ...] = (
     "a medical image of {c}.",
 )
 
-# Spellings of the six ROCOv2 modalities (lower-cased) and their CUIs -> the class name.
-_MODALITY_ALIASES: dict[str, str] = {
-    "ct": "CT", "computed tomography": "CT", "x-ray computed tomography": "CT", "c0040405": "CT",
-    "mri": "MRI", "mr": "MRI", "magnetic resonance imaging": "MRI", "c0024485": "MRI",
-    "x-ray": "X-ray", "xray": "X-ray", "x ray": "X-ray", "plain x-ray": "X-ray", "radiograph": "X-ray",
-    "c1306645": "X-ray",
-    "ultrasound": "ultrasound", "us": "ultrasound", "ultrasonography": "ultrasound", "c0041618": "ultrasound",
-    "angiography": "angiography", "angiogram": "angiography", "c0002978": "angiography",
-    "pet": "PET", "positron-emission tomography": "PET", "positron emission tomography": "PET",
-    "c0032743": "PET",
-}
-
-
 def normalize_modality(value, classes: Sequence[str] = MODALITY_CLASSES) -> str | None:
     """The class name for a modality label (name, common spelling or CUI); None if unknown or missing."""
     if value is None:
@@ -81,7 +70,7 @@ def normalize_modality(value, classes: Sequence[str] = MODALITY_CLASSES) -> str 
     for c in classes:
         if text.lower() == c.lower():
             return c
-    name = _MODALITY_ALIASES.get(text.lower())
+    name = modality_name(text)
     return name if name in classes else None
 
 

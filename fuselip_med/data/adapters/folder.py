@@ -6,6 +6,8 @@ import collections
 import os
 from pathlib import Path
 
+from fuselip_med.vocab import modality_name
+
 from ..schema import Sample
 from . import (
     DatasetEmptyError,
@@ -29,17 +31,6 @@ TABLE_SUFFIXES = (".csv", ".tsv", ".tab")
 _SPLIT_FILE_NAMES = {"valid": ("valid", "validation", "val"), "validation": ("validation", "valid", "val"),
                      "val": ("val", "valid", "validation")}
 
-# Spellings users write in a modality column -> the short names the ROCOv2 adapter uses.
-_MODALITY_ALIASES = {
-    "ct": "CT", "computed tomography": "CT", "x-ray computed tomography": "CT",
-    "mr": "MRI", "mri": "MRI", "magnetic resonance imaging": "MRI",
-    "x-ray": "X-ray", "xray": "X-ray", "x ray": "X-ray", "radiograph": "X-ray", "radiography": "X-ray",
-    "plain x-ray": "X-ray", "cr": "X-ray", "dx": "X-ray",
-    "us": "ultrasound", "ultrasound": "ultrasound", "ultrasonography": "ultrasound", "sonography": "ultrasound",
-    "angiography": "angiography", "angiogram": "angiography", "xa": "angiography",
-    "pet": "PET", "pt": "PET", "positron-emission tomography": "PET",
-}
-
 HOW_TO_USE = ("give a CSV/TSV with columns path,caption (paths relative to the table's folder or absolute) or a "
               "folder of images with <image>.txt captions")
 
@@ -49,7 +40,7 @@ def normalize_modality(value: str | None) -> str | None:
     non-empty values are kept as written, empty ones give None."""
     if value is None or not value.strip():
         return None
-    return _MODALITY_ALIASES.get(value.strip().lower(), value.strip())
+    return modality_name(value) or value.strip()
 
 
 class FolderSource:

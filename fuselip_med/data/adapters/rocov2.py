@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fuselip_med.vocab import ROCOV2_MANUAL_CUI_NAMES, ROCOV2_MODALITIES
+
 from ..schema import Sample
 from . import (
     DatasetEmptyError,
@@ -34,37 +36,6 @@ from . import (
 # with image {bytes, path}, image_id, caption, cui (manual concepts only, ["nan"] when none; train repeats 4 ids).
 
 __all__ = ["ROCOV2_MANUAL_CUI_NAMES", "ROCOV2_MODALITIES", "RocoV2Source", "rocov2"]
-
-# Manual modality concepts (one per image) -> short modality name.
-ROCOV2_MODALITIES: dict[str, str] = {
-    "C0040405": "CT",
-    "C0024485": "MRI",
-    "C1306645": "X-ray",
-    "C0041618": "ultrasound",
-    "C0002978": "angiography",
-    "C0032743": "PET",
-}
-
-# Names of the manually curated concepts (modality; body region and direction for X-rays). The Hugging Face
-# mirror ships no cui_mapping.csv, so these are the names it gets.
-ROCOV2_MANUAL_CUI_NAMES: dict[str, str] = {
-    "C0040405": "X-Ray Computed Tomography",
-    "C0024485": "Magnetic Resonance Imaging",
-    "C1306645": "Plain x-ray",
-    "C0041618": "Ultrasonography",
-    "C0002978": "angiogram",
-    "C0032743": "Positron-Emission Tomography",
-    "C0817096": "Chest",
-    "C0023216": "Lower Extremity",
-    "C1140618": "Upper Extremity",
-    "C0030797": "Pelvis",
-    "C0037303": "Bone structure of cranium",
-    "C0037949": "Vertebral column",
-    "C0000726": "Abdomen",
-    "C1996865": "Postero-Anterior",
-    "C1999039": "Anterior-Posterior",
-    "C0205129": "Sagittal",
-}
 
 _SPLIT_ALIASES = {"train": "train", "valid": "valid", "validation": "valid", "val": "valid", "test": "test"}
 _FILE_SPLIT_NAMES = {"train": ("train",), "valid": ("valid", "validation", "val"), "test": ("test",)}

@@ -42,7 +42,9 @@ DEFAULT_DECODE = DecodeOptions()
 
 
 def _medical_family() -> TGITFamily:
-    from fuselip_med.data.transforms.tgit_med import MEDICAL  # albumentations is imported only when needed
+    from fuselip_med.data.transforms.tgit_med import (
+        MEDICAL,  # albumentations is imported only when needed
+    )
 
     return MEDICAL
 

@@ -18,8 +18,9 @@ from PIL import Image
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # its import-time PyPI query stalls offline workers
 import albumentations as A
 
-from fuselip_med.data.images import WINDOW_PRESETS, apply_window
+from fuselip_med.data.images import apply_window
 from fuselip_med.data.transforms.tgit import TGITFamily, TGITTransform
+from fuselip_med.vocab import WINDOW_PRESETS
 
 # CT windows offered by name (soft_tissue is the same window as mediastinum, so it is left out).
 CT_WINDOWS = ("lung", "mediastinum", "abdomen", "liver", "brain", "bone")
