@@ -4,7 +4,7 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(PYTHON) -m pip
 
-.PHONY: install demo test test-slow bench
+.PHONY: install demo lint test test-slow bench
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_SPEC)
@@ -12,6 +12,9 @@ install:
 
 demo: install
 	fuselip-med finetune --recipe rocov2_demo
+
+lint: install
+	$(PYTHON) -m ruff check .
 
 test: install
 	$(PYTHON) -m pytest -q

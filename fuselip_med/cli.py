@@ -20,6 +20,29 @@ app.add_typer(data_app, name="data")
 console = Console()
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from fuselip_med import __version__
+
+        console.print(f"fuselip-med {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def global_options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug messages (logging level DEBUG)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors; no progress bars."),
+) -> None:
+    """FuseLIP early-fusion embeddings for medical imaging: fine-tune, train, evaluate, embed."""
+    from fuselip_med.logs import configure_logging
+
+    if verbose and quiet:
+        fail("--verbose and --quiet contradict each other: give one.", code=2)
+    configure_logging("DEBUG" if verbose else "WARNING" if quiet else "INFO")
+
+
 def fail(message: str, code: int = 1) -> None:
     """Print a one-line error for the user and exit (stack traces are for bugs)."""
     console.print(f"[bold red]error:[/] {message}", highlight=False)

@@ -34,8 +34,7 @@ def row(k: int, **changes) -> dict:
 
 def write_hq_edit(root: Path) -> Path:
     """Two shards as the hub publishes them: data/train-0000N-of-00002.parquet."""
-    from datasets import Dataset, Features, Value
-    from datasets import Image as HFImage
+    from datasets import Dataset, Features, Image as HFImage, Value
 
     features = Features({"input": Value("string"), "input_image": HFImage(), "edit": Value("string"),
                          "inverse_edit": Value("string"), "output": Value("string"), "output_image": HFImage()})

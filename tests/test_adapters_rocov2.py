@@ -267,8 +267,7 @@ def test_non_utf8_caption_is_skipped(official):
 
 def write_hf(root: Path) -> Path:
     """Parquet shards as the mirror publishes them: data/{split}-000NN-of-000MM.parquet."""
-    from datasets import Dataset, Features, Value
-    from datasets import Image as HFImage
+    from datasets import Dataset, Features, Image as HFImage, Value
 
     try:
         from datasets import List as StringList  # datasets >= 4

@@ -2,7 +2,6 @@
 import math
 
 import pytest
-import torch
 
 from fuselip_med.core.fuselip import FuseLIP, FuseLIPConfig
 from fuselip_med.train.optim import WarmupCosine, build_optimizer, parameter_groups

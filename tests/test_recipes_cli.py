@@ -9,7 +9,6 @@ from typer.testing import CliRunner
 from fuselip_med.cli import app
 from fuselip_med.core.checkpoints import save_pretrained
 from fuselip_med.core.fuselip import FuseLIP, FuseLIPConfig
-from fuselip_med.data.demo import write_demo_dataset
 from fuselip_med.recipes import RecipeError, apply_overrides, load_recipe, shipped_recipes
 
 runner = CliRunner()

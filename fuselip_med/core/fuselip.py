@@ -17,10 +17,13 @@ from torch import nn
 
 from fuselip_med.core.text_tokenizer import TextTokenizer
 from fuselip_med.core.titok import TiTokConfig, TiTokTokenizer
-from fuselip_med.vocab import CLIP_BPE_VOCAB_SIZE, TEXT_VOCAB_SIZE
-from fuselip_med.vocab import EOT_TOKEN_ID as EOT_ID
-from fuselip_med.vocab import PAD_TOKEN_ID as PAD_ID
-from fuselip_med.vocab import SOT_TOKEN_ID as SOT_ID
+from fuselip_med.vocab import (
+    CLIP_BPE_VOCAB_SIZE,
+    EOT_TOKEN_ID as EOT_ID,
+    PAD_TOKEN_ID as PAD_ID,
+    SOT_TOKEN_ID as SOT_ID,
+    TEXT_VOCAB_SIZE,
+)
 
 TRANSFORMER_SIZES: dict[str, tuple[int, int, int]] = {
     # name: (width, heads, layers)

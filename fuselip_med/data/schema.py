@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
+
+if TYPE_CHECKING:  # for the ImageInput annotation only (adapters stay free of a torch import)
+    import PIL.Image
+    import torch
 
 # What an image side may hold: a file path, encoded bytes, a decoded PIL image, an HxW(xC) array or a
 # (3, H, W) float tensor already in the tokenizer's input range. Decoding is deferred to data/images.py
