@@ -27,7 +27,8 @@ def measure(size: str, kind: str, device: str, precision: str, batch: int, iters
     model = FuseLIP(FuseLIPConfig.from_size(size)).to(device).eval()
     pixels = torch.rand(batch, 3, 256, 256, device=device)
     text_ids = model.tokenizer([CAPTION] * batch).to(device)
-    inputs = {"image": {"images": pixels}, "text": {"texts": text_ids}, "image+text": {"images": pixels, "texts": text_ids}}[kind]
+    inputs = {"image": {"images": pixels}, "text": {"texts": text_ids},
+              "image+text": {"images": pixels, "texts": text_ids}}[kind]
     autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def once() -> None:
@@ -69,7 +70,8 @@ def main() -> None:
         for size in args.sizes.split(","):
             for kind in ("image", "text", "image+text"):
                 queue = context.Queue()
-                process = context.Process(target=measure, args=(size, kind, device, precision, args.batch, iters, queue))
+                process = context.Process(target=measure,
+                                          args=(size, kind, device, precision, args.batch, iters, queue))
                 process.start()
                 rate, peak = queue.get()
                 process.join()

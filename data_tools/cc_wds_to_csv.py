@@ -228,8 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     pending = [s for s in shards if s not in records]
     samples = sum(len(r["rows"]) for r in records.values())
     parallel = args.workers > 1 and len(pending) > 1
+    bar_options = {"unit": "shard", "completed": done_before, "enabled": not args.no_progress}
     with ProcessPoolExecutor(args.workers) if parallel else contextlib.nullcontext() as pool, \
-            progress_bar(len(shards), "shards", unit="shard", completed=done_before, enabled=not args.no_progress) as bar:
+            progress_bar(len(shards), "shards", **bar_options) as bar:
         results = (pool.map if pool else map)(_convert_and_record, pending, [images_dir] * len(pending))
         for shard, record in zip(pending, results):
             records[shard] = record

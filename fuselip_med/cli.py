@@ -80,10 +80,12 @@ def info(
     table = Table(title=f"FuseLIP model: {model}", show_header=False)
     rows = [
         ("format", source_format),
-        ("transformer", f"{config.transformer_size}: width {config.width}, heads {config.heads}, layers {config.layers}"),
+        ("transformer",
+         f"{config.transformer_size}: width {config.width}, heads {config.heads}, layers {config.layers}"),
         ("embedding dim", str(config.width)),
         ("context length", str(config.context_length)),
-        ("image tokenizer", f"{config.image_tokenizer} (codebook {titok.codebook_size}, {titok.num_latent_tokens} tokens, "
+        ("image tokenizer",
+         f"{config.image_tokenizer} (codebook {titok.codebook_size}, {titok.num_latent_tokens} tokens, "
                             f"width {titok.width}, layers {titok.layers}, legacy reshape {titok.is_legacy})"),
         ("vocabulary", f"{config.vocab_size} = text {config.text_vocab_size} (incl. [MASK] {config.mask_token_id}) "
                        f"+ image codes {config.image_offset}..{config.vocab_size - 1}"),
@@ -98,10 +100,14 @@ def info(
 
 RECIPE_HELP = "Shipped recipe name (rocov2, rocov2_lora, rocov2_demo, ...) or a path to a YAML file."
 SET_HELP = "Override a recipe value, e.g. --set train.lr=3e-5 --set data.root=/data/ROCOv2 (repeatable)."
-RESUME_HELP = "Continue from the newest complete checkpoint of this run (bare --resume), or from the run/checkpoint directory given."
+RESUME_HELP = ("Continue from the newest complete checkpoint of this run (bare --resume), or from the run/checkpoint "
+               "directory given.")
+SIZE_HELP = "Model size (small or base; tiny for tests), sets model.size."
+MODEL_HELP = "Checkpoint: hub id, local directory, .pt file or LoRA adapter directory."
 
 
-def _run_recipe(recipe_name: str, size: Optional[str], overrides: list[str], resume: Optional[str], from_scratch: bool) -> None:
+def _run_recipe(recipe_name: str, size: Optional[str], overrides: list[str], resume: Optional[str],
+                from_scratch: bool) -> None:
     from fuselip_med.recipes import RecipeError, load_recipe
     from fuselip_med.train.data import DataSetupError
     from fuselip_med.train.trainer import Trainer, TrainingStopped
@@ -119,7 +125,7 @@ def _run_recipe(recipe_name: str, size: Optional[str], overrides: list[str], res
 @app.command(context_settings={"allow_interspersed_args": True})
 def finetune(
     recipe: str = typer.Option("rocov2", "--recipe", "-r", help=RECIPE_HELP),
-    size: Optional[str] = typer.Option(None, "--size", help="Model size (small or base; tiny for tests), sets model.size."),
+    size: Optional[str] = typer.Option(None, "--size", help=SIZE_HELP),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP),
 ) -> None:
@@ -138,7 +144,7 @@ def finetune(
 @app.command()
 def train(
     recipe: str = typer.Option(..., "--recipe", "-r", help=RECIPE_HELP),
-    size: Optional[str] = typer.Option(None, "--size", help="Model size (small or base; tiny for tests), sets model.size."),
+    size: Optional[str] = typer.Option(None, "--size", help=SIZE_HELP),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     resume: Optional[str] = typer.Option(None, "--resume", help=RESUME_HELP),
 ) -> None:
@@ -194,11 +200,14 @@ def _cuda() -> bool:
 
 @app.command("eval")
 def eval_command(
-    model: str = typer.Option(..., "--model", "-m", help="Checkpoint: hub id, local directory, .pt file or LoRA adapter directory."),
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     tasks: str = typer.Option("rocov2-retrieval,rocov2-modality", "--tasks", "-t",
-                              help="Comma-separated: rocov2-retrieval, rocov2-modality, rocov2-concepts, modality-gap, tgit, tgit-med, composed-retrieval."),
-    data: list[str] = typer.Option([], "--data", "-d", help="KEY=PATH, e.g. rocov2=ROCOv2_data (both splits), rocov2_test=..., tgit=..."),
-    out: Path = typer.Option(Path("eval_results"), "--out", "-o", help="Directory for metrics.json, report.md and plots."),
+                              help="Comma-separated: rocov2-retrieval, rocov2-modality, rocov2-concepts, "
+                                   "modality-gap, tgit, tgit-med, composed-retrieval."),
+    data: list[str] = typer.Option([], "--data", "-d",
+                                   help="KEY=PATH, e.g. rocov2=ROCOv2_data (both splits), rocov2_test=..., tgit=..."),
+    out: Path = typer.Option(Path("eval_results"), "--out", "-o",
+                             help="Directory for metrics.json, report.md and plots."),
     pool_size: int = typer.Option(1000, help="Size of the seeded random retrieval pools."),
     n_pools: int = typer.Option(5, help="Number of random pools to average."),
     seed: int = typer.Option(0, help="Seed for pools and TGIT sampling."),
@@ -239,8 +248,10 @@ def eval_command(
 
 @app.command()
 def embed(
-    model: str = typer.Option(..., "--model", "-m", help="Checkpoint: hub id, local directory, .pt file or LoRA adapter directory."),
-    input: Path = typer.Option(..., "--input", "-i", help="A CSV/TSV (path, caption columns) or a folder of images (with optional .txt captions)."),
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    input: Path = typer.Option(..., "--input", "-i",
+                               help="A CSV/TSV (path, caption columns) or a folder of images "
+                                    "(with optional .txt captions)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output .npy (ids in .ids.json beside it) or .parquet."),
     kind: str = typer.Option("image", help="What to embed per row: image, text or pair (image+caption fused)."),
     batch_size: int = typer.Option(64, help="Batch size."),
@@ -266,7 +277,8 @@ def embed(
         fail(str(error))
     rows = rows_from_source(source, kind)  # type: ignore[arg-type]
     if not rows:
-        fail(f"{input}: no rows with {'an image' if kind == 'image' else 'a caption' if kind == 'text' else 'an image and a caption'}.")
+        needed = {"image": "an image", "text": "a caption", "pair": "an image and a caption"}[kind]
+        fail(f"{input}: no rows with {needed}.")
     fuselip, _, _ = _load_for_inference(model, device)
     matrix, kept, failed = embed_rows(fuselip, rows, batch_size=batch_size, num_workers=num_workers)
     written = write_embeddings(out, matrix, kept, model)
@@ -281,7 +293,8 @@ def embed(
 @app.command("merge-lora")
 def merge_lora(
     adapter: Path = typer.Argument(..., help="A LoRA adapter directory written by finetune (runs/<name>/final)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Directory for the merged model (config.json + model.safetensors)."),
+    out: Path = typer.Option(..., "--out", "-o",
+                             help="Directory for the merged model (config.json + model.safetensors)."),
 ) -> None:
     """Fold a LoRA adapter into its base model and save a plain FuseLIP whose outputs equal base + adapter.
 

@@ -31,7 +31,8 @@ def rows_from_source(source: SampleSource, kind: Kind) -> list[EmbedRow]:
         sample = source[index]
         image = sample.query_image if sample.query_image is not None else sample.target_image
         text = sample.target_text if sample.target_text is not None else sample.query_text
-        if kind == "image" and image is None or kind == "text" and not text or kind == "pair" and (image is None or text is None):
+        if (kind == "image" and image is None or kind == "text" and not text
+                or kind == "pair" and (image is None or text is None)):
             continue
         rows.append(EmbedRow(str(sample.id), image if kind != "text" else None, text if kind != "image" else None))
     return rows
@@ -53,7 +54,8 @@ def embed_rows(model, rows: list[EmbedRow], *, batch_size: int = 64, num_workers
     return matrix.astype(np.float32), kept, failed
 
 
-def write_embeddings(path: str | os.PathLike, embeddings: np.ndarray, rows: list[EmbedRow], model_id: str) -> list[Path]:
+def write_embeddings(path: str | os.PathLike, embeddings: np.ndarray, rows: list[EmbedRow],
+                     model_id: str) -> list[Path]:
     """``.npy`` (+ ``.ids.json`` beside it) or ``.parquet`` (id, image, text, embedding), written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

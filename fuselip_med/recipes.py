@@ -172,7 +172,8 @@ class Recipe(Section):
         for task in self.data.tasks:
             missing = sorted(set(task.bases or []) - labels)
             if missing:
-                raise ValueError(f"data.tasks '{task.name}' has bases {missing}, which are not in data.train ({sorted(labels)})")
+                raise ValueError(f"data.tasks '{task.name}' has bases {missing}, "
+                                 f"which are not in data.train ({sorted(labels)})")
         return self
 
     def run_dir(self) -> Path:

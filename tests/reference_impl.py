@@ -39,7 +39,8 @@ def released_text_tower_shapes(width: int, layers: int, vocab: int, context: int
     return shapes
 
 
-def titok_shapes(width: int, layers: int, token_size: int, codebook: int, patches: int = 256, latents: int = 128) -> dict[str, tuple]:
+def titok_shapes(width: int, layers: int, token_size: int, codebook: int, patches: int = 256,
+                 latents: int = 128) -> dict[str, tuple]:
     """Names and shapes of the TiTok encoder + quantizer keys (reference-facts.md §1.6), without prefix."""
     shapes: dict[str, tuple] = {
         "latent_tokens": (latents, width),
@@ -65,7 +66,8 @@ def random_released_state_dict(shapes: dict[str, tuple], seed: int = 0) -> dict[
     generator = torch.Generator().manual_seed(seed)
     state = {}
     for key, shape in shapes.items():
-        if key.endswith(("ln_1.weight", "ln_2.weight", "ln_final.weight", "ln_pre.weight", "ln_post.weight", "layer_norm.weight")):
+        if key.endswith(("ln_1.weight", "ln_2.weight", "ln_final.weight", "ln_pre.weight", "ln_post.weight",
+                         "layer_norm.weight")):
             state[key] = 1.0 + 0.1 * torch.randn(shape, generator=generator)
         elif key == "logit_scale":
             state[key] = torch.tensor(2.302585)

@@ -89,7 +89,8 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "demo"
-    result = runner.invoke(app, ["data", "demo", "--out", str(out), "--n-train", "8", "--n-valid", "8", "--n-test", "12",
+    result = runner.invoke(app, ["data", "demo", "--out", str(out), "--n-train", "8", "--n-valid", "8",
+                                 "--n-test", "12",
                                  "--n-dicom", "1"])
     assert result.exit_code == 0, result.output
     return out
@@ -160,7 +161,8 @@ def test_bare_resume_means_latest():
     from fuselip_med.cli import with_resume_value
 
     assert with_resume_value(["finetune", "--resume"]) == ["finetune", "--resume", "latest"]
-    assert with_resume_value(["finetune", "--resume", "--set", "a=1"]) == ["finetune", "--resume", "latest", "--set", "a=1"]
+    assert with_resume_value(["finetune", "--resume", "--set", "a=1"]) == [
+        "finetune", "--resume", "latest", "--set", "a=1"]
     assert with_resume_value(["finetune", "--resume", "runs/x"]) == ["finetune", "--resume", "runs/x"]
 
 

@@ -85,7 +85,8 @@ def test_finetune_from_released_checkpoint(tmp_path, demo_data, released_tiny):
     assert any("eval/rocov2-retrieval/image_to_text_R@1" in row and row["step"] == 6 for row in logged)
     assert result.steps == 12 and len(result.losses) == 12
     assert sum(result.losses[-3:]) / 3 < sum(result.losses[:3]) / 3
-    assert [p.name for p in checkpointing.list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_000008", "step_000012"]
+    checkpoints = checkpointing.list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [p.name for p in checkpoints] == ["step_000008", "step_000012"]
     assert "rocov2-retrieval" in json.loads((tmp_path / "run" / "eval" / "final" / "metrics.json").read_text())["tasks"]
     assert "eval/rocov2-retrieval/image_to_text_R@1" in result.eval_after
     model, _, _ = load_model(result.final_dir)
@@ -171,17 +172,20 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, dem
 def test_two_processes_give_the_single_process_losses(tmp_path, demo_data):
     import yaml
 
-    recipe = recipe_dict(tmp_path / "two", demo_data, train={"steps": 4, "batch_size": 12}, checkpoint={"every_steps": None})
+    recipe = recipe_dict(tmp_path / "two", demo_data, train={"steps": 4, "batch_size": 12},
+                         checkpoint={"every_steps": None})
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(yaml.safe_dump(recipe))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fuselip_med.cli", "finetune", "--recipe", str(recipe_file)],
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "-m", "fuselip_med.cli", "finetune", "--recipe", str(recipe_file)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    single = recipe_dict(tmp_path / "one", demo_data, train={"steps": 4, "batch_size": 12}, checkpoint={"every_steps": None})
+    single = recipe_dict(tmp_path / "one", demo_data, train={"steps": 4, "batch_size": 12},
+                         checkpoint={"every_steps": None})
     run(single)
     two, one = logged_losses(tmp_path / "two"), logged_losses(tmp_path / "one")
     assert sorted(two) == sorted(one) == [1, 2, 3, 4]
@@ -193,7 +197,8 @@ def test_lora_trains_only_adapters_and_merges_exactly(tmp_path, demo_data, relea
     from fuselip_med.train.lora import adapter_parameter_count, apply_lora, load_adapter, merge_adapter
 
     init, _ = released_tiny
-    probe = apply_lora(load_model(init)[0], r=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj", "c_fc"], train_logit_params=False)
+    probe = apply_lora(load_model(init)[0], r=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj", "c_fc"],
+                       train_logit_params=False)
     trainable = sum(p.numel() for p in probe.parameters() if p.requires_grad)
     assert trainable == adapter_parameter_count(probe) == 2 * (4 * 64 + 4 * 64) * 2 + 2 * (4 * 64 + 4 * 256)
 
@@ -214,7 +219,8 @@ def test_lora_trains_only_adapters_and_merges_exactly(tmp_path, demo_data, relea
         assert not torch.equal(merged.logit_scale, base.logit_scale)
 
     out = tmp_path / "merged"
-    completed = subprocess.run([sys.executable, "-m", "fuselip_med.cli", "merge-lora", str(adapter_dir), "--out", str(out)],
+    completed = subprocess.run([sys.executable, "-m", "fuselip_med.cli", "merge-lora", str(adapter_dir),
+                                "--out", str(out)],
                                cwd=REPO, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr
     reloaded, _, _ = load_model(out)
@@ -234,7 +240,8 @@ def test_non_finite_loss_skips_then_stops_and_keeps_the_last_checkpoint(tmp_path
         return out
 
     monkeypatch.setattr(FuseLIPObjective, "forward", poisoned)
-    recipe = recipe_dict(tmp_path / "run", demo_data, train={"steps": 10, "max_bad_steps": 3}, checkpoint={"every_steps": 3})
+    recipe = recipe_dict(tmp_path / "run", demo_data, train={"steps": 10, "max_bad_steps": 3},
+                         checkpoint={"every_steps": 3})
     with pytest.raises(TrainingStopped, match="not finite for 3 steps"):
         run(recipe)
     assert [p.name for p in checkpointing.list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_000003"]
@@ -297,7 +304,8 @@ def test_a_new_run_moves_an_earlier_run_aside(tmp_path, demo_data):
 
 
 def test_gradient_accumulation_consumes_accum_batches_per_step(tmp_path, demo_data):
-    recipe = recipe_dict(tmp_path / "run", demo_data, train={"steps": 3, "grad_accum": 2}, checkpoint={"every_steps": 3})
+    recipe = recipe_dict(tmp_path / "run", demo_data, train={"steps": 3, "grad_accum": 2},
+                         checkpoint={"every_steps": 3})
     result = run(recipe)
     assert result.steps == 3
     state = json.loads((tmp_path / "run" / "checkpoints" / "step_000003" / "trainer_state.json").read_text())

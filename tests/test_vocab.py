@@ -15,8 +15,9 @@ def test_special_token_ids_are_the_ones_the_bpe_file_gives():
 
 
 def test_modality_spellings_cuis_and_dicom_codes_map_to_the_short_names():
-    cases = {"CT": "CT", " computed tomography ": "CT", "C0040405": "CT", "mr": "MRI", "Magnetic Resonance Imaging": "MRI",
-             "DX": "X-ray", "plain x-ray": "X-ray", "US": "ultrasound", "XA": "angiography", "angiogram": "angiography",
+    cases = {"CT": "CT", " computed tomography ": "CT", "C0040405": "CT", "mr": "MRI",
+             "Magnetic Resonance Imaging": "MRI", "DX": "X-ray", "plain x-ray": "X-ray", "US": "ultrasound",
+             "XA": "angiography", "angiogram": "angiography",
              "PT": "PET", "positron-emission tomography": "PET", "fundus": None, "": None, None: None}
     assert {value: vocab.modality_name(value) for value in cases} == cases
     assert set(vocab.MODALITY_ALIASES.values()) == set(vocab.MODALITIES)

@@ -144,7 +144,8 @@ def _resolve_local(name_or_path: str | os.PathLike) -> Path:
         return path
     name = str(name_or_path)
     if name.count("/") != 1 or name.startswith((".", "/")):
-        raise CheckpointError(f"No checkpoint at {name!r}: give a local directory/file or a hub id like chs20/FuseLIP-S-CC3M-MM.")
+        raise CheckpointError(f"No checkpoint at {name!r}: give a local directory/file or a hub id like "
+                              "chs20/FuseLIP-S-CC3M-MM.")
     from huggingface_hub import snapshot_download
 
     try:

@@ -465,7 +465,8 @@ class FuseLIP(nn.Module):
             images = image if isinstance(image, tuple) else (None, None)
             texts = text if isinstance(text, tuple) else (None, None)
             left = self.encode_multimodal(images[0], texts[0]) if texts[0] is not None else self.encode_image(images[0])
-            right = self.encode_multimodal(images[1], texts[1]) if texts[1] is not None else self.encode_image(images[1])
+            right = (self.encode_multimodal(images[1], texts[1]) if texts[1] is not None
+                     else self.encode_image(images[1]))
         elif force_fused:
             return self.encode_multimodal(image, text)
         else:

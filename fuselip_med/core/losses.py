@@ -126,7 +126,8 @@ class LossOutput:
     mmm: torch.Tensor
 
 
-def combine_losses(contrastive: torch.Tensor, mmm_left: torch.Tensor, mmm_right: torch.Tensor, mmm_weight: float = 0.25) -> LossOutput:
+def combine_losses(contrastive: torch.Tensor, mmm_left: torch.Tensor, mmm_right: torch.Tensor,
+                   mmm_weight: float = 0.25) -> LossOutput:
     """Total = contrastive + weight × (CE_left + CE_right), the paper's objective."""
     mmm = mmm_left + mmm_right
     return LossOutput(total=contrastive + mmm_weight * mmm, contrastive=contrastive, mmm=mmm)

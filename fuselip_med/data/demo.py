@@ -71,7 +71,8 @@ class DicomEntry(NamedTuple):
 # Real DICOM files shipped inside pydicom, in the order n_dicom takes them (they decode with pydicom, its RLE
 # decoder and pylibjpeg-openjpeg: uncompressed, RLE, JPEG 2000 lossless and lossy).
 DEMO_DICOM_FILES: tuple[DicomEntry, ...] = (
-    DicomEntry("CT_small.dcm", "CT", "chest", "train", "Axial CT image of the chest at the level of a thoracic vertebra."),
+    DicomEntry("CT_small.dcm", "CT", "chest", "train",
+               "Axial CT image of the chest at the level of a thoracic vertebra."),
     DicomEntry("examples_overlay.dcm", "MRI", "abdomen", "test",
                "Axial T1-weighted MRI of the upper abdomen showing a lesion in the liver."),
     DicomEntry("MR_small.dcm", "MRI", None, "train", "Small MRI slice, downsized from a clinical MR image."),
@@ -510,13 +511,15 @@ def _ultrasound(rng, s: Study) -> np.ndarray:
     apex_y = -30.0
     r = np.sqrt((_X - 128) ** 2 + (_Y - apex_y) ** 2)
     theta = np.arctan2(_X - 128, _Y - apex_y)
-    sector = np.clip((0.66 - np.abs(theta)) * 120, 0, 1) * np.clip((r - 40) * 0.5, 0, 1) * np.clip((265 - r) * 0.5, 0, 1)
+    sector = (np.clip((0.66 - np.abs(theta)) * 120, 0, 1) * np.clip((r - 40) * 0.5, 0, 1)
+              * np.clip((265 - r) * 0.5, 0, 1))
     echo = np.full((SIZE, SIZE), 0.5, np.float32) + 0.08 * _noise(rng, 6.0)
     anechoic = np.zeros((SIZE, SIZE), np.float32)
     if s.region == "abdomen":
         for _ in range(3):  # vessel segments
             x0, y0 = float(rng.uniform(80, 176)), float(rng.uniform(60, 200))
-            vessel = _band(x0, y0, float(rng.uniform(-0.6, 0.6)), float(rng.uniform(1.2, 2.2))) * _ellipse(x0, y0, 26, 26, 8)
+            band = _band(x0, y0, float(rng.uniform(-0.6, 0.6)), float(rng.uniform(1.2, 2.2)))
+            vessel = band * _ellipse(x0, y0, 26, 26, 8)
             echo, anechoic = _paint(echo, vessel, 0.03), np.maximum(anechoic, vessel)
         diaphragm = np.clip(3 - np.abs(r - 245), 0, 1)
         echo = _paint(echo, diaphragm, 1.4)

@@ -1,7 +1,7 @@
 """Training checkpoints: one directory per step, written atomically, newest complete one found on resume.
 
-``step_000120/`` holds ``model.safetensors`` (the trained module's state) with its ``config.json``, ``optimizer.pt``, ``scaler.pt``
-(fp16 only), ``trainer_state.json`` (step, schedule, sampler position, metrics, skip counts),
+``step_000120/`` holds ``model.safetensors`` (the trained module's state) with its ``config.json``, ``optimizer.pt``,
+``scaler.pt`` (fp16 only), ``trainer_state.json`` (step, schedule, sampler position, metrics, skip counts),
 ``rng_rank{r}.pt`` per process and ``recipe.yaml``. It is written under a temporary name and renamed, so a
 crash mid-write never leaves a directory that looks complete.
 """
@@ -30,7 +30,8 @@ def list_checkpoints(directory: Path) -> list[Path]:
     """Complete checkpoints under ``directory``, oldest first."""
     if not directory.is_dir():
         return []
-    found = [p for p in directory.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / "trainer_state.json").is_file()]
+    found = [p for p in directory.iterdir()
+             if p.is_dir() and STEP_DIR.match(p.name) and (p / "trainer_state.json").is_file()]
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 

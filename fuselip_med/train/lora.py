@@ -31,7 +31,8 @@ from fuselip_med.core.text_tokenizer import TextTokenizer
 BASE_POINTER = "fuselip_base.json"
 EXTRAS_FILE = "fuselip_extras.safetensors"
 LOGIT_PARAMS = ("logit_scale", "logit_bias")
-KNOWN_TARGETS = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "out_proj": "attn", "c_fc": "mlp", "c_proj": "mlp"}
+KNOWN_TARGETS = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "out_proj": "attn", "c_fc": "mlp",
+                 "c_proj": "mlp"}
 
 
 def target_pattern(targets: list[str]) -> str:
@@ -48,9 +49,11 @@ def target_pattern(targets: list[str]) -> str:
     return rf"^(.*\.)?transformer\.resblocks\.\d+\.({'|'.join(parts)})$"
 
 
-def apply_lora(model: FuseLIP, r: int, alpha: float, dropout: float, targets: list[str], train_logit_params: bool = True) -> PeftModel:
+def apply_lora(model: FuseLIP, r: int, alpha: float, dropout: float, targets: list[str],
+               train_logit_params: bool = True) -> PeftModel:
     """Wrap ``model`` with LoRA adapters; only adapters (and optionally the loss scale/bias) stay trainable."""
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_pattern(targets), bias="none")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_pattern(targets),
+                        bias="none")
     peft_model = get_peft_model(model, config)
     base = peft_model.get_base_model()
     for name in LOGIT_PARAMS:
@@ -106,7 +109,8 @@ def _unwrapped_copy(peft_model: PeftModel) -> FuseLIP:
     return clean
 
 
-def load_adapter(directory: str | os.PathLike, device: str | torch.device = "cpu", trainable: bool = False) -> PeftModel:
+def load_adapter(directory: str | os.PathLike, device: str | torch.device = "cpu",
+                 trainable: bool = False) -> PeftModel:
     """Base model (from the pointer) + adapter weights, as a PeftModel."""
     directory = Path(directory)
     if not is_adapter_dir(directory):
@@ -132,7 +136,8 @@ def merge_adapter(directory: str | os.PathLike, device: str | torch.device = "cp
     return load_adapter(directory, device).merge_and_unload()
 
 
-def load_for_inference(name_or_path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[FuseLIP, ImagePreprocess, TextTokenizer]:
+def load_for_inference(name_or_path: str | os.PathLike,
+                       device: str | torch.device = "cpu") -> tuple[FuseLIP, ImagePreprocess, TextTokenizer]:
     """``load_model`` that also accepts a LoRA adapter directory (merged on load)."""
     if is_adapter_dir(name_or_path):
         model = merge_adapter(name_or_path, device).eval()

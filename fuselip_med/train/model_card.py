@@ -10,9 +10,11 @@ from fuselip_med.recipes import Recipe, recipe_to_yaml
 def write_model_card(directory: Path, recipe: Recipe, init: str | None, steps: int,
                      before: dict[str, float], after: dict[str, float]) -> Path:
     """Write ``README.md`` into ``directory`` describing how the model was made and how it scored."""
-    data_lines = [f"- `{spec.name}` ({spec.split}): `{spec.path}`, weight {spec.weight:g}" for spec in recipe.data.train]
+    data_lines = [f"- `{spec.name}` ({spec.split}): `{spec.path}`, weight {spec.weight:g}"
+                  for spec in recipe.data.train]
     data_lines += [f"- task `{task.name}`, weight {task.weight:g}" for task in recipe.data.tasks]
-    rows = [f"| {key.removeprefix('eval/')} | {before.get(key, float('nan')):.4f} | {after.get(key, float('nan')):.4f} |"
+    nan = float("nan")
+    rows = [f"| {key.removeprefix('eval/')} | {before.get(key, nan):.4f} | {after.get(key, nan):.4f} |"
             for key in sorted(set(before) | set(after))]
     kind = "LoRA adapter" if recipe.model.lora.enabled else "full model"
     text = "\n".join([

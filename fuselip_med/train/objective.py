@@ -46,7 +46,8 @@ def global_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def masked_mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, global_masked: torch.Tensor, world: int) -> torch.Tensor:
+def masked_mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, global_masked: torch.Tensor,
+                              world: int) -> torch.Tensor:
     """Cross-entropy summed over this rank's masked tokens, normalised so the rank mean is the global token mean."""
     if labels.numel() == 0:
         return logits.sum() * 0.0
@@ -84,7 +85,8 @@ class FuseLIPObjective(nn.Module):
             codes = None
         return fuselip.build_input_ids(text_ids, codes, has_image, has_text)
 
-    def _mask(self, ids: torch.Tensor, step: int, side: int, offset: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mask(self, ids: torch.Tensor, step: int, side: int, offset: int,
+              total: int) -> tuple[torch.Tensor, torch.Tensor]:
         generator = torch.Generator().manual_seed((self.seed * 2**32 + step * 2 + side) % 2**63)
         draws = torch.rand(total, self.fuselip.config.context_length, generator=generator)
         draws = draws[offset: offset + ids.shape[0], : ids.shape[1]].to(ids.device)

@@ -32,7 +32,8 @@ def parameter_groups(model: nn.Module, weight_decay: float, decay_embeddings: bo
 
 
 def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.98), eps: float = 1e-8, decay_embeddings: bool = False
+    model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.98), eps: float = 1e-8,
+    decay_embeddings: bool = False,
 ) -> torch.optim.AdamW:
     """AdamW (decoupled decay) over ``parameter_groups``."""
     groups = parameter_groups(model, weight_decay, decay_embeddings)

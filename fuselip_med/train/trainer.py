@@ -127,7 +127,8 @@ class Trainer:
         return metrics
 
     # ------------------------------------------------------------------------------------------------
-    def _save_checkpoint(self, objective, optimizer, data: TrainData, step: int, batches_done: int, extra: dict) -> Path | None:
+    def _save_checkpoint(self, objective, optimizer, data: TrainData, step: int, batches_done: int,
+                         extra: dict) -> Path | None:
         acc = self.accelerator
         tmp = ckpt.temporary_dir(self.checkpoint_dir, step)
         if acc.is_main_process:
@@ -183,7 +184,8 @@ class Trainer:
     def run(self) -> TrainResult:
         recipe, acc = self.recipe, self.accelerator
         try:
-            data = build_train_data(recipe, _tokenizer(), acc.process_index, acc.num_processes, pin_memory=acc.device.type == "cuda")
+            data = build_train_data(recipe, _tokenizer(), acc.process_index, acc.num_processes,
+                                    pin_memory=acc.device.type == "cuda")
             eval_data = self._eval_data()
         except (DatasetEmptyError, FileNotFoundError) as error:
             raise DataSetupError(str(error)) from None
@@ -234,7 +236,8 @@ class Trainer:
         progress = self._progress(total_steps, step)
         try:
             with progress:
-                task = progress.add_task("train", total=total_steps, completed=step, loss=float("nan"), lr=0.0, rate=0.0)
+                task = progress.add_task("train", total=total_steps, completed=step, loss=float("nan"), lr=0.0,
+                                         rate=0.0)
                 while step < total_steps:
                     lr = schedule(step)
                     set_learning_rate(optimizer, lr)
@@ -262,9 +265,9 @@ class Trainer:
                         self.say(f"[yellow]step {step}: non-finite loss, step skipped ({consecutive_bad} in a row).[/]")
                         if consecutive_bad >= recipe.train.max_bad_steps:
                             raise TrainingStopped(
-                                f"The loss was not finite for {consecutive_bad} steps in a row (at step {step}); training "
-                                f"stopped. The last good checkpoint in {self.checkpoint_dir} is intact: lower train.lr or "
-                                "use precision fp32/bf16, then --resume."
+                                f"The loss was not finite for {consecutive_bad} steps in a row (at step {step}); "
+                                f"training stopped. The last good checkpoint in {self.checkpoint_dir} is intact: "
+                                "lower train.lr or use precision fp32/bf16, then --resume."
                             )
                         continue
                     consecutive_bad = 0
@@ -283,12 +286,14 @@ class Trainer:
                                       "train/mmm": totals["mmm"], "train/lr": lr, "train/samples_per_s": rate,
                                       "train/logit_scale": float(_unwrap_fuselip(objective).logit_scale.detach().exp()),
                                       "train/epoch": data.sampler.epoch}, step)
-                    if recipe.eval.every_steps and step % recipe.eval.every_steps == 0 and step < total_steps and eval_data:
+                    every = recipe.eval.every_steps
+                    if every and step % every == 0 and step < total_steps and eval_data:
                         metrics = self.evaluate(objective, eval_data, step, f"step_{step:06d}")
                         if trackers:
                             trackers.log(metrics, step)
                     if recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0:
-                        self._save_checkpoint(objective, optimizer, data, step, batches_done, {"losses_tail": result_losses[-10:]})
+                        self._save_checkpoint(objective, optimizer, data, step, batches_done,
+                                              {"losses_tail": result_losses[-10:]})
         except KeyboardInterrupt:
             interrupted = True
             self.say("[yellow]Interrupted: writing a checkpoint before exiting...[/]")
@@ -376,8 +381,9 @@ class Trainer:
         model = self.accelerator.unwrap_model(objective).model
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         table = Table(title=f"fuselip-med: {recipe.name}", show_header=False)
-        table.add_row("model", f"{recipe.model.size} from {init or 'scratch'}"
-                      + (f" + LoRA r={recipe.model.lora.r} ({adapter_parameter_count(model):,} adapter weights)" if recipe.model.lora.enabled else ""))
+        lora = (f" + LoRA r={recipe.model.lora.r} ({adapter_parameter_count(model):,} adapter weights)"
+                if recipe.model.lora.enabled else "")
+        table.add_row("model", f"{recipe.model.size} from {init or 'scratch'}{lora}")
         table.add_row("trainable parameters", f"{trainable:,}")
         for label, size, weight in data.describe():
             table.add_row(f"data: {label}", f"{size:,} samples, weight {weight:g}")
@@ -386,7 +392,8 @@ class Trainer:
         table.add_row("steps", f"{total_steps:,} ({data.sampler.batches_per_epoch():,} batches per epoch, global batch "
                       f"{recipe.train.batch_size} x accumulation {recipe.train.grad_accum})")
         table.add_row("optimisation", f"AdamW lr {recipe.train.lr:g}, wd {recipe.train.weight_decay:g}, warmup "
-                      f"{recipe.train.warmup_steps}, {recipe.train.precision}, {self.accelerator.num_processes} process(es) on {self.accelerator.device}")
+                      f"{recipe.train.warmup_steps}, {recipe.train.precision}, "
+                      f"{self.accelerator.num_processes} process(es) on {self.accelerator.device}")
         table.add_row("run directory", str(self.run_dir) + (f" (resuming {resume_from})" if resume_from else ""))
         self.console.print(table)
 
