@@ -42,7 +42,9 @@ def table(tmp_path) -> Path:
 
 
 def test_csv_relative_absolute_labels_and_skips(table, tmp_path):
-    source = get_adapter("csv")(path=str(table / "train.csv"), split="train")
+    refused = get_adapter("csv")(path=str(table / "train.csv"), split="train")
+    assert len(refused) == 3 and refused.skipped["outside image root"] == 1  # absolute, outside the table's folder
+    source = get_adapter("csv")(path=str(table / "train.csv"), split="train", image_root=str(tmp_path / "elsewhere"))
     assert isinstance(source, FolderSource) and isinstance(source, SampleSource)
     assert len(source) == 4
     assert dict(source.skipped) == {"missing image": 1, "empty caption": 1, "bad csv row": 1}
@@ -63,7 +65,7 @@ def test_csv_relative_absolute_labels_and_skips(table, tmp_path):
 
 
 def test_folder_with_split_table_and_limit(table):
-    source = folder(table, "train", limit=2)
+    source = folder(table, "train", limit=2, image_root=str(table.parent / "elsewhere"))
     assert len(source) == 2 and source[1].target_text == "Absolute path caption."
     with pytest.raises(IndexError):
         source[2]
@@ -71,7 +73,7 @@ def test_folder_with_split_table_and_limit(table):
 
 def test_csv_strict_names_file_and_line(table):
     with pytest.raises(BadRowError, match=r"train\.csv, line 4: missing image"):
-        folder(table / "train.csv", strict=True)
+        folder(table / "train.csv", strict=True, image_root=str(table.parent / "elsewhere"))
 
 
 def test_check_files_off_keeps_missing_rows(table):
@@ -122,7 +124,8 @@ def test_sidecar_folder(tmp_path):
     assert [source[i].target_text for i in range(3)] == ["Caption of a.", "Caption of b (the fork's naming).",
                                                          "Caption of c."]
     assert [pixel(source[i].query_image) for i in range(3)] == [11, 22, 33]
-    assert dict(source.skipped) == {"missing caption": 1, "empty caption": 1}
+    assert dict(source.skipped) == {"missing caption": 1, "empty caption": 1, "not an image": 1}
+    assert [e.id for e in source.skipped.entries if e.reason == "not an image"] == ["readme.md"]
     assert source.modality_labels() == [None, None, None]
     with pytest.raises(BadRowError, match="d.png"):
         folder(root, strict=True)

@@ -41,7 +41,7 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
     "bone": (1800.0, 400.0),
 }
 
-_DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
+_DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
 # (implicit VR, little endian) -> transfer syntax, for files whose file meta lacks one
 _NATIVE_SYNTAXES = {
     (True, True): ImplicitVRLittleEndian,
@@ -148,7 +148,7 @@ def _to_uint8(unit: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------- sources
 def is_dicom(path_or_bytes) -> bool:
-    """True when the data carries the DICOM Part 10 magic ("DICM" at offset 128)."""
+    """True when the data carries the DICOM Part 10 magic ("DICM" after the 128-byte preamble, PS3.10 7.1)."""
     if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
         return bytes(path_or_bytes[128:132]) == b"DICM"
     try:
@@ -157,6 +157,42 @@ def is_dicom(path_or_bytes) -> bool:
     except OSError:
         return False
     return head[128:132] == b"DICM"
+
+
+def _starts_like_headless_dicom(head: bytes) -> bool:
+    """A data set written without preamble and file meta (older scanners, some PACS exports) starts with a
+    little-endian tag of group 0x0002 or 0x0008 (PS3.5 7.1); a cheap test before letting pydicom try."""
+    return len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00")
+
+
+def _headless_dicom(path: str) -> bool:
+    """True when pydicom reads ``path`` (with ``force``) as a data set that describes an image (Rows/Columns)."""
+    try:
+        with open(path, "rb") as handle:
+            if not _starts_like_headless_dicom(handle.read(8)):
+                return False
+        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+        return "Rows" in ds and "Columns" in ds
+    except Exception:  # arbitrary bytes can fail the parser in many ways: then it is not DICOM
+        return False
+
+
+def image_kind(path: str | os.PathLike) -> Literal["dicom", "image"] | None:
+    """What a file holds, by its content (never its name): ``"dicom"`` (Part 10 magic, or a preamble-less data
+    set pydicom can read), ``"image"`` (a format Pillow identifies) or None (not an image, unreadable).
+
+    Used to list scanner/PACS folders, whose files are often named ``IM000001`` or ``*.IMA``. Reads the
+    header only (Pillow opens lazily; pydicom stops before the pixel data).
+    """
+    path = os.fspath(path)
+    if is_dicom(path):
+        return "dicom"
+    try:
+        with Image.open(path):
+            return "image"
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
+        pass
+    return "dicom" if _headless_dicom(path) else None
 
 
 def _describe(source: object) -> str:
@@ -391,7 +427,12 @@ def _load_native(source: ImageInput, options: DecodeOptions) -> Image.Image:
         has_magic = is_dicom(path)
         if has_magic or suffix in _DICOM_SUFFIXES:
             return _open_dicom(path, options, label, force=not has_magic)
-        return _open_pillow(path, options, label, suffix)
+        try:
+            return _open_pillow(path, options, label, suffix)
+        except ImageDecodeError as error:  # IM000001 & co: DICOM without preamble and without a DICOM suffix
+            if error.reason in ("not an image", "corrupt image") and _headless_dicom(path):
+                return _open_dicom(path, options, label, force=True)
+            raise
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if not data:

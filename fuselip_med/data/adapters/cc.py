@@ -17,6 +17,7 @@ import numpy as np
 
 from ..images import ImageDecodeError
 from ..schema import Sample
+from ..skips import SkipReport
 from . import (
     BadRowError,
     DatasetEmptyError,
@@ -121,7 +122,7 @@ class _Rows:
     offset: list[int] = field(default_factory=list)
     size: list[int] = field(default_factory=list)
     shards: list[str] = field(default_factory=list)
-    skipped: collections.Counter = field(default_factory=collections.Counter)
+    skipped: SkipReport = field(default_factory=SkipReport)
 
 
 class CCSource:

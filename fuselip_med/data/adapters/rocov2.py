@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..schema import Sample
+from ..skips import SkipReport
 from . import (
     DatasetEmptyError,
     DatasetNotFoundError,
@@ -113,7 +114,7 @@ class _Rows:
     manual: list[tuple[str, ...]] = field(default_factory=list)
     images: list[str] | list[int] = field(default_factory=list)
     dataset: Any = None
-    skipped: collections.Counter = field(default_factory=collections.Counter)
+    skipped: SkipReport = field(default_factory=SkipReport)
 
 
 class RocoV2Source:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path, PurePosixPath
 
 from ..schema import Sample
+from ..skips import SkipReport
 from . import (
     DatasetNotFoundError,
     check_index,
@@ -59,7 +60,7 @@ def cc3m_vqa(path: str | os.PathLike, split: str = "train", limit: int | None = 
         raise DatasetNotFoundError(f"CC3M-VQA table {file} does not exist: give the CSV with columns "
                                    f"path,question,answer (image paths relative to its folder or absolute).")
     check_limit(limit)
-    skipped: collections.Counter[str] = collections.Counter()
+    skipped = SkipReport()
     table = read_csv_columns(file, ("path", "question", "answer"), strict, skipped)
     records: list[tuple[str, str, str, str]] = []
     rows = zip(table["path"], table["question"], table["answer"])
