@@ -201,7 +201,7 @@ def rocov2(path: str | os.PathLike, split: str = "train", limit: int | None = No
                     f"{local} holds neither the official ROCOv2 files ({split}_captions.csv) nor the Hugging Face "
                     f"parquet shards (data/{_HF_SPLITS[split]}-*.parquet): {HOW_TO_GET}.")
             dataset = _load_hf(files=files, split=split, cache_dir=cache_dir, revision=revision, where=str(local))
-            rows = _read_hf(dataset, split, strict, where=str(local))
+            rows = _read_hf(dataset, split, strict, where=str(local), files=files)
             layout = "hf"
     else:
         hub_id = text.removeprefix("hf://datasets/")
@@ -290,22 +290,24 @@ def _read_official(root: Path, split: str, strict: bool) -> _Rows:
     seen: set[str] = set()
     for line, fields in _data_rows(captions_file, strict, skipped, "bad csv row"):
         where = f"{captions_file}, line {line}"
+        row_id = fields[0].strip() if fields and not has_undecodable(fields[0]) else ""
         if len(fields) != 2 or not fields[0].strip():
-            skip_or_raise(skipped, strict, "bad csv row", where, f"expected ID,Caption, got {len(fields)} fields")
+            skip_or_raise(skipped, strict, "bad csv row", where, f"expected ID,Caption, got {len(fields)} fields",
+                          id=row_id or f"line {line}")
             continue
         image_id, caption = fields[0].strip(), clean_caption(fields[1])
         if has_undecodable(fields[0]) or has_undecodable(caption):
-            skip_or_raise(skipped, strict, "non-utf8 text", where)
+            skip_or_raise(skipped, strict, "non-utf8 text", where, id=row_id or f"line {line}")
             continue
         if image_id in seen:
-            skip_or_raise(skipped, strict, "duplicate id", where, image_id)
+            skip_or_raise(skipped, strict, "duplicate id", where, image_id, id=image_id)
             continue
         if not caption:
-            skip_or_raise(skipped, strict, "empty caption", where, image_id)
+            skip_or_raise(skipped, strict, "empty caption", where, image_id, id=image_id)
             continue
         image = images.get(image_id)
         if image is None:
-            skip_or_raise(skipped, strict, "missing image", where, f"no {image_id}.jpg/.png/.dcm")
+            skip_or_raise(skipped, strict, "missing image", where, f"no {image_id}.jpg/.png/.dcm", id=image_id)
             continue
         seen.add(image_id)
         manual_cuis = manual.get(image_id, ())
@@ -370,7 +372,18 @@ def _image_present(dataset) -> list[bool]:
     return present
 
 
-def _read_hf(dataset, split: str, strict: bool, where: str) -> _Rows:
+def _shard_rows(files: list[str]) -> list[tuple[int, str]]:
+    """(first global row, file) of each parquet shard, from the footers (the loader concatenates them in order)."""
+    import pyarrow.parquet as pq
+
+    starts, first = [], 0
+    for file in files:
+        starts.append((first, file))
+        first += pq.ParquetFile(file).metadata.num_rows
+    return starts
+
+
+def _read_hf(dataset, split: str, strict: bool, where: str, files: list[str] | None = None) -> _Rows:
     rows = _Rows()
     skipped = rows.skipped
     columns = ["image_id", "caption"] + (["cui"] if "cui" in dataset.column_names else [])
@@ -379,24 +392,27 @@ def _read_hf(dataset, split: str, strict: bool, where: str) -> _Rows:
     captions = table.column("caption").to_pylist()
     cuis = table.column("cui").to_pylist() if "cui" in columns else [None] * len(ids)
     present = _image_present(dataset)
-    seen: set[str] = set()
+    shards = _shard_rows(files) if files else []
+    seen: dict[str, str] = {}
     for row, (image_id, caption, cui) in enumerate(zip(ids, captions, cuis)):
-        at = f"{where} ({_HF_SPLITS[split]}), row {row}"
+        first, shard = next(((f, name) for f, name in reversed(shards) if f <= row), (0, None))
+        at = f"{shard}, row {row - first}" if shard else f"{where} ({_HF_SPLITS[split]}), row {row}"
         image_id = (image_id or "").strip()
         caption = clean_caption(caption)
         if not image_id:
-            skip_or_raise(skipped, strict, "missing id", at)
+            skip_or_raise(skipped, strict, "missing id", at, id=f"row {row}")
             continue
-        if image_id in seen:  # the train split of the mirror repeats 4 image ids
-            skip_or_raise(skipped, strict, "duplicate id", at, image_id)
+        if image_id in seen:  # the train split of the mirror repeats 4 image ids, also across shards
+            skip_or_raise(skipped, strict, "duplicate id", at, f"first at {seen[image_id]}", id=image_id)
             continue
         if not caption:
-            skip_or_raise(skipped, strict, "empty caption", at, image_id)
+            skip_or_raise(skipped, strict, "empty caption", at, image_id, id=image_id)
             continue
         if not present[row]:
-            skip_or_raise(skipped, strict, "missing image", at, image_id)
+            skip_or_raise(skipped, strict, "null image", at, "the image cell holds neither bytes nor a path",
+                          id=image_id)
             continue
-        seen.add(image_id)
+        seen[image_id] = at
         manual = parse_cuis(";".join(cui or ()))
         rows.images.append(row)
         rows.ids.append(image_id)
