@@ -8,6 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fuselip_med.cli_options import CAPTION_COLUMN, ENCODING, ID_COLUMN, IMAGE_ROOT, PATH_COLUMN, SEP, table_options
+
 app = typer.Typer(
     name="fuselip-med",
     help="FuseLIP early-fusion embeddings for medical imaging: fine-tune, train, evaluate, embed.",
@@ -217,42 +219,54 @@ def eval_command(
 @app.command()
 def embed(
     model: str = typer.Option(..., "--model", "-m", help="Checkpoint: hub id, local directory, .pt file or LoRA adapter directory."),
-    input: Path = typer.Option(..., "--input", "-i", help="A CSV/TSV (path, caption columns) or a folder of images (with optional .txt captions)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output .npy (ids in .ids.json beside it) or .parquet."),
-    kind: str = typer.Option("image", help="What to embed per row: image, text or pair (image+caption fused)."),
+    input: Path = typer.Option(..., "--input", "-i", help="A CSV/TSV (path and, for text/pair, caption columns) or a folder of images (DICOM found by content; .txt captions for text/pair)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .npy (ids in .ids.json beside it) or .parquet; skipped rows go to <stem>.skipped.csv beside it."),
+    kind: str = typer.Option("image", help="What to embed per row: image (no captions needed), text or pair (image+caption fused)."),
+    path_column: Optional[str] = PATH_COLUMN,
+    caption_column: Optional[str] = CAPTION_COLUMN,
+    id_column: Optional[str] = ID_COLUMN,
+    sep: Optional[str] = SEP,
+    image_root: Optional[str] = IMAGE_ROOT,
+    encoding: Optional[str] = ENCODING,
     batch_size: int = typer.Option(64, help="Batch size."),
     num_workers: int = typer.Option(2, help="Image decoding workers."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
 ) -> None:
-    """Embed images, texts or image+text pairs for search, batched, with progress.
+    """Embed images, texts or image+text pairs for search, batched, with progress; every row not embedded is named.
 
     Examples:\n
       fuselip-med embed -m runs/rocov2/final -i my_images/ -o image_embeddings.npy\n
-      fuselip-med embed -m runs/rocov2/final -i reports.csv --kind text -o text_embeddings.parquet
+      fuselip-med embed -m runs/rocov2/final -i reports.csv --kind text -o text_embeddings.parquet\n
+      fuselip-med embed -m runs/rocov2/final -i train.tsv --path-column filepath --caption-column title --kind pair -o pairs.npy\n
+      fuselip-med embed -m runs/rocov2/final -i export.csv --encoding cp1252 --image-root /data/pacs -o scans.npy
     """
-    from fuselip_med.data.adapters import DatasetEmptyError, get_adapter
-    from fuselip_med.embed import embed_rows, rows_from_source, write_embeddings
+    from fuselip_med.data.adapters import cli_option_style
+    from fuselip_med.data.skips import SkipReport
+    from fuselip_med.embed import embed_rows, open_input, rows_from_source, skipped_csv_path, write_embeddings
 
-    if kind not in ("image", "text", "pair"):
-        fail(f"--kind {kind!r}: choose image, text or pair.", code=2)
     if out.suffix not in (".npy", ".parquet"):
         fail(f"--out {out}: use a .npy or .parquet file name.", code=2)
+    options = table_options(path_column=path_column, caption_column=caption_column, id_column=id_column, sep=sep,
+                            image_root=image_root, encoding=encoding)
     try:
-        source = get_adapter("folder")(str(input), split="train", check_files=False)
-    except (DatasetEmptyError, FileNotFoundError, ValueError) as error:
-        fail(str(error))
-    rows = rows_from_source(source, kind)  # type: ignore[arg-type]
+        with cli_option_style():
+            source = open_input(input, kind, **options)  # type: ignore[arg-type]
+    except (FileNotFoundError, LookupError, ValueError) as error:
+        fail(str(error), code=2 if "--kind" in str(error) else 1)
+    skips = SkipReport.merged([source.skipped])
+    rows = rows_from_source(source, kind, skips)  # type: ignore[arg-type]
     if not rows:
-        fail(f"{input}: no rows with {'an image' if kind == 'image' else 'a caption' if kind == 'text' else 'an image and a caption'}.")
+        fail(f"{input}: no row to embed ({skips.summary()}).")
     fuselip, _, _ = _load_for_inference(model, device)
-    matrix, kept, failed = embed_rows(fuselip, rows, batch_size=batch_size, num_workers=num_workers)
+    matrix, kept, _ = embed_rows(fuselip, rows, batch_size=batch_size, num_workers=num_workers, skips=skips)
     written = write_embeddings(out, matrix, kept, model)
-    console.print(f"Embedded {len(kept)} {kind} rows -> {', '.join(map(str, written))} (dim {matrix.shape[1]}).")
-    if failed:
-        reasons: dict[str, int] = {}
-        for reason in failed.values():
-            reasons[reason] = reasons.get(reason, 0) + 1
-        console.print(f"[yellow]Skipped {len(failed)} rows:[/] " + ", ".join(f"{r}: {n}" for r, n in reasons.items()))
+    skips.kept = len(kept)
+    skipped_csv = skips.write_csv(skipped_csv_path(out))
+    console.print(f"Embedded {len(kept)} {kind} rows -> {', '.join(map(str, written))} (dim {matrix.shape[1]}).",
+                  markup=False, highlight=False)
+    if skips.total:
+        console.print(f"Skipped rows: {skips.summary()}; full list in {skipped_csv}.", style="yellow", markup=False,
+                      highlight=False)
 
 
 @app.command("merge-lora")

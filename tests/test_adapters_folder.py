@@ -1,6 +1,7 @@
 """The folder/csv adapter: a user's own table of path,caption (+ labels) or a folder with sidecar captions."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +159,57 @@ def test_non_utf8_row_skipped(tmp_path):
 def test_normalize_modality():
     assert [normalize_modality(v) for v in ("CT", " mr ", "X-Ray", "US", "Angiogram", "PET", "", None, "Fundus")] == [
         "CT", "MRI", "X-ray", "ultrasound", "angiography", "PET", None, None, "Fundus"]
+
+
+def test_symlink_loops_fifos_directories_and_unreadable_files_are_named(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    write_image(root / "good.png", 7)
+    write_image(root / "locked.png", 8)
+    os.symlink(root / "loop_b.png", root / "loop_a.png")
+    os.symlink(root / "loop_a.png", root / "loop_b.png")
+    os.mkfifo(root / "pipe.png")  # opening it would block: it must never be opened
+    (root / "folder.png").mkdir()
+    real_access = os.access
+    monkeypatch.setattr("fuselip_med.data.adapters.folder.os.access",
+                        lambda p, mode: not str(p).endswith("locked.png") and real_access(p, mode))
+    (root / "t.csv").write_text("path\ngood.png\nloop_a.png\npipe.png\nfolder.png\nlocked.png\n")
+    source = folder(root / "t.csv", require_caption=False)
+    assert [source[i].id for i in range(len(source))] == ["good.png"] and source[0].target_text is None
+    assert [(e.id, e.reason) for e in source.skipped.entries] == [
+        ("loop_a.png", "symlink loop"), ("pipe.png", "not a file"), ("folder.png", "not a file"),
+        ("locked.png", "unreadable file")]
+    listing = folder(root, require_caption=False)  # the same files met by listing the folder
+    assert [listing[i].id for i in range(len(listing))] == ["good.png"]
+    assert sorted((e.id, e.reason) for e in listing.skipped.entries) == [
+        ("locked.png", "unreadable file"), ("loop_a.png", "symlink loop"), ("loop_b.png", "symlink loop"),
+        ("pipe.png", "not a file"), ("t.csv", "not an image")]
+
+
+def test_bom_separator_detection_and_encoding_option(tmp_path):
+    write_image(tmp_path / "a.png", 1)
+    (tmp_path / "bom.csv").write_bytes("\ufeffid,path,caption\nx,a.png,caf\u00e9 au lait\n".encode("utf-8"))
+    source = folder(tmp_path / "bom.csv")
+    assert source[0].id == "x" and source[0].target_text == "caf\u00e9 au lait"
+    (tmp_path / "tabs.txt.tsv").write_text("path\tcaption\na.png\tcomma, inside\n")
+    assert folder(tmp_path / "tabs.txt.tsv")[0].target_text == "comma, inside"
+    (tmp_path / "latin.csv").write_bytes("path,caption\na.png,\u00e9t\u00e9\n".encode("latin-1"))
+    broken = folder(tmp_path / "latin.csv", require_caption=False)
+    assert broken[0].target_text is None and not broken.skipped  # an image-only read keeps the row
+    with pytest.raises(DatasetEmptyError, match=r"they look like cp1252: try encoding=cp1252"):
+        folder(tmp_path / "latin.csv")
+    assert folder(tmp_path / "latin.csv", encoding="latin-1")[0].target_text == "\u00e9t\u00e9"
+    with pytest.raises(LookupError, match="unknown text encoding 'klingon'"):
+        folder(tmp_path / "latin.csv", encoding="klingon")
+    with pytest.raises(ValueError, match="sep"):
+        folder(tmp_path / "latin.csv", sep="::")
+
+
+def test_captions_optional_for_image_only_folders(tmp_path):
+    write_image(tmp_path / "a.png", 1)
+    write_image(tmp_path / "b.png", 2)
+    (tmp_path / "b.txt").write_bytes("r\u00f6ntgen".encode("latin-1"))
+    images = folder(tmp_path, require_caption=False)
+    assert [(images[i].id, images[i].target_text) for i in range(2)] == [("a.png", None), ("b.png", None)]
+    assert not images.skipped
+    with pytest.raises(DatasetEmptyError, match=r"1 missing caption \(e.g. a.png\); 1 non-utf8 text \(e.g. b.png\)"):
+        folder(tmp_path)

@@ -1,0 +1,151 @@
+"""`embed` on a user's own folders and tables (issue 12): captions only where needed, column/format options,
+DICOM by content, encodings, path containment, and every skipped row named in `<out stem>.skipped.csv`.
+The model is a fake (hash of pixels/text) so that these tests check the data path, fast."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from fuselip_med.cli import app
+from tests.test_dicom_semantics import ct_dataset, padded_ct_hu, write
+from tests.test_eval_fakes import HashModel
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def fake_model(monkeypatch):
+    model = HashModel()
+    monkeypatch.setattr("fuselip_med.cli._load_for_inference", lambda name, device: (model, None, None))
+    return model
+
+
+def png(path: Path, value: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8), value, np.uint8)).save(path)
+    return path
+
+
+def embed(*args: str):
+    result = runner.invoke(app, ["embed", "--model", "fake", "--num-workers", "0", *args])
+    return result, " ".join(result.output.split())
+
+
+def skipped_rows(out: Path) -> list[dict]:
+    with open(out.with_name(f"{out.stem}.skipped.csv"), newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def ids_of(out: Path) -> list[str]:
+    return json.loads(out.with_suffix(".ids.json").read_text())["ids"]
+
+
+def test_uncaptioned_folder_with_scanner_dicom_names_embeds_every_image(tmp_path, fake_model):
+    folder = tmp_path / "export"
+    for i in range(3):
+        png(folder / f"photo{i}.png", 40 * i)
+    for name in ("IM000001", "slice.IMA", "scan.dicom", "ok.dcm"):
+        write(ct_dataset(padded_ct_hu()), folder / name)
+    (folder / "README.txt").write_text("Exported from the PACS.\n")
+    out = tmp_path / "emb.npy"
+    result, text = embed("--input", str(folder), "--out", str(out), "--kind", "image")
+    assert result.exit_code == 0, result.output
+    assert np.load(out).shape == (7, 16)
+    assert sorted(ids_of(out)) == sorted(["photo0.png", "photo1.png", "photo2.png", "IM000001", "slice.IMA",
+                                          "scan.dicom", "ok.dcm"])
+    assert [(r["id"], r["reason"]) for r in skipped_rows(out)] == [("README.txt", "not an image")]
+    assert "1 not an image (e.g. README.txt)" in text
+
+    result, text = embed("--input", str(folder), "--out", str(tmp_path / "pairs.npy"), "--kind", "pair")
+    assert result.exit_code == 1 and "error:" in text and "7 missing caption" in text  # names the rows lacking one
+
+
+def test_open_clip_tsv_and_path_only_csv(tmp_path, fake_model):
+    for i in range(3):
+        png(tmp_path / "img" / f"{i}.png", 10 * i)
+    tsv = tmp_path / "train.tsv"
+    tsv.write_text("filepath\ttitle\n" + "".join(f"img/{i}.png\ta scan, number {i}\n" for i in range(3)))
+    out = tmp_path / "tsv.npy"
+    result, text = embed("--input", str(tsv), "--out", str(out), "--kind", "pair")
+    assert result.exit_code == 1 and "--path-column NAME" in text  # an option this command has
+    result, text = embed("--input", str(tsv), "--out", str(out), "--kind", "pair", "--path-column", "filepath",
+                         "--caption-column", "title")
+    assert result.exit_code == 0, result.output
+    assert ids_of(out) == ["img/0.png", "img/1.png", "img/2.png"] and np.load(out).shape == (3, 16)
+    assert sorted(t for _, t in fake_model.seen) == ["a scan, number 0", "a scan, number 1", "a scan, number 2"]
+
+    only_path = tmp_path / "paths.csv"
+    only_path.write_text("path\n" + "".join(f"img/{i}.png\n" for i in range(3)))
+    out = tmp_path / "paths.npy"
+    result, _ = embed("--input", str(only_path), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert ids_of(out) == ["img/0.png", "img/1.png", "img/2.png"] and skipped_rows(out) == []
+
+    semicolons = tmp_path / "semi.csv"
+    semicolons.write_text("id;path\nfirst;img/0.png\nsecond;img/2.png\n")
+    out = tmp_path / "semi.npy"
+    result, _ = embed("--input", str(semicolons), "--out", str(out), "--sep", ";", "--id-column", "id")
+    assert result.exit_code == 0, result.output
+    assert ids_of(out) == ["first", "second"]
+
+
+def cp1252_table(folder: Path) -> Path:
+    for i in range(6):
+        png(folder / f"{i}.png", 30 * i)
+    captions = ["Plain chest film.", "Épanchement pleural.", "Normal study.", "Fracture du fémur.",
+                "Knee MRI.", "Cœur élargi."]
+    table = folder / "captions.csv"
+    table.write_bytes(("path,caption\r\n" + "".join(f"{i}.png,{c}\r\n" for i, c in enumerate(captions)))
+                      .encode("cp1252"))
+    return table
+
+
+def test_cp1252_captions(tmp_path, fake_model):
+    table = cp1252_table(tmp_path)
+    out = tmp_path / "images.npy"
+    result, _ = embed("--input", str(table), "--out", str(out), "--kind", "image")
+    assert result.exit_code == 0, result.output
+    assert len(ids_of(out)) == 6  # undecodable captions never drop an image-only row
+
+    out = tmp_path / "pairs.npy"
+    result, text = embed("--input", str(table), "--out", str(out), "--kind", "pair")
+    assert result.exit_code == 0, result.output
+    assert ids_of(out) == ["0.png", "2.png", "4.png"]
+    assert [(r["id"], r["reason"]) for r in skipped_rows(out)] == [
+        ("1.png", "non-utf8 text"), ("3.png", "non-utf8 text"), ("5.png", "non-utf8 text")]
+    assert "3 non-utf8 text (e.g. 1.png, 3.png, 5.png)" in text
+    assert "they look like cp1252: try --encoding cp1252" in text
+
+    result, _ = embed("--input", str(table), "--out", str(out), "--kind", "pair", "--encoding", "cp1252")
+    assert result.exit_code == 0, result.output
+    assert len(ids_of(out)) == 6 and skipped_rows(out) == []
+    assert "Cœur élargi." in {t for _, t in fake_model.seen}
+
+
+def test_paths_outside_the_table_folder_are_refused_unless_image_root(tmp_path, fake_model):
+    table_dir, elsewhere = tmp_path / "tables", tmp_path / "elsewhere"
+    png(table_dir / "inside.png", 5)
+    png(elsewhere / "x.png", 50)
+    png(elsewhere / "y.png", 60)
+    os.symlink(elsewhere / "y.png", table_dir / "link.png")
+    table = table_dir / "rows.csv"
+    table.write_text(f"path\ninside.png\n../elsewhere/x.png\nlink.png\n{elsewhere / 'y.png'}\n")
+    out = tmp_path / "contained.npy"
+    result, text = embed("--input", str(table), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert ids_of(out) == ["inside.png"]
+    assert [(r["id"], r["reason"]) for r in skipped_rows(out)] == [
+        ("../elsewhere/x.png", "outside image root"), ("link.png", "outside image root"),
+        (str(elsewhere / "y.png"), "outside image root")]
+    assert "--image-root DIR" in skipped_rows(out)[0]["source"] + skipped_rows(out)[0]["detail"]
+
+    result, _ = embed("--input", str(table), "--out", str(out), "--image-root", str(elsewhere))
+    assert result.exit_code == 0, result.output
+    assert ids_of(out) == ["inside.png", "../elsewhere/x.png", "link.png", str(elsewhere / "y.png")]
