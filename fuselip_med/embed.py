@@ -88,7 +88,8 @@ def skipped_csv_path(out: str | os.PathLike) -> Path:
     return out.with_name(f"{out.stem}.skipped.csv")
 
 
-def write_embeddings(path: str | os.PathLike, embeddings: np.ndarray, rows: list[EmbedRow], model_id: str) -> list[Path]:
+def write_embeddings(path: str | os.PathLike, embeddings: np.ndarray, rows: list[EmbedRow],
+                     model_id: str) -> list[Path]:
     """``.npy`` (+ ``.ids.json`` beside it) or ``.parquet`` (id, image, text, embedding), written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
