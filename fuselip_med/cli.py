@@ -184,28 +184,46 @@ def eval_command(
     batch_size: int = typer.Option(64, help="Embedding batch size."),
     num_workers: int = typer.Option(2, help="Image decoding workers."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
+    allow_partial: bool = typer.Option(False, "--allow-partial",
+                                       help="Evaluate even when fewer than half of the listed rows are usable."),
+    path_column: Optional[str] = PATH_COLUMN,
+    caption_column: Optional[str] = CAPTION_COLUMN,
+    id_column: Optional[str] = ID_COLUMN,
+    sep: Optional[str] = SEP,
+    image_root: Optional[str] = IMAGE_ROOT,
+    encoding: Optional[str] = ENCODING,
 ) -> None:
     """Evaluate a model: retrieval R@k, zero-shot modality/concepts, TGIT, modality gap.
 
+    Rows listed, rows evaluated and skips by reason go into metrics.json and report.md; every skipped row is
+    named in skipped.csv.
+
     Examples:\n
       fuselip-med eval --model runs/rocov2/final --data rocov2=ROCOv2_data\n
-      fuselip-med eval -m chs20/FuseLIP-S-CC3M-MM -t rocov2-retrieval,rocov2-concepts -d rocov2=eltorio/ROCOv2-radiology
+      fuselip-med eval -m chs20/FuseLIP-S-CC3M-MM -t rocov2-retrieval,rocov2-concepts -d rocov2=eltorio/ROCOv2-radiology\n
+      fuselip-med eval -m runs/rocov2/final -t rocov2-retrieval -d rocov2_test=pairs.tsv --path-column filepath --caption-column title
     """
     from fuselip_med.eval.runner import run_evaluation
     from fuselip_med.train.trainer import flatten_metrics
 
     data_map = {}
     for entry in data:
-        key, sep, value = entry.partition("=")
-        if not sep or not key or not value:
+        key, equals, value = entry.partition("=")
+        if not equals or not key or not value:
             fail(f"--data {entry!r}: expected KEY=PATH, e.g. rocov2=ROCOv2_data.", code=2)
         data_map[key] = value
+    from fuselip_med.data.adapters import cli_option_style
+
+    options = table_options(path_column=path_column, caption_column=caption_column, id_column=id_column, sep=sep,
+                            image_root=image_root, encoding=encoding)
     fuselip, _, _ = _load_for_inference(model, device)
     try:
-        report = run_evaluation(fuselip, [t.strip() for t in tasks.split(",") if t.strip()], data_map, out,
-                                seed=seed, pool_size=pool_size, n_pools=n_pools, batch_size=batch_size,
-                                num_workers=num_workers, model_id=model)
-    except (ValueError, FileNotFoundError) as error:
+        with cli_option_style():
+            report = run_evaluation(fuselip, [t.strip() for t in tasks.split(",") if t.strip()], data_map, out,
+                                    seed=seed, pool_size=pool_size, n_pools=n_pools, batch_size=batch_size,
+                                    num_workers=num_workers, model_id=model, allow_partial=allow_partial,
+                                    source_options=options)
+    except (ValueError, FileNotFoundError, LookupError) as error:
         fail(str(error))
     table = Table(title=f"Evaluation of {model}")
     table.add_column("metric")
@@ -213,7 +231,11 @@ def eval_command(
     for key, value in flatten_metrics(report).items():
         table.add_row(key.removeprefix("eval/"), f"{value:.4f}")
     console.print(table)
-    console.print(f"Wrote {out / 'metrics.json'}, {out / 'report.md'} and plots.")
+    for task, result in report["tasks"].items():
+        if result.get("skipped"):
+            console.print(f"{task}: {result.get('n_evaluated', result.get('n'))} of {result.get('n_listed', '?')} rows "
+                          f"evaluated; skipped: {result['skipped']}", style="yellow", markup=False, highlight=False)
+    console.print(f"Wrote {out / 'metrics.json'}, {out / 'report.md'}, {out / 'skipped.csv'} and plots.")
 
 
 @app.command()

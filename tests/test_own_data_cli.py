@@ -149,3 +149,54 @@ def test_paths_outside_the_table_folder_are_refused_unless_image_root(tmp_path, 
     result, _ = embed("--input", str(table), "--out", str(out), "--image-root", str(elsewhere))
     assert result.exit_code == 0, result.output
     assert ids_of(out) == ["inside.png", "../elsewhere/x.png", "link.png", str(elsewhere / "y.png")]
+
+
+def official_split(root: Path, n_ids: int, with_image: set[int]) -> Path:
+    """A ROCOv2 official-layout test split: test_captions.csv with ``n_ids`` IDs, images only for ``with_image``."""
+    ids = [f"ROCOv2_2023_test_{n:06d}" for n in range(1, n_ids + 1)]
+    root.mkdir(parents=True)
+    (root / "test_captions.csv").write_text("ID,Caption\n" + "".join(f"{i},Caption of case {i}.\n" for i in ids))
+    for n in with_image:
+        png(root / "test_images" / "test" / f"{ids[n - 1]}.jpg", 20 * n)
+    return root
+
+
+def evaluate(tmp_path: Path, *args: str):
+    result = runner.invoke(app, ["eval", "--model", "fake", "--num-workers", "0", "--tasks", "rocov2-retrieval",
+                                 "--out", str(tmp_path / "eval"), *args])
+    return result, " ".join(result.output.split())
+
+
+def test_eval_refuses_mostly_missing_images_unless_allow_partial(tmp_path, fake_model):
+    data = official_split(tmp_path / "ROCOv2_data", 5, {1})
+    result, text = evaluate(tmp_path, "--data", f"rocov2={data}")
+    assert result.exit_code == 1 and "error: only 1 of the 5 rows listed by rocov2/test can be evaluated" in text
+    assert "4 missing image (e.g. ROCOv2_2023_test_000002, ROCOv2_2023_test_000003, ROCOv2_2023_test_000004)" in text
+    assert "--allow-partial" in text and not (tmp_path / "eval" / "metrics.json").exists()
+
+    result, text = evaluate(tmp_path, "--data", f"rocov2={data}", "--allow-partial")
+    assert result.exit_code == 0, result.output
+    task = json.loads((tmp_path / "eval" / "metrics.json").read_text())["tasks"]["rocov2-retrieval"]
+    assert (task["n_listed"], task["n_evaluated"], task["skipped"]) == (5, 1, {"missing image": 4})
+    assert task["metrics"]["image_to_text_R@1"] == 1.0  # one row: but never without saying that 4 were dropped
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "rows listed: 5, evaluated: 1" in report and "missing image x4" in report
+    named = list(csv.DictReader(open(tmp_path / "eval" / "skipped.csv", encoding="utf-8")))
+    assert [(r["id"], r["reason"]) for r in named] == [(f"ROCOv2_2023_test_{n:06d}", "missing image")
+                                                       for n in (2, 3, 4, 5)]
+    assert "1 of 5 rows evaluated" in text
+
+
+def test_eval_reads_an_open_clip_tsv_with_column_options(tmp_path, fake_model):
+    for i in range(4):
+        png(tmp_path / "img" / f"{i}.png", 50 * i)
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text("filepath\ttitle\n" + "".join(f"img/{i}.png\tcase {i}\n" for i in range(4)) + "img/9.png\tgone\n")
+    result, text = evaluate(tmp_path, "--data", f"rocov2_test={tsv}")
+    assert result.exit_code == 1 and "--path-column NAME" in text
+    result, text = evaluate(tmp_path, "--data", f"rocov2_test={tsv}", "--path-column", "filepath",
+                            "--caption-column", "title", "--pool-size", "4")
+    assert result.exit_code == 0, result.output
+    task = json.loads((tmp_path / "eval" / "metrics.json").read_text())["tasks"]["rocov2-retrieval"]
+    assert (task["n_listed"], task["n_evaluated"], task["skipped"]) == (5, 4, {"missing image": 1})
+    assert task["skip_examples"] == {"missing image": ["img/9.png"]}

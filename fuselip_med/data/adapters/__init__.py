@@ -150,12 +150,14 @@ def cli_option_style() -> Iterator[None]:
         _OPTION_STYLE.reset(token)
 
 
-def advise_option(name: str, value: str = "NAME") -> str:
-    """How to write adapter option ``name`` with ``value`` in a message: ``--path-column NAME`` on the command
-    line (inside ``cli_option_style``), else ``path_column=NAME`` (recipe ``options`` / keyword argument)."""
+def advise_option(name: str, value: str | None = "NAME") -> str:
+    """How to write option ``name`` with ``value`` in a message: ``--path-column NAME`` on the command line
+    (inside ``cli_option_style``), else ``path_column=NAME`` (recipe ``options`` / keyword argument).
+    ``value=None`` is a switch: ``--allow-partial`` / ``allow_partial=True``."""
     if _OPTION_STYLE.get() == "cli":
-        return f"--{name.replace('_', '-')} {value}"
-    return f"{name}={value}"
+        flag = f"--{name.replace('_', '-')}"
+        return flag if value is None else f"{flag} {value}"
+    return f"{name}={'True' if value is None else value}"
 
 
 def text_encoding(encoding: str | None) -> str:
