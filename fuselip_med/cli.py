@@ -233,8 +233,11 @@ def eval_command(
     console.print(table)
     for task, result in report["tasks"].items():
         if result.get("skipped"):
+            examples = result.get("skip_examples") or {}
+            reasons = "; ".join(f"{n} {why}" + (f" (e.g. {', '.join(examples[why])})" if examples.get(why) else "")
+                                for why, n in result["skipped"].items())
             console.print(f"{task}: {result.get('n_evaluated', result.get('n'))} of {result.get('n_listed', '?')} rows "
-                          f"evaluated; skipped: {result['skipped']}", style="yellow", markup=False, highlight=False)
+                          f"evaluated; skipped {reasons}", style="yellow", markup=False, highlight=False)
     console.print(f"Wrote {out / 'metrics.json'}, {out / 'report.md'}, {out / 'skipped.csv'} and plots.")
 
 

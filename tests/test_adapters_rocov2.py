@@ -438,3 +438,11 @@ def test_hf_names_every_skipped_row_with_its_shard(hf, tmp_path):
         ("ROCOv2_2023_train_000009", f"{second}, row 0", "empty caption", "ROCOv2_2023_train_000009"),
         ("ROCOv2_2023_train_000001", f"{second}, row 2", "duplicate id", f"first at {first}, row 0"),  # across shards
     ]
+
+
+def test_missing_path_advice_names_an_option_of_the_command(tmp_path):
+    from fuselip_med.data.adapters import cli_option_style
+
+    with cli_option_style(), pytest.raises(DatasetNotFoundError) as info:
+        rocov2(tmp_path / "absent", "test")
+    assert "--data rocov2=ROCOv2_data" in str(info.value) and "--set" not in str(info.value)

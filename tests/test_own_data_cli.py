@@ -184,7 +184,7 @@ def test_eval_refuses_mostly_missing_images_unless_allow_partial(tmp_path, fake_
     named = list(csv.DictReader(open(tmp_path / "eval" / "skipped.csv", encoding="utf-8")))
     assert [(r["id"], r["reason"]) for r in named] == [(f"ROCOv2_2023_test_{n:06d}", "missing image")
                                                        for n in (2, 3, 4, 5)]
-    assert "1 of 5 rows evaluated" in text
+    assert "1 of 5 rows evaluated; skipped 4 missing image (e.g. ROCOv2_2023_test_000002," in text
 
 
 def test_eval_reads_an_open_clip_tsv_with_column_options(tmp_path, fake_model):

@@ -150,11 +150,16 @@ def cli_option_style() -> Iterator[None]:
         _OPTION_STYLE.reset(token)
 
 
+def in_cli() -> bool:
+    """True inside ``cli_option_style``: messages then name command-line options."""
+    return _OPTION_STYLE.get() == "cli"
+
+
 def advise_option(name: str, value: str | None = "NAME") -> str:
     """How to write option ``name`` with ``value`` in a message: ``--path-column NAME`` on the command line
     (inside ``cli_option_style``), else ``path_column=NAME`` (recipe ``options`` / keyword argument).
     ``value=None`` is a switch: ``--allow-partial`` / ``allow_partial=True``."""
-    if _OPTION_STYLE.get() == "cli":
+    if in_cli():
         flag = f"--{name.replace('_', '-')}"
         return flag if value is None else f"{flag} {value}"
     return f"{name}={'True' if value is None else value}"

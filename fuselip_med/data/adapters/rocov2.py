@@ -21,6 +21,7 @@ from . import (
     csv_rows,
     has_undecodable,
     image_files,
+    in_cli,
     pair_sample,
     register_adapter,
     require_nonempty,
@@ -73,10 +74,14 @@ _HF_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm")  # preference order when one ID has several files
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
-HOW_TO_GET = (
-    "download ROCOv2 with `python data_tools/download_rocov2.py --out ROCOv2_data` (or the docker download image) "
-    "and pass that folder, or point the recipe at your local copy with `--set data.train.path=DIR`"
-)
+def how_to_get() -> str:
+    """Where to get ROCOv2 and how to pass it: to ``eval`` (``--data rocov2=DIR``, inside ``cli_option_style``)
+    or to a recipe (``--set data.train.path=DIR`` on finetune/train)."""
+    get = ("download ROCOv2 with `python data_tools/download_rocov2.py --out ROCOv2_data` (or the docker download "
+           "image) and pass that folder")
+    if in_cli():
+        return f"{get} with `--data rocov2=ROCOv2_data`"
+    return f"{get}, or point the recipe at your local copy with `--set data.train.path=DIR`"
 
 
 def canonical_split(split: str) -> str:
@@ -199,14 +204,14 @@ def rocov2(path: str | os.PathLike, split: str = "train", limit: int | None = No
             if not files:
                 raise DatasetNotFoundError(
                     f"{local} holds neither the official ROCOv2 files ({split}_captions.csv) nor the Hugging Face "
-                    f"parquet shards (data/{_HF_SPLITS[split]}-*.parquet): {HOW_TO_GET}.")
+                    f"parquet shards (data/{_HF_SPLITS[split]}-*.parquet): {how_to_get()}.")
             dataset = _load_hf(files=files, split=split, cache_dir=cache_dir, revision=revision, where=str(local))
             rows = _read_hf(dataset, split, strict, where=str(local), files=files)
             layout = "hf"
     else:
         hub_id = text.removeprefix("hf://datasets/")
         if not _HUB_ID.match(hub_id):
-            raise DatasetNotFoundError(f"ROCOv2 path {text} does not exist: {HOW_TO_GET}.")
+            raise DatasetNotFoundError(f"ROCOv2 path {text} does not exist: {how_to_get()}.")
         dataset = _load_hf(hub_id=hub_id, split=split, cache_dir=cache_dir, revision=revision, where=hub_id)
         rows = _read_hf(dataset, split, strict, where=hub_id)
         layout = "hf"
@@ -268,7 +273,7 @@ def _image_index(root: Path, split: str) -> dict[str, str]:
     files = image_files(folders, IMAGE_SUFFIXES)
     if files is None:
         archive = root / f"{split}_images.zip"
-        hint = f"unzip {archive} in {root}" if archive.is_file() else HOW_TO_GET
+        hint = f"unzip {archive} in {root}" if archive.is_file() else how_to_get()
         raise DatasetNotFoundError(
             f"{root} has {split}_captions.csv but no image folder ({root / f'{split}_images' / split} or "
             f"{root / split}): {hint}.")
@@ -352,7 +357,7 @@ def _load_hf(*, split: str, where: str, files: list[str] | None = None, hub_id: 
         except Exception as exc:  # offline, unknown id, no access: one sentence for the user, the cause chained
             raise DatasetNotFoundError(
                 f"could not load ROCOv2 from the Hugging Face hub id {hub_id!r} ({type(exc).__name__}: {exc}); "
-                f"{HOW_TO_GET}.") from exc
+                f"{how_to_get()}.") from exc
     missing = {"image", "image_id", "caption"} - set(dataset.column_names)
     if missing:
         raise DatasetEmptyError(
