@@ -201,7 +201,8 @@ def eval_command(
     Examples:\n
       fuselip-med eval --model runs/rocov2/final --data rocov2=ROCOv2_data\n
       fuselip-med eval -m chs20/FuseLIP-S-CC3M-MM -t rocov2-retrieval,rocov2-concepts -d rocov2=eltorio/ROCOv2-radiology\n
-      fuselip-med eval -m runs/rocov2/final -t rocov2-retrieval -d rocov2_test=pairs.tsv --path-column filepath --caption-column title
+      fuselip-med eval -m runs/rocov2/final -t rocov2-retrieval -d rocov2_test=pairs.tsv \\\n
+        --path-column filepath --caption-column title
     """
     from fuselip_med.eval.runner import run_evaluation
     from fuselip_med.train.trainer import flatten_metrics
@@ -236,17 +237,21 @@ def eval_command(
             examples = result.get("skip_examples") or {}
             reasons = "; ".join(f"{n} {why}" + (f" (e.g. {', '.join(examples[why])})" if examples.get(why) else "")
                                 for why, n in result["skipped"].items())
-            console.print(f"{task}: {result.get('n_evaluated', result.get('n'))} of {result.get('n_listed', '?')} rows "
-                          f"evaluated; skipped {reasons}", style="yellow", markup=False, highlight=False)
+            evaluated = result.get("n_evaluated", result.get("n"))
+            console.print(f"{task}: {evaluated} of {result.get('n_listed', '?')} rows evaluated; skipped {reasons}",
+                          style="yellow", markup=False, highlight=False)
     console.print(f"Wrote {out / 'metrics.json'}, {out / 'report.md'}, {out / 'skipped.csv'} and plots.")
 
 
 @app.command()
 def embed(
     model: str = typer.Option(..., "--model", "-m", help="Checkpoint: hub id, local directory, .pt file or LoRA adapter directory."),
-    input: Path = typer.Option(..., "--input", "-i", help="A CSV/TSV (path and, for text/pair, caption columns) or a folder of images (DICOM found by content; .txt captions for text/pair)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output .npy (ids in .ids.json beside it) or .parquet; skipped rows go to <stem>.skipped.csv beside it."),
-    kind: str = typer.Option("image", help="What to embed per row: image (no captions needed), text or pair (image+caption fused)."),
+    input: Path = typer.Option(..., "--input", "-i", help="A CSV/TSV (path and, for text/pair, caption columns) or a "
+                               "folder of images (DICOM found by content; .txt captions for text/pair)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .npy (ids in .ids.json beside it) or .parquet; skipped "
+                             "rows are listed in <stem>.skipped.csv beside it."),
+    kind: str = typer.Option("image", help="What to embed per row: image (no captions needed), text or pair "
+                             "(image+caption fused)."),
     path_column: Optional[str] = PATH_COLUMN,
     caption_column: Optional[str] = CAPTION_COLUMN,
     id_column: Optional[str] = ID_COLUMN,
@@ -262,7 +267,8 @@ def embed(
     Examples:\n
       fuselip-med embed -m runs/rocov2/final -i my_images/ -o image_embeddings.npy\n
       fuselip-med embed -m runs/rocov2/final -i reports.csv --kind text -o text_embeddings.parquet\n
-      fuselip-med embed -m runs/rocov2/final -i train.tsv --path-column filepath --caption-column title --kind pair -o pairs.npy\n
+      fuselip-med embed -m runs/rocov2/final -i train.tsv --path-column filepath --caption-column title \\\n
+        --kind pair -o pairs.npy\n
       fuselip-med embed -m runs/rocov2/final -i export.csv --encoding cp1252 --image-root /data/pacs -o scans.npy
     """
     from fuselip_med.data.adapters import cli_option_style
