@@ -393,7 +393,6 @@ def _frame(ds: pydicom.Dataset, frame: int | None, label: str) -> tuple[np.ndarr
     try:
         n_frames = max(int(ds.get("NumberOfFrames") or 1), 1)
     except (TypeError, ValueError):
-        _fallback(label, f"unreadable NumberOfFrames {ds.get('NumberOfFrames')!r}; reading one frame")
         n_frames = 1
     index = _check_frame(frame, n_frames, n_frames // 2, label)
     return _read_dicom_pixels(ds, index, label), index
