@@ -200,3 +200,12 @@ def test_eval_reads_an_open_clip_tsv_with_column_options(tmp_path, fake_model):
     task = json.loads((tmp_path / "eval" / "metrics.json").read_text())["tasks"]["rocov2-retrieval"]
     assert (task["n_listed"], task["n_evaluated"], task["skipped"]) == (5, 4, {"missing image": 1})
     assert task["skip_examples"] == {"missing image": ["img/9.png"]}
+
+
+def test_eval_counts_images_that_fail_to_decode_against_the_listed_rows(tmp_path, fake_model):
+    data = official_split(tmp_path / "ROCOv2_data", 4, {1, 2, 3, 4})
+    for n in (2, 3, 4):  # files that exist but are not images
+        (data / "test_images" / "test" / f"ROCOv2_2023_test_{n:06d}.jpg").write_bytes(b"not a jpeg")
+    result, text = evaluate(tmp_path, "--data", f"rocov2={data}")
+    assert result.exit_code == 1, result.output
+    assert "only 1 of the 4 rows listed by rocov2/test can be evaluated (skipped 3 of 4 rows: 3 corrupt image" in text

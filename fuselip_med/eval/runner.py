@@ -113,15 +113,18 @@ def _image_caption(source) -> _ImageCaption:
     return out
 
 
-def check_coverage(ic: _ImageCaption, n_evaluated: int, allow_partial: bool) -> None:
+def check_coverage(ic: _ImageCaption, n_evaluated: int, allow_partial: bool, failed: Mapping | None = None) -> None:
     """Refuse (ValueError naming the skipped IDs and reasons) to evaluate fewer than half of the listed rows,
-    unless ``allow_partial``: e.g. caption IDs that do not match the image file names."""
+    unless ``allow_partial``: e.g. caption IDs that do not match the image file names. ``failed``: embedding
+    key -> reason of the images that did not decode."""
     if allow_partial or 2 * n_evaluated >= ic.n_listed:
         return
     from fuselip_med.data.adapters import advise_option
 
+    skips = named_skips(ic, failed or {})
+    skips.kept = n_evaluated
     raise ValueError(f"only {n_evaluated} of the {ic.n_listed} rows listed by {ic.name} can be evaluated "
-                     f"({ic.skipped.summary()}); fix the data, or pass {advise_option('allow_partial', None)} "
+                     f"({skips.summary()}); fix the data, or pass {advise_option('allow_partial', None)} "
                      "to evaluate the rest.")
 
 
@@ -180,7 +183,7 @@ class _Context:
         ic = self.image_caption(key)
         table = self.embedder.embed(ic.images + ic.texts, desc=f"embedding {ic.name}")
         keep = [i for i, it in enumerate(ic.images) if it.key in table]
-        check_coverage(ic, len(keep), self.allow_partial)
+        check_coverage(ic, len(keep), self.allow_partial, table.failed)
         if not keep:
             raise ValueError(f"no image of {ic.name} could be decoded (e.g. {next(iter(table.failed.values()), '?')})")
         return (ic, keep, table.lookup(ic.images[i].key for i in keep),
