@@ -172,6 +172,7 @@ def test_symlink_loops_fifos_directories_and_unreadable_files_are_named(tmp_path
     real_access = os.access
     monkeypatch.setattr("fuselip_med.data.adapters.folder.os.access",
                         lambda p, mode: not str(p).endswith("locked.png") and real_access(p, mode))
+    os.symlink(tmp_path, root / "linked_dir")  # a folder link (here: a loop back up) is named, not walked
     (root / "t.csv").write_text("path\ngood.png\nloop_a.png\npipe.png\nfolder.png\nlocked.png\n")
     source = folder(root / "t.csv", require_caption=False)
     assert [source[i].id for i in range(len(source))] == ["good.png"] and source[0].target_text is None
@@ -181,8 +182,8 @@ def test_symlink_loops_fifos_directories_and_unreadable_files_are_named(tmp_path
     listing = folder(root, require_caption=False)  # the same files met by listing the folder
     assert [listing[i].id for i in range(len(listing))] == ["good.png"]
     assert sorted((e.id, e.reason) for e in listing.skipped.entries) == [
-        ("locked.png", "unreadable file"), ("loop_a.png", "symlink loop"), ("loop_b.png", "symlink loop"),
-        ("pipe.png", "not a file"), ("t.csv", "not an image")]
+        ("linked_dir", "symlinked folder"), ("locked.png", "unreadable file"), ("loop_a.png", "symlink loop"),
+        ("loop_b.png", "symlink loop"), ("pipe.png", "not a file"), ("t.csv", "not an image")]
 
 
 def test_bom_separator_detection_and_encoding_option(tmp_path):

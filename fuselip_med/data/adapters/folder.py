@@ -333,6 +333,10 @@ def _read_sidecars(root: Path, strict: bool, skipped: SkipReport, *, roots: list
     undecodable = undecodable_reason(encoding)
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
+        for linked in [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:  # os.walk skips them
+            skipped.add(Path(dirpath, linked).relative_to(root).as_posix(), os.path.join(dirpath, linked),
+                        "symlinked folder", "not followed; list its images in a table and pass "
+                        f"{advise_option('image_root', 'DIR')} for their folder")
         images, others = [], []
         for filename in sorted(filenames):
             path = os.path.join(dirpath, filename)
