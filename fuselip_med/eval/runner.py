@@ -275,7 +275,7 @@ def _task_concepts(ctx: _Context, opts: dict) -> dict:
     return {"metrics": metrics, "k": len(concepts), "n": int(t_truth.shape[0]), "n_valid": int(v_truth.shape[0]),
             "concept_field": field_name, "templates": list(opts["concept_templates"]),
             "concepts": [{"cui": c, "name": names.get(c, c), "valid_count": n} for c, n in top],
-            "skipped": ctx.failed_reasons(test), "skipped_valid": ctx.failed_reasons(valid)}
+            **ctx.rows(test, range(int(t_truth.shape[0]))), "skipped_valid": ctx.failed_reasons(valid)}
 
 
 def _task_gap(ctx: _Context, opts: dict) -> dict:
