@@ -209,3 +209,17 @@ def test_eval_counts_images_that_fail_to_decode_against_the_listed_rows(tmp_path
     result, text = evaluate(tmp_path, "--data", f"rocov2={data}")
     assert result.exit_code == 1, result.output
     assert "only 1 of the 4 rows listed by rocov2/test can be evaluated (skipped 3 of 4 rows: 3 corrupt image" in text
+
+
+def test_eval_on_an_uncaptioned_folder_names_the_rows_lacking_a_caption(tmp_path, fake_model):
+    for i in range(2):
+        png(tmp_path / "scans" / f"{i}.png", 9 * i)
+    (tmp_path / "scans" / "0.txt").write_text("The only caption.")
+    result, text = evaluate(tmp_path, "--data", f"rocov2_test={tmp_path / 'scans'}")
+    assert result.exit_code == 0, result.output  # 1 of 2 rows is half: evaluated, and the other one named
+    assert "1 of 2 rows evaluated; skipped 1 missing caption (e.g. 1.png)" in text
+    task = json.loads((tmp_path / "eval" / "metrics.json").read_text())["tasks"]["rocov2-retrieval"]
+    assert (task["n_listed"], task["n_evaluated"], task["skip_examples"]) == (2, 1, {"missing caption": ["1.png"]})
+    data = official_split(tmp_path / "ROCOv2_data", 2, {1, 2})
+    result, text = evaluate(tmp_path, "--data", f"rocov2={data}", "--encoding", "cp1252")
+    assert result.exit_code == 1 and "--encoding ... apply to your own tables and folders" in text

@@ -202,13 +202,20 @@ class _Context:
 
 
 def open_source(path: str | os.PathLike, split: str, options: Mapping[str, Any] | None = None):
-    """A data path as a source: a CSV/TSV table, or any path given with table options (``path_column``,
-    ``encoding``, ...), through the csv/folder adapter; otherwise ROCOv2 (official layout or parquet)."""
-    from fuselip_med.data.adapters import get_adapter
+    """A data path as a source: ROCOv2 (a folder with ``*_captions.csv`` or parquet shards, or a hub id), else a
+    user's CSV/TSV or image folder through the csv/folder adapter with ``options`` (``path_column``, ``encoding``,
+    ...). Options given for ROCOv2 data are a ValueError (its layout is fixed)."""
+    from fuselip_med.data.adapters import advise_option, get_adapter
 
     text = os.fspath(path)
-    if options or (os.path.isfile(text) and text.lower().endswith((".csv", ".tsv", ".tab"))):
+    folder = Path(text)
+    own = folder.is_file() or (folder.is_dir() and not (any(folder.glob("*_captions.csv"))
+                                                        or any(folder.glob("**/*.parquet"))))
+    if own:
         return get_adapter("folder")(text, split=split, **dict(options or {}))
+    if options:
+        given = ", ".join(advise_option(name, "...") for name in options)
+        raise ValueError(f"{given} apply to your own tables and folders; {text} is ROCOv2 data, read as published.")
     return get_adapter("rocov2")(path=text, split=split)
 
 
