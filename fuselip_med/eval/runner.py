@@ -209,8 +209,8 @@ def open_source(path: str | os.PathLike, split: str, options: Mapping[str, Any] 
 
     text = os.fspath(path)
     folder = Path(text)
-    own = folder.is_file() or (folder.is_dir() and not (any(folder.glob("*_captions.csv"))
-                                                        or any(folder.glob("**/*.parquet"))))
+    rocov2_files = ("*_captions.csv", "*.parquet", "data/*.parquet")  # where the rocov2 adapter looks
+    own = folder.is_file() or (folder.is_dir() and not any(any(folder.glob(p)) for p in rocov2_files))
     if own:
         return get_adapter("folder")(text, split=split, **dict(options or {}))
     if options:
