@@ -273,8 +273,10 @@ def embed(
     """
     from fuselip_med.data.adapters import cli_option_style
     from fuselip_med.data.skips import SkipReport
-    from fuselip_med.embed import embed_rows, open_input, rows_from_source, skipped_csv_path, write_embeddings
+    from fuselip_med.embed import KINDS, embed_rows, open_input, rows_from_source, skipped_csv_path, write_embeddings
 
+    if kind not in KINDS:
+        fail(f"--kind {kind!r}: choose image, text or pair.", code=2)
     if out.suffix not in (".npy", ".parquet"):
         fail(f"--out {out}: use a .npy or .parquet file name.", code=2)
     options = table_options(path_column=path_column, caption_column=caption_column, id_column=id_column, sep=sep,
@@ -283,7 +285,7 @@ def embed(
         with cli_option_style():
             source = open_input(input, kind, **options)  # type: ignore[arg-type]
     except (FileNotFoundError, LookupError, ValueError) as error:
-        fail(str(error), code=2 if "--kind" in str(error) else 1)
+        fail(str(error))
     skips = SkipReport.merged([source.skipped])
     rows = rows_from_source(source, kind, skips)  # type: ignore[arg-type]
     if not rows:
