@@ -7,9 +7,10 @@
 
 Decoding is the package's (``fuselip_med.data.images.load_image``): modality LUT (HU), the window, MONOCHROME1
 inverted, middle frame of multi-frame files unless --frame says otherwise, native size. ``a/b/x.dcm`` becomes
-``OUT/a/b/x.png`` (a file without a DICOM extension gets ``.png`` appended). Files named *.dcm/*.dicom/*.dic
-are converted, other files only when they carry the DICOM magic. Files that cannot be decoded are skipped
-and counted by reason; PNGs already there are kept (rerun to resume, --overwrite to redo).
+``OUT/a/b/x.png`` (a file without a DICOM extension gets ``.png`` appended). Files named *.dcm/*.dicom/*.dic/
+*.ima are converted, other files when their content is DICOM (the Part 10 magic, or a preamble-less data set as
+some scanners and PACS export as ``IM000001``). Files that cannot be decoded are skipped and counted by reason;
+PNGs already there are kept (rerun to resume, --overwrite to redo).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from data_tools._common import (  # noqa: E402
     progress_bar,
 )
 
-DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
 CONVERTED, EXISTING = "converted", "already there"
 
 
@@ -88,14 +89,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def find_dicom_files(root: Path) -> list[Path]:
-    """DICOM candidates under ``root``, sorted: DICOM extensions, or any file with the DICOM magic."""
-    from fuselip_med.data.images import is_dicom
+    """DICOM candidates under ``root``, sorted: DICOM extensions, or any file whose content is DICOM."""
+    from fuselip_med.data.images import image_kind
 
     found = []
     for folder, _, names in os.walk(root):
         for name in sorted(names):
             path = Path(folder, name)
-            if path.suffix.lower() in DICOM_SUFFIXES or is_dicom(path):
+            if path.suffix.lower() in DICOM_SUFFIXES or (path.is_file() and image_kind(path) == "dicom"):
                 found.append(path)
     return sorted(found)
 

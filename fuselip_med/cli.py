@@ -8,6 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fuselip_med.cli_options import CAPTION_COLUMN, ENCODING, ID_COLUMN, IMAGE_ROOT, PATH_COLUMN, SEP, table_options
+
 app = typer.Typer(
     name="fuselip-med",
     help="FuseLIP early-fusion embeddings for medical imaging: fine-tune, train, evaluate, embed.",
@@ -214,28 +216,47 @@ def eval_command(
     batch_size: int = typer.Option(64, help="Embedding batch size."),
     num_workers: int = typer.Option(2, help="Image decoding workers."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
+    allow_partial: bool = typer.Option(False, "--allow-partial",
+                                       help="Evaluate even when fewer than half of the listed rows are usable."),
+    path_column: Optional[str] = PATH_COLUMN,
+    caption_column: Optional[str] = CAPTION_COLUMN,
+    id_column: Optional[str] = ID_COLUMN,
+    sep: Optional[str] = SEP,
+    image_root: Optional[str] = IMAGE_ROOT,
+    encoding: Optional[str] = ENCODING,
 ) -> None:
     """Evaluate a model: retrieval R@k, zero-shot modality/concepts, TGIT, modality gap.
 
+    Rows listed, rows evaluated and skips by reason go into metrics.json and report.md; every skipped row is
+    named in skipped.csv.
+
     Examples:\n
       fuselip-med eval --model runs/rocov2/final --data rocov2=ROCOv2_data\n
-      fuselip-med eval -m chs20/FuseLIP-S-CC3M-MM -t rocov2-retrieval,rocov2-concepts -d rocov2=eltorio/ROCOv2-radiology
+      fuselip-med eval -m chs20/FuseLIP-S-CC3M-MM -t rocov2-retrieval,rocov2-concepts -d rocov2=eltorio/ROCOv2-radiology\n
+      fuselip-med eval -m runs/rocov2/final -t rocov2-retrieval -d rocov2_test=pairs.tsv \\\n
+        --path-column filepath --caption-column title
     """
     from fuselip_med.eval.runner import run_evaluation
     from fuselip_med.train.trainer import flatten_metrics
 
     data_map = {}
     for entry in data:
-        key, sep, value = entry.partition("=")
-        if not sep or not key or not value:
+        key, equals, value = entry.partition("=")
+        if not equals or not key or not value:
             fail(f"--data {entry!r}: expected KEY=PATH, e.g. rocov2=ROCOv2_data.", code=2)
         data_map[key] = value
+    from fuselip_med.data.adapters import cli_option_style
+
+    options = table_options(path_column=path_column, caption_column=caption_column, id_column=id_column, sep=sep,
+                            image_root=image_root, encoding=encoding)
     fuselip, _, _ = _load_for_inference(model, device)
     try:
-        report = run_evaluation(fuselip, [t.strip() for t in tasks.split(",") if t.strip()], data_map, out,
-                                seed=seed, pool_size=pool_size, n_pools=n_pools, batch_size=batch_size,
-                                num_workers=num_workers, model_id=model)
-    except (ValueError, FileNotFoundError) as error:
+        with cli_option_style():
+            report = run_evaluation(fuselip, [t.strip() for t in tasks.split(",") if t.strip()], data_map, out,
+                                    seed=seed, pool_size=pool_size, n_pools=n_pools, batch_size=batch_size,
+                                    num_workers=num_workers, model_id=model, allow_partial=allow_partial,
+                                    source_options=options)
+    except (ValueError, FileNotFoundError, LookupError) as error:
         fail(str(error))
     table = Table(title=f"Evaluation of {model}")
     table.add_column("metric")
@@ -243,51 +264,74 @@ def eval_command(
     for key, value in flatten_metrics(report).items():
         table.add_row(key.removeprefix("eval/"), f"{value:.4f}")
     console.print(table)
-    console.print(f"Wrote {out / 'metrics.json'}, {out / 'report.md'} and plots.")
+    for task, result in report["tasks"].items():
+        if result.get("skipped"):
+            examples = result.get("skip_examples") or {}
+            reasons = "; ".join(f"{n} {why}" + (f" (e.g. {', '.join(examples[why])})" if examples.get(why) else "")
+                                for why, n in result["skipped"].items())
+            evaluated = result.get("n_evaluated", result.get("n"))
+            console.print(f"{task}: {evaluated} of {result.get('n_listed', '?')} rows evaluated; skipped {reasons}",
+                          style="yellow", markup=False, highlight=False)
+    console.print(f"Wrote {out / 'metrics.json'}, {out / 'report.md'}, {out / 'skipped.csv'} and plots.")
 
 
 @app.command()
 def embed(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
-    input: Path = typer.Option(..., "--input", "-i",
-                               help="A CSV/TSV (path, caption columns) or a folder of images "
-                                    "(with optional .txt captions)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output .npy (ids in .ids.json beside it) or .parquet."),
-    kind: str = typer.Option("image", help="What to embed per row: image, text or pair (image+caption fused)."),
+    input: Path = typer.Option(..., "--input", "-i", help="A CSV/TSV (path and, for text/pair, caption columns) or a "
+                               "folder of images (DICOM found by content; .txt captions for text/pair)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .npy (ids in .ids.json beside it) or .parquet; skipped "
+                             "rows are listed in <stem>.skipped.csv beside it."),
+    kind: str = typer.Option("image", help="What to embed per row: image (no captions needed), text or pair "
+                             "(image+caption fused)."),
+    path_column: Optional[str] = PATH_COLUMN,
+    caption_column: Optional[str] = CAPTION_COLUMN,
+    id_column: Optional[str] = ID_COLUMN,
+    sep: Optional[str] = SEP,
+    image_root: Optional[str] = IMAGE_ROOT,
+    encoding: Optional[str] = ENCODING,
     batch_size: int = typer.Option(64, help="Batch size."),
     num_workers: int = typer.Option(2, help="Image decoding workers."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
 ) -> None:
-    """Embed images, texts or image+text pairs for search, batched, with progress.
+    """Embed images, texts or image+text pairs for search, batched, with progress; every row not embedded is named.
 
     Examples:\n
       fuselip-med embed -m runs/rocov2/final -i my_images/ -o image_embeddings.npy\n
-      fuselip-med embed -m runs/rocov2/final -i reports.csv --kind text -o text_embeddings.parquet
+      fuselip-med embed -m runs/rocov2/final -i reports.csv --kind text -o text_embeddings.parquet\n
+      fuselip-med embed -m runs/rocov2/final -i train.tsv --path-column filepath --caption-column title \\\n
+        --kind pair -o pairs.npy\n
+      fuselip-med embed -m runs/rocov2/final -i export.csv --encoding cp1252 --image-root /data/pacs -o scans.npy
     """
-    from fuselip_med.data.adapters import DatasetEmptyError, get_adapter
-    from fuselip_med.embed import embed_rows, rows_from_source, write_embeddings
+    from fuselip_med.data.adapters import cli_option_style
+    from fuselip_med.data.skips import SkipReport
+    from fuselip_med.embed import KINDS, embed_rows, open_input, rows_from_source, skipped_csv_path, write_embeddings
 
-    if kind not in ("image", "text", "pair"):
+    if kind not in KINDS:
         fail(f"--kind {kind!r}: choose image, text or pair.", code=2)
     if out.suffix not in (".npy", ".parquet"):
         fail(f"--out {out}: use a .npy or .parquet file name.", code=2)
+    options = table_options(path_column=path_column, caption_column=caption_column, id_column=id_column, sep=sep,
+                            image_root=image_root, encoding=encoding)
     try:
-        source = get_adapter("folder")(str(input), split="train", check_files=False)
-    except (DatasetEmptyError, FileNotFoundError, ValueError) as error:
+        with cli_option_style():
+            source = open_input(input, kind, **options)  # type: ignore[arg-type]
+    except (FileNotFoundError, LookupError, ValueError) as error:
         fail(str(error))
-    rows = rows_from_source(source, kind)  # type: ignore[arg-type]
+    skips = SkipReport.merged([source.skipped])
+    rows = rows_from_source(source, kind, skips)  # type: ignore[arg-type]
     if not rows:
-        needed = {"image": "an image", "text": "a caption", "pair": "an image and a caption"}[kind]
-        fail(f"{input}: no rows with {needed}.")
+        fail(f"{input}: no row to embed ({skips.summary()}).")
     fuselip, _, _ = _load_for_inference(model, device)
-    matrix, kept, failed = embed_rows(fuselip, rows, batch_size=batch_size, num_workers=num_workers)
+    matrix, kept, _ = embed_rows(fuselip, rows, batch_size=batch_size, num_workers=num_workers, skips=skips)
     written = write_embeddings(out, matrix, kept, model)
-    console.print(f"Embedded {len(kept)} {kind} rows -> {', '.join(map(str, written))} (dim {matrix.shape[1]}).")
-    if failed:
-        reasons: dict[str, int] = {}
-        for reason in failed.values():
-            reasons[reason] = reasons.get(reason, 0) + 1
-        console.print(f"[yellow]Skipped {len(failed)} rows:[/] " + ", ".join(f"{r}: {n}" for r, n in reasons.items()))
+    skips.kept = len(kept)
+    skipped_csv = skips.write_csv(skipped_csv_path(out))
+    console.print(f"Embedded {len(kept)} {kind} rows -> {', '.join(map(str, written))} (dim {matrix.shape[1]}).",
+                  markup=False, highlight=False)
+    if skips.total:
+        console.print(f"Skipped rows: {skips.summary()}; full list in {skipped_csv}.", style="yellow", markup=False,
+                      highlight=False)
 
 
 @app.command("merge-lora")

@@ -1,6 +1,7 @@
 """The folder/csv adapter: a user's own table of path,caption (+ labels) or a folder with sidecar captions."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,9 @@ def table(tmp_path) -> Path:
 
 
 def test_csv_relative_absolute_labels_and_skips(table, tmp_path):
-    source = get_adapter("csv")(path=str(table / "train.csv"), split="train")
+    refused = get_adapter("csv")(path=str(table / "train.csv"), split="train")
+    assert len(refused) == 3 and refused.skipped["outside image root"] == 1  # absolute, outside the table's folder
+    source = get_adapter("csv")(path=str(table / "train.csv"), split="train", image_root=str(tmp_path / "elsewhere"))
     assert isinstance(source, FolderSource) and isinstance(source, SampleSource)
     assert len(source) == 4
     assert dict(source.skipped) == {"missing image": 1, "empty caption": 1, "bad csv row": 1}
@@ -63,7 +66,7 @@ def test_csv_relative_absolute_labels_and_skips(table, tmp_path):
 
 
 def test_folder_with_split_table_and_limit(table):
-    source = folder(table, "train", limit=2)
+    source = folder(table, "train", limit=2, image_root=str(table.parent / "elsewhere"))
     assert len(source) == 2 and source[1].target_text == "Absolute path caption."
     with pytest.raises(IndexError):
         source[2]
@@ -71,7 +74,7 @@ def test_folder_with_split_table_and_limit(table):
 
 def test_csv_strict_names_file_and_line(table):
     with pytest.raises(BadRowError, match=r"train\.csv, line 4: missing image"):
-        folder(table / "train.csv", strict=True)
+        folder(table / "train.csv", strict=True, image_root=str(table.parent / "elsewhere"))
 
 
 def test_check_files_off_keeps_missing_rows(table):
@@ -122,7 +125,8 @@ def test_sidecar_folder(tmp_path):
     assert [source[i].target_text for i in range(3)] == ["Caption of a.", "Caption of b (the fork's naming).",
                                                          "Caption of c."]
     assert [pixel(source[i].query_image) for i in range(3)] == [11, 22, 33]
-    assert dict(source.skipped) == {"missing caption": 1, "empty caption": 1}
+    assert dict(source.skipped) == {"missing caption": 1, "empty caption": 1, "not an image": 1}
+    assert [e.id for e in source.skipped.entries if e.reason == "not an image"] == ["readme.md"]
     assert source.modality_labels() == [None, None, None]
     with pytest.raises(BadRowError, match="d.png"):
         folder(root, strict=True)
@@ -155,3 +159,58 @@ def test_non_utf8_row_skipped(tmp_path):
 def test_normalize_modality():
     assert [normalize_modality(v) for v in ("CT", " mr ", "X-Ray", "US", "Angiogram", "PET", "", None, "Fundus")] == [
         "CT", "MRI", "X-ray", "ultrasound", "angiography", "PET", None, None, "Fundus"]
+
+
+def test_symlink_loops_fifos_directories_and_unreadable_files_are_named(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    write_image(root / "good.png", 7)
+    write_image(root / "locked.png", 8)
+    os.symlink(root / "loop_b.png", root / "loop_a.png")
+    os.symlink(root / "loop_a.png", root / "loop_b.png")
+    os.mkfifo(root / "pipe.png")  # opening it would block: it must never be opened
+    (root / "folder.png").mkdir()
+    real_access = os.access
+    monkeypatch.setattr("fuselip_med.data.adapters.folder.os.access",
+                        lambda p, mode: not str(p).endswith("locked.png") and real_access(p, mode))
+    os.symlink(tmp_path, root / "linked_dir")  # a folder link (here: a loop back up) is named, not walked
+    (root / "t.csv").write_text("path\ngood.png\nloop_a.png\npipe.png\nfolder.png\nlocked.png\n")
+    source = folder(root / "t.csv", require_caption=False)
+    assert [source[i].id for i in range(len(source))] == ["good.png"] and source[0].target_text is None
+    assert [(e.id, e.reason) for e in source.skipped.entries] == [
+        ("loop_a.png", "symlink loop"), ("pipe.png", "not a file"), ("folder.png", "not a file"),
+        ("locked.png", "unreadable file")]
+    listing = folder(root, require_caption=False)  # the same files met by listing the folder
+    assert [listing[i].id for i in range(len(listing))] == ["good.png"]
+    assert sorted((e.id, e.reason) for e in listing.skipped.entries) == [
+        ("linked_dir", "symlinked folder"), ("locked.png", "unreadable file"), ("loop_a.png", "symlink loop"),
+        ("loop_b.png", "symlink loop"), ("pipe.png", "not a file"), ("t.csv", "not an image")]
+
+
+def test_bom_separator_detection_and_encoding_option(tmp_path):
+    write_image(tmp_path / "a.png", 1)
+    (tmp_path / "bom.csv").write_bytes("\ufeffid,path,caption\nx,a.png,caf\u00e9 au lait\n".encode("utf-8"))
+    source = folder(tmp_path / "bom.csv")
+    assert source[0].id == "x" and source[0].target_text == "caf\u00e9 au lait"
+    (tmp_path / "tabs.txt.tsv").write_text("path\tcaption\na.png\tcomma, inside\n")
+    assert folder(tmp_path / "tabs.txt.tsv")[0].target_text == "comma, inside"
+    (tmp_path / "latin.csv").write_bytes("path,caption\na.png,\u00e9t\u00e9\n".encode("latin-1"))
+    broken = folder(tmp_path / "latin.csv", require_caption=False)
+    assert broken[0].target_text is None and not broken.skipped  # an image-only read keeps the row
+    with pytest.raises(DatasetEmptyError, match=r"they look like cp1252: try encoding=cp1252"):
+        folder(tmp_path / "latin.csv")
+    assert folder(tmp_path / "latin.csv", encoding="latin-1")[0].target_text == "\u00e9t\u00e9"
+    with pytest.raises(LookupError, match="unknown text encoding 'klingon'"):
+        folder(tmp_path / "latin.csv", encoding="klingon")
+    with pytest.raises(ValueError, match="sep"):
+        folder(tmp_path / "latin.csv", sep="::")
+
+
+def test_captions_optional_for_image_only_folders(tmp_path):
+    write_image(tmp_path / "a.png", 1)
+    write_image(tmp_path / "b.png", 2)
+    (tmp_path / "b.txt").write_bytes("r\u00f6ntgen".encode("latin-1"))
+    images = folder(tmp_path, require_caption=False)
+    assert [(images[i].id, images[i].target_text) for i in range(2)] == [("a.png", None), ("b.png", None)]
+    assert not images.skipped
+    with pytest.raises(DatasetEmptyError, match=r"1 missing caption \(e.g. a.png\); 1 non-utf8 text \(e.g. b.png\)"):
+        folder(tmp_path)

@@ -401,3 +401,47 @@ def test_list_source_groups():
     source = ListSource(samples, name="mine")
     assert isinstance(source, SampleSource) and len(source) == 5 and source[2].id == "2"
     assert source.groups() == [[0, 2], [1], [3], [4]]
+
+
+def test_official_names_every_skipped_row(official):
+    source = rocov2(official, "train")
+    captions = official / "train_captions.csv"
+    assert [(e.id, e.source, e.reason) for e in source.skipped.entries] == [
+        ("ROCOv2_2023_train_000009", f"{captions}, line 6", "empty caption"),
+        ("ROCOv2_2023_train_000014", f"{captions}, line 8", "missing image"),
+        ("ROCOv2_2023_train_000015", f"{captions}, line 9", "bad csv row"),
+        ("ROCOv2_2023_train_000001", f"{captions}, line 10", "duplicate id"),
+    ]
+    assert "no ROCOv2_2023_train_000014.jpg" in source.skipped.entries[1].detail
+
+
+def test_hf_names_every_skipped_row_with_its_shard(hf, tmp_path):
+    from datasets import Dataset, Features, Value
+    from datasets import Image as HFImage
+
+    features = Features({"image": HFImage(), "image_id": Value("string"), "caption": Value("string")})
+    test_shard = hf / "data" / "test-00000-of-00001.parquet"
+    Dataset.from_dict({"image": [{"bytes": encode(3, "PNG"), "path": None}, None],
+                       "image_id": ["ROCOv2_2023_test_000003", "ROCOv2_2023_test_000004"],
+                       "caption": ["Test caption.", "No image in this row."]},
+                      features=features).to_parquet(str(test_shard))
+    test = rocov2(hf, "test", cache_dir=str(tmp_path / "hf_cache"))
+    assert test.image_ids == ["ROCOv2_2023_test_000003"]
+    assert [(e.id, e.source, e.reason) for e in test.skipped.entries] == [
+        ("ROCOv2_2023_test_000004", f"{test_shard}, row 1", "null image")]
+
+    train = rocov2(hf, "train", cache_dir=str(tmp_path / "hf_cache"))
+    first, second = (hf / "data" / f"train-0000{i}-of-00002.parquet" for i in (0, 1))
+    assert [(e.id, e.source, e.reason, e.detail) for e in train.skipped.entries] == [
+        ("ROCOv2_2023_train_000004", f"{first}, row 3", "duplicate id", f"first at {first}, row 1"),
+        ("ROCOv2_2023_train_000009", f"{second}, row 0", "empty caption", "ROCOv2_2023_train_000009"),
+        ("ROCOv2_2023_train_000001", f"{second}, row 2", "duplicate id", f"first at {first}, row 0"),  # across shards
+    ]
+
+
+def test_missing_path_advice_names_an_option_of_the_command(tmp_path):
+    from fuselip_med.data.adapters import cli_option_style
+
+    with cli_option_style(), pytest.raises(DatasetNotFoundError) as info:
+        rocov2(tmp_path / "absent", "test")
+    assert "--data rocov2=ROCOv2_data" in str(info.value) and "--set" not in str(info.value)

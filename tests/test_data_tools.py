@@ -11,6 +11,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pydicom
 import pytest
 from PIL import Image
 
@@ -417,6 +418,10 @@ def dicom_tree(tmp_path: Path) -> Path:
     ct = dicom_test_file("CT_small.dcm")
     shutil.copy(ct, root / "ct" / "series1" / "slice1.dcm")
     shutil.copy(ct, root / "ct" / "series1" / "IM0002")  # no extension, DICOM magic
+    headless = pydicom.dcmread(ct)
+    del headless.file_meta  # no preamble, no file meta: as some scanners and PACS export
+    pydicom.dcmwrite(root / "ct" / "series1" / "IM0003", headless, enforce_file_format=False, implicit_vr=True,
+                     little_endian=True)
     shutil.copy(dicom_test_file("MR_small.dcm"), root / "mr" / "mr.DCM")
     (root / "ct" / "corrupt.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00garbage" * 10)
     (root / "ct" / "empty.dcm").write_bytes(b"")
@@ -432,7 +437,7 @@ def test_dicom_to_png_mirrors_the_tree_and_counts_bad_files(dicom_tree: Path, tm
     out = tmp_path / "png"
     assert dicom_to_png.main([str(dicom_tree), str(out), "--window", "lung", "--no-progress"]) == 0
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert written == ["ct/series1/IM0002.png", "ct/series1/slice1.png", "mr/mr.png"]
+    assert written == ["ct/series1/IM0002.png", "ct/series1/IM0003.png", "ct/series1/slice1.png", "mr/mr.png"]
     with Image.open(out / "ct/series1/slice1.png") as image:
         expected = load_image(dicom_tree / "ct/series1/slice1.dcm", DecodeOptions(window="lung"))
         assert image.mode == expected.mode and image.size == expected.size == (128, 128)

@@ -80,6 +80,7 @@ def test_all_tasks_once_each_input(tmp_path):
     ret = out["tasks"]["rocov2-retrieval"]
     assert (ret["pool_size"], ret["n_pools"], ret["seed"], ret["n"]) == (10, 3, 5, 30)
     assert ret["skipped"] == {"corrupt image": 1} and ret["full_pool"]["pool_size"] == 30
+    assert (ret["n_listed"], ret["n_evaluated"]) == (31, 30)
     assert {"image_to_text_R@1", "text_to_image_median_rank"} <= set(ret["metrics"])
 
     mod = out["tasks"]["rocov2-modality"]
@@ -92,6 +93,8 @@ def test_all_tasks_once_each_input(tmp_path):
     assert [c["cui"] for c in con["concepts"]][0] == "C7"  # the most frequent in valid
     assert con["k"] == 3 and 0.0 <= con["metrics"]["samples_f1"] <= 1.0
     assert con["n"] == 30 and con["n_valid"] == 24
+    assert (con["n_listed"], con["n_evaluated"], con["skipped"]) == (31, 30, {"corrupt image": 1})
+    assert con["skip_examples"] == {"corrupt image": ["broken"]}
 
     gap = out["tasks"]["modality-gap"]["metrics"]
     assert 0 < gap["gap"] < 2 and -1 <= gap["cosine_of_means"] <= 1

@@ -124,13 +124,13 @@ def test_embed_images_from_a_csv(tmp_path, tiny_model_dir, demo):
     csv.write_text("path,caption\n" + "".join(f"{p},case {i}\n" for i, p in enumerate(images)) + "missing.png,gone\n")
     out = tmp_path / "emb.npy"
     result = runner.invoke(app, ["embed", "--model", str(tiny_model_dir), "--input", str(csv), "--out", str(out),
-                                 "--num-workers", "0"])
+                                 "--num-workers", "0", "--image-root", str(demo)])
     assert result.exit_code == 0, result.output
     matrix = np.load(out)
     ids = json.loads(out.with_suffix(".ids.json").read_text())["ids"]
     assert matrix.shape == (5, 64) and len(ids) == 5
     assert np.allclose(np.linalg.norm(matrix, axis=1), 1.0, atol=1e-5)
-    assert "missing file: 1" in " ".join(result.output.split())
+    assert "1 missing image (e.g. missing.png)" in " ".join(result.output.split())
 
 
 def test_embed_texts_to_parquet(tmp_path, tiny_model_dir, demo):

@@ -2,17 +2,17 @@
 
 Rows are the kept items in order. Image tensors hold only the rows that have an image on that side (in
 row order); ``*_has_image`` tells which rows those are. ``SkippedSample`` items are dropped and listed in
-``Batch.skipped``; ``SkipCounter`` adds them up in the main process.
+``Batch.skipped``; ``SkipCounter`` (a ``SkipReport``) names them in the main process.
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
 from fuselip_med.data.dataset import SIDES, DecodedSample, SkippedSample
+from fuselip_med.data.skips import SkipReport
 
 DEFAULT_CONTEXT_LENGTH = 180
 
@@ -120,38 +120,19 @@ class Collator:
         return collate_samples(items, self.tokenizer)
 
 
-class SkipCounter:
-    """Tallies ``Batch.skipped`` in the main process: counts per reason and the first few examples."""
+class SkipCounter(SkipReport):
+    """The trainer's ``SkipReport``: ``update(batch)`` names the batch's skipped items (``Batch.skipped``: file or
+    source/id, reason) and counts its kept rows."""
 
-    def __init__(self, max_examples: int = 3):
-        self.max_examples = max_examples
-        self.counts: Counter[str] = Counter()
-        self.examples: dict[str, list[str]] = {}
-        self.kept = 0
+    unit = "samples"
 
-    def update(self, batch: Batch | Iterable[tuple[str, str]]) -> None:
+    def update(self, batch: Batch | Iterable[tuple[str, str]] | None = None, /, **_: int) -> None:
+        if batch is None:  # Counter.__init__ calls update() with nothing
+            return
         if isinstance(batch, Batch):
             self.kept += len(batch)
             skipped: Iterable[tuple[str, str]] = batch.skipped
         else:
             skipped = batch
         for label, reason in skipped:
-            self.counts[reason] += 1
-            examples = self.examples.setdefault(reason, [])
-            if len(examples) < self.max_examples:
-                examples.append(label)
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"kept": self.kept, "skipped": self.total, "by_reason": dict(self.counts.most_common()),
-                "examples": {reason: list(self.examples[reason]) for reason, _ in self.counts.most_common()}}
-
-    def summary(self) -> str:
-        if not self.total:
-            return f"no samples skipped ({self.kept} kept)"
-        parts = [f"{count} {reason} (e.g. {', '.join(self.examples[reason])})"
-                 for reason, count in self.counts.most_common()]
-        return f"skipped {self.total} of {self.total + self.kept} samples: " + "; ".join(parts)
+            self.add(label, "batch", reason)

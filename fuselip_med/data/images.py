@@ -10,13 +10,20 @@ Two stages:
 
 DICOM order of operations: pixel array -> frame choice (middle frame by default) -> modality LUT (rescale
 slope/intercept -> HU) -> window (explicit preset/(width, level); else the file's VOI LUT or window; else
-min-max of the frame) -> [0, 1] -> MONOCHROME1 inverted -> uint8 "L" (colour DICOM: RGB, YBR converted
-by pydicom) -> the reference resize/ToTensor path. Grey images become 3 channels by replication.
+min-max of the frame's non-padding pixels: PixelPaddingValue / PixelPaddingRangeLimit, PS3.3 C.7.5.1.1.2, are
+left out of the range and shown black) -> [0, 1] -> MONOCHROME1 inverted -> uint8 "L" (colour DICOM: RGB, YBR
+converted by pydicom) -> the reference resize/ToTensor path. Grey images become 3 channels by replication.
+
+Users who window themselves get the modality-unit values (HU for CT) from ``dicom_modality_values``. Every
+fallback the decoder takes (a window or VOI LUT in the file it cannot use, a window given for a colour image)
+is reported once per file as a ``DecodeFallbackWarning`` naming the file. DICOM is recognised by content (the
+Part 10 magic, or a preamble-less data set), whatever the file is called.
 """
 from __future__ import annotations
 
 import io
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,7 +47,7 @@ from fuselip_med.core.image_preprocess import ImagePreprocess
 from fuselip_med.data.schema import ImageInput
 from fuselip_med.vocab import WINDOW_PRESETS
 
-_DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
+_DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
 # (implicit VR, little endian) -> transfer syntax, for files whose file meta lacks one
 _NATIVE_SYNTAXES = {
     (True, True): ImplicitVRLittleEndian,
@@ -57,6 +64,21 @@ _HINTS = {
     "truncated image": "the file is cut short; re-download it",
     "frame out of range": "pick a frame index below the file's number of frames",
 }
+
+
+class DecodeFallbackWarning(UserWarning):
+    """The decoder could not use something in a file (its window, its VOI LUT) and took a fallback."""
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _fallback(label: str, what: str) -> None:
+    """Warn once per (file, fallback) in this process, as ``<file>: <what was ignored and what was done>``."""
+    if (label, what) in _WARNED:
+        return
+    _WARNED.add((label, what))
+    warnings.warn(f"{label}: {what}", DecodeFallbackWarning, stacklevel=3)
 
 
 class ImageDecodeError(ValueError):
@@ -123,18 +145,36 @@ def apply_window(values: np.ndarray, width: float, level: float) -> np.ndarray:
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-def _min_max(values: np.ndarray) -> np.ndarray:
-    """Scale to [0, 1] by the finite min and max; a constant image becomes black."""
+def _min_max(values: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
+    """Scale to [0, 1] by the finite min and max of the pixels not in ``exclude`` (a bool mask, e.g. padding;
+    those pixels become 0); a constant image becomes black."""
     values = np.asarray(values, dtype=np.float32)
-    finite = np.isfinite(values)
-    if not finite.all():
-        values = np.where(finite, values, np.nan)
-    if not finite.any():
+    keep = np.isfinite(values) if exclude is None else np.isfinite(values) & ~exclude
+    if not keep.all():
+        values = np.where(keep, values, np.nan)
+    if not keep.any():
         return np.zeros(values.shape, np.float32)
     lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
     if hi <= lo:
         return np.zeros(values.shape, np.float32)
     return np.nan_to_num(apply_window(values, hi - lo, (hi + lo) / 2), nan=0.0)
+
+
+def padding_mask(stored: np.ndarray, ds: pydicom.Dataset) -> np.ndarray | None:
+    """Pixels that are padding (PS3.3 C.7.5.1.1.2): stored value equal to PixelPaddingValue, or between it and
+    PixelPaddingRangeLimit (inclusive) when that is present. Compared in stored units (before the modality LUT).
+    Returns a bool array shaped like ``stored``, or None when the file declares no padding."""
+    value = ds.get("PixelPaddingValue")
+    if value is None:
+        return None
+    try:
+        low = high = int(value)
+        limit = ds.get("PixelPaddingRangeLimit")
+        if limit is not None:
+            low, high = sorted((low, int(limit)))
+    except (TypeError, ValueError):
+        return None
+    return (stored >= low) & (stored <= high)
 
 
 def _window_or_min_max(values: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
@@ -147,7 +187,7 @@ def _to_uint8(unit: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------- sources
 def is_dicom(path_or_bytes) -> bool:
-    """True when the data carries the DICOM Part 10 magic ("DICM" at offset 128)."""
+    """True when the data carries the DICOM Part 10 magic ("DICM" after the 128-byte preamble, PS3.10 7.1)."""
     if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
         return bytes(path_or_bytes[128:132]) == b"DICM"
     try:
@@ -156,6 +196,42 @@ def is_dicom(path_or_bytes) -> bool:
     except OSError:
         return False
     return head[128:132] == b"DICM"
+
+
+def _starts_like_headless_dicom(head: bytes) -> bool:
+    """A data set written without preamble and file meta (older scanners, some PACS exports) starts with a
+    little-endian tag of group 0x0002 or 0x0008 (PS3.5 7.1); a cheap test before letting pydicom try."""
+    return len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00")
+
+
+def _headless_dicom(path: str) -> bool:
+    """True when pydicom reads ``path`` (with ``force``) as a data set that describes an image (Rows/Columns)."""
+    try:
+        with open(path, "rb") as handle:
+            if not _starts_like_headless_dicom(handle.read(8)):
+                return False
+        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+        return "Rows" in ds and "Columns" in ds
+    except Exception:  # arbitrary bytes can fail the parser in many ways: then it is not DICOM
+        return False
+
+
+def image_kind(path: str | os.PathLike) -> Literal["dicom", "image"] | None:
+    """What a file holds, by its content (never its name): ``"dicom"`` (Part 10 magic, or a preamble-less data
+    set pydicom can read), ``"image"`` (a format Pillow identifies) or None (not an image, unreadable).
+
+    Used to list scanner/PACS folders, whose files are often named ``IM000001`` or ``*.IMA``. Reads the
+    header only (Pillow opens lazily; pydicom stops before the pixel data).
+    """
+    path = os.fspath(path)
+    if is_dicom(path):
+        return "dicom"
+    try:
+        with Image.open(path):
+            return "image"
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
+        pass
+    return "dicom" if _headless_dicom(path) else None
 
 
 def _describe(source: object) -> str:
@@ -234,8 +310,9 @@ def _lift_functional_groups(ds: pydicom.Dataset, index: int) -> None:
                 break
 
 
-def _file_voi(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray | None:
-    """The file's own VOI LUT / window (pydicom's apply_voi_lut) scaled to [0, 1]; None if it has none."""
+def _file_voi(values: np.ndarray, ds: pydicom.Dataset, label: str) -> np.ndarray | None:
+    """The file's own VOI LUT / window (pydicom's apply_voi_lut) scaled to [0, 1]; None if it has none or it
+    cannot be used (then a ``DecodeFallbackWarning`` names the file)."""
     voi_items = ds.get("VOILUTSequence")
     has_lut = bool(voi_items) and "LUTDescriptor" in voi_items[0] and "LUTData" in voi_items[0]
     has_window = ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
@@ -252,9 +329,13 @@ def _file_voi(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray | None:
             # Windowing outputs [y_min, y_max] (set by bits stored and rescale); probe both ends to get it.
             lo, hi = (float(v) for v in apply_voi_lut(np.array([-np.inf, np.inf]), ds))
         mapped = apply_voi_lut(values, ds)
-    except (ValueError, TypeError, NotImplementedError, AttributeError, IndexError):
-        return None  # an unusable window in the header: fall back to min-max rather than drop the image
+    except (ValueError, TypeError, NotImplementedError, AttributeError, IndexError) as exc:
+        # an unusable window in the header: fall back to min-max rather than drop the image, and say so
+        _fallback(label, f"ignoring the file's {'VOI LUT' if has_lut else 'window'} ({exc}); using min-max")
+        return None
     if hi <= lo:
+        _fallback(label, f"ignoring the file's {'VOI LUT' if has_lut else 'window'} (empty output range); "
+                         "using min-max")
         return None
     return apply_window(mapped, hi - lo, (hi + lo) / 2)
 
@@ -287,7 +368,8 @@ def _read_dicom_pixels(ds: pydicom.Dataset, index: int, label: str) -> np.ndarra
         raise ImageDecodeError(reason, label, text.splitlines()[0] if text else type(exc).__name__) from exc
 
 
-def _open_dicom(fp, options: DecodeOptions, label: str, force: bool) -> Image.Image:
+def _read_dicom(fp, label: str, force: bool) -> pydicom.Dataset:
+    """The data set with its pixel data, or ImageDecodeError (corrupt, truncated, no pixel data)."""
     try:
         ds = pydicom.dcmread(fp, force=force)
     except Exception as exc:  # arbitrary bytes can fail the parser in many ways (struct, unicode, ...)
@@ -302,39 +384,92 @@ def _open_dicom(fp, options: DecodeOptions, label: str, force: bool) -> Image.Im
         raise ImageDecodeError("no pixel data", label)
     if "TransferSyntaxUID" not in ds.file_meta:  # no file meta (headless file): use the encoding pydicom found
         ds.file_meta.TransferSyntaxUID = _NATIVE_SYNTAXES.get(tuple(ds.original_encoding), ExplicitVRLittleEndian)
+    return ds
+
+
+def _frame(ds: pydicom.Dataset, frame: int | None, label: str) -> tuple[np.ndarray, int]:
+    """(stored pixel values of the chosen frame, its index); default: the middle frame."""
     try:
         n_frames = max(int(ds.get("NumberOfFrames") or 1), 1)
     except (TypeError, ValueError):
         n_frames = 1
-    index = _check_frame(options.frame, n_frames, n_frames // 2, label)
-    pixels = _read_dicom_pixels(ds, index, label)
+    index = _check_frame(frame, n_frames, n_frames // 2, label)
+    return _read_dicom_pixels(ds, index, label), index
+
+
+def _open_dicom(fp, options: DecodeOptions, label: str, force: bool) -> Image.Image:
+    ds = _read_dicom(fp, label, force)
+    pixels, index = _frame(ds, options.frame, label)
     try:
-        return _dicom_to_image(ds, pixels, index, options)
+        return _dicom_to_image(ds, pixels, index, options, label)
     except (ValueError, TypeError, KeyError, AttributeError, IndexError, NotImplementedError) as exc:
         raise ImageDecodeError("corrupt image", label, f"bad LUT or pixel description: {exc}") from exc
 
 
-def _dicom_to_image(ds: pydicom.Dataset, pixels: np.ndarray, index: int, options: DecodeOptions) -> Image.Image:
-    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
-    if photometric == "PALETTE COLOR":
+def _colour_values(ds: pydicom.Dataset, pixels: np.ndarray) -> np.ndarray | None:
+    """RGB values of a colour frame (palette applied), or None for a greyscale one."""
+    if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "PALETTE COLOR":
         _palette_to_little_endian(ds)
-        rgb = apply_color_lut(pixels, ds)  # uint8 or uint16 by the palette's entry size
-        return Image.fromarray(_to_uint8(rgb / float(np.iinfo(rgb.dtype).max)), "RGB")
-    if pixels.ndim == 3:  # colour; pydicom has already converted YBR_FULL(_422)/ICT/RCT to RGB
-        if pixels.dtype == np.uint8:
-            return Image.fromarray(np.ascontiguousarray(pixels), "RGB")
+        return apply_color_lut(pixels, ds)  # uint8 or uint16 by the palette's entry size
+    return pixels if pixels.ndim == 3 else None  # pydicom has already converted YBR_FULL(_422)/ICT/RCT to RGB
+
+
+def _dicom_to_image(ds: pydicom.Dataset, pixels: np.ndarray, index: int, options: DecodeOptions,
+                    label: str) -> Image.Image:
+    window = _resolve_window(options.window)
+    rgb = _colour_values(ds, pixels)
+    if rgb is not None:
+        if window is not None:
+            _fallback(label, "a window applies to greyscale images only; showing the colour image as stored")
+        if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "PALETTE COLOR":
+            return Image.fromarray(_to_uint8(rgb / float(np.iinfo(rgb.dtype).max)), "RGB")
+        if rgb.dtype == np.uint8:
+            return Image.fromarray(np.ascontiguousarray(rgb), "RGB")
         bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8)
-        return Image.fromarray(_to_uint8(np.clip(pixels / float(2**bits - 1), 0.0, 1.0)), "RGB")
+        return Image.fromarray(_to_uint8(np.clip(rgb / float(2**bits - 1), 0.0, 1.0)), "RGB")
 
     _lift_functional_groups(ds, index)
     values = apply_modality_lut(pixels, ds)  # stored values -> HU (or the modality's real-world units)
-    window = _resolve_window(options.window)
-    unit = apply_window(values, *window) if window is not None else _file_voi(values, ds)
+    unit = apply_window(values, *window) if window is not None else _file_voi(values, ds, label)
     if unit is None:
-        unit = _min_max(values)
-    if photometric == "MONOCHROME1":  # high values are dark: invert after windowing
-        unit = 1.0 - unit
+        padding = padding_mask(pixels, ds)
+        unit = _min_max(values, padding)
+    if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
+        unit = 1.0 - unit  # high values are dark: invert after windowing
     return Image.fromarray(_to_uint8(unit), "L")
+
+
+def dicom_modality_values(source: str | os.PathLike | bytes, frame: int | None = None) -> np.ndarray:
+    """A DICOM file's pixel values in modality units, for users who window themselves.
+
+    Greyscale: the chosen frame (default: the middle one, as ``decode_image``) after the modality LUT or
+    rescale slope/intercept (PS3.3 C.11.1; enhanced multi-frame objects: their per-frame or shared pixel
+    value transformation), i.e. Hounsfield units for CT: ``float32 [H, W]``. Colour (RGB, YBR converted by
+    pydicom, palette applied): ``float32 [H, W, 3]`` in the stored range. No VOI LUT/window, no padding
+    removal (``padding_mask`` gives the padding pixels).
+
+    ``source``: a path (DICOM by content, any file name) or the file's bytes. Raises ``ImageDecodeError``
+    (reason ``missing file``, ``corrupt image``, ``truncated image``, ``no pixel data``, ``frame out of range``,
+    ``unsupported transfer syntax``) naming the file.
+    """
+    label = _describe(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        fp, force = io.BytesIO(bytes(source)), not is_dicom(source)
+    else:
+        fp = os.fspath(source)
+        if not os.path.isfile(fp):
+            raise ImageDecodeError("missing file", label)
+        force = not is_dicom(fp)
+    ds = _read_dicom(fp, label, force)
+    pixels, index = _frame(ds, frame, label)
+    try:
+        rgb = _colour_values(ds, pixels)
+        if rgb is not None:
+            return np.asarray(rgb, dtype=np.float32)
+        _lift_functional_groups(ds, index)
+        return np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, NotImplementedError) as exc:
+        raise ImageDecodeError("corrupt image", label, f"bad LUT or pixel description: {exc}") from exc
 
 
 # --------------------------------------------------------------------------------------------- arrays
@@ -390,7 +525,12 @@ def _load_native(source: ImageInput, options: DecodeOptions) -> Image.Image:
         has_magic = is_dicom(path)
         if has_magic or suffix in _DICOM_SUFFIXES:
             return _open_dicom(path, options, label, force=not has_magic)
-        return _open_pillow(path, options, label, suffix)
+        try:
+            return _open_pillow(path, options, label, suffix)
+        except ImageDecodeError as error:  # IM000001 & co: DICOM without preamble and without a DICOM suffix
+            if error.reason in ("not an image", "corrupt image") and _headless_dicom(path):
+                return _open_dicom(path, options, label, force=True)
+            raise
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if not data:
@@ -452,7 +592,11 @@ def decode_image(
     train: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """float32 (3, S, S) in [0, 1]: the reference preprocessing applied to ``load_image``'s result."""
+    """float32 (3, S, S) in [0, 1]: the reference preprocessing applied to ``load_image``'s result.
+
+    For DICOM pixel values in modality units (HU for CT) rather than display pixels, use
+    ``dicom_modality_values`` (same frame choice, no windowing); ``padding_mask`` gives the padding pixels.
+    Raises ``ImageDecodeError`` (its ``reason`` names the problem) for inputs that cannot be decoded."""
     size, label = options.image_size, _describe(source)
     if isinstance(source, torch.Tensor):
         tensor = _check_tensor(source, label)

@@ -177,9 +177,14 @@ def render_markdown(report: EvalReport, plots: Mapping[str, list[str]] | None = 
         lines += ["", f"## {task}", ""]
         setup = [f"{k}: {_fmt(getattr(res, k))}" for k in ("n", "pool_size", "n_pools", "seed", "seconds")
                  if getattr(res, k) is not None]
-        skipped = (res.model_extra or {}).get("skipped")
+        extra = res.model_extra or {}
+        if "n_listed" in extra:
+            setup.append(f"rows listed: {extra['n_listed']}, evaluated: {extra.get('n_evaluated')}")
+        skipped, examples = extra.get("skipped"), extra.get("skip_examples") or {}
         if skipped:
-            setup.append("skipped: " + ", ".join(f"{why} x{n}" for why, n in skipped.items()))
+            setup.append("skipped: " + ", ".join(
+                f"{why} x{n}" + (f" (e.g. {', '.join(examples[why])})" if examples.get(why) else "")
+                for why, n in skipped.items()))
         if setup:
             lines += ["; ".join(setup), ""]
         full = (res.model_extra or {}).get("full_pool")

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from fuselip_med.data.skips import SkipReport
+
 from . import classification as cls
 from .embedding import Embedder, EmbedItem, image_key
 from .modality_gap import modality_gap
@@ -61,8 +63,14 @@ class _ImageCaption:
     images: list[EmbedItem] = field(default_factory=list)
     texts: list[EmbedItem] = field(default_factory=list)
     meta: list[dict] = field(default_factory=list)
-    skipped: Counter = field(default_factory=Counter)
+    skipped: SkipReport = field(default_factory=SkipReport)
     cui_names: dict[str, str] = field(default_factory=dict)
+    ids: list[str] = field(default_factory=list)
+
+    @property
+    def n_listed(self) -> int:
+        """Rows the data listed: the usable ones plus every one skipped (by the adapter or here)."""
+        return len(self.images) + self.skipped.total
 
 
 def _describe(value) -> str:
@@ -86,16 +94,18 @@ def _image_key_of(sample, image) -> str:
 def _image_caption(source) -> _ImageCaption:
     out = _ImageCaption(name=getattr(source, "name", type(source).__name__),
                         cui_names=dict(getattr(source, "cui_names", {}) or {}))
+    out.skipped.extend(getattr(source, "skipped", None))  # rows the adapter could not use, named
     for i in range(len(source)):
         s = source[i]
         image = s.query_image if s.query_image is not None else s.target_image
         caption = s.target_text if s.target_text else s.query_text
         if image is None or not caption:
-            out.skipped["no image" if image is None else "no caption"] += 1
+            out.skipped.add(s.id, out.name, "no image" if image is None else "no caption")
             continue
         out.images.append(EmbedItem(image=image, image_key=_image_key_of(s, image)))
         out.texts.append(EmbedItem(text=caption))
         out.meta.append(s.meta)
+        out.ids.append(str(s.id))
         for cui, name in zip(s.meta.get("concepts", []) or [], s.meta.get("concept_names", []) or []):
             out.cui_names.setdefault(cui, name)
     if not out.images:
@@ -103,10 +113,45 @@ def _image_caption(source) -> _ImageCaption:
     return out
 
 
+def check_coverage(ic: _ImageCaption, n_evaluated: int, allow_partial: bool, failed: Mapping | None = None) -> None:
+    """Refuse (ValueError naming the skipped IDs and reasons) to evaluate fewer than half of the listed rows,
+    unless ``allow_partial``: e.g. caption IDs that do not match the image file names. ``failed``: embedding
+    key -> reason of the images that did not decode."""
+    if allow_partial or 2 * n_evaluated >= ic.n_listed:
+        return
+    from fuselip_med.data.adapters import advise_option
+
+    skips = named_skips(ic, failed or {})
+    skips.kept = n_evaluated
+    raise ValueError(f"only {n_evaluated} of the {ic.n_listed} rows listed by {ic.name} can be evaluated "
+                     f"({skips.summary()}); fix the data, or pass {advise_option('allow_partial', None)} "
+                     "to evaluate the rest.")
+
+
+def named_skips(ic: _ImageCaption, failed: Mapping) -> SkipReport:
+    """``ic``'s skipped rows plus those whose image failed to decode (``failed``: embedding key -> reason)."""
+    report = SkipReport.merged([ic.skipped])
+    for item, row_id in zip(ic.images, ic.ids):
+        if item.key in failed:
+            report.add(row_id, item.image_key, failed[item.key])
+    return report
+
+
+def skip_fields(ic: _ImageCaption, n_evaluated: int, failed: Mapping) -> dict[str, Any]:
+    """What a task's result says about its rows: ``n_listed``, ``n_evaluated``, ``skipped`` (reason -> count,
+    decode failures included) and ``skip_examples`` (reason -> a few IDs)."""
+    report = named_skips(ic, failed)
+    return {"n_listed": ic.n_listed, "n_evaluated": n_evaluated, "skipped": report.by_reason(),
+            "skip_examples": report.examples}
+
+
 class _Context:
-    def __init__(self, data: Mapping[str, Any], embedder: Embedder):
+    def __init__(self, data: Mapping[str, Any], embedder: Embedder, allow_partial: bool = False,
+                 source_options: Mapping[str, Any] | None = None):
         self.data = dict(data)
         self.embedder = embedder
+        self.allow_partial = allow_partial
+        self.source_options = dict(source_options or {})
         self._sources: dict[str, Any] = {}
         self._ic: dict[str, _ImageCaption] = {}
 
@@ -122,15 +167,15 @@ class _Context:
             if value is None:
                 raise ValueError(f"no data for {key!r}: pass data={{'{key}': <source or path>}}")
             if isinstance(value, (str, os.PathLike)):
-                from fuselip_med.data.adapters import get_adapter
-
-                value = get_adapter("rocov2")(path=os.fspath(value), split=split or "test")
+                value = open_source(value, split or "test", self.source_options)
             self._sources[key] = value
         return self._sources[key]
 
     def image_caption(self, key: str) -> _ImageCaption:
         if key not in self._ic:
-            self._ic[key] = _image_caption(self.source(key))
+            ic = _image_caption(self.source(key))
+            check_coverage(ic, len(ic.images), self.allow_partial)  # before any embedding
+            self._ic[key] = ic
         return self._ic[key]
 
     def embed_image_caption(self, key: str) -> tuple[_ImageCaption, list[int], torch.Tensor, torch.Tensor]:
@@ -138,14 +183,40 @@ class _Context:
         ic = self.image_caption(key)
         table = self.embedder.embed(ic.images + ic.texts, desc=f"embedding {ic.name}")
         keep = [i for i, it in enumerate(ic.images) if it.key in table]
+        check_coverage(ic, len(keep), self.allow_partial, table.failed)
         if not keep:
             raise ValueError(f"no image of {ic.name} could be decoded (e.g. {next(iter(table.failed.values()), '?')})")
         return (ic, keep, table.lookup(ic.images[i].key for i in keep),
                 table.lookup(ic.texts[i].key for i in keep))
 
     def failed_reasons(self, ic: _ImageCaption) -> dict[str, int]:
-        failed = self.embedder.table.failed
-        return dict(Counter(failed[it.key] for it in ic.images if it.key in failed) + ic.skipped)
+        return skip_fields(ic, 0, self.embedder.table.failed)["skipped"]
+
+    def rows(self, ic: _ImageCaption, keep: Sequence[int]) -> dict[str, Any]:
+        """``n_listed``, ``n_evaluated``, ``skipped`` and ``skip_examples`` of a task over ``ic``'s ``keep`` rows."""
+        return skip_fields(ic, len(keep), self.embedder.table.failed)
+
+    def skip_report(self) -> SkipReport:
+        """Every row skipped in the image-caption data of this run, each named once."""
+        return SkipReport.merged(named_skips(ic, self.embedder.table.failed) for ic in self._ic.values())
+
+
+def open_source(path: str | os.PathLike, split: str, options: Mapping[str, Any] | None = None):
+    """A data path as a source: ROCOv2 (a folder with ``*_captions.csv`` or parquet shards, or a hub id), else a
+    user's CSV/TSV or image folder through the csv/folder adapter with ``options`` (``path_column``, ``encoding``,
+    ...). Options given for ROCOv2 data are a ValueError (its layout is fixed)."""
+    from fuselip_med.data.adapters import advise_option, get_adapter
+
+    text = os.fspath(path)
+    folder = Path(text)
+    rocov2_files = ("*_captions.csv", "*.parquet", "data/*.parquet")  # where the rocov2 adapter looks
+    own = folder.is_file() or (folder.is_dir() and not any(any(folder.glob(p)) for p in rocov2_files))
+    if own:
+        return get_adapter("folder")(text, split=split, **dict(options or {}))
+    if options:
+        given = ", ".join(advise_option(name, "...") for name in options)
+        raise ValueError(f"{given} apply to your own tables and folders; {text} is ROCOv2 data, read as published.")
+    return get_adapter("rocov2")(path=text, split=split)
 
 
 def _class_weights(embedder: Embedder, names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
@@ -159,7 +230,7 @@ def _task_retrieval(ctx: _Context, opts: dict) -> dict:
     res = evaluate_retrieval(img, txt, [ic.images[i].image_key for i in keep], [ic.texts[i].text for i in keep],
                              names=("image", "text"), pool_size=opts["pool_size"], n_pools=opts["n_pools"],
                              seed=opts["seed"], chunk_size=opts["chunk_size"])
-    res["skipped"] = ctx.failed_reasons(ic)
+    res.update(ctx.rows(ic, keep))
     return res
 
 
@@ -177,12 +248,15 @@ def _task_modality(ctx: _Context, opts: dict) -> dict:
     y_true = [classes.index(labels[r]) for r in rows]
     m = cls.classification_metrics(y_true, pred.tolist(), classes)
     m["chance_accuracy"] = 1.0 / len(classes)
-    skipped = ctx.failed_reasons(ic)
+    counts = ctx.rows(ic, keep)
     if len(rows) < len(keep):
-        skipped["no modality label"] = len(keep) - len(rows)
+        counts["skipped"]["no modality label"] = len(keep) - len(rows)
+        counts["skip_examples"]["no modality label"] = [ic.ids[keep[r]] for r, lab in enumerate(labels)
+                                                        if lab is None][:3]
+    counts["n_evaluated"] = len(rows)
     return {"metrics": {k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "chance_accuracy")},
             "per_class": m["per_class"], "confusion_matrix": m["confusion_matrix"], "n": len(rows),
-            "classes": classes, "templates": list(opts["modality_templates"]), "skipped": skipped}
+            "classes": classes, "templates": list(opts["modality_templates"]), **counts}
 
 
 def _concept_scores(ctx: _Context, key: str, concepts: list[str], weights: torch.Tensor, field_name: str):
@@ -208,13 +282,13 @@ def _task_concepts(ctx: _Context, opts: dict) -> dict:
     return {"metrics": metrics, "k": len(concepts), "n": int(t_truth.shape[0]), "n_valid": int(v_truth.shape[0]),
             "concept_field": field_name, "templates": list(opts["concept_templates"]),
             "concepts": [{"cui": c, "name": names.get(c, c), "valid_count": n} for c, n in top],
-            "skipped": ctx.failed_reasons(test), "skipped_valid": ctx.failed_reasons(valid)}
+            **ctx.rows(test, range(int(t_truth.shape[0]))), "skipped_valid": ctx.failed_reasons(valid)}
 
 
 def _task_gap(ctx: _Context, opts: dict) -> dict:
     ic, keep, img, txt = ctx.embed_image_caption("rocov2_test")
     m = modality_gap(img, txt, paired=True)
-    return {"metrics": m, "n": len(keep), "kinds": ["image", "caption"], "skipped": ctx.failed_reasons(ic)}
+    return {"metrics": m, "n": len(keep), "kinds": ["image", "caption"], **ctx.rows(ic, keep)}
 
 
 def _task_tgit(family: str) -> Callable[[_Context, dict], dict]:
@@ -293,6 +367,8 @@ def run_evaluation(
     modality_templates: Sequence[str] = cls.MODALITY_TEMPLATES,
     tgit_images: int = 1000,
     on_error: str = "skip",
+    allow_partial: bool = False,
+    source_options: Mapping[str, Any] | None = None,
 ) -> dict:
     """Run ``tasks`` on ``data`` with ``model`` (anything with ``encode(images=, texts=)``) and write
     ``metrics.json``, ``report.md`` and ``plots/`` under ``out_dir``. Returns the metrics.json content.
@@ -300,6 +376,12 @@ def run_evaluation(
     ``device``: move the model there first (default: leave it where it is). ``decode``/``decode_options``:
     how images become pixels (default ``fuselip_med.data.images.decode_image``). ``on_error="skip"`` leaves
     images that fail to decode out and counts them per task under ``skipped``.
+
+    Image-caption tasks record ``n_listed`` (rows the data listed), ``n_evaluated`` and ``skipped`` (reason ->
+    count, with ``skip_examples``); every skipped row is named in ``skipped.csv`` under ``out_dir``. Fewer than
+    half of the listed rows evaluable is a ``ValueError`` (before embedding where the adapter already knows)
+    unless ``allow_partial``. ``source_options``: csv/folder adapter options for data given as paths
+    (``path_column``, ``caption_column``, ``id_column``, ``sep``, ``image_root``, ``encoding``).
     """
     tasks = list(dict.fromkeys(tasks))
     unknown = [t for t in tasks if t not in _RUNNERS]
@@ -309,7 +391,7 @@ def run_evaluation(
         model = model.to(device)
     embedder = Embedder(model, batch_size=batch_size, num_workers=num_workers, decode=decode,
                         decode_options=decode_options, on_error=on_error, progress=progress)
-    ctx = _Context(data, embedder)
+    ctx = _Context(data, embedder, allow_partial=allow_partial, source_options=source_options)
     for t in tasks:
         missing = [k for k in _NEEDS[t] if not ctx.has(k)]
         if t in ("tgit", "tgit-med") and not (ctx.has("tgit") or ctx.has("rocov2_test")):
@@ -337,4 +419,5 @@ def run_evaluation(
         fuselip_med_version=package_version(),
     )
     write_report(report, Path(out_dir))
+    ctx.skip_report().write_csv(Path(out_dir) / "skipped.csv")
     return report.model_dump(mode="json")

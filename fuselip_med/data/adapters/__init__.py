@@ -1,5 +1,6 @@
 """Dataset adapters: a registry of factories ``(path, split, limit=None, strict=False, **opts) -> SampleSource``
-and the conventions they share (lazy Samples, no pixel decoding, bad rows skipped and counted or strict errors).
+and the conventions they share (lazy Samples, no pixel decoding, bad rows skipped and named in the source's
+``skipped`` report (a :class:`~fuselip_med.data.skips.SkipReport`) or strict errors).
 
 One registry holds dataset adapters and tasks built on them (``tgit``, ``tgit_med``): each module of
 ``adapter_modules()`` registers its factories with ``@register_adapter(name)``, and ``get_adapter`` imports those
@@ -7,7 +8,10 @@ modules on first use, so a name resolves in a fresh interpreter without importin
 registers its own adapters with the same decorator."""
 from __future__ import annotations
 
+import codecs
 import collections
+import contextlib
+import contextvars
 import csv
 import importlib
 import os
@@ -17,15 +21,19 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
 from ..schema import Sample
+from ..skips import SkipReport
 
 __all__ = [
     "BadRowError",
+    "SkipReport",
     "DatasetEmptyError",
     "DatasetNotFoundError",
     "ListSource",
     "SampleSource",
     "available_adapters",
+    "advise_option",
     "clean_caption",
+    "cli_option_style",
     "csv_rows",
     "get_adapter",
     "register_adapter",
@@ -67,7 +75,7 @@ class ListSource:
     def __init__(self, samples: Iterable[Sample], name: str = "list"):
         self.name = name
         self.samples = list(samples)
-        self.skipped: collections.Counter[str] = collections.Counter()
+        self.skipped = SkipReport()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -128,15 +136,96 @@ def clean_caption(text: str | None) -> str:
 
 
 def has_undecodable(text: str) -> bool:
-    """True when ``text`` was read with ``errors="surrogateescape"`` and held bytes that are not UTF-8."""
+    """True when ``text`` was read with ``errors="surrogateescape"`` and held bytes its encoding cannot decode."""
     return any("\udc80" <= ch <= "\udcff" for ch in text)
 
 
+# How user-facing messages name an adapter option: ``path_column=NAME`` (recipes, Python) or ``--path-column NAME``
+# (the embed/eval commands, which set this while they open their input).
+_OPTION_STYLE: contextvars.ContextVar[str] = contextvars.ContextVar("fuselip_med_option_style", default="adapter")
+
+
+@contextlib.contextmanager
+def cli_option_style() -> Iterator[None]:
+    """Within this block, messages name adapter options as command-line options (``--path-column NAME``)."""
+    token = _OPTION_STYLE.set("cli")
+    try:
+        yield
+    finally:
+        _OPTION_STYLE.reset(token)
+
+
+def in_cli() -> bool:
+    """True inside ``cli_option_style``: messages then name command-line options."""
+    return _OPTION_STYLE.get() == "cli"
+
+
+def advise_option(name: str, value: str | None = "NAME") -> str:
+    """How to write option ``name`` with ``value`` in a message: ``--path-column NAME`` on the command line
+    (inside ``cli_option_style``), else ``path_column=NAME`` (recipe ``options`` / keyword argument).
+    ``value=None`` is a switch: ``--allow-partial`` / ``allow_partial=True``."""
+    if in_cli():
+        flag = f"--{name.replace('_', '-')}"
+        return flag if value is None else f"{flag} {value}"
+    return f"{name}={'True' if value is None else value}"
+
+
+def text_encoding(encoding: str | None) -> str:
+    """The codec to read a table with: UTF-8 (a leading BOM dropped) by default; ``LookupError`` naming an
+    unknown one."""
+    if encoding is None:
+        return "utf-8-sig"
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        raise LookupError(f"unknown text encoding {encoding!r}: use e.g. utf-8, cp1252 or latin-1") from None
+    return "utf-8-sig" if name in ("utf-8", "utf-8-sig") else name
+
+
+def encoding_label(encoding: str) -> str:
+    """``UTF-8`` for the default codec, else the codec's name (``cp1252``)."""
+    return "UTF-8" if encoding.startswith("utf-8") else encoding
+
+
+def undecodable_reason(encoding: str) -> str:
+    """The skip reason of a row its table's encoding cannot decode (``non-utf8 text`` for the default)."""
+    return "non-utf8 text" if encoding.startswith("utf-8") else f"non-{encoding} text"
+
+
+_CANDIDATE_ENCODINGS = ("utf-8", "cp1252", "latin-1")
+
+
+def guess_encoding(samples: Iterable[str], read_as: str) -> str | None:
+    """The first of utf-8, cp1252, latin-1 (other than ``read_as``) that decodes every sample's original bytes
+    (``samples`` were read as ``read_as`` with ``errors="surrogateescape"``); None when none does."""
+    raw = [text.encode(read_as, "surrogateescape") for text in samples]
+    own = codecs.lookup(read_as.removesuffix("-sig")).name
+    for candidate in _CANDIDATE_ENCODINGS:
+        if codecs.lookup(candidate).name == own:
+            continue
+        try:
+            for data in raw:
+                data.decode(candidate)
+        except UnicodeDecodeError:
+            continue
+        return candidate
+    return None
+
+
+def encoding_hint(file: object, failed: Sequence[str], read_as: str) -> str:
+    """A sentence for a table whose rows ``failed`` to decode: how many, and the encoding they look like."""
+    likely = guess_encoding(failed, read_as) if failed else None
+    text = f"{len(failed)} row(s) of {file} are not valid {encoding_label(read_as)}"
+    if likely is not None:
+        return f"{text}; they look like {likely}: try {advise_option('encoding', likely)}"
+    return f"{text}; pass the file's encoding with {advise_option('encoding', 'NAME')}"
+
+
 def csv_rows(file: str | os.PathLike, strict: bool, skipped: collections.Counter, *, delimiter: str = ",",
-             reason: str = "bad csv row") -> Iterator[tuple[int, list[str]]]:
+             reason: str = "bad csv row", encoding: str = "utf-8-sig") -> Iterator[tuple[int, list[str]]]:
     """(line number, fields) of every non-blank row, header included; undecodable bytes stay as surrogates and
-    rows the csv module rejects are counted under ``reason`` (or raise when strict)."""
-    with open(file, newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
+    rows the csv module rejects are skipped under ``reason`` (or raise when strict)."""
+    with open(file, newline="", encoding=encoding, errors="surrogateescape") as handle:
         reader = csv.reader(handle, delimiter=delimiter)
         while True:
             try:
@@ -144,25 +233,35 @@ def csv_rows(file: str | os.PathLike, strict: bool, skipped: collections.Counter
             except StopIteration:
                 return
             except csv.Error as exc:
-                skip_or_raise(skipped, strict, reason, f"{file}, line {reader.line_num}", str(exc))
+                skip_or_raise(skipped, strict, reason, f"{file}, line {reader.line_num}", str(exc),
+                              id=f"line {reader.line_num}")
                 continue
             if fields and fields != [""]:
                 yield reader.line_num, fields
 
 
-def skip_or_raise(skipped: collections.Counter, strict: bool, reason: str, where: str, detail: str = "") -> None:
-    """Count a bad row under ``reason``, or raise ``BadRowError`` naming ``where`` (file and row) when strict."""
+def skip_or_raise(skipped: collections.Counter, strict: bool, reason: str, where: str, detail: str = "", *,
+                  id: object = None) -> None:
+    """Name a bad row in ``skipped`` (id: the row's ID, else ``where``; source: ``where``, the file and row), or
+    raise ``BadRowError`` naming ``where`` when strict. A plain ``Counter`` only counts it."""
     if strict:
         message = f"{where}: {reason}" + (f" ({detail})" if detail else "")
         raise BadRowError(message + "; fix or remove the row, or run without strict to skip such rows.", reason)
-    skipped[reason] += 1
+    if isinstance(skipped, SkipReport):
+        skipped.add(where if id is None or id == "" else id, where, reason, detail)
+    else:
+        skipped[reason] += 1
 
 
 def require_nonempty(n: int, path: object, what: str, skipped: collections.Counter) -> None:
-    """Raise ``DatasetEmptyError`` naming ``path`` when an adapter ended up with no sample."""
+    """Raise ``DatasetEmptyError`` naming ``path`` (and the skips, with example IDs) when an adapter ended up
+    with no sample."""
     if n == 0:
-        detail = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) or "no rows"
-        raise DatasetEmptyError(f"{what} at {path} has no usable sample (skipped: {detail}).")
+        if isinstance(skipped, SkipReport) and skipped.total:
+            detail = skipped.summary()
+        else:
+            detail = "skipped: " + (", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) or "no rows")
+        raise DatasetEmptyError(f"{what} at {path} has no usable sample ({detail}).")
 
 
 # ---------------------------------------------------------------------------------------------- registry

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..images import ImageDecodeError
 from ..schema import Sample
+from ..skips import SkipReport
 from . import (
     BadRowError,
     DatasetEmptyError,
@@ -121,7 +122,7 @@ class _Rows:
     offset: list[int] = field(default_factory=list)
     size: list[int] = field(default_factory=list)
     shards: list[str] = field(default_factory=list)
-    skipped: collections.Counter = field(default_factory=collections.Counter)
+    skipped: SkipReport = field(default_factory=SkipReport)
 
 
 class CCSource:
@@ -216,11 +217,11 @@ def _read_csv(file: Path, strict: bool, limit: int | None, check_files: bool) ->
             skip_or_raise(rows.skipped, strict, "non-utf8 text", where)
             continue
         if not caption:
-            skip_or_raise(rows.skipped, strict, "empty caption", where, written)
+            skip_or_raise(rows.skipped, strict, "empty caption", where, written, id=written)
             continue
         resolved = resolve_image_path(file.parent, written)
         if not written or (check_files and not os.path.isfile(resolved)):
-            skip_or_raise(rows.skipped, strict, "missing image", where, resolved)
+            skip_or_raise(rows.skipped, strict, "missing image", where, resolved, id=written)
             continue
         rows.ids.append(_unique_id(PurePosixPath(written.replace("\\", "/")).stem, seen))
         rows.captions.append(caption)
@@ -269,7 +270,7 @@ def _index_shards(shards: list[str], strict: bool, limit: int | None) -> _Rows:
         try:
             for key, members, caption in _shard_samples(shard, strict, rows.skipped):
                 if key in seen:
-                    skip_or_raise(rows.skipped, strict, "duplicate id", f"{shard}: {key}")
+                    skip_or_raise(rows.skipped, strict, "duplicate id", f"{shard}: {key}", id=key)
                     continue
                 seen.add(key)
                 ext = next(e for e in IMAGE_EXTS if e in members)

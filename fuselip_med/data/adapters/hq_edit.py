@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..schema import Sample
+from ..skips import SkipReport
 from . import (
     DatasetEmptyError,
     DatasetNotFoundError,
@@ -89,7 +90,7 @@ def hq_edit(path: str | os.PathLike = HUB_ID, split: str = "train", limit: int |
     text = os.fspath(path)
     dataset = _load(text, split, cache_dir, revision)
     where = f"{text} ({split})"
-    skipped: collections.Counter[str] = collections.Counter()
+    skipped = SkipReport()
     table = dataset.select_columns(list(TEXT_COLUMNS)).with_format("arrow")[:]
     columns = {name: table.column(name).to_pylist() for name in TEXT_COLUMNS}
     present = [all(pair) for pair in zip(*(_present(dataset, name) for name in IMAGE_COLUMNS))]

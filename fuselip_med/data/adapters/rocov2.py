@@ -13,6 +13,7 @@ from typing import Any
 from fuselip_med.vocab import ROCOV2_MANUAL_CUI_NAMES, ROCOV2_MODALITIES
 
 from ..schema import Sample
+from ..skips import SkipReport
 from . import (
     DatasetEmptyError,
     DatasetNotFoundError,
@@ -22,6 +23,7 @@ from . import (
     csv_rows,
     has_undecodable,
     image_files,
+    in_cli,
     pair_sample,
     register_adapter,
     require_nonempty,
@@ -43,10 +45,14 @@ _HF_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm")  # preference order when one ID has several files
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
-HOW_TO_GET = (
-    "download ROCOv2 with `python data_tools/download_rocov2.py --out ROCOv2_data` (or the docker download image) "
-    "and pass that folder, or point the recipe at your local copy with `--set data.train.path=DIR`"
-)
+def how_to_get() -> str:
+    """Where to get ROCOv2 and how to pass it: to ``eval`` (``--data rocov2=DIR``, inside ``cli_option_style``)
+    or to a recipe (``--set data.train.path=DIR`` on finetune/train)."""
+    get = ("download ROCOv2 with `python data_tools/download_rocov2.py --out ROCOv2_data` (or the docker download "
+           "image) and pass that folder")
+    if in_cli():
+        return f"{get} with `--data rocov2=ROCOv2_data`"
+    return f"{get}, or point the recipe at your local copy with `--set data.train.path=DIR`"
 
 
 def canonical_split(split: str) -> str:
@@ -84,7 +90,7 @@ class _Rows:
     manual: list[tuple[str, ...]] = field(default_factory=list)
     images: list[str] | list[int] = field(default_factory=list)
     dataset: Any = None
-    skipped: collections.Counter = field(default_factory=collections.Counter)
+    skipped: SkipReport = field(default_factory=SkipReport)
 
 
 class RocoV2Source:
@@ -169,14 +175,14 @@ def rocov2(path: str | os.PathLike, split: str = "train", limit: int | None = No
             if not files:
                 raise DatasetNotFoundError(
                     f"{local} holds neither the official ROCOv2 files ({split}_captions.csv) nor the Hugging Face "
-                    f"parquet shards (data/{_HF_SPLITS[split]}-*.parquet): {HOW_TO_GET}.")
+                    f"parquet shards (data/{_HF_SPLITS[split]}-*.parquet): {how_to_get()}.")
             dataset = _load_hf(files=files, split=split, cache_dir=cache_dir, revision=revision, where=str(local))
-            rows = _read_hf(dataset, split, strict, where=str(local))
+            rows = _read_hf(dataset, split, strict, where=str(local), files=files)
             layout = "hf"
     else:
         hub_id = text.removeprefix("hf://datasets/")
         if not _HUB_ID.match(hub_id):
-            raise DatasetNotFoundError(f"ROCOv2 path {text} does not exist: {HOW_TO_GET}.")
+            raise DatasetNotFoundError(f"ROCOv2 path {text} does not exist: {how_to_get()}.")
         dataset = _load_hf(hub_id=hub_id, split=split, cache_dir=cache_dir, revision=revision, where=hub_id)
         rows = _read_hf(dataset, split, strict, where=hub_id)
         layout = "hf"
@@ -238,7 +244,7 @@ def _image_index(root: Path, split: str) -> dict[str, str]:
     files = image_files(folders, IMAGE_SUFFIXES)
     if files is None:
         archive = root / f"{split}_images.zip"
-        hint = f"unzip {archive} in {root}" if archive.is_file() else HOW_TO_GET
+        hint = f"unzip {archive} in {root}" if archive.is_file() else how_to_get()
         raise DatasetNotFoundError(
             f"{root} has {split}_captions.csv but no image folder ({root / f'{split}_images' / split} or "
             f"{root / split}): {hint}.")
@@ -260,22 +266,24 @@ def _read_official(root: Path, split: str, strict: bool) -> _Rows:
     seen: set[str] = set()
     for line, fields in _data_rows(captions_file, strict, skipped, "bad csv row"):
         where = f"{captions_file}, line {line}"
+        row_id = fields[0].strip() if fields and not has_undecodable(fields[0]) else ""
         if len(fields) != 2 or not fields[0].strip():
-            skip_or_raise(skipped, strict, "bad csv row", where, f"expected ID,Caption, got {len(fields)} fields")
+            skip_or_raise(skipped, strict, "bad csv row", where, f"expected ID,Caption, got {len(fields)} fields",
+                          id=row_id or f"line {line}")
             continue
         image_id, caption = fields[0].strip(), clean_caption(fields[1])
         if has_undecodable(fields[0]) or has_undecodable(caption):
-            skip_or_raise(skipped, strict, "non-utf8 text", where)
+            skip_or_raise(skipped, strict, "non-utf8 text", where, id=row_id or f"line {line}")
             continue
         if image_id in seen:
-            skip_or_raise(skipped, strict, "duplicate id", where, image_id)
+            skip_or_raise(skipped, strict, "duplicate id", where, image_id, id=image_id)
             continue
         if not caption:
-            skip_or_raise(skipped, strict, "empty caption", where, image_id)
+            skip_or_raise(skipped, strict, "empty caption", where, image_id, id=image_id)
             continue
         image = images.get(image_id)
         if image is None:
-            skip_or_raise(skipped, strict, "missing image", where, f"no {image_id}.jpg/.png/.dcm")
+            skip_or_raise(skipped, strict, "missing image", where, f"no {image_id}.jpg/.png/.dcm", id=image_id)
             continue
         seen.add(image_id)
         manual_cuis = manual.get(image_id, ())
@@ -320,7 +328,7 @@ def _load_hf(*, split: str, where: str, files: list[str] | None = None, hub_id: 
         except Exception as exc:  # offline, unknown id, no access: one sentence for the user, the cause chained
             raise DatasetNotFoundError(
                 f"could not load ROCOv2 from the Hugging Face hub id {hub_id!r} ({type(exc).__name__}: {exc}); "
-                f"{HOW_TO_GET}.") from exc
+                f"{how_to_get()}.") from exc
     missing = {"image", "image_id", "caption"} - set(dataset.column_names)
     if missing:
         raise DatasetEmptyError(
@@ -340,7 +348,18 @@ def _image_present(dataset) -> list[bool]:
     return present
 
 
-def _read_hf(dataset, split: str, strict: bool, where: str) -> _Rows:
+def _shard_rows(files: list[str]) -> list[tuple[int, str]]:
+    """(first global row, file) of each parquet shard, from the footers (the loader concatenates them in order)."""
+    import pyarrow.parquet as pq
+
+    starts, first = [], 0
+    for file in files:
+        starts.append((first, file))
+        first += pq.ParquetFile(file).metadata.num_rows
+    return starts
+
+
+def _read_hf(dataset, split: str, strict: bool, where: str, files: list[str] | None = None) -> _Rows:
     rows = _Rows()
     skipped = rows.skipped
     columns = ["image_id", "caption"] + (["cui"] if "cui" in dataset.column_names else [])
@@ -349,24 +368,27 @@ def _read_hf(dataset, split: str, strict: bool, where: str) -> _Rows:
     captions = table.column("caption").to_pylist()
     cuis = table.column("cui").to_pylist() if "cui" in columns else [None] * len(ids)
     present = _image_present(dataset)
-    seen: set[str] = set()
+    shards = _shard_rows(files) if files else []
+    seen: dict[str, str] = {}
     for row, (image_id, caption, cui) in enumerate(zip(ids, captions, cuis)):
-        at = f"{where} ({_HF_SPLITS[split]}), row {row}"
+        first, shard = next(((f, name) for f, name in reversed(shards) if f <= row), (0, None))
+        at = f"{shard}, row {row - first}" if shard else f"{where} ({_HF_SPLITS[split]}), row {row}"
         image_id = (image_id or "").strip()
         caption = clean_caption(caption)
         if not image_id:
-            skip_or_raise(skipped, strict, "missing id", at)
+            skip_or_raise(skipped, strict, "missing id", at, id=f"row {row}")
             continue
-        if image_id in seen:  # the train split of the mirror repeats 4 image ids
-            skip_or_raise(skipped, strict, "duplicate id", at, image_id)
+        if image_id in seen:  # the train split of the mirror repeats 4 image ids, also across shards
+            skip_or_raise(skipped, strict, "duplicate id", at, f"first at {seen[image_id]}", id=image_id)
             continue
         if not caption:
-            skip_or_raise(skipped, strict, "empty caption", at, image_id)
+            skip_or_raise(skipped, strict, "empty caption", at, image_id, id=image_id)
             continue
         if not present[row]:
-            skip_or_raise(skipped, strict, "missing image", at, image_id)
+            skip_or_raise(skipped, strict, "null image", at, "the image cell holds neither bytes nor a path",
+                          id=image_id)
             continue
-        seen.add(image_id)
+        seen[image_id] = at
         manual = parse_cuis(";".join(cui or ()))
         rows.images.append(row)
         rows.ids.append(image_id)

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..images import load_image
 from ..schema import Sample
+from ..skips import SkipReport
 from . import (
     DatasetNotFoundError,
     check_index,
@@ -209,7 +210,7 @@ def vg_crop(path: str | os.PathLike, split: str = "train", limit: int | None = N
     hashed = not split_file.is_file()
     entries = _load_json(root / "region_descriptions.json" if hashed else split_file)
     images = _image_index(root)
-    skipped: collections.Counter[str] = collections.Counter()
+    skipped = SkipReport()
     filtered: collections.Counter[str] = collections.Counter()
     columns: dict[str, list] = {"image_id": [], "item_id": [], "box": [], "text": []}
     for number, entry in enumerate(entries):
@@ -265,7 +266,7 @@ def vg_vqa(path: str | os.PathLike, split: str = "train", limit: int | None = No
     check_limit(limit)
     entries = _load_json(root / "question_answers.json")
     images = _image_index(root)
-    skipped: collections.Counter[str] = collections.Counter()
+    skipped = SkipReport()
     columns: dict[str, list] = {"image_id": [], "item_id": [], "text": [], "answer": []}
     for number, entry in enumerate(entries):
         qas = entry.get("qas") if isinstance(entry, dict) else None

@@ -7,6 +7,7 @@ import os
 from pathlib import Path, PurePosixPath
 
 from ..schema import Sample
+from ..skips import SkipReport
 from . import (
     DatasetNotFoundError,
     check_index,
@@ -59,7 +60,7 @@ def cc3m_vqa(path: str | os.PathLike, split: str = "train", limit: int | None = 
         raise DatasetNotFoundError(f"CC3M-VQA table {file} does not exist: give the CSV with columns "
                                    f"path,question,answer (image paths relative to its folder or absolute).")
     check_limit(limit)
-    skipped: collections.Counter[str] = collections.Counter()
+    skipped = SkipReport()
     table = read_csv_columns(file, ("path", "question", "answer"), strict, skipped)
     records: list[tuple[str, str, str, str]] = []
     rows = zip(table["path"], table["question"], table["answer"])
@@ -72,14 +73,14 @@ def cc3m_vqa(path: str | os.PathLike, split: str = "train", limit: int | None = 
             skip_or_raise(skipped, strict, "non-utf8 text", where)
             continue
         if not question:
-            skip_or_raise(skipped, strict, "empty question", where, written)
+            skip_or_raise(skipped, strict, "empty question", where, written, id=written)
             continue
         if not answer:
-            skip_or_raise(skipped, strict, "empty answer", where, written)
+            skip_or_raise(skipped, strict, "empty answer", where, written, id=written)
             continue
         image = resolve_image_path(file.parent, written)
         if not written or (check_files and not os.path.isfile(image)):
-            skip_or_raise(skipped, strict, "missing image", where, image)
+            skip_or_raise(skipped, strict, "missing image", where, image, id=written)
             continue
         stem = PurePosixPath(written.replace("\\", "/")).stem
         records.append((f"{stem}/{row}", image, question, answer))
