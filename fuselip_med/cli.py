@@ -169,12 +169,22 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _tasks_help() -> str:
+    from fuselip_med.eval.tasks import tasks_help
+
+    return "Comma-separated tasks (default: the suite's, zero-shot with --labels, else rocov2-retrieval,rocov2-modality): " + tasks_help()
+
+
 @app.command("eval")
 def eval_command(
     model: str = typer.Option(..., "--model", "-m", help="Checkpoint: hub id, local directory, .pt file or LoRA adapter directory."),
-    tasks: str = typer.Option("rocov2-retrieval,rocov2-modality", "--tasks", "-t",
-                              help="Comma-separated: rocov2-retrieval, rocov2-modality, rocov2-concepts, modality-gap, tgit, tgit-med, composed-retrieval."),
-    data: list[str] = typer.Option([], "--data", "-d", help="KEY=PATH, e.g. rocov2=ROCOv2_data (both splits), rocov2_test=..., tgit=..."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", "-t", help=_tasks_help()),
+    data: list[str] = typer.Option([], "--data", "-d", help="NAME=PATH (repeatable): an adapter (rocov2, folder, csv, cc, ...), a data role (test, valid, labelled, mmeb, imagenet, vg_crop, oi_crop, oi_pos, sugarcrepe, tgit) or ROLE:ADAPTER."),
+    suite: Optional[str] = typer.Option(None, "--suite", help="Run a benchmark suite: paper (MMEB, ImageNet, VG-Crop, OI-Crop, OI-Pos, TGIT, SugarCrepe)."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder holding the suite's benchmark folders (MMEB-eval/, imagenet/, visual_genome/, open_images/, cc3m/, sugarcrepe/)."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Zero-shot classes, one per line (default: the labels found in the data)."),
+    templates: Optional[Path] = typer.Option(None, "--templates", help="Zero-shot prompt templates, one per line with {c} for the class (default: a radiology set)."),
+    label_column: str = typer.Option("label", "--label-column", help="The sample field holding the class label (a CSV column)."),
     out: Path = typer.Option(Path("eval_results"), "--out", "-o", help="Directory for metrics.json, report.md and plots."),
     pool_size: int = typer.Option(1000, help="Size of the seeded random retrieval pools."),
     n_pools: int = typer.Option(5, help="Number of random pools to average."),
@@ -183,26 +193,37 @@ def eval_command(
     num_workers: int = typer.Option(2, help="Image decoding workers."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
 ) -> None:
-    """Evaluate a model: retrieval R@k, zero-shot modality/concepts, TGIT, modality gap.
+    """Evaluate a model: retrieval R@k, zero-shot classification, concepts, TGIT, the paper's benchmark suite.
 
     Examples:\n
       fuselip-med eval --model runs/rocov2/final --data rocov2=ROCOv2_data\n
-      fuselip-med eval -m chs20/FuseLIP-S-CC3M-MM -t rocov2-retrieval,rocov2-concepts -d rocov2=eltorio/ROCOv2-radiology
+      fuselip-med eval -m runs/rocov2/final --data folder=chest_xrays/ --labels labels.txt\n
+      fuselip-med eval -m runs/rocov2/final --data csv=studies.csv --labels labels.txt --templates prompts.txt\n
+      fuselip-med eval -m chs20/FuseLIP-S-CC3M-MM --suite paper --data-root /data/benchmarks\n
+      fuselip-med eval -m chs20/FuseLIP-S-CC3M-MM -t mmeb --data mmeb=/data/MMEB-eval
     """
-    from fuselip_med.eval.runner import run_evaluation
+    from fuselip_med.eval.command import choose_tasks, parse_data, suite_data
+    from fuselip_med.eval.runner import check_tasks, run_evaluation
+    from fuselip_med.eval.tasks.zero_shot import read_labels, read_templates
     from fuselip_med.train.trainer import flatten_metrics
 
-    data_map = {}
-    for entry in data:
-        key, sep, value = entry.partition("=")
-        if not sep or not key or not value:
-            fail(f"--data {entry!r}: expected KEY=PATH, e.g. rocov2=ROCOv2_data.", code=2)
-        data_map[key] = value
+    try:
+        chosen = choose_tasks(tasks, suite, labels is not None or templates is not None)
+        data_map = parse_data(data)
+        if suite is not None or data_root is not None:
+            if data_root is None:
+                fail("--suite needs --data-root DIR (or give each benchmark with --data ROLE=PATH and --tasks).", code=2)
+            data_map = {**suite_data(suite or "paper", data_root, chosen), **data_map}
+        class_names = read_labels(labels) if labels is not None else None
+        prompt_templates = read_templates(templates) if templates is not None else None
+        check_tasks(chosen, data_map)
+    except ValueError as error:
+        fail(str(error), code=2)
     fuselip, _, _ = _load_for_inference(model, device)
     try:
-        report = run_evaluation(fuselip, [t.strip() for t in tasks.split(",") if t.strip()], data_map, out,
-                                seed=seed, pool_size=pool_size, n_pools=n_pools, batch_size=batch_size,
-                                num_workers=num_workers, model_id=model)
+        report = run_evaluation(fuselip, chosen, data_map, out, seed=seed, pool_size=pool_size, n_pools=n_pools,
+                                batch_size=batch_size, num_workers=num_workers, model_id=model, labels=class_names,
+                                templates=prompt_templates, label_field=label_column)
     except (ValueError, FileNotFoundError) as error:
         fail(str(error))
     table = Table(title=f"Evaluation of {model}")

@@ -96,9 +96,12 @@ class FolderSource:
 @register_adapter("folder")
 def folder(path: str | os.PathLike, split: str = "train", limit: int | None = None, strict: bool = False, *,
            pair_mode: str = "image_to_caption", image_root: str | None = None, path_column: str = "path",
-           caption_column: str = "caption", delimiter: str | None = None, check_files: bool = True) -> FolderSource:
+           caption_column: str = "caption", delimiter: str | None = None, check_files: bool = True,
+           require_captions: bool = True) -> FolderSource:
     """Image-caption pairs from a table or a sidecar folder (see the module doc). ``check_files=False`` skips the
-    per-row existence check of table paths (for huge tables on slow storage; decoding still reports them)."""
+    per-row existence check of table paths (for huge tables on slow storage; decoding still reports them).
+    ``require_captions=False`` keeps images without a caption (caption ""): labelled images for zero-shot
+    classification; in a folder, an image in a subfolder gets the subfolder's name as its ``label``."""
     root = Path(os.fspath(path)).expanduser()
     if not root.exists():
         raise DatasetNotFoundError(f"image-caption data path {root} does not exist: {HOW_TO_USE}.")
@@ -106,11 +109,12 @@ def folder(path: str | os.PathLike, split: str = "train", limit: int | None = No
     skipped: collections.Counter[str] = collections.Counter()
     if table is not None:
         records = _read_table(table, strict, skipped, image_root=image_root, path_column=path_column,
-                              caption_column=caption_column, delimiter=delimiter, check_files=check_files)
+                              caption_column=caption_column, delimiter=delimiter, check_files=check_files,
+                              require_captions=require_captions)
         name = f"csv/{table.stem}"
     else:
         images_dir = root / split if (root / split).is_dir() else root
-        records = _read_sidecars(images_dir, strict, skipped)
+        records = _read_sidecars(images_dir, strict, skipped, require_captions)
         name = f"folder/{images_dir.name}"
     return FolderSource(name=name, path=str(table or root), split=split, records=records, skipped=skipped,
                         pair_mode=pair_mode, limit=limit)
@@ -138,7 +142,8 @@ def _unique_id(candidate: str, seen: dict[str, int]) -> str:
 
 
 def _read_table(table: Path, strict: bool, skipped: collections.Counter, *, image_root: str | None,
-                path_column: str, caption_column: str, delimiter: str | None, check_files: bool) -> list[dict]:
+                path_column: str, caption_column: str, delimiter: str | None, check_files: bool,
+                require_captions: bool = True) -> list[dict]:
     base = Path(image_root).expanduser() if image_root else table.parent
     if delimiter is None:
         with open(table, encoding="utf-8", errors="replace") as handle:
@@ -149,12 +154,12 @@ def _read_table(table: Path, strict: bool, skipped: collections.Counter, *, imag
     header = [h.strip().lower() for h in next(rows, (0, []))[1]]
     columns = {name: i for i, name in reversed(list(enumerate(header)))}
     for wanted, option in ((path_column, "path_column"), (caption_column, "caption_column")):
-        if wanted.lower() not in columns:
+        if wanted.lower() not in columns and (require_captions or option == "path_column"):
             raise DatasetEmptyError(
                 f"{table} has no column {wanted!r} (its columns: {', '.join(header) or 'none'}); rename the "
                 f"column or pass {option}=NAME.")
     at = {key: columns.get(key) for key in ("id", "label", "labels", "modality", "group")}
-    i_path, i_caption = columns[path_column.lower()], columns[caption_column.lower()]
+    i_path, i_caption = columns[path_column.lower()], columns.get(caption_column.lower())
     records: list[dict] = []
     seen: dict[str, int] = {}
     for line, fields in rows:
@@ -165,8 +170,9 @@ def _read_table(table: Path, strict: bool, skipped: collections.Counter, *, imag
         if any(has_undecodable(f) for f in fields):
             skip_or_raise(skipped, strict, "non-utf8 text", where)
             continue
-        written, caption = fields[i_path].strip(), clean_caption(fields[i_caption])
-        if not caption:
+        written = fields[i_path].strip()
+        caption = clean_caption(fields[i_caption]) if i_caption is not None else ""
+        if not caption and require_captions:
             skip_or_raise(skipped, strict, "empty caption", where, written)
             continue
         expanded = os.path.expanduser(written)
@@ -191,7 +197,8 @@ def _sidecar(image: Path) -> Path | None:
     return None
 
 
-def _read_sidecars(root: Path, strict: bool, skipped: collections.Counter) -> list[dict]:
+def _read_sidecars(root: Path, strict: bool, skipped: collections.Counter,
+                   require_captions: bool = True) -> list[dict]:
     records: list[dict] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
@@ -201,6 +208,10 @@ def _read_sidecars(root: Path, strict: bool, skipped: collections.Counter) -> li
             image = Path(dirpath) / filename
             rel = image.relative_to(root).as_posix()
             caption_file = _sidecar(image)
+            label = Path(rel).parts[0] if len(Path(rel).parts) > 1 else None
+            if caption_file is None and not require_captions:
+                records.append(_record(rel, str(image), "", [label] if label else None, label))
+                continue
             if caption_file is None:
                 skip_or_raise(skipped, strict, "missing caption", str(image), f"no {filename}.txt or "
                               f"{os.path.splitext(filename)[0]}.txt beside it")
@@ -213,5 +224,5 @@ def _read_sidecars(root: Path, strict: bool, skipped: collections.Counter) -> li
             if not caption:
                 skip_or_raise(skipped, strict, "empty caption", str(caption_file))
                 continue
-            records.append(_record(rel, str(image), caption))
+            records.append(_record(rel, str(image), caption, [label] if label else None, label))
     return records

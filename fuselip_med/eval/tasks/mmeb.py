@@ -1,0 +1,216 @@
+"""``mmeb``: the Massive Multimodal Embedding Benchmark (Jiang et al., VLM2Vec), as FuseLIP evaluates it.
+
+Data (role ``mmeb``): the ``TIGER-Lab/MMEB-eval`` release, one folder per subset holding its test split
+(``<Subset>/test-*.parquet``, or ``<Subset>.jsonl``/``.json``/``.parquet``), with the images of its
+``images.zip`` extracted under ``eval_images/`` (or ``images/``, or the root). Rows have ``qry_text`` and
+``qry_img_path`` (the query; VLM2Vec writes the instruction into ``qry_text`` after ``<|image_1|>``) and the
+lists ``tgt_text``/``tgt_img_path`` (the candidates, the first one correct); a separate ``qry_inst``/
+``tgt_inst`` column, where present, is the instruction. An empty image path means "no image".
+
+Protocol (FuseLIP ``src/mmeb/mmeb_eval.py`` and ``mmeb_utils.py``; reference-facts section 6.3, "MMEB
+style"): FuseLIP has no chat prompt, so the VLM2Vec instructions are removed from query and candidate texts
+(``TxtModifier(empty_prompt=True)``), except HatefulMemes whose instruction becomes "Is this image
+hateful?"; ImageNet-1K class names keep the text before the first comma; classification candidates get a
+prefix ("a photo of a ", "a photo from the domain of " for N24News, "this is in the country of " for
+Country211). Queries and candidates are embedded fused (image + text; text-only when there is no image).
+Precision@1 per subset = share of queries whose top candidate is the first one (ties: first wins). The
+category scores are the means over their subsets (MMEB's 10 classification, 10 VQA, 12 retrieval and 4
+grounding subsets = 36), and ``Overall`` the mean over all evaluated subsets.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from ..embedding import EmbedItem
+from ..scoring import pad_candidates, top1_positions
+from .context import EvalContext
+
+__all__ = ["CATEGORIES", "SUBSETS", "clean_text", "read_subset", "find_subsets", "run"]
+
+CATEGORIES: dict[str, tuple[str, ...]] = {
+    "Classification": ("ImageNet-1K", "N24News", "HatefulMemes", "VOC2007", "SUN397", "Place365", "ImageNet-A",
+                       "ImageNet-R", "ObjectNet", "Country211"),
+    "VQA": ("OK-VQA", "A-OKVQA", "DocVQA", "InfographicsVQA", "ChartQA", "Visual7W", "ScienceQA", "VizWiz", "GQA",
+            "TextVQA"),
+    "Retrieval": ("VisDial", "CIRR", "VisualNews_t2i", "VisualNews_i2t", "MSCOCO_t2i", "MSCOCO_i2t", "NIGHTS",
+                  "WebQA", "FashionIQ", "Wiki-SS-NQ", "OVEN", "EDIS"),
+    "Grounding": ("MSCOCO", "RefCOCO", "RefCOCO-Matching", "Visual7W-Pointing"),
+}
+SUBSETS: tuple[str, ...] = tuple(s for subsets in CATEGORIES.values() for s in subsets)
+CATEGORY_OF = {s: c for c, subsets in CATEGORIES.items() for s in subsets}
+
+HATEFUL_PROMPT = "Is this image hateful?"
+CANDIDATE_PREFIX = {"N24News": "a photo from the domain of ", "Country211": "this is in the country of ",
+                    **{s: "a photo of a " for s in ("ImageNet-1K", "VOC2007", "SUN397", "Place365", "ImageNet-A",
+                                                    "ImageNet-R", "ObjectNet")}}
+# The VLM2Vec instructions that end in ":" or "." before the query's own text (MMEB-eval's qry_text/tgt_text);
+# the FuseLIP evaluation replaces each with "" (reference ``REPLACEMENTS_EVAL`` with ``empty_prompt=True``).
+INSTRUCTIONS: tuple[str, ...] = (
+    "Represent the given image with the following question:",
+    "Represent the given image for classification",
+    "Represent the given news image with the following caption for domain classification:",
+    "Represent the given image for binary classification to determine whether it constitutes hateful speech or not",
+    "Represent the given dialogue about an image, which is used for image retrieval:",
+    "Find an image to match the fashion image and style note:",
+    "Represent the given image.",
+    "Represent the given image",
+    "Given an image, find a similar everyday image with the described changes:",
+    "Find a day-to-day image that looks similar to the provided image.",
+    "Find a Wikipedia image that answers this question:",
+    "Represent the given Wikipedia image with related text information:",
+    "Select the portion of the image that isolates the object labeled as",
+    "Represent the given cropped image of the object",
+    "Find an image caption describing the given everyday image.",
+    "Find me an everyday image that matches the given caption:",
+    "Identify the scene shown in the image",
+    "Identify the object shown in the image",
+    "Find a caption for the news in the given photo.",
+    "Retrieve an image of this news caption.",
+    "Identify the country depicted in the image",
+    "Find a news image that matches the provided caption:",
+    "Crop the image to to isolate the object labeled as",
+    "Retrieve a Wikipedia image-description pair that provides evidence for the question of this image:",
+    "Select the portion of the image that follows the language expressions.",
+    "Select the portion of the image that follows the language expressions:",
+    "Select the portion of the image that answers the question",
+    "Find the document image that can answer the given query:",
+)
+_IMAGE_TOKEN = re.compile(r"<\|image_\d+\|>\s*")
+_DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
+
+
+def clean_text(text: str | None, subset: str, *, candidate: bool, instruction: str | None = None) -> str:
+    """A query/candidate text as FuseLIP embeds it (module docstring): image token and instruction removed
+    (HatefulMemes queries: "Is this image hateful?"), ImageNet-1K names cut at the first comma, the
+    classification prefix added to candidates."""
+    text = _IMAGE_TOKEN.sub("", text or "")
+    hateful = subset == "HatefulMemes" and not candidate
+    for known in INSTRUCTIONS:
+        if known in text:
+            text = text.replace(known, HATEFUL_PROMPT if hateful else "")
+    if instruction and hateful:
+        text = f"{HATEFUL_PROMPT} {text}"
+    if subset == "ImageNet-1K":
+        text = text.split(",")[0]
+    text = text.strip()
+    if candidate:
+        text = f"{CANDIDATE_PREFIX.get(subset, '')}{text}"
+    return text.rstrip("\n").strip()
+
+
+def find_subsets(root: str | os.PathLike) -> dict[str, list[Path]]:
+    """{subset: data files} for the subsets present under ``root`` (``<Subset>/*.parquet|jsonl|json`` or
+    ``<Subset>.parquet|jsonl|json``)."""
+    base = Path(root)
+    found: dict[str, list[Path]] = {}
+    for subset in SUBSETS:
+        folder = base / subset
+        files = sorted(f for f in folder.glob("*") if f.suffix in _DATA_SUFFIXES) if folder.is_dir() else []
+        files = [f for f in files if "train" not in f.name] or files
+        if not files:
+            files = [base / f"{subset}{s}" for s in _DATA_SUFFIXES if (base / f"{subset}{s}").is_file()][:1]
+        if files:
+            found[subset] = files
+    return found
+
+
+def read_subset(files: list[Path]) -> list[dict]:
+    """The rows of one subset's data files (parquet via pyarrow, JSON lines, or a JSON list)."""
+    rows: list[dict] = []
+    for file in files:
+        if file.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            rows.extend(pq.read_table(file).to_pylist())
+        elif file.suffix == ".jsonl":
+            with open(file, encoding="utf-8") as handle:
+                rows.extend(json.loads(line) for line in handle if line.strip())
+        else:
+            data = json.loads(file.read_text(encoding="utf-8"))
+            rows.extend(data if isinstance(data, list) else data.get("data", []))
+    return rows
+
+
+def _image_base(root: Path, rows: list[dict]) -> Path | None:
+    paths = [p for r in rows for p in [r.get("qry_img_path")] + list(r.get("tgt_img_path") or []) if p][:1]
+    if not paths:
+        return root
+    for base in (root / "eval_images", root / "images", root):
+        if (base / paths[0]).is_file():
+            return base
+    return None
+
+
+def _item(base: Path, image: str | None, text: str) -> EmbedItem:
+    if image:
+        return EmbedItem(image=str(base / image), text=text)
+    return EmbedItem(text=text)
+
+
+def _evaluate_subset(ctx: EvalContext, subset: str, rows: list[dict], base: Path) -> dict:
+    queries, cand_lists, skipped = [], [], Counter()
+    for row in rows:
+        texts, images = list(row.get("tgt_text") or []), list(row.get("tgt_img_path") or [])
+        if not texts or len(texts) != len(images):
+            skipped["bad candidate list"] += 1
+            continue
+        q = _item(base, row.get("qry_img_path"), clean_text(row.get("qry_text"), subset, candidate=False,
+                                                              instruction=row.get("qry_inst")))
+        cands = [_item(base, img, clean_text(t, subset, candidate=True)) for t, img in zip(texts, images)]
+        queries.append(q)
+        cand_lists.append(cands)
+    table = ctx.embedder.embed(queries + [c for cs in cand_lists for c in cs], desc=f"embedding MMEB {subset}")
+    keep = []
+    for i, (q, cs) in enumerate(zip(queries, cand_lists)):
+        bad = next((table.failed[it.key] for it in [q, *cs] if it.key in table.failed), None)
+        if bad is None:
+            keep.append(i)
+        else:
+            skipped[bad] += 1
+    if not keep:
+        return {"n": 0, "correct": 0, "skipped": dict(skipped)}
+    flat = table.index_of(c.key for i in keep for c in cand_lists[i]).tolist()
+    bounds = np.cumsum([0] + [len(cand_lists[i]) for i in keep])
+    ids, valid = pad_candidates([flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+    top = top1_positions(table.lookup(queries[i].key for i in keep), table.embeddings, ids, valid)
+    correct = int((top == 0).sum())
+    return {"n": len(keep), "correct": correct, "precision_at_1": correct / len(keep), "skipped": dict(skipped)}
+
+
+def run(ctx: EvalContext) -> dict:
+    """Precision@1 per subset (``per_subset``), per category and overall (``metrics``)."""
+    root = Path(ctx.path("mmeb")).expanduser()
+    found = find_subsets(root)
+    wanted = list(ctx.opts.mmeb_subsets) if ctx.opts.mmeb_subsets else [s for s in SUBSETS if s in found]
+    missing = [s for s in wanted if s not in found]
+    if missing or not wanted:
+        raise ValueError(f"MMEB folder {root} has no data for {', '.join(missing) or 'any subset'}: download "
+                         f"TIGER-Lab/MMEB-eval there (one folder per subset) and extract images.zip into "
+                         f"{root / 'eval_images'}")
+    per_subset: dict[str, dict] = {}
+    for subset in wanted:
+        rows = read_subset(found[subset])
+        base = _image_base(root, rows)
+        if base is None:
+            raise ValueError(f"MMEB subset {subset}: its images are not under {root / 'eval_images'}, "
+                             f"{root / 'images'} or {root}; extract images.zip there")
+        per_subset[subset] = _evaluate_subset(ctx, subset, rows, base)
+    scored = {s: r["precision_at_1"] for s, r in per_subset.items() if r["n"]}
+    if not scored:
+        raise ValueError(f"no MMEB query under {root} could be scored")
+    metrics = {}
+    for category, subsets in CATEGORIES.items():
+        values = [scored[s] for s in subsets if s in scored]
+        if values:
+            metrics[category] = float(np.mean(values))
+    metrics["Overall"] = float(np.mean(list(scored.values())))
+    return {"metrics": metrics, "per_subset": per_subset, "n": int(sum(r["n"] for r in per_subset.values())),
+            "n_subsets": len(scored), "missing_subsets": [s for s in SUBSETS if s not in per_subset],
+            "categories": {c: [s for s in subsets if s in scored] for c, subsets in CATEGORIES.items()},
+            "seed": None}
