@@ -26,7 +26,7 @@ SUBSETS: tuple[str, ...] = ("replace_obj", "replace_att", "replace_rel", "swap_o
 
 def _image_root(root: Path) -> Path:
     for candidate in (root / "val2017", root / "images", root / "images" / "val2017", root):
-        if candidate.is_dir() and any(candidate.glob("*.jpg")):
+        if candidate.is_dir() and (any(candidate.glob("*.jpg")) or any(candidate.glob("*.png"))):
             return candidate
     raise ValueError(f"no COCO val2017 images under {root}: put them in {root / 'val2017'}")
 
