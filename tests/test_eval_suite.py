@@ -259,3 +259,36 @@ def test_paper_suite_through_the_cli(tmp_path, monkeypatch):
     assert (out / "plots" / "paper_table.png").is_file()
     missing = CliRunner().invoke(cli.app, ["eval", "-m", "planted", "--suite", "paper", "--data-root", str(root)])
     assert missing.exit_code == 2 and "tgit" in missing.output and "--tasks" in missing.output
+
+
+def test_top1_positions_both_paths_match_brute_force():
+    from fuselip_med.eval.scoring import pad_candidates, top1_positions
+
+    g = torch.Generator().manual_seed(0)
+    targets = torch.nn.functional.normalize(torch.randn(400, 8, generator=g), dim=1)
+    queries = torch.nn.functional.normalize(torch.randn(40, 8, generator=g), dim=1)
+    for width in (3, 10):  # 40 x 3 candidates from 400 -> gather path; 40 x 10 -> matmul path
+        lists = [torch.randperm(400, generator=g)[:width - q % 2].tolist() for q in range(40)]  # ragged
+        ids, valid = pad_candidates(lists)
+        expected = [int(torch.argmax(targets[c] @ queries[q])) for q, c in enumerate(lists)]
+        assert top1_positions(queries, targets, ids, valid, chunk=16).tolist() == expected
+    tie = torch.tensor([[1.0, 0.0]])
+    assert top1_positions(tie, torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]),
+                          torch.tensor([[0, 1, 2]])).tolist() == [1]  # ties: the first position wins
+
+
+def test_untrained_tiny_model_scores_near_chance_on_the_benchmarks(tmp_path):
+    from fuselip_med.core.fuselip import FuseLIP, FuseLIPConfig
+
+    torch.manual_seed(0)
+    model = FuseLIP(FuseLIPConfig.from_size("tiny")).eval()
+    root = tmp_path / "bench"
+    data = {"mmeb": str(write_mmeb(root / "MMEB-eval")), "sugarcrepe": str(write_sugarcrepe(root / "sc")),
+            "oi_crop": str(write_oi(root / "oi") / "oi-crop.json"), "vg_crop": str(write_vg(root / "vg"))}
+    out = run_evaluation(model, ["mmeb", "sugarcrepe", "oi-crop", "vg-crop"], data, tmp_path / "o", progress=False,
+                         batch_size=32)["tasks"]
+    scores = [out["mmeb"]["metrics"]["Overall"], out["sugarcrepe"]["metrics"]["mean_accuracy"],
+              out["oi-crop"]["metrics"]["accuracy"], out["vg-crop"]["metrics"]["accuracy"]]
+    chance = [(1 / 3 + 1 / 3) / 2, 1 / 2, 1 / 4, 1 / 3]
+    assert all(0.0 <= s <= 1.0 for s in scores)
+    assert abs(sum(scores) / 4 - sum(chance) / 4) < 0.35  # the mean over tiny fixtures stays near chance

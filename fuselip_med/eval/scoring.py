@@ -29,8 +29,9 @@ def top1_positions(queries: torch.Tensor, targets: torch.Tensor, candidates: tor
 
     ``queries`` [Q, D] and ``targets`` [U, D] float (L2-normalised: dot = cosine); ``candidates`` [Q, C] int64
     rows of ``targets``; ``valid`` [Q, C] bool (padding positions never win). Returns [Q] int64. Queries are
-    scored ``chunk`` at a time: against the chunk's unique targets with one matmul when they are few
-    (shared candidate pools, e.g. class names), else by gathering each query's candidates (disjoint pools).
+    scored ``chunk`` at a time against the chunk's unique targets with one matmul (a matmul costs far less
+    per score than gathering [C, D] rows per query) unless those are more than ``32 x C`` (then each query's
+    candidates are gathered, 16 queries at a time, to bound memory).
     """
     q_all, t_all = queries.to(torch.float32), targets.to(torch.float32)
     out = torch.empty(len(q_all), dtype=torch.int64)
@@ -38,10 +39,11 @@ def top1_positions(queries: torch.Tensor, targets: torch.Tensor, candidates: tor
         q = q_all[start:start + chunk]
         cand = candidates[start:start + chunk]
         uniq, inverse = torch.unique(cand, return_inverse=True)
-        if uniq.numel() * 4 <= cand.numel():
+        if uniq.numel() <= 32 * cand.shape[1]:
             scores = torch.gather(q @ t_all[uniq].T, 1, inverse)
         else:
-            scores = torch.bmm(t_all[cand], q.unsqueeze(2)).squeeze(2)
+            scores = torch.cat([torch.bmm(t_all[cand[a:a + 16]], q[a:a + 16].unsqueeze(2)).squeeze(2)
+                                for a in range(0, len(q), 16)])
         if valid is not None:
             scores = scores.masked_fill(~valid[start:start + chunk], float("-inf"))
         out[start:start + chunk] = scores.argmax(dim=1)
