@@ -49,7 +49,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = bench(args.subsets, args.queries, args.candidates, args.dim)
     total = sum(r["seconds"] for r in rows)
-    print(f"| kind | subsets | queries | candidates/query | dim | threads | seconds | P@1 (chance {1 / args.candidates:.4f}) |")
+    chance = 1 / args.candidates
+    print(f"| kind | subsets | queries | candidates/query | dim | threads | seconds | P@1 (chance {chance:.4f}) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['kind']} | {r['subsets']} | {r['queries']} | {r['candidates']} | {r['dim']} | {args.threads} | "

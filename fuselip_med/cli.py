@@ -169,22 +169,22 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _tasks_help() -> str:
-    from fuselip_med.eval.tasks import tasks_help
+def _eval_help(key: str) -> str:
+    from fuselip_med.eval.command import HELP, tasks_option_help
 
-    return "Comma-separated tasks (default: the suite's, zero-shot with --labels, else rocov2-retrieval,rocov2-modality): " + tasks_help()
+    return tasks_option_help() if key == "tasks" else HELP[key]
 
 
 @app.command("eval")
 def eval_command(
     model: str = typer.Option(..., "--model", "-m", help="Checkpoint: hub id, local directory, .pt file or LoRA adapter directory."),
-    tasks: Optional[str] = typer.Option(None, "--tasks", "-t", help=_tasks_help()),
-    data: list[str] = typer.Option([], "--data", "-d", help="NAME=PATH (repeatable): an adapter (rocov2, folder, csv, cc, ...), a data role (test, valid, labelled, mmeb, imagenet, vg_crop, oi_crop, oi_pos, sugarcrepe, tgit) or ROLE:ADAPTER."),
-    suite: Optional[str] = typer.Option(None, "--suite", help="Run a benchmark suite: paper (MMEB, ImageNet, VG-Crop, OI-Crop, OI-Pos, TGIT, SugarCrepe)."),
-    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder holding the suite's benchmark folders (MMEB-eval/, imagenet/, visual_genome/, open_images/, cc3m/, sugarcrepe/)."),
-    labels: Optional[Path] = typer.Option(None, "--labels", help="Zero-shot classes, one per line (default: the labels found in the data)."),
-    templates: Optional[Path] = typer.Option(None, "--templates", help="Zero-shot prompt templates, one per line with {c} for the class (default: a radiology set)."),
-    label_column: str = typer.Option("label", "--label-column", help="The sample field holding the class label (a CSV column)."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", "-t", help=_eval_help("tasks")),
+    data: list[str] = typer.Option([], "--data", "-d", help=_eval_help("data")),
+    suite: Optional[str] = typer.Option(None, "--suite", help=_eval_help("suite")),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help=_eval_help("data_root")),
+    labels: Optional[Path] = typer.Option(None, "--labels", help=_eval_help("labels")),
+    templates: Optional[Path] = typer.Option(None, "--templates", help=_eval_help("templates")),
+    label_column: str = typer.Option("label", "--label-column", help=_eval_help("label_column")),
     out: Path = typer.Option(Path("eval_results"), "--out", "-o", help="Directory for metrics.json, report.md and plots."),
     pool_size: int = typer.Option(1000, help="Size of the seeded random retrieval pools."),
     n_pools: int = typer.Option(5, help="Number of random pools to average."),
@@ -212,7 +212,7 @@ def eval_command(
         data_map = parse_data(data)
         if suite is not None or data_root is not None:
             if data_root is None:
-                fail("--suite needs --data-root DIR (or give each benchmark with --data ROLE=PATH and --tasks).", code=2)
+                fail("--suite needs --data-root DIR (or give each benchmark with --data ROLE=PATH).", code=2)
             data_map = {**suite_data(suite or "paper", data_root, chosen), **data_map}
         class_names = read_labels(labels) if labels is not None else None
         prompt_templates = read_templates(templates) if templates is not None else None
@@ -222,8 +222,8 @@ def eval_command(
     fuselip, _, _ = _load_for_inference(model, device)
     try:
         report = run_evaluation(fuselip, chosen, data_map, out, seed=seed, pool_size=pool_size, n_pools=n_pools,
-                                batch_size=batch_size, num_workers=num_workers, model_id=model, labels=class_names,
-                                templates=prompt_templates, label_field=label_column)
+                                batch_size=batch_size, num_workers=num_workers, model_id=model,
+                                labels=class_names, templates=prompt_templates, label_field=label_column)
     except (ValueError, FileNotFoundError) as error:
         fail(str(error))
     table = Table(title=f"Evaluation of {model}")

@@ -6,9 +6,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .tasks import SUITES, TASKS
+from .tasks import ROLES, SUITES, TASKS, tasks_help
 
-__all__ = ["SUITE_FOLDERS", "DEFAULT_TASKS", "parse_data", "suite_data", "choose_tasks"]
+__all__ = ["SUITE_FOLDERS", "DEFAULT_TASKS", "HELP", "tasks_option_help", "parse_data", "suite_data",
+           "choose_tasks"]
 
 DEFAULT_TASKS = ("rocov2-retrieval", "rocov2-modality")
 
@@ -24,6 +25,23 @@ SUITE_FOLDERS: dict[str, tuple[str, ...]] = {
 }
 _ROLE_OF_TASK = {"mmeb": "mmeb", "imagenet": "imagenet", "vg-crop": "vg_crop", "oi-crop": "oi_crop",
                  "oi-pos": "oi_pos", "tgit": "tgit", "sugarcrepe": "sugarcrepe"}
+
+
+HELP = {
+    "data": "KEY=PATH (repeatable). KEY: a dataset adapter (rocov2, folder, csv, cc, ...) whose data fills the roles "
+            f"it provides, a data role ({', '.join(ROLES)}) or ROLE:ADAPTER, e.g. labelled:csv=table.csv.",
+    "suite": f"Run a benchmark suite ({', '.join(SUITES)}: " + ", ".join(SUITES["paper"]) + ").",
+    "data_root": "Folder holding the suite's benchmarks: " + ", ".join(f[0] for f in SUITE_FOLDERS.values()) + ".",
+    "labels": "Zero-shot classes, one per line (default: the labels found in the data).",
+    "templates": "Zero-shot prompt templates, one per line with {c} for the class (default: a radiology set).",
+    "label_column": "The sample field holding the class label (a CSV column; folders: the class folder).",
+}
+
+
+def tasks_option_help() -> str:
+    """The ``--tasks`` help: the default rule and one entry per task of the table."""
+    return ("Comma-separated tasks (default: the suite's; zero-shot with --labels/--templates; else "
+            f"{','.join(DEFAULT_TASKS)}). {tasks_help()}")
 
 
 def parse_data(entries: Sequence[str]) -> dict[str, str]:
