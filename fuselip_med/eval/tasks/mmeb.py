@@ -8,11 +8,10 @@ lists ``tgt_text``/``tgt_img_path`` (the candidates, the first one correct); a s
 ``tgt_inst`` column, where present, is the instruction. An empty image path means "no image".
 
 Protocol (FuseLIP ``src/mmeb/mmeb_eval.py`` and ``mmeb_utils.py``; reference-facts section 6.3, "MMEB
-style"): FuseLIP has no chat prompt, so the VLM2Vec instructions are removed from query and candidate texts
-(``TxtModifier(empty_prompt=True)``), except HatefulMemes whose instruction becomes "Is this image
-hateful?"; ImageNet-1K class names keep the text before the first comma; classification candidates get a
-prefix ("a photo of a ", "a photo from the domain of " for N24News, "this is in the country of " for
-Country211). Queries and candidates are embedded fused (image + text; text-only when there is no image).
+style"): FuseLIP has no chat prompt, so texts are cleaned by
+:func:`fuselip_med.data.adapters.mmeb.clean_text` (instructions removed, HatefulMemes' replaced by "Is this
+image hateful?", ImageNet-1K names cut at the first comma, classification candidates prefixed). Queries
+and candidates are embedded fused (image + text; text-only when there is no image).
 Precision@1 per subset = share of queries whose top candidate is the first one (ties: first wins). The
 category scores are the means over their subsets (MMEB's 10 classification, 10 VQA, 12 retrieval and 4
 grounding subsets = 36), and ``Overall`` the mean over all evaluated subsets.
@@ -21,17 +20,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from fuselip_med.data.adapters.mmeb import clean_text
+
 from ..embedding import EmbedItem
 from ..scoring import pad_candidates, top1_positions
 from .context import EvalContext
 
-__all__ = ["CATEGORIES", "SUBSETS", "clean_text", "read_subset", "find_subsets", "run"]
+__all__ = ["CATEGORIES", "SUBSETS", "read_subset", "find_subsets", "run"]
 
 CATEGORIES: dict[str, tuple[str, ...]] = {
     "Classification": ("ImageNet-1K", "N24News", "HatefulMemes", "VOC2007", "SUN397", "Place365", "ImageNet-A",
@@ -45,63 +45,7 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
 SUBSETS: tuple[str, ...] = tuple(s for subsets in CATEGORIES.values() for s in subsets)
 CATEGORY_OF = {s: c for c, subsets in CATEGORIES.items() for s in subsets}
 
-HATEFUL_PROMPT = "Is this image hateful?"
-CANDIDATE_PREFIX = {"N24News": "a photo from the domain of ", "Country211": "this is in the country of ",
-                    **{s: "a photo of a " for s in ("ImageNet-1K", "VOC2007", "SUN397", "Place365", "ImageNet-A",
-                                                    "ImageNet-R", "ObjectNet")}}
-# The VLM2Vec instructions that end in ":" or "." before the query's own text (MMEB-eval's qry_text/tgt_text);
-# the FuseLIP evaluation replaces each with "" (reference ``REPLACEMENTS_EVAL`` with ``empty_prompt=True``).
-INSTRUCTIONS: tuple[str, ...] = (
-    "Represent the given image with the following question:",
-    "Represent the given image for classification",
-    "Represent the given news image with the following caption for domain classification:",
-    "Represent the given image for binary classification to determine whether it constitutes hateful speech or not",
-    "Represent the given dialogue about an image, which is used for image retrieval:",
-    "Find an image to match the fashion image and style note:",
-    "Represent the given image.",
-    "Represent the given image",
-    "Given an image, find a similar everyday image with the described changes:",
-    "Find a day-to-day image that looks similar to the provided image.",
-    "Find a Wikipedia image that answers this question:",
-    "Represent the given Wikipedia image with related text information:",
-    "Select the portion of the image that isolates the object labeled as",
-    "Represent the given cropped image of the object",
-    "Find an image caption describing the given everyday image.",
-    "Find me an everyday image that matches the given caption:",
-    "Identify the scene shown in the image",
-    "Identify the object shown in the image",
-    "Find a caption for the news in the given photo.",
-    "Retrieve an image of this news caption.",
-    "Identify the country depicted in the image",
-    "Find a news image that matches the provided caption:",
-    "Crop the image to to isolate the object labeled as",
-    "Retrieve a Wikipedia image-description pair that provides evidence for the question of this image:",
-    "Select the portion of the image that follows the language expressions.",
-    "Select the portion of the image that follows the language expressions:",
-    "Select the portion of the image that answers the question",
-    "Find the document image that can answer the given query:",
-)
-_IMAGE_TOKEN = re.compile(r"<\|image_\d+\|>\s*")
 _DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
-
-
-def clean_text(text: str | None, subset: str, *, candidate: bool, instruction: str | None = None) -> str:
-    """A query/candidate text as FuseLIP embeds it (module docstring): image token and instruction removed
-    (HatefulMemes queries: "Is this image hateful?"), ImageNet-1K names cut at the first comma, the
-    classification prefix added to candidates."""
-    text = _IMAGE_TOKEN.sub("", text or "")
-    hateful = subset == "HatefulMemes" and not candidate
-    for known in INSTRUCTIONS:
-        if known in text:
-            text = text.replace(known, HATEFUL_PROMPT if hateful else "")
-    if instruction and hateful:
-        text = f"{HATEFUL_PROMPT} {text}"
-    if subset == "ImageNet-1K":
-        text = text.split(",")[0]
-    text = text.strip()
-    if candidate:
-        text = f"{CANDIDATE_PREFIX.get(subset, '')}{text}"
-    return text.rstrip("\n").strip()
 
 
 def find_subsets(root: str | os.PathLike) -> dict[str, list[Path]]:
