@@ -74,3 +74,19 @@ def test_recipes_check_eval_data_roles(tmp_path):
         load_recipe(str(recipe))
     recipe.write_text(recipe.read_text().replace(", rocov2-concepts", ""))
     assert load_recipe(str(recipe)).eval.tasks == ["rocov2-retrieval"]
+
+
+def test_suite_data_root_maps_publisher_folders_to_roles(tmp_path):
+    from fuselip_med.eval.command import choose_tasks, suite_data
+
+    (tmp_path / "MMEB-eval").mkdir()
+    (tmp_path / "cc3m").mkdir()
+    (tmp_path / "cc3m" / "cc3m_validation.csv").write_text("path,caption\n")
+    assert choose_tasks(None, "paper", False) == list(SUITES["paper"])
+    assert choose_tasks(None, None, True) == ["zero-shot"]
+    assert suite_data("paper", tmp_path, ["mmeb", "tgit"]) == {
+        "mmeb": str(tmp_path / "MMEB-eval"), "tgit:cc": str(tmp_path / "cc3m" / "cc3m_validation.csv")}
+    with pytest.raises(ValueError, match="imagenet"):
+        suite_data("paper", tmp_path, ["mmeb", "imagenet"])
+    with pytest.raises(ValueError, match="unknown suite"):
+        choose_tasks(None, "nope", False)

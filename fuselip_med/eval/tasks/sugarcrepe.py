@@ -43,7 +43,7 @@ def run(ctx: EvalContext) -> dict:
         entries = json.loads((root / f"{subset}.json").read_text(encoding="utf-8"))
         skipped: Counter = Counter()
         triples = []
-        for key, e in entries.items():
+        for e in entries.values():
             if not all(isinstance(e.get(f), str) and e.get(f) for f in ("filename", "caption", "negative_caption")):
                 skipped["bad entry"] += 1
                 continue
