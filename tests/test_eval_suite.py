@@ -292,3 +292,18 @@ def test_untrained_tiny_model_scores_near_chance_on_the_benchmarks(tmp_path):
     chance = [(1 / 3 + 1 / 3) / 2, 1 / 2, 1 / 4, 1 / 3]
     assert all(0.0 <= s <= 1.0 for s in scores)
     assert abs(sum(scores) / 4 - sum(chance) / 4) < 0.35  # the mean over tiny fixtures stays near chance
+
+
+def test_mmeb_query_with_an_undecodable_image_is_skipped_and_named(tmp_path):
+    root = write_mmeb(tmp_path / "MMEB-eval")
+    (root / "eval_images" / "NIGHTS").mkdir()
+    (root / "eval_images" / "NIGHTS" / "broken.png").write_bytes(b"not a png")
+    solid_image(root / "eval_images" / "NIGHTS" / "q.png", (50, 0, 0))
+    (root / "NIGHTS.jsonl").write_text(json.dumps({
+        "qry_text": "<|image_1|>\nFind a day-to-day image that looks similar to the provided image.",
+        "qry_img_path": "NIGHTS/q.png", "tgt_text": ["", ""],
+        "tgt_img_path": ["NIGHTS/broken.png", "NIGHTS/q.png"]}) + "\n")
+    out = run_evaluation(mmeb_model(), ["mmeb"], {"mmeb": str(root)}, tmp_path / "o", progress=False)
+    task = out["tasks"]["mmeb"]
+    assert task["per_subset"]["NIGHTS"]["n"] == 0 and sum(task["per_subset"]["NIGHTS"]["skipped"].values()) == 1
+    assert task["metrics"]["Retrieval"] == pytest.approx(1 / 2)  # NIGHTS had nothing to score

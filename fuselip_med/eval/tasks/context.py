@@ -65,7 +65,6 @@ class EvalOptions:
     label_field: str = "label"
     mmeb_subsets: tuple[str, ...] | None = None
     vg_images: int = 100
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _is_path(value: Any) -> bool:
@@ -225,10 +224,6 @@ class EvalContext:
     def failed_reasons(self, ic: ImageCaption) -> dict[str, int]:
         failed = self.embedder.table.failed
         return dict(Counter(failed[it.key] for it in ic.images if it.key in failed) + ic.skipped)
-
-    def text_embeddings(self, texts: Sequence[str], desc: str = "embedding texts") -> torch.Tensor:
-        """[len(texts), D] float32 L2-normalised text-only embeddings."""
-        return self.embedder.embeddings([EmbedItem(text=t) for t in texts], desc=desc)
 
     def class_weights(self, names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
         """[C, D] float32 zero-shot class weights (reference section 6.3: per-template text embeddings averaged

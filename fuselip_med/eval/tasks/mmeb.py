@@ -24,6 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from fuselip_med.data.adapters.mmeb import clean_text
 
@@ -91,38 +92,53 @@ def _image_base(root: Path, rows: list[dict]) -> Path | None:
     return None
 
 
-def _item(base: Path, image: str | None, text: str) -> EmbedItem:
-    if image:
-        return EmbedItem(image=str(base / image), text=text)
-    return EmbedItem(text=text)
+class _UniqueItems:
+    """Each distinct (image path, text) input once: MMEB's 1,000-candidate lists repeat the same targets."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.items: list[EmbedItem] = []
+        self._position: dict[tuple[str, str], int] = {}
+
+    def add(self, image: str | None, text: str) -> int:
+        key = (image or "", text)
+        if key not in self._position:
+            self._position[key] = len(self.items)
+            self.items.append(EmbedItem(image=str(self.base / image), text=text) if image else EmbedItem(text=text))
+        return self._position[key]
 
 
 def _evaluate_subset(ctx: EvalContext, subset: str, rows: list[dict], base: Path) -> dict:
-    queries, cand_lists, skipped = [], [], Counter()
+    unique = _UniqueItems(base)
+    queries: list[int] = []
+    cand_lists: list[list[int]] = []
+    skipped: Counter = Counter()
     for row in rows:
         texts, images = list(row.get("tgt_text") or []), list(row.get("tgt_img_path") or [])
         if not texts or len(texts) != len(images):
             skipped["bad candidate list"] += 1
             continue
-        q = _item(base, row.get("qry_img_path"), clean_text(row.get("qry_text"), subset, candidate=False,
-                                                              instruction=row.get("qry_inst")))
-        cands = [_item(base, img, clean_text(t, subset, candidate=True)) for t, img in zip(texts, images)]
-        queries.append(q)
-        cand_lists.append(cands)
-    table = ctx.embedder.embed(queries + [c for cs in cand_lists for c in cs], desc=f"embedding MMEB {subset}")
+        query_text = clean_text(row.get("qry_text"), subset, candidate=False, instruction=row.get("qry_inst"))
+        queries.append(unique.add(row.get("qry_img_path"), query_text))
+        cand_lists.append([unique.add(img, clean_text(t, subset, candidate=True)) for t, img in zip(texts, images)])
+    table = ctx.embedder.embed(unique.items, desc=f"embedding MMEB {subset}")
+    failed = [table.failed.get(it.key) for it in unique.items]
+    embedded = [p for p, why in enumerate(failed) if why is None]
+    row_of = [-1] * len(unique.items)
+    for p, r in zip(embedded, table.index_of(unique.items[p].key for p in embedded).tolist()):
+        row_of[p] = r
     keep = []
     for i, (q, cs) in enumerate(zip(queries, cand_lists)):
-        bad = next((table.failed[it.key] for it in [q, *cs] if it.key in table.failed), None)
+        bad = next((failed[p] for p in (q, *cs) if failed[p] is not None), None)
         if bad is None:
             keep.append(i)
         else:
             skipped[bad] += 1
     if not keep:
         return {"n": 0, "correct": 0, "skipped": dict(skipped)}
-    flat = table.index_of(c.key for i in keep for c in cand_lists[i]).tolist()
-    bounds = np.cumsum([0] + [len(cand_lists[i]) for i in keep])
-    ids, valid = pad_candidates([flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
-    top = top1_positions(table.lookup(queries[i].key for i in keep), table.embeddings, ids, valid)
+    ids, valid = pad_candidates([[row_of[p] for p in cand_lists[i]] for i in keep])
+    query_rows = torch.tensor([row_of[queries[i]] for i in keep], dtype=torch.int64)
+    top = top1_positions(table.embeddings[query_rows], table.embeddings, ids, valid)
     correct = int((top == 0).sum())
     return {"n": len(keep), "correct": correct, "precision_at_1": correct / len(keep), "skipped": dict(skipped)}
 
