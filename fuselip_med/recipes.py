@@ -51,6 +51,8 @@ class DatasetSpec(Section):
 
     ``direct: false`` keeps the dataset out of the mixture itself, so that it only feeds tasks (e.g. CC3M
     whose image-caption pairs come from the TGIT task's identity pairs, as in the paper's cc3m-aug).
+    ``id`` names the source; for ``data.eval`` entries it is the evaluation data role the source fills
+    (``test``, ``valid``, ``tgit``, ...; see ``fuselip_med.eval.tasks.ROLES``).
     """
 
     name: str
