@@ -210,9 +210,7 @@ def eval_command(
     try:
         chosen = choose_tasks(tasks, suite, labels is not None or templates is not None)
         data_map = parse_data(data)
-        if suite is not None or data_root is not None:
-            if data_root is None:
-                fail("--suite needs --data-root DIR (or give each benchmark with --data ROLE=PATH).", code=2)
+        if data_root is not None:
             data_map = {**suite_data(suite or "paper", data_root, chosen), **data_map}
         class_names = read_labels(labels) if labels is not None else None
         prompt_templates = read_templates(templates) if templates is not None else None

@@ -84,7 +84,7 @@ def test_suite_data_root_maps_publisher_folders_to_roles(tmp_path):
     (tmp_path / "cc3m" / "cc3m_validation.csv").write_text("path,caption\n")
     assert choose_tasks(None, "paper", False) == list(SUITES["paper"])
     assert choose_tasks(None, None, True) == ["zero-shot"]
-    assert suite_data("paper", tmp_path, ["mmeb", "tgit"]) == {
+    assert suite_data("paper", tmp_path, ["mmeb", "tgit", "zero-shot"]) == {
         "mmeb": str(tmp_path / "MMEB-eval"), "tgit:cc": str(tmp_path / "cc3m" / "cc3m_validation.csv")}
     with pytest.raises(ValueError, match="imagenet"):
         suite_data("paper", tmp_path, ["mmeb", "imagenet"])

@@ -56,14 +56,16 @@ def parse_data(entries: Sequence[str]) -> dict[str, str]:
 
 
 def suite_data(suite: str, root: str | os.PathLike, tasks: Sequence[str]) -> dict[str, str]:
-    """{role: path} of the suite's benchmark folders under ``root`` for ``tasks``; ``ValueError`` naming every
-    folder that is missing (run the others with ``--tasks``)."""
+    """{role: path} of the suite's benchmark folders under ``root`` for those of ``tasks`` that read one;
+    ``ValueError`` naming every folder that is missing (run the others with ``--tasks``)."""
     base = Path(root).expanduser()
     if not base.is_dir():
         raise ValueError(f"--data-root {base} is not a folder")
     data, missing = {}, []
     for task in tasks:
-        role = _ROLE_OF_TASK[task]
+        role = _ROLE_OF_TASK.get(task)
+        if role is None:
+            continue
         found = next((base / f for f in SUITE_FOLDERS[role] if (base / f).exists()), None)
         if found is None:
             missing.append(f"{task} ({base / SUITE_FOLDERS[role][0]})")
