@@ -90,3 +90,27 @@ def test_suite_data_root_maps_publisher_folders_to_roles(tmp_path):
         suite_data("paper", tmp_path, ["mmeb", "imagenet"])
     with pytest.raises(ValueError, match="unknown suite"):
         choose_tasks(None, "nope", False)
+
+
+def test_data_adapter_name_opens_the_path_with_that_adapter(tmp_path, monkeypatch):
+    import json
+
+    import torch
+
+    import fuselip_med.cli as cli
+    from tests.planted import PlantedModel, solid_image
+
+    captions = ["left lung nodule", "pleural effusion", "rib fracture"]
+    for k, caption in enumerate(captions):
+        solid_image(tmp_path / f"scan{k}.png", (100 + k, 0, 0))
+        (tmp_path / f"scan{k}.txt").write_text(caption)
+    vectors = {**{(100 + k) * 65536: torch.eye(8)[k] for k in range(3)},
+               **{c: torch.eye(8)[k if k < 2 else 0] for k, c in enumerate(captions)}}  # caption 3 matches image 1
+    model = PlantedModel(image_fn=vectors.__getitem__, text_fn=vectors.__getitem__, dim=8)
+    monkeypatch.setattr(cli, "_load_for_inference", lambda name, device: (model, None, None))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli.app, ["eval", "-m", "planted", "--data", f"folder={tmp_path}", "--tasks",
+                                          "rocov2-retrieval", "--out", str(out), "--num-workers", "0"])
+    assert result.exit_code == 0, result.output
+    task = json.loads((out / "metrics.json").read_text())["tasks"]["rocov2-retrieval"]
+    assert task["n"] == 3 and task["metrics"]["text_to_image_R@1"] == pytest.approx(2 / 3)
