@@ -200,14 +200,22 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _eval_help(key: str) -> str:
+    from fuselip_med.eval.command import HELP, tasks_option_help
+
+    return tasks_option_help() if key == "tasks" else HELP[key]
+
+
 @app.command("eval")
 def eval_command(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
-    tasks: str = typer.Option("rocov2-retrieval,rocov2-modality", "--tasks", "-t",
-                              help="Comma-separated: rocov2-retrieval, rocov2-modality, rocov2-concepts, "
-                                   "modality-gap, tgit, tgit-med, composed-retrieval."),
-    data: list[str] = typer.Option([], "--data", "-d",
-                                   help="KEY=PATH, e.g. rocov2=ROCOv2_data (both splits), rocov2_test=..., tgit=..."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", "-t", help=_eval_help("tasks")),
+    data: list[str] = typer.Option([], "--data", "-d", help=_eval_help("data")),
+    suite: Optional[str] = typer.Option(None, "--suite", help=_eval_help("suite")),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help=_eval_help("data_root")),
+    labels: Optional[Path] = typer.Option(None, "--labels", help=_eval_help("labels")),
+    templates: Optional[Path] = typer.Option(None, "--templates", help=_eval_help("templates")),
+    label_column: str = typer.Option("label", "--label-column", help=_eval_help("label_column")),
     out: Path = typer.Option(Path("eval_results"), "--out", "-o",
                              help="Directory for metrics.json, report.md and plots."),
     pool_size: int = typer.Option(1000, help="Size of the seeded random retrieval pools."),
@@ -225,37 +233,47 @@ def eval_command(
     image_root: Optional[str] = IMAGE_ROOT,
     encoding: Optional[str] = ENCODING,
 ) -> None:
-    """Evaluate a model: retrieval R@k, zero-shot modality/concepts, TGIT, modality gap.
+    """Evaluate a model: retrieval R@k, zero-shot classification, concepts, TGIT, the paper's benchmark suite.
 
     Rows listed, rows evaluated and skips by reason go into metrics.json and report.md; every skipped row is
     named in skipped.csv.
 
     Examples:\n
       fuselip-med eval --model runs/rocov2/final --data rocov2=ROCOv2_data\n
+      fuselip-med eval -m runs/rocov2/final --data folder=chest_xrays/ --labels labels.txt\n
+      fuselip-med eval -m runs/rocov2/final --data csv=studies.csv --labels labels.txt --templates prompts.txt\n
+      fuselip-med eval -m chs20/FuseLIP-S-CC3M-MM --suite paper --data-root /data/benchmarks\n
+      fuselip-med eval -m chs20/FuseLIP-S-CC3M-MM -t mmeb --data mmeb=/data/MMEB-eval
       fuselip-med eval -m chs20/FuseLIP-S-CC3M-MM -t rocov2-retrieval,rocov2-concepts -d rocov2=eltorio/ROCOv2-radiology\n
       fuselip-med eval -m runs/rocov2/final -t rocov2-retrieval -d rocov2_test=pairs.tsv \\\n
         --path-column filepath --caption-column title
     """
-    from fuselip_med.eval.runner import run_evaluation
+    from fuselip_med.eval.command import choose_tasks, parse_data, suite_data
+    from fuselip_med.eval.runner import check_tasks, run_evaluation
+    from fuselip_med.eval.tasks.zero_shot import read_labels, read_templates
     from fuselip_med.train.trainer import flatten_metrics
 
-    data_map = {}
-    for entry in data:
-        key, equals, value = entry.partition("=")
-        if not equals or not key or not value:
-            fail(f"--data {entry!r}: expected KEY=PATH, e.g. rocov2=ROCOv2_data.", code=2)
-        data_map[key] = value
     from fuselip_med.data.adapters import cli_option_style
 
     options = table_options(path_column=path_column, caption_column=caption_column, id_column=id_column, sep=sep,
                             image_root=image_root, encoding=encoding)
+    try:
+        chosen = choose_tasks(tasks, suite, labels is not None or templates is not None)
+        data_map = parse_data(data)
+        if data_root is not None:
+            data_map = {**suite_data(suite or "paper", data_root, chosen), **data_map}
+        class_names = read_labels(labels) if labels is not None else None
+        prompt_templates = read_templates(templates) if templates is not None else None
+        check_tasks(chosen, data_map)
+    except ValueError as error:
+        fail(str(error), code=2)
     fuselip, _, _ = _load_for_inference(model, device)
     try:
         with cli_option_style():
-            report = run_evaluation(fuselip, [t.strip() for t in tasks.split(",") if t.strip()], data_map, out,
-                                    seed=seed, pool_size=pool_size, n_pools=n_pools, batch_size=batch_size,
-                                    num_workers=num_workers, model_id=model, allow_partial=allow_partial,
-                                    source_options=options)
+            report = run_evaluation(fuselip, chosen, data_map, out, seed=seed, pool_size=pool_size, n_pools=n_pools,
+                                    batch_size=batch_size, num_workers=num_workers, model_id=model,
+                                    labels=class_names, templates=prompt_templates, label_field=label_column,
+                                    allow_partial=allow_partial, source_options=options)
     except (ValueError, FileNotFoundError, LookupError) as error:
         fail(str(error))
     table = Table(title=f"Evaluation of {model}")

@@ -51,6 +51,8 @@ class DatasetSpec(Section):
 
     ``direct: false`` keeps the dataset out of the mixture itself, so that it only feeds tasks (e.g. CC3M
     whose image-caption pairs come from the TGIT task's identity pairs, as in the paper's cc3m-aug).
+    ``id`` names the source; for ``data.eval`` entries it is the evaluation data role the source fills
+    (``test``, ``valid``, ``tgit``, ...; see ``fuselip_med.eval.tasks.ROLES``).
     """
 
     name: str
@@ -129,6 +131,15 @@ class EvalSection(Section):
     n_pools: int = Field(5, gt=0)
     batch_size: int = Field(64, gt=0)
 
+    @model_validator(mode="after")
+    def _known_tasks(self) -> "EvalSection":
+        from fuselip_med.eval.tasks import TASKS
+
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"eval.tasks {unknown} are not evaluation tasks (known: {', '.join(TASKS)})")
+        return self
+
 
 class CheckpointSection(Section):
     """Training checkpoints: cadence and how many to keep."""
@@ -165,6 +176,24 @@ class Recipe(Section):
     checkpoint: CheckpointSection = CheckpointSection()
     logging: LoggingSection = LoggingSection()
     output: OutputSection = OutputSection()
+
+    @model_validator(mode="after")
+    def _eval_data_has_task_roles(self) -> "Recipe":
+        from fuselip_med.eval.tasks import get_task, missing_roles, role_of_key
+
+        if not self.data.eval:  # the trainer evaluates only when data.eval is given
+            return self
+        roles: set[str] = set()
+        for spec in self.data.eval:
+            key = spec.id or f"{spec.name}_{spec.split}"
+            role = role_of_key(key)
+            roles.update([role] if role else ("test", "valid") if key == "rocov2" else ())
+        for task in self.eval.tasks:
+            missing = missing_roles(get_task(task), roles)
+            if missing:
+                raise ValueError(f"eval.tasks {task!r} needs data role(s) {', '.join(missing)}: add a data.eval "
+                                 f"entry with that id (ids given: {sorted(roles) or 'none'})")
+        return self
 
     @model_validator(mode="after")
     def _tasks_have_bases(self) -> "Recipe":

@@ -82,7 +82,7 @@ def test_sizes_and_the_staged_recipe_follow_each_other():
         assert stage2.model.init == str(stage1.run_dir() / "final")  # where the trainer saves the final model
     stage2 = load_recipe("pretrain_then_rocov2", ["model.init=chs20/FuseLIP-S-CC3M-MM"])
     assert stage2.model.init == "chs20/FuseLIP-S-CC3M-MM"
-    assert [spec.name for spec in stage2.data.train] == ["rocov2"] and stage2.data.eval[0].id == "rocov2_test"
+    assert [spec.name for spec in stage2.data.train] == ["rocov2"] and stage2.data.eval[0].id == "test"
     assert stage2.train.lr < 1e-3 and stage2.train.warmup_steps < 1000
 
 

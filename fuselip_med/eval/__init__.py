@@ -1,8 +1,21 @@
-"""Evaluation: retrieval R@k, zero-shot modality/concept classification, TGIT, modality gap; JSON + plots."""
-from fuselip_med.eval.embedding import Embedder, EmbeddingTable, EmbedItem, embed_items
-from fuselip_med.eval.retrieval import evaluate_retrieval
-from fuselip_med.eval.runner import TASKS, run_evaluation
-from fuselip_med.eval.similarity import rank_targets
+"""Evaluation: retrieval R@k, zero-shot classification, concepts, TGIT, the paper's benchmark suite; JSON + plots.
+
+The names below are imported on first use, so that reading the task table (``fuselip_med.eval.tasks``, e.g. for
+the CLI help) does not import torch.
+"""
+from __future__ import annotations
+
+import importlib
 
 __all__ = ["TASKS", "run_evaluation", "EmbedItem", "Embedder", "EmbeddingTable", "embed_items",
            "evaluate_retrieval", "rank_targets"]
+
+_HOMES = {"TASKS": "runner", "run_evaluation": "runner", "EmbedItem": "embedding", "Embedder": "embedding",
+          "EmbeddingTable": "embedding", "embed_items": "embedding", "evaluate_retrieval": "retrieval",
+          "rank_targets": "similarity"}
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -109,7 +109,7 @@ def folder(path: str | os.PathLike, split: str = "train", limit: int | None = No
     character; default: tab when the header has a tab and no comma or the file is ``.tsv``, else comma),
     ``encoding`` (default UTF-8, a BOM is dropped), ``image_root`` (where relative paths point, tried before the
     table's folder; images may come only from the table's folder and this root). ``require_caption=False`` keeps
-    rows without a (decodable) caption, for image-only use; their caption is None. ``check_files=False`` skips the
+    rows without a (decodable) caption, for image-only use and labelled images; their caption is None. In a folder, an image in a subfolder gets the subfolder name as its ``label`` (class-per-folder layouts). ``check_files=False`` skips the
     per-row file checks (for text-only use, or huge tables on slow storage; decoding still reports them).
 
     Raises ``DatasetNotFoundError``/``DatasetEmptyError`` naming the path, ``LookupError`` for an unknown encoding,
@@ -367,7 +367,8 @@ def _read_sidecars(root: Path, strict: bool, skipped: SkipReport, *, roots: list
             if require_caption and not caption:
                 skip_or_raise(skipped, strict, "empty caption", str(caption_file), id=rel)
                 continue
-            records.append(_record(rel, str(image), caption))
+            label = Path(rel).parts[0] if len(Path(rel).parts) > 1 else None  # class-per-folder layout
+            records.append(_record(rel, str(image), caption, [label] if label else None, label))
     if failed_text and require_caption:
         skipped.hint(encoding_hint(root, failed_text, encoding))
     return records

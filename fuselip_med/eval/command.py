@@ -1,0 +1,93 @@
+"""The ``eval`` command's work, kept out of ``cli.py``: parse ``--data``/``--suite``/``--labels`` into the
+arguments of :func:`~fuselip_med.eval.runner.run_evaluation`, with one-line errors for bad input."""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from .tasks import ROLES, SUITES, TASKS, tasks_help
+
+__all__ = ["SUITE_FOLDERS", "DEFAULT_TASKS", "HELP", "tasks_option_help", "parse_data", "suite_data",
+           "choose_tasks"]
+
+DEFAULT_TASKS = ("rocov2-retrieval", "rocov2-modality")
+
+# Where ``--data-root DIR`` looks for each benchmark role (the publishers' folder names).
+SUITE_FOLDERS: dict[str, tuple[str, ...]] = {
+    "mmeb": ("MMEB-eval",),
+    "imagenet": ("imagenet", "ILSVRC2012"),
+    "vg_crop": ("visual_genome", "VG"),
+    "oi_crop": ("open_images/oi-crop.json",),
+    "oi_pos": ("open_images/oi-pos.json",),
+    "tgit": ("cc3m/cc3m_validation.csv",),
+    "sugarcrepe": ("sugarcrepe",),
+}
+_ROLE_OF_TASK = {"mmeb": "mmeb", "imagenet": "imagenet", "vg-crop": "vg_crop", "oi-crop": "oi_crop",
+                 "oi-pos": "oi_pos", "tgit": "tgit", "sugarcrepe": "sugarcrepe"}
+
+
+HELP = {
+    "data": "KEY=PATH (repeatable). KEY: a dataset adapter (rocov2, folder, csv, cc, ...) whose data fills the roles "
+            f"it provides, a data role ({', '.join(ROLES)}) or ROLE:ADAPTER, e.g. labelled:csv=table.csv.",
+    "suite": f"Run a benchmark suite ({', '.join(SUITES)}: " + ", ".join(SUITES["paper"]) + ").",
+    "data_root": "Folder holding the suite's benchmarks: " + ", ".join(f[0] for f in SUITE_FOLDERS.values()) + ".",
+    "labels": "Zero-shot classes, one per line (default: the labels found in the data).",
+    "templates": "Zero-shot prompt templates, one per line with {c} for the class (default: a radiology set).",
+    "label_column": "The sample field holding the class label (a CSV column; folders: the class folder).",
+}
+
+
+def tasks_option_help() -> str:
+    """The ``--tasks`` help: the default rule and one entry per task of the table."""
+    return ("Comma-separated tasks (default: the suite's; zero-shot with --labels/--templates; else "
+            f"{','.join(DEFAULT_TASKS)}). {tasks_help()}")
+
+
+def parse_data(entries: Sequence[str]) -> dict[str, str]:
+    """``["KEY=PATH", ...]`` -> {KEY: PATH}; ``ValueError`` for an entry without ``=``."""
+    data: dict[str, str] = {}
+    for entry in entries:
+        key, sep, value = entry.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"--data {entry!r}: expected KEY=PATH, e.g. rocov2=ROCOv2_data or folder=my_images")
+        data[key.strip()] = value.strip()
+    return data
+
+
+def suite_data(suite: str, root: str | os.PathLike, tasks: Sequence[str]) -> dict[str, str]:
+    """{role: path} of the suite's benchmark folders under ``root`` for those of ``tasks`` that read one;
+    ``ValueError`` naming every folder that is missing (run the others with ``--tasks``)."""
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise ValueError(f"--data-root {base} is not a folder")
+    data, missing = {}, []
+    for task in tasks:
+        role = _ROLE_OF_TASK.get(task)
+        if role is None:
+            continue
+        found = next((base / f for f in SUITE_FOLDERS[role] if (base / f).exists()), None)
+        if found is None:
+            missing.append(f"{task} ({base / SUITE_FOLDERS[role][0]})")
+        else:
+            data["tgit:cc" if role == "tgit" else role] = str(found)
+    if missing:
+        raise ValueError(f"suite {suite!r}: no data for {', '.join(missing)}; add it or choose tasks with "
+                         f"--tasks (any of {', '.join(tasks)})")
+    return data
+
+
+def choose_tasks(tasks: str | None, suite: str | None, labels_given: bool) -> list[str]:
+    """The tasks to run: ``--tasks``, else the suite's, else ``zero-shot`` when labels/templates are given,
+    else :data:`DEFAULT_TASKS`."""
+    if suite is not None and suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}: choose from {', '.join(SUITES)}")
+    if tasks:
+        chosen = [t.strip() for t in tasks.split(",") if t.strip()]
+        unknown = [t for t in chosen if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown evaluation task(s) {', '.join(unknown)}: choose from {', '.join(TASKS)}")
+        return chosen
+    if suite is not None:
+        return list(SUITES[suite])
+    return ["zero-shot"] if labels_given else list(DEFAULT_TASKS)

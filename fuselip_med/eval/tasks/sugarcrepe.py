@@ -1,0 +1,78 @@
+"""``sugarcrepe``: SugarCrepe compositionality (Hsieh et al. 2023; FuseLIP ``fuse_eval/eval_sugarcrepe.py``,
+adapted from the benchmark's ``main_eval.py``).
+
+Data (role ``sugarcrepe``): the seven JSON files of the release (``add_att``, ``add_obj``, ``replace_att``,
+``replace_obj``, ``replace_rel``, ``swap_att``, ``swap_obj``; each ``{"<id>": {"filename", "caption",
+"negative_caption"}}``) and the COCO val2017 images in ``val2017/`` beside them (or ``images/``). The image is
+embedded image-only and both captions text-only; an item is correct iff cosine(image, caption) >
+cosine(image, negative_caption) (strictly, as the reference). Accuracy per subset; ``mean_accuracy`` is the
+mean over the subsets, with the ``replace``/``swap``/``add`` group means beside it.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from ..embedding import EmbedItem
+from .context import EvalContext
+
+__all__ = ["SUBSETS", "run"]
+
+SUBSETS: tuple[str, ...] = ("replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att", "add_obj", "add_att")
+
+
+def _image_root(root: Path) -> Path:
+    for candidate in (root / "val2017", root / "images", root / "images" / "val2017", root):
+        if candidate.is_dir() and (any(candidate.glob("*.jpg")) or any(candidate.glob("*.png"))):
+            return candidate
+    raise ValueError(f"no COCO val2017 images under {root}: put them in {root / 'val2017'}")
+
+
+def run(ctx: EvalContext) -> dict:
+    """Accuracy per subset, per group and their mean."""
+    root = Path(ctx.path("sugarcrepe")).expanduser()
+    present = [s for s in SUBSETS if (root / f"{s}.json").is_file()]
+    if not present:
+        raise ValueError(f"no SugarCrepe subset file ({', '.join(f'{s}.json' for s in SUBSETS)}) in {root}")
+    images = _image_root(root)
+    per_subset: dict[str, dict] = {}
+    for subset in present:
+        entries = json.loads((root / f"{subset}.json").read_text(encoding="utf-8"))
+        skipped: Counter = Counter()
+        triples = []
+        for e in entries.values():
+            if not all(isinstance(e.get(f), str) and e.get(f) for f in ("filename", "caption", "negative_caption")):
+                skipped["bad entry"] += 1
+                continue
+            triples.append((EmbedItem(image=str(images / e["filename"])), EmbedItem(text=e["caption"]),
+                            EmbedItem(text=e["negative_caption"])))
+        table = ctx.embedder.embed([it for t in triples for it in t], desc=f"embedding SugarCrepe {subset}")
+        kept = []
+        for t in triples:
+            if t[0].key in table:
+                kept.append(t)
+            else:
+                skipped[table.failed.get(t[0].key, "not embedded")] += 1
+        if not kept:
+            per_subset[subset] = {"n": 0, "correct": 0, "skipped": dict(skipped)}
+            continue
+        img = table.lookup(t[0].key for t in kept)
+        pos = (img * table.lookup(t[1].key for t in kept)).sum(dim=1)
+        neg = (img * table.lookup(t[2].key for t in kept)).sum(dim=1)
+        correct = int((pos > neg).sum())
+        per_subset[subset] = {"n": len(kept), "correct": correct, "accuracy": correct / len(kept),
+                              "skipped": dict(skipped)}
+    acc = {s: r["accuracy"] for s, r in per_subset.items() if r["n"]}
+    if not acc:
+        raise ValueError(f"no SugarCrepe image under {images} could be decoded")
+    metrics = {f"{s}_accuracy": v for s, v in acc.items()}
+    for group in ("replace", "swap", "add"):
+        values = [v for s, v in acc.items() if s.startswith(group)]
+        if values:
+            metrics[f"{group}_accuracy"] = float(np.mean(values))
+    metrics["mean_accuracy"] = float(np.mean(list(acc.values())))
+    return {"metrics": metrics, "per_subset": per_subset, "n": int(sum(r["n"] for r in per_subset.values())),
+            "missing_subsets": [s for s in SUBSETS if s not in per_subset], "seed": None}

@@ -1,0 +1,114 @@
+"""``zero-shot``: classify the ``labelled`` images into the user's classes, zero-shot.
+
+Classes: ``--labels FILE`` (one class name per line; blank lines and lines starting with ``#`` ignored), in
+that order; without it, the sorted distinct labels of the data. A sample's label is ``meta[label_field]``
+(a CSV's ``label`` column, or the class folder of a folder-per-class layout). Class weights: every class name
+put into every template (``--templates FILE``, one template per line with ``{c}`` or ``{}`` for the class;
+default :data:`RADIOLOGY_TEMPLATES`), embedded text-only, averaged and re-normalised (reference section 6.3);
+images are embedded image-only and the prediction is the argmax cosine. Metrics:
+:func:`fuselip_med.eval.classification.classification_metrics` (accuracy, balanced accuracy, macro-F1,
+per-class scores, confusion matrix rows = true, columns = predicted).
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+from .. import classification as cls
+from ..embedding import EmbedItem
+from .context import EvalContext, sample_image_key
+
+__all__ = ["RADIOLOGY_TEMPLATES", "read_lines", "read_labels", "read_templates", "run"]
+
+RADIOLOGY_TEMPLATES: tuple[str, ...] = (
+    "{c}.",
+    "a radiology image of {c}.",
+    "a medical image showing {c}.",
+    "a radiograph showing {c}.",
+    "a scan showing {c}.",
+    "an image of {c}.",
+)
+
+
+def read_lines(path: str | os.PathLike, what: str) -> list[str]:
+    """The non-blank lines of a UTF-8 text file that do not start with ``#``; ``ValueError`` naming the file
+    when it is missing, undecodable or empty."""
+    file = Path(path).expanduser()
+    try:
+        text = file.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ValueError(f"{what} file {file} does not exist") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} file {file} is not UTF-8 text; save it as UTF-8") from None
+    lines = [ln.strip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not lines:
+        raise ValueError(f"{what} file {file} has no entries (one per line)")
+    return lines
+
+
+def read_labels(path: str | os.PathLike) -> list[str]:
+    """Class names from a labels file (one per line, in order); ``ValueError`` on duplicates."""
+    labels = read_lines(path, "labels")
+    dupes = sorted(k for k, n in Counter(labels).items() if n > 1)
+    if dupes:
+        raise ValueError(f"labels file {path} lists {', '.join(map(repr, dupes))} more than once")
+    return labels
+
+
+def read_templates(path: str | os.PathLike) -> list[str]:
+    """Prompt templates from a file (one per line); ``{}`` is accepted for ``{c}``; ``ValueError`` when a line
+    has no placeholder."""
+    out = []
+    for line in read_lines(path, "templates"):
+        template = line.replace("{}", "{c}")
+        if "{c}" not in template:
+            raise ValueError(f"templates file {path}: line {line!r} has no {{c}} (or {{}}) for the class name")
+        out.append(template)
+    return out
+
+
+def run(ctx: EvalContext) -> dict:
+    """Zero-shot accuracy, balanced accuracy, macro-F1, per-class scores and the confusion matrix."""
+    o = ctx.opts
+    source = ctx.source("labelled")
+    name = getattr(source, "name", "labelled data")
+    items, labels, skipped = [], [], Counter()
+    for i in range(len(source)):
+        s = source[i]
+        image = s.query_image if s.query_image is not None else s.target_image
+        label = s.meta.get(o.label_field)
+        if image is None:
+            skipped["no image"] += 1
+        elif label is None or str(label).strip() == "":
+            skipped["no label"] += 1
+        else:
+            items.append(EmbedItem(image=image, image_key=sample_image_key(s, image)))
+            labels.append(str(label).strip())
+    if not items:
+        raise ValueError(f"{name} has no image with a label in meta[{o.label_field!r}] (give a label column or one "
+                         f"folder per class)")
+    classes = list(o.labels) if o.labels is not None else sorted(set(labels))
+    known = {c: k for k, c in enumerate(classes)}
+    rows = [r for r, lab in enumerate(labels) if lab in known]
+    if len(rows) < len(labels):
+        skipped["label not in --labels"] += len(labels) - len(rows)
+    if not rows:
+        raise ValueError(f"none of the labels of {name} ({', '.join(sorted(set(labels))[:5])}, ...) is in the "
+                         f"class list ({', '.join(classes[:5])}, ...)")
+    templates = list(o.templates) if o.templates is not None else list(RADIOLOGY_TEMPLATES)
+    table = ctx.embedder.embed([items[r] for r in rows], desc=f"embedding {name}")
+    scored = [r for r in rows if items[r].key in table]
+    for r in rows:
+        if items[r].key in table.failed:
+            skipped[table.failed[items[r].key]] += 1
+    if not scored:
+        raise ValueError(f"no image of {name} could be decoded")
+    weights = ctx.class_weights(classes, templates)
+    pred, _ = cls.zero_shot_predict(table.lookup(items[r].key for r in scored), weights)
+    m = cls.classification_metrics([known[labels[r]] for r in scored], pred.tolist(), classes)
+    m["chance_accuracy"] = 1.0 / len(classes)
+    return {"metrics": {k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "chance_accuracy")},
+            "per_class": m["per_class"], "confusion_matrix": m["confusion_matrix"], "n": len(scored),
+            "classes": classes, "templates": templates, "skipped": dict(skipped)}
