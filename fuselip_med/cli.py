@@ -88,7 +88,7 @@ def info(
         ("context length", str(config.context_length)),
         ("image tokenizer",
          f"{config.image_tokenizer} (codebook {titok.codebook_size}, {titok.num_latent_tokens} tokens, "
-                            f"width {titok.width}, layers {titok.layers}, legacy reshape {titok.is_legacy})"),
+         f"width {titok.width}, layers {titok.layers}, legacy reshape {titok.is_legacy})"),
         ("vocabulary", f"{config.vocab_size} = text {config.text_vocab_size} (incl. [MASK] {config.mask_token_id}) "
                        f"+ image codes {config.image_offset}..{config.vocab_size - 1}"),
         ("MMM mask probability", str(config.mlm_probability)),
