@@ -244,16 +244,16 @@ def eval_command(
       fuselip-med eval -m runs/rocov2/final --data csv=studies.csv --labels labels.txt --templates prompts.txt\n
       fuselip-med eval -m chs20/FuseLIP-S-CC3M-MM --suite paper --data-root /data/benchmarks\n
       fuselip-med eval -m chs20/FuseLIP-S-CC3M-MM -t mmeb --data mmeb=/data/MMEB-eval
-      fuselip-med eval -m chs20/FuseLIP-S-CC3M-MM -t rocov2-retrieval,rocov2-concepts -d rocov2=eltorio/ROCOv2-radiology\n
+      fuselip-med eval -m chs20/FuseLIP-S-CC3M-MM -t rocov2-retrieval,rocov2-concepts \\
+        -d rocov2=eltorio/ROCOv2-radiology\n
       fuselip-med eval -m runs/rocov2/final -t rocov2-retrieval -d rocov2_test=pairs.tsv \\\n
         --path-column filepath --caption-column title
     """
+    from fuselip_med.data.adapters import cli_option_style
     from fuselip_med.eval.command import choose_tasks, parse_data, suite_data
     from fuselip_med.eval.runner import check_tasks, run_evaluation
     from fuselip_med.eval.tasks.zero_shot import read_labels, read_templates
     from fuselip_med.train.trainer import flatten_metrics
-
-    from fuselip_med.data.adapters import cli_option_style
 
     options = table_options(path_column=path_column, caption_column=caption_column, id_column=id_column, sep=sep,
                             image_root=image_root, encoding=encoding)

@@ -89,7 +89,8 @@ def test_csv_strict_bad_rows_and_missing_columns(tmp_path):
         cc(other)
     empty = tmp_path / "empty.csv"
     empty.write_text("path,caption\ncc3m/images/000000004.jpg,\n")
-    with pytest.raises(DatasetEmptyError, match=r"empty.csv has no usable sample \(skipped 1 of 1 rows: 1 empty caption"):
+    with pytest.raises(DatasetEmptyError,
+                       match=r"empty.csv has no usable sample \(skipped 1 of 1 rows: 1 empty caption"):
         cc(empty)
     with pytest.raises(DatasetNotFoundError, match="does not exist"):
         cc(tmp_path / "nope.csv")

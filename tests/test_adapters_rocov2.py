@@ -416,8 +416,7 @@ def test_official_names_every_skipped_row(official):
 
 
 def test_hf_names_every_skipped_row_with_its_shard(hf, tmp_path):
-    from datasets import Dataset, Features, Value
-    from datasets import Image as HFImage
+    from datasets import Dataset, Features, Image as HFImage, Value
 
     features = Features({"image": HFImage(), "image_id": Value("string"), "caption": Value("string")})
     test_shard = hf / "data" / "test-00000-of-00001.parquet"

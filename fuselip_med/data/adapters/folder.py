@@ -109,8 +109,10 @@ def folder(path: str | os.PathLike, split: str = "train", limit: int | None = No
     character; default: tab when the header has a tab and no comma or the file is ``.tsv``, else comma),
     ``encoding`` (default UTF-8, a BOM is dropped), ``image_root`` (where relative paths point, tried before the
     table's folder; images may come only from the table's folder and this root). ``require_caption=False`` keeps
-    rows without a (decodable) caption, for image-only use and labelled images; their caption is None. In a folder, an image in a subfolder gets the subfolder name as its ``label`` (class-per-folder layouts). ``check_files=False`` skips the
-    per-row file checks (for text-only use, or huge tables on slow storage; decoding still reports them).
+    rows without a (decodable) caption, for image-only use and labelled images; their caption is None. In a
+    folder, an image in a subfolder gets the subfolder name as its ``label`` (class-per-folder layouts).
+    ``check_files=False`` skips the per-row file checks (for text-only use, or huge tables on slow storage;
+    decoding still reports them).
 
     Raises ``DatasetNotFoundError``/``DatasetEmptyError`` naming the path, ``LookupError`` for an unknown encoding,
     ``ValueError`` for a bad ``sep``; bad rows are named in ``source.skipped`` (or raise ``BadRowError`` when strict).
