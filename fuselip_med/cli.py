@@ -8,6 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fuselip_med.search.commands import register as register_search_commands
+
 app = typer.Typer(
     name="fuselip-med",
     help="FuseLIP early-fusion embeddings for medical imaging: fine-tune, train, evaluate, embed.",
@@ -274,6 +276,9 @@ def merge_lora(
         fail(str(error))
     save_pretrained(merged, out)
     console.print(f"Merged {adapter} into {out}.")
+
+
+register_search_commands(app)
 
 
 def with_resume_value(argv: list[str]) -> list[str]:
