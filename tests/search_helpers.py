@@ -18,8 +18,13 @@ COLOURS = {"red": (220, 20, 20), "green": (20, 220, 20), "blue": (20, 20, 220), 
 DIM = 8
 
 
-def write_png(path: Path, rgb: tuple[int, int, int], size: int = 32) -> Path:
-    Image.fromarray(np.full((size, size, 3), rgb, dtype=np.uint8)).save(path)
+def write_png(path: Path, rgb: tuple[int, int, int], size: int = 32, seed: int | None = None) -> Path:
+    """A square of colour ``rgb``; with ``seed``, a random dark block pattern on it (distinct image content)."""
+    pixels = np.full((size, size, 3), rgb, dtype=np.uint8)
+    if seed is not None:
+        blocks = np.random.default_rng(seed).random((4, 4)) < 0.5
+        pixels[np.kron(blocks, np.ones((size // 4, size // 4), dtype=bool))] //= 4
+    Image.fromarray(pixels).save(path)
     return path
 
 
@@ -47,11 +52,12 @@ def write_ct(path: Path, hu: float = 40.0, size: int = 32, window=(400.0, 40.0))
     return path
 
 
-def make_folder(root: Path) -> Path:
-    """red/green/blue/yellow PNGs and one CT DICOM, each with a caption sidecar."""
+def make_folder(root: Path, patterned: bool = False) -> Path:
+    """red/green/blue/yellow PNGs (solid, or ``patterned`` with distinct block patterns) and one CT DICOM,
+    each with a caption sidecar."""
     root.mkdir(parents=True, exist_ok=True)
-    for name, rgb in COLOURS.items():
-        write_png(root / f"{name}.png", rgb)
+    for seed, (name, rgb) in enumerate(COLOURS.items()):
+        write_png(root / f"{name}.png", rgb, seed=seed if patterned else None)
         (root / f"{name}.png.txt").write_text(f"a {name} square")
     write_ct(root / "ct.dcm")
     (root / "ct.dcm.txt").write_text("a grey ct slice")
