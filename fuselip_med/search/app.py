@@ -20,10 +20,11 @@ from PIL import Image  # noqa: E402
 from fuselip_med.search.index import SearchIndex  # noqa: E402
 from fuselip_med.search.query import Hit, more_like_this, search  # noqa: E402
 
-__all__ = ["build_app", "thumbnail"]
+__all__ = ["build_app", "serve", "thumbnail"]
 
 THUMBNAIL_PX = 256
 UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".dcm", ".dicom"]
+CSS = "#status th:nth-child(-n+2), #status td:nth-child(-n+2) { white-space: nowrap; }"
 
 
 def thumbnail(source: Any, size: int = THUMBNAIL_PX) -> Image.Image:
@@ -104,7 +105,7 @@ def build_app(index: SearchIndex, model, k: int = 12) -> gr.Blocks:
                                          placeholder="the same study, lateral view", elem_id="instruction")
                 go = gr.Button("Search", variant="primary", elem_id="search-button")
             with gr.Column(scale=3):
-                gallery = gr.Gallery(label="Results", columns=4, allow_preview=False, object_fit="contain",
+                gallery = gr.Gallery(label="Results", columns=4, allow_preview=False, object_fit="contain", buttons=[],
                                      elem_id="results", interactive=False)
                 more_button = gr.Button("More like this (select a result first)", elem_id="more-like-this")
                 status = gr.Markdown(elem_id="status")
@@ -120,3 +121,10 @@ def build_app(index: SearchIndex, model, k: int = 12) -> gr.Blocks:
         gallery.select(remember, None, selected)
         more_button.click(more, [hits_state, selected], outputs)
     return page
+
+
+def serve(index: SearchIndex, model, *, host: str = "127.0.0.1", port: int = 7860, k: int = 12) -> None:
+    """Serve the page until interrupted. Only Gradio's own cache (the rendered thumbnails and uploads) is served:
+    no ``allowed_paths``, so no file is reachable by its path."""
+    print(f"Serving {index.directory} ({len(index)} images) on http://{host}:{port}", flush=True)
+    build_app(index, model, k=k).launch(server_name=host, server_port=port, show_error=False, quiet=True, css=CSS)

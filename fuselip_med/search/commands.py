@@ -168,7 +168,7 @@ def serve(
     from fuselip_med.search.query import load_index_model
 
     try:
-        from fuselip_med.search.app import build_app
+        from fuselip_med.search.app import serve as serve_page
     except ImportError as error:
         _fail(f"serve needs Gradio ({error}); install it with: pip install 'fuselip_med[app]'.")
     try:
@@ -176,7 +176,7 @@ def serve(
         fuselip, _ = load_index_model(opened, model)
     except (SearchIndexError, CheckpointError) as error:
         _fail(str(error))
-    build_app(opened, fuselip, k=k).launch(server_name=host, server_port=port, show_error=False, quiet=True)
+    serve_page(opened, fuselip, host=host, port=port, k=k)
 
 
 def register(app: typer.Typer) -> None:
