@@ -203,8 +203,8 @@ def test_faiss_index_kinds_find_planted_neighbours(kind):
 
 def test_auto_index_type_switches_at_the_threshold():
     settings = IndexSettings(exact_max=1000)
-    assert settings.resolved_type(1000) == "flat" and settings.resolved_type(1001) == "ivf"
-    assert IndexSettings(index_type="hnsw").resolved_type(10) == "hnsw"
+    assert settings.resolved_type(1000) == "flat" and settings.resolved_type(1001) == "hnsw"
+    assert IndexSettings(index_type="ivf").resolved_type(10) == "ivf"
     assert IndexSettings().resolved_nlist(1_000_000) == 4096
     with pytest.raises(ValueError, match="index type"):
         IndexSettings(index_type="lsh")  # type: ignore[arg-type]

@@ -22,19 +22,19 @@ def _fail(message: str, code: int = 1) -> None:
 
 @index_app.command("build")
 def index_build(
-    model: str = typer.Option(..., "--model", "-m", help="Checkpoint: hub id, local directory or .pt/.safetensors file."),
+    model: str = typer.Option(..., "--model", "-m", help="Checkpoint: hub id, local directory, .pt/.safetensors."),
     input: Path = typer.Option(..., "--input", "-i", help="What `embed` reads: a folder of images (PNG/JPEG/DICOM, "
                                "<image>.txt captions), a CSV/TSV (path, caption), or a dataset for --adapter."),
     out: Path = typer.Option(..., "--out", "-o", help="Index directory (created, or updated in place)."),
     adapter: str = typer.Option("folder", help="Dataset adapter that lists --input: folder, csv, rocov2, ..."),
     split: str = typer.Option("train", help="Split for adapters that have splits (rocov2: train, valid, test)."),
     index_type: str = typer.Option("auto", "--index-type", help=f"FAISS index: {INDEX_TYPES}; auto = exact up to "
-                                   "--exact-max vectors, ivf above."),
+                                   "--exact-max vectors, hnsw above."),
     exact_max: int = typer.Option(200_000, help="Largest index searched exactly when --index-type is auto."),
     nlist: Optional[int] = typer.Option(None, help="IVF lists (default 4*sqrt(N), a power of two)."),
-    nprobe: int = typer.Option(32, help="IVF lists searched per query."),
+    nprobe: int = typer.Option(128, help="IVF lists searched per query."),
     hnsw_m: int = typer.Option(32, help="HNSW links per node."),
-    ef_search: int = typer.Option(96, help="HNSW search beam width."),
+    ef_search: int = typer.Option(128, help="HNSW search beam width."),
     batch_size: int = typer.Option(32, help="Embedding batch size."),
     rebuild: bool = typer.Option(False, help="Replace an index built with another model instead of refusing."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: this process's Accelerate device)."),
@@ -141,8 +141,8 @@ def search(
         print(json.dumps([hit.to_dict() for hit in hits], indent=1))
         return
     table = Table(title=f"{len(hits)} results from {index}")
-    for column, justify in (("rank", "right"), ("score", "right"), ("id", "left"), ("path", "left"), ("caption", "left")):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for column in ("rank", "score", "id", "path", "caption"):
+        table.add_column(column, justify="right" if column in ("rank", "score") else "left")
     for hit in hits:
         table.add_row(str(hit.rank), f"{hit.score:.4f}", hit.id, hit.path or "", hit.caption or "")
     Console().print(table)
