@@ -83,3 +83,27 @@ def test_search_needs_a_query_and_an_index(built, tmp_path):
     assert run_search(root).exit_code == 2
     missing = runner.invoke(app, ["search", "--index", str(tmp_path), "--text", "x"])
     assert missing.exit_code == 1 and "not a search index" in " ".join(missing.output.split())
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_processes_builds_the_single_process_index(built, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, folder, model = built
+    repo = Path(__file__).parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    completed = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fuselip_med.cli", "index", "build", "-m",
+         str(model), "-i", str(folder), "-o", str(tmp_path / "two"), "--chunk-size", "2"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    message = " ".join(completed.stdout.split())
+    assert "embedded 3 images (+2 by other processes" in message  # chunks 0, 2 here; chunk 1 on process 1
+    single = open_index(root / "index")
+    two = open_index(tmp_path / "two")
+    assert two.manifest["generation"] == single.manifest["generation"]
+    assert two.meta.drop(columns="mtime_ns").equals(single.meta.drop(columns="mtime_ns"))

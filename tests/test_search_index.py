@@ -129,7 +129,7 @@ def test_build_killed_midway_resumes_to_the_same_index(folder, tmp_path):
     finished = len(list(chunks.glob("*.npz")))
     assert 3 <= finished < 9 and not (out / "manifest.json").exists()
     report = build(folder, out, chunk_size=1, batch_size=1)
-    assert report.embedded_images == 9 - finished
+    assert report.embedded_images == 9 - finished and report.embedded_elsewhere == finished
     build(folder, tmp_path / "uninterrupted", chunk_size=1, batch_size=1)
     assert index_state(out) == index_state(tmp_path / "uninterrupted")
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("manifest")) == sorted(
@@ -161,6 +161,7 @@ def test_two_processes_embed_their_shards_and_the_main_one_merges(folder, tmp_pa
         thread.join()
     assert reports[1].n_rows == 0 and reports[1].embedded_images == 2  # chunk 1 of [0, 1, 2]
     assert reports[0].embedded_images == 3 and reports[0].n_rows == 5  # chunks 0 and 2, then the merge
+    assert reports[0].embedded_elsewhere == 2
     build(folder, tmp_path / "single", chunk_size=2)
     assert index_state(out) == index_state(tmp_path / "single")
 

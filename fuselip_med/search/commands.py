@@ -36,6 +36,7 @@ def index_build(
     hnsw_m: int = typer.Option(32, help="HNSW links per node."),
     ef_search: int = typer.Option(128, help="HNSW search beam width."),
     batch_size: int = typer.Option(32, help="Embedding batch size."),
+    chunk_size: int = typer.Option(256, help="Images per resumable chunk (a killed build redoes one chunk at most)."),
     rebuild: bool = typer.Option(False, help="Replace an index built with another model instead of refusing."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: this process's Accelerate device)."),
 ) -> None:
@@ -49,6 +50,7 @@ def index_build(
       fuselip-med index build -m runs/rocov2/final -i ROCOv2_data --adapter rocov2 --split test -o rocov2_index\n
       accelerate launch --num_processes 4 -m fuselip_med.cli index build -m chs20/FuseLIP-S-CC3M-MM -i pacs/ -o idx
     """
+    import torch
     from accelerate import PartialState
     from rich.console import Console
 
@@ -65,11 +67,11 @@ def index_build(
 
     try:
         settings = IndexSettings(index_type=index_type, exact_max=exact_max, nlist=nlist, nprobe=nprobe,  # type: ignore[arg-type]
-                                 hnsw_m=hnsw_m, ef_search=ef_search, batch_size=batch_size)
+                                 hnsw_m=hnsw_m, ef_search=ef_search, batch_size=batch_size, chunk_size=chunk_size)
         entries, listed_skips = list_entries(input, adapter=adapter, split=split)
     except (DatasetEmptyError, FileNotFoundError, ValueError, KeyError) as error:
         _fail(str(error).strip("'\""), code=2)
-    state = PartialState(cpu=device == "cpu")
+    state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())  # CPU: several gloo processes
     try:
         fuselip, _, _ = load_model(model, device or state.device)
     except CheckpointError as error:
@@ -84,7 +86,8 @@ def index_build(
         return
     state_word = "up to date" if report.up_to_date else "written"
     console.print(f"Index {out} {state_word}: {report.n_rows} images ({report.index_type}), {report.n_captions} "
-                  f"captions; embedded {report.embedded_images} images and {report.embedded_captions} captions, "
+                  f"captions; embedded {report.embedded_images} images (+{report.embedded_elsewhere} by other "
+                  f"processes or an interrupted run) and {report.embedded_captions} captions, "
                   f"reused {report.reused_images}, removed {report.removed}.", highlight=False)
     skipped = dict(listed_skips)
     if report.skipped:

@@ -111,6 +111,10 @@ class IndexSettings:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
+    def faiss_settings(self) -> dict[str, Any]:
+        """The settings that shape the FAISS index (not how embedding was chunked or batched)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("chunk_size", "batch_size")}
+
     def resolved_type(self, n: int) -> str:
         """``flat``, ``ivf`` or ``hnsw`` for an index of ``n`` vectors."""
         if self.index_type != "auto":
@@ -309,12 +313,17 @@ def open_index(directory: str | os.PathLike) -> SearchIndex:
 # ------------------------------------------------------------------------------------------------ building
 @dataclass
 class BuildReport:
-    """What a build did: counts of rows, reused/embedded vectors, skipped items by id with the reason."""
+    """What a build did: counts of rows, reused/embedded vectors, skipped items by id with the reason.
+
+    ``embedded_*`` count this process's work; ``embedded_elsewhere`` the new image vectors the main process
+    took from chunks written by other processes or by an earlier, interrupted run of the same build.
+    """
 
     n_rows: int = 0
     n_captions: int = 0
     embedded_images: int = 0
     embedded_captions: int = 0
+    embedded_elsewhere: int = 0
     reused_images: int = 0
     removed: int = 0
     index_type: str = "flat"
@@ -494,6 +503,7 @@ def build_index(out: str | os.PathLike, entries: Sequence[IndexEntry], model, mo
         return report
 
     new_images, failed_images = _read_chunks(work, "image")
+    report.embedded_elsewhere = sum(1 for key in new_images if key in images) - report.embedded_images
     new_captions, _ = _read_chunks(work, "caption")
     image_vectors = {**stored, **new_images}
     caption_vectors = {**stored_captions, **new_captions}
@@ -556,7 +566,7 @@ def _commit(out: Path, rows: list[dict], image_vectors: np.ndarray, caption_vect
     digest.update(json.dumps(rows, sort_keys=True, default=str).encode())
     digest.update(image_vectors.tobytes())
     digest.update(caption_vectors.tobytes())
-    digest.update(json.dumps([kind, asdict(settings)], sort_keys=True).encode())
+    digest.update(json.dumps([kind, settings.faiss_settings()], sort_keys=True).encode())
     gen = digest.hexdigest()[:16]
     files = {"meta": f"meta.{gen}.parquet", "image_vectors": f"image.{gen}.npy",
              "caption_vectors": f"caption.{gen}.npy", "image_faiss": f"image.{gen}.faiss",
@@ -575,7 +585,7 @@ def _commit(out: Path, rows: list[dict], image_vectors: np.ndarray, caption_vect
         atomic_write_bytes(out / files[f"{target}_faiss"], faiss.serialize_index(index).tobytes())
     manifest = {"format": FORMAT_VERSION, "generation": gen, "model": asdict(model_id),
                 "dim": int(image_vectors.shape[1]), "count": len(rows), "captions": int(len(caption_vectors)),
-                "index": {"type": kind, **asdict(settings)}, "files": files, "skipped": report.skipped}
+                "index": {"type": kind, **settings.faiss_settings()}, "files": files, "skipped": report.skipped}
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     keep = set(files.values()) | {MANIFEST, WORK}
     for path in out.iterdir():
