@@ -187,6 +187,16 @@ def test_unreadable_images_are_skipped_and_named(folder, tmp_path):
     assert "broken.png" not in set(open_index(tmp_path / "index").meta["id"])
 
 
+def test_nothing_embeddable_is_a_clear_error(tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"not a png")
+    (folder / "a.png.txt").write_text("broken")
+    with pytest.raises(SearchIndexError, match="no image of the 1 listed could be embedded"):
+        build(folder, tmp_path / "index")
+    assert not (tmp_path / "index" / "manifest.json").exists()
+
+
 def test_not_an_index_is_a_clear_error(tmp_path):
     with pytest.raises(SearchIndexError, match="not a search index.*index build"):
         open_index(tmp_path)

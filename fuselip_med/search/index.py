@@ -521,6 +521,10 @@ def build_index(out: str | os.PathLike, entries: Sequence[IndexEntry], model, mo
         if has_caption:
             caption_rows.append(caption_vectors[caption_key])
     dim = _dimension(image_rows, caption_rows, previous)
+    if not dim:
+        reasons = collections.Counter(skipped.values())
+        raise SearchIndexError(f"no image of the {len(entries)} listed could be embedded ("
+                               + ", ".join(f"{r}: {n}" for r, n in reasons.most_common(3)) + "); nothing was written.")
     report.n_rows, report.n_captions, report.skipped = len(rows), len(caption_rows), skipped
     report.reused_images = sum(1 for _, d, _, _ in hashed if d in stored)
     report.index_type = settings.resolved_type(len(rows))
