@@ -145,7 +145,8 @@ def search(
         return
     table = Table(title=f"{len(hits)} results from {index}")
     for column in ("rank", "score", "id", "path", "caption"):
-        table.add_column(column, justify="right" if column in ("rank", "score") else "left")
+        table.add_column(column, justify="right" if column in ("rank", "score") else "left",
+                         overflow="fold")  # ids and paths wrap whole instead of being cut
     for hit in hits:
         table.add_row(str(hit.rank), f"{hit.score:.4f}", hit.id, hit.path or "", hit.caption or "")
     Console().print(table)
