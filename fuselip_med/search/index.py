@@ -135,7 +135,8 @@ def make_faiss_index(vectors: np.ndarray, kind: str, settings: IndexSettings):
 
     Every kind stores the vectors as float16 (``ScalarQuantizer.QT_fp16``), which is what the index keeps on
     disk anyway, so ``flat`` is exact search over the stored vectors (and reads half the bytes of float32).
-    ``ivf`` = IVF (k-means coarse quantizer, seed 1234) + fp16 lists; ``hnsw`` = HNSW graph + fp16 storage.
+    ``ivf`` = IVF (k-means coarse quantizer, seed 1234, trained on at most 64 points per list) + fp16 lists;
+    ``hnsw`` = HNSW graph + fp16 storage.
     """
     import faiss
 
@@ -152,6 +153,7 @@ def make_faiss_index(vectors: np.ndarray, kind: str, settings: IndexSettings):
         nlist = settings.resolved_nlist(n)
         index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(dim), dim, nlist, fp16, ip)
         index.cp.seed = 1234
+        index.cp.max_points_per_centroid = 64  # k-means on <= 64 points per list: 4x faster than FAISS's 256
         index.nprobe = min(settings.nprobe, nlist)
     else:
         raise ValueError(f"unknown FAISS index kind {kind!r}")
