@@ -468,7 +468,7 @@ def build_index(out: str | os.PathLike, entries: Sequence[IndexEntry], model, mo
     previous = None if rebuild else _load_previous(out)
     if previous is not None and previous.model.fingerprint != model_id.fingerprint:
         raise SearchIndexError(f"{out} holds an index built with model {previous.model}, not {model_id}; "
-                          "use --rebuild to replace it, or another --out.")
+                               "use --rebuild to replace it, or another --out.")
     work = out / WORK
     fingerprint_file = work / "model.json"
     if process.is_main:
@@ -505,7 +505,7 @@ def build_index(out: str | os.PathLike, entries: Sequence[IndexEntry], model, mo
         return report
 
     new_images, failed_images = _read_chunks(work, "image")
-    report.embedded_elsewhere = sum(1 for key in new_images if key in images) - report.embedded_images
+    report.embedded_elsewhere = sum(1 for k in new_images if k in images and k not in stored) - report.embedded_images
     new_captions, _ = _read_chunks(work, "caption")
     image_vectors = {**stored, **new_images}
     caption_vectors = {**stored_captions, **new_captions}
