@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fuselip_med.cli_options import CAPTION_COLUMN, ENCODING, ID_COLUMN, IMAGE_ROOT, PATH_COLUMN, SEP, table_options
+from fuselip_med.search.commands import register as register_search_commands
 
 app = typer.Typer(
     name="fuselip-med",
@@ -372,6 +373,9 @@ def merge_lora(
         fail(str(error))
     save_pretrained(merged, out)
     console.print(f"Merged {adapter} into {out}.")
+
+
+register_search_commands(app)
 
 
 def with_resume_value(argv: list[str]) -> list[str]:

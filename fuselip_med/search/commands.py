@@ -1,0 +1,189 @@
+"""The search commands of ``fuselip-med``: ``index build``, ``search`` and ``serve`` (registered by
+``register``; heavy imports happen inside the commands)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+__all__ = ["register"]
+
+index_app = typer.Typer(help="Build and update a search index over a folder of images.", no_args_is_help=True)
+INDEX_TYPES = "auto, flat (exact), ivf or hnsw"
+
+
+def _fail(message: str, code: int = 1) -> None:
+    from fuselip_med.cli import fail
+
+    fail(message, code)
+
+
+@index_app.command("build")
+def index_build(
+    model: str = typer.Option(..., "--model", "-m", help="Checkpoint: hub id, local directory, .pt/.safetensors."),
+    input: Path = typer.Option(..., "--input", "-i", help="What `embed` reads: a folder of images (PNG/JPEG/DICOM, "
+                               "<image>.txt captions), a CSV/TSV (path, caption), or a dataset for --adapter."),
+    out: Path = typer.Option(..., "--out", "-o", help="Index directory (created, or updated in place)."),
+    adapter: str = typer.Option("folder", help="Dataset adapter that lists --input: folder, csv, rocov2, ..."),
+    split: str = typer.Option("train", help="Split for adapters that have splits (rocov2: train, valid, test)."),
+    index_type: str = typer.Option("auto", "--index-type", help=f"FAISS index: {INDEX_TYPES}; auto = exact up to "
+                                   "--exact-max vectors, hnsw above."),
+    exact_max: int = typer.Option(200_000, help="Largest index searched exactly when --index-type is auto."),
+    nlist: Optional[int] = typer.Option(None, help="IVF lists (default 4*sqrt(N), a power of two)."),
+    nprobe: int = typer.Option(128, help="IVF lists searched per query."),
+    hnsw_m: int = typer.Option(32, help="HNSW links per node."),
+    ef_search: int = typer.Option(128, help="HNSW search beam width."),
+    batch_size: int = typer.Option(32, help="Embedding batch size."),
+    chunk_size: int = typer.Option(256, help="Images per resumable chunk (a killed build redoes one chunk at most)."),
+    rebuild: bool = typer.Option(False, help="Replace an index built with another model instead of refusing."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: this process's Accelerate device)."),
+) -> None:
+    """Embed a folder (or any dataset `embed` reads) into a search index; re-run to update it incrementally.
+
+    Only new or changed images (by content hash) are embedded, deleted ones are dropped; a killed build
+    resumes where it stopped. Under `accelerate launch` each process embeds its share.
+
+    Examples:\n
+      fuselip-med index build -m runs/rocov2/final -i my_images/ -o my_index\n
+      fuselip-med index build -m runs/rocov2/final -i ROCOv2_data --adapter rocov2 --split test -o rocov2_index\n
+      accelerate launch --num_processes 4 -m fuselip_med.cli index build -m chs20/FuseLIP-S-CC3M-MM -i pacs/ -o idx
+    """
+    import torch
+    from accelerate import PartialState
+    from rich.console import Console
+
+    from fuselip_med.core.checkpoints import CheckpointError, load_model
+    from fuselip_med.data.adapters import DatasetEmptyError
+    from fuselip_med.search.index import (
+        IndexSettings,
+        ModelId,
+        SearchIndexError,
+        build_index,
+        list_entries,
+        model_fingerprint,
+    )
+
+    try:
+        settings = IndexSettings(index_type=index_type, exact_max=exact_max, nlist=nlist, nprobe=nprobe,  # type: ignore[arg-type]
+                                 hnsw_m=hnsw_m, ef_search=ef_search, batch_size=batch_size, chunk_size=chunk_size)
+        entries, listed_skips = list_entries(input, adapter=adapter, split=split)
+    except (DatasetEmptyError, FileNotFoundError, ValueError, KeyError) as error:
+        _fail(str(error).strip("'\""), code=2)
+    state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())  # CPU: several gloo processes
+    try:
+        fuselip, _, _ = load_model(model, device or state.device)
+    except CheckpointError as error:
+        _fail(str(error))
+    console = Console()
+    try:
+        report = build_index(out, entries, fuselip, ModelId(model, model_fingerprint(fuselip)), settings,
+                             rebuild=rebuild, accelerator=state if state.num_processes > 1 else None)
+    except SearchIndexError as error:
+        _fail(str(error))
+    if not state.is_main_process:
+        return
+    state_word = "up to date" if report.up_to_date else "written"
+    console.print(f"Index {out} {state_word}: {report.n_rows} images ({report.index_type}), {report.n_captions} "
+                  f"captions; embedded {report.embedded_images} images (+{report.embedded_elsewhere} by other "
+                  f"processes or an interrupted run) and {report.embedded_captions} captions, "
+                  f"reused {report.reused_images}, removed {report.removed}.", highlight=False)
+    skipped = dict(listed_skips)
+    if report.skipped:
+        console.print(f"[yellow]Skipped {len(report.skipped)} images:[/]", highlight=False)
+        for item, reason in sorted(report.skipped.items()):
+            console.print(f"  {item}: {reason}", highlight=False, markup=False)
+    if skipped:
+        console.print("[yellow]Skipped while listing:[/] " + ", ".join(f"{r}: {n}" for r, n in sorted(skipped.items())),
+                      highlight=False)
+
+
+def search(
+    index: Path = typer.Option(..., "--index", help="An index directory written by `fuselip-med index build`."),
+    text: Optional[str] = typer.Option(None, "--text", "-t", help="Query text; with --image, the instruction fused "
+                                       "with the image (\"the same view, lateral\")."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Query image: PNG, JPEG or DICOM."),
+    k: int = typer.Option(10, "-k", help="Number of results."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Query model (default: the one the index was "
+                                        "built with; another model is refused)."),
+    target: str = typer.Option("image", help="Search the image vectors (image) or the caption vectors (caption)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
+) -> None:
+    """Search an index by text, by image (DICOM too), or by image + instruction fused into one query.
+
+    Examples:\n
+      fuselip-med search --index my_index --text "CT with a left pleural effusion"\n
+      fuselip-med search --index my_index --image study.dcm -k 5\n
+      fuselip-med search --index my_index --image study.dcm --text "the same study, lateral view" --json
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from fuselip_med.core.checkpoints import CheckpointError
+    from fuselip_med.data.images import ImageDecodeError
+    from fuselip_med.search.index import SearchIndexError, open_index
+    from fuselip_med.search.query import load_index_model, search as run_search
+
+    if not text and image is None:
+        _fail("give --text, --image, or both (--image with --text is an image + instruction query).", code=2)
+    if k < 1:
+        _fail(f"-k {k}: ask for at least one result.", code=2)
+    if target not in ("image", "caption"):
+        _fail(f"--target {target!r}: choose image or caption.", code=2)
+    if image is not None and not image.is_file():
+        _fail(f"--image {image}: no such file.", code=2)
+    try:
+        opened = open_index(index)
+        fuselip, _ = load_index_model(opened, model)
+        hits = run_search(opened, fuselip, text=text, image=image, k=k, target=target)
+    except (SearchIndexError, CheckpointError, ImageDecodeError) as error:
+        _fail(str(error))
+    if as_json:
+        print(json.dumps([hit.to_dict() for hit in hits], indent=1))
+        return
+    table = Table(title=f"{len(hits)} results from {index}")
+    for column in ("rank", "score", "id", "path", "caption"):
+        table.add_column(column, justify="right" if column in ("rank", "score") else "left",
+                         overflow="fold")  # ids and paths wrap whole instead of being cut
+    for hit in hits:
+        table.add_row(str(hit.rank), f"{hit.score:.4f}", hit.id, hit.path or "", hit.caption or "")
+    Console().print(table)
+
+
+def serve(
+    index: Path = typer.Option(..., "--index", help="An index directory written by `fuselip-med index build`."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; the default is reachable from this machine only."),
+    port: int = typer.Option(7860, help="Port to listen on."),
+    k: int = typer.Option(12, "-k", help="Results per query."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Query model (default: the index's)."),
+) -> None:
+    """Serve a search page (Gradio) over an index: text, image (PNG/JPEG/DICOM) + instruction, "more like this".
+
+    Needs the app extra: pip install "fuselip_med[app]". Runs on CPU; only images listed in the index are shown.
+
+    Examples:\n
+      fuselip-med serve --index my_index\n
+      fuselip-med serve --index my_index --port 8080
+    """
+    from fuselip_med.core.checkpoints import CheckpointError
+    from fuselip_med.search.index import SearchIndexError, open_index
+    from fuselip_med.search.query import load_index_model
+
+    try:
+        from fuselip_med.search.app import serve as serve_page
+    except ImportError as error:
+        _fail(f"serve needs Gradio ({error}); install it with: pip install 'fuselip_med[app]'.")
+    try:
+        opened = open_index(index)
+        fuselip, _ = load_index_model(opened, model)
+    except (SearchIndexError, CheckpointError) as error:
+        _fail(str(error))
+    serve_page(opened, fuselip, host=host, port=port, k=k)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``index build``, ``search`` and ``serve`` to the ``fuselip-med`` app."""
+    app.add_typer(index_app, name="index")
+    app.command("search")(search)
+    app.command("serve")(serve)

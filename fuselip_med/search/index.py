@@ -1,0 +1,607 @@
+"""A search index over a folder of images: float16 vectors (memory-mapped), a parquet metadata table, FAISS.
+
+Layout of an index directory (one *generation* is live; ``manifest.json`` names its files and is written
+last, atomically, so a reader never sees a half-written index)::
+
+    manifest.json               format, model (name + weight fingerprint), dim, counts, FAISS settings, files
+    meta.<gen>.parquet          one row per image: id, path, caption, source, content_hash, model_id,
+                                size, mtime_ns, caption_row (row in the caption vectors, -1 without caption)
+    image.<gen>.npy             [N, D] float16, L2-normalised image embeddings (``np.load(mmap_mode="r")``)
+    caption.<gen>.npy           [C, D] float16, embeddings of the C captions (the second, text index)
+    image.<gen>.faiss           FAISS index over the image vectors (ids = row numbers)
+    caption.<gen>.faiss         FAISS index over the caption vectors (ids = caption rows)
+    .work/                      per-chunk embeddings of an unfinished build (removed when it commits)
+
+Build = list inputs (any dataset adapter ``embed`` reads) -> content hashes (sha256 of the file bytes;
+unchanged ``(path, size, mtime_ns)`` reuse the stored hash) -> vectors for hashes the current index already
+holds are reused, the rest are embedded in fixed chunks -> new generation committed. The chunks are cut from
+the sorted hashes of the whole listing and each is written atomically to ``.work/`` as it finishes, so a build
+killed at any point resumes with the finished chunks and re-embeds the unfinished ones with the same batch
+composition: the resumed index equals an uninterrupted build. Under ``accelerate launch`` chunk ``c`` is
+embedded by process ``c % world``; the main process merges the chunk files and commits.
+
+Search is exact up to ``exact_max`` vectors and approximate above it (HNSW by default, IVF on request); inner
+product on unit vectors = cosine similarity (FuseLIP embeddings are L2-normalised, FuseLIP paper Sec. 3).
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from fuselip_med.io import atomic_write_bytes, atomic_write_text
+
+__all__ = [
+    "FORMAT_VERSION", "IndexEntry", "SearchIndexError", "IndexSettings", "ModelId", "BuildReport", "SearchIndex",
+    "build_index", "content_hash", "list_entries", "make_faiss_index", "model_fingerprint", "open_index",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WORK = ".work"
+IndexType = Literal["auto", "flat", "ivf", "hnsw"]
+
+
+class SearchIndexError(ValueError):
+    """A user-facing problem with an index directory or its inputs (message names the path and the fix)."""
+
+
+@dataclass(frozen=True)
+class ModelId:
+    """Which model made the vectors: the name it was loaded from and a fingerprint of its weights."""
+
+    name: str
+    fingerprint: str
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.fingerprint[:12]}"
+
+
+def model_fingerprint(model) -> str:
+    """blake2b-128 hex digest of a model's state dict (names, dtypes, shapes and bytes, in name order).
+
+    Two loads of the same weights give the same fingerprint whatever path or hub id they came from.
+    """
+    import torch
+
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """How the FAISS index is chosen and tuned, and how embedding is chunked.
+
+    ``index_type``: ``auto`` = exact (``flat``) up to ``exact_max`` vectors, else ``hnsw``. HNSW: ``hnsw_m``
+    links per node, ``ef_construction`` / ``ef_search`` beam widths (Malkov & Yashunin 2018); IVF: ``nlist``
+    lists (default ``4 * sqrt(N)`` rounded to a power of two, at most 65536), searched with ``nprobe``.
+    The HNSW defaults aim at recall@10 >= 0.95 within 10 ms per query at 1M x 512 on 2 cores; IVF needs a
+    large ``nprobe`` for that on embedding-like data (see ``benchmarks/bench_search.py``).
+    """
+
+    index_type: IndexType = "auto"
+    exact_max: int = 200_000
+    nlist: int | None = None
+    nprobe: int = 128
+    hnsw_m: int = 32
+    ef_construction: int = 80
+    ef_search: int = 128
+    chunk_size: int = 256
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.index_type not in ("auto", "flat", "ivf", "hnsw"):
+            raise ValueError(f"index type {self.index_type!r}: choose auto, flat, ivf or hnsw")
+        for name in ("exact_max", "nprobe", "hnsw_m", "ef_construction", "ef_search", "chunk_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def faiss_settings(self) -> dict[str, Any]:
+        """The settings that shape the FAISS index (not how embedding was chunked or batched)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("chunk_size", "batch_size")}
+
+    def resolved_type(self, n: int) -> str:
+        """``flat``, ``ivf`` or ``hnsw`` for an index of ``n`` vectors."""
+        if self.index_type != "auto":
+            return self.index_type
+        return "flat" if n <= self.exact_max else "hnsw"
+
+    def resolved_nlist(self, n: int) -> int:
+        """IVF list count for ``n`` vectors: the setting, else ``4 sqrt(n)`` as a power of two (FAISS wiki
+        "Guidelines to choose an index"), never more than ``n // 39`` (FAISS's minimum training points per list)."""
+        if self.nlist is not None:
+            return max(1, min(self.nlist, n))
+        target = 1 << max(0, int(round(np.log2(max(1.0, 4 * np.sqrt(n))))))
+        return int(max(1, min(target, 65536, n // 39 or 1)))
+
+
+def make_faiss_index(vectors: np.ndarray, kind: str, settings: IndexSettings):
+    """A FAISS inner-product index of ``kind`` holding ``vectors`` ([N, D] float32) with ids 0..N-1.
+
+    Every kind stores the vectors as float16 (``ScalarQuantizer.QT_fp16``), which is what the index keeps on
+    disk anyway, so ``flat`` is exact search over the stored vectors (and reads half the bytes of float32).
+    ``ivf`` = IVF (k-means coarse quantizer, seed 1234, trained on at most 64 points per list) + fp16 lists;
+    ``hnsw`` = HNSW graph + fp16 storage.
+    """
+    import faiss
+
+    n, dim = vectors.shape
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    fp16, ip = faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
+    if kind == "flat" or n == 0:
+        index = faiss.IndexScalarQuantizer(dim, fp16, ip)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWSQ(dim, fp16, settings.hnsw_m, ip)
+        index.hnsw.efConstruction = settings.ef_construction
+        index.hnsw.efSearch = settings.ef_search
+    elif kind == "ivf":
+        nlist = settings.resolved_nlist(n)
+        index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(dim), dim, nlist, fp16, ip)
+        index.cp.seed = 1234
+        index.cp.max_points_per_centroid = 64  # k-means on <= 64 points per list: 4x faster than FAISS's 256
+        index.nprobe = min(settings.nprobe, nlist)
+    else:
+        raise ValueError(f"unknown FAISS index kind {kind!r}")
+    if n:
+        index.train(vectors)
+        index.add(vectors)
+    return index
+
+
+def _to_gpu(index):
+    """The index on all GPUs when FAISS was built with GPU support and sees one; kinds the GPU build cannot hold
+    (HNSW) stay on the CPU."""
+    import faiss
+
+    if not hasattr(faiss, "index_cpu_to_all_gpus") or faiss.get_num_gpus() == 0:
+        return index
+    try:
+        return faiss.index_cpu_to_all_gpus(index)
+    except RuntimeError as error:  # FAISS raises RuntimeError for index types without a GPU version
+        log.info("searching on the CPU: %s", error)
+        return index
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+@dataclass
+class IndexEntry:
+    """One image to index: its id, the image reference (a path, or bytes from a table), caption, source."""
+
+    id: str
+    image: Any
+    caption: str | None
+    source: str
+
+    @property
+    def path(self) -> str | None:
+        return os.path.abspath(os.fspath(self.image)) if isinstance(self.image, (str, os.PathLike)) else None
+
+
+def list_entries(input: str | os.PathLike, adapter: str = "folder", split: str = "train",
+                 **adapter_options: Any) -> tuple[list[IndexEntry], collections.Counter]:
+    """The images (with their captions where present) a dataset adapter lists, as ``embed`` reads them.
+
+    ``adapter``: a registered adapter name (``folder``/``csv`` for folders incl. DICOM and CSV/TSV tables,
+    ``rocov2``, ...). Returns (entries sorted by id, skip counts by reason incl. the adapter's own).
+    Raises ``DatasetEmptyError``/``FileNotFoundError`` from the adapter and ``KeyError`` for an unknown adapter.
+    """
+    from fuselip_med.data.adapters import get_adapter
+    from fuselip_med.embed import rows_from_source
+
+    if adapter in ("folder", "csv"):
+        adapter_options.setdefault("check_files", False)
+    source = get_adapter(adapter)(str(input), split=split, **adapter_options)
+    captions = {row.id: row.text for row in rows_from_source(source, "text")}
+    skipped: collections.Counter = collections.Counter(getattr(source, "skipped", {}))
+    entries: dict[str, IndexEntry] = {}
+    for row in rows_from_source(source, "image"):
+        if row.id in entries:
+            skipped["duplicate id"] += 1
+            continue
+        entries[row.id] = IndexEntry(row.id, row.image, captions.get(row.id) or None, source.name)
+    return [entries[k] for k in sorted(entries)], skipped
+
+
+def content_hash(image: Any) -> str:
+    """sha256 hex digest of an image's encoded bytes (a file's bytes, or the bytes given); ``OSError`` when a
+    file cannot be read, ``TypeError`` for inputs that are neither (decoded arrays are hashed by value)."""
+    digest = hashlib.sha256()
+    if isinstance(image, (str, os.PathLike)):
+        with open(image, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    elif isinstance(image, (bytes, bytearray, memoryview)):
+        digest.update(bytes(image))
+    else:
+        from fuselip_med.eval.embedding import image_key
+
+        digest.update(image_key(image).encode())
+    return digest.hexdigest()
+
+
+def _text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ reading
+class SearchIndex:
+    """A committed index opened for search: metadata, memory-mapped float16 vectors and the FAISS indexes."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        manifest_path = self.directory / MANIFEST
+        if not manifest_path.is_file():
+            raise SearchIndexError(f"{self.directory} is not a search index (no {MANIFEST}); "
+                              "build one with `fuselip-med index build`.")
+        self.manifest = json.loads(manifest_path.read_text())
+        if self.manifest.get("format") != FORMAT_VERSION:
+            raise SearchIndexError(f"{manifest_path}: index format {self.manifest.get('format')} is not "
+                              f"{FORMAT_VERSION}; rebuild it with `fuselip-med index build --rebuild`.")
+        files = self.manifest["files"]
+        import pandas as pd
+
+        self.meta = pd.read_parquet(self.directory / files["meta"])
+        self.image_vectors = np.load(self.directory / files["image_vectors"], mmap_mode="r")
+        self.caption_vectors = np.load(self.directory / files["caption_vectors"], mmap_mode="r")
+        self._faiss: dict[str, Any] = {}
+        self._row_of_id = {str(i): r for r, i in enumerate(self.meta["id"])}
+        self.caption_rows = np.flatnonzero(self.meta["caption_row"].to_numpy() >= 0)
+
+    @property
+    def model(self) -> ModelId:
+        return ModelId(**self.manifest["model"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    def row_of(self, id: str) -> int:
+        """Row number of an item id (``KeyError`` naming it when absent)."""
+        try:
+            return self._row_of_id[id]
+        except KeyError:
+            raise KeyError(f"no item {id!r} in the index {self.directory}") from None
+
+    def faiss_index(self, target: str = "image"):
+        """The FAISS index over ``image`` or ``caption`` vectors (read once; on GPUs where FAISS has them)."""
+        if target not in ("image", "caption"):
+            raise ValueError(f"search target {target!r}: use image or caption")
+        if target not in self._faiss:
+            import faiss
+
+            path = self.directory / self.manifest["files"][f"{target}_faiss"]
+            self._faiss[target] = _to_gpu(faiss.read_index(str(path)))
+        return self._faiss[target]
+
+    def search(self, queries: np.ndarray, k: int = 10, target: str = "image") -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` rows per query: (scores [Q, k] float32 inner products, rows [Q, k] int64 metadata rows).
+
+        ``queries``: [Q, D] (or [D]) L2-normalised float32. Missing hits (k > size) have row -1, score -inf.
+        """
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if queries.shape[1] != self.dim:
+            raise ValueError(f"query dimension {queries.shape[1]} does not match the index dimension {self.dim}")
+        index = self.faiss_index(target)
+        scores, ids = index.search(queries, k)
+        if target == "caption":
+            ids = np.where(ids >= 0, self.caption_rows[np.clip(ids, 0, None)] if len(self.caption_rows) else -1, -1)
+        scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
+        return scores, ids.astype(np.int64)
+
+
+def open_index(directory: str | os.PathLike) -> SearchIndex:
+    """Open a committed index (``SearchIndexError`` naming the directory when it is none)."""
+    return SearchIndex(directory)
+
+
+# ------------------------------------------------------------------------------------------------ building
+@dataclass
+class BuildReport:
+    """What a build did: counts of rows, reused/embedded vectors, skipped items by id with the reason.
+
+    ``embedded_*`` count this process's work; ``embedded_elsewhere`` the new image vectors the main process
+    took from chunks written by other processes or by an earlier, interrupted run of the same build.
+    """
+
+    n_rows: int = 0
+    n_captions: int = 0
+    embedded_images: int = 0
+    embedded_captions: int = 0
+    embedded_elsewhere: int = 0
+    reused_images: int = 0
+    removed: int = 0
+    index_type: str = "flat"
+    up_to_date: bool = False
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Process:
+    """This process's place in a multi-process build (``accelerate launch``); one process by default."""
+
+    rank: int = 0
+    world: int = 1
+    barrier: Callable[[], None] = lambda: None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _process_from(accelerator) -> _Process:
+    if accelerator is None:
+        return _Process()
+    return _Process(accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _load_previous(out: Path) -> SearchIndex | None:
+    return SearchIndex(out) if (out / MANIFEST).is_file() else None
+
+
+def _hash_entries(entries: Sequence[IndexEntry], previous: SearchIndex | None,
+                  skipped: dict[str, str]) -> list[tuple[IndexEntry, str, int, int]]:
+    """(entry, content hash, size, mtime_ns) of readable entries; a stored hash is reused when the file's
+    path, size and mtime are unchanged."""
+    known: dict[tuple[str, int, int], str] = {}
+    if previous is not None:
+        meta = previous.meta
+        known = {(p, int(s), int(m)): h for p, s, m, h in zip(meta["path"], meta["size"], meta["mtime_ns"],
+                                                              meta["content_hash"]) if p is not None}
+    out = []
+    for entry in entries:
+        path, size, mtime = entry.path, -1, -1
+        try:
+            if path is not None:
+                stat = os.stat(path)
+                size, mtime = stat.st_size, stat.st_mtime_ns
+            digest = known.get((path, size, mtime)) if path is not None else None
+            out.append((entry, digest or content_hash(entry.image), size, mtime))
+        except OSError as error:
+            skipped[entry.id] = f"cannot read the file ({error.strerror or error})"
+    return out
+
+
+def _chunks(keys: list[str], size: int) -> list[list[str]]:
+    return [keys[a:a + size] for a in range(0, len(keys), size)]
+
+
+def _chunk_path(work: Path, kind: str, keys: Sequence[str]) -> Path:
+    digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:24]
+    return work / kind / f"{digest}.npz"
+
+
+def _read_chunks(work: Path, kind: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Vectors ({key: [D] float16}) and failures ({key: reason}) of every finished chunk of ``kind``."""
+    vectors: dict[str, np.ndarray] = {}
+    failed: dict[str, str] = {}
+    folder = work / kind
+    if not folder.is_dir():
+        return vectors, failed
+    for path in sorted(folder.glob("*.npz")):
+        with np.load(path, allow_pickle=False) as data:
+            vectors.update(zip(data["keys"].tolist(), data["vectors"]))
+            failed.update(zip(data["failed_keys"].tolist(), data["failed_reasons"].tolist()))
+    return vectors, failed
+
+
+def _embed_chunk(model, kind: str, keys: list[str], source: dict[str, Any], settings: IndexSettings,
+                 path: Path) -> None:
+    """Embed one chunk (images by content hash, or caption texts) and write it atomically to ``path``."""
+    from fuselip_med.eval.embedding import EmbedItem, embed_items
+
+    if kind == "image":
+        items = [EmbedItem.of_image(source[k], key=k) for k in keys]
+    else:
+        items = [EmbedItem.of_text(source[k]) for k in keys]
+    table = embed_items(model, items, batch_size=settings.batch_size, progress=False)
+    done = [(k, it.key) for k, it in zip(keys, items) if it.key in table]
+    vectors = table.lookup([key for _, key in done]).numpy() if done else np.zeros((0, 0), np.float32)
+    vectors = vectors.astype(np.float16)
+    failed = [(k, str(table.failed.get(it.key, "not embedded"))) for k, it in zip(keys, items) if it.key not in table]
+    buffer = io.BytesIO()
+    np.savez(buffer, keys=np.array([k for k, _ in done], dtype=str), vectors=vectors,
+             failed_keys=np.array([k for k, _ in failed], dtype=str),
+             failed_reasons=np.array([r for _, r in failed], dtype=str))
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _embed_missing(model, kind: str, keys_in_listing: list[str], have: set[str], source: dict[str, Any],
+                   settings: IndexSettings, work: Path, process: _Process, progress) -> int:
+    """Embed the keys of the listing that no stored vector or finished chunk holds; chunk ``c`` belongs to
+    process ``c % world``. Returns how many keys this process embedded."""
+    done_vectors, done_failed = _read_chunks(work, kind)
+    embedded = 0
+    chunks = _chunks(sorted(set(keys_in_listing)), settings.chunk_size)
+    todo = []
+    for number, chunk in enumerate(chunks):
+        needed = [k for k in chunk if k not in have and k not in done_vectors and k not in done_failed]
+        if needed and number % process.world == process.rank:
+            todo.append(needed)
+    task = progress.add_task(f"embedding {kind}s", total=sum(map(len, todo))) if progress and todo else None
+    for needed in todo:
+        _embed_chunk(model, kind, needed, source, settings, _chunk_path(work, kind, needed))
+        embedded += len(needed)
+        if task is not None:
+            progress.advance(task, len(needed))
+    return embedded
+
+
+def build_index(out: str | os.PathLike, entries: Sequence[IndexEntry], model, model_id: ModelId,
+                settings: IndexSettings = IndexSettings(), *, rebuild: bool = False, accelerator=None,
+                progress: bool = True) -> BuildReport:
+    """Build or update the index at ``out`` so that it holds exactly ``entries`` embedded by ``model``.
+
+    ``model``: anything with FuseLIP's ``encode(images=[B, 3, S, S] float32 | texts=[str])`` -> [B, D];
+    ``model_id`` names it in the index. Vectors of unchanged content are reused, new/changed content is
+    embedded, entries that are gone are dropped. Items whose image cannot be read or decoded are left out and
+    named in ``BuildReport.skipped`` (id -> reason). Raises ``SearchIndexError`` when ``out`` holds an index of
+    another model (pass ``rebuild=True`` to replace it). With ``accelerator`` (Accelerate) every process
+    embeds its share of the chunks and only the main process writes the index; the others' reports hold
+    only their embedding counts.
+    """
+    out = Path(out)
+    process = _process_from(accelerator)
+    previous = None if rebuild else _load_previous(out)
+    if previous is not None and previous.model.fingerprint != model_id.fingerprint:
+        raise SearchIndexError(f"{out} holds an index built with model {previous.model}, not {model_id}; "
+                               "use --rebuild to replace it, or another --out.")
+    work = out / WORK
+    fingerprint_file = work / "model.json"
+    if process.is_main:
+        work.mkdir(parents=True, exist_ok=True)
+        stamp = json.dumps(asdict(model_id))
+        if not fingerprint_file.is_file() or fingerprint_file.read_text() != stamp:
+            _clear_work(work)  # chunks from another model are of no use
+            work.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(fingerprint_file, stamp)
+    process.barrier()
+
+    skipped: dict[str, str] = {}
+    hashed = _hash_entries(entries, previous, skipped)
+    stored: dict[str, np.ndarray] = {}
+    stored_captions: dict[str, np.ndarray] = {}
+    if previous is not None:
+        for row, digest in enumerate(previous.meta["content_hash"]):
+            stored.setdefault(digest, previous.image_vectors[row])
+        for row, (caption, crow) in enumerate(zip(previous.meta["caption"], previous.meta["caption_row"])):
+            if crow >= 0:
+                stored_captions.setdefault(_text_hash(caption), previous.caption_vectors[crow])
+    images = {digest: entry.image for entry, digest, _, _ in hashed}
+    texts = {_text_hash(entry.caption): entry.caption for entry, _, _, _ in hashed if entry.caption}
+
+    report = BuildReport()
+    bar = _progress(progress and process.is_main)
+    with bar:
+        report.embedded_images = _embed_missing(model, "image", list(images), set(stored), images, settings, work,
+                                                process, bar)
+        report.embedded_captions = _embed_missing(model, "caption", list(texts), set(stored_captions), texts,
+                                                  settings, work, process, bar)
+    process.barrier()
+    if not process.is_main:
+        return report
+
+    new_images, failed_images = _read_chunks(work, "image")
+    report.embedded_elsewhere = sum(1 for k in new_images if k in images and k not in stored) - report.embedded_images
+    new_captions, _ = _read_chunks(work, "caption")
+    image_vectors = {**stored, **new_images}
+    caption_vectors = {**stored_captions, **new_captions}
+    rows, image_rows, caption_rows = [], [], []
+    for entry, digest, size, mtime in hashed:
+        if digest not in image_vectors:
+            skipped[entry.id] = failed_images.get(digest, "not embedded")
+            continue
+        caption_key = _text_hash(entry.caption) if entry.caption else None
+        has_caption = caption_key is not None and caption_key in caption_vectors
+        rows.append({"id": entry.id, "path": entry.path, "caption": entry.caption, "source": entry.source,
+                     "content_hash": digest, "model_id": str(model_id), "size": size, "mtime_ns": mtime,
+                     "caption_row": len(caption_rows) if has_caption else -1})
+        image_rows.append(image_vectors[digest])
+        if has_caption:
+            caption_rows.append(caption_vectors[caption_key])
+    dim = _dimension(image_rows, caption_rows, previous)
+    if not dim:
+        reasons = collections.Counter(skipped.values())
+        raise SearchIndexError(f"no image of the {len(entries)} listed could be embedded ("
+                               + ", ".join(f"{r}: {n}" for r, n in reasons.most_common(3)) + "); nothing was written.")
+    report.n_rows, report.n_captions, report.skipped = len(rows), len(caption_rows), skipped
+    report.reused_images = sum(1 for _, d, _, _ in hashed if d in stored)
+    report.index_type = settings.resolved_type(len(rows))
+    if previous is not None:
+        report.removed = len(set(previous.meta["id"]) - {r["id"] for r in rows})
+    _commit(out, rows, _stack(image_rows, dim), _stack(caption_rows, dim), model_id, settings, report, previous)
+    return report
+
+
+def _dimension(image_rows: list, caption_rows: list, previous: SearchIndex | None) -> int:
+    if image_rows:
+        return int(image_rows[0].shape[-1])
+    if caption_rows:
+        return int(caption_rows[0].shape[-1])
+    return previous.dim if previous is not None else 0
+
+
+def _stack(vectors: list[np.ndarray], dim: int) -> np.ndarray:
+    return np.stack(vectors).astype(np.float16) if vectors else np.zeros((0, dim), dtype=np.float16)
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    disable=not enabled or not os.isatty(1), transient=True)
+
+
+def _commit(out: Path, rows: list[dict], image_vectors: np.ndarray, caption_vectors: np.ndarray,
+            model_id: ModelId, settings: IndexSettings, report: BuildReport, previous: SearchIndex | None) -> None:
+    """Write the new generation's files, then the manifest (atomic), then remove old generations and work."""
+    import faiss
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    kind = report.index_type
+    meta = pd.DataFrame(rows, columns=["id", "path", "caption", "source", "content_hash", "model_id", "size",
+                                       "mtime_ns", "caption_row"])
+    meta = meta.astype({"size": "int64", "mtime_ns": "int64", "caption_row": "int64"})
+    table = pa.Table.from_pandas(meta, preserve_index=False)
+    digest = hashlib.sha256()
+    digest.update(json.dumps(rows, sort_keys=True, default=str).encode())
+    digest.update(image_vectors.tobytes())
+    digest.update(caption_vectors.tobytes())
+    digest.update(json.dumps([kind, settings.faiss_settings()], sort_keys=True).encode())
+    gen = digest.hexdigest()[:16]
+    files = {"meta": f"meta.{gen}.parquet", "image_vectors": f"image.{gen}.npy",
+             "caption_vectors": f"caption.{gen}.npy", "image_faiss": f"image.{gen}.faiss",
+             "caption_faiss": f"caption.{gen}.faiss"}
+    if previous is not None and previous.manifest.get("generation") == gen:
+        report.up_to_date = True
+        _clear_work(out / WORK)
+        return
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    atomic_write_bytes(out / files["meta"], sink.getvalue())
+    _save_npy(out / files["image_vectors"], image_vectors)
+    _save_npy(out / files["caption_vectors"], caption_vectors)
+    for target, vectors in (("image", image_vectors), ("caption", caption_vectors)):
+        index = make_faiss_index(vectors.astype(np.float32), settings.resolved_type(len(vectors)), settings)
+        atomic_write_bytes(out / files[f"{target}_faiss"], faiss.serialize_index(index).tobytes())
+    manifest = {"format": FORMAT_VERSION, "generation": gen, "model": asdict(model_id),
+                "dim": int(image_vectors.shape[1]), "count": len(rows), "captions": int(len(caption_vectors)),
+                "index": {"type": kind, **settings.faiss_settings()}, "files": files, "skipped": report.skipped}
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+    keep = set(files.values()) | {MANIFEST, WORK}
+    for path in out.iterdir():
+        stale = path.name.split(".")[0] in ("meta", "image", "caption") or path.name.endswith(".tmp")
+        if path.name not in keep and path.is_file() and stale:
+            path.unlink()
+    _clear_work(out / WORK)
+
+
+def _clear_work(work: Path) -> None:
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,100 @@
+"""Queries against a search index: text, image (PNG/JPEG/DICOM) or image + instruction fused into one
+sequence as FuseLIP does (paper Sec. 3: one transformer over text ids and TiTok image ids), and "more like
+this" from a stored vector."""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from fuselip_med.search.index import ModelId, SearchIndex, SearchIndexError, model_fingerprint
+
+__all__ = ["Hit", "check_model", "encode_query", "hits", "load_index_model", "more_like_this", "search"]
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One result: rank (1 = best), cosine score, metadata row and the item's id, path, caption, source."""
+
+    rank: int
+    score: float
+    row: int
+    id: str
+    path: str | None
+    caption: str | None
+    source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_model(index: SearchIndex, model_id: ModelId) -> None:
+    """Raise ``SearchIndexError`` unless ``model_id`` has the weights the index was built with."""
+    if model_id.fingerprint != index.model.fingerprint:
+        raise SearchIndexError(
+            f"the index {index.directory} was built with model {index.model}, but the query model is {model_id}; "
+            f"search with --model {index.model.name} (or leave --model out), or rebuild the index with this model.")
+
+
+def load_index_model(index: SearchIndex, model: str | os.PathLike | None = None, device: str = "cpu"):
+    """(model, ModelId) for querying ``index``: ``model`` when given (checked against the index), else the
+    model recorded in the index. Raises ``SearchIndexError`` on a mismatch and ``CheckpointError`` (from
+    ``core.checkpoints.load_model``) when the checkpoint cannot be read."""
+    from fuselip_med.core.checkpoints import load_model
+
+    name = str(model) if model is not None else index.model.name
+    loaded, _, _ = load_model(name, device)
+    model_id = ModelId(name, model_fingerprint(loaded))
+    check_model(index, model_id)
+    return loaded, model_id
+
+
+def encode_query(model, *, text: str | None = None, image: Any = None, decode_options=None) -> np.ndarray:
+    """[D] float32 unit query vector: ``text`` alone, ``image`` alone (path, bytes, PIL image; DICOM is
+    decoded with its window) or both fused into one sequence. Raises ``ValueError`` when both are empty and
+    ``ImageDecodeError`` naming the image when it cannot be decoded."""
+    from fuselip_med.eval.embedding import EmbedItem, embed_items
+
+    text = text if text and text.strip() else None
+    if text is None and image is None:
+        raise ValueError("give a query text, a query image, or both")
+    item = EmbedItem(image=image, text=text)
+    table = embed_items(model, [item], batch_size=1, decode_options=decode_options, on_error="raise",
+                        progress=False)
+    return table.lookup([item.key])[0].numpy().astype(np.float32)
+
+
+def hits(index: SearchIndex, scores: np.ndarray, rows: np.ndarray) -> list[Hit]:
+    """Hits for one query's ``scores`` [k] and ``rows`` [k] (rows < 0, i.e. missing, are dropped)."""
+    meta = index.meta
+    out = []
+    for score, row in zip(scores, rows):
+        if row < 0:
+            continue
+        record = meta.iloc[int(row)]
+        out.append(Hit(len(out) + 1, float(score), int(row), str(record["id"]), record["path"],
+                       record["caption"], str(record["source"])))
+    return out
+
+
+def search(index: SearchIndex, model, *, text: str | None = None, image: Any = None, k: int = 10,
+           target: str = "image", decode_options=None) -> list[Hit]:
+    """Top-``k`` hits for a text, image or image+instruction query over the ``image`` (default) or
+    ``caption`` vectors of ``index``. ``k`` must be >= 1 (``ValueError``)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    query = encode_query(model, text=text, image=image, decode_options=decode_options)
+    scores, rows = index.search(query[None], k, target=target)
+    return hits(index, scores[0], rows[0])
+
+
+def more_like_this(index: SearchIndex, id: str, k: int = 10) -> list[Hit]:
+    """Top-``k`` images like the indexed item ``id`` (its stored image vector as the query; the item itself
+    is left out). No model is needed. ``KeyError`` when ``id`` is not in the index."""
+    row = index.row_of(id)
+    query = np.asarray(index.image_vectors[row], dtype=np.float32)
+    scores, rows = index.search(query[None], k + 1)
+    keep = rows[0] != row
+    return hits(index, scores[0][keep][:k], rows[0][keep][:k])
