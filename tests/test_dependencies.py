@@ -9,7 +9,7 @@ tomllib = pytest.importorskip("tomllib")
 
 ROOT = Path(__file__).resolve().parents[1]
 IMPORT_NAMES = {"Pillow": "PIL", "pyyaml": "yaml", "pylibjpeg-libjpeg": "libjpeg", "pylibjpeg-openjpeg": "openjpeg",
-                "opencv-python-headless": "cv2"}
+                "opencv-python-headless": "cv2", "faiss-cpu": "faiss"}
 USED_WITHOUT_IMPORT = {
     "pylibjpeg": "pydicom's decoder plugin for JPEG/JPEG-LS/JPEG 2000 DICOM (found by pydicom at decode time)",
     "libjpeg": "pylibjpeg's JPEG and JPEG-LS backend",
@@ -22,6 +22,13 @@ USED_WITHOUT_IMPORT = {
 def declared() -> list[str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     return [re.split(r"[<>=!~\[; ]", spec, maxsplit=1)[0] for spec in project["dependencies"]]
+
+
+def declared_extras() -> list[str]:
+    """The optional extras users install for optional commands (e.g. ``app`` for ``serve``), not ``test``."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"].get("optional-dependencies", {})
+    return [re.split(r"[<>=!~\[; ]", spec, maxsplit=1)[0] for name, specs in extras.items() if name != "test"
+            for spec in specs]
 
 
 def imported_modules() -> set[str]:
@@ -40,6 +47,7 @@ def test_every_declared_dependency_is_used():
 def test_nothing_imports_an_undeclared_third_party_package():
     import sys
 
-    allowed = {IMPORT_NAMES.get(name, name) for name in declared()} | {"fuselip_med", "data_tools", "__future__"}
+    allowed = ({IMPORT_NAMES.get(name, name) for name in [*declared(), *declared_extras()]}
+               | {"fuselip_med", "data_tools", "__future__"})
     third_party = {m for m in imported_modules() if m not in sys.stdlib_module_names and m not in allowed}
     assert not third_party, f"imported but not declared in pyproject.toml: {sorted(third_party)}"
