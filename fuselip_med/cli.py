@@ -28,46 +28,28 @@ def fail(message: str, code: int = 1) -> None:
 
 @app.command()
 def info(
-    model: str = typer.Argument(
-        ..., help="A checkpoint (hub id, local directory or .pt/.safetensors file) or a size: tiny, small, base."
+    model: Optional[str] = typer.Argument(
+        None, help="A checkpoint (hub id, local directory or .pt/.safetensors file) or a size: tiny, small, base."
     ),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Preset arch: fuselip, siglip_sf or siglip_mlf."),
+    size: Optional[str] = typer.Option(None, "--size", help="Preset size: tiny, small or base."),
 ) -> None:
-    """Show a model's architecture, vocabulary layout and parameter counts.
+    """Show a model's architecture and exact parameter counts by part (image, text, fusion, trainable, total).
 
     Examples:\n
       fuselip-med info small\n
+      fuselip-med info --arch siglip_mlf --size base\n
       fuselip-med info chs20/FuseLIP-S-CC3M-MM\n
       fuselip-med info runs/rocov2/final
     """
-    import torch
+    from fuselip_med.core.checkpoints import CheckpointError
+    from fuselip_med.model_info import info_rows
 
-    from fuselip_med.core.checkpoints import CheckpointError, read_checkpoint
-    from fuselip_med.core.fuselip import TRANSFORMER_SIZES, FuseLIP, FuseLIPConfig
-
-    if model in TRANSFORMER_SIZES:
-        config, source_format = FuseLIPConfig.from_size(model), "architecture preset (no weights)"
-    else:
-        try:
-            config, _, source_format = read_checkpoint(model)
-        except CheckpointError as error:
-            fail(str(error))
-    with torch.device("meta"):
-        built = FuseLIP(config)
-    titok = config.titok
-    table = Table(title=f"FuseLIP model: {model}", show_header=False)
-    rows = [
-        ("format", source_format),
-        ("transformer", f"{config.transformer_size}: width {config.width}, heads {config.heads}, layers {config.layers}"),
-        ("embedding dim", str(config.width)),
-        ("context length", str(config.context_length)),
-        ("image tokenizer", f"{config.image_tokenizer} (codebook {titok.codebook_size}, {titok.num_latent_tokens} tokens, "
-                            f"width {titok.width}, layers {titok.layers}, legacy reshape {titok.is_legacy})"),
-        ("vocabulary", f"{config.vocab_size} = text {config.text_vocab_size} (incl. [MASK] {config.mask_token_id}) "
-                       f"+ image codes {config.image_offset}..{config.vocab_size - 1}"),
-        ("MMM mask probability", str(config.mlm_probability)),
-        ("trainable parameters", f"{built.trainable_parameter_count():,}"),
-        ("frozen image tokenizer", f"{sum(p.numel() for p in built.image_tokenizer.parameters()):,}"),
-    ]
+    try:
+        title, rows = info_rows(model, arch, size)
+    except (CheckpointError, ValueError) as error:
+        fail(str(error))
+    table = Table(title=title, show_header=False)
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
