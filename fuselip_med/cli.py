@@ -153,7 +153,7 @@ def _cuda() -> bool:
 
 @app.command("eval")
 def eval_command(
-    model: str = typer.Option(..., "--model", "-m", help="Checkpoint: hub id, local directory, .pt file or LoRA adapter directory."),
+    model: list[str] = typer.Option(..., "--model", "-m", help="Checkpoint: hub id, local directory, .pt file or LoRA adapter directory. Repeat (optionally LABEL=CHECKPOINT) to compare models in one table."),
     tasks: str = typer.Option("rocov2-retrieval,rocov2-modality", "--tasks", "-t",
                               help="Comma-separated: rocov2-retrieval, rocov2-modality, rocov2-concepts, modality-gap, tgit, tgit-med, composed-retrieval."),
     data: list[str] = typer.Option([], "--data", "-d", help="KEY=PATH, e.g. rocov2=ROCOv2_data (both splits), rocov2_test=..., tgit=..."),
@@ -169,7 +169,8 @@ def eval_command(
 
     Examples:\n
       fuselip-med eval --model runs/rocov2/final --data rocov2=ROCOv2_data\n
-      fuselip-med eval -m chs20/FuseLIP-S-CC3M-MM -t rocov2-retrieval,rocov2-concepts -d rocov2=eltorio/ROCOv2-radiology
+      fuselip-med eval -m chs20/FuseLIP-S-CC3M-MM -t rocov2-retrieval,rocov2-concepts -d rocov2=eltorio/ROCOv2-radiology\n
+      fuselip-med eval -m fuselip=runs/a/final -m sf=runs/b/final -m mlf=runs/c/final -d rocov2=ROCOv2_data
     """
     from fuselip_med.eval.runner import run_evaluation
     from fuselip_med.train.trainer import flatten_metrics
@@ -180,6 +181,19 @@ def eval_command(
         if not sep or not key or not value:
             fail(f"--data {entry!r}: expected KEY=PATH, e.g. rocov2=ROCOv2_data.", code=2)
         data_map[key] = value
+    if len(model) > 1:
+        from fuselip_med.eval.compare import run_comparison
+
+        options = dict(seed=seed, pool_size=pool_size, n_pools=n_pools, batch_size=batch_size, num_workers=num_workers)
+        try:
+            run_comparison(model, lambda name: _load_for_inference(name, device)[0], [t.strip() for t in tasks.split(",")
+                           if t.strip()], data_map, out, **options)
+        except (ValueError, FileNotFoundError) as error:
+            fail(str(error))
+        console.print((out / "comparison.md").read_text(), highlight=False)
+        console.print(f"Wrote {out / 'comparison.md'}, {out / 'comparison.json'} and {out / 'comparison.png'}.")
+        return
+    model = model[0]
     fuselip, _, _ = _load_for_inference(model, device)
     try:
         report = run_evaluation(fuselip, [t.strip() for t in tasks.split(",") if t.strip()], data_map, out,
