@@ -61,6 +61,7 @@ RESUME_HELP = "Continue from the newest complete checkpoint of this run (bare --
 
 
 def _run_recipe(recipe_name: str, size: Optional[str], overrides: list[str], resume: Optional[str], from_scratch: bool) -> None:
+    from fuselip_med.core.checkpoints import CheckpointError
     from fuselip_med.recipes import RecipeError, load_recipe
     from fuselip_med.train.data import DataSetupError
     from fuselip_med.train.trainer import Trainer, TrainingStopped
@@ -71,7 +72,7 @@ def _run_recipe(recipe_name: str, size: Optional[str], overrides: list[str], res
         fail(str(error), code=2)
     try:
         Trainer(recipe, resume=resume, from_scratch=from_scratch, console=console).run()
-    except (DataSetupError, TrainingStopped) as error:
+    except (DataSetupError, TrainingStopped, CheckpointError) as error:
         fail(str(error))
 
 
@@ -153,7 +154,8 @@ def _cuda() -> bool:
 
 @app.command("eval")
 def eval_command(
-    model: list[str] = typer.Option(..., "--model", "-m", help="Checkpoint: hub id, local directory, .pt file or LoRA adapter directory. Repeat (optionally LABEL=CHECKPOINT) to compare models in one table."),
+    model: list[str] = typer.Option(..., "--model", "-m", help="Checkpoint: hub id, local directory, .pt file or "
+                                    "LoRA adapter directory. Repeat (LABEL=CHECKPOINT) to compare models in one table."),
     tasks: str = typer.Option("rocov2-retrieval,rocov2-modality", "--tasks", "-t",
                               help="Comma-separated: rocov2-retrieval, rocov2-modality, rocov2-concepts, modality-gap, tgit, tgit-med, composed-retrieval."),
     data: list[str] = typer.Option([], "--data", "-d", help="KEY=PATH, e.g. rocov2=ROCOv2_data (both splits), rocov2_test=..., tgit=..."),
@@ -186,8 +188,8 @@ def eval_command(
 
         options = dict(seed=seed, pool_size=pool_size, n_pools=n_pools, batch_size=batch_size, num_workers=num_workers)
         try:
-            run_comparison(model, lambda name: _load_for_inference(name, device)[0], [t.strip() for t in tasks.split(",")
-                           if t.strip()], data_map, out, **options)
+            run_comparison(model, lambda name: _load_for_inference(name, device)[0],
+                           [t.strip() for t in tasks.split(",") if t.strip()], data_map, out, **options)
         except (ValueError, FileNotFoundError) as error:
             fail(str(error))
         console.print((out / "comparison.md").read_text(), highlight=False)

@@ -50,7 +50,8 @@ def _architecture_rows(config: FuseLIPConfig | LateFusionConfig) -> list[tuple[s
         ]
     titok = config.titok
     return [
-        ("transformer", f"{config.transformer_size}: width {config.width}, heads {config.heads}, layers {config.layers}"),
+        ("transformer", f"{config.transformer_size}: width {config.width}, heads {config.heads}, "
+                        f"layers {config.layers}"),
         ("embedding dim", str(config.width)),
         ("context length", str(config.context_length)),
         ("image tokenizer", f"{config.image_tokenizer} (codebook {titok.codebook_size}, {titok.num_latent_tokens} "

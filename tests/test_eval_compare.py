@@ -36,7 +36,8 @@ def test_eval_cli_compares_fuselip_and_a_baseline_in_one_table(tmp_path):
     save_pretrained(build_model("tiny", arch="siglip_sf"), tmp_path / "late")
     out = tmp_path / "cmp"
     result = CliRunner().invoke(app, ["eval", "-m", f"fuselip={tmp_path / 'early'}", "-m", f"sf={tmp_path / 'late'}",
-                                      "-t", "rocov2-retrieval,rocov2-modality", "-d", f"rocov2={data}", "--out", str(out),
+                                      "-t", "rocov2-retrieval,rocov2-modality", "-d", f"rocov2={data}",
+                                      "--out", str(out),
                                       "--pool-size", "8", "--n-pools", "1", "--num-workers", "0"])
     assert result.exit_code == 0, result.output
     comparison = json.loads((out / "comparison.json").read_text())

@@ -72,9 +72,10 @@ def test_finetune_trains_saves_and_reloads_a_baseline_exactly(tmp_path, demo_dat
 
 
 def test_resume_continues_a_baseline_exactly(tmp_path, demo_data):
-    straight = baseline_recipe(tmp_path / "a", demo_data, "siglip_mlf", train={"steps": 4}, checkpoint={"every_steps": 2})
+    changes = dict(train={"steps": 4}, checkpoint={"every_steps": 2})
+    straight = baseline_recipe(tmp_path / "a", demo_data, "siglip_mlf", **changes)
     run(straight)
-    resumed = baseline_recipe(tmp_path / "b", demo_data, "siglip_mlf", train={"steps": 4}, checkpoint={"every_steps": 2})
+    resumed = baseline_recipe(tmp_path / "b", demo_data, "siglip_mlf", **changes)
     (tmp_path / "b" / "checkpoints").mkdir(parents=True)
     os.rename(tmp_path / "a" / "checkpoints" / "step_000002", tmp_path / "b" / "checkpoints" / "step_000002")
     assert run(resumed, resume="latest").steps == 4
@@ -93,8 +94,9 @@ def test_two_processes_give_the_single_process_losses_for_a_baseline(tmp_path, d
     recipe_file.write_text(yaml.safe_dump(baseline_recipe(tmp_path / "two", demo_data, "siglip_sf", **changes)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fuselip_med.cli", "finetune", "--recipe", str(recipe_file)],
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fuselip_med.cli",
+         "finetune", "--recipe", str(recipe_file)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -140,3 +142,16 @@ def test_lora_on_a_baseline_trains_only_adapters_and_merges_exactly(tmp_path, de
     with torch.no_grad():
         assert torch.allclose(merged.encode(images=IMAGES, texts=TEXTS), base.encode(images=IMAGES, texts=TEXTS),
                               atol=1e-5)
+
+
+def test_a_fuselip_init_for_a_baseline_arch_is_one_error_line(tmp_path, demo_data):
+    from fuselip_med.core.checkpoints import build_model, save_pretrained
+
+    save_pretrained(build_model("tiny"), tmp_path / "fuselip_init")
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe_dict(tmp_path / "run", demo_data, train={"steps": 1})))
+    result = CliRunner().invoke(app, ["finetune", "--recipe", str(recipe_file), "--set", "model.arch=siglip_mlf",
+                                      "--set", f"model.init={tmp_path / 'fuselip_init'}"])
+    assert result.exit_code == 1
+    assert "error:" in result.output and "is a fuselip checkpoint but model.arch is siglip_mlf" in " ".join(
+        result.output.split())

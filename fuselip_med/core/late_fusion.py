@@ -91,7 +91,8 @@ class LateFusionConfig:
         if size not in LATE_FUSION_SIZES:
             raise ValueError(f"Unknown late-fusion size {size!r}; choose one of {sorted(LATE_FUSION_SIZES)}.")
         spec = LATE_FUSION_SIZES[size]
-        (image_width, image_layers, image_heads, patch), (text_width, text_heads, text_layers) = spec["image"], spec["text"]
+        image_width, image_layers, image_heads, patch = spec["image"]
+        text_width, text_heads, text_layers = spec["text"]
         fusion_width, fusion_heads, fusion_layers = spec["fusion"]
         values = dict(
             arch=arch, size=size, patch_size=patch, image_width=image_width, image_layers=image_layers,
@@ -161,7 +162,8 @@ class TextTower(nn.Module):
 
     def forward(self, text_ids: torch.Tensor) -> torch.Tensor:
         """(N, L) int64 CLIP BPE rows (L <= 180, 0-padded, with an eot) -> (N, embed_dim) embeddings."""
-        x = self.token_embedding(text_ids) + self.positional_embedding[: text_ids.shape[1]].to(self.token_embedding.weight.dtype)
+        positions = self.positional_embedding[: text_ids.shape[1]].to(self.token_embedding.weight.dtype)
+        x = self.token_embedding(text_ids) + positions
         hidden = self.transformer(x, (text_ids != PAD_ID)[:, None, None, :])
         pooled_at = (text_ids == EOT_ID).int().argmax(dim=1)
         final = self.ln_final(hidden)
@@ -275,7 +277,8 @@ class LateFusion(nn.Module, PyTorchModelHubMixin, library_name="fuselip_med", ta
         if images is None:
             return None, None
         if isinstance(images, torch.Tensor):
-            has_image = image_mask.to(torch.bool) if image_mask is not None else torch.ones(images.shape[0], dtype=torch.bool)
+            has_image = (image_mask.to(torch.bool) if image_mask is not None
+                         else torch.ones(images.shape[0], dtype=torch.bool))
             return (images if images.shape[0] else None), has_image.to(self.device)
         has_image = torch.tensor([item is not None for item in images], dtype=torch.bool, device=self.device)
         present = [item.to(self.device) for item in images if item is not None]
@@ -309,7 +312,8 @@ class LateFusion(nn.Module, PyTorchModelHubMixin, library_name="fuselip_med", ta
             if isinstance(texts, torch.Tensor):
                 has_text = text_ids[:, 1] != EOT_ID  # [sot, eot, pad...] is the empty text
             else:
-                has_text = torch.tensor([t is not None and t != "" for t in texts], dtype=torch.bool, device=self.device)
+                has_text = torch.tensor([t is not None and t != "" for t in texts], dtype=torch.bool,
+                                        device=self.device)
         else:
             rows = has_image.shape[0]
             text_ids = torch.zeros(rows, 2, dtype=torch.long, device=self.device)
@@ -370,7 +374,8 @@ class LateFusion(nn.Module, PyTorchModelHubMixin, library_name="fuselip_med", ta
         MLF fusion transformer and the MLF pooling attention. Raises ValueError for unknown or no targets."""
         unknown = sorted(set(targets) - set(VIT_LORA_NAMES))
         if unknown or not targets:
-            raise ValueError(f"LoRA targets {unknown or list(targets)} not understood; choose from {sorted(VIT_LORA_NAMES)}.")
+            raise ValueError(f"LoRA targets {unknown or list(targets)} not understood; "
+                             f"choose from {sorted(VIT_LORA_NAMES)}.")
         vit = "|".join(name for target in targets for name in VIT_LORA_NAMES[target])
         attn = [t for t in targets if t in POOL_LORA_NAMES]
         mlp = [t for t in targets if t not in POOL_LORA_NAMES]
