@@ -192,7 +192,7 @@ def eval_command(
                            [t.strip() for t in tasks.split(",") if t.strip()], data_map, out, **options)
         except (ValueError, FileNotFoundError) as error:
             fail(str(error))
-        console.print((out / "comparison.md").read_text(), highlight=False)
+        console.print((out / "comparison.md").read_text(), highlight=False, soft_wrap=True)
         console.print(f"Wrote {out / 'comparison.md'}, {out / 'comparison.json'} and {out / 'comparison.png'}.")
         return
     model = model[0]

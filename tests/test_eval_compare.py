@@ -24,6 +24,7 @@ def test_markdown_marks_the_best_model_per_metric_and_the_plot_draws_the_values(
                               "t/acc": {"fuselip": 0.1, "sf": 0.9}}}
     lines = render_comparison_markdown(comparison).splitlines()
     assert "| r/R@1 | **0.5000** | 0.2500 |" in lines and "| t/acc | 0.1000 | **0.9000** |" in lines
+    assert "| r/mean_rank | **3.0000** | 7.0000 |" in lines  # ranks: lower is better
     drawn = plot_comparison(comparison, tmp_path / "c.png")
     assert drawn == {"fuselip": [0.5, 0.1], "sf": [0.25, 0.9]}  # mean_rank is not a [0, 1] score
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"

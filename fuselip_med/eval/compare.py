@@ -83,14 +83,27 @@ def run_comparison(
     return comparison
 
 
+def better(key: str) -> Callable[[Sequence[float]], float] | None:
+    """How to pick the best value of a ``task/metric``: ``min`` for ranks, none for chance levels and the
+    modality-gap geometry (no better direction), ``max`` for the rest (R@k, accuracies, F1, TGIT)."""
+    task, _, name = key.partition("/")
+    if name.endswith("_rank"):
+        return min
+    if task == "modality-gap" or name.startswith("chance"):
+        return None
+    return max
+
+
 def render_comparison_markdown(comparison: Mapping[str, Any]) -> str:
-    """One markdown table: a row per ``task/metric``, a column per model, the highest value of each row in bold."""
+    """One markdown table: a row per ``task/metric``, a column per model, the best value of each row in bold
+    (see ``better``)."""
     labels = list(comparison["models"])
     lines = ["# Model comparison", "", *(f"- **{label}**: `{path}`" for label, path in comparison["models"].items()),
              "", "| metric | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
     for key, values in comparison["metrics"].items():
         present = [values[label] for label in labels if label in values]
-        best = max(present) if present else None
+        pick = better(key)
+        best = pick(present) if present and pick is not None else None
         cells = []
         for label in labels:
             value = values.get(label)
