@@ -19,7 +19,7 @@ def info_rows(model: str | None, arch: str | None = None, size: str | None = Non
     and ValueError for an unknown arch or size, or for neither a model nor a size.
     """
     if model is not None and model not in TRANSFORMER_SIZES:
-        config, source = read_checkpoint(model)[0], "checkpoint"
+        config, _, source = read_checkpoint(model)
         title = model
     else:
         size = model or size
@@ -31,7 +31,7 @@ def info_rows(model: str | None, arch: str | None = None, size: str | None = Non
         built = build_from_config(config)
     counts = parameter_counts(built)
     rows = [("arch", arch_of(config)), ("format", source), *_architecture_rows(config)]
-    rows += [(f"parameters: {part}", str(counts[part])) for part in COUNT_PARTS]
+    rows += [(f"parameters: {part}", f"{counts[part]:,}") for part in COUNT_PARTS]
     return f"Model: {title}", rows
 
 

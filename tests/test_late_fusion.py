@@ -49,12 +49,12 @@ def test_info_prints_exact_counts_without_a_checkpoint():
     assert completed.returncode == 0, completed.stderr
     for part, value in (("image", 21_836_160), ("text", 40_483_584), ("fusion", 7_691_136),
                         ("trainable", 70_010_882), ("total", 70_010_882)):
-        assert re.search(rf"{part}\b.*\b{value}\b", completed.stdout), (part, completed.stdout)
+        assert re.search(rf"parameters: {part}\b.*\b{value:,}\b", completed.stdout), (part, completed.stdout)
     fuselip = subprocess.run([sys.executable, "-m", "fuselip_med.cli", "info", "--arch", "fuselip", "--size", "tiny"],
                              cwd=REPO, capture_output=True, text=True, timeout=120)
     assert fuselip.returncode == 0, fuselip.stderr
     counts = parameter_counts(build_model("tiny"))
-    assert re.search(rf"trainable\b.*\b{counts['trainable']}\b", fuselip.stdout), fuselip.stdout
+    assert re.search(rf"parameters: trainable\b.*\b{counts['trainable']:,}\b", fuselip.stdout), fuselip.stdout
     bad = subprocess.run([sys.executable, "-m", "fuselip_med.cli", "info", "--arch", "siglip_xx", "--size", "small"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "error:" in bad.stdout and "siglip_xx" in bad.stdout
