@@ -1,19 +1,16 @@
 """SigLIP-SF / SigLIP-MLF baselines: Table 2 parameter counts, fusion arithmetic, encode surface, save/load."""
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from typer.testing import CliRunner
 
 from fuselip_med import load_model
+from fuselip_med.cli import app
 from fuselip_med.core.checkpoints import CheckpointError, build_model, save_pretrained
 from fuselip_med.core.late_fusion import LateFusion, LateFusionConfig, score_fusion
 from fuselip_med.core.models import config_for, config_from_dict, parameter_counts
-
-REPO = Path(__file__).resolve().parents[1]
 
 # Exact counts of our configurations; the paper's Table 2 (millions) is their rounding to 0.1 M.
 EXPECTED = {
@@ -44,20 +41,18 @@ def test_parameter_counts_are_the_papers_table_2(arch, size):
 
 
 def test_info_prints_exact_counts_without_a_checkpoint():
-    completed = subprocess.run([sys.executable, "-m", "fuselip_med.cli", "info", "--arch", "siglip_mlf",
-                                "--size", "small"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert completed.returncode == 0, completed.stderr
+    runner = CliRunner()
+    result = runner.invoke(app, ["info", "--arch", "siglip_mlf", "--size", "small"])
+    assert result.exit_code == 0, result.output
     for part, value in (("image", 21_836_160), ("text", 40_483_584), ("fusion", 7_691_136),
                         ("trainable", 70_010_882), ("total", 70_010_882)):
-        assert re.search(rf"parameters: {part}\b.*\b{value:,}\b", completed.stdout), (part, completed.stdout)
-    fuselip = subprocess.run([sys.executable, "-m", "fuselip_med.cli", "info", "--arch", "fuselip", "--size", "tiny"],
-                             cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert fuselip.returncode == 0, fuselip.stderr
+        assert re.search(rf"parameters: {part}\b.*\b{value:,}\b", result.output), (part, result.output)
+    fuselip = runner.invoke(app, ["info", "--arch", "fuselip", "--size", "tiny"])
+    assert fuselip.exit_code == 0, fuselip.output
     counts = parameter_counts(build_model("tiny"))
-    assert re.search(rf"parameters: trainable\b.*\b{counts['trainable']:,}\b", fuselip.stdout), fuselip.stdout
-    bad = subprocess.run([sys.executable, "-m", "fuselip_med.cli", "info", "--arch", "siglip_xx", "--size", "small"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0 and "error:" in bad.stdout and "siglip_xx" in bad.stdout
+    assert re.search(rf"parameters: trainable\b.*\b{counts['trainable']:,}\b", fuselip.output), fuselip.output
+    bad = runner.invoke(app, ["info", "--arch", "siglip_xx", "--size", "small"])
+    assert bad.exit_code != 0 and "error:" in bad.output and "siglip_xx" in bad.output
 
 
 def test_score_fusion_on_hand_built_tower_outputs():
