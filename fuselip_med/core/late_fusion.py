@@ -31,7 +31,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from transformers import ViTConfig, ViTModel
 
-from fuselip_med.core.fuselip import EOT_ID, PAD_ID, SOT_ID, Transformer
+from fuselip_med.core.fuselip import EOT_ID, PAD_ID, SOT_ID, Transformer, init_transformer
 from fuselip_med.core.text_tokenizer import TextTokenizer
 
 LATE_FUSION_ARCHS = ("siglip_sf", "siglip_mlf")
@@ -154,10 +154,10 @@ class TextTower(nn.Module):
         self.transformer = Transformer(width, config.text_heads, layers, config.mlp_ratio)
         self.ln_final = nn.LayerNorm(width)
         self.text_projection = nn.Linear(width, config.embed_dim, bias=False)
-        # open_clip's text-tower initialisation (as FuseLIP.reset_parameters)
+        # open_clip's text-tower initialisation, as FuseLIP.reset_parameters
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        _init_blocks(self.transformer, width, layers)
+        init_transformer(self.transformer, width, layers)
         nn.init.normal_(self.text_projection.weight, std=width**-0.5)
 
     def forward(self, text_ids: torch.Tensor) -> torch.Tensor:
@@ -204,25 +204,12 @@ class MagicLensFusion(nn.Module):
         super().__init__()
         self.transformer = Transformer(config.fusion_width, config.fusion_heads, config.fusion_layers, config.mlp_ratio)
         self.pool = AttentionPool(config.fusion_width, config.fusion_heads)
-        _init_blocks(self.transformer, config.fusion_width, config.fusion_layers)
+        init_transformer(self.transformer, config.fusion_width, config.fusion_layers)
 
     def forward(self, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
         """(N, D) image and (N, D) text embeddings (un-normalised) -> (N, D) fused, un-normalised."""
         tokens = torch.stack([image_embeddings, text_embeddings], dim=1)
         return self.pool(self.transformer(tokens, None))
-
-
-def _init_blocks(transformer: Transformer, width: int, layers: int) -> None:
-    """open_clip's depth-scaled initialisation of attention and MLP weights (as ``FuseLIP.reset_parameters``)."""
-    proj_std = (width**-0.5) * ((2 * layers) ** -0.5)
-    for block in transformer.resblocks:
-        for proj in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj):
-            nn.init.normal_(proj.weight, std=width**-0.5)
-            nn.init.zeros_(proj.bias)
-        nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-        nn.init.zeros_(block.attn.out_proj.bias)
-        nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
-        nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
 
 
 def score_fusion(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, has_image: torch.Tensor,
