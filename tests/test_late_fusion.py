@@ -142,3 +142,16 @@ def test_lora_pattern_selects_every_attention_and_mlp_linear_and_nothing_else():
     assert len(only_fc) == 6 and all(n.endswith(("mlp.fc1", "mlp.c_fc")) for n in only_fc)
     with pytest.raises(ValueError, match="not understood"):
         model.lora_target_pattern(["query"])
+
+
+def test_weight_decay_groups_of_a_baseline():
+    from fuselip_med.train.optim import parameter_groups
+
+    model = LateFusion(LateFusionConfig.from_size("siglip_sf", "tiny"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = ({names[id(p)] for p in group["params"]} for group in parameter_groups(model, 0.1))
+    assert {"image_tower.vit.embeddings.cls_token", "image_tower.vit.embeddings.position_embeddings",
+            "text_tower.token_embedding.weight", "text_tower.positional_embedding", "logit_scale"} <= no_decay
+    assert {"image_tower.vit.embeddings.patch_embeddings.projection.weight", "image_tower.proj.weight",
+            "image_tower.vit.layers.0.attention.q_proj.weight", "text_tower.text_projection.weight"} <= decay
+    assert not any("layernorm" in n or n.endswith(".bias") for n in decay)
