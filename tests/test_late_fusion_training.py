@@ -155,3 +155,18 @@ def test_a_fuselip_init_for_a_baseline_arch_is_one_error_line(tmp_path, demo_dat
     assert result.exit_code == 1
     assert "error:" in result.output and "is a fuselip checkpoint but model.arch is siglip_mlf" in " ".join(
         result.output.split())
+
+
+def test_the_paper_mixture_trains_a_baseline(tmp_path):
+    from tests.test_paper_recipes import paper_overrides, write_paper_data
+
+    root = write_paper_data(tmp_path / "data")
+    overrides = paper_overrides(root, tmp_path) + [
+        "model.arch=siglip_mlf", "model.size=tiny", "train.epochs=null", "train.steps=2", "train.batch_size=12",
+        "train.warmup_steps=1", "train.precision=fp32", "data.num_workers=0", "data.eval=[]", "eval.at_end=false",
+        "checkpoint.every_steps=null", "logging.trackers=[jsonl]", "logging.progress=false",
+        f"output.dir={tmp_path / 'run'}",
+    ]
+    result = trainer_module.Trainer(load_recipe("cc3m_mm", overrides)).run()
+    assert result.steps == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert load_model(result.final_dir)[0].config.arch == "siglip_mlf"
