@@ -71,6 +71,7 @@ def test_finetune_trains_saves_and_reloads_a_baseline_exactly(tmp_path, demo_dat
         assert not torch.allclose(fresh.encode(images=IMAGES, texts=TEXTS), captured["outputs"], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_resume_continues_a_baseline_exactly(tmp_path, demo_data):
     changes = dict(train={"steps": 4}, checkpoint={"every_steps": 2})
     straight = baseline_recipe(tmp_path / "a", demo_data, "siglip_mlf", **changes)
@@ -107,6 +108,7 @@ def test_two_processes_give_the_single_process_losses_for_a_baseline(tmp_path, d
         assert two[step] == pytest.approx(one[step], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_bf16_mixed_precision_tracks_fp32_for_a_baseline(tmp_path, demo_data):
     changes = dict(train={"steps": 2, "precision": "bf16"}, checkpoint={"every_steps": None})
     recipe_file = tmp_path / "recipe.yaml"
@@ -157,6 +159,7 @@ def test_a_fuselip_init_for_a_baseline_arch_is_one_error_line(tmp_path, demo_dat
         result.output.split())
 
 
+@pytest.mark.slow
 def test_the_paper_mixture_trains_a_baseline(tmp_path):
     from tests.test_paper_recipes import paper_overrides, write_paper_data
 
