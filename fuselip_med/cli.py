@@ -54,48 +54,28 @@ def fail(message: str, code: int = 1) -> None:
 
 @app.command()
 def info(
-    model: str = typer.Argument(
-        ..., help="A checkpoint (hub id, local directory or .pt/.safetensors file) or a size: tiny, small, base."
+    model: Optional[str] = typer.Argument(
+        None, help="A checkpoint (hub id, local directory or .pt/.safetensors file) or a size: tiny, small, base."
     ),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Preset arch: fuselip, siglip_sf or siglip_mlf."),
+    size: Optional[str] = typer.Option(None, "--size", help="Preset size: tiny, small or base."),
 ) -> None:
-    """Show a model's architecture, vocabulary layout and parameter counts.
+    """Show a model's architecture and exact parameter counts by part (image, text, fusion, trainable, total).
 
     Examples:\n
       fuselip-med info small\n
+      fuselip-med info --arch siglip_mlf --size base\n
       fuselip-med info chs20/FuseLIP-S-CC3M-MM\n
       fuselip-med info runs/rocov2/final
     """
-    import torch
+    from fuselip_med.core.checkpoints import CheckpointError
+    from fuselip_med.model_info import info_rows
 
-    from fuselip_med.core.checkpoints import CheckpointError, read_checkpoint
-    from fuselip_med.core.fuselip import TRANSFORMER_SIZES, FuseLIP, FuseLIPConfig
-
-    if model in TRANSFORMER_SIZES:
-        config, source_format = FuseLIPConfig.from_size(model), "architecture preset (no weights)"
-    else:
-        try:
-            config, _, source_format = read_checkpoint(model)
-        except CheckpointError as error:
-            fail(str(error))
-    with torch.device("meta"):
-        built = FuseLIP(config)
-    titok = config.titok
-    table = Table(title=f"FuseLIP model: {model}", show_header=False)
-    rows = [
-        ("format", source_format),
-        ("transformer",
-         f"{config.transformer_size}: width {config.width}, heads {config.heads}, layers {config.layers}"),
-        ("embedding dim", str(config.width)),
-        ("context length", str(config.context_length)),
-        ("image tokenizer",
-         f"{config.image_tokenizer} (codebook {titok.codebook_size}, {titok.num_latent_tokens} tokens, "
-         f"width {titok.width}, layers {titok.layers}, legacy reshape {titok.is_legacy})"),
-        ("vocabulary", f"{config.vocab_size} = text {config.text_vocab_size} (incl. [MASK] {config.mask_token_id}) "
-                       f"+ image codes {config.image_offset}..{config.vocab_size - 1}"),
-        ("MMM mask probability", str(config.mlm_probability)),
-        ("trainable parameters", f"{built.trainable_parameter_count():,}"),
-        ("frozen image tokenizer", f"{sum(p.numel() for p in built.image_tokenizer.parameters()):,}"),
-    ]
+    try:
+        title, rows = info_rows(model, arch, size)
+    except (CheckpointError, ValueError) as error:
+        fail(str(error))
+    table = Table(title=title, show_header=False)
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
@@ -111,6 +91,7 @@ MODEL_HELP = "Checkpoint: hub id, local directory, .pt file or LoRA adapter dire
 
 def _run_recipe(recipe_name: str, size: Optional[str], overrides: list[str], resume: Optional[str],
                 from_scratch: bool) -> None:
+    from fuselip_med.core.checkpoints import CheckpointError
     from fuselip_med.recipes import RecipeError, load_recipe
     from fuselip_med.train.data import DataSetupError
     from fuselip_med.train.trainer import Trainer, TrainingStopped
@@ -121,7 +102,7 @@ def _run_recipe(recipe_name: str, size: Optional[str], overrides: list[str], res
         fail(str(error), code=2)
     try:
         Trainer(recipe, resume=resume, from_scratch=from_scratch, console=console).run()
-    except (DataSetupError, TrainingStopped) as error:
+    except (DataSetupError, TrainingStopped, CheckpointError) as error:
         fail(str(error))
 
 
@@ -209,7 +190,8 @@ def _eval_help(key: str) -> str:
 
 @app.command("eval")
 def eval_command(
-    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    model: list[str] = typer.Option(..., "--model", "-m", help=MODEL_HELP + " Repeat (LABEL=CHECKPOINT) to compare "
+                                    "models in one table."),
     tasks: Optional[str] = typer.Option(None, "--tasks", "-t", help=_eval_help("tasks")),
     data: list[str] = typer.Option([], "--data", "-d", help=_eval_help("data")),
     suite: Optional[str] = typer.Option(None, "--suite", help=_eval_help("suite")),
@@ -244,11 +226,12 @@ def eval_command(
       fuselip-med eval -m runs/rocov2/final --data folder=chest_xrays/ --labels labels.txt\n
       fuselip-med eval -m runs/rocov2/final --data csv=studies.csv --labels labels.txt --templates prompts.txt\n
       fuselip-med eval -m chs20/FuseLIP-S-CC3M-MM --suite paper --data-root /data/benchmarks\n
-      fuselip-med eval -m chs20/FuseLIP-S-CC3M-MM -t mmeb --data mmeb=/data/MMEB-eval
+      fuselip-med eval -m chs20/FuseLIP-S-CC3M-MM -t mmeb --data mmeb=/data/MMEB-eval\n
       fuselip-med eval -m chs20/FuseLIP-S-CC3M-MM -t rocov2-retrieval,rocov2-concepts \\
         -d rocov2=eltorio/ROCOv2-radiology\n
-      fuselip-med eval -m runs/rocov2/final -t rocov2-retrieval -d rocov2_test=pairs.tsv \\\n
-        --path-column filepath --caption-column title
+      fuselip-med eval -m runs/rocov2/final -t rocov2-retrieval -d rocov2_test=pairs.tsv \\
+        --path-column filepath --caption-column title\n
+      fuselip-med eval -m fuselip=runs/a/final -m sf=runs/b/final -m mlf=runs/c/final -d rocov2=ROCOv2_data
     """
     from fuselip_med.data.adapters import cli_option_style
     from fuselip_med.eval.command import choose_tasks, parse_data, suite_data
@@ -268,13 +251,26 @@ def eval_command(
         check_tasks(chosen, data_map)
     except ValueError as error:
         fail(str(error), code=2)
+    eval_options = dict(seed=seed, pool_size=pool_size, n_pools=n_pools, batch_size=batch_size,
+                        num_workers=num_workers, labels=class_names, templates=prompt_templates,
+                        label_field=label_column, allow_partial=allow_partial, source_options=options)
+    if len(model) > 1:
+        from fuselip_med.eval.compare import run_comparison
+
+        try:
+            with cli_option_style():
+                run_comparison(model, lambda name: _load_for_inference(name, device)[0], chosen, data_map, out,
+                               **eval_options)
+        except (ValueError, FileNotFoundError, LookupError) as error:
+            fail(str(error))
+        console.print((out / "comparison.md").read_text(), highlight=False, soft_wrap=True)
+        console.print(f"Wrote {out / 'comparison.md'}, {out / 'comparison.json'} and {out / 'comparison.png'}.")
+        return
+    model = model[0]
     fuselip, _, _ = _load_for_inference(model, device)
     try:
         with cli_option_style():
-            report = run_evaluation(fuselip, chosen, data_map, out, seed=seed, pool_size=pool_size, n_pools=n_pools,
-                                    batch_size=batch_size, num_workers=num_workers, model_id=model,
-                                    labels=class_names, templates=prompt_templates, label_field=label_column,
-                                    allow_partial=allow_partial, source_options=options)
+            report = run_evaluation(fuselip, chosen, data_map, out, model_id=model, **eval_options)
     except (ValueError, FileNotFoundError, LookupError) as error:
         fail(str(error))
     table = Table(title=f"Evaluation of {model}")

@@ -39,8 +39,13 @@ class LoraSection(Section):
 
 
 class ModelSection(Section):
-    """Which model to build: a size, optionally initialised from a checkpoint, optionally with LoRA."""
+    """Which model to build: an arch and a size, optionally initialised from a checkpoint, optionally with LoRA.
 
+    ``arch``: ``fuselip`` (early fusion, sigmoid + MMM loss) or a late-fusion baseline of the paper,
+    ``siglip_sf`` / ``siglip_mlf`` (sigmoid loss only; ``core/late_fusion.py``).
+    """
+
+    arch: Literal["fuselip", "siglip_sf", "siglip_mlf"] = "fuselip"
     size: Literal["tiny", "small", "base"] = "small"
     init: Optional[str] = None
     lora: LoraSection = LoraSection()

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 import fuselip_med.io as atomic_io
 from fuselip_med.core.fuselip import TRANSFORMER_SIZES, FuseLIP, FuseLIPConfig
 from fuselip_med.core.image_preprocess import ImagePreprocess
+from fuselip_med.core.models import arch_of, build_from_config, config_for, config_from_dict, image_size_of
 from fuselip_med.core.text_tokenizer import TextTokenizer
 from fuselip_med.core.titok import TiTokConfig
 
@@ -137,6 +138,14 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"Could not read the model config {path}: {error}") from error
 
 
+def _read_config(path: Path):
+    """The config of our config.json (any ``arch`` of the model registry)."""
+    try:
+        return config_from_dict(_read_json(path))
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: {error}") from None
+
+
 def _resolve_local(name_or_path: str | os.PathLike) -> Path:
     """A local file/directory, or a hub repo id downloaded to the Hugging Face cache."""
     path = Path(name_or_path).expanduser()
@@ -164,7 +173,7 @@ def read_checkpoint(name_or_path: str | os.PathLike) -> tuple[FuseLIPConfig, dic
     if path.is_dir():
         config_path = path / CONFIG_NAME
         if (path / SAFETENSORS_NAME).exists():
-            config = FuseLIPConfig.from_dict(_read_json(config_path)) if config_path.exists() else None
+            config = _read_config(config_path) if config_path.exists() else None
             state = load_file(str(path / SAFETENSORS_NAME))
             return config or infer_config(state), state, "safetensors"
         if (path / REFERENCE_WEIGHTS_NAME).exists():
@@ -177,7 +186,7 @@ def read_checkpoint(name_or_path: str | os.PathLike) -> tuple[FuseLIPConfig, dic
     if path.suffix == ".safetensors":
         state = load_file(str(path))
         sidecar = path.with_name(CONFIG_NAME)
-        config = FuseLIPConfig.from_dict(_read_json(sidecar)) if sidecar.exists() else infer_config(state)
+        config = _read_config(sidecar) if sidecar.exists() else infer_config(state)
         return config, state, "safetensors"
     payload = _torch_load(path)
     if isinstance(payload, dict) and "state_dict" in payload:
@@ -222,20 +231,27 @@ def load_model(
     reference eval preprocessing (PIL -> (3, 256, 256) in [0, 1]) and the CLIP-BPE tokenizer with ``[MASK]``.
     """
     config, state_dict, _ = read_checkpoint(name_or_path)
-    model = FuseLIP(config)
+    model = build_from_config(config)
     load_state_strict(model, state_dict, str(name_or_path))
     model.to(device).eval()
-    return model, ImagePreprocess(image_size=config.titok.image_size), model.tokenizer
+    return model, ImagePreprocess(image_size=image_size_of(config)), model.tokenizer
 
 
-def build_model(size: str = "small", init: str | os.PathLike | None = None, **overrides: Any) -> FuseLIP:
-    """A model initialised from ``init`` (a checkpoint) or freshly, with the given transformer size."""
+def build_model(size: str = "small", init: str | os.PathLike | None = None, arch: str | None = None,
+                **overrides: Any) -> FuseLIP:
+    """A model of the registry's ``arch`` (default fuselip) initialised from ``init`` (a checkpoint) or freshly
+    at ``size``. Raises CheckpointError when ``arch`` is given and the checkpoint is of another arch."""
     if init is not None:
         config, state_dict, _ = read_checkpoint(init)
-        model = FuseLIP(config)
+        if arch is not None and arch_of(config) != arch:
+            raise CheckpointError(
+                f"model.init {init} is a {arch_of(config)} checkpoint but model.arch is {arch}; point model.init "
+                f"at a {arch} checkpoint or train from scratch with --set model.init=null."
+            )
+        model = build_from_config(config)
         load_state_strict(model, state_dict, str(init))
         return model
-    return FuseLIP(FuseLIPConfig.from_size(size, **overrides))
+    return build_from_config(config_for(arch or "fuselip", size, **overrides))
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -216,6 +216,19 @@ class Transformer(nn.Module):
         return x
 
 
+def init_transformer(transformer: Transformer, width: int, layers: int) -> None:
+    """open_clip's depth-scaled initialisation of a ``Transformer``'s attention and MLP weights."""
+    proj_std = (width**-0.5) * ((2 * layers) ** -0.5)
+    for block in transformer.resblocks:
+        for proj in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj):
+            nn.init.normal_(proj.weight, std=width**-0.5)
+            nn.init.zeros_(proj.bias)
+        nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+        nn.init.zeros_(block.attn.out_proj.bias)
+        nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+        nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+
+
 class MaskPredictionHead(nn.Module):
     """MMM head: dense -> GELU -> LayerNorm -> tied token-embedding decoder + bias, over the joint vocabulary."""
 
@@ -261,20 +274,9 @@ class FuseLIP(nn.Module):
 
     def reset_parameters(self) -> None:
         """open_clip's text-tower initialisation (std 0.02 embeddings, depth-scaled projections)."""
-        width, layers = self.config.width, self.config.layers
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        proj_std = (width**-0.5) * ((2 * layers) ** -0.5)
-        attn_std = width**-0.5
-        fc_std = (2 * width) ** -0.5
-        for block in self.transformer.resblocks:
-            for proj in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj):
-                nn.init.normal_(proj.weight, std=attn_std)
-                nn.init.zeros_(proj.bias)
-            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-            nn.init.zeros_(block.attn.out_proj.bias)
-            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
-            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        init_transformer(self.transformer, self.config.width, self.config.layers)
 
     # ----------------------------------------------------------------------------------------------------
     # properties

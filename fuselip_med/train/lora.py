@@ -26,6 +26,7 @@ from fuselip_med.core.checkpoints import (
 )
 from fuselip_med.core.fuselip import FuseLIP
 from fuselip_med.core.image_preprocess import ImagePreprocess
+from fuselip_med.core.models import build_from_config, image_size_of
 from fuselip_med.core.text_tokenizer import TextTokenizer
 
 BASE_POINTER = "fuselip_base.json"
@@ -52,8 +53,8 @@ def target_pattern(targets: list[str]) -> str:
 def apply_lora(model: FuseLIP, r: int, alpha: float, dropout: float, targets: list[str],
                train_logit_params: bool = True) -> PeftModel:
     """Wrap ``model`` with LoRA adapters; only adapters (and optionally the loss scale/bias) stay trainable."""
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_pattern(targets),
-                        bias="none")
+    pattern = model.lora_target_pattern(targets) if hasattr(model, "lora_target_pattern") else target_pattern(targets)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern, bias="none")
     peft_model = get_peft_model(model, config)
     base = peft_model.get_base_model()
     for name in LOGIT_PARAMS:
@@ -99,7 +100,7 @@ def save_adapter(peft_model: PeftModel, directory: str | os.PathLike, base: str 
 def _unwrapped_copy(peft_model: PeftModel) -> FuseLIP:
     """The base model's weights without adapters, as a plain FuseLIP (for saving a fresh base)."""
     fuselip = peft_model.get_base_model()
-    clean = FuseLIP(fuselip.config)
+    clean = build_from_config(fuselip.config)
     state = {}
     for key, value in fuselip.state_dict().items():
         if "lora_" in key:
@@ -141,5 +142,5 @@ def load_for_inference(name_or_path: str | os.PathLike,
     """``load_model`` that also accepts a LoRA adapter directory (merged on load)."""
     if is_adapter_dir(name_or_path):
         model = merge_adapter(name_or_path, device).eval()
-        return model, ImagePreprocess(image_size=model.config.titok.image_size), model.tokenizer
+        return model, ImagePreprocess(image_size=image_size_of(model.config)), model.tokenizer
     return load_model(name_or_path, device)

@@ -94,8 +94,28 @@ class FuseLIPObjective(nn.Module):
         chosen = (draws < self.masking.probability) & ~torch.isin(ids, never)
         return ids.masked_fill(chosen, self.masking.mask_token_id), ids.masked_fill(~chosen, IGNORE_INDEX)
 
+    def late_fusion_loss(self, batch: Batch) -> LossOutput:
+        """Late-fusion baselines (no MMM head): each side through ``model.encode`` on pixels, sigmoid loss only.
+
+        A text row that is only [sot, eot] (a sample without text on that side) counts as no text.
+        Raises ValueError when a side's images arrive only as cached TiTok ids (the baselines read pixels).
+        """
+        model = self.fuselip
+        features = []
+        for side in ("query", "target"):
+            pixels, has_image = getattr(batch, f"{side}_pixels"), getattr(batch, f"{side}_has_image")
+            if pixels is None and bool(has_image.any()):
+                raise ValueError(f"The {side} images of this batch are cached TiTok ids; the {model.config.arch} "
+                                 "baseline needs pixels, so train it without the image token cache.")
+            features.append(model.encode(images=pixels, texts=getattr(batch, f"{side}_text_ids"),
+                                         image_mask=has_image))
+        contrastive = sigmoid_loss(features[0], features[1], model.logit_scale, model.logit_bias)
+        return LossOutput(total=contrastive, contrastive=contrastive, mmm=contrastive.detach() * 0.0)
+
     def forward(self, batch: Batch, step: int) -> LossOutput:
         fuselip = self.fuselip
+        if not hasattr(fuselip, "mask_logits"):
+            return self.late_fusion_loss(batch)
         offset, total, world = global_rows(len(batch), batch.query_text_ids.device)
         features, mmm_terms = [], []
         for side_number, side in enumerate(("query", "target")):

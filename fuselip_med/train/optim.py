@@ -15,7 +15,13 @@ def exclude_from_decay(name: str, param: nn.Parameter, decay_embeddings: bool = 
     unless ``decay_embeddings`` (the reference's pretraining decays token and positional embeddings)."""
     if param.ndim < 2 or any(part in name for part in NO_DECAY_NAME_PARTS):
         return True
-    return not decay_embeddings and "embedding" in name
+    return not decay_embeddings and is_embedding(name)
+
+
+def is_embedding(name: str) -> bool:
+    """Token/positional embeddings and the ViT class token; not the ViT's patch-embedding convolution (a weight
+    matrix like any other, decayed as open_clip decays ``conv1``)."""
+    return "embedding" in name.rsplit(".", 1)[-1] or name.endswith(("token_embedding.weight", "cls_token"))
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:

@@ -95,7 +95,7 @@ class Trainer:
         recipe = self.recipe
         init = None if self.from_scratch else recipe.model.init
         seed_everything(recipe.train.seed)
-        model = build_model(recipe.model.size, init=init)
+        model = build_model(recipe.model.size, init=init, arch=recipe.model.arch)
         lora = recipe.model.lora
         if lora.enabled:
             model = apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.targets, lora.train_logit_params)
@@ -197,7 +197,9 @@ class Trainer:
             ckpt.remove_stale_temporaries(self.checkpoint_dir)
         acc.wait_for_everyone()
         model, init = self._build_model()
-        masking = MaskingConfig.for_model(_fuselip_of(model).config, probability=recipe.train.mlm_probability)
+        base = _fuselip_of(model)  # the late-fusion baselines have no MMM head: sigmoid loss only
+        masking = (MaskingConfig.for_model(base.config, probability=recipe.train.mlm_probability)
+                   if hasattr(base, "mask_logits") else MaskingConfig(probability=0.0))
         objective = FuseLIPObjective(model, masking, recipe.train.mmm_weight, recipe.train.seed)
         optimizer = build_optimizer(objective.model, recipe.train.lr, recipe.train.weight_decay, recipe.train.betas,
                                     recipe.train.eps, recipe.train.decay_embeddings)
@@ -383,7 +385,7 @@ class Trainer:
         table = Table(title=f"fuselip-med: {recipe.name}", show_header=False)
         lora = (f" + LoRA r={recipe.model.lora.r} ({adapter_parameter_count(model):,} adapter weights)"
                 if recipe.model.lora.enabled else "")
-        table.add_row("model", f"{recipe.model.size} from {init or 'scratch'}{lora}")
+        table.add_row("model", f"{recipe.model.arch} {recipe.model.size} from {init or 'scratch'}{lora}")
         table.add_row("trainable parameters", f"{trainable:,}")
         for label, size, weight in data.describe():
             table.add_row(f"data: {label}", f"{size:,} samples, weight {weight:g}")

@@ -1,0 +1,393 @@
+"""The paper's late-fusion baselines: a CLIP-style dual encoder with score fusion (SigLIP-SF) or MagicLens
+fusion (SigLIP-MLF), trained with the SigLIP sigmoid loss only (FuseLIP paper, Schlarmann et al. 2025, §4
+"Baselines" and Table 2).
+
+Towers:
+- image: a ViT from ``transformers`` (``ViTModel``, configured from scratch, no pooler) on 256 × 256 pixels in
+  [0, 1] (normalised with mean 0.5 / std 0.5 as in SigLIP), its final-LayerNorm class token projected to the
+  shared dimension by a bias-free linear layer (open_clip's ``proj``);
+- text: a CLIP text transformer (token embedding 49,408 × width, positional embedding 180 × width, pre-norm
+  blocks, ``ln_final``, bias-free ``text_projection``) with bidirectional attention, padding (id 0) masked out,
+  pooled at the first eot token, on the project's CLIP BPE ids (``core.text_tokenizer``).
+
+Fusion of one row (image embedding u, text embedding v, both un-normalised, dimension D):
+- SF: ``normalize(normalize(u) + normalize(v))`` for image+text rows, ``normalize(u)`` for image-only rows
+  and ``normalize(v)`` for text-only rows;
+- MLF: a 4-layer transformer (width D = 384 / 6 heads for S, 512 / 8 heads for B) over the two tokens
+  ``[u, v]``, then attention pooling with one learned query (open_clip's ``AttentionalPooler`` layout);
+  ``u = 0`` when the row has no image, ``v`` is the text tower's embedding of the empty text when it has none.
+
+With these shapes the parameter counts equal the paper's Table 2 to 0.1 M (exact integers in
+``tests/test_late_fusion.py``): image 21,836,160 / 86,237,952, text 40,483,584 / 63,480,832, fusion
+7,691,136 / 13,662,720 for S / B.
+"""
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+from transformers import ViTConfig, ViTModel
+
+from fuselip_med.core.fuselip import EOT_ID, PAD_ID, SOT_ID, Transformer, init_transformer
+from fuselip_med.core.text_tokenizer import TextTokenizer
+
+LATE_FUSION_ARCHS = ("siglip_sf", "siglip_mlf")
+
+# size: image (hidden, layers, heads, patch), text (width, heads, layers), embed_dim, fusion (width, heads, layers)
+LATE_FUSION_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {"image": (64, 2, 2, 32), "text": (64, 2, 2), "embed_dim": 64, "fusion": (64, 2, 2)},
+    "small": {"image": (384, 12, 6, 16), "text": (384, 6, 12), "embed_dim": 384, "fusion": (384, 6, 4)},
+    "base": {"image": (768, 12, 12, 16), "text": (512, 8, 12), "embed_dim": 512, "fusion": (512, 8, 4)},
+}
+# LoRA target names (the recipe's model.lora.targets, FuseLIP's module names) -> the ViT's module names in
+# transformers 5 (layers.N.attention.q_proj, mlp.fc1) and 4 (encoder.layer.N.attention.attention.query, ...)
+VIT_LORA_NAMES: dict[str, tuple[str, str]] = {
+    "q_proj": (r"attention\.q_proj", r"attention\.attention\.query"),
+    "k_proj": (r"attention\.k_proj", r"attention\.attention\.key"),
+    "v_proj": (r"attention\.v_proj", r"attention\.attention\.value"),
+    "out_proj": (r"attention\.o_proj", r"attention\.output\.dense"),
+    "c_fc": (r"mlp\.fc1", r"intermediate\.dense"),
+    "c_proj": (r"mlp\.fc2", r"output\.dense"),
+}
+POOL_LORA_NAMES = ("q_proj", "k_proj", "v_proj", "out_proj")
+PIXEL_MEAN = 0.5  # SigLIP image normalisation (open_clip OPENAI/INCEPTION-style mean = std = 0.5)
+PIXEL_STD = 0.5
+
+
+@dataclass
+class LateFusionConfig:
+    """Architecture of a late-fusion baseline; ``arch`` selects the fusion (``siglip_sf`` or ``siglip_mlf``)."""
+
+    arch: str = "siglip_sf"
+    size: str = "small"
+    image_size: int = 256
+    patch_size: int = 16
+    image_width: int = 384
+    image_layers: int = 12
+    image_heads: int = 6
+    text_width: int = 384
+    text_heads: int = 6
+    text_layers: int = 12
+    context_length: int = 180
+    text_vocab_size: int = 49408  # CLIP BPE without [MASK]: no MMM for the baselines
+    embed_dim: int = 384
+    fusion_width: int = 384
+    fusion_heads: int = 6
+    fusion_layers: int = 4
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.arch not in LATE_FUSION_ARCHS:
+            raise ValueError(f"Unknown late-fusion arch {self.arch!r}; choose one of {LATE_FUSION_ARCHS}.")
+        if self.arch == "siglip_mlf" and self.fusion_width != self.embed_dim:
+            raise ValueError(f"MLF fuses {self.embed_dim}-d embeddings, so fusion_width must be {self.embed_dim}.")
+
+    @classmethod
+    def from_size(cls, arch: str, size: str, **overrides: Any) -> "LateFusionConfig":
+        """The paper's S/B baseline (ViT-S/16 or ViT-B/16, CLIP-S/B text) or ``tiny`` for tests and demos."""
+        if size not in LATE_FUSION_SIZES:
+            raise ValueError(f"Unknown late-fusion size {size!r}; choose one of {sorted(LATE_FUSION_SIZES)}.")
+        spec = LATE_FUSION_SIZES[size]
+        image_width, image_layers, image_heads, patch = spec["image"]
+        text_width, text_heads, text_layers = spec["text"]
+        fusion_width, fusion_heads, fusion_layers = spec["fusion"]
+        values = dict(
+            arch=arch, size=size, patch_size=patch, image_width=image_width, image_layers=image_layers,
+            image_heads=image_heads, text_width=text_width, text_heads=text_heads, text_layers=text_layers,
+            embed_dim=spec["embed_dim"], fusion_width=fusion_width, fusion_heads=fusion_heads,
+            fusion_layers=fusion_layers,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """config.json content (``arch`` tells ``load_model`` which class to build)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LateFusionConfig":
+        """Read a config.json written by ``to_dict``; unknown keys are an error naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Late-fusion config has unknown keys {unknown}; expected a subset of {sorted(known)}.")
+        return cls(**data)
+
+    def vit_config(self) -> ViTConfig:
+        """The ``transformers`` ViT configuration of the image tower (no dropout, exact GELU, qkv biases)."""
+        return ViTConfig(
+            hidden_size=self.image_width, num_hidden_layers=self.image_layers, num_attention_heads=self.image_heads,
+            intermediate_size=int(self.image_width * self.mlp_ratio), hidden_act="gelu", hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0, layer_norm_eps=1e-6, image_size=self.image_size,
+            patch_size=self.patch_size, num_channels=3, qkv_bias=True, attn_implementation="sdpa",
+        )
+
+
+class ImageTower(nn.Module):
+    """ViT (``transformers.ViTModel``, no pooler) + bias-free projection of the class token to ``embed_dim``."""
+
+    def __init__(self, config: LateFusionConfig):
+        super().__init__()
+        self.vit = ViTModel(config.vit_config(), add_pooling_layer=False)
+        self.proj = nn.Linear(config.image_width, config.embed_dim, bias=False)
+        nn.init.normal_(self.proj.weight, std=config.image_width**-0.5)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) float pixels in [0, 1] -> (N, embed_dim) un-normalised embeddings."""
+        pixel_values = (pixels - PIXEL_MEAN) / PIXEL_STD
+        hidden = self.vit(pixel_values=pixel_values.to(self.proj.weight.dtype)).last_hidden_state
+        return self.proj(hidden[:, 0])
+
+
+class TextTower(nn.Module):
+    """CLIP text transformer with bidirectional attention and padding mask, pooled at the first eot."""
+
+    def __init__(self, config: LateFusionConfig):
+        super().__init__()
+        width, layers = config.text_width, config.text_layers
+        self.context_length = config.context_length
+        self.token_embedding = nn.Embedding(config.text_vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(config.context_length, width))
+        self.transformer = Transformer(width, config.text_heads, layers, config.mlp_ratio)
+        self.ln_final = nn.LayerNorm(width)
+        self.text_projection = nn.Linear(width, config.embed_dim, bias=False)
+        # open_clip's text-tower initialisation, as FuseLIP.reset_parameters
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        init_transformer(self.transformer, width, layers)
+        nn.init.normal_(self.text_projection.weight, std=width**-0.5)
+
+    def forward(self, text_ids: torch.Tensor) -> torch.Tensor:
+        """(N, L) int64 CLIP BPE rows (L <= 180, 0-padded, with an eot) -> (N, embed_dim) embeddings."""
+        positions = self.positional_embedding[: text_ids.shape[1]].to(self.token_embedding.weight.dtype)
+        x = self.token_embedding(text_ids) + positions
+        hidden = self.transformer(x, (text_ids != PAD_ID)[:, None, None, :])
+        pooled_at = (text_ids == EOT_ID).int().argmax(dim=1)
+        final = self.ln_final(hidden)
+        return self.text_projection(final[torch.arange(final.shape[0], device=final.device), pooled_at])
+
+
+class AttentionPool(nn.Module):
+    """Attention pooling with one learned query (open_clip ``AttentionalPooler``: ln_q on the query, ln_k on
+    the tokens, multi-head attention) written with separate q/k/v/out linears so LoRA can target them."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.query = nn.Parameter(torch.randn(1, width) * width**-0.5)
+        self.ln_q = nn.LayerNorm(width)
+        self.ln_k = nn.LayerNorm(width)
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N, T, W) tokens -> (N, W) pooled."""
+        batch, length, width = tokens.shape
+        head_dim = width // self.heads
+        keys = self.ln_k(tokens)
+        q = self.q_proj(self.ln_q(self.query)).view(1, self.heads, 1, head_dim).expand(batch, -1, -1, -1)
+        k = self.k_proj(keys).view(batch, length, self.heads, head_dim).transpose(1, 2)
+        v = self.v_proj(keys).view(batch, length, self.heads, head_dim).transpose(1, 2)
+        pooled = F.scaled_dot_product_attention(q, k, v)  # (N, heads, 1, head_dim)
+        return self.out_proj(pooled.reshape(batch, width))
+
+
+class MagicLensFusion(nn.Module):
+    """MLF: a transformer over the tokens ``[image embedding, text embedding]`` followed by attention pooling."""
+
+    def __init__(self, config: LateFusionConfig):
+        super().__init__()
+        self.transformer = Transformer(config.fusion_width, config.fusion_heads, config.fusion_layers, config.mlp_ratio)
+        self.pool = AttentionPool(config.fusion_width, config.fusion_heads)
+        init_transformer(self.transformer, config.fusion_width, config.fusion_layers)
+
+    def forward(self, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """(N, D) image and (N, D) text embeddings (un-normalised) -> (N, D) fused, un-normalised."""
+        tokens = torch.stack([image_embeddings, text_embeddings], dim=1)
+        return self.pool(self.transformer(tokens, None))
+
+
+def score_fusion(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, has_image: torch.Tensor,
+                 has_text: torch.Tensor) -> torch.Tensor:
+    """SF of un-normalised (N, D) tower outputs -> (N, D) L2-normalised rows.
+
+    Image+text rows: ``normalize(normalize(u) + normalize(v))``; image-only rows: ``normalize(u)``; rows
+    without an image: ``normalize(v)``. ``has_image``/``has_text``: (N,) bool.
+    """
+    image_n = F.normalize(image_embeddings, dim=-1)
+    text_n = F.normalize(text_embeddings, dim=-1)
+    fused = F.normalize(image_n + text_n, dim=-1)
+    with_image = torch.where(has_text[:, None], fused, image_n)
+    return torch.where(has_image[:, None], with_image, text_n)
+
+
+class LateFusion(nn.Module, PyTorchModelHubMixin, library_name="fuselip_med", tags=["fuselip-med", "siglip"],
+                 coders={LateFusionConfig: (LateFusionConfig.to_dict, LateFusionConfig.from_dict)}):
+    """SigLIP-SF / SigLIP-MLF dual encoder embedding images, texts or image+text pairs into one space.
+
+    The same surface as ``FuseLIP``: ``encode(images=, texts=)`` over mixed batches, ``logit_scale`` /
+    ``logit_bias`` for the sigmoid loss, ``save_pretrained`` (config.json + model.safetensors). No MMM head.
+    """
+
+    def __init__(self, config: LateFusionConfig):
+        super().__init__()
+        self.config = config
+        self.tokenizer = TextTokenizer(context_length=config.context_length, add_mask_token=False)
+        self.image_tower = ImageTower(config)
+        self.text_tower = TextTower(config)
+        self.fusion = MagicLensFusion(config) if config.arch == "siglip_mlf" else None
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))  # SigLIP init: t = 10, b = -10
+        self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    # ----------------------------------------------------------------------------------------------------
+    def tokenize_text(self, texts: Sequence[str | None] | torch.Tensor) -> torch.Tensor:
+        """Text rows (N, L) int64: strings are tokenized (None -> ""), id tensors pass through."""
+        if isinstance(texts, torch.Tensor):
+            return texts.to(self.device, torch.long)
+        return self.tokenizer([t if t is not None else "" for t in texts]).to(self.device)
+
+    def _pixels(self, images, image_mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(pixels of the rows with an image, has_image (N,) bool) from a tensor or a list with None rows."""
+        if images is None:
+            return None, None
+        if isinstance(images, torch.Tensor):
+            has_image = (image_mask.to(torch.bool) if image_mask is not None
+                         else torch.ones(images.shape[0], dtype=torch.bool))
+            return (images if images.shape[0] else None), has_image.to(self.device)
+        has_image = torch.tensor([item is not None for item in images], dtype=torch.bool, device=self.device)
+        present = [item.to(self.device) for item in images if item is not None]
+        return (torch.stack(present) if present else None), has_image
+
+    def encode(
+        self,
+        images: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+        texts: Sequence[str | None] | torch.Tensor | None = None,
+        *,
+        image_mask: torch.Tensor | None = None,
+        image_ids: torch.Tensor | None = None,
+        normalize: bool = True,
+    ) -> torch.Tensor:
+        """Embed a batch (B, D) float: image-only, text-only or image+text rows, mixed freely.
+
+        ``images``: (B, 3, 256, 256) float pixels in [0, 1], or a list with None for rows without an image; with
+        ``image_mask`` (B,) bool the tensor holds only the masked rows. ``texts``: strings (None = no text) or
+        tokenizer rows (B, L) int64, where a row with nothing between sot and eot counts as no text.
+        ``normalize=False`` returns the un-normalised MLF output (SF is normalised by construction).
+        Raises ValueError for ``image_ids`` (these models read pixels, not TiTok codes), for neither input, and
+        for row counts that disagree.
+        """
+        if image_ids is not None:
+            raise ValueError("Late-fusion models embed pixels; pass images=, not cached TiTok image_ids.")
+        if images is None and texts is None:
+            raise ValueError("encode needs images, texts or both.")
+        pixels, has_image = self._pixels(images, image_mask)
+        if texts is not None:
+            text_ids = self.tokenize_text(texts)
+            if isinstance(texts, torch.Tensor):
+                has_text = text_ids[:, 1] != EOT_ID  # [sot, eot, pad...] is the empty text
+            else:
+                has_text = torch.tensor([t is not None and t != "" for t in texts], dtype=torch.bool,
+                                        device=self.device)
+        else:
+            rows = has_image.shape[0]
+            text_ids = torch.zeros(rows, 2, dtype=torch.long, device=self.device)
+            text_ids[:, 0], text_ids[:, 1] = SOT_ID, EOT_ID
+            has_text = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        if has_image is None:
+            has_image = torch.zeros(text_ids.shape[0], dtype=torch.bool, device=self.device)
+        if has_image.shape[0] != text_ids.shape[0]:
+            raise ValueError(f"Got {has_image.shape[0]} image rows but {text_ids.shape[0]} text rows.")
+        if pixels is not None and pixels.shape[0] != int(has_image.sum()):
+            raise ValueError(f"Got {pixels.shape[0]} images for {int(has_image.sum())} rows marked as having one.")
+        return self.fuse(self.embed_images(pixels, has_image), self.embed_texts(text_ids), has_image, has_text,
+                         normalize)
+
+    def embed_images(self, pixels: torch.Tensor | None, has_image: torch.Tensor) -> torch.Tensor:
+        """(B, D) image-tower outputs, zero rows where ``has_image`` is False; ``pixels`` holds the True rows."""
+        out = torch.zeros(has_image.shape[0], self.config.embed_dim, device=self.device,
+                          dtype=self.logit_scale.dtype)
+        if pixels is None:
+            return out
+        embedded = self.image_tower(pixels.to(self.device))
+        return out.to(embedded.dtype).index_put((has_image.nonzero(as_tuple=True)[0],), embedded)
+
+    def embed_texts(self, text_ids: torch.Tensor) -> torch.Tensor:
+        """(B, D) text-tower outputs for (B, L) rows, cut to the longest row (first eot + 1)."""
+        text_ids = text_ids.to(self.device, torch.long)
+        missing_eot = ~(text_ids == EOT_ID).any(dim=1)
+        if bool(missing_eot.any()):
+            text_ids = text_ids.clone()
+            text_ids[missing_eot, min(text_ids.shape[1], self.config.context_length) - 1] = EOT_ID
+        longest = int((text_ids == EOT_ID).int().argmax(dim=1).max()) + 1
+        if longest > self.config.context_length:
+            raise ValueError(f"Text rows of {longest} ids exceed the context length {self.config.context_length}.")
+        return self.text_tower(text_ids[:, :longest])
+
+    def fuse(self, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, has_image: torch.Tensor,
+             has_text: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Tower outputs (B, D) -> (B, D) row embeddings by SF or MLF (see the module docstring)."""
+        if self.fusion is None:
+            return score_fusion(image_embeddings, text_embeddings, has_image, has_text)
+        image_embeddings = image_embeddings * has_image[:, None].to(image_embeddings.dtype)  # zero image rule
+        fused = self.fusion(image_embeddings, text_embeddings.to(image_embeddings.dtype))
+        return F.normalize(fused, dim=-1) if normalize else fused
+
+    # ----------------------------------------------------------------------------------------------------
+    def encode_image(self, image: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Image-only embeddings (B, D) for (B, 3, 256, 256) pixels in [0, 1]."""
+        return self.encode(images=image, normalize=normalize)
+
+    def encode_text(self, text: torch.Tensor | Sequence[str], normalize: bool = True) -> torch.Tensor:
+        """Text-only embeddings (B, D) from strings or tokenizer rows."""
+        return self.encode(texts=text, normalize=normalize)
+
+    @staticmethod
+    def lora_target_pattern(targets: Sequence[str]) -> str:
+        """A PEFT ``target_modules`` regex selecting the attention/MLP linears named in ``targets`` (FuseLIP's
+        names: q_proj, k_proj, v_proj, out_proj, c_fc, c_proj) in the ViT blocks, the text transformer, the
+        MLF fusion transformer and the MLF pooling attention. Raises ValueError for unknown or no targets."""
+        unknown = sorted(set(targets) - set(VIT_LORA_NAMES))
+        if unknown or not targets:
+            raise ValueError(f"LoRA targets {unknown or list(targets)} not understood; "
+                             f"choose from {sorted(VIT_LORA_NAMES)}.")
+        vit = "|".join(name for target in targets for name in VIT_LORA_NAMES[target])
+        attn = [t for t in targets if t in POOL_LORA_NAMES]
+        mlp = [t for t in targets if t not in POOL_LORA_NAMES]
+        blocks = ([rf"attn\.({'|'.join(attn)})"] if attn else []) + ([rf"mlp\.({'|'.join(mlp)})"] if mlp else [])
+        alternatives = [
+            rf"image_tower\.vit\.(layers|encoder\.layer)\.\d+\.({vit})",
+            rf"(text_tower|fusion)\.transformer\.resblocks\.\d+\.({'|'.join(blocks)})",
+        ] + ([rf"fusion\.pool\.({'|'.join(attn)})"] if attn else [])
+        return rf"^(.*\.)?({'|'.join(alternatives)})$"
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Exact parameter counts by part: image tower, text tower, fusion (MLF only), trainable and total."""
+        def count(module: nn.Module | None) -> int:
+            return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+        return {
+            "image": count(self.image_tower),
+            "text": count(self.text_tower),
+            "fusion": count(self.fusion),
+            "trainable": sum(p.numel() for p in self.parameters() if p.requires_grad),
+            "total": count(self),
+        }
+
+    def save_pretrained(self, directory, **_: Any):
+        """Write config.json + model.safetensors atomically (see ``core.checkpoints.save_pretrained``)."""
+        from fuselip_med.core.checkpoints import save_pretrained
+
+        return save_pretrained(self, directory)
