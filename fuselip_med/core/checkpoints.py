@@ -8,30 +8,39 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from fuselip_med.core.fuselip import TRANSFORMER_SIZES, FuseLIP, FuseLIPConfig
+from fuselip_med.core.hub import (
+    CONFIG_NAME,
+    SAFETENSORS_NAME,
+    CheckpointError,
+    config_from_file,
+    load_state_strict,
+    read_safetensors,
+    read_torch_weights,
+    resolve_pretrained,
+    write_directory_atomically,
+)
 from fuselip_med.core.image_preprocess import ImagePreprocess
 from fuselip_med.core.text_tokenizer import TextTokenizer
 from fuselip_med.core.titok import TiTokConfig
 
-CONFIG_NAME = "config.json"
-SAFETENSORS_NAME = "model.safetensors"
 REFERENCE_WEIGHTS_NAME = "pytorch_model.bin"
+TRAINING_RUN_CONFIG = "fuse-clip-config.json"
 TIED_DECODER_KEY = "mask_prediction_head.decoder.weight"
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 DROPPED_REFERENCE_PATTERNS = ("image_tokenizer.model.pixel_", "image_tokenizer.model.decoder")
 _IN_PROJ = re.compile(r"^(transformer\.resblocks\.\d+\.attn\.)in_proj_(weight|bias)$")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read as a FuseLIP model (missing/unexpected keys, wrong shapes, bad files)."""
+__all__ = [
+    "CheckpointError", "build_model", "export_reference", "infer_config", "load_model", "load_state_strict",
+    "ours_to_reference", "read_checkpoint", "read_fuselip_files", "reference_to_ours", "save_pretrained",
+]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -120,97 +129,68 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> FuseLIPConfig:
 
 
 # --------------------------------------------------------------------------------------------------------
-# reading files
-def _torch_load(path: Path) -> Any:
+# reading: the three layouts
+def _config_or_inferred(config_path: Path, state: dict[str, torch.Tensor]) -> FuseLIPConfig:
+    """The config.json beside the weights, or (when there is none) the released size their shapes imply."""
+    if config_path.exists():
+        return config_from_file(FuseLIPConfig, config_path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means an unsafe or broken file
-        raise CheckpointError(
-            f"Could not read {path} with torch.load(weights_only=True): {error}. Only plain tensor checkpoints "
-            "are accepted."
-        ) from error
+        return infer_config(state)
+    except CheckpointError as error:
+        raise CheckpointError(f"{config_path} is missing and the architecture cannot be inferred: {error}") from None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"Could not read the model config {path}: {error}") from error
+def read_fuselip_files(path: Path) -> tuple[FuseLIPConfig, dict[str, torch.Tensor], str, str]:
+    """(config, state dict in our names, format, source description) for a local checkpoint folder or file.
 
-
-def _resolve_local(name_or_path: str | os.PathLike) -> Path:
-    """A local file/directory, or a hub repo id downloaded to the Hugging Face cache."""
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        return path
-    name = str(name_or_path)
-    if name.count("/") != 1 or name.startswith((".", "/")):
-        raise CheckpointError(f"No checkpoint at {name!r}: give a local directory/file or a hub id like chs20/FuseLIP-S-CC3M-MM.")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(
-            snapshot_download(name, allow_patterns=[CONFIG_NAME, SAFETENSORS_NAME, REFERENCE_WEIGHTS_NAME, "adapter_*"])
-        )
-    except Exception as error:  # noqa: BLE001 - network/auth errors become one clear message
-        raise CheckpointError(f"Could not download {name!r} from the Hugging Face Hub: {error}") from error
-
-
-def read_checkpoint(name_or_path: str | os.PathLike) -> tuple[FuseLIPConfig, dict[str, torch.Tensor], str]:
-    """(config, state dict in our names, format) for any supported checkpoint; nothing is built yet."""
-    path = _resolve_local(name_or_path)
+    Layouts: ours (config.json + model.safetensors, or a bare .safetensors), released (config.json +
+    pytorch_model.bin, or a bare state-dict .bin/.pt), official training checkpoint (a .pt with ``state_dict``;
+    architecture from ``../../fuse-clip-config.json`` or the weight shapes), and a training run folder (its ``final``).
+    Raises ``CheckpointError`` (one line, naming the file) for anything unreadable.
+    """
     if path.is_dir() and not (path / SAFETENSORS_NAME).exists() and (path / "final" / SAFETENSORS_NAME).exists():
         path = path / "final"  # a training run directory: its final model
     if path.is_dir():
-        config_path = path / CONFIG_NAME
         if (path / SAFETENSORS_NAME).exists():
-            config = FuseLIPConfig.from_dict(_read_json(config_path)) if config_path.exists() else None
-            state = load_file(str(path / SAFETENSORS_NAME))
-            return config or infer_config(state), state, "safetensors"
+            state = read_safetensors(path / SAFETENSORS_NAME)
+            config = _config_or_inferred(path / CONFIG_NAME, state)
+            return config, state, "safetensors", f"{path / SAFETENSORS_NAME} (architecture from {CONFIG_NAME})"
         if (path / REFERENCE_WEIGHTS_NAME).exists():
-            state = reference_to_ours(_torch_load(path / REFERENCE_WEIGHTS_NAME))
-            config = FuseLIPConfig.from_dict(_read_json(config_path)) if config_path.exists() else infer_config(state)
-            return config, state, "released"
+            state = reference_to_ours(_state_dict_of(path / REFERENCE_WEIGHTS_NAME))
+            config = _config_or_inferred(path / CONFIG_NAME, state)
+            return config, state, "released", f"{path / REFERENCE_WEIGHTS_NAME} (architecture from {CONFIG_NAME})"
         raise CheckpointError(
             f"{path} holds neither {SAFETENSORS_NAME} nor {REFERENCE_WEIGHTS_NAME}; point at a FuseLIP model directory."
         )
     if path.suffix == ".safetensors":
-        state = load_file(str(path))
-        sidecar = path.with_name(CONFIG_NAME)
-        config = FuseLIPConfig.from_dict(_read_json(sidecar)) if sidecar.exists() else infer_config(state)
-        return config, state, "safetensors"
-    payload = _torch_load(path)
+        state = read_safetensors(path)
+        return _config_or_inferred(path.with_name(CONFIG_NAME), state), state, "safetensors", str(path)
+    payload = read_torch_weights(path)
     if isinstance(payload, dict) and "state_dict" in payload:
         state = reference_to_ours(payload["state_dict"])
-        run_config = path.parent.parent / "fuse-clip-config.json"
-        config = FuseLIPConfig.from_dict(_read_json(run_config)) if run_config.exists() else infer_config(state)
-        return config, state, "training"
+        run_config = path.parent.parent / TRAINING_RUN_CONFIG
+        config = config_from_file(FuseLIPConfig, run_config) if run_config.exists() else infer_config(state)
+        return config, state, "training", str(path)
     if isinstance(payload, dict) and all(isinstance(v, torch.Tensor) for v in payload.values()):
         state = reference_to_ours(payload)
-        return infer_config(state), state, "released"
+        return infer_config(state), state, "released", str(path)
     raise CheckpointError(f"{path} is not a FuseLIP checkpoint (expected a state dict or a dict with 'state_dict').")
 
 
-def load_state_strict(model: FuseLIP, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Load weights, failing with the full list of missing/unexpected/mis-shaped keys."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong_shape = sorted(
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(expected) & set(state_dict)
-        if tuple(state_dict[k].shape) != tuple(expected[k].shape)
-    )
-    if missing or unexpected or wrong_shape:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-        if wrong_shape:
-            parts.append(f"wrong shapes ({len(wrong_shape)}): {'; '.join(wrong_shape)}")
-        raise CheckpointError(f"Checkpoint {source} does not match the model: " + " | ".join(parts))
-    model.load_state_dict(state_dict, strict=True)
+def _state_dict_of(path: Path) -> dict[str, torch.Tensor]:
+    payload = read_torch_weights(path)
+    if not isinstance(payload, dict) or not all(isinstance(v, torch.Tensor) for v in payload.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors.")
+    return payload
+
+
+def read_checkpoint(
+    name_or_path: str | os.PathLike, **hub_kwargs: Any
+) -> tuple[FuseLIPConfig, dict[str, torch.Tensor], str]:
+    """(config, state dict in our names, format) for any supported checkpoint (hub id or local); nothing is built."""
+    path = resolve_pretrained(name_or_path, allow_patterns=FuseLIP.hub_allow_patterns(), **hub_kwargs)
+    config, state, fmt, _ = read_fuselip_files(path)
+    return config, state, fmt
 
 
 def load_model(
@@ -218,72 +198,35 @@ def load_model(
 ) -> tuple[FuseLIP, ImagePreprocess, TextTokenizer]:
     """Load a FuseLIP checkpoint (hub id or local path, any supported layout) for inference.
 
-    Returns ``(model, image_preprocess, text_tokenizer)``: the model in eval mode on ``device``, the
-    reference eval preprocessing (PIL -> (3, 256, 256) in [0, 1]) and the CLIP-BPE tokenizer with ``[MASK]``.
+    Returns ``(model, image_preprocess, text_tokenizer)``: ``FuseLIP.from_pretrained(name_or_path)`` in eval mode
+    on ``device``, the reference eval preprocessing (PIL -> (3, 256, 256) float32 in [0, 1]) and the CLIP-BPE
+    tokenizer with ``[MASK]``. Raises ``CheckpointError`` (one line naming the file) for unreadable checkpoints.
     """
-    config, state_dict, _ = read_checkpoint(name_or_path)
-    model = FuseLIP(config)
-    load_state_strict(model, state_dict, str(name_or_path))
-    model.to(device).eval()
-    return model, ImagePreprocess(image_size=config.titok.image_size), model.tokenizer
+    model = FuseLIP.from_pretrained(name_or_path, map_location=device)
+    return model, ImagePreprocess(image_size=model.config.titok.image_size), model.tokenizer
 
 
 def build_model(size: str = "small", init: str | os.PathLike | None = None, **overrides: Any) -> FuseLIP:
-    """A model initialised from ``init`` (a checkpoint) or freshly, with the given transformer size."""
+    """A model in train mode initialised from ``init`` (a checkpoint) or freshly, with the given transformer size."""
     if init is not None:
-        config, state_dict, _ = read_checkpoint(init)
-        model = FuseLIP(config)
-        load_state_strict(model, state_dict, str(init))
-        return model
+        return FuseLIP.from_pretrained(init).train()
     return FuseLIP(FuseLIPConfig.from_size(size, **overrides))
 
 
 # --------------------------------------------------------------------------------------------------------
 # writing
-def atomic_directory(target: Path):
-    """A temp sibling directory that replaces ``target`` on success (``commit``), leaving no half-written state."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-
-
-def commit_directory(tmp: Path, target: Path) -> None:
-    """Swap ``tmp`` in for ``target``: the old directory is moved aside before the rename, then removed."""
-    backup = None
-    if target.exists():
-        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, backup)
-    os.replace(tmp, target)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-
-
-def save_pretrained(model: FuseLIP, directory: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` (tied weight stored once) into ``directory`` atomically."""
-    target = Path(directory)
-    tmp = atomic_directory(target)
-    try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt", "library": "fuselip_med"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2))
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        commit_directory(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+def save_pretrained(model: FuseLIP, directory: str | os.PathLike) -> Path:
+    """``model.save_pretrained(directory)`` (config.json + model.safetensors + README.md, atomic); returns the path."""
+    model.save_pretrained(directory)
+    return Path(directory)
 
 
 def export_reference(model: FuseLIP, directory: str | os.PathLike) -> Path:
     """Write the released hub layout (config.json + pytorch_model.bin, released key names) for interop."""
-    target = Path(directory)
-    tmp = atomic_directory(target)
-    try:
+
+    def fill(tmp: Path) -> None:
         state = ours_to_reference({k: v.detach().cpu() for k, v in model.state_dict().items()})
         torch.save(state, tmp / REFERENCE_WEIGHTS_NAME)
         (tmp / CONFIG_NAME).write_text(json.dumps(model.config.to_reference_dict(), indent=2))
-        commit_directory(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+
+    return write_directory_atomically(directory, fill)
