@@ -1,15 +1,54 @@
 """The ``fuselip-med`` command line: fine-tune, train, evaluate, embed and inspect FuseLIP models."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
+
+DEBUG_ENV = "FUSELIP_MED_DEBUG"
+console = Console()
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print a one-line error for the user and exit (stack traces are for bugs)."""
+    console.print(f"[bold red]error:[/] {' '.join(message.split())}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def user_error_types() -> tuple[type[Exception], ...]:
+    """Exceptions that mean bad input (checkpoint, recipe, data), not a bug: shown as one ``error:`` line."""
+    from fuselip_med.core.hub import CheckpointError
+    from fuselip_med.data.adapters import DatasetEmptyError
+    from fuselip_med.recipes import RecipeError
+    from fuselip_med.train.data import DataSetupError
+    from fuselip_med.train.trainer import TrainingStopped
+
+    return CheckpointError, DatasetEmptyError, RecipeError, DataSetupError, TrainingStopped
+
+
+class UserErrorGroup(TyperGroup):
+    """The CLI-wide error policy: a user error in any command prints ``error: ...`` and exits 1, no traceback
+    (``--debug`` or ``FUSELIP_MED_DEBUG=1`` re-raises it with its traceback)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except Exception as error:
+            if ctx.params.get("debug") or os.environ.get(DEBUG_ENV, "") not in ("", "0") \
+                    or not isinstance(error, user_error_types()):
+                raise
+            fail(str(error))
+
 
 app = typer.Typer(
     name="fuselip-med",
+    cls=UserErrorGroup,
     help="FuseLIP early-fusion embeddings for medical imaging: fine-tune, train, evaluate, embed.",
     no_args_is_help=True,
     add_completion=False,
@@ -17,46 +56,53 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Prepare datasets (the bundled demo dataset).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-console = Console()
+BASE_HELP = "For a LoRA adapter: its base model (hub id or path), replacing the recorded one (moved or copied base)."
 
 
-def fail(message: str, code: int = 1) -> None:
-    """Print a one-line error for the user and exit (stack traces are for bugs)."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code)
+@app.callback()
+def global_options(
+    debug: bool = typer.Option(False, "--debug", envvar=DEBUG_ENV,
+                               help="Show full tracebacks for errors (also FUSELIP_MED_DEBUG=1)."),
+) -> None:
+    """FuseLIP early-fusion embeddings for medical imaging: fine-tune, train, evaluate, embed."""
 
 
 @app.command()
 def info(
     model: str = typer.Argument(
-        ..., help="A checkpoint (hub id, local directory or .pt/.safetensors file) or a size: tiny, small, base."
+        ..., help="A checkpoint (hub id, local directory, .pt/.safetensors file, LoRA adapter) or a size: tiny, small, base."
     ),
+    base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP),
 ) -> None:
     """Show a model's architecture, vocabulary layout and parameter counts.
 
     Examples:\n
       fuselip-med info small\n
       fuselip-med info chs20/FuseLIP-S-CC3M-MM\n
-      fuselip-med info runs/rocov2/final
+      fuselip-med info runs/rocov2/final\n
+      fuselip-med info runs/rocov2_lora/final --base models/FuseLIP-S
     """
     import torch
 
-    from fuselip_med.core.checkpoints import CheckpointError, read_checkpoint
+    from fuselip_med.core.checkpoints import read_checkpoint
     from fuselip_med.core.fuselip import TRANSFORMER_SIZES, FuseLIP, FuseLIPConfig
+    from fuselip_med.core.lora import is_adapter_dir, load_adapter_base, recorded_base
 
+    adapter_rows = []
     if model in TRANSFORMER_SIZES:
         config, source_format = FuseLIPConfig.from_size(model), "architecture preset (no weights)"
+    elif is_adapter_dir(model):
+        config, source_format = load_adapter_base(model, base).config, "LoRA adapter (PEFT)"
+        adapter_rows = [("base model", str(base or recorded_base(model)[0]))]
     else:
-        try:
-            config, _, source_format = read_checkpoint(model)
-        except CheckpointError as error:
-            fail(str(error))
+        config, _, source_format = read_checkpoint(model)
     with torch.device("meta"):
         built = FuseLIP(config)
     titok = config.titok
     table = Table(title=f"FuseLIP model: {model}", show_header=False)
     rows = [
         ("format", source_format),
+        *adapter_rows,
         ("transformer", f"{config.transformer_size}: width {config.width}, heads {config.heads}, layers {config.layers}"),
         ("embedding dim", str(config.width)),
         ("context length", str(config.context_length)),
@@ -153,14 +199,10 @@ def data_demo(
     console.print(f"Demo dataset written to {path} (train {n_train}, valid {n_valid}, test {n_test} images).")
 
 
-def _load_for_inference(model: str, device: Optional[str]):
-    from fuselip_med.core.checkpoints import CheckpointError
-    from fuselip_med.train.lora import load_for_inference
+def _load_for_inference(model: str, device: Optional[str], base: Optional[str] = None):
+    from fuselip_med.core.lora import load_for_inference
 
-    try:
-        return load_for_inference(model, device or ("cuda" if _cuda() else "cpu"))
-    except CheckpointError as error:
-        fail(str(error))
+    return load_for_inference(model, device or ("cuda" if _cuda() else "cpu"), base=base)
 
 
 def _cuda() -> bool:
@@ -182,6 +224,7 @@ def eval_command(
     batch_size: int = typer.Option(64, help="Embedding batch size."),
     num_workers: int = typer.Option(2, help="Image decoding workers."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
+    base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP),
 ) -> None:
     """Evaluate a model: retrieval R@k, zero-shot modality/concepts, TGIT, modality gap.
 
@@ -198,7 +241,7 @@ def eval_command(
         if not sep or not key or not value:
             fail(f"--data {entry!r}: expected KEY=PATH, e.g. rocov2=ROCOv2_data.", code=2)
         data_map[key] = value
-    fuselip, _, _ = _load_for_inference(model, device)
+    fuselip, _, _ = _load_for_inference(model, device, base)
     try:
         report = run_evaluation(fuselip, [t.strip() for t in tasks.split(",") if t.strip()], data_map, out,
                                 seed=seed, pool_size=pool_size, n_pools=n_pools, batch_size=batch_size,
@@ -223,6 +266,7 @@ def embed(
     batch_size: int = typer.Option(64, help="Batch size."),
     num_workers: int = typer.Option(2, help="Image decoding workers."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
+    base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP),
 ) -> None:
     """Embed images, texts or image+text pairs for search, batched, with progress.
 
@@ -244,7 +288,7 @@ def embed(
     rows = rows_from_source(source, kind)  # type: ignore[arg-type]
     if not rows:
         fail(f"{input}: no rows with {'an image' if kind == 'image' else 'a caption' if kind == 'text' else 'an image and a caption'}.")
-    fuselip, _, _ = _load_for_inference(model, device)
+    fuselip, _, _ = _load_for_inference(model, device, base)
     matrix, kept, failed = embed_rows(fuselip, rows, batch_size=batch_size, num_workers=num_workers)
     written = write_embeddings(out, matrix, kept, model)
     console.print(f"Embedded {len(kept)} {kind} rows -> {', '.join(map(str, written))} (dim {matrix.shape[1]}).")
@@ -259,21 +303,41 @@ def embed(
 def merge_lora(
     adapter: Path = typer.Argument(..., help="A LoRA adapter directory written by finetune (runs/<name>/final)."),
     out: Path = typer.Option(..., "--out", "-o", help="Directory for the merged model (config.json + model.safetensors)."),
+    base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP),
 ) -> None:
     """Fold a LoRA adapter into its base model and save a plain FuseLIP whose outputs equal base + adapter.
 
-    Example:\n
-      fuselip-med merge-lora runs/rocov2_lora/final --out models/rocov2_lora_merged
+    Examples:\n
+      fuselip-med merge-lora runs/rocov2_lora/final --out models/rocov2_lora_merged\n
+      fuselip-med merge-lora adapter/ --base /mnt/models/FuseLIP-S --out merged/
     """
-    from fuselip_med.core.checkpoints import CheckpointError, save_pretrained
-    from fuselip_med.train.lora import merge_adapter
+    from fuselip_med.core.lora import merge_adapter
 
-    try:
-        merged = merge_adapter(adapter)
-    except CheckpointError as error:
-        fail(str(error))
-    save_pretrained(merged, out)
+    merge_adapter(adapter, base=base).save_pretrained(out)
     console.print(f"Merged {adapter} into {out}.")
+
+
+@app.command()
+def push(
+    folder: Path = typer.Argument(..., help="A saved model or LoRA adapter folder, e.g. runs/rocov2/final."),
+    repo_id: str = typer.Option(..., "--repo-id", help="Hub repository to create or update, e.g. me/fuselip-rocov2."),
+    private: bool = typer.Option(False, "--private", help="Create the repository as private."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to push to (default: main)."),
+    message: str = typer.Option("Upload FuseLIP model with fuselip-med", "--message", help="Commit message."),
+    token: Optional[str] = typer.Option(None, "--token", envvar="HF_TOKEN", help="Hub token (default: the saved login)."),
+) -> None:
+    """Upload a saved model (or LoRA adapter) folder, with its model card, to the Hugging Face Hub.
+
+    The folder is checked first (config, weights, an adapter's base must be a hub id); nothing half-valid is pushed.
+
+    Examples:\n
+      fuselip-med push runs/rocov2/final --repo-id me/fuselip-s-rocov2\n
+      fuselip-med push runs/rocov2_lora/final --repo-id me/fuselip-s-rocov2-lora --private
+    """
+    from fuselip_med.core.push import push_folder
+
+    url = push_folder(folder, repo_id, private=private, revision=revision, commit_message=message, token=token)
+    console.print(f"Pushed {folder} to {repo_id}: {url}")
 
 
 def with_resume_value(argv: list[str]) -> list[str]:
