@@ -255,6 +255,7 @@ class HubModelMixin(PyTorchModelHubMixin, library_name=LIBRARY_NAME, tags=list(C
             summary=kwargs.get("summary", f"A {name} model saved with fuselip_med. Load it with "
                                           f"`{name}.from_pretrained(path_or_repo_id)` or `fuselip_med.load_model`."),
             license=kwargs.get("license"),
+            tags=self._hub_mixin_info.model_card_data.tags or (),
         )
 
     @classmethod
