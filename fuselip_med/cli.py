@@ -70,7 +70,8 @@ def global_options(
 @app.command()
 def info(
     model: str = typer.Argument(
-        ..., help="A checkpoint (hub id, local directory, .pt/.safetensors file, LoRA adapter) or a size: tiny, small, base."
+        ..., help="A checkpoint (hub id, local directory, .pt/.safetensors file, LoRA adapter) or a size: "
+                  "tiny, small, base."
     ),
     base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP),
 ) -> None:
@@ -324,7 +325,8 @@ def push(
     private: bool = typer.Option(False, "--private", help="Create the repository as private."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Branch to push to (default: main)."),
     message: str = typer.Option("Upload FuseLIP model with fuselip-med", "--message", help="Commit message."),
-    token: Optional[str] = typer.Option(None, "--token", envvar="HF_TOKEN", help="Hub token (default: the saved login)."),
+    token: Optional[str] = typer.Option(None, "--token", envvar="HF_TOKEN",
+                                        help="Hub token (default: the saved login)."),
 ) -> None:
     """Upload a saved model (or LoRA adapter) folder, with its model card, to the Hugging Face Hub.
 

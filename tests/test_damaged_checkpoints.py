@@ -88,8 +88,8 @@ def test_console_script_prints_no_traceback_unless_debug(corrupt_safetensors):
     debug = subprocess.run([sys.executable, "-m", "fuselip_med.cli", "--debug", "info", str(corrupt_safetensors)],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "CheckpointError" in debug.stderr
-    by_env = subprocess.run([sys.executable, "-m", "fuselip_med.cli", "info", str(corrupt_safetensors)],
-                            cwd=REPO, env={**env, "FUSELIP_MED_DEBUG": "1"}, capture_output=True, text=True, timeout=120)
+    by_env = subprocess.run([sys.executable, "-m", "fuselip_med.cli", "info", str(corrupt_safetensors)], cwd=REPO,
+                            env={**env, "FUSELIP_MED_DEBUG": "1"}, capture_output=True, text=True, timeout=120)
     assert by_env.returncode == 1 and "Traceback" in by_env.stderr
 
 

@@ -40,7 +40,8 @@ def training_layout(model: FuseLIP, root: Path) -> Path:
     run = root / "logs" / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "fuse-clip-config.json").write_text((root / "ref" / "config.json").read_text())
-    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in released.items()}}, run / "checkpoints" / "epoch_1.pt")
+    payload = {"epoch": 1, "state_dict": {f"module.{k}": v for k, v in released.items()}}
+    torch.save(payload, run / "checkpoints" / "epoch_1.pt")
     return run / "checkpoints" / "epoch_1.pt"
 
 
@@ -133,10 +134,13 @@ def test_push_refuses_damaged_folders_and_local_base_adapters(tiny, local_hub, t
     assert not (local_hub / "me" / "broken").exists()
 
     base = save_pretrained(tiny, tmp_path / "base")
-    adapter = save_adapter(apply_lora(FuseLIP.from_pretrained(base), 2, 4, 0.0, ["q_proj"]), tmp_path / "adapter", str(base))
+    lora = apply_lora(FuseLIP.from_pretrained(base), 2, 4, 0.0, ["q_proj"])
+    adapter = save_adapter(lora, tmp_path / "adapter", str(base))
     with pytest.raises(CheckpointError, match="local base"):
         push_folder(adapter, "me/adapter")
     embedded = save_adapter(apply_lora(FuseLIP(tiny.config), 2, 4, 0.0, ["q_proj"]), tmp_path / "embedded", None)
+    card = ModelCard.load(embedded / "README.md")
+    assert card.data.base_model is None and "lora" in card.data.tags  # "base" is a folder, not a hub id
     assert push_folder(embedded, "me/embedded").startswith("local://")
     assert (local_hub / "me" / "embedded" / "base" / "model.safetensors").exists()
 

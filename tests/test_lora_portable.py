@@ -42,8 +42,8 @@ def lora_run(tmp_path_factory):
     export_reference(FuseLIP(FuseLIPConfig.from_size("tiny")).eval(), work / "models" / "base")
     recipe = recipe_from_dict({
         "name": "lora_portable",
-        "model": {"size": "tiny", "init": "models/base",
-                  "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q_proj", "v_proj", "c_fc"]}},
+        "model": {"size": "tiny", "init": "models/base", "lora": {
+            "enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q_proj", "v_proj", "c_fc"]}},
         "data": {"train": [{"name": "rocov2", "path": "demo", "split": "train"}], "num_workers": 0},
         "train": {"steps": 2, "batch_size": 8, "lr": 3e-2, "warmup_steps": 0, "precision": "fp32", "log_every": 1},
         "eval": {"at_start": False, "at_end": False},

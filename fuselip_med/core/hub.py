@@ -121,7 +121,7 @@ def resolve_pretrained(
     if path.exists():
         return path
     name = str(name_or_path)
-    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+    if not is_hub_id(name):
         raise CheckpointError(
             f"No checkpoint at {name!r}: give a local directory/file or a hub id like chs20/FuseLIP-S-CC3M-MM."
         )
@@ -134,6 +134,12 @@ def resolve_pretrained(
         raise CheckpointError(
             f"No local folder {name!r}, and it could not be downloaded from the Hugging Face Hub: {first_line(error)}"
         ) from error
+
+
+def is_hub_id(reference: str | os.PathLike | None) -> bool:
+    """Whether ``reference`` reads as a Hub repo id (``owner/name``) and is not a path on this machine."""
+    name = str(reference or "")
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
 
 
 def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
@@ -264,7 +270,9 @@ class HubModelMixin(PyTorchModelHubMixin, library_name=LIBRARY_NAME, tags=list(C
         folder = path if path.is_dir() else path.parent
         weights = path if path.is_file() else folder / SAFETENSORS_NAME
         if not weights.exists():
-            raise CheckpointError(f"{folder} holds no {SAFETENSORS_NAME}; point at a folder written by save_pretrained.")
+            raise CheckpointError(
+                f"{folder} holds no {SAFETENSORS_NAME}; point at a folder written by save_pretrained."
+            )
         config = config_from_file(cls.config_class, folder / CONFIG_NAME)
         return config, read_safetensors(weights), "safetensors", f"{weights} (architecture from {CONFIG_NAME})"
 

@@ -28,9 +28,12 @@ from safetensors.torch import save_file
 from fuselip_med.core.checkpoints import read_fuselip_files, save_pretrained
 from fuselip_med.core.fuselip import FuseLIP
 from fuselip_med.core.hub import (
+    CARD_NAME,
     CheckpointError,
     first_line,
+    is_hub_id,
     load_state_strict,
+    model_card,
     read_json,
     read_safetensors,
     resolve_pretrained,
@@ -46,7 +49,9 @@ BASE_POINTER = "fuselip_base.json"
 EMBEDDED_BASE = "base"
 PEFT_PREFIX = "base_model.model."
 LOGIT_PARAMS = ("logit_scale", "logit_bias")
-KNOWN_TARGETS = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "out_proj": "attn", "c_fc": "mlp", "c_proj": "mlp"}
+KNOWN_TARGETS = {
+    "q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "out_proj": "attn", "c_fc": "mlp", "c_proj": "mlp",
+}
 BASE_HINT = "pass the base's current location or hub id with --base (Python: base=...)"
 
 
@@ -67,7 +72,8 @@ def target_pattern(targets: list[str]) -> str:
 def apply_lora(model: FuseLIP, r: int, alpha: float, dropout: float, targets: list[str],
                train_logit_params: bool = True) -> PeftModel:
     """Wrap ``model`` with LoRA adapters of rank ``r``; only adapters (and optionally the loss scale/bias) train."""
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_pattern(targets), bias="none")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_pattern(targets),
+                        bias="none")
     peft_model = get_peft_model(model, config)
     base = peft_model.get_base_model()
     for name in LOGIT_PARAMS:
@@ -121,6 +127,14 @@ def save_adapter(peft_model: PeftModel, directory: str | os.PathLike, base: str 
         if extras:
             weights = tmp / ADAPTER_WEIGHTS
             save_file({**read_safetensors(weights), **extras}, str(weights), metadata={"format": "pt"})
+        model_card(
+            title="FuseLIP LoRA adapter",
+            summary=f"A PEFT LoRA adapter for FuseLIP (base: `{reference}`), written by fuselip_med. Load it with "
+                    "`fuselip_med.core.lora.load_for_inference(path)` or PEFT's "
+                    "`PeftModel.from_pretrained(FuseLIP.from_pretrained(base), path)`.",
+            base_model=reference if is_hub_id(reference) else None,
+            tags=["lora", "peft"],
+        ).save(tmp / CARD_NAME)
         pointer: dict[str, Any] = {"base_model": reference, "given_as": base, "weights_sha256": sha256,
                                    "config": fuselip.config.to_dict()}
         (tmp / BASE_POINTER).write_text(json.dumps(pointer, indent=2))

@@ -13,6 +13,7 @@ from fuselip_med.core.hub import (
     SAFETENSORS_NAME,
     CheckpointError,
     first_line,
+    is_hub_id,
     model_card,
     read_json,
 )
@@ -38,7 +39,7 @@ def check_pushable(folder: Path) -> str:
     if is_adapter_dir(folder):
         _check_safetensors(folder / ADAPTER_WEIGHTS)
         base, _ = recorded_base(folder)
-        if base is None or base != EMBEDDED_BASE and (Path(base).is_absolute() or Path(base).exists()):
+        if base is None or base != EMBEDDED_BASE and not is_hub_id(base):
             raise CheckpointError(
                 f"LoRA adapter {folder} was trained on the local base {base!r}, which others cannot download; "
                 "merge it first (fuselip-med merge-lora) and push the merged model, or push the base and "
@@ -49,7 +50,9 @@ def check_pushable(folder: Path) -> str:
     if (folder / SAFETENSORS_NAME).exists():
         _check_safetensors(folder / SAFETENSORS_NAME)
     elif not (folder / REFERENCE_WEIGHTS_NAME).exists():
-        raise CheckpointError(f"{folder} holds neither {SAFETENSORS_NAME} nor {REFERENCE_WEIGHTS_NAME}; nothing to push.")
+        raise CheckpointError(
+            f"{folder} holds neither {SAFETENSORS_NAME} nor {REFERENCE_WEIGHTS_NAME}; nothing to push."
+        )
     return "model"
 
 

@@ -10,19 +10,13 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult
 
-from fuselip_med.core.hub import CARD_NAME, model_card
+from fuselip_med.core.hub import CARD_NAME, is_hub_id, model_card
 from fuselip_med.eval.report import atomic_write_text
 from fuselip_med.recipes import Recipe, recipe_to_yaml
 
 TASK_TYPES = {"modality": "zero-shot-image-classification", "concepts": "zero-shot-image-classification"}
 DEFAULT_TASK_TYPE = "image-feature-extraction"
 CARD_LICENSE = "other"  # the weights inherit the base model's and the training data's terms, named in the card
-
-
-def is_hub_id(reference: str | None) -> bool:
-    """``owner/name`` that is not a path on this machine."""
-    return bool(reference) and reference.count("/") == 1 and not reference.startswith((".", "/", "~")) \
-        and not Path(reference).exists()
 
 
 def eval_results(metrics: dict[str, float], dataset: str) -> list[EvalResult]:
@@ -41,9 +35,11 @@ def write_model_card(directory: Path, recipe: Recipe, init: str | None, steps: i
     """Write ``README.md`` into ``directory`` describing how the model was made and how it scored."""
     data_refs = [spec.path if is_hub_id(spec.path) else spec.name for spec in recipe.data.train]
     eval_refs = [spec.path if is_hub_id(spec.path) else spec.name for spec in recipe.data.eval]
-    data_lines = [f"- `{spec.name}` ({spec.split}): `{spec.path}`, weight {spec.weight:g}" for spec in recipe.data.train]
+    data_lines = [f"- `{spec.name}` ({spec.split}): `{spec.path}`, weight {spec.weight:g}"
+                  for spec in recipe.data.train]
     data_lines += [f"- task `{task.name}`, weight {task.weight:g}" for task in recipe.data.tasks]
-    rows = [f"| {key.removeprefix('eval/')} | {before.get(key, float('nan')):.4f} | {after.get(key, float('nan')):.4f} |"
+    nan = float("nan")
+    rows = [f"| {key.removeprefix('eval/')} | {before.get(key, nan):.4f} | {after.get(key, nan):.4f} |"
             for key in sorted(set(before) | set(after))]
     lora = recipe.model.lora.enabled
     kind = f"LoRA adapter (rank {recipe.model.lora.r})" if lora else "full model"
