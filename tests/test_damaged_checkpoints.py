@@ -168,3 +168,17 @@ def test_bugs_still_raise(monkeypatch, tmp_path, tiny):
     monkeypatch.setattr("fuselip_med.core.checkpoints.read_fuselip_files", bug)
     result = runner.invoke(app, ["info", str(tmp_path / "model")])
     assert result.exit_code == 1 and isinstance(result.exception, ZeroDivisionError)
+
+
+def test_finetune_with_a_corrupt_init_reports_it_in_one_line(corrupt_safetensors, tmp_path):
+    from fuselip_med.data.demo import write_demo_dataset
+
+    data = write_demo_dataset(tmp_path / "demo", n_train=8, n_valid=4, n_test=4, n_dicom=0)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: broken_init\nmodel: {{size: tiny, init: '{corrupt_safetensors}'}}\n"
+                      f"data: {{train: [{{name: rocov2, path: '{data}'}}], num_workers: 0}}\n"
+                      f"train: {{steps: 1, batch_size: 4}}\neval: {{at_start: false, at_end: false}}\n"
+                      f"logging: {{progress: false}}\noutput: {{dir: '{tmp_path / 'run'}'}}\n")
+    result = runner.invoke(app, ["finetune", "--recipe", str(recipe)])
+    assert result.exit_code == 1, result.output
+    one_error_line(result.output, "model.safetensors", "damaged")

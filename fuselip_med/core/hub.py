@@ -287,7 +287,6 @@ class HubModelMixin(PyTorchModelHubMixin, library_name=LIBRARY_NAME, tags=list(C
         local_files_only: bool = False,
         revision: str | None = None,
         map_location: str | torch.device = "cpu",
-        **_: Any,
     ):
         """Build the model from a hub id, a local folder or a single weights file, in eval mode on ``map_location``.
 

@@ -235,16 +235,18 @@ def merge_adapter(directory: str | os.PathLike, device: str | torch.device = "cp
 
 def load_for_inference(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
                        base: str | os.PathLike | None = None) -> tuple[FuseLIP, ImagePreprocess, TextTokenizer]:
-    """``load_model`` that also accepts a LoRA adapter folder (or a run folder whose ``final`` is one), merged.
-
-    ``base`` replaces an adapter's recorded base model; it is an error for a plain model.
+    """``load_model`` that also accepts a LoRA adapter (a folder, a run folder whose ``final`` is one, or a hub
+    repo), merged into its base. ``base`` replaces an adapter's recorded base model; it is an error for a plain model.
     """
     path = Path(name_or_path)
+    if not path.exists() and is_hub_id(name_or_path):
+        patterns = [*FuseLIP.hub_allow_patterns(), ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_POINTER, f"{EMBEDDED_BASE}/*"]
+        path = resolve_pretrained(name_or_path, allow_patterns=patterns)
     adapter = path if is_adapter_dir(path) else path / "final" if is_adapter_dir(path / "final") else None
     if adapter is not None:
         model = merge_adapter(adapter, device, base=base).eval()
     elif base is not None:
         raise CheckpointError(f"--base applies to LoRA adapters only, and {name_or_path} is not an adapter folder.")
     else:
-        model = FuseLIP.from_pretrained(name_or_path, map_location=device)
+        model = FuseLIP.from_pretrained(path, map_location=device)
     return model, ImagePreprocess(image_size=model.config.titok.image_size), model.tokenizer
