@@ -169,3 +169,43 @@ def test_training_writes_a_hub_model_card(tmp_path):
     task_types = {r.task_name: r.task_type for r in card.data.eval_results}
     assert task_types["rocov2-modality"] == "zero-shot-image-classification"
     assert "| rocov2-retrieval/image_to_text_R@1 | 0.1000 | 0.4000 |" in card.text
+
+
+def test_another_model_class_reuses_the_mixin(tmp_path, local_hub):
+    """The late-fusion baselines (or any model) get the same save/load/push by inheriting HubModelMixin."""
+    from dataclasses import asdict, dataclass
+
+    from torch import nn
+
+    from fuselip_med.core.hub import HubModelMixin
+
+    @dataclass
+    class ToyConfig:
+        arch: str = "toy"
+        width: int = 3
+
+        def to_dict(self):
+            return asdict(self)
+
+        @classmethod
+        def from_dict(cls, data):
+            return cls(**data)
+
+    class Toy(nn.Module, HubModelMixin):
+        config_class = ToyConfig
+
+        def __init__(self, config: ToyConfig):
+            super().__init__()
+            self.config = config
+            self.proj = nn.Linear(config.width, 2)
+
+    torch.manual_seed(0)
+    toy = Toy(ToyConfig(width=5))
+    save_pretrained(toy, tmp_path / "toy")  # the function form is the same single save path
+    assert json.loads((tmp_path / "toy" / "config.json").read_text()) == {"arch": "toy", "width": 5}
+    assert torch.equal(Toy.from_pretrained(tmp_path / "toy").proj.weight, toy.proj.weight)
+    toy.push_to_hub("me/toy")
+    assert torch.equal(Toy.from_pretrained("me/toy").proj.weight, toy.proj.weight)
+    (tmp_path / "toy" / "config.json").write_text(json.dumps({"arch": "toy", "width": 4}))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors .*wrong shapes"):
+        Toy.from_pretrained(tmp_path / "toy")

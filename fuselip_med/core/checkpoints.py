@@ -18,6 +18,7 @@ from fuselip_med.core.hub import (
     CONFIG_NAME,
     SAFETENSORS_NAME,
     CheckpointError,
+    HubModelMixin,
     config_from_file,
     load_state_strict,
     read_safetensors,
@@ -215,9 +216,11 @@ def build_model(size: str = "small", init: str | os.PathLike | None = None, **ov
 
 # --------------------------------------------------------------------------------------------------------
 # writing
-def save_pretrained(model: FuseLIP, directory: str | os.PathLike) -> Path:
-    """``model.save_pretrained(directory)`` (config.json + model.safetensors + README.md, atomic); returns the path."""
-    model.save_pretrained(directory)
+def save_pretrained(model: HubModelMixin, directory: str | os.PathLike) -> Path:
+    """The function form of ``HubModelMixin.save_pretrained`` (config.json + model.safetensors + README.md,
+    atomic) for any fuselip_med model class; returns the path. Called on the mixin itself, so a model class that
+    overrides ``save_pretrained`` with a call to this function does not recurse."""
+    HubModelMixin.save_pretrained(model, directory)
     return Path(directory)
 
 
