@@ -1,50 +1,14 @@
 """The ``fuselip-med`` command line: fine-tune, train, evaluate, embed and inspect FuseLIP models."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
-from typer.core import TyperGroup
 
-DEBUG_ENV = "FUSELIP_MED_DEBUG"
-console = Console()
-
-
-def fail(message: str, code: int = 1) -> None:
-    """Print a one-line error for the user and exit (stack traces are for bugs)."""
-    console.print(f"[bold red]error:[/] {' '.join(message.split())}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def user_error_types() -> tuple[type[Exception], ...]:
-    """Exceptions that mean bad input (checkpoint, recipe, data), not a bug: shown as one ``error:`` line."""
-    from fuselip_med.core.hub import CheckpointError
-    from fuselip_med.data.adapters import DatasetEmptyError
-    from fuselip_med.recipes import RecipeError
-    from fuselip_med.train.data import DataSetupError
-    from fuselip_med.train.trainer import TrainingStopped
-
-    return CheckpointError, DatasetEmptyError, RecipeError, DataSetupError, TrainingStopped
-
-
-class UserErrorGroup(TyperGroup):
-    """The CLI-wide error policy: a user error in any command prints ``error: ...`` and exits 1, no traceback
-    (``--debug`` or ``FUSELIP_MED_DEBUG=1`` re-raises it with its traceback)."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except Exception as error:
-            if ctx.params.get("debug") or os.environ.get(DEBUG_ENV, "") not in ("", "0") \
-                    or not isinstance(error, user_error_types()):
-                raise
-            fail(str(error))
-
+from fuselip_med.cli_errors import DEBUG_ENV, UserErrorGroup, print_error
 
 app = typer.Typer(
     name="fuselip-med",
@@ -56,7 +20,14 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Prepare datasets (the bundled demo dataset).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+console = Console()
 BASE_HELP = "For a LoRA adapter: its base model (hub id or path), replacing the recorded one (moved or copied base)."
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print a one-line error for the user and exit (stack traces are for bugs)."""
+    print_error(console, message)
+    raise typer.Exit(code)
 
 
 @app.callback()

@@ -209,3 +209,9 @@ def test_another_model_class_reuses_the_mixin(tmp_path, local_hub):
     (tmp_path / "toy" / "config.json").write_text(json.dumps({"arch": "toy", "width": 4}))
     with pytest.raises(CheckpointError, match=r"model\.safetensors .*wrong shapes"):
         Toy.from_pretrained(tmp_path / "toy")
+
+
+def test_push_has_help_with_examples():
+    result = runner.invoke(app, ["push", "--help"])
+    assert result.exit_code == 0 and "Usage" in result.output and "--repo-id" in result.output
+    assert "fuselip-med push runs/rocov2/final" in result.output
