@@ -150,7 +150,7 @@ def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     for key in sorted(state_dict):
         tensor = state_dict[key].detach().cpu().contiguous()
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
     return digest.hexdigest()
 
 
@@ -248,7 +248,8 @@ class HubModelMixin(PyTorchModelHubMixin, library_name=LIBRARY_NAME, tags=list(C
         return None
 
     def _save_pretrained(self, save_directory: Path) -> None:
-        """The one weight writer: every tensor once (tied weights are stored once by construction), plus config."""
+        """The one weight writer: ``state_dict()`` as safetensors (FuseLIP's tied MMM decoder is no separate
+        parameter, so every tensor is stored once), plus ``config.to_dict()`` as config.json."""
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(save_directory / SAFETENSORS_NAME), metadata={"format": "pt", "library": LIBRARY_NAME})
         (save_directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2))

@@ -110,11 +110,10 @@ def save_adapter(peft_model: PeftModel, directory: str | os.PathLike, base: str 
     ``base`` is the checkpoint the model was built from (hub id or local path, relative paths allowed); with
     none (a LoRA on a fresh model) the base weights are saved inside, under ``base/``.
     """
-    reference, sha256 = _describe_base(base)
     fuselip = peft_model.get_base_model()
 
     def fill(tmp: Path) -> None:
-        nonlocal reference, sha256
+        reference, sha256 = _describe_base(base)
         if reference is None:
             clean = _unwrapped_copy(peft_model)
             save_pretrained(clean, tmp / EMBEDDED_BASE)
