@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import click
 import typer
 from rich.console import Console
 from typer.core import TyperGroup
@@ -33,7 +32,7 @@ def user_error_types() -> tuple[type[Exception], ...]:
     return CheckpointError, DatasetEmptyError, RecipeError, DataSetupError, TrainingStopped
 
 
-def debug_requested(ctx: click.Context) -> bool:
+def debug_requested(ctx: typer.Context) -> bool:
     """``--debug`` on the command line or ``FUSELIP_MED_DEBUG`` set to anything but empty/0."""
     return bool(ctx.params.get("debug")) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
@@ -41,7 +40,7 @@ def debug_requested(ctx: click.Context) -> bool:
 class UserErrorGroup(TyperGroup):
     """The top-level command group: a user error in any (sub)command prints one ``error:`` line and exits 1."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: typer.Context):
         try:
             return super().invoke(ctx)
         except Exception as error:
