@@ -177,7 +177,7 @@ def test_finetune_with_a_corrupt_init_reports_it_in_one_line(corrupt_safetensors
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"name: broken_init\nmodel: {{size: tiny, init: '{corrupt_safetensors}'}}\n"
                       f"data: {{train: [{{name: rocov2, path: '{data}'}}], num_workers: 0}}\n"
-                      f"train: {{steps: 1, batch_size: 4}}\neval: {{at_start: false, at_end: false}}\n"
+                      f"train: {{steps: 1, batch_size: 4, precision: fp32}}\neval: {{at_start: false, at_end: false}}\n"
                       f"logging: {{progress: false}}\noutput: {{dir: '{tmp_path / 'run'}'}}\n")
     result = runner.invoke(app, ["finetune", "--recipe", str(recipe)])
     assert result.exit_code == 1, result.output
