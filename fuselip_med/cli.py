@@ -8,11 +8,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fuselip_med.cli_errors import DEBUG_ENV, UserErrorGroup, print_error
 from fuselip_med.cli_options import CAPTION_COLUMN, ENCODING, ID_COLUMN, IMAGE_ROOT, PATH_COLUMN, SEP, table_options
 from fuselip_med.search.commands import register as register_search_commands
 
 app = typer.Typer(
     name="fuselip-med",
+    cls=UserErrorGroup,
     help="FuseLIP early-fusion embeddings for medical imaging: fine-tune, train, evaluate, embed.",
     no_args_is_help=True,
     add_completion=False,
@@ -21,6 +23,7 @@ app = typer.Typer(
 data_app = typer.Typer(help="Prepare datasets (the bundled demo dataset).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 console = Console()
+BASE_HELP = "For a LoRA adapter: its base model (hub id or path), replacing the recorded one (moved or copied base)."
 
 
 def _print_version(value: bool) -> None:
@@ -37,6 +40,8 @@ def global_options(
                                  help="Print the version and exit."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug messages (logging level DEBUG)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors; no progress bars."),
+    debug: bool = typer.Option(False, "--debug", envvar=DEBUG_ENV,
+                               help="Show full tracebacks for errors (also FUSELIP_MED_DEBUG=1)."),
 ) -> None:
     """FuseLIP early-fusion embeddings for medical imaging: fine-tune, train, evaluate, embed."""
     from fuselip_med.logs import configure_logging
@@ -48,7 +53,7 @@ def global_options(
 
 def fail(message: str, code: int = 1) -> None:
     """Print a one-line error for the user and exit (stack traces are for bugs)."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    print_error(console, message)
     raise typer.Exit(code)
 
 
@@ -59,6 +64,7 @@ def info(
     ),
     arch: Optional[str] = typer.Option(None, "--arch", help="Preset arch: fuselip, siglip_sf or siglip_mlf."),
     size: Optional[str] = typer.Option(None, "--size", help="Preset size: tiny, small or base."),
+    base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP),
 ) -> None:
     """Show a model's architecture and exact parameter counts by part (image, text, fusion, trainable, total).
 
@@ -66,14 +72,17 @@ def info(
       fuselip-med info small\n
       fuselip-med info --arch siglip_mlf --size base\n
       fuselip-med info chs20/FuseLIP-S-CC3M-MM\n
-      fuselip-med info runs/rocov2/final
+      fuselip-med info runs/rocov2/final\n
+      fuselip-med info runs/rocov2_lora/final --base models/FuseLIP-S
     """
     from fuselip_med.core.checkpoints import CheckpointError
     from fuselip_med.model_info import info_rows
 
     try:
-        title, rows = info_rows(model, arch, size)
-    except (CheckpointError, ValueError) as error:
+        title, rows = info_rows(model, arch, size, base)
+    except CheckpointError:
+        raise  # reported by the CLI's error handling (one line, or the traceback under --debug)
+    except ValueError as error:  # an unknown arch or size
         fail(str(error))
     table = Table(title=title, show_header=False)
     for key, value in rows:
@@ -166,14 +175,10 @@ def data_demo(
     console.print(f"Demo dataset written to {path} (train {n_train}, valid {n_valid}, test {n_test} images).")
 
 
-def _load_for_inference(model: str, device: Optional[str]):
-    from fuselip_med.core.checkpoints import CheckpointError
-    from fuselip_med.train.lora import load_for_inference
+def _load_for_inference(model: str, device: Optional[str], base: Optional[str] = None):
+    from fuselip_med.core.lora import load_for_inference
 
-    try:
-        return load_for_inference(model, device or ("cuda" if _cuda() else "cpu"))
-    except CheckpointError as error:
-        fail(str(error))
+    return load_for_inference(model, device or ("cuda" if _cuda() else "cpu"), base=base)
 
 
 def _cuda() -> bool:
@@ -215,6 +220,7 @@ def eval_command(
     sep: Optional[str] = SEP,
     image_root: Optional[str] = IMAGE_ROOT,
     encoding: Optional[str] = ENCODING,
+    base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP),
 ) -> None:
     """Evaluate a model: retrieval R@k, zero-shot classification, concepts, TGIT, the paper's benchmark suite.
 
@@ -259,7 +265,7 @@ def eval_command(
 
         try:
             with cli_option_style():
-                run_comparison(model, lambda name: _load_for_inference(name, device)[0], chosen, data_map, out,
+                run_comparison(model, lambda name: _load_for_inference(name, device, base)[0], chosen, data_map, out,
                                **eval_options)
         except (ValueError, FileNotFoundError, LookupError) as error:
             fail(str(error))
@@ -267,7 +273,7 @@ def eval_command(
         console.print(f"Wrote {out / 'comparison.md'}, {out / 'comparison.json'} and {out / 'comparison.png'}.")
         return
     model = model[0]
-    fuselip, _, _ = _load_for_inference(model, device)
+    fuselip, _, _ = _load_for_inference(model, device, base)
     try:
         with cli_option_style():
             report = run_evaluation(fuselip, chosen, data_map, out, model_id=model, **eval_options)
@@ -308,6 +314,7 @@ def embed(
     batch_size: int = typer.Option(64, help="Batch size."),
     num_workers: int = typer.Option(2, help="Image decoding workers."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
+    base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP),
 ) -> None:
     """Embed images, texts or image+text pairs for search, batched, with progress; every row not embedded is named.
 
@@ -337,7 +344,7 @@ def embed(
     rows = rows_from_source(source, kind, skips)  # type: ignore[arg-type]
     if not rows:
         fail(f"{input}: no row to embed ({skips.summary()}).")
-    fuselip, _, _ = _load_for_inference(model, device)
+    fuselip, _, _ = _load_for_inference(model, device, base)
     matrix, kept, _ = embed_rows(fuselip, rows, batch_size=batch_size, num_workers=num_workers, skips=skips)
     written = write_embeddings(out, matrix, kept, model)
     skips.kept = len(kept)
@@ -354,21 +361,42 @@ def merge_lora(
     adapter: Path = typer.Argument(..., help="A LoRA adapter directory written by finetune (runs/<name>/final)."),
     out: Path = typer.Option(..., "--out", "-o",
                              help="Directory for the merged model (config.json + model.safetensors)."),
+    base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP),
 ) -> None:
     """Fold a LoRA adapter into its base model and save a plain FuseLIP whose outputs equal base + adapter.
 
-    Example:\n
-      fuselip-med merge-lora runs/rocov2_lora/final --out models/rocov2_lora_merged
+    Examples:\n
+      fuselip-med merge-lora runs/rocov2_lora/final --out models/rocov2_lora_merged\n
+      fuselip-med merge-lora adapter/ --base /mnt/models/FuseLIP-S --out merged/
     """
-    from fuselip_med.core.checkpoints import CheckpointError, save_pretrained
-    from fuselip_med.train.lora import merge_adapter
+    from fuselip_med.core.lora import merge_adapter
 
-    try:
-        merged = merge_adapter(adapter)
-    except CheckpointError as error:
-        fail(str(error))
-    save_pretrained(merged, out)
+    merge_adapter(adapter, base=base).save_pretrained(out)
     console.print(f"Merged {adapter} into {out}.")
+
+
+@app.command()
+def push(
+    folder: Path = typer.Argument(..., help="A saved model or LoRA adapter folder, e.g. runs/rocov2/final."),
+    repo_id: str = typer.Option(..., "--repo-id", help="Hub repository to create or update, e.g. me/fuselip-rocov2."),
+    private: bool = typer.Option(False, "--private", help="Create the repository as private."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to push to (default: main)."),
+    message: str = typer.Option("Upload FuseLIP model with fuselip-med", "--message", help="Commit message."),
+    token: Optional[str] = typer.Option(None, "--token", envvar="HF_TOKEN",
+                                        help="Hub token (default: the saved login)."),
+) -> None:
+    """Upload a saved model (or LoRA adapter) folder, with its model card, to the Hugging Face Hub.
+
+    The folder is checked first (config, weights, an adapter's base must be a hub id); nothing half-valid is pushed.
+
+    Examples:\n
+      fuselip-med push runs/rocov2/final --repo-id me/fuselip-s-rocov2\n
+      fuselip-med push runs/rocov2_lora/final --repo-id me/fuselip-s-rocov2-lora --private
+    """
+    from fuselip_med.core.push import push_folder
+
+    url = push_folder(folder, repo_id, private=private, revision=revision, commit_message=message, token=token)
+    console.print(f"Pushed {folder} to {repo_id}: {url}")
 
 
 register_search_commands(app)

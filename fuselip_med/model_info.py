@@ -11,14 +11,23 @@ from fuselip_med.core.models import arch_of, build_from_config, config_for, para
 COUNT_PARTS = ("image", "text", "fusion", "trainable", "total")
 
 
-def info_rows(model: str | None, arch: str | None = None, size: str | None = None) -> tuple[str, list[tuple[str, str]]]:
+def info_rows(model: str | None, arch: str | None = None, size: str | None = None,
+              base: str | None = None) -> tuple[str, list[tuple[str, str]]]:
     """(title, rows) describing a checkpoint (``model``) or the preset ``arch`` x ``size`` (no weights needed).
 
     ``model`` may also be a bare size (``tiny``/``small``/``base``: a FuseLIP preset, or of ``arch``). Counts
     are exact integers (``core.models.parameter_counts``). Raises CheckpointError for unreadable checkpoints
-    and ValueError for an unknown arch or size, or for neither a model nor a size.
+    and ValueError for an unknown arch or size, or for neither a model nor a size. A LoRA adapter folder is shown
+    with its base model (the recorded one, or ``base``).
     """
-    if model is not None and model not in TRANSFORMER_SIZES:
+    from fuselip_med.core.lora import is_adapter_dir, load_adapter_base, recorded_base
+
+    adapter_rows: list[tuple[str, str]] = []
+    if model is not None and is_adapter_dir(model):
+        config, source = load_adapter_base(model, base).config, "LoRA adapter (PEFT)"
+        adapter_rows = [("base model", str(base or recorded_base(model)[0]))]
+        title = model
+    elif model is not None and model not in TRANSFORMER_SIZES:
         config, _, source = read_checkpoint(model)
         title = model
     else:
@@ -30,7 +39,7 @@ def info_rows(model: str | None, arch: str | None = None, size: str | None = Non
     with torch.device("meta"):
         built = build_from_config(config)
     counts = parameter_counts(built)
-    rows = [("arch", arch_of(config)), ("format", source), *_architecture_rows(config)]
+    rows = [("arch", arch_of(config)), ("format", source), *adapter_rows, *_architecture_rows(config)]
     rows += [(f"parameters: {part}", f"{counts[part]:,}") for part in COUNT_PARTS]
     return f"Model: {title}", rows
 

@@ -145,7 +145,7 @@ def test_save_pretrained_is_atomic_on_failure(tmp_path, tiny_model, monkeypatch)
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("fuselip_med.core.checkpoints.save_file", broken)
+    monkeypatch.setattr("fuselip_med.core.hub.save_file", broken)
     with pytest.raises(OSError):
         save_pretrained(tiny_model, tmp_path / "model")
     assert (tmp_path / "model" / "model.safetensors").read_bytes() == original

@@ -1,4 +1,5 @@
-"""Load and save FuseLIP weights: released hub layout, official training checkpoints and our safetensors layout.
+"""Load and save model weights: FuseLIP's released hub layout, official training checkpoints, and our safetensors
+layout for every arch of the model registry (``core.models``: fuselip, siglip_sf, siglip_mlf).
 
 Every format is mapped onto our module names and loaded strictly. Only ``safetensors`` and
 ``torch.load(weights_only=True)`` are used, so nothing in a checkpoint is ever executed.
@@ -12,26 +13,39 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
-import fuselip_med.io as atomic_io
 from fuselip_med.core.fuselip import TRANSFORMER_SIZES, FuseLIP, FuseLIPConfig
+from fuselip_med.core.hub import (
+    CONFIG_NAME,
+    SAFETENSORS_NAME,
+    CheckpointError,
+    HubModelMixin,
+    config_from_file,
+    first_line,
+    load_state_strict,
+    read_json,
+    read_safetensors,
+    read_torch_weights,
+    resolve_pretrained,
+    write_directory_atomically,
+)
 from fuselip_med.core.image_preprocess import ImagePreprocess
-from fuselip_med.core.models import arch_of, build_from_config, config_for, config_from_dict, image_size_of
+from fuselip_med.core.models import ModelConfig, arch_of, build_from_config, config_for, config_from_dict, image_size_of
 from fuselip_med.core.text_tokenizer import TextTokenizer
 from fuselip_med.core.titok import TiTokConfig
 
-CONFIG_NAME = "config.json"
-SAFETENSORS_NAME = "model.safetensors"
 REFERENCE_WEIGHTS_NAME = "pytorch_model.bin"
+TRAINING_RUN_CONFIG = "fuse-clip-config.json"
 TIED_DECODER_KEY = "mask_prediction_head.decoder.weight"
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 DROPPED_REFERENCE_PATTERNS = ("image_tokenizer.model.pixel_", "image_tokenizer.model.decoder")
 _IN_PROJ = re.compile(r"^(transformer\.resblocks\.\d+\.attn\.)in_proj_(weight|bias)$")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read as a FuseLIP model (missing/unexpected keys, wrong shapes, bad files)."""
+__all__ = [
+    "CheckpointError", "build_model", "export_reference", "infer_config", "load_model", "load_state_strict",
+    "ours_to_reference", "read_checkpoint", "read_fuselip_files", "reference_to_ours", "save_pretrained",
+]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -120,164 +134,138 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> FuseLIPConfig:
 
 
 # --------------------------------------------------------------------------------------------------------
-# reading files
-def _torch_load(path: Path) -> Any:
+# reading: the three layouts
+def _read_config(path: Path) -> ModelConfig:
+    """The config of a config.json, of its ``arch`` in the model registry (absent: FuseLIP); a missing or invalid
+    file or value is a one-line ``CheckpointError`` naming it."""
+    data = read_json(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means an unsafe or broken file
-        raise CheckpointError(
-            f"Could not read {path} with torch.load(weights_only=True): {error}. Only plain tensor checkpoints "
-            "are accepted."
-        ) from error
+        return config_from_dict(data)
+    except (TypeError, ValueError, KeyError, AttributeError) as error:
+        kind = "FuseLIPConfig" if data.get("arch", "fuselip") == "fuselip" else f"{data.get('arch')} config"
+        raise CheckpointError(f"{path} is not a valid {kind}: {first_line(error)}") from error
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _config_or_inferred(config_path: Path, state: dict[str, torch.Tensor]) -> ModelConfig:
+    """The config.json beside the weights, or (when there is none) the released FuseLIP size their shapes imply."""
+    if config_path.exists():
+        return _read_config(config_path)
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"Could not read the model config {path}: {error}") from error
+        return infer_config(state)
+    except CheckpointError as error:
+        raise CheckpointError(f"{config_path} is missing and the architecture cannot be inferred: {error}") from None
 
 
-def _read_config(path: Path):
-    """The config of our config.json (any ``arch`` of the model registry)."""
-    try:
-        return config_from_dict(_read_json(path))
-    except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{path}: {error}") from None
+def read_fuselip_files(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], str, str]:
+    """(config, state dict in our names, format, source description) for a local checkpoint folder or file; the
+    config is of the arch its config.json names (the released and training layouts are always FuseLIP).
 
-
-def _resolve_local(name_or_path: str | os.PathLike) -> Path:
-    """A local file/directory, or a hub repo id downloaded to the Hugging Face cache."""
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        return path
-    name = str(name_or_path)
-    if name.count("/") != 1 or name.startswith((".", "/")):
-        raise CheckpointError(f"No checkpoint at {name!r}: give a local directory/file or a hub id like "
-                              "chs20/FuseLIP-S-CC3M-MM.")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(
-            snapshot_download(name, allow_patterns=[CONFIG_NAME, SAFETENSORS_NAME, REFERENCE_WEIGHTS_NAME, "adapter_*"])
-        )
-    except Exception as error:  # noqa: BLE001 - network/auth errors become one clear message
-        raise CheckpointError(f"Could not download {name!r} from the Hugging Face Hub: {error}") from error
-
-
-def read_checkpoint(name_or_path: str | os.PathLike) -> tuple[FuseLIPConfig, dict[str, torch.Tensor], str]:
-    """(config, state dict in our names, format) for any supported checkpoint; nothing is built yet."""
-    path = _resolve_local(name_or_path)
+    Layouts: ours (config.json + model.safetensors, or a bare .safetensors), released (config.json +
+    pytorch_model.bin, or a bare state-dict .bin/.pt), official training checkpoint (a .pt with ``state_dict``;
+    architecture from ``../../fuse-clip-config.json`` or the weight shapes), and a training run folder (its ``final``).
+    Raises ``CheckpointError`` (one line, naming the file) for anything unreadable.
+    """
     if path.is_dir() and not (path / SAFETENSORS_NAME).exists() and (path / "final" / SAFETENSORS_NAME).exists():
         path = path / "final"  # a training run directory: its final model
     if path.is_dir():
-        config_path = path / CONFIG_NAME
         if (path / SAFETENSORS_NAME).exists():
-            config = _read_config(config_path) if config_path.exists() else None
-            state = load_file(str(path / SAFETENSORS_NAME))
-            return config or infer_config(state), state, "safetensors"
+            state = read_safetensors(path / SAFETENSORS_NAME)
+            config = _config_or_inferred(path / CONFIG_NAME, state)
+            return config, state, "safetensors", f"{path / SAFETENSORS_NAME} (architecture from {CONFIG_NAME})"
         if (path / REFERENCE_WEIGHTS_NAME).exists():
-            state = reference_to_ours(_torch_load(path / REFERENCE_WEIGHTS_NAME))
-            config = FuseLIPConfig.from_dict(_read_json(config_path)) if config_path.exists() else infer_config(state)
-            return config, state, "released"
+            state = reference_to_ours(_state_dict_of(path / REFERENCE_WEIGHTS_NAME))
+            config = _config_or_inferred(path / CONFIG_NAME, state)
+            return config, state, "released", f"{path / REFERENCE_WEIGHTS_NAME} (architecture from {CONFIG_NAME})"
         raise CheckpointError(
             f"{path} holds neither {SAFETENSORS_NAME} nor {REFERENCE_WEIGHTS_NAME}; point at a FuseLIP model directory."
         )
     if path.suffix == ".safetensors":
-        state = load_file(str(path))
-        sidecar = path.with_name(CONFIG_NAME)
-        config = _read_config(sidecar) if sidecar.exists() else infer_config(state)
-        return config, state, "safetensors"
-    payload = _torch_load(path)
+        state = read_safetensors(path)
+        return _config_or_inferred(path.with_name(CONFIG_NAME), state), state, "safetensors", str(path)
+    payload = read_torch_weights(path)
     if isinstance(payload, dict) and "state_dict" in payload:
         state = reference_to_ours(payload["state_dict"])
-        run_config = path.parent.parent / "fuse-clip-config.json"
-        config = FuseLIPConfig.from_dict(_read_json(run_config)) if run_config.exists() else infer_config(state)
-        return config, state, "training"
+        run_config = path.parent.parent / TRAINING_RUN_CONFIG
+        config = config_from_file(FuseLIPConfig, run_config) if run_config.exists() else infer_config(state)
+        return config, state, "training", str(path)
     if isinstance(payload, dict) and all(isinstance(v, torch.Tensor) for v in payload.values()):
         state = reference_to_ours(payload)
-        return infer_config(state), state, "released"
+        return infer_config(state), state, "released", str(path)
     raise CheckpointError(f"{path} is not a FuseLIP checkpoint (expected a state dict or a dict with 'state_dict').")
 
 
-def load_state_strict(model: FuseLIP, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Load weights, failing with the full list of missing/unexpected/mis-shaped keys."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong_shape = sorted(
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(expected) & set(state_dict)
-        if tuple(state_dict[k].shape) != tuple(expected[k].shape)
-    )
-    if missing or unexpected or wrong_shape:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-        if wrong_shape:
-            parts.append(f"wrong shapes ({len(wrong_shape)}): {'; '.join(wrong_shape)}")
-        raise CheckpointError(f"Checkpoint {source} does not match the model: " + " | ".join(parts))
-    model.load_state_dict(state_dict, strict=True)
+def _state_dict_of(path: Path) -> dict[str, torch.Tensor]:
+    payload = read_torch_weights(path)
+    if not isinstance(payload, dict) or not all(isinstance(v, torch.Tensor) for v in payload.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors.")
+    return payload
+
+
+def read_checkpoint(
+    name_or_path: str | os.PathLike, **hub_kwargs: Any
+) -> tuple[ModelConfig, dict[str, torch.Tensor], str]:
+    """(config, state dict in our names, format) for any supported checkpoint (hub id or local); nothing is built."""
+    path = resolve_pretrained(name_or_path, allow_patterns=FuseLIP.hub_allow_patterns(), **hub_kwargs)
+    config, state, fmt, _ = read_fuselip_files(path)
+    return config, state, fmt
+
+
+def _build_loaded(name_or_path: str | os.PathLike, **hub_kwargs: Any):
+    """(model of the checkpoint's arch with its weights loaded strictly, its config)."""
+    path = resolve_pretrained(name_or_path, allow_patterns=FuseLIP.hub_allow_patterns(), **hub_kwargs)
+    config, state, _, source = read_fuselip_files(path)
+    model = build_from_config(config)
+    load_state_strict(model, state, source)
+    return model, config
 
 
 def load_model(
     name_or_path: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> tuple[FuseLIP, ImagePreprocess, TextTokenizer]:
-    """Load a FuseLIP checkpoint (hub id or local path, any supported layout) for inference.
+    """Load a checkpoint of any registry arch (hub id or local path, any supported layout) for inference.
 
-    Returns ``(model, image_preprocess, text_tokenizer)``: the model in eval mode on ``device``, the
-    reference eval preprocessing (PIL -> (3, 256, 256) in [0, 1]) and the CLIP-BPE tokenizer with ``[MASK]``.
+    Returns ``(model, image_preprocess, text_tokenizer)``: the model as its class's ``from_pretrained`` builds it
+    (``FuseLIP`` or ``LateFusion``), in eval mode on ``device``; the reference eval preprocessing (PIL ->
+    (3, 256, 256) float32 in [0, 1]) and the CLIP-BPE tokenizer. Raises ``CheckpointError`` (one line naming the
+    file) for unreadable checkpoints.
     """
-    config, state_dict, _ = read_checkpoint(name_or_path)
-    model = build_from_config(config)
-    load_state_strict(model, state_dict, str(name_or_path))
+    model, config = _build_loaded(name_or_path)
     model.to(device).eval()
     return model, ImagePreprocess(image_size=image_size_of(config)), model.tokenizer
 
 
 def build_model(size: str = "small", init: str | os.PathLike | None = None, arch: str | None = None,
                 **overrides: Any) -> FuseLIP:
-    """A model of the registry's ``arch`` (default fuselip) initialised from ``init`` (a checkpoint) or freshly
-    at ``size``. Raises CheckpointError when ``arch`` is given and the checkpoint is of another arch."""
+    """A model of the registry's ``arch`` (default fuselip) in train mode, initialised from ``init`` (a checkpoint)
+    or freshly at ``size``. Raises ``CheckpointError`` when ``arch`` is given and the checkpoint is of another
+    arch."""
     if init is not None:
-        config, state_dict, _ = read_checkpoint(init)
+        model, config = _build_loaded(init)
         if arch is not None and arch_of(config) != arch:
             raise CheckpointError(
                 f"model.init {init} is a {arch_of(config)} checkpoint but model.arch is {arch}; point model.init "
                 f"at a {arch} checkpoint or train from scratch with --set model.init=null."
             )
-        model = build_from_config(config)
-        load_state_strict(model, state_dict, str(init))
-        return model
+        return model.train()
     return build_from_config(config_for(arch or "fuselip", size, **overrides))
 
 
 # --------------------------------------------------------------------------------------------------------
 # writing
-# The two-step names train/lora.py imports; new code uses ``fuselip_med.io.atomic_directory``.
-atomic_directory = atomic_io.temp_directory
-commit_directory = atomic_io.publish_directory
-
-
-def save_pretrained(model: FuseLIP, directory: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` (tied weight stored once) into ``directory`` atomically."""
-    target = Path(directory)
-    with atomic_io.atomic_directory(target) as tmp:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt", "library": "fuselip_med"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2))
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-    return target
+def save_pretrained(model: HubModelMixin, directory: str | os.PathLike) -> Path:
+    """The function form of ``HubModelMixin.save_pretrained`` (config.json + model.safetensors + README.md,
+    atomic) for any fuselip_med model class; returns the path. Called on the mixin itself, so a model class that
+    overrides ``save_pretrained`` with a call to this function does not recurse."""
+    HubModelMixin.save_pretrained(model, directory)
+    return Path(directory)
 
 
 def export_reference(model: FuseLIP, directory: str | os.PathLike) -> Path:
     """Write the released hub layout (config.json + pytorch_model.bin, released key names) for interop."""
-    target = Path(directory)
-    with atomic_io.atomic_directory(target) as tmp:
+
+    def fill(tmp: Path) -> None:
         state = ours_to_reference({k: v.detach().cpu() for k, v in model.state_dict().items()})
         torch.save(state, tmp / REFERENCE_WEIGHTS_NAME)
         (tmp / CONFIG_NAME).write_text(json.dumps(model.config.to_reference_dict(), indent=2))
-    return target
+
+    return write_directory_atomically(directory, fill)

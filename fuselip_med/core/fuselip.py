@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fuselip_med.core.hub import CONFIG_NAME, SAFETENSORS_NAME, HubModelMixin
 from fuselip_med.core.text_tokenizer import TextTokenizer
 from fuselip_med.core.titok import TiTokConfig, TiTokTokenizer
 from fuselip_med.vocab import (
@@ -252,8 +254,16 @@ class EncoderOutput:
     input_ids: torch.Tensor
 
 
-class FuseLIP(nn.Module):
-    """Early-fusion multimodal encoder embedding images, texts or image+text pairs into one space."""
+class FuseLIP(nn.Module, HubModelMixin, tags=["fuselip"]):
+    """Early-fusion multimodal encoder embedding images, texts or image+text pairs into one space.
+
+    Hub-native (``HubModelMixin``): ``FuseLIP.from_pretrained(hub_id_or_path)`` reads every layout
+    ``load_model`` reads (released ``config.json + pytorch_model.bin`` with ``weights_only=True``, our
+    ``config.json + model.safetensors``, official training ``.pt`` files); ``save_pretrained`` writes ours
+    atomically; ``push_to_hub`` uploads it.
+    """
+
+    config_class = FuseLIPConfig
 
     def __init__(self, config: FuseLIPConfig, image_tokenizer: TiTokTokenizer | None = None):
         super().__init__()
@@ -486,8 +496,21 @@ class FuseLIP(nn.Module):
         """Parameters that training updates (tied weights once; the frozen TiTok excluded)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
-    def save_pretrained(self, directory) -> None:
-        """Write config.json + model.safetensors (see ``core.checkpoints.save_pretrained``)."""
-        from fuselip_med.core.checkpoints import save_pretrained
+    # ----------------------------------------------------------------------------------------------------
+    # Hub I/O (save_pretrained / push_to_hub / from_pretrained come from HubModelMixin)
+    @classmethod
+    def read_pretrained(cls, path: Path) -> tuple[FuseLIPConfig, dict[str, torch.Tensor], str, str]:
+        """(config, state dict, format, source) for all three layouts: see ``core.checkpoints.read_fuselip_files``."""
+        from fuselip_med.core.checkpoints import read_fuselip_files  # the readers build on this module
+        from fuselip_med.core.hub import CheckpointError
 
-        save_pretrained(self, directory)
+        config, state, fmt, source = read_fuselip_files(path)
+        if not isinstance(config, FuseLIPConfig):
+            raise CheckpointError(f"{source} is a {getattr(config, 'arch', type(config).__name__)} checkpoint, not "
+                                  "FuseLIP; load it with fuselip_med.load_model or its own class.")
+        return config, state, fmt, source
+
+    @classmethod
+    def hub_allow_patterns(cls) -> list[str]:
+        """Files fetched from a hub repo: ours and the released ``pytorch_model.bin``."""
+        return [CONFIG_NAME, SAFETENSORS_NAME, "pytorch_model.bin"]

@@ -27,11 +27,11 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from transformers import ViTConfig, ViTModel
 
 from fuselip_med.core.fuselip import EOT_ID, PAD_ID, SOT_ID, Transformer, init_transformer
+from fuselip_med.core.hub import HubModelMixin
 from fuselip_med.core.text_tokenizer import TextTokenizer
 
 LATE_FUSION_ARCHS = ("siglip_sf", "siglip_mlf")
@@ -226,13 +226,15 @@ def score_fusion(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, 
     return torch.where(has_image[:, None], with_image, text_n)
 
 
-class LateFusion(nn.Module, PyTorchModelHubMixin, library_name="fuselip_med", tags=["fuselip-med", "siglip"],
-                 coders={LateFusionConfig: (LateFusionConfig.to_dict, LateFusionConfig.from_dict)}):
+class LateFusion(nn.Module, HubModelMixin, tags=["siglip"]):
     """SigLIP-SF / SigLIP-MLF dual encoder embedding images, texts or image+text pairs into one space.
 
     The same surface as ``FuseLIP``: ``encode(images=, texts=)`` over mixed batches, ``logit_scale`` /
-    ``logit_bias`` for the sigmoid loss, ``save_pretrained`` (config.json + model.safetensors). No MMM head.
+    ``logit_bias`` for the sigmoid loss, Hub I/O from ``HubModelMixin`` (``save_pretrained`` writes config.json +
+    model.safetensors atomically; ``from_pretrained``; ``push_to_hub``). No MMM head.
     """
+
+    config_class = LateFusionConfig
 
     def __init__(self, config: LateFusionConfig):
         super().__init__()
@@ -386,8 +388,3 @@ class LateFusion(nn.Module, PyTorchModelHubMixin, library_name="fuselip_med", ta
             "total": count(self),
         }
 
-    def save_pretrained(self, directory, **_: Any):
-        """Write config.json + model.safetensors atomically (see ``core.checkpoints.save_pretrained``)."""
-        from fuselip_med.core.checkpoints import save_pretrained
-
-        return save_pretrained(self, directory)

@@ -5,12 +5,17 @@ The trainer's model build, ``load_model``/``save_pretrained`` and ``fuselip-med 
 config.json carries ``arch`` for the baselines; a config without it (ours for FuseLIP, or a released one) is
 a FuseLIP config.
 """
+from __future__ import annotations
+
 from typing import Any
 
 from torch import nn
 
 from fuselip_med.core.fuselip import TRANSFORMER_SIZES, FuseLIP, FuseLIPConfig
 from fuselip_med.core.late_fusion import LATE_FUSION_ARCHS, LATE_FUSION_SIZES, LateFusion, LateFusionConfig
+
+ModelConfig = FuseLIPConfig | LateFusionConfig
+"""The config of any registry arch."""
 
 ARCHS = ("fuselip", *LATE_FUSION_ARCHS)
 ARCH_HELP = "fuselip (early fusion), siglip_sf (score fusion baseline) or siglip_mlf (MagicLens fusion baseline)"
