@@ -8,6 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fuselip_med.data.synth.cli import synth_vqa_command
+
 app = typer.Typer(
     name="fuselip-med",
     help="FuseLIP early-fusion embeddings for medical imaging: fine-tune, train, evaluate, embed.",
@@ -15,7 +17,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
-data_app = typer.Typer(help="Prepare datasets (the bundled demo dataset).", no_args_is_help=True)
+data_app = typer.Typer(help="Prepare datasets (the bundled demo dataset, synthetic VQA pairs).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 console = Console()
 
@@ -153,6 +155,9 @@ def data_demo(
     console.print(f"Demo dataset written to {path} (train {n_train}, valid {n_valid}, test {n_test} images).")
 
 
+data_app.command("synth-vqa")(synth_vqa_command)
+
+
 def _load_for_inference(model: str, device: Optional[str]):
     from fuselip_med.core.checkpoints import CheckpointError
     from fuselip_med.train.lora import load_for_inference
@@ -173,7 +178,7 @@ def _cuda() -> bool:
 def eval_command(
     model: str = typer.Option(..., "--model", "-m", help="Checkpoint: hub id, local directory, .pt file or LoRA adapter directory."),
     tasks: str = typer.Option("rocov2-retrieval,rocov2-modality", "--tasks", "-t",
-                              help="Comma-separated: rocov2-retrieval, rocov2-modality, rocov2-concepts, modality-gap, tgit, tgit-med, composed-retrieval."),
+                              help="Comma-separated: rocov2-retrieval, rocov2-modality, rocov2-concepts, modality-gap, tgit, tgit-med, composed-retrieval, rocov2-vqa."),
     data: list[str] = typer.Option([], "--data", "-d", help="KEY=PATH, e.g. rocov2=ROCOv2_data (both splits), rocov2_test=..., tgit=..."),
     out: Path = typer.Option(Path("eval_results"), "--out", "-o", help="Directory for metrics.json, report.md and plots."),
     pool_size: int = typer.Option(1000, help="Size of the seeded random retrieval pools."),

@@ -10,6 +10,7 @@ Tasks and the ``data`` entries they read (a SampleSource, or a path that the "ro
 | ``modality-gap`` | ``rocov2_test`` | image-only vs caption embeddings: centroid distance, cosine of means |
 | ``tgit`` / ``tgit-med`` | ``tgit`` ({kind: [pool, ...]} or a source), else ``rocov2_test`` | TGIT accuracy per kind |
 | ``composed-retrieval`` | ``composed`` | (query image + query text) -> target image retrieval |
+| ``rocov2-vqa`` | ``rocov2_vqa`` (a source, a JSONL or a ROCOv2 folder) | (image + question) -> answer among the pool's answers |
 
 ``data["rocov2"]`` (the dataset folder or hub id) stands for both ``rocov2_test`` (split "test") and
 ``rocov2_valid`` (split "valid"). Every unique image and text is embedded once across all tasks.
@@ -33,13 +34,14 @@ from .modality_gap import modality_gap
 from .report import EvalReport, TaskResult, now_iso, package_version, write_report
 from .retrieval import evaluate_retrieval
 from .tgit import evaluate_tgit_pools, evaluate_tgit_source
+from .vqa import evaluate_vqa_retrieval
 
 __all__ = ["TASKS", "run_evaluation"]
 
 log = logging.getLogger(__name__)
 
 TASKS = ("rocov2-retrieval", "rocov2-modality", "rocov2-concepts", "modality-gap", "tgit", "tgit-med",
-         "composed-retrieval")
+         "composed-retrieval", "rocov2-vqa")
 
 _NEEDS = {
     "rocov2-retrieval": ("rocov2_test",),
@@ -49,6 +51,7 @@ _NEEDS = {
     "tgit": (),
     "tgit-med": (),
     "composed-retrieval": ("composed",),
+    "rocov2-vqa": ("rocov2_vqa",),
 }
 _SPLIT_OF = {"rocov2_test": "test", "rocov2_valid": "valid"}
 
@@ -258,6 +261,15 @@ def _task_composed(ctx: _Context, opts: dict) -> dict:
     return res
 
 
+def _task_vqa(ctx: _Context, opts: dict) -> dict:
+    source = ctx.data["rocov2_vqa"]
+    if isinstance(source, (str, os.PathLike)):
+        from fuselip_med.data.adapters import get_adapter
+
+        source = get_adapter("rocov2_vqa")(os.fspath(source), split="test")
+    return evaluate_vqa_retrieval(ctx.embedder, [source[i] for i in range(len(source))])
+
+
 _RUNNERS: dict[str, Callable[[_Context, dict], dict]] = {
     "rocov2-retrieval": _task_retrieval,
     "rocov2-modality": _task_modality,
@@ -266,6 +278,7 @@ _RUNNERS: dict[str, Callable[[_Context, dict], dict]] = {
     "tgit": _task_tgit("tgit"),
     "tgit-med": _task_tgit("tgit_med"),
     "composed-retrieval": _task_composed,
+    "rocov2-vqa": _task_vqa,
 }
 
 
