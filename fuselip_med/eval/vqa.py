@@ -35,9 +35,9 @@ def evaluate_vqa_retrieval(model_or_embedder: Any, samples: Sequence[Any], *, ba
 
     ``model_or_embedder``: anything with ``encode(images=, texts=)`` or an ``Embedder`` (reusing its cache).
     ``samples``: ``Sample``s with ``query_image``, ``query_text`` (question) and ``target_text`` (answer);
-    others are counted under ``skipped``. Returns ``{"metrics": {vqa_R@1/5/10, vqa_mean_rank,
-    vqa_median_rank, chance_R@1, R@1 per question type as R@1_<qtype>}, "n", "pool_size" (distinct answers),
-    "skipped"}``. Raises ``ValueError`` when no sample is usable.
+    others are counted under ``skipped``. Returns ``{"metrics": {vqa_R@1/5/10, vqa_mean_rank, vqa_median_rank,
+    accuracy (= vqa_R@1), chance_R@1}, "per_qtype": {qtype: {"R@1", "n"}} (from ``meta["qtype"]``), "n",
+    "pool_size" (distinct answers), "skipped"}``. Raises ``ValueError`` when no sample is usable.
     """
     embedder = model_or_embedder if isinstance(model_or_embedder, Embedder) else Embedder(
         model_or_embedder, batch_size=batch_size, progress=progress)
@@ -71,9 +71,10 @@ def evaluate_vqa_retrieval(model_or_embedder: Any, samples: Sequence[Any], *, ba
     right = scores.gather(1, correct[:, None])
     ranks = (scores > right).sum(dim=1).numpy()  # 0-based; ties count in the query's favour
     metrics = rank_metrics(ranks, "vqa")
+    metrics["accuracy"] = metrics["vqa_R@1"]  # the VQA name of R@1 (the trainer's summary shows "accuracy")
     metrics["chance_R@1"] = 1.0 / len(pool)
     kinds = np.array([qtypes[i] for i in keep])
-    for kind in sorted(set(kinds) - {""}):
-        metrics[f"R@1_{kind}"] = float(np.mean(ranks[kinds == kind] == 0))
+    per_qtype = {kind: {"R@1": float(np.mean(ranks[kinds == kind] == 0)), "n": int(np.sum(kinds == kind))}
+                 for kind in sorted(set(kinds.tolist()) - {""})}
     return {"metrics": metrics, "n": len(keep), "pool_size": len(pool), "n_pools": 1, "skipped": dict(skipped),
-            "per_qtype_n": dict(collections.Counter(kinds.tolist()))}
+            "per_qtype": per_qtype}
