@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .common import read_caption_rows, write_jsonl_atomic, write_text_atomic
-from .llm import DEFAULT_MODEL, LLMConfig, SynthError, SynthReport, synthesize_llm
+from .llm import DEFAULT_MODEL, LLMConfig, SynthError, SynthReport, process_state, synthesize_llm
 from .rules import RULES_VERSION, synthesize_rules
 
 __all__ = ["run_synth_vqa", "synth_vqa_command"]
@@ -58,9 +58,7 @@ def run_synth_vqa(input: str, out: Path, generator: str = "rules", *, adapter: s
 
 def _progress(console: Console | None) -> Progress:
     console = console or Console()
-    from accelerate import PartialState
-
-    quiet = not console.is_terminal or not PartialState().is_main_process
+    quiet = not console.is_terminal or not process_state().is_main_process
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=console, disable=quiet)
 

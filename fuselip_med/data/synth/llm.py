@@ -214,9 +214,14 @@ class HFGenerator:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        import transformers
+        from packaging.version import Version
+
+        # transformers 4.56 renamed torch_dtype to dtype (the old name warns)
+        dtype_key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
         try:
             self.model = AutoModelForCausalLM.from_pretrained(
-                config.model, revision=config.revision, torch_dtype=self._dtype(), trust_remote_code=False)
+                config.model, revision=config.revision, trust_remote_code=False, **{dtype_key: self._dtype()})
         except (OSError, ValueError) as error:
             raise SynthError(f"cannot load --model {config.model}: {error}".splitlines()[0]) from None
         self.model.to(self.device).eval()
@@ -320,6 +325,15 @@ def _check_manifest(parts: Path, fingerprint: dict[str, Any]) -> None:
                              f"rerun with the same input and options, or delete {parts} to start over.")
 
 
+def process_state():
+    """Accelerate's process state; ``cpu=True`` without CUDA lets ``accelerate launch --multi_gpu`` (torchrun) run
+    several gloo processes on a CPU machine (Accelerate's own ``--cpu`` launcher needs MPI for that)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def synthesize_llm(rows: Sequence[CaptionRow], out: str | os.PathLike, config: LLMConfig, *,
                    generate: Generate | None = None, logits_processor: Sequence[Any] = (),
                    skipped_rows: dict[str, int] | None = None,
@@ -331,9 +345,7 @@ def synthesize_llm(rows: Sequence[CaptionRow], out: str | os.PathLike, config: L
     ``on_chunk(done, total)`` is called after each chunk this process finishes. Raises ``SynthError`` for a
     resume with different settings or a model that cannot be loaded.
     """
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = process_state()
     out = Path(out)
     parts = out.with_name(out.name + ".parts")
     fingerprint = _fingerprint(rows, config)

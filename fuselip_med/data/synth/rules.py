@@ -145,8 +145,11 @@ def _plural(term: str) -> str:
 
 
 _SINGULAR_OF = {term: term for term in _FINDING_TERMS} | {_plural(term): term for term in _FINDING_TERMS}
-_FINDING_RE = re.compile(r"\b(" + "|".join(map(re.escape, sorted(_SINGULAR_OF, key=len, reverse=True)))
-                         + r")\b(?![- ](?:effect|free|like)\b)", re.I)
+_TERMS_BY_HEAD: dict[str, list[tuple[str, ...]]] = {}  # last word -> the terms ending in it, longest first
+for _term in sorted(_SINGULAR_OF, key=lambda t: -len(t.split())):
+    _TERMS_BY_HEAD.setdefault(_term.rsplit(" ", 1)[-1], []).append(tuple(_term.split()))
+_WORD_RE = re.compile(r"[A-Za-z]+")
+_NOT_A_FINDING_AFTER = re.compile(r"[- ](?:effect|free|like)\b", re.I)  # "mass effect", "stone-free"
 
 
 
@@ -155,13 +158,31 @@ def finding_terms() -> list[str]:
     return sorted(_SINGULAR_OF, key=len, reverse=True)
 
 
+def _finding_mentions(clause: str) -> list[tuple[int, int, str]]:
+    """(start, end, lower-case term) of the finding terms in a clause, the longest term at each head word (a
+    word-level lookup: one pass over the words instead of a 130-way regex alternation at every character)."""
+    words = list(_WORD_RE.finditer(clause))
+    lowered = [w.group(0).lower() for w in words]
+    found = []
+    for i, word in enumerate(lowered):
+        for term in _TERMS_BY_HEAD.get(word, ()):
+            first = i - len(term) + 1
+            if first < 0 or tuple(lowered[first:i + 1]) != term:
+                continue
+            start, end = words[first].start(), words[i].end()
+            if len(term) > 1 and clause[start:end].lower() != " ".join(term):
+                continue  # the words are split by punctuation, not one term
+            if not _NOT_A_FINDING_AFTER.match(clause, end):
+                found.append((start, end, " ".join(term)))
+            break
+    return found
+
+
 _CLAUSE_RE = re.compile(r"[.;:!?](?=\s|$)|\s(?:but|however|although|though|whereas|except)\b", re.I)
-_NEGATION_RE = re.compile(
+_TRIGGER_RE = re.compile(  # negation and hedge triggers (NegEx-style), one pattern
     r"\b(?:no|not|without|absence of|absent|negative for|free of|ruled out|rule out|excluded|exclude|resolved|"
-    r"resolution of|neither|nor|no evidence of|no signs? of|disappearance of|never)\b", re.I)
-_HEDGE_RE = re.compile(
-    r"\b(?:possible|possibly|probable|probably|likely|suspected|suspect|suspicious for|suspicion of|suspicious of|"
-    r"questionable|concerning for|may|might|could|differential|versus|vs|history of|previous|prior|old|"
+    r"resolution of|neither|nor|no evidence of|no signs? of|disappearance of|never|possible|possibly|probable|"
+    r"probably|likely|suspected|suspect|suspicious for|suspicion of|suspicious of|questionable|concerning for|may|might|could|differential|versus|vs|history of|previous|prior|old|"
     r"presumed|presumably|query|equivocal|cannot be excluded|can not be excluded)\b|\?", re.I)
 _POST_NEGATION_RE = re.compile(
     r"^[^,;]{0,25}?\b(?:was|were|is|are|has been|have been)?\s*(?:excluded|absent|ruled out|resolved|not seen|"
@@ -235,12 +256,13 @@ def _clauses(text: str) -> list[tuple[int, str]]:
     return out
 
 
-def _affirmed(clause: str, start: int, end: int) -> bool:
-    """False when the mention at clause[start:end] is negated or hedged (NegEx-style triggers before it in its
-    clause, with no scope break between; or a post-trigger such as "was excluded" right after it)."""
-    before = clause[:start]
-    for trigger in (*_NEGATION_RE.finditer(before), *_HEDGE_RE.finditer(before)):
-        between = before[trigger.end():]
+def _affirmed(clause: str, start: int, end: int, triggers: list[int]) -> bool:
+    """False when the mention at clause[start:end] is negated or hedged (a trigger ending at one of ``triggers``
+    before it in its clause, with no scope break between; or a post-trigger such as "was excluded" after it)."""
+    for trigger_end in triggers:
+        if trigger_end > start:
+            break
+        between = clause[trigger_end:start]
         if not _SCOPE_BREAK_RE.search(between) and len(between.split()) <= 8:
             return False
     after = clause[end:]
@@ -252,24 +274,25 @@ def find_findings(text: str) -> _Facts:
     facts = _Facts()
     for number, (offset, clause) in enumerate(_clauses(text)):
         mentions = []
-        for m in _FINDING_RE.finditer(clause):
-            if not _affirmed(clause, m.start(), m.end()):
+        found = _finding_mentions(clause)
+        triggers = [m.end() for m in _TRIGGER_RE.finditer(clause)] if found else []
+        for m_start, m_end, surface in found:
+            if not _affirmed(clause, m_start, m_end, triggers):
                 continue
-            surface = m.group(1).lower()
             name = _SINGULAR_OF[surface]
-            prefix = _NP_BREAK_RE.split(clause[:m.start()])[-1]
-            after = clause[m.end():]
+            prefix = _NP_BREAK_RE.split(clause[:m_start])[-1]
+            after = clause[m_end:]
             loc_match = _LOCATION_RE.match(after)
             location = None
-            end = m.end()
+            end = m_end
             if loc_match:
                 words = loc_match.group("loc").lower().split()
                 if 0 < len(words) <= 5 and not _BAD_LOCATION.intersection(words):
                     location = " ".join(words)
-                    end = m.end() + loc_match.end()
+                    end = m_end + loc_match.end()
             size_match = _SIZE_RE.search(prefix) or _POST_SIZE_RE.match(clause[end:]) or _POST_SIZE_RE.match(after)
             side = _side_of(prefix) or (_side_of(location) if location else None)
-            mentions.append(Finding(name, surface, surface != name, offset + m.start(), offset + end, side, location,
+            mentions.append(Finding(name, surface, surface != name, offset + m_start, offset + end, side, location,
                                     _size(*size_match.groups()) if size_match else None, number))
         facts.findings += mentions
         facts.arrows += _arrow_answers(clause, offset, mentions)
