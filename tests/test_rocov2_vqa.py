@@ -129,3 +129,20 @@ def test_rocov2_mm_recipe_trains_and_vqa_improves(tmp_path):
                      for tag in ("start", "final"))
     assert after["metrics"]["vqa_R@1"] > before["metrics"]["vqa_R@1"] + 0.1
     assert after["metrics"]["vqa_R@1"] > 3 * after["metrics"]["chance_R@1"]
+
+
+def test_parquet_mirror_records_find_their_images_by_id(tmp_path):
+    from fuselip_med.data.synth.cli import run_synth_vqa
+    from tests.test_adapters_rocov2 import decode_id, number_of, write_hf
+
+    mirror = write_hf(tmp_path / "ROCOv2-radiology")
+    out = tmp_path / "vqa.jsonl"
+    report = run_synth_vqa(str(mirror), out)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["id"][-6:], r["answer"], r["image"]) for r in lines] == [
+        ("000001", "CT", None), ("000004", "X-ray", None), ("000004", "chest", None), ("000004", "PA", None),
+        ("000011", "ultrasound", None)]
+    assert report.skipped_rows == {"duplicate id": 2, "empty caption": 1}
+    source = get_adapter("rocov2_vqa")(str(out), images=str(mirror))
+    assert [decode_id(s.query_image) for s in source] == [number_of(r["id"]) for r in lines]
+    assert source.groups() == [[0], [1, 2, 3], [4]]

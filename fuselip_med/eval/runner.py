@@ -10,7 +10,7 @@ Tasks and the ``data`` entries they read (a SampleSource, or a path that the "ro
 | ``modality-gap`` | ``rocov2_test`` | image-only vs caption embeddings: centroid distance, cosine of means |
 | ``tgit`` / ``tgit-med`` | ``tgit`` ({kind: [pool, ...]} or a source), else ``rocov2_test`` | TGIT accuracy per kind |
 | ``composed-retrieval`` | ``composed`` | (query image + query text) -> target image retrieval |
-| ``rocov2-vqa`` | ``rocov2_vqa`` (a source, a JSONL or a ROCOv2 folder) | (image + question) -> answer among the pool's answers |
+| ``rocov2-vqa`` | ``rocov2_vqa`` (source, JSONL or ROCOv2 folder) | (image + question) -> answer, pool of answers |
 
 ``data["rocov2"]`` (the dataset folder or hub id) stands for both ``rocov2_test`` (split "test") and
 ``rocov2_valid`` (split "valid"). Every unique image and text is embedded once across all tasks.

@@ -42,8 +42,8 @@ def run_synth_vqa(input: str, out: Path, generator: str = "rules", *, adapter: s
     if generator == "rules":
         records = synthesize_rules(rows)
         n = write_jsonl_atomic(out, records)
-        report = SynthReport(str(out), len(rows), n, "rules", None, RULES_VERSION, {}, skipped, 0)
-        report.dropped = {"caption without a certain question": len(rows) - len({r.id for r in records})}
+        without = {"caption without a certain question": len(rows) - len({r.id for r in records})}
+        report = SynthReport(str(out), len(rows), n, "rules", None, RULES_VERSION, without, skipped, 0)
     else:
         config = config or LLMConfig()
         with _progress(console) as progress:

@@ -112,6 +112,10 @@ def read_caption_rows(path: str | os.PathLike, *, adapter: str | None = None, sp
     source = get_adapter(name)(path, split=split, limit=limit, **(options or {}))
     manual = getattr(source, "manual_concepts", None)
     rows = []
+    if getattr(source, "layout", None) == "hf":  # the ROCOv2 parquet mirror: no image paths, skip reading bytes
+        for i, (image_id, caption) in enumerate(zip(source.image_ids, source.captions)):
+            rows.append(CaptionRow(image_id, None, caption, tuple(manual(i))))
+        return rows, dict(source.skipped)
     for i in range(len(source)):
         sample = source[i]
         image = sample.query_image if sample.query_image is not None else sample.target_image

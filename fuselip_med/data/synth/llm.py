@@ -11,6 +11,7 @@ processes write what one process writes. Process 0 joins the chunks into ``<out>
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import json
 import os
@@ -70,7 +71,6 @@ EXAMPLES: tuple[tuple[str, str], ...] = (
 _Q_LINE = re.compile(r"^\s*(?:[-*\u2022]\s*|\d+[.)]\s*)?(?:Q|Question)\s*\d*\s*[:.)-]\s*(.*?)\s*$", re.I)
 _A_LINE = re.compile(r"^\s*(?:[-*\u2022]\s*)?(?:A|Answer)\s*\d*\s*[:.)-]\s*(.*?)\s*$", re.I)
 _YES_NO = {"yes", "no", "true", "false", "yes it is", "no it is not", "not seen", "none"}
-_FINDING_ONLY = None  # compiled on first use (the finding vocabulary lives in rules.py)
 
 
 class SynthError(ValueError):
@@ -151,13 +151,15 @@ def parse_pairs(text: str) -> list[tuple[str, str]]:
     return pairs
 
 
+@functools.lru_cache(maxsize=1)
+def _finding_terms() -> frozenset[str]:
+    return frozenset(finding_terms())
+
+
 def _negated_finding(answer: str, caption: str) -> bool:
     """True when the answer is a finding term the caption mentions only negated or hedged."""
-    global _FINDING_ONLY
-    if _FINDING_ONLY is None:
-        _FINDING_ONLY = re.compile(r"(?:" + "|".join(map(re.escape, finding_terms())) + r")", re.I)
     normal = normalize_text(answer)
-    if not _FINDING_ONLY.fullmatch(normal):
+    if normal not in _finding_terms():
         return False
     affirmed = {normalize_text(f.surface) for f in find_findings(expand_abbreviations(caption)).findings}
     return normal not in affirmed

@@ -182,7 +182,8 @@ _CLAUSE_RE = re.compile(r"[.;:!?](?=\s|$)|\s(?:but|however|although|though|where
 _TRIGGER_RE = re.compile(  # negation and hedge triggers (NegEx-style), one pattern
     r"\b(?:no|not|without|absence of|absent|negative for|free of|ruled out|rule out|excluded|exclude|resolved|"
     r"resolution of|neither|nor|no evidence of|no signs? of|disappearance of|never|possible|possibly|probable|"
-    r"probably|likely|suspected|suspect|suspicious for|suspicion of|suspicious of|questionable|concerning for|may|might|could|differential|versus|vs|history of|previous|prior|old|"
+    r"probably|likely|suspected|suspect|suspicious for|suspicion of|suspicious of|questionable|concerning for|"
+    r"may|might|could|differential|versus|vs|history of|previous|prior|old|"
     r"presumed|presumably|query|equivocal|cannot be excluded|can not be excluded)\b|\?", re.I)
 _POST_NEGATION_RE = re.compile(
     r"^[^,;]{0,25}?\b(?:was|were|is|are|has been|have been)?\s*(?:excluded|absent|ruled out|resolved|not seen|"
