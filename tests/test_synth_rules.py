@@ -47,6 +47,18 @@ def test_negation_lists_and_abbreviations():
     }
 
 
+def test_exact_pairs_with_the_phrasing_fixed_by_the_id():
+    caption = "CXR showing right pleural effusion and LLL consolidation, no pneumothorax."
+    assert rules_qa(caption, ("C1306645", "C0817096", "C1999039"), key="ROCOv2_2023_train_000042") == [
+        ("modality", "What imaging modality is this?", "X-ray"),
+        ("region", "Which anatomical region is shown on this radiograph?", "chest"),
+        ("projection", "What is the projection of this X-ray?", "AP"),
+        ("findings", "What findings are shown?", "pleural effusion and consolidation"),
+        ("side", "What is the laterality of the pleural effusion?", "right"),
+        ("side", "On which side is the consolidation?", "left"),
+    ]
+
+
 def test_everything_negated_gives_only_concept_questions():
     caption = "Chest radiograph: no pleural effusion, pneumothorax or consolidation."
     assert answers(caption, ("C1306645", "C0817096", "C1996865")) == {
