@@ -71,7 +71,7 @@ def build_tiny_llm(directory: Path) -> Path:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|start|>", "<|end|>", "<|pad|>"],
+    trainer = trainers.BpeTrainer(vocab_size=3000, special_tokens=["<|start|>", "<|end|>", "<|pad|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|start|>", eos_token="<|end|>",
@@ -90,12 +90,14 @@ def build_tiny_llm(directory: Path) -> Path:
 class ScriptedOutput(LogitsProcessor):
     """Forces each row to write ``script[caption][attempt]`` then EOS: the caption is read back from the decoded
     prompt, the attempt is how often this process has seen that caption. ``delay`` seconds of sleep per
-    generate call make a run slow enough to be killed midway."""
+    generate call make a run slow enough to be killed midway; a batch holding ``crash_on`` raises
+    KeyboardInterrupt (a run stopped in the middle)."""
 
-    def __init__(self, tokenizer, script: dict[str, list[str]], delay: float = 0.0):
+    def __init__(self, tokenizer, script: dict[str, list[str]], delay: float = 0.0, crash_on: str | None = None):
         self.tokenizer = tokenizer
         self.script = script
         self.delay = delay
+        self.crash_on = crash_on
         self.seen: collections.Counter[str] = collections.Counter()
         self._previous: torch.Tensor | None = None
         self._targets: list[list[int]] = []
@@ -114,6 +116,8 @@ class ScriptedOutput(LogitsProcessor):
             for row in input_ids:
                 prompt = self.tokenizer.decode(row, skip_special_tokens=True)
                 caption = prompt.rpartition("Caption: ")[2].removesuffix("assistant\n")
+                if caption == self.crash_on:
+                    raise KeyboardInterrupt
                 outputs = self.script[caption]
                 text = outputs[min(self.seen[caption], len(outputs) - 1)]
                 self.seen[caption] += 1

@@ -31,6 +31,17 @@ REPO = Path(__file__).resolve().parents[1]
 HELPER = Path(helpers.__file__)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny model's generate steps are all Python overhead: a second thread only adds contention."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_llm(tmp_path_factory) -> Path:
     return helpers.build_tiny_llm(tmp_path_factory.mktemp("tiny_llm"))
@@ -70,17 +81,11 @@ def test_scripted_llm_end_to_end_and_resume_after_interruption(tiny_llm, tmp_pat
     reference = out.read_bytes()
 
     # a run that dies in its third chunk keeps the two finished chunks; the rerun ends with the same file
-    class Crash(helpers.ScriptedOutput):
-        def __call__(self, input_ids, scores):
-            if any(helpers.CAPTIONS[4] in self.tokenizer.decode(row) for row in input_ids):
-                raise KeyboardInterrupt
-            return super().__call__(input_ids, scores)
-
     from transformers import AutoTokenizer
 
     resumed = tmp_path / "resumed.jsonl"
     config = LLMConfig(model=str(tiny_llm), **helpers.CONFIG)
-    crash = Crash(AutoTokenizer.from_pretrained(tiny_llm), helpers.SCRIPT)
+    crash = helpers.ScriptedOutput(AutoTokenizer.from_pretrained(tiny_llm), helpers.SCRIPT, crash_on=helpers.CAPTIONS[4])
     with pytest.raises(KeyboardInterrupt):
         synthesize_llm(helpers.rows(), resumed, config, logits_processor=[crash])
     parts = tmp_path / "resumed.jsonl.parts"

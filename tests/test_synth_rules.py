@@ -166,11 +166,14 @@ def write_rocov2(root: Path) -> None:
 
 
 def test_synth_vqa_command_rules(tmp_path):
+    from typer.testing import CliRunner
+
+    from fuselip_med.cli import app
+
     write_rocov2(tmp_path / "rocov2")
     out = tmp_path / "vqa.jsonl"
-    done = subprocess.run([sys.executable, "-m", "fuselip_med.cli", "data", "synth-vqa", "--input",
-                           str(tmp_path / "rocov2"), "--out", str(out)], capture_output=True, text=True, cwd=REPO)
-    assert done.returncode == 0, done.stderr
+    done = CliRunner().invoke(app, ["data", "synth-vqa", "--input", str(tmp_path / "rocov2"), "--out", str(out)])
+    assert done.exit_code == 0, done.output
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["id"][-6:], r["qtype"], r["answer"]) for r in records] == [
         ("000001", "modality", "CT"), ("000001", "plane", "axial"), ("000001", "abnormality", "cyst"),
@@ -185,3 +188,5 @@ def test_synth_vqa_command_rules(tmp_path):
                           str(tmp_path / "nothing"), "--out", str(out)], capture_output=True, text=True, cwd=REPO)
     message = " ".join(bad.stdout.split())
     assert bad.returncode == 1 and message.startswith("error: ROCOv2 path") and "does not exist" in message
+    wrong = CliRunner().invoke(app, ["data", "synth-vqa", "-i", str(tmp_path / "rocov2"), "-o", str(tmp_path / "x.csv")])
+    assert wrong.exit_code == 1 and "give a .jsonl file name" in " ".join(wrong.output.split())
