@@ -85,7 +85,8 @@ def test_scripted_llm_end_to_end_and_resume_after_interruption(tiny_llm, tmp_pat
 
     resumed = tmp_path / "resumed.jsonl"
     config = LLMConfig(model=str(tiny_llm), **helpers.CONFIG)
-    crash = helpers.ScriptedOutput(AutoTokenizer.from_pretrained(tiny_llm), helpers.SCRIPT, crash_on=helpers.CAPTIONS[4])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llm)
+    crash = helpers.ScriptedOutput(tokenizer, helpers.SCRIPT, crash_on=helpers.CAPTIONS[4])
     with pytest.raises(KeyboardInterrupt):
         synthesize_llm(helpers.rows(), resumed, config, logits_processor=[crash])
     parts = tmp_path / "resumed.jsonl.parts"

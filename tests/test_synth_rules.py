@@ -188,5 +188,5 @@ def test_synth_vqa_command_rules(tmp_path):
                           str(tmp_path / "nothing"), "--out", str(out)], capture_output=True, text=True, cwd=REPO)
     message = " ".join(bad.stdout.split())
     assert bad.returncode == 1 and message.startswith("error: ROCOv2 path") and "does not exist" in message
-    wrong = CliRunner().invoke(app, ["data", "synth-vqa", "-i", str(tmp_path / "rocov2"), "-o", str(tmp_path / "x.csv")])
+    wrong = CliRunner().invoke(app, ["data", "synth-vqa", "-i", str(tmp_path / "rocov2"), "-o", "vqa.csv"])
     assert wrong.exit_code == 1 and "give a .jsonl file name" in " ".join(wrong.output.split())
