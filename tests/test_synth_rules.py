@@ -107,6 +107,18 @@ def test_hedged_and_ambiguous_captions_give_no_uncertain_answer():
         ("modality", ""): "MRI", ("plane", ""): "axial", ("sequence", ""): "FLAIR"}
 
 
+def test_listed_locations_and_suggested_diagnoses():
+    # two locations for one finding: no side, no location (neither "right" nor "right lower lobe" is the answer)
+    assert answers("Chest CT showing ground-glass opacities in the right lower lobe and left upper lobe.") == {
+        ("modality", ""): "CT", ("abnormality", ""): "opacities"}
+    assert answers("CT showing nodules in the right and left lower lobes.") == {
+        ("modality", ""): "CT", ("abnormality", ""): "nodules"}
+    assert answers("Brain MRI revealed multiple lesions, suggestive of metastases.") == {
+        ("modality", ""): "MRI", ("abnormality", ""): "lesions"}
+    assert answers("Chest X-ray showing bilateral infiltrates.") == {
+        ("modality", ""): "X-ray", ("abnormality", ""): "infiltrates", ("side", "infiltrates"): "bilateral"}
+
+
 def test_arrow_before_finding_and_curly_quotes():
     caption = "Sagittal T1WI MRI; the arrow indicates a 12\u2010mm \u201cenhancing\u201d lesion of the L4 vertebra."
     got = answers(caption)

@@ -123,7 +123,8 @@ _FINDING_TERMS = (
     "hydronephrosis", "ascites", "lymphadenopathy", "calculus", "gallstone", "stone", "opacity", "collapse",
     "herniation", "hernia", "perforation", "obstruction", "diverticulum", "polyp", "fistula", "hydrocephalus",
     "bronchiectasis", "emphysema", "splenomegaly", "hepatomegaly", "subarachnoid hemorrhage",
-    "intracranial hemorrhage", "subdural hematoma", "epidural hematoma", "pulmonary embolism",
+    "intracranial hemorrhage", "subdural hematoma", "epidural hematoma", "pulmonary embolism", "infiltrate",
+    "hyperintensity", "hypointensity", "hypodensity", "hyperdensity", "wall thickening", "dilatation",
 )
 
 
@@ -137,6 +138,8 @@ def _plural(term: str) -> str:
         last = last[:-2] + "i"
     elif last.endswith("um"):
         last = last[:-2] + "a"
+    elif last.endswith("y") and last[-2:-1] not in "aeiou":
+        last = last[:-1] + "ies"
     elif last.endswith(("ss", "x")):
         last += "es"
     else:
@@ -183,7 +186,8 @@ _TRIGGER_RE = re.compile(  # negation and hedge triggers (NegEx-style), one patt
     r"\b(?:no|not|without|absence of|absent|negative for|free of|ruled out|rule out|excluded|exclude|resolved|"
     r"resolution of|neither|nor|no evidence of|no signs? of|disappearance of|never|possible|possibly|probable|"
     r"probably|likely|suspected|suspect|suspicious for|suspicion of|suspicious of|questionable|concerning for|"
-    r"may|might|could|differential|versus|vs|history of|previous|prior|old|"
+    r"may|might|could|differential|versus|vs|history of|previous|prior|old|suggestive of|suggesting|"
+    r"worrisome for|r/o|"
     r"presumed|presumably|query|equivocal|cannot be excluded|can not be excluded)\b|\?", re.I)
 _POST_NEGATION_RE = re.compile(
     r"^[^,;]{0,25}?\b(?:was|were|is|are|has been|have been)?\s*(?:excluded|absent|ruled out|resolved|not seen|"
@@ -206,6 +210,9 @@ _LOCATION_RE = re.compile(
 _BAD_LOCATION = {"image", "figure", "patient", "case", "setting", "context", "presence", "absence", "form", "level",
                  "same", "other", "process", "course", "time", "side", "size", "type", "region", "area", "site",
                  "scan", "study", "examination"}
+_SIDES = {"left", "right", "bilateral", "both"}
+_MORE_LOCATIONS_RE = re.compile(r"\s*(?:,|and|or|&)\s+(?:the\s+)?(?:left|right|bilateral|both|upper|lower|middle)\b",
+                                re.I)
 _ARROW_AFTER_RE = re.compile(r"\(\s*(?:[a-z]+\s+)?(arrows?|arrowheads?)\b[^)]*\)", re.I)
 _ARROW_BEFORE_RE = re.compile(r"\b(arrows?|arrowheads?)\s+(?:indicates?|shows?|points?\s+to|marks?|denotes?|"
                               r"highlights?|demonstrates?|depicts?)\s+", re.I)
@@ -288,7 +295,9 @@ def find_findings(text: str) -> _Facts:
             end = m_end
             if loc_match:
                 words = loc_match.group("loc").lower().split()
-                if 0 < len(words) <= 5 and not _BAD_LOCATION.intersection(words):
+                listed = _MORE_LOCATIONS_RE.match(after, loc_match.end())  # "in the right and left lobes"
+                if (0 < len(words) <= 5 and not listed and not _BAD_LOCATION.intersection(words)
+                        and not _SIDES.issuperset(words)):
                     location = " ".join(words)
                     end = m_end + loc_match.end()
             size_match = _SIZE_RE.search(prefix) or _POST_SIZE_RE.match(clause[end:]) or _POST_SIZE_RE.match(after)
