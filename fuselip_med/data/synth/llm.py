@@ -11,7 +11,6 @@ processes write what one process writes. Process 0 joins the chunks into ``<out>
 from __future__ import annotations
 
 import collections
-import functools
 import hashlib
 import json
 import os
@@ -151,15 +150,13 @@ def parse_pairs(text: str) -> list[tuple[str, str]]:
     return pairs
 
 
-@functools.lru_cache(maxsize=1)
-def _finding_terms() -> frozenset[str]:
-    return frozenset(finding_terms())
+_FINDING_TERMS = frozenset(finding_terms())
 
 
 def _negated_finding(answer: str, caption: str) -> bool:
     """True when the answer is a finding term the caption mentions only negated or hedged."""
     normal = normalize_text(answer)
-    if normal not in _finding_terms():
+    if normal not in _FINDING_TERMS:
         return False
     affirmed = {normalize_text(f.surface) for f in find_findings(expand_abbreviations(caption)).findings}
     return normal not in affirmed
