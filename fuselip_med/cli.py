@@ -10,6 +10,7 @@ from rich.table import Table
 
 from fuselip_med.cli_errors import DEBUG_ENV, UserErrorGroup, print_error
 from fuselip_med.cli_options import CAPTION_COLUMN, ENCODING, ID_COLUMN, IMAGE_ROOT, PATH_COLUMN, SEP, table_options
+from fuselip_med.data.synth.cli import synth_vqa_command
 from fuselip_med.search.commands import register as register_search_commands
 
 app = typer.Typer(
@@ -20,7 +21,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
-data_app = typer.Typer(help="Prepare datasets (the bundled demo dataset).", no_args_is_help=True)
+data_app = typer.Typer(help="Prepare datasets (the bundled demo dataset, synthetic VQA pairs).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 console = Console()
 BASE_HELP = "For a LoRA adapter: its base model (hub id or path), replacing the recorded one (moved or copied base)."
@@ -173,6 +174,9 @@ def data_demo(
     except (FileExistsError, ValueError) as error:
         fail(str(error))
     console.print(f"Demo dataset written to {path} (train {n_train}, valid {n_valid}, test {n_test} images).")
+
+
+data_app.command("synth-vqa")(synth_vqa_command)
 
 
 def _load_for_inference(model: str, device: Optional[str], base: Optional[str] = None):

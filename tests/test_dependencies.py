@@ -15,7 +15,6 @@ USED_WITHOUT_IMPORT = {
     "libjpeg": "pylibjpeg's JPEG and JPEG-LS backend",
     "openjpeg": "pylibjpeg's JPEG 2000 backend",
     "tensorboard": "the event writer behind torch.utils.tensorboard (the tensorboard tracker)",
-    "transformers": "schedules, baseline vision towers and synthesis LLMs (imported on the branches that add them)",
 }
 
 

@@ -23,7 +23,7 @@ runner = CliRunner()
 @pytest.fixture
 def fake_model(monkeypatch):
     model = HashModel()
-    monkeypatch.setattr("fuselip_med.cli._load_for_inference", lambda name, device: (model, None, None))
+    monkeypatch.setattr("fuselip_med.cli._load_for_inference", lambda name, device, base=None: (model, None, None))
     return model
 
 

@@ -32,7 +32,8 @@ __all__ = ["DataEntry", "EvalOptions", "EvalContext", "ImageCaption", "resolve_d
 
 _SPLIT_OF_ROLE = {"test": "test", "valid": "valid", "labelled": "test"}
 _ADAPTER_ROLES = {"rocov2": ("test", "valid")}
-_DEFAULT_ADAPTER = {"test": "rocov2", "valid": "rocov2", "tgit": "rocov2", "labelled": "folder", "vg_crop": "vg_crop"}
+_DEFAULT_ADAPTER = {"test": "rocov2", "valid": "rocov2", "tgit": "rocov2", "labelled": "folder", "vg_crop": "vg_crop",
+                    "vqa": "rocov2_vqa"}
 _DEFAULT_ADAPTER_ROLES = ("test", "labelled")
 _ROLE_ADAPTER_OPTIONS = {"labelled": {"folder": {"require_caption": False}, "csv": {"require_caption": False}}}
 
