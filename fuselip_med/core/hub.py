@@ -61,8 +61,8 @@ def read_json(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing; a model folder needs its {path.name}.") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON ({first_line(error)}); restore it from the model's source.") \
-            from error
+        message = f"{path} is not valid JSON ({first_line(error)}); restore it from the model's source."
+        raise CheckpointError(message) from error
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object of config values.")
     return data
