@@ -307,15 +307,17 @@ class FuseLIP(nn.Module):
         image_codes: torch.Tensor | None,
         has_image: torch.Tensor | None = None,
         has_text: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
     ) -> torch.Tensor:
         """Joint-vocabulary ids for a batch of rows, each text-only, image-only or fused (§2.3).
 
         ``image_codes`` holds codebook ids (before the offset) for the rows where ``has_image`` is True, in
         order. Rows with an image and without text get the 130-token image-only sequence; the batch is
-        right-padded with 0 and cut to the longest row (first eot + 1), which masking makes exact.
+        right-padded with 0 and cut to the longest row (first eot + 1), which masking makes exact. The ids
+        are built on ``device`` (default: the model's; the trainer builds them on the CPU, off the device queue).
         """
         ctx = self.config.context_length
-        device = self.device
+        device = self.device if device is None else torch.device(device)
         if text_ids is None and image_codes is None:
             raise ValueError("encode needs images, texts or both.")
         batch = text_ids.shape[0] if text_ids is not None else image_codes.shape[0]

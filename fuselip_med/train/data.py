@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 import fuselip_med.data.transforms.tasks  # noqa: F401  (registers the "tgit"/"tgit_med" task adapters)
 from fuselip_med.data.adapters import DatasetEmptyError, SampleSource, get_adapter
 from fuselip_med.data.collate import Collator
 from fuselip_med.data.dataset import MixtureDataset, SampleDataset
 from fuselip_med.data.images import DecodeOptions
-from fuselip_med.data.sampling import GroupedBatchSampler, mixture_group_weights
+from fuselip_med.data.sampling import GroupedBatchSampler, RankShard, mixture_group_weights
 from fuselip_med.recipes import DatasetSpec, Recipe
 
 
@@ -80,35 +80,6 @@ def build_sources(recipe: Recipe) -> list[NamedSource]:
     if not named:
         raise DataSetupError("No dataset feeds the mixture: every data.train entry has direct: false and no task uses it.")
     return named
-
-
-class RankShard(Sampler[list[int]]):
-    """This rank's contiguous share of each global batch, cut at hard-negative group boundaries."""
-
-    def __init__(self, sampler: GroupedBatchSampler, group_of: np.ndarray, rank: int, world: int):
-        self.sampler = sampler
-        self.group_of = group_of
-        self.rank = rank
-        self.world = world
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for batch in self.sampler:
-            yield shard_of_batch(batch, self.group_of, self.rank, self.world)
-
-
-def shard_of_batch(batch: list[int], group_of: np.ndarray, rank: int, world: int) -> list[int]:
-    """Rows of ``batch`` for ``rank``: each group goes to the rank whose share holds the group's first row."""
-    if world == 1:
-        return list(batch)
-    groups = group_of[np.asarray(batch)]
-    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
-    owner_of_start = np.minimum(starts * world // len(batch), world - 1)
-    lengths = np.diff(np.r_[starts, len(batch)])
-    owner = np.repeat(owner_of_start, lengths)
-    return [index for index, who in zip(batch, owner) if who == rank]
 
 
 @dataclass

@@ -245,10 +245,11 @@ class Trainer:
                         batch, iterator, batches_done = self._next_batch(data, iterator, batches_done)
                         self.skips.update(batch)
                         samples_seen += len(batch) * acc.num_processes
-                        batch = batch.to(acc.device, non_blocking=True)
+                        inputs = acc.unwrap_model(objective).prepare(batch, step * accum + micro)
+                        inputs = inputs.to(acc.device, non_blocking=True)
                         sync = acc.no_sync(objective) if micro < accum - 1 else _nullcontext()
                         with sync, acc.autocast():
-                            out = objective(batch, step * accum + micro)
+                            out = objective(inputs)
                         loss = out.total / accum
                         finite = finite and _all_finite(loss)
                         if finite:
