@@ -15,7 +15,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
-data_app = typer.Typer(help="Prepare datasets (the bundled demo dataset).", no_args_is_help=True)
+data_app = typer.Typer(help="Prepare datasets (the bundled demo dataset, cached image codes).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 console = Console()
 
@@ -151,6 +151,34 @@ def data_demo(
     except (FileExistsError, ValueError) as error:
         fail(str(error))
     console.print(f"Demo dataset written to {path} (train {n_train}, valid {n_valid}, test {n_test} images).")
+
+
+@data_app.command("cache-codes")
+def data_cache_codes(
+    recipe: str = typer.Option(..., "--recipe", "-r", help=RECIPE_HELP),
+    size: Optional[str] = typer.Option(None, "--size", help="Model size (its image tokenizer decides the codes)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Tokenize a recipe's training images once (K augmented views + the plain view) into the code cache
+    that `train.image_codes: cache` reads; training builds what is missing by itself, this does it ahead.
+
+    Examples:\n
+      fuselip-med data cache-codes --recipe rocov2 --set data.root=/data/ROCOv2_data\n
+      fuselip-med data cache-codes --recipe rocov2_demo --set train.code_views=16\n
+      accelerate launch --num_processes 4 -m fuselip_med.cli data cache-codes --recipe rocov2
+    """
+    from fuselip_med.recipes import RecipeError, load_recipe
+    from fuselip_med.train.data import DataSetupError
+    from fuselip_med.train.image_codes import cache_codes_for_recipe
+
+    try:
+        loaded = load_recipe(recipe, set_, size=size)
+    except RecipeError as error:
+        fail(str(error), code=2)
+    try:
+        cache_codes_for_recipe(loaded, say=lambda message: console.print(message, highlight=False))
+    except DataSetupError as error:
+        fail(str(error))
 
 
 def _load_for_inference(model: str, device: Optional[str]):

@@ -42,6 +42,7 @@ class NamedSource:
     label: str
     source: SampleSource
     weight: float
+    task: bool = False  # built by a task (TGIT) on a base dataset
 
 
 def build_source(recipe: Recipe, spec: DatasetSpec, split: str | None = None) -> SampleSource:
@@ -76,7 +77,7 @@ def build_sources(recipe: Recipe) -> list[NamedSource]:
             label = spec.id or spec.name
             if task.bases is None or label in task.bases:
                 built = factory(source, split="train", strict=recipe.data.strict, seed=recipe.train.seed, **task.options)
-                named.append(NamedSource(f"{task.name}:{label}", built, task.weight))
+                named.append(NamedSource(f"{task.name}:{label}", built, task.weight, task=True))
     if not named:
         raise DataSetupError("No dataset feeds the mixture: every data.train entry has direct: false and no task uses it.")
     return named

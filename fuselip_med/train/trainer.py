@@ -31,6 +31,7 @@ from fuselip_med.data.collate import SkipCounter
 from fuselip_med.recipes import Recipe, recipe_to_yaml
 from fuselip_med.train import checkpointing as ckpt
 from fuselip_med.train.data import DataSetupError, TrainData, build_source, build_train_data, seed_everything
+from fuselip_med.train.image_codes import attach_image_codes
 from fuselip_med.train.lora import adapter_parameter_count, apply_lora, save_adapter
 from fuselip_med.train.model_card import write_model_card
 from fuselip_med.train.objective import FuseLIPObjective
@@ -200,6 +201,8 @@ class Trainer:
         optimizer = build_optimizer(objective.model, recipe.train.lr, recipe.train.weight_decay, recipe.train.betas,
                                     recipe.train.eps, recipe.train.decay_embeddings)
         objective, optimizer = acc.prepare(objective, optimizer)
+        attach_image_codes(data, recipe, _unwrap_fuselip(objective), rank=acc.process_index,
+                           world=acc.num_processes, barrier=acc.wait_for_everyone, say=self.say)
         accum = recipe.train.grad_accum
         per_epoch = data.sampler.batches_per_epoch()
         total_steps = recipe.train.steps or max(1, math.ceil(recipe.train.epochs * per_epoch / accum))
