@@ -217,8 +217,8 @@ def eval_command(
       fuselip-med eval --model runs/rocov2/final --data rocov2=ROCOv2_data\n
       fuselip-med eval -m chs20/FuseLIP-S-CC3M-MM -t rocov2-retrieval,rocov2-concepts -d rocov2=eltorio/ROCOv2-radiology
     """
+    from fuselip_med.eval.report import flatten_metrics
     from fuselip_med.eval.runner import run_evaluation
-    from fuselip_med.train.trainer import flatten_metrics
 
     data_map = {}
     for entry in data:

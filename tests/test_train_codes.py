@@ -96,3 +96,10 @@ def test_two_processes_with_the_cache_give_the_single_process_losses(tmp_path, d
     assert sorted(two) == sorted(one) == [1, 2, 3, 4]
     for step in one:
         assert two[step] == pytest.approx(one[step], abs=1e-4)
+
+
+@pytest.mark.parametrize("switch", ["grad_checkpointing", pytest.param("compile", marks=pytest.mark.slow)])
+def test_step_switches_keep_the_losses(tmp_path, demo_data, switch):
+    plain = run(codes_recipe(tmp_path / "plain", demo_data, "cache", tmp_path / "cache", steps=3))
+    switched = run(codes_recipe(tmp_path / switch, demo_data, "cache", tmp_path / "cache", steps=3, **{switch: True}))
+    assert switched.losses == pytest.approx(plain.losses, abs=1e-4)

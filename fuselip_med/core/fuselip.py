@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fuselip_med.core.text_tokenizer import TextTokenizer
 from fuselip_med.core.titok import TiTokConfig, TiTokTokenizer
@@ -200,15 +201,23 @@ class ResidualBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of residual blocks (``transformer.resblocks.{i}`` in the released state dict)."""
+    """A stack of residual blocks (``transformer.resblocks.{i}`` in the released state dict).
+
+    ``grad_checkpointing = True`` recomputes each block's activations in the backward pass instead of
+    keeping them (``torch.utils.checkpoint``, non-reentrant): less memory, about one more forward of compute.
+    """
 
     def __init__(self, width: int, heads: int, layers: int, mlp_ratio: float):
         super().__init__()
         self.resblocks = nn.ModuleList(ResidualBlock(width, heads, mlp_ratio) for _ in range(layers))
+        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, attend: torch.Tensor | None) -> torch.Tensor:
         for block in self.resblocks:
-            x = block(x, attend)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, attend, use_reentrant=False)
+            else:
+                x = block(x, attend)
         return x
 
 

@@ -2,9 +2,8 @@
 
 ``SampleDataset.__getitem__`` runs in DataLoader workers: it decodes the image sides to (3, S, S) tensors
 (or, with ``ImageViews``, serves one of K cached views as TiTok code ids) and returns a ``DecodedSample``.
-Bad data never raises here:
-it comes back as a ``SkippedSample`` with a short reason, the collator drops it and lists it in
-``Batch.skipped``, and a ``SkipCounter`` in the main process tallies them. ``strict=True`` raises instead.
+Bad data never raises here: it comes back as a ``SkippedSample`` with a short reason, the collator drops
+it and lists it in ``Batch.skipped``, and a ``SkipCounter`` in the main process tallies them. ``strict=True`` raises instead.
 
 Training crops are drawn from a generator seeded by (seed, epoch, index), so a run is reproducible whatever
 the number of workers and the order in which they fetch items.

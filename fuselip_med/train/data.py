@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader
 
 import fuselip_med.data.transforms.tasks  # noqa: F401  (registers the "tgit"/"tgit_med" task adapters)
@@ -137,12 +136,3 @@ def build_train_data(recipe: Recipe, tokenizer: Any, rank: int = 0, world: int =
     for named in sources:
         load_skips.update(getattr(named.source, "skipped", {}) or {})
     return TrainData(loader, sampler, mixture, sources, load_skips)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch/numpy/python RNGs (model init and anything not derived from (seed, step))."""
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
