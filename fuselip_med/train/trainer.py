@@ -264,8 +264,9 @@ class Trainer:
         rate = self.samples_seen / max(time.perf_counter() - self.started, 1e-9)
         self.bar.update(self.bar_task, loss=total, lr=lr, rate=rate)
         if self.trackers:
+            scale = float(self.fuselip.logit_scale.detach().exp())
             self.trackers.log({"train/loss": total, "train/contrastive": contrastive, "train/mmm": mmm, "train/lr": lr,
-                               "train/samples_per_s": rate, "train/logit_scale": float(self.fuselip.logit_scale.detach().exp()),
+                               "train/samples_per_s": rate, "train/logit_scale": scale,
                                "train/epoch": self.data.sampler.epoch}, step)
 
     def evaluate(self, tag: str) -> dict[str, float]:
