@@ -75,10 +75,12 @@ def build_sources(recipe: Recipe) -> list[NamedSource]:
         for spec, source in bases:
             label = spec.id or spec.name
             if task.bases is None or label in task.bases:
-                built = factory(source, split="train", strict=recipe.data.strict, seed=recipe.train.seed, **task.options)
+                built = factory(source, split="train", strict=recipe.data.strict, seed=recipe.train.seed,
+                                **task.options)
                 named.append(NamedSource(f"{task.name}:{label}", built, task.weight, task=True))
     if not named:
-        raise DataSetupError("No dataset feeds the mixture: every data.train entry has direct: false and no task uses it.")
+        raise DataSetupError("No dataset feeds the mixture: every data.train entry has direct: false and no task "
+                             "uses it.")
     return named
 
 
@@ -104,16 +106,19 @@ def decode_options(recipe: Recipe) -> DecodeOptions:
     return DecodeOptions(image_size=recipe.data.image_size, window=recipe.data.window)
 
 
-def build_train_data(recipe: Recipe, tokenizer: Any, rank: int = 0, world: int = 1, pin_memory: bool = False) -> TrainData:
+def build_train_data(recipe: Recipe, tokenizer: Any, rank: int = 0, world: int = 1,
+                     pin_memory: bool = False) -> TrainData:
     """Sources -> SampleDatasets (random resized crop) -> mixture -> grouped global batches -> this rank's loader."""
     sources = build_sources(recipe)
     options = decode_options(recipe)
-    datasets = [SampleDataset(s.source, options, train=True, strict=recipe.data.strict, seed=recipe.train.seed) for s in sources]
+    datasets = [SampleDataset(s.source, options, train=True, strict=recipe.data.strict, seed=recipe.train.seed)
+                for s in sources]
     mixture = MixtureDataset(datasets, [s.weight for s in sources])
     groups = mixture.groups()
     weights = mixture_group_weights(mixture) if len(sources) > 1 else None
     try:
-        sampler = GroupedBatchSampler(groups, recipe.train.batch_size, seed=recipe.train.seed, group_weights=weights, drop_last=True)
+        sampler = GroupedBatchSampler(groups, recipe.train.batch_size, seed=recipe.train.seed, group_weights=weights,
+                                      drop_last=True)
     except ValueError as error:
         raise DataSetupError(f"train.batch_size={recipe.train.batch_size}: {error}") from None
     if sampler.batches_per_epoch() == 0:

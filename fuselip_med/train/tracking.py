@@ -60,7 +60,8 @@ def wandb_has_credentials() -> bool:
 class WandbTracker:
     """A wandb run; offline when there are no credentials or the online start fails."""
 
-    def __init__(self, directory: Path, project: str, name: str, config: dict[str, Any], mode: str, say: Callable[[str], None]):
+    def __init__(self, directory: Path, project: str, name: str, config: dict[str, Any], mode: str,
+                 say: Callable[[str], None]):
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
@@ -70,12 +71,14 @@ class WandbTracker:
             mode = "offline"
         settings = wandb.Settings(init_timeout=60, silent=True)
         try:
-            self._run = wandb.init(project=project, name=name, config=config, dir=str(directory), mode=mode, settings=settings)
+            self._run = wandb.init(project=project, name=name, config=config, dir=str(directory), mode=mode,
+                                   settings=settings)
         except Exception as error:  # noqa: BLE001 - any online failure falls back to offline
             if mode != "online":
                 raise
             say(f"wandb: online start failed ({type(error).__name__}); logging offline instead.")
-            self._run = wandb.init(project=project, name=name, config=config, dir=str(directory), mode="offline", settings=settings)
+            self._run = wandb.init(project=project, name=name, config=config, dir=str(directory), mode="offline",
+                                   settings=settings)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self._run.log(metrics, step=step)
