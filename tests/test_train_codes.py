@@ -3,13 +3,18 @@ import os
 import shutil
 import subprocess
 import sys
+import traceback
 
 import pytest
+import torch
 import yaml
 
 from fuselip_med.core.fuselip import FuseLIP
 from fuselip_med.data import dataset as dataset_module
 from fuselip_med.data.demo import write_demo_dataset
+from fuselip_med.recipes import recipe_from_dict
+from fuselip_med.train.objective import FuseLIPObjective
+from fuselip_med.train.trainer import Trainer
 from tests.test_trainer import REPO, logged_losses, recipe_dict, run
 
 
@@ -103,3 +108,46 @@ def test_step_switches_keep_the_losses(tmp_path, demo_data, switch):
     plain = run(codes_recipe(tmp_path / "plain", demo_data, "cache", tmp_path / "cache", steps=3))
     switched = run(codes_recipe(tmp_path / switch, demo_data, "cache", tmp_path / "cache", steps=3, **{switch: True}))
     assert switched.losses == pytest.approx(plain.losses, abs=1e-4)
+
+
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+
+def test_the_device_half_of_a_step_never_reads_a_tensor_on_the_host(tmp_path, demo_data, monkeypatch):
+    """Everything of train_step but loading the batch and the host ``prepare`` (CPU ids and masks) must not call
+    item()/float()/bool() and friends on a tensor: on CUDA each would wait for the device. The loss values and
+    non-finite flags are read at the logging cadence (``flush``)."""
+    trainer = Trainer(recipe_from_dict(codes_recipe(tmp_path / "run", demo_data, "cache", tmp_path / "cache",
+                                                    grad_accum=2)))
+    trainer.setup()
+    trainer.iterator = iter(trainer.data.loader)
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+    reads = []
+
+    def forbid():
+        for name in HOST_READS:
+            def read(self, *args, _name=name, **kwargs):
+                reads.append((_name, traceback.format_stack(limit=3)[0].strip()))
+                return originals[_name](self, *args, **kwargs)
+            monkeypatch.setattr(torch.Tensor, name, read)
+
+    def host_side(function):
+        def wrapped(*args, **kwargs):
+            for name, method in originals.items():
+                monkeypatch.setattr(torch.Tensor, name, method)
+            try:
+                return function(*args, **kwargs)
+            finally:
+                forbid()
+        return wrapped
+
+    monkeypatch.setattr(FuseLIPObjective, "prepare", host_side(FuseLIPObjective.prepare))
+    monkeypatch.setattr(trainer, "_next_batch", host_side(trainer._next_batch))
+    with trainer.out.progress() as trainer.bar:
+        trainer.bar_task = trainer.bar.add_task("train", total=2, loss=0.0, lr=0.0, rate=0.0)
+        trainer.train_step()  # first use of every kernel
+        forbid()
+        trainer.train_step()
+        monkeypatch.undo()
+    assert reads == [] and trainer.step == 2 and len(trainer.pending) == 2
+    assert [step for step, *_ in trainer.flush()] == [1, 2]

@@ -18,17 +18,32 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def rows_per_rank(local_rows: int, device: torch.device | str = "cpu") -> list[int]:
-    """Every rank's row count, in rank order (one all_reduce and one host read when world > 1).
+_HOST_GROUPS: dict[int, object] = {}
+
+
+def _host_group():
+    """A gloo group for exchanging host integers (None: the default group is gloo already). Under NCCL this
+    keeps row counts off the GPU stream, so reading them never waits for the device. Created collectively on
+    first use, which every rank reaches at the same point of the step."""
+    if dist.get_backend() == "gloo":
+        return None
+    key = id(dist.group.WORLD)
+    if key not in _HOST_GROUPS:
+        _HOST_GROUPS[key] = dist.new_group(backend="gloo")
+    return _HOST_GROUPS[key]
+
+
+def rows_per_rank(local_rows: int) -> list[int]:
+    """Every rank's row count, in rank order (one all_reduce of host integers when world > 1).
 
     Ranks may hold different numbers of rows: batches are cut at hard-negative group boundaries.
     """
     rank, world = rank_and_world()
     if world == 1:
         return [local_rows]
-    sizes = torch.zeros(world, dtype=torch.long, device=device)
+    sizes = torch.zeros(world, dtype=torch.long)
     sizes[rank] = local_rows
-    dist.all_reduce(sizes)
+    dist.all_reduce(sizes, group=_host_group())
     return sizes.tolist()
 
 
@@ -51,7 +66,7 @@ def gather_rows(features: torch.Tensor, sizes: list[int] | None = None) -> tuple
     rank, world = rank_and_world()
     if world == 1:
         return features, 0, float(features.shape[0])
-    sizes = rows_per_rank(features.shape[0], features.device) if sizes is None else sizes
+    sizes = rows_per_rank(features.shape[0]) if sizes is None else sizes
     padded = F.pad(features, (0, 0, 0, max(sizes) - features.shape[0]))
     parts = dist_fn.all_gather(padded)
     gathered = torch.cat([part[:size] for part, size in zip(parts, sizes)], dim=0)

@@ -110,7 +110,7 @@ class FuseLIPObjective(nn.Module):
     def prepare(self, batch: Batch, step: int) -> StepInputs:
         """Host half of a step for a CPU ``batch`` at global micro-batch number ``step`` (see module doc)."""
         fuselip = self.fuselip
-        rank_rows = rows_per_rank(len(batch), fuselip.device)
+        rank_rows = rows_per_rank(len(batch))
         rank, _ = rank_and_world()
         offset, total = sum(rank_rows[:rank]), sum(rank_rows)
         sides, counts = [], []
