@@ -6,7 +6,9 @@ AdamW. Batches are rocov2-style pairs: an image (with the empty text, as in trai
 20-40 words; ``pixels`` rows carry [B, 3, 256, 256] images, ``cached`` rows the [B, 128] code ids a code cache
 serves. Random weights, nothing downloaded; each configuration runs in a fresh process so that its peak
 memory is its own (CUDA: max allocated; CPU: the process's peak RSS). ms/step is the median of the timed
-steps after warm-up. Prints one markdown table, then for CUDA rows the encoder-only FLOP floor and the MFU:
+steps after warm-up. Rows whose model is ``recipe:<name>`` time ``Trainer.train_step`` of that shipped recipe
+instead, its data pipeline included (decoding + TiTok vs the code cache). Prints one markdown table, then
+for CUDA rows the encoder-only FLOP floor and the MFU:
 
     encoder FLOPs/step = sum over both sides of 3 x (2 x P x tokens + 4 x layers x L^2 x width x rows)
     (P = 12 x layers x width^2 transformer weights, tokens = rows x L with L the padded length, forward +
@@ -15,6 +17,7 @@ steps after warm-up. Prints one markdown table, then for CUDA rows the encoder-o
     python benchmarks/bench_train.py                       # CPU (tiny, small) and CUDA (small, base) if present
     python benchmarks/bench_train.py --device cpu --quick  # the smallest setting (tiny model, a few steps)
     python benchmarks/bench_train.py --device cuda --steps 30
+    python benchmarks/bench_train.py --device cpu --configs '[["recipe:rocov2_demo", "fp32", "cached", false, 48]]'
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ CPU_CONFIGS = [  # (model, precision, codes, compile, batch)
     ("tiny", "bf16", "pixels", False, 8), ("tiny", "bf16", "cached", False, 8),
     ("tiny", "fp32", "cached", True, 8),
     ("small", "fp32", "pixels", False, 8), ("small", "fp32", "cached", False, 8), ("small", "bf16", "cached", False, 8),
+    ("recipe:rocov2_demo", "fp32", "pixels", False, 48), ("recipe:rocov2_demo", "fp32", "cached", False, 48),
 ]
 CUDA_CONFIGS = [(size, precision, codes, compiled, 128) for size in ("small", "base")
                 for precision in ("bf16", "fp32") for codes in ("pixels", "cached") for compiled in (False, True)
@@ -109,19 +113,52 @@ def measure(config: tuple, device: str, warmup: int, steps: int, queue) -> None:
         return inputs
 
     for number in range(warmup):
-        inputs = step(number)
+        step(number)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times = []
     for number in range(steps):
         start = time.perf_counter()
-        step(warmup + number)
+        inputs = step(warmup + number)
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     queue.put({"ms": statistics.median(times) * 1000, "peak": peak / 2**20, "flops": encoder_flops(model, inputs)})
+
+
+def measure_recipe(config: tuple, device: str, warmup: int, steps: int, queue) -> None:
+    """Time ``Trainer.train_step`` of a shipped recipe (its data pipeline included: decoding and TiTok for
+    ``pixels``, the code cache for ``cached``, built before timing); put {ms, peak, flops} on the queue."""
+    import io
+    import tempfile
+
+    from rich.console import Console
+
+    from fuselip_med.recipes import load_recipe
+    from fuselip_med.train.trainer import Trainer
+
+    name, codes = config[0].split(":", 1)[1], config[2]
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = load_recipe(name, [
+            f"train.steps={warmup + steps}", f"train.image_codes={'cache' if codes == 'cached' else 'pixels'}",
+            f"train.code_cache={tmp}/codes", "eval.at_start=false", "eval.at_end=false", "data.eval=[]",
+            "checkpoint.every_steps=null", "logging.progress=false", f"output.dir={tmp}/run"])
+        trainer = Trainer(recipe, console=Console(file=io.StringIO()))  # the table is this script's only output
+        trainer.setup()
+        trainer.iterator = iter(trainer.data.loader)
+        times = []
+        with trainer.out.progress() as trainer.bar:
+            trainer.bar_task = trainer.bar.add_task("train", total=warmup + steps, loss=0.0, lr=0.0, rate=0.0)
+            for number in range(warmup + steps):
+                start = time.perf_counter()
+                trainer.train_step()
+                trainer.flush()  # reads the loss: the step is finished on the device too
+                times.append(time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    queue.put({"ms": statistics.median(times[warmup:]) * 1000, "peak": peak / 2**20, "flops": 0.0})
 
 
 def peak_flops() -> tuple[float | None, str]:
@@ -162,14 +199,15 @@ def main() -> None:
         steps = args.steps if args.steps is not None else (2 if args.quick else 5 if device == "cpu" else 30)
         for config in configs:
             queue = context.Queue()
-            process = context.Process(target=measure, args=(config, device, warmup, steps, queue))
+            target = measure_recipe if config[0].startswith("recipe:") else measure
+            process = context.Process(target=target, args=(config, device, warmup, steps, queue))
             process.start()
             result = queue.get()
             process.join()
             size, precision, codes, compiled, batch = config
             print(f"| {device} | {size} | {precision} | {codes} | {'on' if compiled else 'off'} | {batch} | "
                   f"{result['ms']:.1f} | {batch / result['ms'] * 1000:.1f} | {result['peak']:.0f} |", flush=True)
-            if device == "cuda":
+            if device == "cuda" and result["flops"]:
                 floors.append((config, result))
     if floors:
         peak, name = peak_flops()
