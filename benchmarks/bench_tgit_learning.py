@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from accelerate.utils import set_seed
 from rich.console import Console
 
 from fuselip_med.core.checkpoints import build_model, load_model
@@ -26,7 +27,7 @@ from fuselip_med.data.transforms.tasks import TGITTask
 from fuselip_med.data.transforms.tgit import TGITPair
 from fuselip_med.eval.runner import run_evaluation
 from fuselip_med.recipes import load_recipe
-from fuselip_med.train.data import build_source, seed_everything
+from fuselip_med.train.data import build_source
 from fuselip_med.train.trainer import Trainer
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tgit_demo.yaml"
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         pools = heldout_pools(recipe, args.pools)
         batch = recipe.eval.batch_size
 
-        seed_everything(recipe.train.seed)  # the same initial weights as the trainer's
+        set_seed(recipe.train.seed)  # the same initial weights as the trainer's
         before = accuracies(build_model(recipe.model.size, init=recipe.model.init), pools, out / "eval_before", batch)
         start = time.perf_counter()
         result = Trainer(recipe, console=Console(quiet=True)).run()

@@ -21,7 +21,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
-data_app = typer.Typer(help="Prepare datasets (the bundled demo dataset, synthetic VQA pairs).", no_args_is_help=True)
+data_app = typer.Typer(help="Prepare datasets (the bundled demo dataset, cached image codes, synthetic VQA pairs).",
+                        no_args_is_help=True)
 app.add_typer(data_app, name="data")
 console = Console()
 BASE_HELP = "For a LoRA adapter: its base model (hub id or path), replacing the recorded one (moved or copied base)."
@@ -179,6 +180,34 @@ def data_demo(
 data_app.command("synth-vqa")(synth_vqa_command)
 
 
+@data_app.command("cache-codes")
+def data_cache_codes(
+    recipe: str = typer.Option(..., "--recipe", "-r", help=RECIPE_HELP),
+    size: Optional[str] = typer.Option(None, "--size", help="Model size (its image tokenizer decides the codes)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Tokenize a recipe's training images once (K augmented views + the plain view) into the code cache
+    that `train.image_codes: cache` reads; training builds what is missing by itself, this does it ahead.
+
+    Examples:\n
+      fuselip-med data cache-codes --recipe rocov2 --set data.root=/data/ROCOv2_data\n
+      fuselip-med data cache-codes --recipe rocov2_demo --set train.code_views=16\n
+      accelerate launch --num_processes 4 -m fuselip_med.cli data cache-codes --recipe rocov2
+    """
+    from fuselip_med.recipes import RecipeError, load_recipe
+    from fuselip_med.train.data import DataSetupError
+    from fuselip_med.train.image_codes import cache_codes_for_recipe
+
+    try:
+        loaded = load_recipe(recipe, set_, size=size)
+    except RecipeError as error:
+        fail(str(error), code=2)
+    try:
+        cache_codes_for_recipe(loaded, say=lambda message: console.print(message, highlight=False))
+    except DataSetupError as error:
+        fail(str(error))
+
+
 def _load_for_inference(model: str, device: Optional[str], base: Optional[str] = None):
     from fuselip_med.core.lora import load_for_inference
 
@@ -245,9 +274,9 @@ def eval_command(
     """
     from fuselip_med.data.adapters import cli_option_style
     from fuselip_med.eval.command import choose_tasks, parse_data, suite_data
+    from fuselip_med.eval.report import flatten_metrics
     from fuselip_med.eval.runner import check_tasks, run_evaluation
     from fuselip_med.eval.tasks.zero_shot import read_labels, read_templates
-    from fuselip_med.train.trainer import flatten_metrics
 
     options = table_options(path_column=path_column, caption_column=caption_column, id_column=id_column, sep=sep,
                             image_root=image_root, encoding=encoding)

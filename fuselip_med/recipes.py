@@ -117,6 +117,11 @@ class TrainSection(Section):
     max_logit_scale: float = Field(100.0, gt=1)
     max_bad_steps: int = Field(5, gt=0)
     log_every: int = Field(10, gt=0)
+    image_codes: Literal["pixels", "pixel_views", "cache"] = "pixels"  # see train/image_codes.py
+    code_views: int = Field(8, gt=0)      # K augmented views per image for pixel_views/cache
+    code_cache: Optional[str] = None      # cache directory (default ~/.cache/fuselip-med/image-codes)
+    compile: bool = False                 # torch.compile the transformer
+    grad_checkpointing: bool = False      # recompute activations in the backward pass (less memory)
 
     @model_validator(mode="after")
     def _length_given(self) -> "TrainSection":

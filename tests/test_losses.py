@@ -10,13 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from fuselip_med.core.fuselip import FuseLIPConfig
-from fuselip_med.core.losses import (
-    MaskingConfig,
-    combine_losses,
-    mask_tokens,
-    masked_token_loss,
-    sigmoid_loss,
-)
+from fuselip_med.core.losses import MaskingConfig, mask_seed, mask_tokens, masked_token_loss, sigmoid_loss
 
 
 def direct_sigmoid_loss(left, right, log_scale, bias):
@@ -118,14 +112,27 @@ def test_masking_never_touches_special_ids_and_masks_about_ten_percent():
     assert chosen[ids == 49406].any()  # sot is maskable
 
 
-def test_mmm_loss_is_finite_and_zero_when_nothing_is_masked():
+def test_rank_blocks_of_a_global_batch_mask_exactly_as_one_process():
+    masking = MaskingConfig(probability=0.3)
+    ids = torch.randint(1, 49406, (10, 20), generator=torch.Generator().manual_seed(1))
+    whole, whole_labels = mask_tokens(ids[:, :12], masking, torch.Generator().manual_seed(mask_seed(5, 3, 1)),
+                                      context_length=20)
+    for start, stop in ((0, 4), (4, 10)):  # ranks of unequal size, shorter sequences than the context
+        part, labels = mask_tokens(ids[start:stop, :12], masking, torch.Generator().manual_seed(mask_seed(5, 3, 1)),
+                                   row_offset=start, global_rows=10, context_length=20)
+        assert torch.equal(part, whole[start:stop]) and torch.equal(labels, whole_labels[start:stop])
+    assert mask_seed(5, 3, 0) != mask_seed(5, 3, 1) != mask_seed(5, 4, 1)
+
+
+def test_mmm_loss_is_the_mean_cross_entropy_split_over_ranks_and_zero_when_nothing_is_masked():
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(12, 100, generator=generator, requires_grad=True)
     labels = torch.randint(0, 100, (12,), generator=generator)
-    loss = masked_token_loss(logits, labels)
+    loss = masked_token_loss(logits, labels, 12)
     assert torch.isfinite(loss) and loss > 0
     assert torch.allclose(loss, F.cross_entropy(logits, labels))
-    none = masked_token_loss(logits, torch.full((12,), -100))
+    halves = [masked_token_loss(logits[rows], labels[rows], torch.tensor(12), world=2)
+              for rows in (slice(0, 5), slice(5, 12))]
+    assert torch.allclose((halves[0] + halves[1]) / 2, loss)  # the ranks' mean is the global token mean
+    none = masked_token_loss(logits[:0], labels[:0], torch.tensor(0))
     assert none.item() == 0.0 and none.requires_grad
-    total = combine_losses(torch.tensor(2.0), loss, none, 0.25)
-    assert torch.allclose(total.total, 2.0 + 0.25 * loss)

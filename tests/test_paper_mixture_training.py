@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-import fuselip_med.train.data as train_data
+import fuselip_med.data.sampling as sampling
 from fuselip_med.recipes import load_recipe
 from fuselip_med.train.trainer import Trainer
 from tests.test_paper_recipes import paper_overrides, write_paper_data
@@ -25,13 +25,13 @@ def test_tiny_paper_mixture_trains_with_whole_groups(tmp_path, monkeypatch):
     ]
     recipe = load_recipe("cc3m_mm", overrides)
     batches: list[tuple[list[int], np.ndarray]] = []
-    real_shard = train_data.shard_of_batch
+    real_shard = sampling.shard_of_batch
 
     def recording_shard(batch, group_of, rank, world):
         batches.append((list(batch), group_of))
         return real_shard(batch, group_of, rank, world)
 
-    monkeypatch.setattr(train_data, "shard_of_batch", recording_shard)
+    monkeypatch.setattr(sampling, "shard_of_batch", recording_shard)
     result = Trainer(recipe).run()
 
     assert result.steps == STEPS and len(result.losses) == STEPS

@@ -1,11 +1,10 @@
-"""GroupedBatchSampler: whole groups per batch, determinism, resume, weighted mixtures, distributed shares."""
-import itertools
+"""GroupedBatchSampler and RankShard: whole groups per batch, determinism, resume, weighted mixtures, rank shares."""
 import random
 
 import numpy as np
 import pytest
 
-from fuselip_med.data.sampling import GroupedBatchSampler, _pack, mixture_group_weights
+from fuselip_med.data.sampling import GroupedBatchSampler, RankShard, _pack, mixture_group_weights, shard_of_batch
 
 
 def random_groups(num_groups=300, max_size=9, seed=0, start=0):
@@ -144,20 +143,23 @@ def test_epoch_length_fixes_the_number_of_batches_and_cycles():
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_distributed_ranks_are_disjoint_with_equal_counts(world):
+def test_rank_shards_split_each_global_batch_into_contiguous_whole_groups(world):
     groups = random_groups(num_groups=301)
-    per_rank = [list(GroupedBatchSampler(groups, 16, seed=9, num_replicas=world, rank=r)) for r in range(world)]
-    counts = {len(batches) for batches in per_rank}
-    assert len(counts) == 1
+    owner = group_of(groups)
+    numbers = np.empty(max(owner) + 1, dtype=np.int64)
+    for index, g in owner.items():
+        numbers[index] = g
     single = list(GroupedBatchSampler(groups, 16, seed=9))
-    assert counts.pop() == len(single) // world
-    flat = [i for batches in per_rank for batch in batches for i in batch]
-    assert len(flat) == len(set(flat))  # disjoint
-    # together they are the single-process epoch minus at most world - 1 trailing batches
-    dealt = [batch for batches in itertools.zip_longest(*per_rank) for batch in batches if batch is not None]
-    assert dealt == single[:len(dealt)] and len(single) - len(dealt) < world
-    assert [len(GroupedBatchSampler(groups, 16, seed=9, num_replicas=world, rank=r)) for r in range(world)] \
-        == [len(b) for b in per_rank]
+    per_rank = [list(RankShard(GroupedBatchSampler(groups, 16, seed=9), numbers, r, world)) for r in range(world)]
+    assert all(len(shares) == len(single) for shares in per_rank)  # every rank takes every step
+    for step, batch in enumerate(single):
+        shares = [per_rank[r][step] for r in range(world)]
+        assert [i for share in shares for i in share] == batch  # contiguous shares, in rank order, cover it
+        for share in shares:
+            for g in {owner[i] for i in share}:
+                assert set(groups[g]) <= set(share)  # groups are never split across ranks
+    assert shard_of_batch(single[0], numbers, 0, 1) == single[0]
+    assert len(RankShard(GroupedBatchSampler(groups, 16, seed=9), numbers, 1, world)) == len(single)
 
 
 class _FakeMixture:
@@ -216,6 +218,6 @@ def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="shuffle"):
         GroupedBatchSampler([[0], [1]], 2, group_weights=[1.0, 1.0], shuffle=False)
     with pytest.raises(ValueError, match="rank"):
-        GroupedBatchSampler([[0], [1]], 2, num_replicas=2, rank=2)
+        RankShard(GroupedBatchSampler([[0], [1]], 2), np.arange(2), rank=2, world=2)
     with pytest.raises(ValueError, match="empty"):
         GroupedBatchSampler([], 2)

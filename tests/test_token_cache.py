@@ -1,115 +1,204 @@
-"""TokenCache: atomic build, lookups, pickling, and serving ids through SampleDataset + Collator."""
-import pickle
+"""The code cache of training views: exact ids, invalidation by content, resumable and self-repairing builds."""
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from fuselip_med.core.text_tokenizer import TextTokenizer
-from fuselip_med.data.adapters import ListSource
-from fuselip_med.data.collate import Collator
-from fuselip_med.data.dataset import SampleDataset
+from fuselip_med.core.image_preprocess import ImagePreprocess
+from fuselip_med.core.titok import TiTokConfig, TiTokTokenizer
+from fuselip_med.data import token_cache
 from fuselip_med.data.images import DecodeOptions, decode_image
-from fuselip_med.data.schema import Sample
-from fuselip_med.data.token_cache import TokenCache, build_token_cache, image_key
+from fuselip_med.data.token_cache import (
+    CODES_FILE,
+    INDEX_FILE,
+    CodeCache,
+    ViewSpec,
+    content_hash,
+    decode_view,
+    draw_view,
+    row_key,
+    titok_fingerprint,
+)
+from fuselip_med.train.image_codes import ensure_code_cache
 
-OPTIONS = DecodeOptions(image_size=16)
-
-
-def fake_tokenizer(pixels):
-    """Stands in for TiTok: 128 ids per image, a function of its pixels."""
-    base = (pixels.mean(dim=(1, 2, 3)) * 1000).long()
-    return base[:, None] + torch.arange(128)
-
-
-def test_build_get_and_reopen(tmp_path):
-    keys = [f"k{i}" for i in range(5)]
-    pixels = torch.rand(5, 3, 16, 16)
-    path = tmp_path / "cache"
-    cache = TokenCache.build(path, keys, [pixels[:2], pixels[2:]], fake_tokenizer, meta={"tokenizer": "fake"})
-    expected = fake_tokenizer(pixels)
-    assert len(cache) == 5 and "k3" in cache and cache.meta == {"tokenizer": "fake"}
-    got = cache.get(["k3", "k0"])
-    assert got.dtype == torch.long and torch.equal(got, expected[[3, 0]])
-    assert cache.get(["k1", "nope"]) is None
-    assert torch.equal(cache.get_one("k4"), expected[4]) and cache.get_one("nope") is None
-    assert np.load(path / "codes.npy", mmap_mode="r").dtype == np.int16
-    reopened = pickle.loads(pickle.dumps(TokenCache(path)))
-    assert torch.equal(reopened.get(keys), expected)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # no temp dirs left
+REPO = Path(__file__).resolve().parents[1]
+VIEWS = 3
 
 
-def test_build_is_atomic_and_checks_inputs(tmp_path):
-    path = tmp_path / "cache"
-    TokenCache.build(path, ["a"], [torch.rand(1, 3, 16, 16)], fake_tokenizer)
-    with pytest.raises(FileExistsError, match="overwrite"):
-        TokenCache.build(path, ["b"], [torch.rand(1, 3, 16, 16)], fake_tokenizer)
-
-    def failing_batches():
-        yield torch.rand(1, 3, 16, 16)
-        raise RuntimeError("disk on fire")
-
-    with pytest.raises(RuntimeError, match="disk on fire"):
-        TokenCache.build(path, ["b", "c"], failing_batches(), fake_tokenizer, overwrite=True)
-    assert "a" in TokenCache(path) and sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # old cache intact
-    with pytest.raises(ValueError, match="2 keys"):
-        TokenCache.build(tmp_path / "x", ["a", "b"], [torch.rand(1, 3, 16, 16)], fake_tokenizer)
-    with pytest.raises(ValueError, match="int32"):
-        TokenCache.build(tmp_path / "y", ["a"], [torch.rand(1, 3, 16, 16)], lambda p: torch.full((1, 128), 40000))
-    big = TokenCache.build(tmp_path / "z", ["a"], [torch.rand(1, 3, 16, 16)], lambda p: torch.full((1, 128), 40000),
-                           dtype=np.int32)
-    assert int(big.get(["a"])[0, 0]) == 40000
-    replaced = TokenCache.build(path, ["b", "b"], [torch.rand(2, 3, 16, 16)], fake_tokenizer, overwrite=True)
-    assert len(replaced) == 1 and "a" not in replaced  # duplicate keys keep one row
-    with pytest.raises(FileNotFoundError, match="no token cache"):
-        TokenCache(tmp_path / "absent")
+@pytest.fixture(scope="module")
+def titok():
+    torch.manual_seed(0)
+    return TiTokTokenizer(TiTokConfig.tiny()).eval()
 
 
-def test_image_key_depends_on_image_and_options(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    assert image_key("a.png", OPTIONS, "s/1#query") == image_key(tmp_path / "sub" / ".." / "a.png", OPTIONS, "")
-    assert image_key(tmp_path / "a.png", OPTIONS, "") == image_key(str(tmp_path / "a.png"), OPTIONS, "other")
-    assert image_key(tmp_path / "a.png", OPTIONS, "") != image_key(tmp_path / "a.png", DecodeOptions(), "")
-    assert image_key(b"abc", OPTIONS, "x") == image_key(b"abc", OPTIONS, "y") != image_key(b"abd", OPTIONS, "x")
-    array = np.zeros((4, 4), np.uint8)
-    assert image_key(array, OPTIONS, "s/1#query") != image_key(array, OPTIONS, "s/2#query")
-
-
-def test_dataset_serves_cached_ids_and_collator_stacks_them(tmp_path):
+def write_images(folder: Path, count: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
     paths = []
-    for i in range(3):
-        paths.append(str(tmp_path / f"{i}.png"))
-        Image.fromarray(np.full((20, 24), 60 * i, np.uint8)).save(paths[-1])
-    (tmp_path / "bad.png").write_bytes(b"")
-    samples = [Sample(id=str(i), source="s", query_image=p, target_text=f"c{i}") for i, p in enumerate(paths)]
-    samples.append(Sample(id="pair", source="s", query_image=paths[0], query_text="edit", target_image=paths[1]))
-    samples.append(Sample(id="bad", source="s", query_image=str(tmp_path / "bad.png"), target_text="x"))
-    samples.append(Sample(id="bytes", source="s", query_image=open(paths[2], "rb").read(), target_text="b"))
-    dataset = SampleDataset(ListSource(samples), OPTIONS)
+    for number in range(count):
+        path = folder / f"{number}.png"
+        Image.fromarray(rng.integers(0, 255, (40 + number, 48, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
 
-    cache = build_token_cache(dataset, tmp_path / "cache", fake_tokenizer, batch_size=2, num_workers=2)
-    assert len(cache) == 4  # three files + the bytes image; repeats and the bad file left out
 
-    cached = SampleDataset(ListSource(samples), OPTIONS, token_cache=cache)
-    item = cached[3]
-    assert item.query_pixels is None and item.target_pixels is None
-    assert torch.equal(item.query_image_ids, fake_tokenizer(decode_image(paths[0], OPTIONS)[None])[0])
-    batch = Collator(TextTokenizer())([cached[i] for i in range(len(samples))])
-    assert batch.ids == ["0", "1", "2", "pair", "bytes"]
-    assert batch.skipped == [(str(tmp_path / "bad.png"), "empty file")]
-    assert batch.query_pixels is None and batch.query_image_ids.shape == (5, 128)
-    assert batch.query_image_ids.dtype == torch.long
-    assert batch.target_image_ids.shape == (1, 128) and batch.target_has_image.tolist() == [0, 0, 0, 1, 0]
-    assert torch.equal(batch.query_image_ids[4], batch.query_image_ids[2])  # same pixels, bytes vs path
+def spec_for(titok, **decode) -> ViewSpec:
+    return ViewSpec(DecodeOptions(**decode), VIEWS, titok_fingerprint("tiny", titok))
 
-    # an image missing from the cache is decoded; a batch mixing both on one side is refused clearly
-    extra = str(tmp_path / "extra.png")
-    Image.fromarray(np.zeros((8, 8), np.uint8)).save(extra)
-    new = Sample(id="new", source="s", query_image=extra, target_text="n")
-    partial = SampleDataset(ListSource([samples[0], new]), OPTIONS, token_cache=cache)
-    assert partial[1].query_pixels is not None
-    with pytest.raises(ValueError, match="rebuild"):
-        Collator(TextTokenizer())([partial[0], partial[1]])
-    with pytest.raises(ValueError, match="train"):
-        SampleDataset(ListSource(samples), OPTIONS, train=True, token_cache=cache)
+
+def images_of(paths, spec):
+    found = {}
+    for path in paths:
+        content = content_hash(path)
+        found[row_key(content, spec)] = (content, path)
+    return found
+
+
+@dataclasses.dataclass
+class WiderCrops(ImagePreprocess):
+    scale: tuple[float, float] = (0.5, 1.0)
+
+
+class Counting:
+    """A tokenizer that counts the images it is given."""
+
+    def __init__(self, titok):
+        self.titok, self.images = titok, 0
+
+    def __call__(self, pixels):
+        self.images += pixels.shape[0]
+        return self.titok.encode(pixels)
+
+
+def test_cached_ids_equal_the_on_the_fly_ids_of_the_same_view(tmp_path, titok):
+    paths = write_images(tmp_path / "img", 3)
+    spec = spec_for(titok)
+    images = images_of(paths, spec)
+    messages = []
+    cache = ensure_code_cache(tmp_path / "cache", spec, images, titok.encode, say=messages.append)
+    assert len(cache) == 3 and "Caching image codes: 3 of 3 images" in messages[0]
+    assert cache.codes.dtype == np.uint16 and cache.codes.shape == (3, VIEWS + 1, 128)
+    for key, (content, path) in images.items():
+        for view in range(VIEWS + 1):
+            pixels = decode_view(path, spec.decode, content, view, VIEWS)
+            with torch.no_grad():
+                assert torch.equal(cache.get(key, view), titok.encode(pixels[None])[0])
+        plain = decode_image(path, spec.decode)
+        assert torch.equal(decode_view(path, spec.decode, content, VIEWS, VIEWS), plain)
+        assert not torch.equal(decode_view(path, spec.decode, content, 0, VIEWS), plain)  # an augmented crop
+    draws = {draw_view(7, epoch, 5, 0, VIEWS) for epoch in range(20)}
+    assert draws == set(range(VIEWS)) and draw_view(7, 1, 5, 0, VIEWS) == draw_view(7, 1, 5, 0, VIEWS)
+
+
+def test_an_edited_image_is_tokenized_again_and_the_others_are_not(tmp_path, titok, monkeypatch):
+    paths = write_images(tmp_path / "img", 4)
+    spec = spec_for(titok)
+    counting = Counting(titok)
+    ensure_code_cache(tmp_path / "cache", spec, images_of(paths, spec), counting)
+    assert counting.images == 4 * (VIEWS + 1)
+    Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(paths[2])  # edited after caching
+    counting.images = 0
+    cache = ensure_code_cache(tmp_path / "cache", spec, images_of(paths, spec), counting)
+    assert counting.images == VIEWS + 1  # only the edited image
+    edited = images_of([paths[2]], spec)
+    key, (content, path) = next(iter(edited.items()))
+    assert torch.equal(cache.get(key, 1), titok.encode(decode_view(path, spec.decode, content, 1, VIEWS)[None])[0])
+    # other preprocessing, crop range or tokenizer makes new keys: everything is tokenized for it
+    before = spec.fingerprint()
+    monkeypatch.setattr(token_cache, "ImagePreprocess", WiderCrops)
+    assert spec.fingerprint() != before
+    monkeypatch.undo()
+    counting.images = 0
+    other = spec_for(titok, resize="pad")
+    ensure_code_cache(tmp_path / "cache", other, images_of(paths, other), counting)
+    assert counting.images == 4 * (VIEWS + 1) and other.fingerprint() != spec.fingerprint()
+    retrained = TiTokTokenizer(TiTokConfig.tiny())
+    with torch.no_grad():
+        next(retrained.parameters()).add_(1.0)
+    assert titok_fingerprint("tiny", retrained) != titok_fingerprint("tiny", titok)
+
+
+def test_a_damaged_cache_is_reported_and_rebuilt(tmp_path, titok):
+    paths = write_images(tmp_path / "img", 3)
+    spec = spec_for(titok)
+    images = images_of(paths, spec)
+    reference = ensure_code_cache(tmp_path / "cache", spec, images, titok.encode)
+    expected = {key: reference.get(key, 0) for key in images}
+    codes_file = tmp_path / "cache" / "views3" / CODES_FILE
+    raw = bytearray(codes_file.read_bytes())
+    raw[reference.row_bytes + 10] ^= 0xFF  # one flipped byte in the second row
+    codes_file.write_bytes(bytes(raw))
+    messages, counting = [], Counting(titok)
+    cache = ensure_code_cache(tmp_path / "cache", spec, images, counting, say=messages.append)
+    assert any("1 row(s) failed their checksum" in m for m in messages)
+    assert counting.images == VIEWS + 1
+    assert all(torch.equal(cache.get(key, 0), expected[key]) for key in images)
+
+    (tmp_path / "cache" / "views3" / INDEX_FILE).write_bytes(b"\x00garbage")
+    messages, counting.images = [], 0
+    cache = ensure_code_cache(tmp_path / "cache", spec, images, counting, say=messages.append)
+    assert any("no readable header; rebuilding it" in m for m in messages)
+    assert counting.images == 3 * (VIEWS + 1) and all(torch.equal(cache.get(k, 0), expected[k]) for k in images)
+
+
+KILLED_BUILD = """
+import sys, time
+from pathlib import Path
+import torch
+from fuselip_med.core.image_preprocess import ImagePreprocess
+from fuselip_med.core.titok import TiTokConfig, TiTokTokenizer
+from fuselip_med.data import token_cache
+from tests.test_token_cache import images_of, spec_for, write_images
+from fuselip_med.train.image_codes import ensure_code_cache
+
+root = Path(sys.argv[1])
+torch.manual_seed(0)
+titok = TiTokTokenizer(TiTokConfig.tiny()).eval()
+spec = spec_for(titok)
+original = token_cache.CodeCache.append
+def slow_append(self, keys, codes):
+    original(self, keys, codes)
+    if self.count >= 2:
+        (root / "marker").write_text("committed")
+        time.sleep(600)
+token_cache.CodeCache.append = slow_append
+ensure_code_cache(root / "cache", spec, images_of(write_images(root / "img", 5), spec), titok.encode,
+                  images_per_batch=1)
+"""
+
+
+def test_a_build_killed_midway_resumes_where_it_stopped(tmp_path, titok):
+    script = tmp_path / "build.py"
+    script.write_text(KILLED_BUILD)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "marker").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    part = CodeCache(tmp_path / "cache" / "views3" / "parts" / "rank0", VIEWS, writable=False)
+    assert len(part) == 2  # two committed chunks of one image survived the kill
+    spec = spec_for(titok)
+    images = images_of(write_images(tmp_path / "img", 5), spec)
+    counting = Counting(titok)
+    cache = ensure_code_cache(tmp_path / "cache", spec, images, counting)
+    assert counting.images == 3 * (VIEWS + 1) and len(cache) == 5
+    fresh = ensure_code_cache(tmp_path / "fresh", spec, images, titok.encode)
+    assert all(torch.equal(cache.get(k, v), fresh.get(k, v)) for k in images for v in range(VIEWS + 1))
+    assert not (tmp_path / "cache" / "views3" / "parts").exists()
+

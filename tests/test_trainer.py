@@ -233,9 +233,9 @@ def test_non_finite_loss_skips_then_stops_and_keeps_the_last_checkpoint(tmp_path
 
     original = FuseLIPObjective.forward
 
-    def poisoned(self, batch, step):
-        out = original(self, batch, step)
-        if step >= 3:
+    def poisoned(self, inputs):
+        out = original(self, inputs)
+        if inputs.step >= 3:
             out.total = out.total * float("nan")
         return out
 

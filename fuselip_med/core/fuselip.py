@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fuselip_med.core.hub import CONFIG_NAME, SAFETENSORS_NAME, HubModelMixin
 from fuselip_med.core.text_tokenizer import TextTokenizer
@@ -206,15 +207,23 @@ class ResidualBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of residual blocks (``transformer.resblocks.{i}`` in the released state dict)."""
+    """A stack of residual blocks (``transformer.resblocks.{i}`` in the released state dict).
+
+    ``grad_checkpointing = True`` recomputes each block's activations in the backward pass instead of
+    keeping them (``torch.utils.checkpoint``, non-reentrant): less memory, about one more forward of compute.
+    """
 
     def __init__(self, width: int, heads: int, layers: int, mlp_ratio: float):
         super().__init__()
         self.resblocks = nn.ModuleList(ResidualBlock(width, heads, mlp_ratio) for _ in range(layers))
+        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, attend: torch.Tensor | None) -> torch.Tensor:
         for block in self.resblocks:
-            x = block(x, attend)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, attend, use_reentrant=False)
+            else:
+                x = block(x, attend)
         return x
 
 
@@ -323,15 +332,17 @@ class FuseLIP(nn.Module, HubModelMixin, tags=["fuselip"]):
         image_codes: torch.Tensor | None,
         has_image: torch.Tensor | None = None,
         has_text: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
     ) -> torch.Tensor:
         """Joint-vocabulary ids for a batch of rows, each text-only, image-only or fused (§2.3).
 
         ``image_codes`` holds codebook ids (before the offset) for the rows where ``has_image`` is True, in
         order. Rows with an image and without text get the 130-token image-only sequence; the batch is
-        right-padded with 0 and cut to the longest row (first eot + 1), which masking makes exact.
+        right-padded with 0 and cut to the longest row (first eot + 1), which masking makes exact. The ids
+        are built on ``device`` (default: the model's; the trainer builds them on the CPU, off the device queue).
         """
         ctx = self.config.context_length
-        device = self.device
+        device = self.device if device is None else torch.device(device)
         if text_ids is None and image_codes is None:
             raise ValueError("encode needs images, texts or both.")
         batch = text_ids.shape[0] if text_ids is not None else image_codes.shape[0]

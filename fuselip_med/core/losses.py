@@ -1,48 +1,19 @@
-"""Training losses: the sigmoid (SigLIP) contrastive loss across processes, and masked multimodal modelling."""
+"""Training losses: the sigmoid (SigLIP) contrastive loss across processes, and masked multimodal modelling (MMM).
+
+Both are distributed-correct: P processes holding the rows of one global batch get the same loss and (after
+DDP's gradient averaging) the same gradients as one process holding the whole batch.
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from fuselip_med.core.distributed import gather_rows
+
 IGNORE_INDEX = -100
-
-
-class _AllGatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums every rank's gradient for our rows (works on gloo and nccl)."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        ctx.rank, ctx.world = dist.get_rank(), dist.get_world_size()
-        parts = [torch.empty_like(tensor) for _ in range(ctx.world)]
-        dist.all_gather(parts, tensor.contiguous())
-        return torch.stack(parts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[ctx.rank]
-
-
-def _gather_with_grad(features: torch.Tensor) -> tuple[torch.Tensor, int, float]:
-    """All ranks' rows in rank order (gradients flow back to their owners), our row offset, mean rows per rank.
-
-    Ranks may hold different numbers of rows (whole hard-negative groups): rows are padded to the largest
-    rank for the collective and the padding is dropped again.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return features, 0, float(features.shape[0])
-    rank, world = dist.get_rank(), dist.get_world_size()
-    sizes = torch.zeros(world, dtype=torch.long, device=features.device)
-    sizes[rank] = features.shape[0]
-    dist.all_reduce(sizes)
-    sizes_list = sizes.tolist()
-    padded = F.pad(features, (0, 0, 0, max(sizes_list) - features.shape[0]))
-    gathered = [part[:size] for part, size in zip(_AllGatherWithGrad.apply(padded), sizes_list)]
-    return torch.cat(gathered, dim=0), sum(sizes_list[:rank]), sum(sizes_list) / world
 
 
 def sigmoid_loss(
@@ -52,29 +23,30 @@ def sigmoid_loss(
     logit_bias: torch.Tensor,
     *,
     distributed: bool = True,
+    rank_rows: list[int] | None = None,
 ) -> torch.Tensor:
-    """SigLIP loss of local left rows against the right rows of every rank.
+    """SigLIP loss (Zhai et al. 2023, eq. 1) of local ``left`` rows ``[b, D]`` against every rank's ``right`` rows.
 
-    ``logit_scale`` is the log-space parameter (exponentiated here); ``logit_bias`` is additive. The sum
-    over this rank's rows is divided by the mean rows per rank (the local batch when ranks are equal, as in
-    the reference), so the ranks' mean loss and DDP's averaged gradients equal the single-process loss and
-    gradients on the global batch.
+    ``logit_scale`` is the log-space parameter (exponentiated here); ``logit_bias`` is additive. The sum over
+    this rank's rows is divided by the mean rows per rank (the local batch when ranks are equal, as in the
+    reference), so the ranks' mean loss and DDP's averaged gradients equal the single-process loss and
+    gradients on the global batch. ``rank_rows`` (every rank's row count) saves a size exchange. Scalar float.
     """
-    offset, rows_per_rank = 0, float(left.shape[0])
+    offset, mean_rows = 0, float(left.shape[0])
     if distributed:
-        right, offset, rows_per_rank = _gather_with_grad(right)
+        right, offset, mean_rows = gather_rows(right, rank_rows)
     local = left.shape[0]
     logits = logit_scale.exp() * left @ right.T + logit_bias
     labels = -torch.ones_like(logits)
     rows = torch.arange(local, device=left.device)
     labels[rows, rows + offset] = 1.0
-    return -F.logsigmoid(labels * logits).sum() / max(rows_per_rank, 1.0)
+    return -F.logsigmoid(labels * logits).sum() / max(mean_rows, 1.0)
 
 
 def clamp_logit_scale(logit_scale: torch.nn.Parameter, max_scale: float = 100.0) -> None:
     """Keep exp(logit_scale) within [1, max_scale] after each optimizer step, as the reference does."""
     with torch.no_grad():
-        logit_scale.clamp_(0.0, float(torch.log(torch.tensor(max_scale))))
+        logit_scale.clamp_(0.0, math.log(max_scale))
 
 
 @dataclass(frozen=True)
@@ -95,39 +67,56 @@ class MaskingConfig:
         )
 
 
+def mask_seed(seed: int, step: int, side: int) -> int:
+    """The generator seed of one side's MMM draws at one global micro-batch ``step`` (63-bit int)."""
+    return (seed * 2**32 + step * 2 + side) % 2**63
+
+
 def mask_tokens(
-    input_ids: torch.Tensor, masking: MaskingConfig, generator: torch.Generator | None = None
+    input_ids: torch.Tensor,
+    masking: MaskingConfig,
+    generator: torch.Generator,
+    *,
+    row_offset: int = 0,
+    global_rows: int | None = None,
+    context_length: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Replace a Bernoulli(p) subset of maskable ids by ``[MASK]``; labels hold the originals, −100 elsewhere.
 
-    sot can be masked; pad/eot/[MASK]/id max_text_token+1 never are; no random or kept replacement.
+    ``input_ids`` ``[b, L]`` int64 are this rank's rows ``row_offset : row_offset + b`` of a global batch of
+    ``global_rows`` rows. The uniform draws are made on the CPU for the whole ``[global_rows, context_length]``
+    batch and this rank takes its block, so any split of a global batch over processes masks the same tokens.
+    sot can be masked; pad/eot/[MASK]/id max_text_token+1 never are; no random or kept replacement (the
+    reference's ``rand_repl_probability`` is 0). Returns (masked ids, labels), both ``[b, L]`` int64.
     """
-    draw = torch.rand(input_ids.shape, generator=generator, device="cpu").to(input_ids.device)
-    maskable = ~torch.isin(input_ids, torch.tensor(masking.never_mask, device=input_ids.device))
-    chosen = (draw < masking.probability) & maskable
-    masked = input_ids.masked_fill(chosen, masking.mask_token_id)
-    labels = input_ids.masked_fill(~chosen, IGNORE_INDEX)
-    return masked, labels
+    rows, length = input_ids.shape
+    total = rows if global_rows is None else global_rows
+    width = length if context_length is None else context_length
+    draws = torch.rand(total, width, generator=generator)[row_offset: row_offset + rows, :length]
+    never = torch.tensor(masking.never_mask, device=input_ids.device)
+    chosen = (draws.to(input_ids.device) < masking.probability) & ~torch.isin(input_ids, never)
+    return input_ids.masked_fill(chosen, masking.mask_token_id), input_ids.masked_fill(~chosen, IGNORE_INDEX)
 
 
-def masked_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over masked positions; exactly 0 (with a graph) when nothing was masked."""
-    if labels.numel() == 0 or not (labels != IGNORE_INDEX).any():
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+def masked_token_loss(
+    logits: torch.Tensor, labels: torch.Tensor, global_masked: torch.Tensor | int, world: int = 1
+) -> torch.Tensor:
+    """MMM cross-entropy of this rank's masked tokens, normalised so the ranks' mean is the global token mean.
+
+    ``logits`` ``[m, V]`` at the masked positions, ``labels`` ``[m]`` int64, ``global_masked`` the number of
+    masked tokens over all ranks (a tensor keeps the step free of host syncs). One process: the plain mean
+    cross-entropy; nothing masked anywhere: exactly 0 with a graph. Computed in float32.
+    """
+    total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    if isinstance(global_masked, torch.Tensor):
+        return total * world / global_masked.clamp(min=1)
+    return total * world / max(int(global_masked), 1)
 
 
 @dataclass
 class LossOutput:
-    """The total loss and its parts, for logging."""
+    """The total loss and its parts (scalars), for the backward pass and for logging."""
 
     total: torch.Tensor
     contrastive: torch.Tensor
     mmm: torch.Tensor
-
-
-def combine_losses(contrastive: torch.Tensor, mmm_left: torch.Tensor, mmm_right: torch.Tensor,
-                   mmm_weight: float = 0.25) -> LossOutput:
-    """Total = contrastive + weight × (CE_left + CE_right), the paper's objective."""
-    mmm = mmm_left + mmm_right
-    return LossOutput(total=contrastive + mmm_weight * mmm, contrastive=contrastive, mmm=mmm)

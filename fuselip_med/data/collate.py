@@ -1,7 +1,8 @@
-"""Decoded items -> ``Batch``: text ids, stacked pixels (or cached image ids) and has-image masks.
+"""Decoded items -> ``Batch``: text ids, stacked pixels and cached image ids, has-image/has-codes masks.
 
 Rows are the kept items in order. Image tensors hold only the rows that have an image on that side (in
-row order); ``*_has_image`` tells which rows those are. ``SkippedSample`` items are dropped and listed in
+row order): ``*_image_ids`` the rows whose codes came from the code cache (``*_has_codes``), ``*_pixels``
+the other image rows; one batch may mix both. ``SkippedSample`` items are dropped and listed in
 ``Batch.skipped``; ``SkipCounter`` (a ``SkipReport``) names them in the main process.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ DEFAULT_CONTEXT_LENGTH = 180
 class Batch:
     query_text_ids: torch.Tensor                 # (B, L) long
     target_text_ids: torch.Tensor                # (B, L) long
-    query_pixels: torch.Tensor | None            # (Nq, 3, S, S) float, rows with a query image (no cached ids)
+    query_pixels: torch.Tensor | None            # (Np, 3, S, S) float: rows with a query image and no cached ids
     query_has_image: torch.Tensor                # (B,) bool
     target_pixels: torch.Tensor | None           # (Nt, 3, S, S) float
     target_has_image: torch.Tensor               # (B,) bool
@@ -29,8 +30,10 @@ class Batch:
     groups: list[str]
     sources: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (path or source/id, reason)
-    query_image_ids: torch.Tensor | None = None  # (Nq, 128) long, when every query image came from a token cache
+    query_image_ids: torch.Tensor | None = None  # (Nc, 128) long: rows whose image came as cached code ids
     target_image_ids: torch.Tensor | None = None
+    query_has_codes: torch.Tensor | None = None  # (B,) bool: the rows behind query_image_ids (a subset of has_image)
+    target_has_codes: torch.Tensor | None = None
     meta: list[dict[str, Any]] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -83,20 +86,15 @@ def collate_samples(
 
     images: dict[str, Any] = {}
     for side in SIDES:
-        has = [row.has_image(side) for row in rows]
-        with_image = [row for row, flag in zip(rows, has) if flag]
-        cached = [getattr(row, f"{side}_image_ids") for row in with_image]
-        pixels = [getattr(row, f"{side}_pixels") for row in with_image]
-        images[f"{side}_has_image"] = torch.tensor(has, dtype=torch.bool)
-        images[f"{side}_pixels"] = images[f"{side}_image_ids"] = None
-        if with_image and all(ids is not None for ids in cached):
-            images[f"{side}_image_ids"] = _stack(cached, f"{side} image ids")
-        elif with_image:
-            missing = [row.id for row, p in zip(with_image, pixels) if p is None]
-            if missing:
-                raise ValueError(f"the token cache holds only some {side} images of this batch (e.g. not the one "
-                                 f"of sample {missing[0]!r}); rebuild it for this dataset and decode options")
-            images[f"{side}_pixels"] = _stack(pixels, f"{side} images")
+        cached = [getattr(row, f"{side}_image_ids") for row in rows]
+        pixels = [getattr(row, f"{side}_pixels") for row in rows]
+        has_codes = [ids is not None for ids in cached]
+        images[f"{side}_has_image"] = torch.tensor([row.has_image(side) for row in rows], dtype=torch.bool)
+        images[f"{side}_has_codes"] = torch.tensor(has_codes, dtype=torch.bool)
+        with_codes = [ids for ids in cached if ids is not None]
+        with_pixels = [p for p, coded in zip(pixels, has_codes) if p is not None and not coded]
+        images[f"{side}_image_ids"] = _stack(with_codes, f"{side} image ids").long() if with_codes else None
+        images[f"{side}_pixels"] = _stack(with_pixels, f"{side} images") if with_pixels else None
 
     return Batch(
         query_text_ids=texts("query"),

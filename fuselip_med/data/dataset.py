@@ -1,9 +1,10 @@
 """Map-style datasets that turn a SampleSource's cheap ``Sample``s into decoded, batch-ready items.
 
 ``SampleDataset.__getitem__`` runs in DataLoader workers: it decodes the image sides to (3, S, S) tensors
-(or looks their TiTok ids up in a token cache) and returns a ``DecodedSample``. Bad data never raises here:
-it comes back as a ``SkippedSample`` with a short reason, the collator drops it and lists it in
-``Batch.skipped``, and a ``SkipCounter`` in the main process tallies them. ``strict=True`` raises instead.
+(or, with ``ImageViews``, serves one of K cached views as TiTok code ids) and returns a ``DecodedSample``.
+Bad data never raises here: it comes back as a ``SkippedSample`` with a short reason, the collator drops
+it and lists it in ``Batch.skipped``, and a ``SkipCounter`` in the main process tallies them. ``strict=True``
+raises instead.
 
 Training crops are drawn from a generator seeded by (seed, epoch, index), so a run is reproducible whatever
 the number of workers and the order in which they fetch items.
@@ -21,11 +22,10 @@ from torch.utils.data import Dataset
 
 from fuselip_med.data.images import DecodeOptions, ImageDecodeError, decode_image
 from fuselip_med.data.schema import Sample
-from fuselip_med.data.token_cache import image_key
+from fuselip_med.data.token_cache import CodeCache, ViewSpec, decode_view, draw_view
 
 if TYPE_CHECKING:
     from fuselip_med.data.adapters import SampleSource
-    from fuselip_med.data.token_cache import TokenCache
 
 SIDES = ("query", "target")
 
@@ -34,8 +34,7 @@ SIDES = ("query", "target")
 class DecodedSample:
     """One item ready for the collator: texts as str (None = absent), images as (3, S, S) float tensors.
 
-    With a token cache, an image side may come as its 128 TiTok ids (``*_image_ids``) instead of pixels.
-    ``*_image_key`` names the image for the token cache (set in eval mode only).
+    With a code cache, an image side may come as its 128 TiTok ids (``*_image_ids``, int64) instead of pixels.
     """
 
     id: str
@@ -48,8 +47,6 @@ class DecodedSample:
     meta: dict[str, Any] = field(default_factory=dict)
     query_image_ids: torch.Tensor | None = None
     target_image_ids: torch.Tensor | None = None
-    query_image_key: str | None = None
-    target_image_key: str | None = None
 
     def has_image(self, side: str) -> bool:
         return getattr(self, f"{side}_pixels") is not None or getattr(self, f"{side}_image_ids") is not None
@@ -104,13 +101,27 @@ def _path_of(image: Any) -> str | None:
     return os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
 
 
+@dataclass
+class ImageViews:
+    """A training dataset's image views: per index, per side, (content hash, cache row key) or None (no image,
+    or an image that could not be read: it is decoded as usual and skipped with its reason).
+
+    Without ``cache`` the views are decoded on the fly (``pixel_views``); with it, cached rows are served as
+    code ids and rows the cache lacks fall back to decoding the same view.
+    """
+
+    spec: ViewSpec
+    entries: list[tuple[tuple[str, str] | None, tuple[str, str] | None]]
+    cache: CodeCache | None = None
+
+
 class SampleDataset(Dataset):
     """A SampleSource whose items are decoded (in DataLoader workers) into ``DecodedSample``s.
 
     ``train=True`` applies the reference random resized crop with a per-item generator from
     (seed, epoch, index); call ``set_epoch`` before each epoch. The epoch lives in shared memory, so
-    persistent DataLoader workers see the new value too. ``token_cache`` (eval only) serves image sides as
-    precomputed TiTok ids; images it does not hold are decoded as usual.
+    persistent DataLoader workers see the new value too. ``views`` (training only) restricts the crops to
+    the K seeded views of each image and, when it holds a code cache, serves their code ids instead.
     """
 
     def __init__(
@@ -120,16 +131,16 @@ class SampleDataset(Dataset):
         train: bool = False,
         strict: bool = False,
         seed: int = 0,
-        token_cache: TokenCache | None = None,
+        views: ImageViews | None = None,
     ):
-        if train and token_cache is not None:
-            raise ValueError("a token cache holds ids of untransformed images; it cannot be used with train=True")
+        if views is not None and not train:
+            raise ValueError("image views are training augmentations; use them with train=True")
         self.source = source
         self.decode = decode
         self.train = train
         self.strict = strict
         self.seed = seed
-        self.token_cache = token_cache
+        self.views = views
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     @property
@@ -148,13 +159,6 @@ class SampleDataset(Dataset):
 
     def groups(self) -> list[list[int]]:
         return self.source.groups()
-
-    def image_key(self, sample: Sample, side: str) -> str | None:
-        """The token-cache key of a sample's image on ``side`` (None when that side has no image)."""
-        image = getattr(sample, f"{side}_image")
-        if image is None:
-            return None
-        return image_key(image, self.decode, fallback=f"{sample.source}/{sample.id}#{side}")
 
     def __getitem__(self, index: int) -> DecodedSample | SkippedSample:
         sample: Sample | None = None
@@ -186,22 +190,24 @@ class SampleDataset(Dataset):
         if self.train:
             generator = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
         out: dict[str, Any] = {}
-        for side in SIDES:
+        for number, side in enumerate(SIDES):
             image = getattr(sample, f"{side}_image")
-            pixels = ids = key = None
-            if image is not None:
-                if not self.train:
-                    key = self.image_key(sample, side)
-                if self.token_cache is not None:
-                    ids = self.token_cache.get_one(key)
-                if ids is None:
+            pixels = ids = None
+            entry = self.views.entries[index][number] if self.views is not None else None
+            try:
+                if entry is not None:
+                    content, key = entry
+                    view = draw_view(self.seed, self.epoch, index, number, self.views.spec.views)
+                    ids = self.views.cache.get(key, view) if self.views.cache is not None else None
+                    if ids is None:
+                        pixels = decode_view(image, self.decode, content, view, self.views.spec.views)
+                elif image is not None:
                     # Images a task already rendered at the final size (TGIT) get no second random crop.
                     augment = self.train and not sample.meta.get("preprocessed", False)
-                    try:
-                        pixels = decode_image(image, self.decode, train=augment, generator=generator)
-                    except ImageDecodeError as error:
-                        raise _BadSample(error.reason, f"{side} image: {error}", _path_of(image)) from error
-            out[f"{side}_pixels"], out[f"{side}_image_ids"], out[f"{side}_image_key"] = pixels, ids, key
+                    pixels = decode_image(image, self.decode, train=augment, generator=generator)
+            except ImageDecodeError as error:
+                raise _BadSample(error.reason, f"{side} image: {error}", _path_of(image)) from error
+            out[f"{side}_pixels"], out[f"{side}_image_ids"] = pixels, ids
         return DecodedSample(
             id=str(sample.id),
             source=str(sample.source),

@@ -13,12 +13,11 @@
    closes when it is full or after ``lookahead`` deferred groups. Groups are never split, so unlike the
    reference sampler (which spills a group's overflow into the next batch) a batch may be a few indices
    short of ``batch_size``;
-3. deals the batches to ranks round-robin (rank r gets batches r, r + P, ...). Every rank gets the same
-   number of batches, ``total // P``: the last ``total % P`` batches of the epoch are dropped (at most
-   P - 1 batches; the same on every rank), so ranks stay disjoint and in step. With ``drop_last`` the
-   epoch's final batch is also dropped when it is short (only without ``epoch_length``).
+3. with ``drop_last``, drops the epoch's final batch when it is short (only without ``epoch_length``).
 
-Everything is a function of (seed, epoch), the same on every rank and for any number of workers.
+These are *global* batches: every process builds the same sequence (everything is a function of (seed,
+epoch), for any number of workers), and ``RankShard`` gives each process its contiguous share of each
+global batch, cut at group boundaries, so one process and P processes train on the same global batches.
 
 Position: the sampler counts the batches it hands out. After an epoch's batches are all out, the next
 iteration starts the following epoch by itself; ``set_epoch(e)`` with a new epoch also starts it from its
@@ -27,7 +26,7 @@ first batch, while ``set_epoch`` with the current epoch keeps the position (so a
 it by ``load_state_dict`` yields exactly the remaining batches of that epoch, then the later epochs as an
 uninterrupted run would. A DataLoader with workers asks for batches ahead of the training loop: pass the
 number of this epoch's batches the loop actually consumed, ``state_dict(batches_done=k)``. Resume with the
-same groups, batch size and number of ranks.
+same groups and batch size (any number of ranks).
 """
 from __future__ import annotations
 
@@ -106,8 +105,6 @@ class GroupedBatchSampler(Sampler[list[int]]):
         shuffle: bool = True,
         drop_last: bool = False,
         group_weights: Sequence[float] | None = None,
-        num_replicas: int = 1,
-        rank: int = 0,
         epoch_length: int | None = None,
         lookahead: int = 64,
     ):
@@ -115,8 +112,6 @@ class GroupedBatchSampler(Sampler[list[int]]):
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if not groups:
             raise ValueError("GroupedBatchSampler got no groups: the dataset is empty")
-        if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is not in [0, num_replicas={num_replicas})")
         if epoch_length is not None and epoch_length < 1:
             raise ValueError(f"epoch_length must be a positive number of batches, got {epoch_length}")
         sizes = np.fromiter((len(group) for group in groups), dtype=np.int64, count=len(groups))
@@ -145,13 +140,11 @@ class GroupedBatchSampler(Sampler[list[int]]):
         self.seed = seed
         self.shuffle = shuffle
         self.drop_last = drop_last
-        self.num_replicas = num_replicas
-        self.rank = rank
         self.epoch_length = epoch_length
         self.lookahead = lookahead
         self.epoch = 0
         self._position = 0
-        self._plans: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # the last two epochs' plans
+        self._plans: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}  # the last two epochs' plans
 
     # ---- the epoch plan -------------------------------------------------------------------------------
     def _stream(self, rng: np.random.Generator) -> Iterator[int]:
@@ -167,12 +160,12 @@ class GroupedBatchSampler(Sampler[list[int]]):
         for _ in itertools.count() if endless else range(1):
             yield from (rng.permutation(num_groups) if self.shuffle else np.arange(num_groups)).tolist()
 
-    def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(group order, global batch boundaries, this rank's batch numbers) for ``epoch``, cached."""
+    def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """(group order, batch boundaries, number of batches) for ``epoch``, cached."""
         if epoch in self._plans:
             return self._plans[epoch]
         rng = np.random.default_rng([self.seed & (2**64 - 1), epoch])
-        wanted = None if self.epoch_length is None else self.epoch_length * self.num_replicas
+        wanted = self.epoch_length
         stream = self._stream(rng)
         if self._singletons and self._cdf is None and wanted is None:
             # one permutation of singletons: packing is chunking (same result as _pack, much faster)
@@ -185,12 +178,10 @@ class GroupedBatchSampler(Sampler[list[int]]):
             last_size = int(self._sizes[order[bounds[-2]:]].sum())
             if last_size < self.batch_size:
                 total -= 1
-        per_rank = total // self.num_replicas
-        mine = self.rank + self.num_replicas * np.arange(per_rank, dtype=np.int64)
         if len(self._plans) >= 2:
             del self._plans[min(self._plans)]
-        self._plans[epoch] = (order, bounds, mine)
-        return order, bounds, mine
+        self._plans[epoch] = (order, bounds, total)
+        return order, bounds, total
 
     def _indices(self, order: np.ndarray, bounds: np.ndarray, batch: int) -> list[int]:
         groups = order[bounds[batch]:bounds[batch + 1]]
@@ -202,8 +193,8 @@ class GroupedBatchSampler(Sampler[list[int]]):
 
     # ---- Sampler API ----------------------------------------------------------------------------------
     def batches_per_epoch(self, epoch: int | None = None) -> int:
-        """Number of batches this rank gets in ``epoch`` (default: the current one), from its start."""
-        return len(self._plan(self.epoch if epoch is None else epoch)[2])
+        """Number of batches in ``epoch`` (default: the current one), from its start."""
+        return self._plan(self.epoch if epoch is None else epoch)[2]
 
     def __len__(self) -> int:
         """Batches the next iteration yields: the rest of the current epoch, or the next epoch if it is done."""
@@ -214,11 +205,10 @@ class GroupedBatchSampler(Sampler[list[int]]):
         if self._position >= self.batches_per_epoch():
             self.epoch += 1
             self._position = 0
-        order, bounds, mine = self._plan(self.epoch)
-        while self._position < len(mine):
-            batch = int(mine[self._position])
+        order, bounds, total = self._plan(self.epoch)
+        while self._position < total:
             self._position += 1
-            yield self._indices(order, bounds, batch)
+            yield self._indices(order, bounds, self._position - 1)
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its first batch; the current epoch keeps its position (resume)."""
@@ -240,3 +230,39 @@ class GroupedBatchSampler(Sampler[list[int]]):
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
         self._position = int(state["batches_done"])
+
+
+def shard_of_batch(batch: list[int], group_of: np.ndarray, rank: int, world: int) -> list[int]:
+    """Rows of a global ``batch`` for ``rank`` of ``world``: each group goes to the rank whose equal share
+    of the batch holds the group's first row, so shares are contiguous, whole groups, and cover the batch."""
+    if world == 1:
+        return list(batch)
+    groups = group_of[np.asarray(batch)]
+    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
+    owner_of_start = np.minimum(starts * world // len(batch), world - 1)
+    lengths = np.diff(np.r_[starts, len(batch)])
+    owner = np.repeat(owner_of_start, lengths)
+    return [index for index, who in zip(batch, owner) if who == rank]
+
+
+class RankShard(Sampler[list[int]]):
+    """This rank's share (``shard_of_batch``) of each global batch of a ``GroupedBatchSampler``.
+
+    ``group_of`` ``[N]`` int64 maps a dataset index to its group number. Every rank gets one (possibly
+    short, possibly empty) share per global batch, so all ranks take the same number of steps.
+    """
+
+    def __init__(self, sampler: GroupedBatchSampler, group_of: np.ndarray, rank: int, world: int):
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in [0, world={world})")
+        self.sampler = sampler
+        self.group_of = group_of
+        self.rank = rank
+        self.world = world
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.sampler:
+            yield shard_of_batch(batch, self.group_of, self.rank, self.world)

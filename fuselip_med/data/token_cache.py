@@ -1,76 +1,237 @@
-"""Precomputed TiTok code ids for untransformed (eval) images.
+"""Cached TiTok codes of training images: K seeded augmented views and the plain view of every image.
 
-The image tokenizer is frozen, so an eval image always maps to the same 128 ids: compute them once and
-serve them from disk instead of decoding and encoding the image every evaluation. A cache is a directory:
+The image tokenizer is frozen, so the codes of an image's view are known once computed. A cache stores, per
+image, the codes of ``K`` random resized crops (the training augmentation, each drawn from a generator seeded
+by the image's content hash and the view number) and of the plain resized view (view ``K``). Training then
+draws a view per (seed, epoch, sample) and reads its 128 ids instead of decoding pixels and running TiTok.
 
-    codes.npy    (N, T) int16 (or int32) array, read through a memory map
-    index.json   {"version": 1, "num_tokens": T, "rows": {key: row}, "meta": {...}}
+A cache is a directory (one per K):
 
-A key names the image *and* how it was decoded (``image_key``): the absolute path for files, a SHA-1 of
-the bytes for encoded bytes, else a caller-given fallback (source/id#side), plus a hash of the
-DecodeOptions. Absolute paths make a cache specific to one machine's data location; rebuild it elsewhere.
+    codes.u16     uint16 rows of shape [K + 1, 128], read through a memory map ([N, K + 1, 128])
+    index.jsonl   a header line {"version", "views", "tokens"}, then one line per committed chunk
+                  {"start": first row, "keys": [...], "crc": [crc32 of each row]}
+    files.json    {absolute path: [size, mtime_ns, content hash]}: saves re-hashing unchanged files
+
+A row's key is ``<content hash>|<preprocessing+tokenizer fingerprint>`` (``row_key``): an edited image (new
+content hash), another image size, window, crop range or tokenizer gives new keys, so exactly the entries
+they touch are tokenized again while the others are reused. Writes append (codes first, then the journal
+line), so a build killed at any point resumes from its last committed chunk: a torn journal line and code
+bytes past the last committed row are dropped on open. Every open checks each row's CRC-32; damaged rows
+or an unreadable journal are reported in one line and rebuilt.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import os
 import shutil
-import tempfile
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, NamedTuple
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from fuselip_med.data.dataset import SampleDataset
-    from fuselip_med.data.images import DecodeOptions
+from fuselip_med.data.images import DecodeOptions, ImagePreprocess, decode_image
 
-CODES_FILE = "codes.npy"
-INDEX_FILE = "index.json"
-
-
-@functools.lru_cache(maxsize=64)
-def options_hash(options: DecodeOptions) -> str:
-    """A short stable hash of decode options (image size, resize mode, window, frame)."""
-    fields = dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {"repr": repr(options)}
-    text = json.dumps(fields, sort_keys=True, default=repr)
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
+CACHE_VERSION = 1
+CODES_FILE = "codes.u16"
+INDEX_FILE = "index.jsonl"
+FILES_FILE = "files.json"
+PARTS_DIR = "parts"
+VIEW_SCHEME = "sha256(content hash:view) -> torch.Generator"
 
 
-def image_key(image: Any, options: DecodeOptions, fallback: str) -> str:
-    """The cache key of one image decoded with ``options``; ``fallback`` names in-memory images."""
+@dataclass(frozen=True)
+class ViewSpec:
+    """How the cached views are made: decoding, number of augmented views ``views`` (K) and tokenizer.
+
+    The crop range is the training augmentation's (``ImagePreprocess``'s RandomResizedCrop scale and ratio,
+    paper App. B); ``tokenizer_id`` names the frozen TiTok and its weights (``titok_fingerprint``).
+    """
+
+    decode: DecodeOptions
+    views: int
+    tokenizer_id: str
+
+    def fingerprint(self) -> str:
+        """A short hash of everything but K that changes the codes of a view (12 hex digits): decode
+        options, crop range, tokenizer id and the view-seeding scheme."""
+        crop = ImagePreprocess(train=True)
+        fields = {"decode": dataclasses.asdict(self.decode), "scale": crop.scale, "ratio": crop.ratio,
+                  "tokenizer": self.tokenizer_id, "scheme": VIEW_SCHEME}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=repr).encode()).hexdigest()[:12]
+
+
+def row_key(content_hash: str, spec: ViewSpec) -> str:
+    """The cache key of one image's row: content hash and preprocessing/tokenizer fingerprint."""
+    return f"{content_hash}|{spec.fingerprint()}"
+
+
+def titok_fingerprint(name: str, tokenizer: torch.nn.Module) -> str:
+    """``name@<sha256 of the weights, 12 hex digits>``: two tokenizers with equal ids give equal codes."""
+    digest = hashlib.sha256()
+    for key, value in sorted(tokenizer.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().float().numpy().tobytes())
+    return f"{name}@{digest.hexdigest()[:12]}"
+
+
+def content_hash(image: Any, file_memo: dict[str, list] | None = None) -> str:
+    """SHA-256 (hex) of an image's content: a file's bytes, encoded bytes, or a decoded array's dtype, shape
+    and values. ``file_memo`` ({path: [size, mtime_ns, hash]}) skips re-reading files whose stat is unchanged.
+    Raises ``OSError`` for an unreadable file."""
     if isinstance(image, (str, os.PathLike)):
-        ident = "path:" + os.path.abspath(os.fspath(image))
-    elif isinstance(image, (bytes, bytearray, memoryview)):
-        ident = "sha1:" + hashlib.sha1(image).hexdigest()
-    else:
-        ident = "item:" + fallback
-    return f"{ident}|{options_hash(options)}"
+        path = os.path.abspath(os.fspath(image))
+        stat = os.stat(path)
+        known = None if file_memo is None else file_memo.get(path)
+        if known is not None and known[0] == stat.st_size and known[1] == stat.st_mtime_ns:
+            return known[2]
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        if file_memo is not None:
+            file_memo[path] = [stat.st_size, stat.st_mtime_ns, digest.hexdigest()]
+        return digest.hexdigest()
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return hashlib.sha256(image).hexdigest()
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if hasattr(image, "tobytes") and hasattr(image, "mode"):  # PIL image
+        head = f"pil:{image.mode}:{image.size}".encode()
+        return hashlib.sha256(head + image.tobytes()).hexdigest()
+    array = np.ascontiguousarray(image)
+    head = f"array:{array.dtype.str}:{array.shape}".encode()
+    return hashlib.sha256(head + array.tobytes()).hexdigest()
 
 
-class TokenCache:
-    """Read side of a cache directory; picklable (each process opens its own memory map)."""
+def view_generator(content: str, view: int) -> torch.Generator:
+    """The crop generator of augmented view ``view`` of the image whose content hash is ``content``."""
+    seed = int(hashlib.sha256(f"{content}:{view}".encode()).hexdigest()[:15], 16)
+    return torch.Generator().manual_seed(seed)
 
-    def __init__(self, path: str | os.PathLike[str]):
-        self.path = Path(path)
-        index_path = self.path / INDEX_FILE
-        if not index_path.is_file():
-            raise FileNotFoundError(f"no token cache at {self.path} (missing {INDEX_FILE}); build it with "
-                                    f"TokenCache.build or build_token_cache")
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-        self.rows: dict[str, int] = index["rows"]
-        self.num_tokens: int = int(index["num_tokens"])
-        self.meta: dict[str, Any] = index.get("meta", {})
+
+def decode_view(image: Any, decode: DecodeOptions, content: str, view: int, views: int) -> torch.Tensor:
+    """float32 ``[3, S, S]`` pixels of view ``view``: a seeded random resized crop for ``view < views``, the
+    plain resize for ``view == views``. The cache build and the on-the-fly ``pixel_views`` mode both call
+    this, so their codes agree. Raises ``ImageDecodeError`` for bad images."""
+    if view == views:
+        return decode_image(image, decode, train=False)
+    return decode_image(image, decode, train=True, generator=view_generator(content, view))
+
+
+def draw_view(seed: int, epoch: int, index: int, side: int, views: int) -> int:
+    """The augmented view (in ``[0, views)``) a training sample uses in an epoch: a function of (seed, epoch,
+    sample index, side) only, so workers, processes and resumed runs agree."""
+    mask = (1 << 64) - 1
+    rng = np.random.default_rng([seed & mask, epoch & mask, index & mask, side])
+    return int(rng.integers(views))
+
+
+class CacheDamaged(Exception):
+    """Internal: a journal or codes file that cannot be read; the cache is rebuilt from scratch."""
+
+
+class CodeCache:
+    """One cache directory (module docstring). Picklable: DataLoader workers reopen the memory map.
+
+    ``writable`` caches repair themselves on open (truncate torn tails, rewrite a damaged cache) and accept
+    ``append``; read-only ones (other processes) only ignore what is damaged. ``say`` gets one-line reports.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], views: int, tokens: int = 128, *, writable: bool = True,
+                 say: Callable[[str], None] = print):
+        self.directory = Path(directory)
+        self.views = views
+        self.tokens = tokens
+        self.writable = writable
+        self.rows: dict[str, int] = {}
+        self.count = 0  # rows in the codes file (including superseded or damaged ones)
         self._codes: np.ndarray | None = None
+        try:
+            self._open(say)
+        except CacheDamaged as damage:
+            say(f"code cache {self.directory}: {damage}; rebuilding it.")
+            if not writable:
+                self.rows, self.count = {}, 0
+                return
+            for name in (CODES_FILE, INDEX_FILE):
+                (self.directory / name).unlink(missing_ok=True)
+            self.rows, self.count = {}, 0
+            self._open(say)
+
+    @property
+    def row_bytes(self) -> int:
+        return (self.views + 1) * self.tokens * 2
+
+    def _open(self, say: Callable[[str], None]) -> None:
+        index, codes = self.directory / INDEX_FILE, self.directory / CODES_FILE
+        if not index.exists():
+            if self.writable:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                header = {"version": CACHE_VERSION, "views": self.views, "tokens": self.tokens}
+                index.write_text(json.dumps(header) + "\n", encoding="utf-8")
+                codes.write_bytes(b"")
+            return
+        raw = index.read_bytes()
+        lines = raw.split(b"\n")
+        try:
+            header = json.loads(lines[0])
+        except (ValueError, UnicodeDecodeError):
+            raise CacheDamaged(f"{INDEX_FILE} has no readable header") from None
+        if header != {"version": CACHE_VERSION, "views": self.views, "tokens": self.tokens}:
+            raise CacheDamaged(f"it holds {header.get('views')} views of {header.get('tokens')} codes "
+                               f"(version {header.get('version')}), not {self.views} of {self.tokens}")
+        if not codes.exists():
+            raise CacheDamaged(f"{CODES_FILE} is missing")
+        available = codes.stat().st_size // self.row_bytes
+        chunks, committed = [], len(lines[0]) + 1
+        for line in lines[1:]:
+            try:
+                chunk = json.loads(line)
+                if chunk["start"] != self.count or len(chunk["keys"]) != len(chunk["crc"]):
+                    raise CacheDamaged(f"{INDEX_FILE} chunks are out of order")
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+                break  # a torn last line: the chunk was never committed
+            if chunk["start"] + len(chunk["keys"]) > available:
+                say(f"code cache {self.directory}: {CODES_FILE} is shorter than its index; re-tokenizing the rest.")
+                break
+            chunks.append(chunk)
+            self.count += len(chunk["keys"])
+            committed += len(line) + 1
+        if self.writable:
+            if committed < len(raw):
+                with open(index, "r+b") as handle:
+                    handle.truncate(committed)
+            if codes.stat().st_size != self.count * self.row_bytes:
+                with open(codes, "r+b") as handle:
+                    handle.truncate(self.count * self.row_bytes)
+        expected: dict[str, tuple[int, int]] = {}
+        for chunk in chunks:
+            for offset, (key, crc) in enumerate(zip(chunk["keys"], chunk["crc"])):
+                expected[key] = (chunk["start"] + offset, crc)
+        data = self.codes
+        damaged = 0
+        for key, (row, crc) in expected.items():
+            if zlib.crc32(data[row].tobytes()) == crc:
+                self.rows[key] = row
+            else:
+                damaged += 1
+        if damaged:
+            say(f"code cache {self.directory}: {damaged} row(s) failed their checksum; they will be re-tokenized.")
 
     @property
     def codes(self) -> np.ndarray:
-        if self._codes is None:
-            self._codes = np.load(self.path / CODES_FILE, mmap_mode="r")
+        """uint16 ``[count, K + 1, 128]`` memory map of every row in the file."""
+        if self._codes is None or self._codes.shape[0] != self.count:
+            if self.count == 0:
+                self._codes = np.zeros((0, self.views + 1, self.tokens), dtype=np.uint16)
+            else:
+                self._codes = np.memmap(self.directory / CODES_FILE, dtype=np.uint16, mode="r",
+                                        shape=(self.count, self.views + 1, self.tokens))
         return self._codes
 
     def __getstate__(self) -> dict[str, Any]:
@@ -82,148 +243,131 @@ class TokenCache:
     def __contains__(self, key: object) -> bool:
         return key in self.rows
 
-    def get(self, keys: Sequence[str]) -> torch.Tensor | None:
-        """(len(keys), T) LongTensor, or None when any key is missing."""
-        rows = [self.rows.get(key) for key in keys]
-        if any(row is None for row in rows):
-            return None
-        if not rows:
-            return torch.zeros((0, self.num_tokens), dtype=torch.long)
-        return torch.from_numpy(np.asarray(self.codes[rows], dtype=np.int64))
+    def append(self, keys: list[str], codes: np.ndarray) -> None:
+        """Commit rows ``codes`` (``[n, K + 1, 128]``, ids < 65536) under ``keys``: code bytes first (fsynced),
+        then the journal line, so a kill in between leaves only bytes that the next open drops."""
+        if not self.writable:
+            raise RuntimeError(f"code cache {self.directory} was opened read-only")
+        if codes.shape != (len(keys), self.views + 1, self.tokens):
+            raise ValueError(f"codes of shape {codes.shape} for {len(keys)} keys; expected "
+                             f"({len(keys)}, {self.views + 1}, {self.tokens})")
+        if codes.size and (codes.min() < 0 or codes.max() > np.iinfo(np.uint16).max):
+            raise ValueError("code ids do not fit uint16 (a TiTok codebook of more than 65,536 entries)")
+        rows = np.ascontiguousarray(codes, dtype=np.uint16)
+        with open(self.directory / CODES_FILE, "ab") as handle:
+            handle.write(rows.tobytes())
+            handle.flush()
+            os.fsync(handle.fileno())
+        chunk = {"start": self.count, "keys": list(keys), "crc": [zlib.crc32(row.tobytes()) for row in rows]}
+        with open(self.directory / INDEX_FILE, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(chunk) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        for offset, key in enumerate(keys):
+            self.rows[key] = self.count + offset
+        self.count += len(keys)
 
-    def get_one(self, key: str | None) -> torch.Tensor | None:
-        """(T,) LongTensor of one image, or None when it is not cached."""
-        row = self.rows.get(key) if key is not None else None
+    def get(self, key: str, view: int) -> torch.Tensor | None:
+        """The 128 code ids (int64 ``[128]``) of one view of a cached image, or None when it is not cached."""
+        row = self.rows.get(key)
         if row is None:
             return None
-        return torch.from_numpy(np.asarray(self.codes[row], dtype=np.int64))
+        return torch.from_numpy(self.codes[row, view].astype(np.int64))
 
-    @classmethod
-    def build(
-        cls,
-        path: str | os.PathLike[str],
-        keys: Sequence[str],
-        pixel_batches: Iterable[torch.Tensor],
-        tokenizer_fn: Callable[[torch.Tensor], torch.Tensor],
-        *,
-        dtype: Any = np.int16,
-        meta: dict[str, Any] | None = None,
-        overwrite: bool = False,
-    ) -> TokenCache:
-        """Encode ``pixel_batches`` ((b, 3, S, S) tensors whose rows follow ``keys`` in order) with
-        ``tokenizer_fn`` (pixels -> (b, T) ids) and write the cache atomically (temp dir, then rename).
-        A key seen twice keeps its first row; its later images are not encoded."""
-        keys = list(keys)
+    def merge(self, other: CodeCache, chunk: int = 1024) -> int:
+        """Append the rows of ``other`` (same K) that this cache lacks; returns how many were added."""
+        keys = [key for key, _ in sorted(other.rows.items(), key=lambda item: item[1]) if key not in self.rows]
+        for start in range(0, len(keys), chunk):
+            part = keys[start:start + chunk]
+            self.append(part, np.asarray(other.codes[[other.rows[key] for key in part]]))
+        return len(keys)
 
-        def batches() -> Iterator[tuple[list[str], torch.Tensor]]:
-            position = 0
-            for pixels in pixel_batches:
-                count = len(pixels)
-                if position + count > len(keys):
-                    raise ValueError(f"pixel batches hold more images than the {len(keys)} keys given")
-                yield keys[position:position + count], pixels
-                position += count
-            if position != len(keys):
-                raise ValueError(f"pixel batches hold {position} images but {len(keys)} keys were given")
 
-        return cls._write(path, batches(), tokenizer_fn, dtype=dtype, meta=meta, overwrite=overwrite)
+def load_file_memo(directory: Path) -> dict[str, list]:
+    """The cache's {path: [size, mtime_ns, hash]} memo ({} when absent or unreadable)."""
+    try:
+        memo = json.loads((directory / FILES_FILE).read_text(encoding="utf-8"))
+        return memo if isinstance(memo, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
-    @classmethod
-    def _write(
-        cls,
-        path: str | os.PathLike[str],
-        batches: Iterable[tuple[list[str], torch.Tensor]],
-        tokenizer_fn: Callable[[torch.Tensor], torch.Tensor],
-        *,
-        dtype: Any,
-        meta: dict[str, Any] | None,
-        overwrite: bool,
-    ) -> TokenCache:
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"token cache {path} already exists; pass overwrite=True to replace it")
-        limit = np.iinfo(dtype).max
-        rows: dict[str, int] = {}
-        chunks: list[np.ndarray] = []
-        num_tokens: int | None = None
-        for batch_keys, pixels in batches:
-            fresh, seen = [], set()
-            for i, key in enumerate(batch_keys):
-                if key not in rows and key not in seen:
-                    seen.add(key)
-                    fresh.append(i)
-            if not fresh:
-                continue
-            if len(fresh) < len(batch_keys):
-                pixels = pixels[fresh]
-            with torch.inference_mode():
-                ids = torch.as_tensor(tokenizer_fn(pixels)).detach().cpu()
-            if ids.ndim != 2 or ids.shape[0] != len(fresh):
-                raise ValueError(f"tokenizer_fn returned shape {tuple(ids.shape)} for {len(fresh)} images; "
-                                 f"expected ({len(fresh)}, T)")
-            if num_tokens is None:
-                num_tokens = int(ids.shape[1])
-            elif ids.shape[1] != num_tokens:
-                raise ValueError(f"tokenizer_fn returned {ids.shape[1]} ids per image, earlier {num_tokens}")
-            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) > limit):
-                raise ValueError(f"code ids in [{int(ids.min())}, {int(ids.max())}] do not fit "
-                                 f"{np.dtype(dtype).name}; pass dtype=np.int32")
-            for i in fresh:
-                rows[batch_keys[i]] = len(rows)
-            chunks.append(ids.numpy().astype(dtype))
-        num_tokens = 128 if num_tokens is None else num_tokens
-        codes = np.concatenate(chunks) if chunks else np.zeros((0, num_tokens), dtype=dtype)
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+def save_file_memo(directory: Path, memo: dict[str, list]) -> None:
+    """Write the memo atomically (temp file + rename)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{FILES_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(memo), encoding="utf-8")
+    os.replace(tmp, directory / FILES_FILE)
+
+
+class SampleImage(NamedTuple):
+    """A reference to one side's image of a source's sample, loaded where it is decoded (a worker)."""
+
+    source: Any
+    index: int
+    side: str
+
+    def load(self) -> Any:
+        return getattr(self.source[self.index], f"{self.side}_image")
+
+
+class _ViewImages(torch.utils.data.Dataset):
+    """Decodes the K + 1 views of each image to tokenize (in DataLoader workers)."""
+
+    def __init__(self, items: list[tuple[str, str, Any]], spec: ViewSpec):
+        self.items, self.spec = items, spec
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[str, torch.Tensor | None, str]:
+        key, content, image = self.items[index]
         try:
-            np.save(tmp / CODES_FILE, codes)
-            index = {"version": 1, "num_tokens": num_tokens, "rows": rows, "meta": meta or {}}
-            (tmp / INDEX_FILE).write_text(json.dumps(index), encoding="utf-8")
-            if path.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-                os.replace(path, old / "cache")
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return cls(path)
+            image = image.load() if isinstance(image, SampleImage) else image
+            spec = self.spec
+            views = [decode_view(image, spec.decode, content, v, spec.views) for v in range(spec.views + 1)]
+        except Exception as error:  # noqa: BLE001 - a bad image is reported and left uncached, never fatal
+            return key, None, f"{type(error).__name__}: {error}"
+        return key, torch.stack(views), ""
 
 
-def build_token_cache(
-    dataset: SampleDataset,
-    path: str | os.PathLike[str],
-    tokenizer_fn: Callable[[torch.Tensor], torch.Tensor],
+def tokenize_views(
+    cache: CodeCache,
+    items: Iterable[tuple[str, str, Any]],
+    spec: ViewSpec,
+    tokenize: Callable[[torch.Tensor], torch.Tensor],
     *,
-    batch_size: int = 64,
+    images_per_batch: int = 16,
     num_workers: int = 0,
-    dtype: Any = np.int16,
-    meta: dict[str, Any] | None = None,
-    overwrite: bool = False,
-) -> TokenCache:
-    """Cache every image of an eval-mode SampleDataset (both sides; bad images are left out) under the
-    keys the dataset looks up, so ``SampleDataset(..., token_cache=TokenCache(path))`` finds them."""
-    if dataset.train or dataset.token_cache is not None:
-        raise ValueError("build_token_cache needs an eval-mode dataset (train=False) without a token cache")
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=list, num_workers=num_workers)
+    on_batch: Callable[[int], None] | None = None,
+) -> list[tuple[str, str]]:
+    """Tokenize the views of ``items`` ((key, content hash, image or ``SampleImage``)) missing from ``cache``
+    and append them, one committed chunk per batch. ``tokenize`` maps pixels ``[n, 3, S, S]`` to code ids ``[n, 128]``.
+    Returns (key, reason) of images that could not be decoded (not cached)."""
+    todo = [item for item in items if item[0] not in cache]
+    loader = torch.utils.data.DataLoader(_ViewImages(todo, spec), batch_size=images_per_batch, collate_fn=list,
+                                         num_workers=num_workers)
+    failed: list[tuple[str, str]] = []
+    for batch in loader:
+        good = [(key, views) for key, views, _ in batch if views is not None]
+        failed += [(key, reason) for key, views, reason in batch if views is None]
+        if good:
+            with torch.inference_mode():
+                ids = tokenize(torch.cat([views for _, views in good])).cpu().numpy()
+            cache.append([key for key, _ in good], ids.reshape(len(good), spec.views + 1, -1))
+        if on_batch is not None:
+            on_batch(len(batch))
+    return failed
 
-    def batches() -> Iterator[tuple[list[str], torch.Tensor]]:
-        keys: list[str] = []
-        pixels: list[torch.Tensor] = []
-        for items in loader:
-            for item in items:
-                for side in ("query", "target"):
-                    key, image = getattr(item, f"{side}_image_key", None), getattr(item, f"{side}_pixels", None)
-                    if key is not None and image is not None:
-                        keys.append(key)
-                        pixels.append(image)
-                if len(keys) >= batch_size:
-                    yield keys, torch.stack(pixels)
-                    keys, pixels = [], []
-        if keys:
-            yield keys, torch.stack(pixels)
 
-    return TokenCache._write(path, batches(), tokenizer_fn, dtype=dtype, meta=meta, overwrite=overwrite)
+def merge_parts(cache: CodeCache, say: Callable[[str], None] = print) -> int:
+    """Fold every process's part cache (``parts/rank*``) into ``cache`` and delete the parts."""
+    parts_dir = cache.directory / PARTS_DIR
+    added = 0
+    if parts_dir.is_dir():
+        for part_dir in sorted(parts_dir.iterdir()):
+            part = CodeCache(part_dir, cache.views, cache.tokens, say=say)
+            added += cache.merge(part)
+            shutil.rmtree(part_dir)
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    return added

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from fuselip_med.io import atomic_write_bytes, atomic_write_text
 
 __all__ = ["TaskResult", "EvalReport", "package_version", "now_iso", "write_report", "render_markdown",
-           "plot_recall_curve", "plot_confusion_matrix", "atomic_write_bytes", "atomic_write_text"]
+           "plot_recall_curve", "plot_confusion_matrix", "atomic_write_bytes", "atomic_write_text", "flatten_metrics"]
 
 
 class TaskResult(BaseModel):
@@ -244,3 +244,14 @@ def write_report(report: EvalReport | Mapping[str, Any], out_dir: str | os.PathL
     report_path = atomic_write_text(out / "report.md", render_markdown(report, plots))
     return {"metrics": str(metrics_path), "report": str(report_path),
             "plots": {t: [str(out / p) for p in ps] for t, ps in plots.items()}, "drawn": drawn}
+
+
+def flatten_metrics(report: Mapping[str, Any], prefix: str = "eval") -> dict[str, float]:
+    """metrics.json content -> flat ``{"<prefix>/<task>/<metric>": value}`` (numbers only) for trackers,
+    console tables and summaries."""
+    flat = {}
+    for task, result in report.get("tasks", {}).items():
+        for name, value in (result.get("metrics") or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                flat[f"{prefix}/{task}/{name}"] = float(value)
+    return flat

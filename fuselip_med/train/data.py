@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from fuselip_med.data.adapters import DatasetEmptyError, SampleSource, get_adapter
 from fuselip_med.data.collate import Collator
 from fuselip_med.data.dataset import MixtureDataset, SampleDataset
 from fuselip_med.data.images import DecodeOptions
-from fuselip_med.data.sampling import GroupedBatchSampler, mixture_group_weights
+from fuselip_med.data.sampling import GroupedBatchSampler, RankShard, mixture_group_weights
 from fuselip_med.data.workers import usable_workers
 from fuselip_med.recipes import DatasetSpec, Recipe
 
@@ -42,6 +41,7 @@ class NamedSource:
     label: str
     source: SampleSource
     weight: float
+    task: bool = False  # built by a task (TGIT) on a base dataset
 
 
 def build_source(recipe: Recipe, spec: DatasetSpec, split: str | None = None) -> SampleSource:
@@ -77,40 +77,11 @@ def build_sources(recipe: Recipe) -> list[NamedSource]:
             if task.bases is None or label in task.bases:
                 built = factory(source, split="train", strict=recipe.data.strict, seed=recipe.train.seed,
                                 **task.options)
-                named.append(NamedSource(f"{task.name}:{label}", built, task.weight))
+                named.append(NamedSource(f"{task.name}:{label}", built, task.weight, task=True))
     if not named:
         raise DataSetupError("No dataset feeds the mixture: every data.train entry has direct: false and no task "
                              "uses it.")
     return named
-
-
-class RankShard(Sampler[list[int]]):
-    """This rank's contiguous share of each global batch, cut at hard-negative group boundaries."""
-
-    def __init__(self, sampler: GroupedBatchSampler, group_of: np.ndarray, rank: int, world: int):
-        self.sampler = sampler
-        self.group_of = group_of
-        self.rank = rank
-        self.world = world
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for batch in self.sampler:
-            yield shard_of_batch(batch, self.group_of, self.rank, self.world)
-
-
-def shard_of_batch(batch: list[int], group_of: np.ndarray, rank: int, world: int) -> list[int]:
-    """Rows of ``batch`` for ``rank``: each group goes to the rank whose share holds the group's first row."""
-    if world == 1:
-        return list(batch)
-    groups = group_of[np.asarray(batch)]
-    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
-    owner_of_start = np.minimum(starts * world // len(batch), world - 1)
-    lengths = np.diff(np.r_[starts, len(batch)])
-    owner = np.repeat(owner_of_start, lengths)
-    return [index for index, who in zip(batch, owner) if who == rank]
 
 
 @dataclass
@@ -170,12 +141,3 @@ def build_train_data(recipe: Recipe, tokenizer: Any, rank: int = 0, world: int =
     for named in sources:
         load_skips.update(getattr(named.source, "skipped", {}) or {})
     return TrainData(loader, sampler, mixture, sources, load_skips)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch/numpy/python RNGs (model init and anything not derived from (seed, step))."""
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)

@@ -41,9 +41,23 @@ def build_optimizer(
     model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.98), eps: float = 1e-8,
     decay_embeddings: bool = False,
 ) -> torch.optim.AdamW:
-    """AdamW (decoupled decay) over ``parameter_groups``."""
+    """Fused AdamW (decoupled decay; one kernel for all parameters, on CUDA and CPU) over ``parameter_groups``.
+
+    Fused AdamW honours ``optimizer.found_inf`` (a 0-d float tensor on the parameters' device): when it is 1
+    the step leaves parameters, moments and step counts untouched, which lets the trainer skip a non-finite
+    step without reading the loss on the host (``skip_step_if``).
+    """
     groups = parameter_groups(model, weight_decay, decay_embeddings)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=True)
+
+
+def skip_step_if(optimizer: torch.optim.Optimizer, non_finite: torch.Tensor) -> None:
+    """Make the next ``step()`` of a fused AdamW (or one wrapped by Accelerate) a no-op where ``non_finite``
+    (0-d float tensor, 1.0 = skip) is set; stays on the device (no host synchronisation)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for group in inner.param_groups:
+        group["fused"] = True  # a state dict from a non-fused run (older checkpoints) must not turn it off
+    inner.found_inf = non_finite
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,16 @@
 """The training loop on Accelerate: one process, several GPUs or several machines, same code.
 
-Each optimizer step: set the scheduled learning rate, run ``grad_accum`` micro-batches through the
-``FuseLIPObjective`` (sigmoid + MMM loss), skip the step if the loss is not finite, clip, step, clamp the
-logit scale. Evaluation, checkpoints and logging happen on the main process at their cadences. Everything
-random in a step derives from (seed, step), so a resumed run continues exactly where it stopped.
+``run`` = ``setup`` -> ``train_step`` until the step budget -> hooks after each step (``log``, ``evaluate``,
+``save_checkpoint`` at their cadences) -> final checkpoint, evaluation and model. A step sets the scheduled
+learning rate, runs ``grad_accum`` micro-batches through ``FuseLIPObjective`` (host ``prepare``, device
+``forward``) under ``accelerator.accumulate``, clips, and steps a fused AdamW that skips the update on the
+device if the loss was not finite anywhere. Nothing in a step reads a device value on the host: loss values
+and non-finite flags are kept on the device and read at the logging/eval/checkpoint cadence (``flush``),
+where skipped steps are reported and too many in a row stop the run. Everything random in a step derives
+from (seed, step), so a resumed run continues exactly where it stopped.
 """
 from __future__ import annotations
 
-import collections
 import math
 import shutil
 import signal
@@ -17,24 +20,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
 from fuselip_med.core.checkpoints import build_model, save_pretrained
 from fuselip_med.core.losses import MaskingConfig, clamp_logit_scale
 from fuselip_med.data.adapters import DatasetEmptyError
 from fuselip_med.data.collate import SkipCounter
+from fuselip_med.eval.report import flatten_metrics
 from fuselip_med.recipes import Recipe, recipe_to_yaml
 from fuselip_med.train import checkpointing as ckpt
-from fuselip_med.train.data import DataSetupError, TrainData, build_source, build_train_data, seed_everything
+from fuselip_med.train.console import TrainConsole, plan_rows
+from fuselip_med.train.data import DataSetupError, build_source, build_train_data
+from fuselip_med.train.image_codes import attach_image_codes
 from fuselip_med.train.lora import adapter_parameter_count, apply_lora, save_adapter
 from fuselip_med.train.model_card import write_model_card
 from fuselip_med.train.objective import FuseLIPObjective
-from fuselip_med.train.optim import WarmupCosine, build_optimizer, set_learning_rate
+from fuselip_med.train.optim import WarmupCosine, build_optimizer, set_learning_rate, skip_step_if
 from fuselip_med.train.tracking import build_trackers
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -46,7 +49,7 @@ class TrainingStopped(RuntimeError):
 
 @dataclass
 class TrainResult:
-    """What a run produced: where, how far, and the evaluation before and after."""
+    """What a run produced: where, how far, the per-step losses of good steps, the evaluation before and after."""
 
     run_dir: Path
     final_dir: Path | None
@@ -57,16 +60,6 @@ class TrainResult:
     interrupted: bool = False
 
 
-def flatten_metrics(report: dict[str, Any], prefix: str = "eval") -> dict[str, float]:
-    """metrics.json content -> flat {"eval/<task>/<metric>": value} for trackers and summaries."""
-    flat = {}
-    for task, result in report.get("tasks", {}).items():
-        for name, value in (result.get("metrics") or {}).items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                flat[f"{prefix}/{task}/{name}"] = float(value)
-    return flat
-
-
 class Trainer:
     """Runs a recipe: builds data and model, trains, evaluates, checkpoints, and saves the final model."""
 
@@ -75,62 +68,240 @@ class Trainer:
         self.recipe = recipe
         self.resume = resume
         self.from_scratch = from_scratch
-        self.console = console or Console()
         handlers = [DistributedDataParallelKwargs(find_unused_parameters=False)]
         # cpu=True on machines without CUDA lets `accelerate launch --multi_gpu`/torchrun run several gloo
         # processes there (Accelerate's own --cpu launcher needs MPI for more than one process).
         self.accelerator = Accelerator(mixed_precision=PRECISION[recipe.train.precision], kwargs_handlers=handlers,
+                                       gradient_accumulation_steps=recipe.train.grad_accum,
                                        cpu=not torch.cuda.is_available())
+        self.out = TrainConsole(console or Console(), self.accelerator.is_main_process, recipe.logging.progress)
         self.run_dir = recipe.run_dir()
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.skips = SkipCounter()
-        self.bad_steps_total = 0
+        self.step = self.batches_done = self.samples_seen = 0
+        self.bad_steps_total = self.consecutive_bad = 0
+        self.losses: list[float] = []
+        self.pending: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # (step, lr, losses [3], bad)
 
-    # ------------------------------------------------------------------------------------------------
-    def say(self, message: str) -> None:
-        if self.accelerator.is_main_process:
-            self.console.print(message, highlight=False)
+    # ---- setup -----------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Data (fails first, before any model is built), run directory, model, optimizer, codes, resume."""
+        recipe, acc = self.recipe, self.accelerator
+        try:
+            self.data = build_train_data(recipe, _tokenizer(), acc.process_index, acc.num_processes,
+                                         pin_memory=acc.device.type == "cuda")
+            self.eval_data = {spec.id or f"{spec.name}_{spec.split}": build_source(recipe, spec)
+                              for spec in recipe.data.eval}
+        except (DatasetEmptyError, FileNotFoundError) as error:
+            raise DataSetupError(str(error)) from None
+        self.resume_from = self._resume_path()
+        if acc.is_main_process:
+            if self.resume_from is None:
+                self._move_previous_run_aside()
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_temporaries(self.checkpoint_dir)
+        acc.wait_for_everyone()
 
-    def _build_model(self):
-        recipe = self.recipe
-        init = None if self.from_scratch else recipe.model.init
-        seed_everything(recipe.train.seed)
-        model = build_model(recipe.model.size, init=init, arch=recipe.model.arch)
+        self.init = None if self.from_scratch else recipe.model.init
+        set_seed(recipe.train.seed)
+        model = build_model(recipe.model.size, init=self.init, arch=recipe.model.arch)
+        if hasattr(model, "transformer"):  # FuseLIP's encoder; the late-fusion baselines train as they are
+            model.transformer.grad_checkpointing = recipe.train.grad_checkpointing
+            if recipe.train.compile:
+                model.transformer.compile(dynamic=True)
+        elif recipe.train.grad_checkpointing or recipe.train.compile:
+            raise TrainingStopped(f"train.grad_checkpointing and train.compile apply to FuseLIP's encoder; set them "
+                                  f"to false for model.arch {recipe.model.arch}.")
         lora = recipe.model.lora
         if lora.enabled:
             model = apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.targets, lora.train_logit_params)
-        return model, init
+        base = _fuselip_of(model)  # the late-fusion baselines have no MMM head: sigmoid loss only
+        masking = (MaskingConfig.for_model(base.config, probability=recipe.train.mlm_probability)
+                   if hasattr(base, "mask_logits") else MaskingConfig(probability=0.0))
+        objective = FuseLIPObjective(model, masking, recipe.train.mmm_weight, recipe.train.seed)
+        optimizer = build_optimizer(model, recipe.train.lr, recipe.train.weight_decay, recipe.train.betas,
+                                    recipe.train.eps, recipe.train.decay_embeddings)
+        self.objective, self.optimizer = acc.prepare(objective, optimizer)
+        attach_image_codes(self.data, recipe, self.fuselip, rank=acc.process_index, world=acc.num_processes,
+                           barrier=acc.wait_for_everyone, say=self.out.say)
+        per_epoch = self.data.sampler.batches_per_epoch()
+        train = recipe.train
+        self.total_steps = train.steps or max(1, math.ceil(train.epochs * per_epoch / train.grad_accum))
+        self.schedule = WarmupCosine(recipe.train.lr, recipe.train.warmup_steps, self.total_steps, recipe.train.min_lr)
+        if self.resume_from is not None:
+            self._load_checkpoint(self.resume_from)
+            self.out.say(f"Resumed from {self.resume_from} at step {self.step}.")
+        else:
+            self.data.set_epoch(0)
+        self.trackers = None
+        if acc.is_main_process:
+            logging = recipe.logging
+            self.trackers = build_trackers(logging.trackers, recipe.log_dir(), project=logging.wandb_project,
+                                           run_name=recipe.name, config=recipe.model_dump(mode="json"),
+                                           wandb_mode=logging.wandb_mode, say=self.out.say)
+        unwrapped = acc.unwrap_model(self.objective).model
+        lora_weights = adapter_parameter_count(unwrapped) if lora.enabled else None
+        self.out.plan(plan_rows(recipe, unwrapped, self.data, self.total_steps, self.init, lora_weights, acc,
+                                self.run_dir, self.resume_from), title=f"fuselip-med: {recipe.name}")
 
-    def _eval_data(self) -> dict[str, Any]:
-        data = {}
-        for spec in self.recipe.data.eval:
-            data[spec.id or f"{spec.name}_{spec.split}"] = build_source(self.recipe, spec)
-        return data
+    @property
+    def fuselip(self):
+        """The FuseLIP being trained (through DDP and PEFT wrappers)."""
+        return self.accelerator.unwrap_model(self.objective).fuselip
 
-    def evaluate(self, objective: FuseLIPObjective, data: dict[str, Any], step: int, tag: str) -> dict[str, float]:
-        """Run the recipe's eval tasks on the main process; other processes wait."""
+    # ---- the loop --------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        """Train the recipe to its step budget; Ctrl-C/SIGTERM writes a checkpoint and returns (interrupted)."""
+        self.setup()
+        recipe = self.recipe
+        eval_before = {}
+        if recipe.eval.at_start and self.resume_from is None and self.eval_data:
+            eval_before = self.evaluate("start")
+            self.out.metrics("Before training", eval_before)
+        interrupted = False
+        previous_handler = _install_sigterm_as_interrupt()
+        self.iterator = iter(self.data.loader)
+        self.started = time.perf_counter()
+        try:
+            with self.out.progress() as self.bar:
+                self.bar_task = self.bar.add_task("train", total=self.total_steps, completed=self.step,
+                                                  loss=float("nan"), lr=0.0, rate=0.0)
+                while self.step < self.total_steps:
+                    self.train_step()
+                    self.on_step_end()
+        except KeyboardInterrupt:
+            interrupted = True
+            self.out.say("[yellow]Interrupted: writing a checkpoint before exiting...[/]")
+            path = self.save_checkpoint({"interrupted": True})
+            self.out.say(f"Checkpoint written: {path}. Continue with --resume.")
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)
+            if self.skips.total:
+                self.out.say(f"Skipped samples: {self.skips.summary()}")
+        final_dir, eval_after = None, {}
+        if not interrupted:
+            if recipe.checkpoint.every_steps:
+                self.save_checkpoint({"final": True})
+            if recipe.eval.at_end and self.eval_data:
+                eval_after = self.evaluate("final")
+            final_dir = self._save_final(eval_before, eval_after)
+        if self.trackers:
+            self.trackers.close()
+        seconds = time.perf_counter() - self.started
+        self.out.summary(steps=self.step, interrupted=interrupted, seconds=seconds, samples=self.samples_seen,
+                         losses=self.losses, bad_steps=self.bad_steps_total,
+                         skips=self.skips.summary() if self.skips.total else "0", before=eval_before,
+                         after=eval_after, final_dir=final_dir, checkpoints=self.checkpoint_dir)
+        return TrainResult(self.run_dir, final_dir, self.step, self.losses, eval_before, eval_after, interrupted)
+
+    def train_step(self) -> None:
+        """One optimizer step over ``grad_accum`` micro-batches, without a host synchronisation."""
+        acc, train = self.accelerator, self.recipe.train
+        lr = self.schedule(self.step)
+        set_learning_rate(self.optimizer, lr)
+        self.objective.train()
+        unwrapped = acc.unwrap_model(self.objective)
+        totals = torch.zeros(3, device=acc.device)
+        for micro in range(train.grad_accum):
+            batch = self._next_batch()
+            inputs = unwrapped.prepare(batch, self.step * train.grad_accum + micro).to(acc.device, non_blocking=True)
+            with acc.accumulate(self.objective), acc.autocast():
+                out = self.objective(inputs)
+                acc.backward(out.total)  # Accelerate divides by grad_accum
+            totals += torch.stack([out.total, out.contrastive, out.mmm]).detach().float() / train.grad_accum
+        bad = acc.reduce((~torch.isfinite(totals).all()).float(), reduction="sum").clamp(max=1.0)
+        skip_step_if(self.optimizer, bad)
+        if train.grad_clip is not None:
+            acc.clip_grad_norm_(self.objective.parameters(), train.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        clamp_logit_scale(self.fuselip.logit_scale, train.max_logit_scale)
+        self.step += 1
+        self.pending.append((self.step, lr, totals, bad))
+        self.bar.update(self.bar_task, completed=self.step)
+
+    # ---- hooks -----------------------------------------------------------------------------------------
+    def on_step_end(self) -> None:
+        """Logging, evaluation and checkpoints at their cadences (each reads the pending losses first)."""
+        recipe, step = self.recipe, self.step
+        if step % recipe.train.log_every == 0 or step == self.total_steps:
+            self.log()
+        every = recipe.eval.every_steps
+        if every and step % every == 0 and step < self.total_steps and self.eval_data:
+            self.evaluate(f"step_{step:06d}")
+        if recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0:
+            self.save_checkpoint({"losses_tail": self.losses[-10:]})
+
+    def flush(self) -> list[tuple[int, float, list[float]]]:
+        """Read the pending steps' losses (mean over processes) and non-finite flags on the host; report
+        skipped steps and stop after ``max_bad_steps`` in a row. Returns (step, lr, [total, contrastive, mmm])
+        of the good steps."""
+        if not self.pending:
+            return []
+        values = self.accelerator.reduce(torch.stack([p[2] for p in self.pending]), reduction="mean").tolist()
+        flags = torch.stack([p[3] for p in self.pending]).tolist()
+        good = []
+        for (step, lr, _, _), losses, bad in zip(self.pending, values, flags):
+            if bad:
+                self.consecutive_bad += 1
+                self.bad_steps_total += 1
+                self.out.say(f"[yellow]step {step}: non-finite loss, step skipped "
+                             f"({self.consecutive_bad} in a row).[/]")
+                if self.consecutive_bad >= self.recipe.train.max_bad_steps:
+                    self.pending = []
+                    raise TrainingStopped(
+                        f"The loss was not finite for {self.consecutive_bad} steps in a row (at step {step}); training "
+                        f"stopped. The last good checkpoint in {self.checkpoint_dir} is intact: lower train.lr or "
+                        "use precision fp32/bf16, then --resume."
+                    )
+            else:
+                self.consecutive_bad = 0
+                self.losses.append(losses[0])
+                good.append((step, lr, losses))
+        self.pending = []
+        return good
+
+    def log(self) -> None:
+        """Trackers and the progress bar get the newest good step's values."""
+        good = self.flush()
+        if not good:
+            return
+        step, lr, (total, contrastive, mmm) = good[-1]
+        rate = self.samples_seen / max(time.perf_counter() - self.started, 1e-9)
+        self.bar.update(self.bar_task, loss=total, lr=lr, rate=rate)
+        if self.trackers:
+            scale = float(self.fuselip.logit_scale.detach().exp())
+            self.trackers.log({"train/loss": total, "train/contrastive": contrastive, "train/mmm": mmm, "train/lr": lr,
+                               "train/samples_per_s": rate, "train/logit_scale": scale,
+                               "train/epoch": self.data.sampler.epoch}, step)
+
+    def evaluate(self, tag: str) -> dict[str, float]:
+        """Run the recipe's eval tasks on the main process (others wait); log and return flat metrics."""
         from fuselip_med.eval.runner import run_evaluation
 
+        self.flush()
         metrics: dict[str, float] = {}
-        if self.accelerator.is_main_process and data:
-            fuselip = _unwrap_fuselip(objective)
+        if self.accelerator.is_main_process and self.eval_data:
+            fuselip, eval_recipe = self.fuselip, self.recipe.eval
             was_training = fuselip.training
             fuselip.eval()
             report = run_evaluation(
-                fuselip, self.recipe.eval.tasks, data, self.run_dir / "eval" / tag,
-                seed=self.recipe.train.seed, pool_size=self.recipe.eval.pool_size, n_pools=self.recipe.eval.n_pools,
-                batch_size=self.recipe.eval.batch_size, progress=False, model_id=f"{self.recipe.name}@{step}",
+                fuselip, eval_recipe.tasks, self.eval_data, self.run_dir / "eval" / tag, seed=self.recipe.train.seed,
+                pool_size=eval_recipe.pool_size, n_pools=eval_recipe.n_pools, batch_size=eval_recipe.batch_size,
+                progress=False, model_id=f"{self.recipe.name}@{self.step}",
             )
             fuselip.train(was_training)
             metrics = flatten_metrics(report)
+            if self.trackers:
+                self.trackers.log(metrics, self.step)
         self.accelerator.wait_for_everyone()
         return metrics
 
-    # ------------------------------------------------------------------------------------------------
-    def _save_checkpoint(self, objective, optimizer, data: TrainData, step: int, batches_done: int,
-                         extra: dict) -> Path | None:
+    def save_checkpoint(self, extra: dict[str, Any]) -> Path | None:
+        """Write ``checkpoints/step_<step>`` atomically (every process its RNG state, the main one the rest)."""
+        self.flush()
         acc = self.accelerator
-        tmp = ckpt.temporary_dir(self.checkpoint_dir, step)
+        tmp = ckpt.temporary_dir(self.checkpoint_dir, self.step)
         if acc.is_main_process:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
@@ -140,29 +311,42 @@ class Trainer:
         acc.wait_for_everyone()
         final = None
         if acc.is_main_process:
-            state = {
-                "step": step,
-                "sampler": data.sampler.state_dict(batches_done=batches_done),
-                "bad_steps_total": self.bad_steps_total,
-                "skips": self.skips.as_dict(),
-                "world_size": acc.num_processes,
-                **extra,
-            }
+            state = {"step": self.step, "sampler": self.data.sampler.state_dict(batches_done=self.batches_done),
+                     "bad_steps_total": self.bad_steps_total, "skips": self.skips.as_dict(),
+                     "world_size": acc.num_processes, **extra}
             scaler = acc.scaler.state_dict() if acc.scaler is not None else None
-            unwrapped = acc.unwrap_model(objective)
-            ckpt.write_main_files(tmp, unwrapped.model.state_dict(), optimizer.state_dict(), scaler, state,
+            unwrapped = acc.unwrap_model(self.objective)
+            ckpt.write_main_files(tmp, unwrapped.model.state_dict(), self.optimizer.state_dict(), scaler, state,
                                   recipe_to_yaml(self.recipe), unwrapped.fuselip.config.to_dict())
-            final = ckpt.commit(tmp, self.checkpoint_dir, step)
+            final = ckpt.commit(tmp, self.checkpoint_dir, self.step)
             ckpt.prune(self.checkpoint_dir, self.recipe.checkpoint.keep_last)
         acc.wait_for_everyone()
         return final
+
+    # ---- helpers ---------------------------------------------------------------------------------------
+    def _next_batch(self):
+        """The next batch (CPU); at the end of an epoch the next epoch starts (new shuffle and views/crops)."""
+        while True:
+            try:
+                batch = next(self.iterator)
+                break
+            except StopIteration:
+                if self.skips.total:
+                    self.out.say(f"End of epoch {self.data.sampler.epoch}: skipped samples so far: "
+                                 f"{self.skips.summary()}")
+                self.data.set_epoch(self.data.sampler.epoch + 1)
+                self.iterator, self.batches_done = iter(self.data.loader), 0
+        self.batches_done += 1
+        self.skips.update(batch)
+        self.samples_seen += len(batch) * self.accelerator.num_processes
+        return batch
 
     def _move_previous_run_aside(self) -> None:
         """A new run in a directory that already holds one keeps the old one, renamed, instead of mixing them."""
         if self.run_dir.is_dir() and any(self.run_dir.iterdir()):
             aside = self.run_dir.with_name(f"{self.run_dir.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
             self.run_dir.rename(aside)
-            self.say(f"{self.run_dir} held an earlier run; moved it to {aside} (use --resume to continue a run).")
+            self.out.say(f"{self.run_dir} held an earlier run; moved it to {aside} (use --resume to continue a run).")
 
     def _resume_path(self) -> Path | None:
         if not self.resume:
@@ -177,280 +361,41 @@ class Trainer:
             return found
         found = ckpt.latest_checkpoint(self.checkpoint_dir)
         if found is None:
-            self.say(f"[yellow]No checkpoint under {self.checkpoint_dir}; starting from the beginning.[/]")
+            self.out.say(f"[yellow]No checkpoint under {self.checkpoint_dir}; starting from the beginning.[/]")
         return found
 
-    # ------------------------------------------------------------------------------------------------
-    def run(self) -> TrainResult:
-        recipe, acc = self.recipe, self.accelerator
-        try:
-            data = build_train_data(recipe, _tokenizer(), acc.process_index, acc.num_processes,
-                                    pin_memory=acc.device.type == "cuda")
-            eval_data = self._eval_data()
-        except (DatasetEmptyError, FileNotFoundError) as error:
-            raise DataSetupError(str(error)) from None
-        resume_from = self._resume_path()
-        if acc.is_main_process:
-            if resume_from is None:
-                self._move_previous_run_aside()
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.remove_stale_temporaries(self.checkpoint_dir)
-        acc.wait_for_everyone()
-        model, init = self._build_model()
-        base = _fuselip_of(model)  # the late-fusion baselines have no MMM head: sigmoid loss only
-        masking = (MaskingConfig.for_model(base.config, probability=recipe.train.mlm_probability)
-                   if hasattr(base, "mask_logits") else MaskingConfig(probability=0.0))
-        objective = FuseLIPObjective(model, masking, recipe.train.mmm_weight, recipe.train.seed)
-        optimizer = build_optimizer(objective.model, recipe.train.lr, recipe.train.weight_decay, recipe.train.betas,
-                                    recipe.train.eps, recipe.train.decay_embeddings)
-        objective, optimizer = acc.prepare(objective, optimizer)
-        accum = recipe.train.grad_accum
-        per_epoch = data.sampler.batches_per_epoch()
-        total_steps = recipe.train.steps or max(1, math.ceil(recipe.train.epochs * per_epoch / accum))
-        schedule = WarmupCosine(recipe.train.lr, recipe.train.warmup_steps, total_steps, recipe.train.min_lr)
-
-        step, batches_done, result_losses = 0, 0, []
-        if resume_from is not None:
-            step, batches_done = self._load_checkpoint(resume_from, objective, optimizer, data)
-            self.say(f"Resumed from {resume_from} at step {step}.")
-        else:
-            data.set_epoch(0)
-
-        trackers = None
-        if acc.is_main_process:
-            trackers = build_trackers(recipe.logging.trackers, recipe.log_dir(), project=recipe.logging.wandb_project,
-                                      run_name=recipe.name, config=recipe.model_dump(mode="json"),
-                                      wandb_mode=recipe.logging.wandb_mode, say=self.say)
-        self._print_plan(data, objective, total_steps, init, resume_from)
-        eval_before: dict[str, float] = {}
-        if recipe.eval.at_start and resume_from is None and eval_data:
-            eval_before = self.evaluate(objective, eval_data, step, "start")
-            if trackers:
-                trackers.log(eval_before, step)
-            self._print_metrics("Before training", eval_before)
-
-        interrupted = False
-        previous_handler = _install_sigterm_as_interrupt()
-        iterator = iter(data.loader)
-        consecutive_bad = 0
-        started = time.perf_counter()
-        samples_seen = 0
-        progress = self._progress(total_steps, step)
-        try:
-            with progress:
-                task = progress.add_task("train", total=total_steps, completed=step, loss=float("nan"), lr=0.0,
-                                         rate=0.0)
-                while step < total_steps:
-                    lr = schedule(step)
-                    set_learning_rate(optimizer, lr)
-                    objective.train()
-                    totals = collections.defaultdict(float)
-                    finite = True
-                    for micro in range(accum):
-                        batch, iterator, batches_done = self._next_batch(data, iterator, batches_done)
-                        self.skips.update(batch)
-                        samples_seen += len(batch) * acc.num_processes
-                        batch = batch.to(acc.device, non_blocking=True)
-                        sync = acc.no_sync(objective) if micro < accum - 1 else _nullcontext()
-                        with sync, acc.autocast():
-                            out = objective(batch, step * accum + micro)
-                        loss = out.total / accum
-                        finite = finite and _all_finite(loss)
-                        if finite:
-                            acc.backward(loss)
-                        for name in ("total", "contrastive", "mmm"):
-                            totals[name] += float(acc.reduce(getattr(out, name).detach(), "mean")) / accum
-                    if not finite:
-                        optimizer.zero_grad(set_to_none=True)
-                        consecutive_bad += 1
-                        self.bad_steps_total += 1
-                        self.say(f"[yellow]step {step}: non-finite loss, step skipped ({consecutive_bad} in a row).[/]")
-                        if consecutive_bad >= recipe.train.max_bad_steps:
-                            raise TrainingStopped(
-                                f"The loss was not finite for {consecutive_bad} steps in a row (at step {step}); "
-                                f"training stopped. The last good checkpoint in {self.checkpoint_dir} is intact: "
-                                "lower train.lr or use precision fp32/bf16, then --resume."
-                            )
-                        continue
-                    consecutive_bad = 0
-                    if recipe.train.grad_clip is not None:
-                        acc.clip_grad_norm_(objective.parameters(), recipe.train.grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    clamp_logit_scale(_unwrap_fuselip(objective).logit_scale, recipe.train.max_logit_scale)
-                    step += 1
-                    result_losses.append(totals["total"])
-                    elapsed = max(time.perf_counter() - started, 1e-9)
-                    rate = samples_seen / elapsed
-                    progress.update(task, completed=step, loss=totals["total"], lr=lr, rate=rate)
-                    if trackers and (step % recipe.train.log_every == 0 or step == total_steps):
-                        trackers.log({"train/loss": totals["total"], "train/contrastive": totals["contrastive"],
-                                      "train/mmm": totals["mmm"], "train/lr": lr, "train/samples_per_s": rate,
-                                      "train/logit_scale": float(_unwrap_fuselip(objective).logit_scale.detach().exp()),
-                                      "train/epoch": data.sampler.epoch}, step)
-                    every = recipe.eval.every_steps
-                    if every and step % every == 0 and step < total_steps and eval_data:
-                        metrics = self.evaluate(objective, eval_data, step, f"step_{step:06d}")
-                        if trackers:
-                            trackers.log(metrics, step)
-                    if recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0:
-                        self._save_checkpoint(objective, optimizer, data, step, batches_done,
-                                              {"losses_tail": result_losses[-10:]})
-        except KeyboardInterrupt:
-            interrupted = True
-            self.say("[yellow]Interrupted: writing a checkpoint before exiting...[/]")
-            path = self._save_checkpoint(objective, optimizer, data, step, batches_done, {"interrupted": True})
-            self.say(f"Checkpoint written: {path}. Continue with --resume.")
-        finally:
-            signal.signal(signal.SIGTERM, previous_handler)
-            if self.skips.total:
-                self.say(f"Skipped samples: {self.skips.summary()}")
-
-        final_dir, eval_after = None, {}
-        if not interrupted:
-            if recipe.checkpoint.every_steps:
-                self._save_checkpoint(objective, optimizer, data, step, batches_done, {"final": True})
-            if recipe.eval.at_end and eval_data:
-                eval_after = self.evaluate(objective, eval_data, step, "final")
-                if trackers:
-                    trackers.log(eval_after, step)
-            final_dir = self._save_final(objective, init, eval_before, eval_after, step)
-        if trackers:
-            trackers.close()
-        result = TrainResult(self.run_dir, final_dir, step, result_losses, eval_before, eval_after, interrupted)
-        self._print_summary(result, time.perf_counter() - started, samples_seen, data)
-        return result
-
-    # ------------------------------------------------------------------------------------------------
-    def _next_batch(self, data: TrainData, iterator, batches_done: int):
-        """The next batch; at the end of an epoch the next epoch starts (new shuffle and crops)."""
-        while True:
-            try:
-                return next(iterator), iterator, batches_done + 1
-            except StopIteration:
-                if self.skips.total:
-                    self.say(f"End of epoch {data.sampler.epoch}: skipped samples so far: {self.skips.summary()}")
-                data.set_epoch(data.sampler.epoch + 1)
-                iterator, batches_done = iter(data.loader), 0
-
-    def _load_checkpoint(self, path: Path, objective, optimizer, data: TrainData) -> tuple[int, int]:
+    def _load_checkpoint(self, path: Path) -> None:
         acc = self.accelerator
         loaded = ckpt.read_checkpoint(path, acc.process_index)
         state = loaded["trainer_state"]
         if state.get("world_size", acc.num_processes) != acc.num_processes:
-            self.say(f"[yellow]Checkpoint was written with {state['world_size']} processes; resuming with "
-                     f"{acc.num_processes} (same global batches, RNG of rank 0 reused).[/]")
-        acc.unwrap_model(objective).model.load_state_dict(loaded["model"], strict=True)
-        optimizer.load_state_dict(loaded["optimizer"])
+            self.out.say(f"[yellow]Checkpoint was written with {state['world_size']} processes; resuming with "
+                         f"{acc.num_processes} (same global batches, RNG of rank 0 reused).[/]")
+        acc.unwrap_model(self.objective).model.load_state_dict(loaded["model"], strict=True)
+        self.optimizer.load_state_dict(loaded["optimizer"])
         if loaded["scaler"] is not None and acc.scaler is not None:
             acc.scaler.load_state_dict(loaded["scaler"])
         rng = loaded["rng"] or ckpt.read_checkpoint(path, 0)["rng"]
         if rng is not None:
             ckpt.restore_rng_state(rng)
         sampler_state = state["sampler"]
-        data.sampler.load_state_dict(sampler_state)
-        data.mixture.set_epoch(sampler_state["epoch"])
+        self.data.sampler.load_state_dict(sampler_state)
+        self.data.mixture.set_epoch(sampler_state["epoch"])
         self.bad_steps_total = int(state.get("bad_steps_total", 0))
-        return int(state["step"]), int(sampler_state["batches_done"])
+        self.step, self.batches_done = int(state["step"]), int(sampler_state["batches_done"])
 
-    def _save_final(self, objective, init: str | None, before: dict, after: dict, step: int) -> Path | None:
+    def _save_final(self, before: dict, after: dict) -> Path | None:
         acc = self.accelerator
         final_dir = self.run_dir / "final"
         if acc.is_main_process:
-            model = acc.unwrap_model(objective).model
+            model = acc.unwrap_model(self.objective).model
             if self.recipe.model.lora.enabled:
-                save_adapter(model, final_dir, init)
+                save_adapter(model, final_dir, self.init)
             else:
                 save_pretrained(model, final_dir)
-            write_model_card(final_dir, self.recipe, init, step, before, after)
+            write_model_card(final_dir, self.recipe, self.init, self.step, before, after)
         acc.wait_for_everyone()
         return final_dir
-
-    # ------------------------------------------------------------------------------------------------
-    def _progress(self, total: int, start: int) -> Progress:
-        enabled = self.accelerator.is_main_process and self.recipe.logging.progress
-        return Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("lr {task.fields[lr]:.2e}"),
-            TextColumn("{task.fields[rate]:.1f} samples/s"), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=self.console, disable=not enabled, transient=False,
-        )
-
-    def _print_plan(self, data: TrainData, objective, total_steps: int, init: str | None, resume_from) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        recipe = self.recipe
-        model = self.accelerator.unwrap_model(objective).model
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        table = Table(title=f"fuselip-med: {recipe.name}", show_header=False)
-        lora = (f" + LoRA r={recipe.model.lora.r} ({adapter_parameter_count(model):,} adapter weights)"
-                if recipe.model.lora.enabled else "")
-        table.add_row("model", f"{recipe.model.arch} {recipe.model.size} from {init or 'scratch'}{lora}")
-        table.add_row("trainable parameters", f"{trainable:,}")
-        for label, size, weight in data.describe():
-            table.add_row(f"data: {label}", f"{size:,} samples, weight {weight:g}")
-        if data.load_skips:
-            table.add_row("skipped while loading", ", ".join(f"{k}: {v}" for k, v in data.load_skips.items()))
-        table.add_row("steps", f"{total_steps:,} ({data.sampler.batches_per_epoch():,} batches per epoch, global batch "
-                      f"{recipe.train.batch_size} x accumulation {recipe.train.grad_accum})")
-        table.add_row("optimisation", f"AdamW lr {recipe.train.lr:g}, wd {recipe.train.weight_decay:g}, warmup "
-                      f"{recipe.train.warmup_steps}, {recipe.train.precision}, "
-                      f"{self.accelerator.num_processes} process(es) on {self.accelerator.device}")
-        table.add_row("run directory", str(self.run_dir) + (f" (resuming {resume_from})" if resume_from else ""))
-        self.console.print(table)
-
-    def _print_metrics(self, title: str, metrics: dict[str, float]) -> None:
-        if not self.accelerator.is_main_process or not metrics:
-            return
-        table = Table(title=title)
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for key, value in metrics.items():
-            table.add_row(key.removeprefix("eval/"), f"{value:.4f}")
-        self.console.print(table)
-
-    def _print_summary(self, result: TrainResult, seconds: float, samples: int, data: TrainData) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        table = Table(title="Summary", show_header=False)
-        table.add_row("steps", str(result.steps) + (" (interrupted)" if result.interrupted else ""))
-        table.add_row("time", f"{seconds:.1f} s ({samples / max(seconds, 1e-9):.1f} samples/s)")
-        if result.losses:
-            table.add_row("loss first -> last", f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
-        table.add_row("skipped steps (non-finite loss)", str(self.bad_steps_total))
-        table.add_row("skipped samples", self.skips.summary() if self.skips.total else "0")
-        for key in sorted(set(result.eval_before) | set(result.eval_after)):
-            if key.split("/")[-1] in SUMMARY_METRICS:
-                before = result.eval_before.get(key)
-                after = result.eval_after.get(key)
-                table.add_row(key.removeprefix("eval/"), f"{_fmt(before)} -> {_fmt(after)}")
-        table.add_row("final model", str(result.final_dir) if result.final_dir else "not written")
-        table.add_row("checkpoints", str(self.checkpoint_dir))
-        self.console.print(table)
-
-
-SUMMARY_METRICS = {"image_to_text_R@1", "image_to_text_R@5", "image_to_text_R@10", "text_to_image_R@1",
-                   "text_to_image_R@5", "text_to_image_R@10", "accuracy", "macro_f1", "mean"}
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _all_finite(loss: torch.Tensor) -> bool:
-    """True on every process only if the loss is finite on every process (so all skip together)."""
-    flag = torch.tensor(float(torch.isfinite(loss.detach()).all()), device=loss.device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item() > 0)
 
 
 def _install_sigterm_as_interrupt():
@@ -466,10 +411,6 @@ def _install_sigterm_as_interrupt():
 
 def _fuselip_of(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _unwrap_fuselip(objective):
-    return (objective.module if hasattr(objective, "module") else objective).fuselip
 
 
 def _tokenizer():
