@@ -202,3 +202,15 @@ def test_a_build_killed_midway_resumes_where_it_stopped(tmp_path, titok):
     assert all(torch.equal(cache.get(k, v), fresh.get(k, v)) for k in images for v in range(VIEWS + 1))
     assert not (tmp_path / "cache" / "views3" / "parts").exists()
 
+
+
+def test_an_unreadable_image_is_named_and_left_out(tmp_path, titok):
+    paths = write_images(tmp_path / "img", 2)
+    broken = tmp_path / "img" / "broken.png"
+    broken.write_bytes(b"not a png")
+    spec = spec_for(titok)
+    messages = []
+    cache = ensure_code_cache(tmp_path / "cache", spec, images_of(paths + [broken], spec), titok.encode,
+                              say=messages.append)
+    assert len(cache) == 2 and row_key(content_hash(broken), spec) not in cache
+    assert any("not cached" in m and content_hash(broken)[:12] in m for m in messages)

@@ -28,8 +28,7 @@ from fuselip_med.core.losses import (
     sigmoid_loss,
 )
 from fuselip_med.data.collate import Batch
-
-SIDES = ("query", "target")
+from fuselip_med.data.dataset import SIDES
 
 
 @dataclass
