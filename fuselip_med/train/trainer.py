@@ -102,32 +102,12 @@ class Trainer:
             ckpt.remove_stale_temporaries(self.checkpoint_dir)
         acc.wait_for_everyone()
 
-        self.init = None if self.from_scratch else recipe.model.init
-        set_seed(recipe.train.seed)
-        model = build_model(recipe.model.size, init=self.init, arch=recipe.model.arch)
-        if hasattr(model, "transformer"):  # FuseLIP's encoder; the late-fusion baselines train as they are
-            model.transformer.grad_checkpointing = recipe.train.grad_checkpointing
-            if recipe.train.compile:
-                model.transformer.compile(dynamic=True)
-        elif recipe.train.grad_checkpointing or recipe.train.compile:
-            raise TrainingStopped(f"train.grad_checkpointing and train.compile apply to FuseLIP's encoder; set them "
-                                  f"to false for model.arch {recipe.model.arch}.")
-        lora = recipe.model.lora
-        if lora.enabled:
-            model = apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.targets, lora.train_logit_params)
-        base = _fuselip_of(model)  # the late-fusion baselines have no MMM head: sigmoid loss only
-        masking = (MaskingConfig.for_model(base.config, probability=recipe.train.mlm_probability)
-                   if hasattr(base, "mask_logits") else MaskingConfig(probability=0.0))
-        objective = FuseLIPObjective(model, masking, recipe.train.mmm_weight, recipe.train.seed)
-        optimizer = build_optimizer(model, recipe.train.lr, recipe.train.weight_decay, recipe.train.betas,
-                                    recipe.train.eps, recipe.train.decay_embeddings)
-        self.objective, self.optimizer = acc.prepare(objective, optimizer)
+        self.objective, self.optimizer = acc.prepare(*self._build_objective())
         attach_image_codes(self.data, recipe, self.fuselip, rank=acc.process_index, world=acc.num_processes,
                            barrier=acc.wait_for_everyone, say=self.out.say)
-        per_epoch = self.data.sampler.batches_per_epoch()
-        train = recipe.train
+        per_epoch, train = self.data.sampler.batches_per_epoch(), recipe.train
         self.total_steps = train.steps or max(1, math.ceil(train.epochs * per_epoch / train.grad_accum))
-        self.schedule = WarmupCosine(recipe.train.lr, recipe.train.warmup_steps, self.total_steps, recipe.train.min_lr)
+        self.schedule = WarmupCosine(train.lr, train.warmup_steps, self.total_steps, train.min_lr)
         if self.resume_from is not None:
             self._load_checkpoint(self.resume_from)
             self.out.say(f"Resumed from {self.resume_from} at step {self.step}.")
@@ -140,9 +120,32 @@ class Trainer:
                                            run_name=recipe.name, config=recipe.model_dump(mode="json"),
                                            wandb_mode=logging.wandb_mode, say=self.out.say)
         unwrapped = acc.unwrap_model(self.objective).model
-        lora_weights = adapter_parameter_count(unwrapped) if lora.enabled else None
+        lora_weights = adapter_parameter_count(unwrapped) if recipe.model.lora.enabled else None
         self.out.plan(plan_rows(recipe, unwrapped, self.data, self.total_steps, self.init, lora_weights, acc,
                                 self.run_dir, self.resume_from), title=f"fuselip-med: {recipe.name}")
+
+    def _build_objective(self) -> tuple[FuseLIPObjective, torch.optim.Optimizer]:
+        """Model (init checkpoint or scratch; activation checkpointing, compile, LoRA), objective, fused AdamW."""
+        recipe, train = self.recipe, self.recipe.train
+        self.init = None if self.from_scratch else recipe.model.init
+        set_seed(train.seed)
+        model = build_model(recipe.model.size, init=self.init, arch=recipe.model.arch)
+        if hasattr(model, "transformer"):  # FuseLIP's encoder; the late-fusion baselines train as they are
+            model.transformer.grad_checkpointing = train.grad_checkpointing
+            if train.compile:
+                model.transformer.compile(dynamic=True)
+        elif train.grad_checkpointing or train.compile:
+            raise TrainingStopped(f"train.grad_checkpointing and train.compile apply to FuseLIP's encoder; set them "
+                                  f"to false for model.arch {recipe.model.arch}.")
+        lora = recipe.model.lora
+        if lora.enabled:
+            model = apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.targets, lora.train_logit_params)
+        base = _fuselip_of(model)  # the late-fusion baselines have no MMM head: sigmoid loss only
+        masking = (MaskingConfig.for_model(base.config, probability=train.mlm_probability)
+                   if hasattr(base, "mask_logits") else MaskingConfig(probability=0.0))
+        objective = FuseLIPObjective(model, masking, train.mmm_weight, train.seed)
+        optimizer = build_optimizer(model, train.lr, train.weight_decay, train.betas, train.eps, train.decay_embeddings)
+        return objective, optimizer
 
     @property
     def fuselip(self):
