@@ -268,7 +268,7 @@ def eval_command(
       fuselip-med eval -m chs20/FuseLIP-S-CC3M-MM -t mmeb --data mmeb=/data/MMEB-eval\n
       fuselip-med eval -m chs20/FuseLIP-S-CC3M-MM -t rocov2-retrieval,rocov2-concepts \\
         -d rocov2=eltorio/ROCOv2-radiology\n
-      fuselip-med eval -m runs/rocov2/final -t rocov2-retrieval -d rocov2_test=pairs.tsv \\
+      fuselip-med eval -m runs/rocov2/final -t rocov2-retrieval -d test=pairs.tsv \\
         --path-column filepath --caption-column title\n
       fuselip-med eval -m fuselip=runs/a/final -m sf=runs/b/final -m mlf=runs/c/final -d rocov2=ROCOv2_data
     """

@@ -127,7 +127,7 @@ def test_bf16_mixed_precision_tracks_fp32_for_a_baseline(tmp_path, demo_data):
 
 
 def test_lora_on_a_baseline_trains_only_adapters_and_merges_exactly(tmp_path, demo_data):
-    from fuselip_med.train.lora import adapter_parameter_count, load_adapter, merge_adapter
+    from fuselip_med.core.lora import adapter_parameter_count, load_adapter, merge_adapter
 
     recipe = baseline_recipe(tmp_path / "lora", demo_data, "siglip_sf", train={"steps": 2},
                              checkpoint={"every_steps": None},

@@ -194,7 +194,7 @@ def test_two_processes_give_the_single_process_losses(tmp_path, demo_data):
 
 
 def test_lora_trains_only_adapters_and_merges_exactly(tmp_path, demo_data, released_tiny):
-    from fuselip_med.train.lora import adapter_parameter_count, apply_lora, load_adapter, merge_adapter
+    from fuselip_med.core.lora import adapter_parameter_count, apply_lora, load_adapter, merge_adapter
 
     init, _ = released_tiny
     probe = apply_lora(load_model(init)[0], r=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj", "c_fc"],

@@ -33,6 +33,7 @@ from transformers import ViTConfig, ViTModel
 from fuselip_med.core.fuselip import EOT_ID, PAD_ID, SOT_ID, Transformer, init_transformer
 from fuselip_med.core.hub import HubModelMixin
 from fuselip_med.core.text_tokenizer import TextTokenizer
+from fuselip_med.vocab import CLIP_BPE_VOCAB_SIZE
 
 LATE_FUSION_ARCHS = ("siglip_sf", "siglip_mlf")
 
@@ -72,7 +73,7 @@ class LateFusionConfig:
     text_heads: int = 6
     text_layers: int = 12
     context_length: int = 180
-    text_vocab_size: int = 49408  # CLIP BPE without [MASK]: no MMM for the baselines
+    text_vocab_size: int = CLIP_BPE_VOCAB_SIZE  # CLIP BPE without [MASK]: no MMM for the baselines
     embed_dim: int = 384
     fusion_width: int = 384
     fusion_heads: int = 6

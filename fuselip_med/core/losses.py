@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fuselip_med.core.distributed import gather_rows
+from fuselip_med.vocab import EOT_TOKEN_ID, MASK_TOKEN_ID, PAD_TOKEN_ID, TEXT_VOCAB_SIZE
 
 IGNORE_INDEX = -100
 
@@ -53,9 +54,10 @@ def clamp_logit_scale(logit_scale: torch.nn.Parameter, max_scale: float = 100.0)
 class MaskingConfig:
     """Which ids MMM may replace by ``[MASK]`` and how often (reference-facts.md §2.9)."""
 
-    mask_token_id: int = 49408
+    mask_token_id: int = MASK_TOKEN_ID
     probability: float = 0.1
-    never_mask: tuple[int, ...] = (0, 49407, 49408, 49409)
+    # pad (and BPE "!"), eot, [MASK] and image code 0 (id TEXT_VOCAB_SIZE = 49409): reference-facts.md §7.9
+    never_mask: tuple[int, ...] = (PAD_TOKEN_ID, EOT_TOKEN_ID, MASK_TOKEN_ID, TEXT_VOCAB_SIZE)
 
     @classmethod
     def for_model(cls, config, probability: float | None = None) -> "MaskingConfig":
@@ -63,7 +65,7 @@ class MaskingConfig:
         return cls(
             mask_token_id=config.mask_token_id,
             probability=config.mlm_probability if probability is None else probability,
-            never_mask=(0, 49407, config.mask_token_id, config.max_text_token + 1),
+            never_mask=(PAD_TOKEN_ID, EOT_TOKEN_ID, config.mask_token_id, config.max_text_token + 1),
         )
 
 

@@ -11,8 +11,8 @@ from typing import Any
 
 from torch import nn
 
-from fuselip_med.core.fuselip import TRANSFORMER_SIZES, FuseLIP, FuseLIPConfig
-from fuselip_med.core.late_fusion import LATE_FUSION_ARCHS, LATE_FUSION_SIZES, LateFusion, LateFusionConfig
+from fuselip_med.core.fuselip import FuseLIP, FuseLIPConfig
+from fuselip_med.core.late_fusion import LATE_FUSION_ARCHS, LateFusion, LateFusionConfig
 
 ModelConfig = FuseLIPConfig | LateFusionConfig
 """The config of any registry arch."""
@@ -26,12 +26,6 @@ def check_arch(arch: str) -> str:
     if arch not in ARCHS:
         raise ValueError(f"Unknown model arch {arch!r}; choose one of {', '.join(ARCHS)}.")
     return arch
-
-
-def sizes_of(arch: str) -> list[str]:
-    """The size presets an arch has (``tiny`` for tests and demos, ``small``/``base`` as in the paper)."""
-    check_arch(arch)
-    return sorted(TRANSFORMER_SIZES if arch == "fuselip" else LATE_FUSION_SIZES)
 
 
 def config_for(arch: str, size: str, **overrides: Any) -> FuseLIPConfig | LateFusionConfig:

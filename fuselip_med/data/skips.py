@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fuselip_med.io import atomic_write_bytes
+
 __all__ = ["SKIPPED_CSV_COLUMNS", "SkipEntry", "SkipReport"]
 
 SKIPPED_CSV_COLUMNS = ("id", "source", "reason", "detail")
@@ -132,12 +134,7 @@ class SkipReport(collections.Counter):
 
     def write_csv(self, path: str | os.PathLike) -> Path:
         """Write the full list to ``path`` (UTF-8, atomically: temporary file then rename); returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(self.csv_text(), encoding="utf-8", errors="backslashreplace")
-        os.replace(tmp, path)
-        return path
+        return atomic_write_bytes(path, self.csv_text().encode("utf-8", "backslashreplace"))
 
     @classmethod
     def merged(cls, reports: Iterable[SkipReport | collections.Counter | None]) -> SkipReport:

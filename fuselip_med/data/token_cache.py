@@ -35,6 +35,8 @@ import numpy as np
 import torch
 
 from fuselip_med.data.images import DecodeOptions, ImagePreprocess, decode_image
+from fuselip_med.data.workers import usable_workers
+from fuselip_med.io import atomic_write_json
 
 CACHE_VERSION = 1
 CODES_FILE = "codes.u16"
@@ -294,10 +296,7 @@ def load_file_memo(directory: Path) -> dict[str, list]:
 
 def save_file_memo(directory: Path, memo: dict[str, list]) -> None:
     """Write the memo atomically (temp file + rename)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{FILES_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(memo), encoding="utf-8")
-    os.replace(tmp, directory / FILES_FILE)
+    atomic_write_json(directory / FILES_FILE, memo, indent=None)
 
 
 class SampleImage(NamedTuple):
@@ -346,7 +345,7 @@ def tokenize_views(
     Returns (key, reason) of images that could not be decoded (not cached)."""
     todo = [item for item in items if item[0] not in cache]
     loader = torch.utils.data.DataLoader(_ViewImages(todo, spec), batch_size=images_per_batch, collate_fn=list,
-                                         num_workers=num_workers)
+                                         num_workers=usable_workers(num_workers, "data.num_workers"))
     failed: list[tuple[str, str]] = []
     for batch in loader:
         good = [(key, views) for key, views, _ in batch if views is not None]

@@ -16,8 +16,9 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from fuselip_med.eval.report import _pyplot, _save_figure, atomic_write_text, now_iso, package_version
+from fuselip_med.eval.report import _pyplot, _save_figure, flatten_metrics, now_iso, package_version
 from fuselip_med.eval.runner import run_evaluation
+from fuselip_med.io import atomic_write_text
 
 PLOT_FILE = "comparison.png"
 MAX_PLOTTED_METRICS = 24
@@ -48,10 +49,8 @@ def _dir_name(label: str) -> str:
 
 
 def flat_metrics(report: Mapping[str, Any]) -> dict[str, float]:
-    """metrics.json content -> {"<task>/<metric>": value} (numbers only)."""
-    return {f"{task}/{name}": float(value) for task, result in report.get("tasks", {}).items()
-            for name, value in (result.get("metrics") or {}).items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    """metrics.json content -> {"<task>/<metric>": value} (numbers only; ``report.flatten_metrics`` unprefixed)."""
+    return {key.removeprefix("eval/"): value for key, value in flatten_metrics(report).items()}
 
 
 def run_comparison(

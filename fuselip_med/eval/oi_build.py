@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .report import atomic_write_text
+from fuselip_med.io import atomic_write_text
 
 __all__ = ["OIRules", "Box", "read_class_names", "read_boxes", "filter_boxes", "build_oi_crop", "build_oi_pos",
            "decoys_for", "build_oi_tasks"]

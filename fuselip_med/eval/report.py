@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from fuselip_med.io import atomic_write_bytes, atomic_write_text
 
 __all__ = ["TaskResult", "EvalReport", "package_version", "now_iso", "write_report", "render_markdown",
-           "plot_recall_curve", "plot_confusion_matrix", "atomic_write_bytes", "atomic_write_text", "flatten_metrics"]
+           "plot_recall_curve", "plot_confusion_matrix", "flatten_metrics"]
 
 
 class TaskResult(BaseModel):

@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .report import atomic_write_bytes, atomic_write_text
+from fuselip_med.io import atomic_write_bytes, atomic_write_text
+
 from .tasks import TABLE
 
 __all__ = ["PAPER_COLUMNS", "paper_table", "write_suite_table"]

@@ -54,7 +54,8 @@ def index_build(
     from accelerate import PartialState
     from rich.console import Console
 
-    from fuselip_med.core.checkpoints import CheckpointError, load_model
+    from fuselip_med.core.checkpoints import CheckpointError
+    from fuselip_med.core.lora import load_for_inference
     from fuselip_med.data.adapters import DatasetEmptyError
     from fuselip_med.search.index import (
         IndexSettings,
@@ -73,7 +74,7 @@ def index_build(
         _fail(str(error).strip("'\""), code=2)
     state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())  # CPU: several gloo processes
     try:
-        fuselip, _, _ = load_model(model, device or state.device)
+        fuselip, _, _ = load_for_inference(model, device or state.device)
     except CheckpointError as error:
         _fail(str(error))
     console = Console()

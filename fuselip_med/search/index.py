@@ -38,7 +38,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from fuselip_med.io import atomic_write_bytes, atomic_write_text
+from fuselip_med.data.token_cache import content_hash
+from fuselip_med.io import atomic_write_bytes, atomic_write_text, remove_temp_files
 
 __all__ = [
     "FORMAT_VERSION", "IndexEntry", "SearchIndexError", "IndexSettings", "ModelId", "BuildReport", "SearchIndex",
@@ -69,18 +70,13 @@ class ModelId:
 
 
 def model_fingerprint(model) -> str:
-    """blake2b-128 hex digest of a model's state dict (names, dtypes, shapes and bytes, in name order).
+    """sha256 hex digest of a model's weights (``core.hub.state_dict_sha256``: names, dtypes, shapes, bytes).
 
     Two loads of the same weights give the same fingerprint whatever path or hub id they came from.
     """
-    import torch
+    from fuselip_med.core.hub import state_dict_sha256
 
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
+    return state_dict_sha256(model.state_dict())
 
 
 @dataclass(frozen=True)
@@ -205,6 +201,7 @@ def list_entries(input: str | os.PathLike, adapter: str = "folder", split: str =
 
     if adapter in ("folder", "csv"):
         adapter_options.setdefault("check_files", False)
+        adapter_options.setdefault("require_caption", False)  # captions are optional: the second text index
     source = get_adapter(adapter)(str(input), split=split, **adapter_options)
     captions = {row.id: row.text for row in rows_from_source(source, "text")}
     skipped: collections.Counter = collections.Counter(getattr(source, "skipped", {}))
@@ -215,23 +212,6 @@ def list_entries(input: str | os.PathLike, adapter: str = "folder", split: str =
             continue
         entries[row.id] = IndexEntry(row.id, row.image, captions.get(row.id) or None, source.name)
     return [entries[k] for k in sorted(entries)], skipped
-
-
-def content_hash(image: Any) -> str:
-    """sha256 hex digest of an image's encoded bytes (a file's bytes, or the bytes given); ``OSError`` when a
-    file cannot be read, ``TypeError`` for inputs that are neither (decoded arrays are hashed by value)."""
-    digest = hashlib.sha256()
-    if isinstance(image, (str, os.PathLike)):
-        with open(image, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    elif isinstance(image, (bytes, bytearray, memoryview)):
-        digest.update(bytes(image))
-    else:
-        from fuselip_med.eval.embedding import image_key
-
-        digest.update(image_key(image).encode())
-    return digest.hexdigest()
 
 
 def _text_hash(text: str) -> str:
@@ -549,10 +529,12 @@ def _stack(vectors: list[np.ndarray], dim: int) -> np.ndarray:
 
 
 def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    disable=not enabled or not os.isatty(1), transient=True)
+    from fuselip_med.progress import new_progress
+
+    return new_progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        enabled=enabled, transient=True)
 
 
 def _commit(out: Path, rows: list[dict], image_vectors: np.ndarray, caption_vectors: np.ndarray,
@@ -595,9 +577,9 @@ def _commit(out: Path, rows: list[dict], image_vectors: np.ndarray, caption_vect
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     keep = set(files.values()) | {MANIFEST, WORK}
     for path in out.iterdir():
-        stale = path.name.split(".")[0] in ("meta", "image", "caption") or path.name.endswith(".tmp")
-        if path.name not in keep and path.is_file() and stale:
+        if path.name not in keep and path.is_file() and path.name.split(".")[0] in ("meta", "image", "caption"):
             path.unlink()
+    remove_temp_files(out)  # what an interrupted atomic write left
     _clear_work(out / WORK)
 
 

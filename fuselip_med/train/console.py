@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from fuselip_med.progress import new_progress
+
 SUMMARY_METRICS = {"image_to_text_R@1", "image_to_text_R@5", "image_to_text_R@10", "text_to_image_R@1",
                    "text_to_image_R@5", "text_to_image_R@10", "accuracy", "macro_f1", "mean"}
 
@@ -34,11 +36,11 @@ class TrainConsole:
 
     def progress(self) -> Progress:
         """The step bar: loss, learning rate and samples/s are refreshed at the logging cadence."""
-        return Progress(
+        return new_progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("lr {task.fields[lr]:.2e}"),
             TextColumn("{task.fields[rate]:.1f} samples/s"), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=self.console, disable=not self.show_progress, transient=False,
+            console=self.console, enabled=self.show_progress,
         )
 
     def plan(self, rows: list[tuple[str, str]], title: str) -> None:

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
 from fuselip_med.data.dataset import SIDES, ImageViews, SampleDataset
 from fuselip_med.data.token_cache import (
@@ -35,6 +35,7 @@ from fuselip_med.data.token_cache import (
     titok_fingerprint,
     tokenize_views,
 )
+from fuselip_med.progress import new_progress
 from fuselip_med.recipes import Recipe
 
 DEFAULT_CACHE_DIR = "~/.cache/fuselip-med/image-codes"
@@ -47,10 +48,14 @@ def cache_directory(recipe: Recipe) -> Path:
 
 
 def view_spec(recipe: Recipe, fuselip: Any) -> ViewSpec:
-    """The recipe's views (decode options, K = ``train.code_views``) for the model's frozen tokenizer."""
+    """The recipe's views (decode options, K = ``train.code_views``) for the model's frozen tokenizer (a model
+    without one, a late-fusion baseline, draws the same views as pixels: ``"pixels"`` stands for the tokenizer)."""
     from fuselip_med.train.data import decode_options
 
-    tokenizer_id = titok_fingerprint(fuselip.config.image_tokenizer, fuselip.image_tokenizer)
+    if hasattr(fuselip, "image_tokenizer"):
+        tokenizer_id = titok_fingerprint(fuselip.config.image_tokenizer, fuselip.image_tokenizer)
+    else:
+        tokenizer_id = "pixels"
     return ViewSpec(decode_options(recipe), recipe.train.code_views, tokenizer_id)
 
 
@@ -97,7 +102,7 @@ def ensure_code_cache(directory: Path, spec: ViewSpec, images: dict[str, tuple[s
             f"into {root}.")
     part = CodeCache(root / PARTS_DIR / f"rank{rank}", spec.views, tokens, say=say)
     columns = (TextColumn("[bold]codes"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not (progress and rank == 0 and mine)) as bar:
+    with new_progress(*columns, enabled=bool(progress and rank == 0 and mine)) as bar:
         task = bar.add_task("codes", total=len(mine))
         failed = tokenize_views(part, mine, spec, tokenize, num_workers=num_workers,
                                 images_per_batch=images_per_batch, on_batch=lambda n: bar.advance(task, n))
@@ -149,8 +154,11 @@ def cache_codes_for_recipe(recipe: Recipe, say: Callable[[str], None] = print) -
 
     from fuselip_med.core.checkpoints import build_model
     from fuselip_med.core.text_tokenizer import TextTokenizer
-    from fuselip_med.train.data import build_train_data
+    from fuselip_med.train.data import DataSetupError, build_train_data
 
+    if recipe.model.arch != "fuselip":
+        raise DataSetupError(f"data cache-codes stores FuseLIP's TiTok codes; model.arch {recipe.model.arch} reads "
+                             "pixels and needs no code cache.")
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     cached = recipe.model_copy(update={"train": recipe.train.model_copy(update={"image_codes": "cache"})})
     data = build_train_data(cached, TextTokenizer(), accelerator.process_index, accelerator.num_processes)

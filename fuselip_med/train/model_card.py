@@ -43,12 +43,15 @@ def write_model_card(directory: Path, recipe: Recipe, init: str | None, steps: i
             for key in sorted(set(before) | set(after))]
     lora = recipe.model.lora.enabled
     kind = f"LoRA adapter (rank {recipe.model.lora.r})" if lora else "full model"
+    model_class = "FuseLIP" if recipe.model.arch == "fuselip" else "LateFusion"
     load = ("`fuselip-med merge-lora`, `fuselip_med.core.lora.load_for_inference(path)` or PEFT's "
-            "`PeftModel.from_pretrained(FuseLIP.from_pretrained(base), path)`" if lora
-            else "`FuseLIP.from_pretrained(path)` or `fuselip_med.load_model(path)`")
+            f"`PeftModel.from_pretrained({model_class}.from_pretrained(base), path)`" if lora
+            else f"`{model_class}.from_pretrained(path)` or `fuselip_med.load_model(path)`")
+    architecture = {"fuselip": "FuseLIP", "siglip_sf": "SigLIP-SF (late-fusion baseline)",
+                    "siglip_mlf": "SigLIP-MLF (late-fusion baseline)"}[recipe.model.arch]
     card = model_card(
         title=recipe.name,
-        summary=(f"FuseLIP ({recipe.model.size}) fine-tuned with fuselip_med: {kind}, initialised from "
+        summary=(f"{architecture} ({recipe.model.size}) trained with fuselip_med: {kind}, initialised from "
                  f"`{init or 'scratch'}`, {steps} optimizer steps. {recipe.description}").strip()
                 + f"\n\nLoad it with {load}. The weights inherit the terms of the base model and the training data.",
         sections=[

@@ -25,6 +25,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from rich.console import Console
 
 from fuselip_med.core.checkpoints import build_model, save_pretrained
+from fuselip_med.core.lora import adapter_parameter_count, apply_lora, save_adapter
 from fuselip_med.core.losses import MaskingConfig, clamp_logit_scale
 from fuselip_med.data.adapters import DatasetEmptyError
 from fuselip_med.data.collate import SkipCounter
@@ -34,7 +35,6 @@ from fuselip_med.train import checkpointing as ckpt
 from fuselip_med.train.console import TrainConsole, plan_rows
 from fuselip_med.train.data import DataSetupError, build_source, build_train_data
 from fuselip_med.train.image_codes import attach_image_codes
-from fuselip_med.train.lora import adapter_parameter_count, apply_lora, save_adapter
 from fuselip_med.train.model_card import write_model_card
 from fuselip_med.train.objective import FuseLIPObjective
 from fuselip_med.train.optim import WarmupCosine, build_optimizer, set_learning_rate, skip_step_if

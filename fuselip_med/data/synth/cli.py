@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fuselip_med.io import atomic_write_text
+from fuselip_med.progress import new_progress
 
 from .common import read_caption_rows, write_jsonl_atomic
 from .llm import DEFAULT_MODEL, LLMConfig, SynthError, SynthReport, process_state, synthesize_llm
@@ -59,10 +60,8 @@ def run_synth_vqa(input: str, out: Path, generator: str = "rules", *, adapter: s
 
 
 def _progress(console: Console | None) -> Progress:
-    console = console or Console()
-    quiet = not console.is_terminal or not process_state().is_main_process
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, disable=quiet)
+    return new_progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, enabled=process_state().is_main_process)
 
 
 def synth_vqa_command(
@@ -131,5 +130,7 @@ def _local_or_hub(model: str) -> str:
 
 
 def _fail(console: Console, message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    from fuselip_med.cli_errors import print_error
+
+    print_error(console, message)
     raise typer.Exit(1)
