@@ -189,15 +189,16 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _eval_data_has_task_roles(self) -> "Recipe":
-        from fuselip_med.eval.tasks import get_task, missing_roles, role_of_key
+        from fuselip_med.eval.tasks import get_task, missing_roles
+        from fuselip_med.eval.tasks.context import resolve_data
 
         if not self.data.eval:  # the trainer evaluates only when data.eval is given
             return self
-        roles: set[str] = set()
-        for spec in self.data.eval:
-            key = spec.id or f"{spec.name}_{spec.split}"
-            role = role_of_key(key)
-            roles.update([role] if role else ("test", "valid") if key == "rocov2" else ())
+        keys = [spec.id or f"{spec.name}_{spec.split}" for spec in self.data.eval]
+        try:  # the rules the evaluation applies at run time: a role, an adapter name, or ROLE:ADAPTER
+            roles = set(resolve_data(dict.fromkeys(keys)))
+        except ValueError as error:
+            raise ValueError(f"data.eval id: {error}") from None
         for task in self.eval.tasks:
             missing = missing_roles(get_task(task), roles)
             if missing:
