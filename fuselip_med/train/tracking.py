@@ -1,7 +1,15 @@
-"""Metric trackers: a JSONL file always, TensorBoard and Weights & Biases when the recipe asks for them.
+"""Metric tracking on Accelerate's tracking API: ``Accelerator(log_with=log_with(...), project_dir=<log dir>)``,
+``start_trackers`` (``accelerator.init_trackers``), ``accelerator.log(values, step=...)``,
+``accelerator.end_training()``.
 
-wandb never blocks a run: without credentials (or if the online start fails) it falls back to offline mode
-and says so in one line.
+What is logged where (``<log dir>`` is ``recipe.log_dir()``), by the main process only:
+
+- ``<log dir>/metrics.jsonl``, always: one JSON object per ``accelerator.log`` call (``{"step": ..., **values}``);
+- ``<log dir>/tensorboard/events.out.tfevents.*`` when ``logging.trackers`` names ``tensorboard``: the scalars;
+- ``<log dir>/wandb/`` when it names ``wandb`` (and ``logging.wandb_mode`` is not ``disabled``): a run in project
+  ``logging.wandb_project``, named after the recipe, with the recipe as its config.
+
+wandb never blocks a run: without credentials (or if the online start fails) it logs offline and says so in one line.
 """
 from __future__ import annotations
 
@@ -10,39 +18,50 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker, TensorBoardTracker
+from accelerate.utils import LoggerType
 
-class JsonlTracker:
-    """Appends one JSON object per log call to ``metrics.jsonl`` (flushed, so a crash loses nothing logged)."""
+from fuselip_med.recipes import LoggingSection
 
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._handle = path.open("a", encoding="utf-8")
 
-    def log(self, metrics: dict[str, Any], step: int) -> None:
-        self._handle.write(json.dumps({"step": step, **metrics}) + "\n")
+class JsonlTracker(GeneralTracker):
+    """``<logging_dir>/metrics.jsonl``: appends one JSON object per log call, flushed (a crash loses nothing logged)."""
+
+    name = "jsonl"
+    requires_logging_directory = True
+
+    def __init__(self, logging_dir: str | os.PathLike):
+        super().__init__()
+        self.path = Path(logging_dir) / "metrics.jsonl"
+        self._handle = None
+
+    def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = self.path.open("a", encoding="utf-8")
+
+    @property
+    def tracker(self):
+        return self._handle
+
+    def log(self, values: dict[str, Any], step: int | None = None, **kwargs) -> None:
+        self._handle.write(json.dumps({"step": step, **values}) + "\n")
         self._handle.flush()
 
-    def close(self) -> None:
+    def finish(self) -> None:
         self._handle.close()
 
 
-class TensorBoardTracker:
-    """Scalars to a TensorBoard event file under ``<log dir>/tensorboard``."""
-
-    def __init__(self, directory: Path):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self._writer = SummaryWriter(log_dir=str(directory / "tensorboard"))
-
-    def log(self, metrics: dict[str, Any], step: int) -> None:
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)):
-                self._writer.add_scalar(key, value, step)
-        self._writer.flush()
-
-    def close(self) -> None:
-        self._writer.close()
+def log_with(logging: LoggingSection, log_dir: Path) -> list[GeneralTracker | str]:
+    """The ``Accelerator(log_with=...)`` list: wandb first (so an online start that fails has started nothing else),
+    the JSONL file, TensorBoard under ``<log dir>/tensorboard``."""
+    trackers: list[GeneralTracker | str] = []
+    if "wandb" in logging.trackers and logging.wandb_mode != "disabled":
+        trackers.append("wandb")
+    trackers.append(JsonlTracker(log_dir))
+    if "tensorboard" in logging.trackers:
+        trackers.append(TensorBoardTracker("tensorboard", log_dir))
+    return trackers
 
 
 def wandb_has_credentials() -> bool:
@@ -57,57 +76,30 @@ def wandb_has_credentials() -> bool:
         return False
 
 
-class WandbTracker:
-    """A wandb run; offline when there are no credentials or the online start fails."""
-
-    def __init__(self, directory: Path, project: str, name: str, config: dict[str, Any], mode: str,
-                 say: Callable[[str], None]):
+def start_trackers(accelerator: Accelerator, logging: LoggingSection, log_dir: Path, *, run_name: str,
+                   config: dict[str, Any], say: Callable[[str], None]) -> None:
+    """``accelerator.init_trackers`` (main process only), with wandb offline when there are no credentials or the
+    online start fails."""
+    if not accelerator.is_main_process:
+        return
+    init_kwargs = {}
+    if LoggerType.WANDB in accelerator.log_with:
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
-        directory.mkdir(parents=True, exist_ok=True)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        mode = logging.wandb_mode
         if mode == "online" and not wandb_has_credentials():
             say("wandb: no credentials found (WANDB_API_KEY or `wandb login`); logging offline instead.")
             mode = "offline"
-        settings = wandb.Settings(init_timeout=60, silent=True)
-        try:
-            self._run = wandb.init(project=project, name=name, config=config, dir=str(directory), mode=mode,
-                                   settings=settings)
-        except Exception as error:  # noqa: BLE001 - any online failure falls back to offline
-            if mode != "online":
-                raise
-            say(f"wandb: online start failed ({type(error).__name__}); logging offline instead.")
-            self._run = wandb.init(project=project, name=name, config=config, dir=str(directory), mode="offline",
-                                   settings=settings)
-
-    def log(self, metrics: dict[str, Any], step: int) -> None:
-        self._run.log(metrics, step=step)
-
-    def close(self) -> None:
-        self._run.finish()
-
-
-class Trackers:
-    """Fans metrics out to every configured tracker."""
-
-    def __init__(self, trackers: list[Any]):
-        self._trackers = trackers
-
-    def log(self, metrics: dict[str, Any], step: int) -> None:
-        for tracker in self._trackers:
-            tracker.log(metrics, step)
-
-    def close(self) -> None:
-        for tracker in self._trackers:
-            tracker.close()
-
-
-def build_trackers(kinds: list[str], log_dir: Path, *, project: str, run_name: str, config: dict[str, Any],
-                   wandb_mode: str, say: Callable[[str], None]) -> Trackers:
-    """The JSONL tracker plus whatever ``kinds`` names (tensorboard, wandb)."""
-    trackers: list[Any] = [JsonlTracker(log_dir / "metrics.jsonl")]
-    if "tensorboard" in kinds:
-        trackers.append(TensorBoardTracker(log_dir))
-    if "wandb" in kinds and wandb_mode != "disabled":
-        trackers.append(WandbTracker(log_dir, project, run_name, config, wandb_mode, say))
-    return Trackers(trackers)
+        init_kwargs["wandb"] = {"name": run_name, "config": config, "dir": str(log_dir), "mode": mode,
+                                "settings": wandb.Settings(init_timeout=60, silent=True)}
+    try:
+        accelerator.init_trackers(logging.wandb_project, init_kwargs=init_kwargs)
+    except Exception as error:  # noqa: BLE001 - any online failure falls back to offline
+        if init_kwargs.get("wandb", {}).get("mode") != "online":
+            raise
+        say(f"wandb: online start failed ({type(error).__name__}); logging offline instead.")
+        accelerator.trackers = []  # wandb starts first: nothing else was started
+        init_kwargs["wandb"]["mode"] = "offline"
+        accelerator.init_trackers(logging.wandb_project, init_kwargs=init_kwargs)

@@ -38,7 +38,7 @@ from fuselip_med.train.image_codes import attach_image_codes
 from fuselip_med.train.model_card import write_model_card
 from fuselip_med.train.objective import FuseLIPObjective
 from fuselip_med.train.optim import WarmupCosine, build_optimizer, set_learning_rate, skip_step_if
-from fuselip_med.train.tracking import build_trackers
+from fuselip_med.train.tracking import log_with, start_trackers
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -73,7 +73,8 @@ class Trainer:
         # processes there (Accelerate's own --cpu launcher needs MPI for more than one process).
         self.accelerator = Accelerator(mixed_precision=PRECISION[recipe.train.precision], kwargs_handlers=handlers,
                                        gradient_accumulation_steps=recipe.train.grad_accum,
-                                       cpu=not torch.cuda.is_available())
+                                       cpu=not torch.cuda.is_available(), project_dir=recipe.log_dir(),
+                                       log_with=log_with(recipe.logging, recipe.log_dir()))
         self.out = TrainConsole(console or Console(), self.accelerator.is_main_process, recipe.logging.progress)
         self.run_dir = recipe.run_dir()
         self.checkpoint_dir = self.run_dir / "checkpoints"
@@ -113,12 +114,8 @@ class Trainer:
             self.out.say(f"Resumed from {self.resume_from} at step {self.step}.")
         else:
             self.data.set_epoch(0)
-        self.trackers = None
-        if acc.is_main_process:
-            logging = recipe.logging
-            self.trackers = build_trackers(logging.trackers, recipe.log_dir(), project=logging.wandb_project,
-                                           run_name=recipe.name, config=recipe.model_dump(mode="json"),
-                                           wandb_mode=logging.wandb_mode, say=self.out.say)
+        start_trackers(acc, recipe.logging, recipe.log_dir(), run_name=recipe.name,
+                       config=recipe.model_dump(mode="json"), say=self.out.say)
         unwrapped = acc.unwrap_model(self.objective).model
         lora_weights = adapter_parameter_count(unwrapped) if recipe.model.lora.enabled else None
         self.out.plan(plan_rows(recipe, unwrapped, self.data, self.total_steps, self.init, lora_weights, acc,
@@ -188,8 +185,7 @@ class Trainer:
             if recipe.eval.at_end and self.eval_data:
                 eval_after = self.evaluate("final")
             final_dir = self._save_final(eval_before, eval_after)
-        if self.trackers:
-            self.trackers.close()
+        self.accelerator.end_training()
         seconds = time.perf_counter() - self.started
         self.out.summary(steps=self.step, interrupted=interrupted, seconds=seconds, samples=self.samples_seen,
                          losses=self.losses, bad_steps=self.bad_steps_total,
@@ -272,11 +268,11 @@ class Trainer:
         step, lr, (total, contrastive, mmm) = good[-1]
         rate = self.samples_seen / max(time.perf_counter() - self.started, 1e-9)
         self.bar.update(self.bar_task, loss=total, lr=lr, rate=rate)
-        if self.trackers:
+        if self.accelerator.is_main_process:
             scale = float(self.fuselip.logit_scale.detach().exp())
-            self.trackers.log({"train/loss": total, "train/contrastive": contrastive, "train/mmm": mmm, "train/lr": lr,
-                               "train/samples_per_s": rate, "train/logit_scale": scale,
-                               "train/epoch": self.data.sampler.epoch}, step)
+            self.accelerator.log({"train/loss": total, "train/contrastive": contrastive, "train/mmm": mmm,
+                                  "train/lr": lr, "train/samples_per_s": rate, "train/logit_scale": scale,
+                                  "train/epoch": self.data.sampler.epoch}, step=step)
 
     def evaluate(self, tag: str) -> dict[str, float]:
         """Run the recipe's eval tasks on the main process (others wait); log and return flat metrics."""
@@ -295,8 +291,7 @@ class Trainer:
             )
             fuselip.train(was_training)
             metrics = flatten_metrics(report)
-            if self.trackers:
-                self.trackers.log(metrics, self.step)
+            self.accelerator.log(metrics, step=self.step)
         self.accelerator.wait_for_everyone()
         return metrics
 
