@@ -55,6 +55,14 @@ def image_key(source: Any) -> str:
                     "give a path, encoded bytes, a PIL image, an array or a tensor")
 
 
+def sample_image_key(sample, image) -> str:
+    """The embedding key of one of a ``Sample``'s images: its path's key, else ``source:image_id`` (bytes,
+    arrays and decoded images are keyed by the dataset's id)."""
+    if isinstance(image, (str, os.PathLike)):
+        return image_key(image)
+    return f"{sample.source}:{sample.meta.get('image_id', sample.id)}"
+
+
 @dataclass(frozen=True, eq=False)
 class EmbedItem:
     """One model input: image only, text only, or an (image, text) pair (fused)."""

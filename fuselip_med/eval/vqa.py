@@ -3,14 +3,13 @@ right answer first among every distinct answer of the pool (answers compared aft
 from __future__ import annotations
 
 import collections
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from .embedding import Embedder, EmbedItem, image_key
+from .embedding import Embedder, EmbedItem, sample_image_key
 from .retrieval import rank_metrics
 
 __all__ = ["evaluate_vqa_retrieval"]
@@ -20,13 +19,6 @@ def _normal(text: str) -> str:
     from fuselip_med.data.synth.common import normalize_text
 
     return normalize_text(text)
-
-
-def _image_key(sample) -> str:
-    image = sample.query_image
-    if isinstance(image, (str, os.PathLike)):
-        return image_key(image)
-    return f"{sample.source}:{sample.meta.get('image_id', sample.id)}"
 
 
 def evaluate_vqa_retrieval(model_or_embedder: Any, samples: Sequence[Any], *, batch_size: int = 64,
@@ -47,7 +39,8 @@ def evaluate_vqa_retrieval(model_or_embedder: Any, samples: Sequence[Any], *, ba
         if sample.query_image is None or not sample.query_text or not sample.target_text:
             skipped["not an (image + question -> answer) sample"] += 1
             continue
-        queries.append(EmbedItem(image=sample.query_image, text=sample.query_text, image_key=_image_key(sample)))
+        queries.append(EmbedItem(image=sample.query_image, text=sample.query_text,
+                                 image_key=sample_image_key(sample, sample.query_image)))
         answers.append(sample.target_text.strip())
         qtypes.append(sample.meta.get("qtype") or "")
     if not queries:

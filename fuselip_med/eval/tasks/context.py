@@ -24,7 +24,7 @@ import torch
 from fuselip_med.data.skips import SkipReport
 
 from .. import classification as cls
-from ..embedding import Embedder, EmbedItem, image_key
+from ..embedding import Embedder, EmbedItem, sample_image_key
 from . import ROLES, role_of_key
 
 __all__ = ["DataEntry", "EvalOptions", "EvalContext", "ImageCaption", "resolve_data", "describe", "open_source",
@@ -137,13 +137,6 @@ class ImageCaption:
     def n_listed(self) -> int:
         """Rows the data listed: the usable ones plus every one skipped (by the adapter or here)."""
         return len(self.images) + self.skipped.total
-
-
-def sample_image_key(sample, image) -> str:
-    """The embedding key of a sample's image: its path, else ``source:image_id`` (bytes/arrays)."""
-    if _is_path(image):
-        return image_key(image)
-    return f"{sample.source}:{sample.meta.get('image_id', sample.id)}"
 
 
 def _image_caption(source) -> ImageCaption:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from ..embedding import EmbedItem
-from .context import EvalContext, sample_image_key
+from ..embedding import EmbedItem, sample_image_key
+from .context import EvalContext
 from .pools import score_pools
 
 __all__ = ["run"]

@@ -16,8 +16,8 @@ from collections import Counter
 from pathlib import Path
 
 from .. import classification as cls
-from ..embedding import EmbedItem
-from .context import EvalContext, sample_image_key
+from ..embedding import EmbedItem, sample_image_key
+from .context import EvalContext
 
 __all__ = ["RADIOLOGY_TEMPLATES", "read_lines", "read_labels", "read_templates", "run"]
 
