@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from fuselip_med.search.index import ModelId
+from tests.test_images import write_ct as write_stored_ct
 
 COLOURS = {"red": (220, 20, 20), "green": (20, 220, 20), "blue": (20, 20, 220), "yellow": (220, 220, 20)}
 DIM = 8
@@ -28,27 +27,10 @@ def write_png(path: Path, rgb: tuple[int, int, int], size: int = 32, seed: int |
 
 
 def write_ct(path: Path, hu: float = 40.0, size: int = 32, window=(400.0, 40.0)) -> Path:
-    """A CT slice (int16 stored values, HU = stored - 1024) with a window, written with pydicom."""
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CT"
-    ds.Rows = ds.Columns = size
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    ds.RescaleSlope, ds.RescaleIntercept = 1.0, -1024.0
-    ds.WindowWidth, ds.WindowCenter = window
+    """A two-tone CT slice (air above, ``hu`` below; HU = stored - 1024) with a window, written with pydicom."""
     stored = np.full((size, size), hu + 1024, dtype=np.int16)
-    stored[: size // 2] = -1000 + 1024  # air above, tissue below: a two-tone slice
-    ds.PixelData = stored.astype("<i2").tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    stored[: size // 2] = -1000 + 1024
+    return write_stored_ct(path, stored, window=window)
 
 
 def make_folder(root: Path, patterned: bool = False) -> Path:
