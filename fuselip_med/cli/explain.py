@@ -8,18 +8,20 @@ from typing import Optional
 
 import typer
 
+from fuselip_med.cli import common
+from fuselip_med.errors import UsageError, UserError
+
 __all__ = ["register"]
 
 
-def _fail(message: str, code: int = 1) -> None:
-    from fuselip_med.cli import fail
+class ExplainInterrupted(UserError):
+    """Ctrl-C during a map: nothing is written; exit code 130 as for SIGINT."""
 
-    fail(message, code)
+    exit_code = 130
 
 
 def explain(
-    model: str = typer.Option(..., "--model", "-m", help="Checkpoint: hub id, local directory, .pt/.safetensors file "
-                              "or LoRA adapter directory."),
+    model: str = typer.Option(..., "--model", "-m", help=common.MODEL_HELP),
     image: Path = typer.Option(..., "--image", "-i", help="The image to explain: PNG, JPEG or DICOM (a series slice "
                                "or, with --frame, a frame of a multi-frame file)."),
     text: str = typer.Option(..., "--text", "-t", help="The text it matched; with --query-image, the instruction "
@@ -39,8 +41,7 @@ def explain(
     sanity_images: int = typer.Option(16, "--sanity-images", help="Planted demo images for the pointing game "
                                       "(0 leaves it out)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
-    base: Optional[str] = typer.Option(None, "--base", help="For a LoRA adapter: its base model, replacing the "
-                                       "recorded one."),
+    base: Optional[str] = typer.Option(None, "--base", help=common.BASE_HELP),
 ) -> None:
     """Show which regions of an image a match depends on: occlusion sensitivity on the pixels (each cell of a grid
     hidden in turn; the map is the drop in cosine similarity), drawn over the image with a colour bar.
@@ -57,45 +58,37 @@ def explain(
     from fuselip_med.explain.occlusion import FILLS, GRIDS
 
     if not text.strip():
-        _fail("--text is empty: give the finding or instruction to explain, e.g. --text \"left pleural effusion\".",
-              code=2)
+        raise UsageError("--text is empty: give the finding or instruction to explain, e.g. "
+                         "--text \"left pleural effusion\".")
     if grid not in GRIDS:
-        _fail(f"--grid {grid}: choose one of {', '.join(map(str, GRIDS))}.", code=2)
+        raise UsageError(f"--grid {grid}: choose one of {', '.join(map(str, GRIDS))}.")
     if fill not in FILLS:
-        _fail(f"--fill {fill!r}: choose one of {', '.join(FILLS)}.", code=2)
+        raise UsageError(f"--fill {fill!r}: choose one of {', '.join(FILLS)}.")
     if out.suffix.lower() != ".png":
-        _fail(f"--out {out}: give a .png file name (the grid is written beside it as .npy and .json).", code=2)
+        raise UsageError(f"--out {out}: give a .png file name (the grid is written beside it as .npy and .json).")
     if sanity_images < 0:
-        _fail(f"--sanity-images {sanity_images}: give 0 or more.", code=2)
+        raise UsageError(f"--sanity-images {sanity_images}: give 0 or more.")
     if batch_size < 1:
-        _fail(f"--batch-size {batch_size}: give 1 or more.", code=2)
+        raise UsageError(f"--batch-size {batch_size}: give 1 or more.")
     _run(model, image, text, out, query_image, grid, fill, frame, batch_size, sanity, sanity_images, device, base)
 
 
 def _run(model_name, image, text, out, query_image, grid, fill, frame, batch_size, sanity, sanity_images, device,
          base) -> None:
     import numpy as np
-    import torch
     from rich.console import Console
 
-    from fuselip_med.core.lora import load_for_inference
-    from fuselip_med.data.images import DecodeOptions, ImageDecodeError
-    from fuselip_med.explain.occlusion import ExplainError, OcclusionExplainer, load_explain_image
+    from fuselip_med.data.images import DecodeOptions
+    from fuselip_med.explain.occlusion import OcclusionExplainer, load_explain_image
     from fuselip_med.explain.overlay import overlay_png
     from fuselip_med.explain.sanity import Case, run_sanity
     from fuselip_med.io import atomic_write_bytes, atomic_write_json
     from fuselip_med.progress import progress_bar
 
     console = Console()
-    try:
-        display, pixels = load_explain_image(image, grid, DecodeOptions(frame=frame))
-        query_pixels = None
-        if query_image is not None:
-            query_pixels = load_explain_image(query_image, 1)[1]  # any size: it is embedded whole
-    except (ImageDecodeError, ExplainError) as error:
-        _fail(str(error))
-    fuselip, _, _ = load_for_inference(model_name, device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                                       base=base)
+    display, pixels = load_explain_image(image, grid, DecodeOptions(frame=frame))  # bad input: before the model
+    query_pixels = None if query_image is None else load_explain_image(query_image, 1)[1]  # embedded whole
+    fuselip, _, _ = common.load_inference_model(model_name, device, base)
     explainer = OcclusionExplainer(grid=grid, fill=fill, batch_size=batch_size, keep=max(4, sanity_images + 2))
     n_maps = 1 + (4 + sanity_images if sanity else 0)  # map; trained/random and text/unrelated pairs; planted
     checks = []
@@ -106,7 +99,7 @@ def _run(model_name, image, text, out, query_image, grid, fill, frame, batch_siz
             if sanity:
                 checks = run_sanity(fuselip, reporting, [Case(pixels, text, query_pixels)], n_planted=sanity_images)
     except KeyboardInterrupt:
-        _fail("interrupted: no map written.", code=130)
+        raise ExplainInterrupted("interrupted: no map written.") from None
     failed = [c.name for c in checks if not c.passed]
     record = {"text": text, "query_image": query_image is not None, "model": model_name, **result.to_dict()}
     if checks:
