@@ -63,7 +63,7 @@ def server(tmp_path_factory):
                                 "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=root,
                                env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
+    deadline = time.time() + 300  # Gradio starts slowly on a busy 2-core machine
     while True:
         try:
             urllib.request.urlopen(url, timeout=2)
