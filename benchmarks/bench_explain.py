@@ -3,7 +3,9 @@ with random weights: the cost does not depend on the weights), grid 8 and 16, on
 
 A map is one TiTok pass per cell plus one encoder pass per distinct code row (and the unoccluded image); the
 "another text" column is a second map of the same image for another text, which reuses the sweep (no TiTok, no
-encoder: one text embedding). MONAI's import is done before timing. Prints one table.
+encoder: one text embedding). "CPU s" is the process's CPU time for the first map (all threads): on a machine
+shared with other jobs it shows what the map costs, and CPU s / threads is the wall time on idle cores when the
+threads scale. MONAI's import is done before timing. Prints one table.
 
     python benchmarks/bench_explain.py                        # tiny and small, grids 8 and 16, CPU
     python benchmarks/bench_explain.py --sizes small --grids 8 --batch 32
@@ -18,8 +20,8 @@ import torch
 TEXT = "Pelvic ultrasound showing a large 26 mm anechoic cyst in the left lower pelvis."
 
 
-def one_map(size: str, grid: int, fill: str, batch: int, device: str) -> tuple[float, float]:
-    """(seconds for a first map, seconds for a second map of the same image with another text)."""
+def one_map(size: str, grid: int, fill: str, batch: int, device: str) -> tuple[float, float, float]:
+    """(seconds for a first map, its CPU seconds, seconds for a second map of the same image with another text)."""
     from fuselip_med.core.fuselip import FuseLIP, FuseLIPConfig
     from fuselip_med.data.demo import planted_findings
     from fuselip_med.data.images import decode_image
@@ -29,12 +31,12 @@ def one_map(size: str, grid: int, fill: str, batch: int, device: str) -> tuple[f
     model = FuseLIP(FuseLIPConfig.from_size(size)).to(device).eval()
     pixels = decode_image(planted_findings(1)[0].jpeg)
     explainer = OcclusionExplainer(grid=grid, fill=fill, batch_size=batch)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     explainer(model, pixels, TEXT)
-    first = time.perf_counter() - start
+    first, cpu = time.perf_counter() - start, time.process_time() - cpu
     start = time.perf_counter()
     explainer(model, pixels, "Axial non-contrast CT of the head")
-    return first, time.perf_counter() - start
+    return first, cpu, time.perf_counter() - start
 
 
 def main() -> None:
@@ -50,12 +52,13 @@ def main() -> None:
 
     devices = [d for d in args.devices.split(",") if d == "cpu" or (d == "cuda" and torch.cuda.is_available())]
     print(f"torch threads {torch.get_num_threads()}, fill {args.fill}, batch {args.batch}")
-    print(f"{'device':<6} {'model':<6} {'grid':>4} {'cells':>5} {'s/map':>8} {'another text s':>15}")
+    print(f"{'device':<6} {'model':<6} {'grid':>4} {'cells':>5} {'s/map':>8} {'CPU s':>8} {'another text s':>15}")
     for device in devices:
         for size in args.sizes.split(","):
             for grid in (int(g) for g in args.grids.split(",")):
-                first, again = one_map(size, grid, args.fill, args.batch, device)
-                print(f"{device:<6} {size:<6} {grid:>4} {grid * grid:>5} {first:>8.2f} {again:>15.3f}", flush=True)
+                first, cpu, again = one_map(size, grid, args.fill, args.batch, device)
+                print(f"{device:<6} {size:<6} {grid:>4} {grid * grid:>5} {first:>8.2f} {cpu:>8.1f} {again:>15.3f}",
+                      flush=True)
 
 
 if __name__ == "__main__":
