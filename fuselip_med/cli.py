@@ -11,6 +11,7 @@ from rich.table import Table
 from fuselip_med.cli_errors import DEBUG_ENV, UserErrorGroup, print_error
 from fuselip_med.cli_options import CAPTION_COLUMN, ENCODING, ID_COLUMN, IMAGE_ROOT, PATH_COLUMN, SEP, table_options
 from fuselip_med.data.synth.cli import synth_vqa_command
+from fuselip_med.export.commands import register as register_export_commands
 from fuselip_med.search.commands import register as register_search_commands
 
 app = typer.Typer(
@@ -433,6 +434,7 @@ def push(
 
 
 register_search_commands(app)
+register_export_commands(app)
 
 
 def with_resume_value(argv: list[str]) -> list[str]:
