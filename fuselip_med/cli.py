@@ -9,7 +9,16 @@ from rich.console import Console
 from rich.table import Table
 
 from fuselip_med.cli_errors import DEBUG_ENV, UserErrorGroup, print_error
-from fuselip_med.cli_options import CAPTION_COLUMN, ENCODING, ID_COLUMN, IMAGE_ROOT, PATH_COLUMN, SEP, table_options
+from fuselip_med.cli_options import (
+    CAPTION_COLUMN,
+    ENCODING,
+    ID_COLUMN,
+    IMAGE_ROOT,
+    PATH_COLUMN,
+    RUNTIME,
+    SEP,
+    table_options,
+)
 from fuselip_med.data.synth.cli import synth_vqa_command
 from fuselip_med.export.commands import register as register_export_commands
 from fuselip_med.search.commands import register as register_search_commands
@@ -349,6 +358,7 @@ def embed(
     num_workers: int = typer.Option(2, help="Image decoding workers."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
     base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP),
+    runtime: str = RUNTIME,
 ) -> None:
     """Embed images, texts or image+text pairs for search, batched, with progress; every row not embedded is named.
 
@@ -357,7 +367,8 @@ def embed(
       fuselip-med embed -m runs/rocov2/final -i reports.csv --kind text -o text_embeddings.parquet\n
       fuselip-med embed -m runs/rocov2/final -i train.tsv --path-column filepath --caption-column title \\\n
         --kind pair -o pairs.npy\n
-      fuselip-med embed -m runs/rocov2/final -i export.csv --encoding cp1252 --image-root /data/pacs -o scans.npy
+      fuselip-med embed -m runs/rocov2/final -i export.csv --encoding cp1252 --image-root /data/pacs -o scans.npy\n
+      fuselip-med embed --runtime onnx -m exports/rocov2-int8 -i my_images/ -o image_embeddings.npy
     """
     from fuselip_med.data.adapters import cli_option_style
     from fuselip_med.data.skips import SkipReport
@@ -378,7 +389,9 @@ def embed(
     rows = rows_from_source(source, kind, skips)  # type: ignore[arg-type]
     if not rows:
         fail(f"{input}: no row to embed ({skips.summary()}).")
-    fuselip, _, _ = _load_for_inference(model, device, base)
+    from fuselip_med.export.runtime import load_for_runtime
+
+    fuselip, _ = load_for_runtime(model, runtime, device or ("cuda" if _cuda() else "cpu"), base=base)
     matrix, kept, _ = embed_rows(fuselip, rows, batch_size=batch_size, num_workers=num_workers, skips=skips)
     written = write_embeddings(out, matrix, kept, model)
     skips.kept = len(kept)

@@ -1,13 +1,14 @@
-"""Command-line options shared by ``embed`` and ``eval``: how to read a user's table or folder. Each maps one to
-one onto an option of the csv/folder adapter (``--path-column`` -> ``path_column``), so that recipes, Python and
-the command line use the same names."""
+"""Command-line options shared by several commands: how ``embed`` and ``eval`` read a user's table or folder (each
+maps one to one onto an option of the csv/folder adapter, ``--path-column`` -> ``path_column``, so that recipes,
+Python and the command line use the same names), and which runtime embeds (``--runtime``)."""
 from __future__ import annotations
 
 from typing import Any, Optional
 
 import typer
 
-__all__ = ["CAPTION_COLUMN", "ENCODING", "ID_COLUMN", "IMAGE_ROOT", "PATH_COLUMN", "SEP", "table_options"]
+__all__ = ["CAPTION_COLUMN", "ENCODING", "ID_COLUMN", "IMAGE_ROOT", "PATH_COLUMN", "QUERY_RUNTIME", "RUNTIME", "SEP",
+           "table_options"]
 
 PATH_COLUMN: Optional[str] = typer.Option(
     None, "--path-column", help="Table column holding the image paths (default: path).")
@@ -22,6 +23,13 @@ IMAGE_ROOT: Optional[str] = typer.Option(
     help="Folder relative paths point to, and the only folder besides the table's that images may come from.")
 ENCODING: Optional[str] = typer.Option(
     None, "--encoding", help="Text encoding of the table and captions, e.g. cp1252 or latin-1 (default: UTF-8).")
+
+RUNTIME: str = typer.Option(
+    "pytorch", "--runtime", help="pytorch (--model is a checkpoint) or onnx (--model is a folder written by "
+    "`fuselip-med export`, run with ONNX Runtime on the CPU).")
+QUERY_RUNTIME: Optional[str] = typer.Option(
+    None, "--runtime", help="pytorch or onnx (default: the runtime the index was built with; another one is "
+    "refused like another model).")
 
 
 def table_options(*, path_column: str | None, caption_column: str | None, id_column: str | None, sep: str | None,

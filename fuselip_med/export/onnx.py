@@ -20,6 +20,7 @@ int8: ``onnxruntime.quantization.quantize_dynamic`` with int8 weights (``QInt8``
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -73,7 +74,6 @@ class _EmbeddingGraph(nn.Module):
 
 def _export(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str,
             dynamic: dict[int, Any]) -> None:
-    import logging
     import warnings
 
     registration = logging.getLogger("torch.onnx._internal.exporter._registration")
@@ -119,6 +119,13 @@ def export_graphs(model: FuseLIP, directory: str | os.PathLike) -> dict[str, dic
     }
 
 
+def _no_preprocessing_advice(record: logging.LogRecord) -> bool:
+    """Drop quantize_dynamic's root-logger advice to run ``quant_pre_process`` first: its symbolic shape inference
+    fails on the graphs of the dynamo exporter (onnxruntime 1.32, ``TypeError`` in a MatMul shape), so it is not
+    run."""
+    return not record.getMessage().startswith("Please consider to run pre-processing")
+
+
 def quantize_int8(directory: str | os.PathLike, scope: str = "all") -> dict[str, Any]:
     """Quantize the graphs of ``scope`` (``INT8_SCOPES``) in ``directory`` to int8 in place (dynamic quantization,
     int8 weights for ``INT8_OPS``); returns the settings for config.json. ``ValueError`` for an unknown scope."""
@@ -128,11 +135,16 @@ def quantize_int8(directory: str | os.PathLike, scope: str = "all") -> dict[str,
         raise ValueError(f"int8 scope {scope!r}: choose one of {', '.join(INT8_SCOPES)}")
     directory = Path(directory)
     graphs = [ENCODER_GRAPH] if scope == "encoder" else [TITOK_GRAPH, ENCODER_GRAPH]
-    for name in graphs:
-        source = directory / name
-        target = directory / f".{name}.int8"
-        quantize_dynamic(source, target, weight_type=QuantType.QInt8, op_types_to_quantize=list(INT8_OPS))
-        os.replace(target, source)
+    root = logging.getLogger()
+    root.addFilter(_no_preprocessing_advice)
+    try:
+        for name in graphs:
+            source = directory / name
+            target = directory / f".{name}.int8"
+            quantize_dynamic(source, target, weight_type=QuantType.QInt8, op_types_to_quantize=list(INT8_OPS))
+            os.replace(target, source)
+    finally:
+        root.removeFilter(_no_preprocessing_advice)
     return {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8",
             "op_types": list(INT8_OPS), "scope": scope, "quantized_graphs": graphs}
 

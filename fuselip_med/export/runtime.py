@@ -22,14 +22,18 @@ from fuselip_med.core.titok import check_pixels
 from fuselip_med.errors import UserError
 from fuselip_med.export.onnx import ENCODER_GRAPH, EXPORT_CONFIG, FORMAT, TITOK_GRAPH
 
-__all__ = ["RUNTIMES", "ExportNotFoundError", "OnnxFuseLIP", "export_fingerprint", "is_export_dir",
-           "load_for_runtime"]
+__all__ = ["RUNTIMES", "ExportNotFoundError", "OnnxFuseLIP", "RuntimeChoiceError", "export_fingerprint",
+           "is_export_dir", "load_for_runtime", "require_onnxruntime"]
 
 RUNTIMES = ("pytorch", "onnx")
 
 
 class ExportNotFoundError(UserError, ValueError):
     """``--runtime onnx`` was given a path that is not an export written by ``fuselip-med export``."""
+
+
+class RuntimeChoiceError(UserError, ValueError):
+    """An unknown ``--runtime``, or an option the runtime cannot take."""
 
 
 def require_onnxruntime():
@@ -142,15 +146,16 @@ def load_for_runtime(name: str | os.PathLike, runtime: str = "pytorch", device: 
                      base: str | os.PathLike | None = None):
     """(model, ``search.index.ModelId``) for ``runtime``: ``pytorch`` loads a checkpoint or LoRA adapter
     (``core.lora.load_for_inference``, fingerprint = weights sha256), ``onnx`` an export directory (fingerprint =
-    ``export_fingerprint``; CPU only, ``base`` not allowed). Raises ``ValueError`` for an unknown runtime,
+    ``export_fingerprint``; CPU only, ``base`` not allowed). Raises ``RuntimeChoiceError`` for an unknown runtime,
     ``ExportNotFoundError`` / ``CheckpointError`` when the model cannot be read."""
     from fuselip_med.search.index import ModelId, model_fingerprint
 
     if runtime not in RUNTIMES:
-        raise ValueError(f"--runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
+        raise RuntimeChoiceError(f"--runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}.")
     if runtime == "onnx":
         if base is not None:
-            raise ValueError("--base applies to LoRA adapters; an ONNX export already holds the merged weights")
+            raise RuntimeChoiceError("--base applies to LoRA adapters; an ONNX export already holds the merged "
+                                     "weights.")
         model = OnnxFuseLIP(name)
         return model, ModelId(str(name), export_fingerprint(name), "onnx")
     from fuselip_med.core.lora import load_for_inference

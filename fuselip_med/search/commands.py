@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from fuselip_med.cli_options import QUERY_RUNTIME, RUNTIME
+
 __all__ = ["register"]
 
 index_app = typer.Typer(help="Build and update a search index over a folder of images.", no_args_is_help=True)
@@ -39,6 +41,7 @@ def index_build(
     chunk_size: int = typer.Option(256, help="Images per resumable chunk (a killed build redoes one chunk at most)."),
     rebuild: bool = typer.Option(False, help="Replace an index built with another model instead of refusing."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: this process's Accelerate device)."),
+    runtime: str = RUNTIME,
 ) -> None:
     """Embed a folder (or any dataset `embed` reads) into a search index; re-run to update it incrementally.
 
@@ -48,23 +51,17 @@ def index_build(
     Examples:\n
       fuselip-med index build -m runs/rocov2/final -i my_images/ -o my_index\n
       fuselip-med index build -m runs/rocov2/final -i ROCOv2_data --adapter rocov2 --split test -o rocov2_index\n
-      accelerate launch --num_processes 4 -m fuselip_med.cli index build -m chs20/FuseLIP-S-CC3M-MM -i pacs/ -o idx
+      accelerate launch --num_processes 4 -m fuselip_med.cli index build -m chs20/FuseLIP-S-CC3M-MM -i pacs/ -o idx\n
+      fuselip-med index build --runtime onnx -m exports/rocov2-int8 -i my_images/ -o my_index
     """
     import torch
     from accelerate import PartialState
     from rich.console import Console
 
     from fuselip_med.core.checkpoints import CheckpointError
-    from fuselip_med.core.lora import load_for_inference
     from fuselip_med.data.adapters import DatasetEmptyError
-    from fuselip_med.search.index import (
-        IndexSettings,
-        ModelId,
-        SearchIndexError,
-        build_index,
-        list_entries,
-        model_fingerprint,
-    )
+    from fuselip_med.export.runtime import load_for_runtime
+    from fuselip_med.search.index import IndexSettings, SearchIndexError, build_index, list_entries
 
     try:
         settings = IndexSettings(index_type=index_type, exact_max=exact_max, nlist=nlist, nprobe=nprobe,  # type: ignore[arg-type]
@@ -74,12 +71,12 @@ def index_build(
         _fail(str(error).strip("'\""), code=2)
     state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())  # CPU: several gloo processes
     try:
-        fuselip, _, _ = load_for_inference(model, device or state.device)
+        fuselip, model_id = load_for_runtime(model, runtime, device or state.device)
     except CheckpointError as error:
         _fail(str(error))
     console = Console()
     try:
-        report = build_index(out, entries, fuselip, ModelId(model, model_fingerprint(fuselip)), settings,
+        report = build_index(out, entries, fuselip, model_id, settings,
                              rebuild=rebuild, accelerator=state if state.num_processes > 1 else None)
     except SearchIndexError as error:
         _fail(str(error))
@@ -110,13 +107,15 @@ def search(
                                         "built with; another model is refused)."),
     target: str = typer.Option("image", help="Search the image vectors (image) or the caption vectors (caption)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
+    runtime: Optional[str] = QUERY_RUNTIME,
 ) -> None:
     """Search an index by text, by image (DICOM too), or by image + instruction fused into one query.
 
     Examples:\n
       fuselip-med search --index my_index --text "CT with a left pleural effusion"\n
       fuselip-med search --index my_index --image study.dcm -k 5\n
-      fuselip-med search --index my_index --image study.dcm --text "the same study, lateral view" --json
+      fuselip-med search --index my_index --image study.dcm --text "the same study, lateral view" --json\n
+      fuselip-med search --index my_onnx_index --runtime onnx --model exports/rocov2-int8 --text "effusion"
     """
     from rich.console import Console
     from rich.table import Table
@@ -136,7 +135,7 @@ def search(
         _fail(f"--image {image}: no such file.", code=2)
     try:
         opened = open_index(index)
-        fuselip, _ = load_index_model(opened, model)
+        fuselip, _ = load_index_model(opened, model, runtime=runtime)
         hits = run_search(opened, fuselip, text=text, image=image, k=k, target=target)
     except (SearchIndexError, CheckpointError, ImageDecodeError) as error:
         _fail(str(error))
@@ -158,6 +157,7 @@ def serve(
     port: int = typer.Option(7860, help="Port to listen on."),
     k: int = typer.Option(12, "-k", help="Results per query."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Query model (default: the index's)."),
+    runtime: Optional[str] = QUERY_RUNTIME,
 ) -> None:
     """Serve a search page (Gradio) over an index: text, image (PNG/JPEG/DICOM) + instruction, "more like this".
 
@@ -177,7 +177,7 @@ def serve(
         _fail(f"serve needs Gradio ({error}); install it with: pip install 'fuselip_med[app]'.")
     try:
         opened = open_index(index)
-        fuselip, _ = load_index_model(opened, model)
+        fuselip, _ = load_index_model(opened, model, runtime=runtime)
     except (SearchIndexError, CheckpointError) as error:
         _fail(str(error))
     serve_page(opened, fuselip, host=host, port=port, k=k)
