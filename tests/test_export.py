@@ -126,10 +126,11 @@ def test_cli_export_exits_1_naming_the_failing_figure(exported, monkeypatch, tmp
 
 def test_cli_export_refuses_bad_settings_before_work(exported, tmp_path):
     _, model_dir, _, _, _ = exported
-    for extra, message in ((["--precision", "fp16"], "--precision"), (["--min-cosine", "2"], "--min-cosine"),
-                           (["--format", "tflite"], "--format")):
+    for extra, message, code in ((["--precision", "fp16"], "--precision", 2), (["--format", "tflite"], "--format", 2),
+                                 (["--min-cosine", "2"], "--min-cosine", 1)):
         result = runner.invoke(app, ["export", "-m", str(model_dir), "--out", str(tmp_path / "o"), *extra])
-        assert result.exit_code == 1 and message in result.output, result.output
+        assert result.exit_code == code and message in result.output, result.output
+        assert not (tmp_path / "o").exists()
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     result = runner.invoke(app, ["export", "-m", str(model_dir), "--out", str(tmp_path / "busy"),

@@ -142,12 +142,13 @@ class OnnxFuseLIP(JointInputs):
         return self
 
 
-def load_for_runtime(name: str | os.PathLike, runtime: str = "pytorch", device: str | torch.device = "cpu",
+def load_for_runtime(name: str | os.PathLike, runtime: str = "pytorch", device: str | torch.device | None = None,
                      base: str | os.PathLike | None = None):
     """(model, ``search.index.ModelId``) for ``runtime``: ``pytorch`` loads a checkpoint or LoRA adapter
-    (``core.lora.load_for_inference``, fingerprint = weights sha256), ``onnx`` an export directory (fingerprint =
-    ``export_fingerprint``; CPU only, ``base`` not allowed). Raises ``RuntimeChoiceError`` for an unknown runtime,
-    ``ExportNotFoundError`` / ``CheckpointError`` when the model cannot be read."""
+    (``core.lora.load_for_inference`` on ``device``, default cuda when available; fingerprint = weights sha256),
+    ``onnx`` an export directory (fingerprint = ``export_fingerprint``; CPU only, ``base`` not allowed). Raises
+    ``RuntimeChoiceError`` for an unknown runtime, ``ExportNotFoundError`` / ``CheckpointError`` when the model
+    cannot be read."""
     from fuselip_med.search.index import ModelId, model_fingerprint
 
     if runtime not in RUNTIMES:
@@ -160,5 +161,5 @@ def load_for_runtime(name: str | os.PathLike, runtime: str = "pytorch", device: 
         return model, ModelId(str(name), export_fingerprint(name), "onnx")
     from fuselip_med.core.lora import load_for_inference
 
-    model, _, _ = load_for_inference(name, device, base=base)
+    model, _, _ = load_for_inference(name, device or ("cuda" if torch.cuda.is_available() else "cpu"), base=base)
     return model, ModelId(str(name), model_fingerprint(model))

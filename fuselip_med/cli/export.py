@@ -7,11 +7,9 @@ from typing import Optional
 
 import typer
 
+from fuselip_med.errors import UsageError
+
 __all__ = ["register"]
-
-RUNTIME_HELP = ("pytorch (a checkpoint) or onnx (a folder written by `fuselip-med export`, run with ONNX Runtime on "
-                "the CPU).")
-
 
 def export(
     model: str = typer.Option(..., "--model", "-m", help="Checkpoint: hub id, local directory, .pt file or LoRA "
@@ -69,13 +67,13 @@ def export(
     from fuselip_med.search.index import model_fingerprint
 
     if format != "onnx":
-        raise ExportSetupError(f"--format {format!r}: the one export format is onnx.")
+        raise UsageError(f"--format {format!r}: the one export format is onnx.")
     if precision not in PRECISIONS:
-        raise ExportSetupError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}.")
+        raise UsageError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}.")
     if int8_scope not in INT8_SCOPES:
-        raise ExportSetupError(f"--int8-scope {int8_scope!r}: choose one of {', '.join(INT8_SCOPES)}.")
+        raise UsageError(f"--int8-scope {int8_scope!r}: choose one of {', '.join(INT8_SCOPES)}.")
     if reference_size < 2:
-        raise ExportSetupError(f"--reference-size {reference_size}: use at least 2 images.")
+        raise UsageError(f"--reference-size {reference_size}: use at least 2 images.")
     require_onnxruntime()
     tolerances = Tolerances.for_precision(precision, min_code_agreement=min_code_agreement, min_cosine=min_cosine,
                                           max_r1_change=max_r1_change)
