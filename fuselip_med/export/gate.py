@@ -32,8 +32,8 @@ import torch
 from fuselip_med.errors import UserError
 from fuselip_med.io import atomic_write_json, publish_directory, temp_directory
 
-__all__ = ["CARD_NAME", "REPORT_NAME", "ExportRejected", "ExportResult", "ReferenceSet", "Tolerances",
-           "demo_reference", "folder_reference", "gated_export", "judge", "measure"]
+__all__ = ["CARD_NAME", "REPORT_NAME", "ExportRejected", "ExportResult", "Outputs", "ReferenceSet", "Tolerances",
+           "demo_reference", "folder_reference", "gated_export", "judge", "measure", "outputs"]
 
 REPORT_NAME = "export_report.json"
 CARD_NAME = "README.md"
@@ -144,13 +144,16 @@ def _batched(fn, n: int, batch_size: int) -> torch.Tensor:
     return torch.cat([fn(slice(a, a + batch_size)) for a in range(0, n, batch_size)])
 
 
-def _embeddings(model, reference: ReferenceSet, batch_size: int) -> dict[str, torch.Tensor]:
-    px, texts, n = reference.pixels, reference.texts, len(reference)
+def _embeddings(model, codes: torch.Tensor, reference: ReferenceSet, batch_size: int) -> dict[str, torch.Tensor]:
+    """Unit embeddings [N, D] per row kind; image rows use the model's own ``codes`` [N, 128] (what ``encode``
+    computes from the pixels, so each model runs end to end while TiTok runs once per image)."""
+    texts, n = reference.texts, len(reference)
     with torch.no_grad():
         return {
-            "image": _batched(lambda s: model.encode(images=px[s]).float(), n, batch_size),
-            "text": _batched(lambda s: model.encode(texts=texts[s]).float(), n, batch_size),
-            "image+text": _batched(lambda s: model.encode(images=px[s], texts=texts[s]).float(), n, batch_size),
+            "image": _batched(lambda s: model.encode(image_ids=codes[s]).float().cpu(), n, batch_size),
+            "text": _batched(lambda s: model.encode(texts=texts[s]).float().cpu(), n, batch_size),
+            "image+text": _batched(lambda s: model.encode(image_ids=codes[s], texts=texts[s]).float().cpu(), n,
+                                   batch_size),
         }
 
 
@@ -161,23 +164,39 @@ def _recalls(vectors: dict[str, torch.Tensor], reference: ReferenceSet) -> dict[
     return {f"{d}_R@{k}": 100.0 * metrics[f"{d}_R@{k}"] for d in DIRECTIONS for k in (1, 10)}
 
 
-def measure(reference_model, candidate, reference: ReferenceSet, batch_size: int = 16) -> dict[str, Any]:
-    """The gate's figures of ``candidate`` (an ``OnnxFuseLIP``) against ``reference_model`` (PyTorch fp32 FuseLIP)
-    on ``reference``: code agreement, cosine min/mean per row kind, R@1/R@10 of both and the change in points.
-    Recalls are in points (0-100)."""
-    n = len(reference)
+@dataclass
+class Outputs:
+    """One model's outputs on a reference set: codes [N, 128] int64, unit embeddings [N, D] per row kind,
+    R@1/R@10 in points per direction."""
+
+    codes: torch.Tensor
+    embeddings: dict[str, torch.Tensor]
+    recalls: dict[str, float]
+
+
+def outputs(model, reference: ReferenceSet, batch_size: int = 16) -> Outputs:
+    """``model``'s (PyTorch ``FuseLIP`` or ``OnnxFuseLIP``) codes, embeddings and recalls on ``reference``."""
     with torch.no_grad():
-        ours = _batched(lambda s: reference_model.image_codes(reference.pixels[s]).cpu(), n, batch_size)
-    theirs = _batched(lambda s: candidate.image_codes(reference.pixels[s]), n, batch_size)
-    expected, got = _embeddings(reference_model, reference, batch_size), _embeddings(candidate, reference, batch_size)
+        codes = _batched(lambda s: model.image_codes(reference.pixels[s]).cpu(), len(reference), batch_size)
+    embeddings = _embeddings(model, codes, reference, batch_size)
+    return Outputs(codes, embeddings, _recalls(embeddings, reference))
+
+
+def measure(reference_model, candidate, reference: ReferenceSet, batch_size: int = 16,
+            expected: Outputs | None = None) -> dict[str, Any]:
+    """The gate's figures of ``candidate`` (an ``OnnxFuseLIP``) against ``reference_model`` (PyTorch fp32 FuseLIP)
+    on ``reference``: code agreement, cosine min/mean per row kind, R@1/R@10 of both and the change in points
+    (recalls in points, 0-100). ``expected``: ``outputs(reference_model, reference)`` when already computed."""
+    expected = expected or outputs(reference_model, reference, batch_size)
+    got = outputs(candidate, reference, batch_size)
     cosine = {}
     for kind in ROW_KINDS:
-        values = torch.nn.functional.cosine_similarity(got[kind], expected[kind].cpu(), dim=-1)
+        values = torch.nn.functional.cosine_similarity(got.embeddings[kind], expected.embeddings[kind], dim=-1)
         cosine[kind] = {"min": float(values.min()), "mean": float(values.mean())}
-    before, after = _recalls({k: v.cpu() for k, v in expected.items()}, reference), _recalls(got, reference)
+    before, after = expected.recalls, got.recalls
     return {
-        "n_images": n, "codes_compared": int(ours.numel()),
-        "code_agreement": float((ours == theirs).double().mean()),
+        "n_images": len(reference), "codes_compared": int(expected.codes.numel()),
+        "code_agreement": float((expected.codes == got.codes).double().mean()),
         "cosine": cosine,
         "retrieval": {"pytorch_fp32": before, "export": after,
                       "change_points": {k: after[k] - before[k] for k in before}},
