@@ -1,6 +1,6 @@
 """Training step time, throughput and peak memory: on-the-fly TiTok (pixels) vs cached image codes.
 
-One step is what ``Trainer.train_step`` runs for one micro-batch: ``FuseLIPObjective.prepare`` on the host
+One step is what ``Trainer.train_step`` runs for one micro-batch: ``EarlyFusionObjective.prepare`` on the host
 (TiTok for pixel rows, joint ids, MMM masks), the device forward (SigLIP + 0.25 x MMM), backward, fused
 AdamW. Batches are rocov2-style pairs: an image (with the empty text, as in training) against a caption of
 20-40 words; ``pixels`` rows carry [B, 3, 256, 256] images, ``cached`` rows the [B, 128] code ids a code cache
@@ -87,7 +87,7 @@ def measure(config: tuple, device: str, warmup: int, steps: int, queue) -> None:
     """Run one configuration; put {ms, peak, flops} on the queue."""
     from fuselip_med.core.fuselip import FuseLIP, FuseLIPConfig
     from fuselip_med.core.losses import MaskingConfig
-    from fuselip_med.train.objective import FuseLIPObjective
+    from fuselip_med.train.objective import EarlyFusionObjective
     from fuselip_med.train.optim import build_optimizer
 
     size, precision, codes, compiled, batch_size = config
@@ -95,7 +95,7 @@ def measure(config: tuple, device: str, warmup: int, steps: int, queue) -> None:
     model = FuseLIP(FuseLIPConfig.from_size(size)).to(device)
     if compiled:
         model.transformer.compile(dynamic=True)
-    objective = FuseLIPObjective(model, MaskingConfig.for_model(model.config)).train()
+    objective = EarlyFusionObjective(model, MaskingConfig.for_model(model.config)).train()
     optimizer = build_optimizer(model, 1e-4, 0.1)
     batch = make_batch(model, batch_size, codes)
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16")
