@@ -56,20 +56,18 @@ def captions(count: int, generator: torch.Generator) -> list[str]:
 
 def make_batch(model, batch: int, codes: str):
     """A rocov2-style training batch: query = image (+ ""), target = caption; pixels or cached code ids."""
-    from fuselip_med.data.collate import Batch
+    from fuselip_med.data.collate import Batch, BatchSide
 
     generator = torch.Generator().manual_seed(0)
     ones, zeros = torch.ones(batch, dtype=torch.bool), torch.zeros(batch, dtype=torch.bool)
     cached = codes == "cached"
     image_ids = torch.randint(0, model.config.codebook_size, (batch, 128), generator=generator)
-    return Batch(
-        query_text_ids=model.tokenizer([""] * batch), target_text_ids=model.tokenizer(captions(batch, generator)),
-        query_pixels=None if cached else torch.rand(batch, 3, 256, 256, generator=generator),
-        query_has_image=ones, target_pixels=None, target_has_image=zeros,
-        ids=[str(i) for i in range(batch)], groups=[str(i) for i in range(batch)], sources=["bench"] * batch,
-        query_image_ids=image_ids if cached else None, target_image_ids=None,
-        query_has_codes=ones if cached else zeros, target_has_codes=zeros,
-    )
+    query = BatchSide(text_ids=model.tokenizer([""] * batch), has_image=ones,
+                      pixels=None if cached else torch.rand(batch, 3, 256, 256, generator=generator),
+                      image_ids=image_ids if cached else None, has_codes=ones if cached else zeros)
+    target = BatchSide(text_ids=model.tokenizer(captions(batch, generator)), has_image=zeros, has_codes=zeros)
+    return Batch(query=query, target=target, ids=[str(i) for i in range(batch)], groups=[str(i) for i in range(batch)],
+                 sources=["bench"] * batch)
 
 
 def encoder_flops(model, inputs) -> float:

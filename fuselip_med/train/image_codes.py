@@ -21,7 +21,8 @@ from typing import Any, Callable
 
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-from fuselip_med.data.dataset import SIDES, ImageViews, SampleDataset
+from fuselip_med.data.dataset import ImageViews, SampleDataset
+from fuselip_med.data.schema import SIDES
 from fuselip_med.data.token_cache import (
     PARTS_DIR,
     CodeCache,
@@ -67,7 +68,7 @@ def view_entries(dataset: SampleDataset, spec: ViewSpec, memo: dict[str, list],
         sample = dataset.source[index]
         row = []
         for side in SIDES:
-            image = getattr(sample, f"{side}_image")
+            image = sample.side(side).image
             entry = None
             if image is not None and not sample.meta.get("preprocessed", False):
                 try:

@@ -37,7 +37,7 @@ from fuselip_med.core.losses import (
     sigmoid_loss,
 )
 from fuselip_med.data.collate import Batch
-from fuselip_med.data.dataset import SIDES
+from fuselip_med.data.schema import SIDES, Side
 from fuselip_med.errors import InputError
 
 
@@ -143,29 +143,27 @@ class EarlyFusionObjective(nn.Module):
         return self.base_model
 
     # ---- host half -------------------------------------------------------------------------------------
-    def side_codes(self, batch: Batch, side: str) -> torch.Tensor | None:
+    def side_codes(self, batch: Batch, side: Side) -> torch.Tensor | None:
         """TiTok code ids ``[n_image_rows, 128]`` int64 (CPU) of one side: cached rows as given, pixel rows
         through the frozen tokenizer on the model's device; None when no row of the side has an image."""
-        has_image = getattr(batch, f"{side}_has_image")
-        if not bool(has_image.any()):
+        rows = batch.side(side)
+        if not bool(rows.has_image.any()):
             return None
         fuselip = self.base_model
-        from_cache = getattr(batch, f"{side}_has_codes")[has_image]
-        codes = torch.empty(int(has_image.sum()), fuselip.config.num_image_tokens, dtype=torch.long)
-        cached, pixels = getattr(batch, f"{side}_image_ids"), getattr(batch, f"{side}_pixels")
-        if cached is not None:
-            codes[from_cache] = cached.to(torch.long)
-        if pixels is not None:
-            codes[~from_cache] = fuselip.image_codes(pixels).cpu()
+        from_cache = rows.has_codes[rows.has_image]
+        codes = torch.empty(int(rows.has_image.sum()), fuselip.config.num_image_tokens, dtype=torch.long)
+        if rows.image_ids is not None:
+            codes[from_cache] = rows.image_ids.to(torch.long)
+        if rows.pixels is not None:
+            codes[~from_cache] = fuselip.image_codes(rows.pixels).cpu()
         return codes
 
-    def side_ids(self, batch: Batch, side: str) -> torch.Tensor:
+    def side_ids(self, batch: Batch, side: Side) -> torch.Tensor:
         """Joint-vocabulary ids ``[b, L]`` int64 (CPU) of one side; every row carries its text row ("" ->
         [sot, eot]) as in the reference training, so image rows are fused."""
-        has_image = getattr(batch, f"{side}_has_image")
-        text_ids = getattr(batch, f"{side}_text_ids")
-        has_text = torch.ones_like(has_image, dtype=torch.bool)
-        return self.base_model.build_input_ids(text_ids, self.side_codes(batch, side), has_image, has_text,
+        rows = batch.side(side)
+        has_text = torch.ones_like(rows.has_image, dtype=torch.bool)
+        return self.base_model.build_input_ids(rows.text_ids, self.side_codes(batch, side), rows.has_image, has_text,
                                                device="cpu")
 
     def prepare(self, batch: Batch, step: int) -> StepInputs:
@@ -241,13 +239,12 @@ class LateFusionObjective(nn.Module):
         cached TiTok codes."""
         sides = []
         for side in SIDES:
-            has_codes = getattr(batch, f"{side}_has_codes")
-            if has_codes is not None and bool(has_codes.any()):
+            rows = batch.side(side)
+            if rows.has_codes is not None and bool(rows.has_codes.any()):
                 raise ValueError(f"The {side} images of this batch are cached TiTok codes; the "
                                  f"{self.base_model.config.arch} baseline reads pixels, so train it with "
                                  "train.image_codes: pixels.")
-            sides.append(PixelSideInputs(getattr(batch, f"{side}_pixels"), getattr(batch, f"{side}_text_ids"),
-                                         getattr(batch, f"{side}_has_image")))
+            sides.append(PixelSideInputs(rows.pixels, rows.text_ids, rows.has_image))
         return PixelStepInputs(sides[0], sides[1], rows_per_rank(len(batch)), step)
 
     def forward(self, inputs: PixelStepInputs) -> LossOutput:
