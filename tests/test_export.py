@@ -11,8 +11,9 @@ import torch
 from typer.testing import CliRunner
 
 from fuselip_med.cli import app
-from fuselip_med.core.checkpoints import load_model, save_pretrained
 from fuselip_med.core.fuselip import FuseLIP, FuseLIPConfig
+from fuselip_med.core.loading import load_model
+from fuselip_med.core.pretrained import save_pretrained
 from fuselip_med.export import onnx as export_onnx
 from fuselip_med.export.gate import ExportRejected, Tolerances, demo_reference, gated_export
 from fuselip_med.export.runtime import OnnxFuseLIP, export_fingerprint

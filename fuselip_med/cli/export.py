@@ -53,7 +53,7 @@ def export(
       fuselip-med export -m chs20/FuseLIP-S-CC3M-MM --precision int8 --int8-scope encoder --keep-rejected -o x\n
       fuselip-med search --index my_index --runtime onnx --model exports/rocov2-int8 --text "pleural effusion"
     """
-    from fuselip_med.core.lora import load_for_inference
+    from fuselip_med.core.loading import load_model
     from fuselip_med.export.gate import (
         ExportSetupError,
         Tolerances,
@@ -77,7 +77,7 @@ def export(
     require_onnxruntime()
     tolerances = Tolerances.for_precision(precision, min_code_agreement=min_code_agreement, min_cosine=min_cosine,
                                           max_r1_change=max_r1_change)
-    fuselip, _, _ = load_for_inference(model, "cpu", base=base)
+    fuselip, _, _ = load_model(model, "cpu", base=base)
     if not hasattr(fuselip, "image_tokenizer"):
         raise ExportSetupError(f"{model} is a late-fusion baseline; only FuseLIP (early fusion) models export.")
     size = fuselip.config.titok.image_size

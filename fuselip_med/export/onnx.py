@@ -29,7 +29,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from fuselip_med.core.fuselip import FuseLIP, FuseLIPConfig
+from fuselip_med.core.configs import FuseLIPConfig
+from fuselip_med.core.fuselip import FuseLIP
 from fuselip_med.core.text_tokenizer import DEFAULT_BPE_PATH
 from fuselip_med.io import atomic_write_json
 

@@ -16,7 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from fuselip_med.core.fuselip import FuseLIPConfig, JointInputs
+from fuselip_med.core.configs import FuseLIPConfig
+from fuselip_med.core.fuselip import JointInputs
 from fuselip_med.core.text_tokenizer import TextTokenizer
 from fuselip_med.core.titok import check_pixels
 from fuselip_med.errors import UserError
@@ -145,7 +146,7 @@ class OnnxFuseLIP(JointInputs):
 def load_for_runtime(name: str | os.PathLike, runtime: str = "pytorch", device: str | torch.device | None = None,
                      base: str | os.PathLike | None = None):
     """(model, ``search.index.ModelId``) for ``runtime``: ``pytorch`` loads a checkpoint or LoRA adapter
-    (``core.lora.load_for_inference`` on ``device``, default cuda when available; fingerprint = weights sha256),
+    (``fuselip_med.load_model`` on ``device``, default cuda when available; fingerprint = weights sha256),
     ``onnx`` an export directory (fingerprint = ``export_fingerprint``; CPU only, ``base`` not allowed). Raises
     ``RuntimeChoiceError`` for an unknown runtime, ``ExportNotFoundError`` / ``CheckpointError`` when the model
     cannot be read."""
@@ -159,7 +160,7 @@ def load_for_runtime(name: str | os.PathLike, runtime: str = "pytorch", device: 
                                      "weights.")
         model = OnnxFuseLIP(name)
         return model, ModelId(str(name), export_fingerprint(name), "onnx")
-    from fuselip_med.core.lora import load_for_inference
+    from fuselip_med.core.loading import load_model
 
-    model, _, _ = load_for_inference(name, device or ("cuda" if torch.cuda.is_available() else "cpu"), base=base)
+    model, _, _ = load_model(name, device or ("cuda" if torch.cuda.is_available() else "cpu"), base=base)
     return model, ModelId(str(name), model_fingerprint(model))
