@@ -199,13 +199,15 @@ def test_embed_with_runtime_onnx_equals_pytorch_within_the_gate(indexes, tmp_pat
 @pytest.mark.slow
 def test_int8_of_both_graphs_breaks_tiny_codes_and_is_rejected_encoder_scope_passes(exported, tmp_path):
     """The tiny TiTok's codes flip under int8 (measured: ~16% of codes): the default int8 gate rejects it;
-    with the TiTok graph kept fp32 (--int8-scope encoder) the codes are exact and the export passes."""
+    with the TiTok graph kept fp32 (--int8-scope encoder) the codes are exact and the cosine bound holds. R@1 is
+    left unchecked here: on 18 reference images one swapped rank of this untrained model is 5.6 points."""
     _, _, model, reference, _ = exported
     with pytest.raises(ExportRejected, match="image cosine min"):
         gated_export(model, tmp_path / "all", reference, source={"name": "tiny", "fingerprint": "x"},
                      precision="int8")
     assert not (tmp_path / "all").exists()
     result = gated_export(model, tmp_path / "encoder", reference, source={"name": "tiny", "fingerprint": "x"},
-                          precision="int8", int8_scope="encoder")
+                          precision="int8", int8_scope="encoder", tolerances=Tolerances(None, 0.99, None))
     assert result.report["passed"] and result.report["figures"]["code_agreement"] == 1.0
+    assert min(v["min"] for v in result.report["figures"]["cosine"].values()) >= 0.99
     assert json.loads((tmp_path / "encoder" / "config.json").read_text())["int8"]["scope"] == "encoder"
