@@ -211,3 +211,15 @@ def test_int8_of_both_graphs_breaks_tiny_codes_and_is_rejected_encoder_scope_pas
     assert result.report["passed"] and result.report["figures"]["code_agreement"] == 1.0
     assert min(v["min"] for v in result.report["figures"]["cosine"].values()) >= 0.99
     assert json.loads((tmp_path / "encoder" / "config.json").read_text())["int8"]["scope"] == "encoder"
+
+
+def test_calibration_folder_is_the_reference_set_and_undecodable_images_are_named(tmp_path):
+    from fuselip_med.export.gate import folder_reference
+
+    folder = make_folder(tmp_path / "calibration")
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "broken.png.txt").write_text("a broken file")
+    reference = folder_reference(folder)
+    assert len(reference) == 5 and tuple(reference.pixels.shape) == (5, 3, 256, 256)
+    assert "a red square" in reference.texts and list(reference.skipped) == ["broken.png"]
+    assert len(folder_reference(folder, limit=3)) <= 3
