@@ -19,12 +19,12 @@ N_RANDOMISATION = 8  # of them, for the two randomisation checks
 
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory):
-    from fuselip_med.core.lora import load_for_inference
+    from fuselip_med import load_model
 
     run = tmp_path_factory.mktemp("rocov2_demo")
     result = CliRunner().invoke(app, ["-q", "finetune", "--recipe", "rocov2_demo", "--set", f"output.dir={run}"])
     assert result.exit_code == 0, result.output
-    model, _, _ = load_for_inference(run / "final", "cpu")
+    model, _, _ = load_model(run / "final", "cpu")
     return model
 
 
