@@ -12,8 +12,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fuselip_med.cli import app
-from fuselip_med.core.checkpoints import save_pretrained
 from fuselip_med.core.fuselip import FuseLIP, FuseLIPConfig
+from fuselip_med.core.pretrained import save_pretrained
 from fuselip_med.data.demo import planted_findings, write_demo_dataset
 from fuselip_med.explain.occlusion import ExplainError, OcclusionExplainer, explain, fill_image
 from fuselip_med.explain.sanity import (
