@@ -170,12 +170,13 @@ def tiny_dir(tmp_path_factory, tiny):
     return save_pretrained(tiny, tmp_path_factory.mktemp("explain") / "tiny")
 
 
-def test_explain_command_writes_overlay_grid_and_json(tiny_dir, tmp_path):
+def test_explain_command_writes_overlay_grid_json_and_sanity_marks(tiny_dir, tmp_path):
     scan = tmp_path / "scan.jpg"
     scan.write_bytes(planted_findings(1)[0].jpeg)
     out = tmp_path / "maps" / "why.png"
     result = CliRunner().invoke(app, ["explain", "-m", str(tiny_dir), "--image", str(scan), "--text", TEXT,
-                                      "--fill", "mean", "-o", str(out), "--device", "cpu"])
+                                      "--fill", "mean", "--sanity", "--sanity-images", "1", "-o", str(out),
+                                      "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "Similarity before" in result.output
     record = json.loads(out.with_suffix(".json").read_text())
@@ -184,6 +185,13 @@ def test_explain_command_writes_overlay_grid_and_json(tiny_dir, tmp_path):
     np.testing.assert_allclose(np.array(record["drops"]), drops, atol=1e-6)
     np.testing.assert_allclose(np.array(record["similarity_after"]), record["similarity_before"] - drops, atol=1e-5)
     assert record["units"] == "cosine similarity" and record["grid"] == 8 and record["fill"] == "mean"
+    checks = record["sanity"]
+    assert set(checks) == {"model randomisation", "text randomisation", "pointing game"}
+    for name, check in checks.items():  # each printed with its number and threshold
+        assert f"{name}: {check['value']:.3f} ({'pass' if check['passed'] else 'FAIL'}: needs" in result.output
+    failed = [name for name, check in checks.items() if not check["passed"]]
+    assert record["sanity_passed"] is (not failed)
+    assert all(name in result.output.split("The map failed:")[-1] for name in failed)
     with Image.open(out) as png:
         assert png.format == "PNG" and png.width > 300
 
