@@ -441,10 +441,22 @@ def build_index(out: str | os.PathLike, entries: Sequence[IndexEntry], model, mo
     named in ``BuildReport.skipped`` (id -> reason). Raises ``SearchIndexError`` when ``out`` holds an index of
     another model (pass ``rebuild=True`` to replace it). With ``accelerator`` (Accelerate) every process
     embeds its share of the chunks and only the main process writes the index; the others' reports hold
-    only their embedding counts.
+    only their embedding counts. The main process holds the index's writer lock (``locks.writer_lock``)
+    throughout: a second build into the same ``out`` raises ``FolderBusyError`` naming the running one.
     """
+    from contextlib import nullcontext
+
+    from fuselip_med.locks import writer_lock
+
     out = Path(out)
     process = _process_from(accelerator)
+    with writer_lock(out, "index build") if process.is_main else nullcontext():
+        return _build(out, entries, model, model_id, settings, rebuild, process, progress)
+
+
+def _build(out: Path, entries: Sequence[IndexEntry], model, model_id: ModelId, settings: IndexSettings,
+           rebuild: bool, process: _Process, progress: bool) -> BuildReport:
+    """``build_index``'s work, under the lock."""
     previous = None if rebuild else _load_previous(out)
     if previous is not None and previous.model.fingerprint != model_id.fingerprint:
         raise SearchIndexError(f"{out} holds an index built with model {previous.model}, not {model_id}; "

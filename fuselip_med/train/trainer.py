@@ -151,7 +151,20 @@ class Trainer:
 
     # ---- the loop --------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        """Train the recipe to its step budget; Ctrl-C/SIGTERM writes a checkpoint and returns (interrupted)."""
+        """Train the recipe to its step budget; Ctrl-C/SIGTERM writes a checkpoint and returns (interrupted).
+
+        The main process holds the run directory's writer lock throughout (``locks.writer_lock``): a second run or
+        ``--resume`` into the same directory raises ``FolderBusyError`` naming the running one."""
+        from contextlib import ExitStack
+
+        from fuselip_med.locks import writer_lock
+
+        with ExitStack() as lock:
+            if self.accelerator.is_main_process:
+                lock.enter_context(writer_lock(self.run_dir, "training run"))
+            return self._run()
+
+    def _run(self) -> TrainResult:
         self.setup()
         recipe = self.recipe
         eval_before = {}

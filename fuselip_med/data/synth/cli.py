@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -12,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fuselip_med.io import atomic_write_text
+from fuselip_med.locks import writer_lock
 from fuselip_med.progress import new_progress
 
 from .common import read_caption_rows, write_jsonl_atomic
@@ -41,6 +43,14 @@ def run_synth_vqa(input: str, out: Path, generator: str = "rules", *, adapter: s
         raise SynthError(f"--generator {generator!r}: choose rules or llm.")
     if out.suffix != ".jsonl":
         raise SynthError(f"--out {out}: give a .jsonl file name.")
+    main = generator == "rules" or process_state().is_main_process
+    with writer_lock(out, "data synth-vqa") if main else nullcontext():  # FolderBusyError while another writes
+        return _synth(input, out, generator, adapter, split, limit, config, console)
+
+
+def _synth(input: str, out: Path, generator: str, adapter: str | None, split: str, limit: int | None,
+           config: LLMConfig | None, console: Console | None) -> SynthReport | None:
+    """``run_synth_vqa``'s work, under the output's writer lock."""
     rows, skipped = read_caption_rows(input, adapter=adapter, split=split, limit=limit)
     if generator == "rules":
         records = synthesize_rules(rows)
