@@ -9,6 +9,7 @@ Standard library only: the data tools load this file by path in the download ima
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -27,6 +28,8 @@ __all__ = [
     "atomic_write_csv",
     "atomic_write_json",
     "atomic_write_text",
+    "damaged_files",
+    "file_record",
     "publish_directory",
     "remove_temp_files",
     "temp_directory",
@@ -155,3 +158,33 @@ def remove_temp_files(folder: str | os.PathLike) -> int:
                     os.unlink(entry.path)
                     removed += 1
     return removed
+
+
+def file_record(path: str | os.PathLike) -> dict[str, Any]:
+    """``{"size": bytes, "sha256": hex}`` of a file as written, for a manifest that ``damaged_files`` checks later."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+            size += len(block)
+    return {"size": size, "sha256": digest.hexdigest()}
+
+
+def damaged_files(directory: str | os.PathLike, records: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """{file name: what is wrong} for the files of ``records`` ({name: ``file_record``}) in ``directory`` that are
+    missing, of another size (cut short or grown) or of another SHA-256 than recorded; {} when all are intact.
+    The size is checked first (a stat), the checksum only for files of the right size."""
+    damaged: dict[str, str] = {}
+    for name, record in records.items():
+        path = Path(directory, name)
+        try:
+            size = path.stat().st_size
+        except OSError:
+            damaged[name] = "missing"
+            continue
+        if size != record["size"]:
+            damaged[name] = f"{size:,} bytes, {record['size']:,} were written"
+        elif file_record(path)["sha256"] != record["sha256"]:
+            damaged[name] = "its checksum does not match the one recorded when it was written"
+    return damaged

@@ -85,6 +85,8 @@ def index_build(
         _fail(str(error))
     if not state.is_main_process:
         return
+    if report.repaired:
+        console.print(f"[yellow]Repaired:[/] {report.repaired}; rebuilt from the images.", highlight=False)
     state_word = "up to date" if report.up_to_date else "written"
     console.print(f"Index {out} {state_word}: {report.n_rows} images ({report.index_type}), {report.n_captions} "
                   f"captions; embedded {report.embedded_images} images (+{report.embedded_elsewhere} by other "

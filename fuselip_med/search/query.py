@@ -33,9 +33,15 @@ class Hit:
 def check_model(index: SearchIndex, model_id: ModelId) -> None:
     """Raise ``SearchIndexError`` unless ``model_id`` has the weights the index was built with."""
     if model_id.fingerprint != index.model.fingerprint:
+        rebuild = (f"`fuselip-med index build --model {model_id.name} --input <the images> --out {index.directory} "
+                   "--rebuild`")
+        if model_id.name == index.model.name:  # the weights under that name changed: no --model choice helps
+            raise SearchIndexError(
+                f"the weights of {model_id.name} changed since the index {index.directory} was built "
+                f"({index.model} then, {model_id} now); rebuild the index with {rebuild}.")
         raise SearchIndexError(
             f"the index {index.directory} was built with model {index.model}, but the query model is {model_id}; "
-            f"search with --model {index.model.name} (or leave --model out), or rebuild the index with this model.")
+            f"search with --model {index.model.name} (or leave --model out), or rebuild the index with {rebuild}.")
 
 
 def load_index_model(index: SearchIndex, model: str | os.PathLike | None = None, device: str = "cpu"):

@@ -2,7 +2,8 @@
 
 ``step_000120/`` holds ``model.safetensors`` (the trained module's state) with its ``config.json``, ``optimizer.pt``,
 ``scaler.pt`` (fp16 only), ``trainer_state.json`` (step, schedule, sampler position, metrics, skip counts),
-``rng_rank{r}.pt`` per process and ``recipe.yaml``. It is written under a temporary name and renamed, so a
+``rng_rank{r}.pt`` per process, ``recipe.yaml`` and ``checksums.json`` (size and SHA-256 of each, verified on
+resume). It is written under a temporary name and renamed, so a
 crash mid-write never leaves a directory that looks complete.
 """
 from __future__ import annotations
@@ -18,8 +19,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from fuselip_med.errors import UserError
+from fuselip_med.io import damaged_files, file_record
+
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 TMP_PREFIX = ".tmp-step_"
+CHECKSUMS = "checksums.json"
 
 
 def step_dir_name(step: int) -> str:
@@ -107,6 +112,31 @@ def write_main_files(
         torch.save(scaler_state, tmp / "scaler.pt")
     (tmp / "recipe.yaml").write_text(recipe_yaml)
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    records = {p.name: file_record(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != CHECKSUMS}
+    (tmp / CHECKSUMS).write_text(json.dumps(records, indent=1))
+
+
+class CheckpointDamagedError(UserError, OSError):
+    """A file of a training checkpoint is missing, cut short or altered (size or SHA-256 differs from
+    ``checksums.json``); the message names it and the checkpoint to resume from instead."""
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise ``CheckpointDamagedError`` unless every file recorded in ``path/checksums.json`` is intact
+    (checkpoints written before checksums existed are not checked)."""
+    try:
+        records = json.loads((path / CHECKSUMS).read_text())
+    except FileNotFoundError:
+        return
+    except ValueError:
+        records = {CHECKSUMS: {"size": -1, "sha256": ""}}
+    damaged = damaged_files(path, records)
+    if damaged:
+        name, why = next(iter(damaged.items()))
+        earlier = [p for p in list_checkpoints(path.parent) if p.name < path.name]
+        advice = (f"resume from the checkpoint before it with --resume {earlier[-1]}" if earlier
+                  else "start the run again without --resume")
+        raise CheckpointDamagedError(f"{path / name} is damaged ({why}); {advice}, after moving {path} aside.")
 
 
 def commit(tmp: Path, directory: Path, step: int) -> Path:
@@ -119,7 +149,9 @@ def commit(tmp: Path, directory: Path, step: int) -> Path:
 
 
 def read_checkpoint(path: Path, rank: int) -> dict[str, Any]:
-    """Everything a resume needs from one checkpoint directory (tensors loaded with weights_only)."""
+    """Everything a resume needs from one checkpoint directory (tensors loaded with weights_only); raises
+    ``CheckpointDamagedError`` naming a damaged file."""
+    verify_checkpoint(path)
     rng_file = path / f"rng_rank{rank}.pt"
     return {
         "model": load_file(str(path / "model.safetensors")),
