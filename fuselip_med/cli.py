@@ -11,6 +11,7 @@ from rich.table import Table
 from fuselip_med.cli_errors import DEBUG_ENV, UserErrorGroup, print_error
 from fuselip_med.cli_options import CAPTION_COLUMN, ENCODING, ID_COLUMN, IMAGE_ROOT, PATH_COLUMN, SEP, table_options
 from fuselip_med.data.synth.cli import synth_vqa_command
+from fuselip_med.io import check_writable
 from fuselip_med.search.commands import register as register_search_commands
 
 app = typer.Typer(
@@ -169,6 +170,7 @@ def data_demo(
     """
     from fuselip_med.data.demo import write_demo_dataset
 
+    check_writable(out.parent)  # before any work: OutputError naming the folder
     try:
         path = write_demo_dataset(out, seed=seed, n_train=n_train, n_valid=n_valid, n_test=n_test,
                                   n_dicom=n_dicom, overwrite=overwrite)
@@ -280,6 +282,7 @@ def eval_command(
 
     options = table_options(path_column=path_column, caption_column=caption_column, id_column=id_column, sep=sep,
                             image_root=image_root, encoding=encoding)
+    check_writable(out)  # before any work: OutputError naming the folder
     try:
         chosen = choose_tasks(tasks, suite, labels is not None or templates is not None)
         data_map = parse_data(data)
@@ -366,6 +369,7 @@ def embed(
         fail(f"--kind {kind!r}: choose image, text or pair.", code=2)
     if out.suffix not in (".npy", ".parquet"):
         fail(f"--out {out}: use a .npy or .parquet file name.", code=2)
+    check_writable(out.parent)  # before any work: OutputError naming the folder
     options = table_options(path_column=path_column, caption_column=caption_column, id_column=id_column, sep=sep,
                             image_root=image_root, encoding=encoding)
     try:
@@ -404,6 +408,7 @@ def merge_lora(
     """
     from fuselip_med.core.lora import merge_adapter
 
+    check_writable(out.parent)  # before the merge: OutputError naming the folder
     merge_adapter(adapter, base=base).save_pretrained(out)
     console.print(f"Merged {adapter} into {out}.")
 

@@ -26,11 +26,12 @@ def user_error_types() -> tuple[type[Exception], ...]:
     from fuselip_med.core.hub import CheckpointError
     from fuselip_med.data.adapters import DatasetEmptyError
     from fuselip_med.errors import UserError
+    from fuselip_med.io import OutputError
     from fuselip_med.recipes import RecipeError
     from fuselip_med.train.data import DataSetupError
     from fuselip_med.train.trainer import TrainingStopped
 
-    return UserError, CheckpointError, DatasetEmptyError, RecipeError, DataSetupError, TrainingStopped
+    return UserError, OutputError, CheckpointError, DatasetEmptyError, RecipeError, DataSetupError, TrainingStopped
 
 
 def debug_requested(ctx: typer.Context) -> bool:

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fuselip_med.errors import UserError
-from fuselip_med.io import atomic_write_json
+from fuselip_med.io import atomic_write_json, check_writable
 
 __all__ = ["FolderBusyError", "holder_of", "lock_path", "writer_lock"]
 
@@ -57,12 +57,13 @@ def writer_lock(target: str | os.PathLike, what: str, *, wait: bool = False,
 
     ``what`` names the writer in messages (``index build``). Held by a live process: with ``wait`` say so once
     (naming the holder) and wait for it; without, raise ``FolderBusyError`` naming the holder. The parent
-    folder is created. Re-entering the lock from the same process blocks: take it once, at the outermost writer.
+    folder is created and proved writable first (``io.OutputError`` naming it otherwise). Re-entering the lock
+    from the same process blocks: take it once, at the outermost writer.
     """
     from filelock import FileLock, Timeout
 
     lock = lock_path(target)
-    lock.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(lock.parent)
     handle = FileLock(lock, thread_local=False)
     try:
         handle.acquire(timeout=0)

@@ -57,6 +57,7 @@ def index_build(
     from fuselip_med.core.checkpoints import CheckpointError
     from fuselip_med.core.lora import load_for_inference
     from fuselip_med.data.adapters import DatasetEmptyError
+    from fuselip_med.io import check_writable
     from fuselip_med.search.index import (
         IndexSettings,
         ModelId,
@@ -66,6 +67,7 @@ def index_build(
         model_fingerprint,
     )
 
+    check_writable(out)  # before any work: OutputError naming the folder
     try:
         settings = IndexSettings(index_type=index_type, exact_max=exact_max, nlist=nlist, nprobe=nprobe,  # type: ignore[arg-type]
                                  hnsw_m=hnsw_m, ef_search=ef_search, batch_size=batch_size, chunk_size=chunk_size)

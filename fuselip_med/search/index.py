@@ -40,7 +40,14 @@ import numpy as np
 
 from fuselip_med.data.token_cache import content_hash
 from fuselip_med.errors import UserError
-from fuselip_med.io import atomic_write_bytes, atomic_write_text, damaged_files, file_record, remove_temp_files
+from fuselip_med.io import (
+    atomic_write_bytes,
+    atomic_write_text,
+    check_writable,
+    damaged_files,
+    file_record,
+    remove_temp_files,
+)
 
 __all__ = [
     "FORMAT_VERSION", "IndexDamagedError", "IndexEntry", "SearchIndexError", "IndexSettings", "ModelId",
@@ -483,6 +490,8 @@ def build_index(out: str | os.PathLike, entries: Sequence[IndexEntry], model, mo
 
     out = Path(out)
     process = _process_from(accelerator)
+    if process.is_main:
+        check_writable(out)  # before any work: OutputError naming the folder
     with writer_lock(out, "index build") if process.is_main else nullcontext():
         return _build(out, entries, model, model_id, settings, rebuild, process, progress)
 

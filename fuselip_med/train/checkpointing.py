@@ -12,6 +12,8 @@ import json
 import random
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fuselip_med.errors import UserError
-from fuselip_med.io import damaged_files, file_record
+from fuselip_med.io import damaged_files, disk_full, file_record, is_disk_full
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 TMP_PREFIX = ".tmp-step_"
@@ -89,8 +91,22 @@ def temporary_dir(directory: Path, step: int) -> Path:
 
 def write_process_files(tmp: Path, rank: int) -> None:
     """What every process writes into the shared temporary directory (its RNG state)."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+    with _full_device_as_error(tmp, 0):
+        tmp.mkdir(parents=True, exist_ok=True)
+        torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+
+
+@contextmanager
+def _full_device_as_error(tmp: Path, needed: int) -> Iterator[None]:
+    """A full device while writing ``tmp`` becomes ``io.OutputError`` naming the checkpoint folder and ``needed``
+    bytes; the unfinished ``tmp`` is removed. torch.save wraps ENOSPC in a RuntimeError, safetensors in its own."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        if not is_disk_full(error):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise disk_full(tmp.parent, needed or None) from None
 
 
 def write_main_files(
@@ -103,7 +119,26 @@ def write_main_files(
     model_config: dict[str, Any],
 ) -> None:
     """What the main process writes: weights (+ config.json, so ``load_model`` reads a full-model checkpoint),
-    optimizer, scaler, trainer state and the resolved recipe."""
+    optimizer, scaler, trainer state and the resolved recipe. A full device raises ``io.OutputError`` naming the
+    checkpoint folder and the space a checkpoint needs, and removes the unfinished ``tmp``."""
+    with _full_device_as_error(tmp, _tensor_bytes(model_state) + _tensor_bytes(optimizer_state)):
+        _write_main_files(tmp, model_state, optimizer_state, scaler_state, trainer_state, recipe_yaml, model_config)
+
+
+def _tensor_bytes(state: Any) -> int:
+    """Bytes of the tensors in a (nested) state dict: what ``torch.save``/``save_file`` will write, roughly."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_tensor_bytes(value) for value in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_tensor_bytes(value) for value in state)
+    return 0
+
+
+def _write_main_files(tmp: Path, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
+                      scaler_state: dict[str, Any] | None, trainer_state: dict[str, Any], recipe_yaml: str,
+                      model_config: dict[str, Any]) -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "config.json").write_text(json.dumps(model_config, indent=2))
     save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model.safetensors"))

@@ -157,10 +157,12 @@ class Trainer:
         ``--resume`` into the same directory raises ``FolderBusyError`` naming the running one."""
         from contextlib import ExitStack
 
+        from fuselip_med.io import check_writable
         from fuselip_med.locks import writer_lock
 
         with ExitStack() as lock:
             if self.accelerator.is_main_process:
+                check_writable(self.run_dir)  # before any work: OutputError naming the folder
                 lock.enter_context(writer_lock(self.run_dir, "training run"))
             return self._run()
 
