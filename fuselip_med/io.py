@@ -5,7 +5,8 @@ with ``os.replace`` (atomic on POSIX and Windows); the directory entry is fsynce
 Directories are built in a temp sibling and swapped in the same way. Temp names carry ``TEMP_MARK``
 (``.model.safetensors.tmp-k2j4``) so that ``remove_temp_files`` can clear what a killed process left behind.
 
-Standard library only: the data tools load this file by path in the download image (no torch, no package).
+Standard library only (plus ``fuselip_med.errors`` where the package is installed): the data tools load this file
+by path in the download image (no torch, no package).
 """
 from __future__ import annotations
 
@@ -43,7 +44,13 @@ __all__ = [
 TEMP_MARK = ".tmp-"
 
 
-class OutputError(OSError):
+try:
+    from fuselip_med.errors import UserError as _UserError
+except ImportError:  # loaded by path in the download image, without the package
+    _UserError = Exception  # type: ignore[assignment,misc]
+
+
+class OutputError(_UserError, OSError):
     """An output location that cannot take the output: not writable, or its device is full. The message is one
     line naming the folder (and, when full, the space needed); the CLI prints it as ``error: ...``."""
 
