@@ -73,6 +73,7 @@ def eval_command(
     from fuselip_med.eval.command import choose_tasks, parse_data, suite_data
     from fuselip_med.eval.report import flatten_metrics
     from fuselip_med.eval.runner import check_tasks, run_evaluation
+    from fuselip_med.eval.suite import missing_subsets
     from fuselip_med.eval.tasks.zero_shot import read_labels, read_templates
     from fuselip_med.eval.tgit import read_row_list
     from fuselip_med.io import check_writable
@@ -121,6 +122,10 @@ def eval_command(
             evaluated = result.get("n_evaluated", result.get("n"))
             console.print(f"{task}: {evaluated} of {result.get('n_listed', '?')} rows evaluated; skipped {reasons}",
                           style="yellow", markup=False, highlight=False)
+    for task, subsets in missing_subsets(report).items():
+        console.print(f"{task}: {len(subsets)} subset(s) not scored, so its means cover fewer subsets: "
+                      + "; ".join(f"{subset} ({reason})" for subset, reason in subsets.items()),
+                      style="yellow", markup=False, highlight=False)
     console.print(f"Wrote {out / 'metrics.json'}, {out / 'report.md'}, {out / 'skipped.csv'} and plots.")
 
 

@@ -4,6 +4,8 @@ Grounding, ImageNet, VG-Crop, OI-Crop, OI-Pos, TGIT, then SugarCrepe (mean over 
 Values are percentages (100 x the task's metric, as the paper prints them); a column whose task did not
 run is left empty (``null`` in JSON). Written as ``paper_table.md``, ``paper_table.json`` and
 ``plots/paper_table.png`` beside ``metrics.json``; the per-subtask details stay in ``metrics.json``.
+A column whose mean covers fewer subsets than it stands for (the task's ``coverage``) is labelled with the count,
+``SugarCrepe (4/7)``, and the subsets left out are listed under the table with their reasons.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from fuselip_med.io import atomic_write_bytes, atomic_write_text
 
 from .tasks import TABLE
 
-__all__ = ["PAPER_COLUMNS", "paper_table", "column_protocols", "write_suite_table"]
+__all__ = ["PAPER_COLUMNS", "paper_table", "column_labels", "column_protocols", "missing_subsets",
+           "write_suite_table"]
 
 PAPER_COLUMNS: tuple[str, ...] = ("MMEB Classification", "MMEB VQA", "MMEB Retrieval", "MMEB Grounding",
                                   "ImageNet", "VG-Crop", "OI-Crop", "OI-Pos", "TGIT", "SugarCrepe")
@@ -35,6 +38,24 @@ def paper_table(report: Mapping[str, Any]) -> dict[str, float | None]:
         value = (tasks.get(task) or {}).get("metrics", {}).get(metric)
         out[column] = None if value is None else round(100.0 * float(value), 2)
     return out
+
+
+def column_labels(report: Mapping[str, Any]) -> dict[str, str]:
+    """{column: label}: the column name, with ``(scored/total)`` subsets when its mean covers fewer than all."""
+    tasks = report.get("tasks", {})
+    out = {}
+    for column in PAPER_COLUMNS:
+        task, metric = _SOURCES[column]
+        scored, total = ((tasks.get(task) or {}).get("coverage") or {}).get(metric, (0, 0))
+        out[column] = f"{column} ({scored}/{total})" if scored < total else column
+    return out
+
+
+def missing_subsets(report: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """{task: {subset: reason}} of the multi-subset tasks that left subsets out."""
+    return {name: dict(task["missing_subsets"]) for name, task in report.get("tasks", {}).items()
+            if isinstance(task, Mapping) and isinstance(task.get("missing_subsets"), Mapping)
+            and task["missing_subsets"]}
 
 
 def column_protocols(report: Mapping[str, Any]) -> dict[str, str]:
@@ -56,15 +77,20 @@ def write_suite_table(report: Mapping[str, Any], out_dir: str | os.PathLike) -> 
         return None
     out = Path(out_dir)
     present = {k: v for k, v in row.items() if v is not None}
-    md = ["| model | " + " | ".join(PAPER_COLUMNS) + " |", "|---|" + "---:|" * len(PAPER_COLUMNS),
+    labels, missing = column_labels(report), missing_subsets(report)
+    md = ["| model | " + " | ".join(labels[c] for c in PAPER_COLUMNS) + " |", "|---|" + "---:|" * len(PAPER_COLUMNS),
           f"| {report.get('model', '?')} | " + " | ".join("" if row[c] is None else f"{row[c]:.1f}"
                                                           for c in PAPER_COLUMNS) + " |"]
     protocols = column_protocols(report)
     if protocols:
         md += [""] + [f"- {column}: {protocol}" for column, protocol in protocols.items()]
+    if missing:
+        md += [""] + [f"- {task} left out {subset}: {reason}" for task, subsets in missing.items()
+                      for subset, reason in subsets.items()]
     paths = {"markdown": str(atomic_write_text(out / "paper_table.md", "\n".join(md) + "\n")),
              "json": str(atomic_write_text(out / "paper_table.json",
                                            json.dumps({"model": report.get("model"), "columns": row,
+                                                       "labels": labels, "missing_subsets": missing,
                                                        "protocols": protocols}, indent=2)))}
     import matplotlib
 
@@ -73,7 +99,7 @@ def write_suite_table(report: Mapping[str, Any], out_dir: str | os.PathLike) -> 
 
     fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(present) + 2), 3.6))
     try:
-        ax.bar(list(present), list(present.values()), color="#4477aa")
+        ax.bar([labels[c] for c in present], list(present.values()), color="#4477aa")
         ax.set_ylabel("score (%)")
         ax.set_ylim(0, 100)
         ax.set_title(f"{report.get('model', '')}: paper suite")
