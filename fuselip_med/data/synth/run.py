@@ -50,9 +50,11 @@ def _synth(input: str, out: Path, generator: str, adapter: str | None, split: st
     """``run_synth_vqa``'s work, under the output's writer lock."""
     rows, skipped = read_caption_rows(input, adapter=adapter, split=split, limit=limit)
     if generator == "rules":
-        records = synthesize_rules(rows)
+        not_english: list[str] = []
+        records = synthesize_rules(rows, not_english)
         n = write_jsonl_atomic(out, records)
-        without = {"caption without a certain question": len(rows) - len({r.id for r in records})}
+        without = {"caption without a certain question": len(rows) - len(not_english) - len({r.id for r in records}),
+                   "caption not in English": len(not_english)}
         report = SynthReport(str(out), len(rows), n, "rules", None, RULES_VERSION, without, skipped, 0)
     else:
         config = config or LLMConfig()
