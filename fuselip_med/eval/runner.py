@@ -81,6 +81,13 @@ def run_evaluation(
     on_error: str = "skip",
     allow_partial: bool = False,
     source_options: Mapping[str, Any] | None = None,
+    prompts: str | os.PathLike | None = None,
+    uncertain: str = "ignore",
+    threshold_rule: str = "youden",
+    n_boot: int = 1000,
+    phash_distance: int = 8,
+    leak_cosine: float = 0.95,
+    exclude_leaked: bool = False,
 ) -> dict:
     """Run ``tasks`` on ``data`` with ``model`` (anything with ``encode(images=, texts=)``) and write
     ``metrics.json``, ``report.md`` and ``plots/`` under ``out_dir``. Returns the metrics.json content.
@@ -97,7 +104,18 @@ def run_evaluation(
     half of the listed rows evaluable is a ``ValueError`` (before embedding where the adapter already knows)
     unless ``allow_partial``. ``source_options``: csv/folder adapter options for data given as paths
     (``path_column``, ``caption_column``, ``id_column``, ``sep``, ``image_root``, ``encoding``).
+
+    Radiology tasks: ``prompts`` (findings prompt YAML), ``uncertain`` (``ignore|positive|negative``),
+    ``threshold_rule`` (``youden|max-f1``), ``n_boot`` (bootstrap resamples of the AUROC intervals);
+    ``phash_distance``/``leak_cosine``: the ``leakage`` task's near-duplicate limits; ``exclude_leaked``: after the
+    tasks ran, score the tasks over role ``test`` again without the leaked rows (``"<task> (leaked excluded)"``).
     """
+    from .findings import THRESHOLD_RULES, UNCERTAIN_POLICIES
+
+    if uncertain not in UNCERTAIN_POLICIES or threshold_rule not in THRESHOLD_RULES or n_boot < 1:
+        raise ValueError(f"uncertain must be one of {', '.join(UNCERTAIN_POLICIES)}, threshold_rule one of "
+                         f"{', '.join(THRESHOLD_RULES)} and n_boot >= 1; got {uncertain!r}, {threshold_rule!r}, "
+                         f"{n_boot}")
     tasks = check_tasks(tasks, data)
     if device is not None and hasattr(model, "to"):
         model = model.to(device)
@@ -109,7 +127,10 @@ def run_evaluation(
                        modality_templates=tuple(modality_templates), tgit_images=tgit_images,
                        labels=tuple(labels) if labels is not None else None,
                        templates=tuple(templates) if templates is not None else None, label_field=label_field,
-                       mmeb_subsets=tuple(mmeb_subsets) if mmeb_subsets is not None else None, vg_images=vg_images)
+                       mmeb_subsets=tuple(mmeb_subsets) if mmeb_subsets is not None else None, vg_images=vg_images,
+                       prompts=os.fspath(prompts) if prompts is not None else None, uncertain=uncertain,
+                       threshold_rule=threshold_rule, n_boot=n_boot, out_dir=os.fspath(out_dir),
+                       phash_distance=phash_distance, leak_cosine=leak_cosine)
     ctx = EvalContext(data, embedder, opts, allow_partial=allow_partial, table_options=source_options)
     results: dict[str, TaskResult] = {}
     for name in tasks:

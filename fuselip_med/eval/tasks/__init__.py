@@ -43,6 +43,8 @@ ROLES: dict[str, Role] = {r.name: r for r in (
     Role("oi_crop", "OI-Crop task file (oi-crop.json, built by data_tools/build_oi_tasks.py) + Open Images images"),
     Role("oi_pos", "OI-Pos task file (oi-pos.json, built by data_tools/build_oi_tasks.py) + Open Images images"),
     Role("sugarcrepe", "SugarCrepe: the seven <subset>.json files and COCO val2017 images"),
+    Role("findings", "a findings label table scored by `findings` (CheXpert/VinDr-CXR/CT-RATE columns or `labels`)"),
+    Role("findings_valid", "the findings label table whose rows choose each finding's threshold (never the test rows)"),
 )}
 
 
@@ -101,6 +103,9 @@ TABLE: tuple[EvalTask, ...] = (
              columns=(("OI-Pos", "accuracy"),)),
     EvalTask("sugarcrepe", ("sugarcrepe",), "sugarcrepe:run",
              "SugarCrepe: the positive caption must outscore the hard negative (7 subsets)", suite="paper"),
+    EvalTask("findings", ("findings", "findings_valid"), "findings:run",
+             "multi-label findings: AUROC [95% bootstrap CI], AP, F1/sensitivity/specificity at thresholds chosen "
+             "on findings_valid (--prompts, --uncertain, --threshold-rule)", suite="radiology"),
 )
 
 TASKS: tuple[str, ...] = tuple(t.name for t in TABLE)
