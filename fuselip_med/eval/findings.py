@@ -33,7 +33,7 @@ import numpy as np
 
 from fuselip_med.errors import UserError
 
-from .intervals import bootstrap_counts, percentile_interval, weighted_aurocs
+from .intervals import AurocResampler, bootstrap_counts, percentile_interval
 
 __all__ = ["UNCERTAIN_POLICIES", "THRESHOLD_RULES", "PromptSet", "PromptFileError", "LabelValueError",
            "parse_label", "apply_policy", "read_prompts", "default_prompts", "prompts_for", "pairwise_scores",
@@ -237,12 +237,13 @@ def findings_metrics(names: Sequence[str], scores: np.ndarray, labels: np.ndarra
         entry.update(_at_threshold(y, preds[m, j]) if not math.isnan(thresholds[j]) and y.size else
                      {"F1": float("nan"), "sensitivity": float("nan"), "specificity": float("nan")})
         per[name] = entry
+    resamplers = {j: AurocResampler(truth[scored[:, j], j], scores[scored[:, j], j], np.flatnonzero(scored[:, j]))
+                  for j in np.flatnonzero(defined)}
     start = 0
     for counts in bootstrap_counts(n, n_boot, seed):  # the same resamples for every finding
-        for j in np.flatnonzero(defined):
-            m = scored[:, j]
-            boot[start:start + len(counts), j] = weighted_aurocs(truth[m, j], scores[m, j], counts[:, m])
-        start += len(counts)
+        for j, resample in resamplers.items():
+            boot[start:start + counts.shape[1], j] = resample(counts)
+        start += counts.shape[1]
     for j, name in enumerate(names):
         low, high, n_def = percentile_interval(boot[:, j])
         per[name]["AUROC_ci"] = [low, high]

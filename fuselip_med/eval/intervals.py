@@ -2,14 +2,14 @@
 accuracies and recalls.
 
 - Bootstrap (Efron & Tibshirani 1993, ch. 13, the percentile interval): ``n_boot`` resamples of the evaluated rows
-  drawn with replacement by ``numpy.random.default_rng(seed)``; one resample is a vector of counts (how often each
+  drawn with replacement by ``numpy.random.default_rng(seed)``; one resample is a column of counts (how often each
   row was drawn), shared by every finding so that macro averages get their interval from the same resamples. The
   95% interval is the 2.5th and 97.5th percentile of the statistic over the resamples where it is defined (a
   resample without a positive or without a negative has no AUROC and is left out; ``n_defined`` says how many
   remained).
-- AUROC of a resample (vectorised over resamples): the Mann-Whitney form with counts as weights,
-  ``sum_i w+_i (W-_below(i) + W-_tied(i) / 2) / (W+ W-)``, i.e. what ``sklearn.metrics.roc_auc_score`` gives on the
-  resampled rows (ties count one half, as its trapezoidal rule); the tests check both agree.
+- AUROC of a resample (vectorised over resamples, :class:`AurocResampler`): the Mann-Whitney form with counts as
+  weights, ``sum_i w+_i (W-_below(i) + W-_tied(i) / 2) / (W+ W-)``, i.e. what ``sklearn.metrics.roc_auc_score``
+  gives on the resampled rows (ties count one half, as its trapezoidal rule); the tests check both agree.
 - Binomial interval: the exact Clopper-Pearson interval of scipy's ``binomtest(k, n).proportion_ci``.
 """
 from __future__ import annotations
@@ -18,45 +18,63 @@ from collections.abc import Iterator
 
 import numpy as np
 
-__all__ = ["bootstrap_counts", "weighted_aurocs", "bootstrap_auroc", "percentile_interval", "binomial_interval"]
+__all__ = ["bootstrap_counts", "AurocResampler", "weighted_aurocs", "bootstrap_auroc", "percentile_interval",
+           "binomial_interval"]
 
 
 def bootstrap_counts(n: int, n_boot: int, seed: int, *, block: int = 64) -> Iterator[np.ndarray]:
-    """``[b, n] int32`` blocks of resample counts (row j: how often each of the ``n`` rows was drawn), ``n_boot``
-    rows in all, from ``numpy.random.default_rng(seed)`` (the same seed gives the same resamples)."""
+    """``[n, b] int32`` blocks of resample counts (column j: how often each of the ``n`` rows was drawn in resample
+    j), ``n_boot`` columns in all, from ``numpy.random.default_rng(seed)`` (the same seed gives the same
+    resamples). Rows are the first axis so that gathering a finding's rows reads contiguous memory."""
     rng = np.random.default_rng(seed)
     for start in range(0, n_boot, block):
         b = min(block, n_boot - start)
-        draws = rng.integers(0, n, size=(b, n), dtype=np.int64)
-        draws += np.arange(b, dtype=np.int64)[:, None] * n
-        yield np.bincount(draws.ravel(), minlength=b * n).reshape(b, n).astype(np.int32)
+        draws = rng.integers(0, n, size=(b, n), dtype=np.int64) * b
+        draws += np.arange(b, dtype=np.int64)[:, None]
+        yield np.bincount(draws.ravel(), minlength=n * b).reshape(n, b).astype(np.int32)
 
 
-def _tie_groups(sorted_scores: np.ndarray) -> np.ndarray | None:
-    """Start positions of the runs of equal scores in an ascending array, or None when all scores differ."""
-    new = np.empty(len(sorted_scores), dtype=bool)
-    new[0] = True
-    new[1:] = sorted_scores[1:] != sorted_scores[:-1]
-    return None if new.all() else np.flatnonzero(new)
+class AurocResampler:
+    """The AUROC of one finding's rows under many resamples, with the sorting done once.
+
+    ``y`` [n] bool truth and ``scores`` [n] float of the rows, ``rows`` [n] int64 their columns in the resample
+    counts. For positive i, ``lo_i`` / ``hi_i`` = how many negatives score below / at most ``s_i``; with ``cum`` the
+    prefix sums of the negatives' counts (in score order), the negatives a positive beats, ties counting one half,
+    are ``(cum[lo_i] + cum[hi_i]) / 2``: one gather per resample instead of a sort.
+    """
+
+    def __init__(self, y: np.ndarray, scores: np.ndarray, rows: np.ndarray | None = None):
+        y = np.asarray(y, dtype=bool)
+        s = np.asarray(scores, dtype=np.float64)
+        rows = np.arange(len(y)) if rows is None else np.asarray(rows)
+        order = np.argsort(s[~y], kind="stable")
+        self.neg_rows = rows[~y][order]
+        neg_sorted = s[~y][order]
+        self.pos_rows = rows[y]
+        self.lo = np.searchsorted(neg_sorted, s[y], side="left")
+        self.hi = np.searchsorted(neg_sorted, s[y], side="right")
+        self.tied = bool((self.lo != self.hi).any())
+
+    def __call__(self, counts: np.ndarray) -> np.ndarray:
+        """[b] float64 AUROCs of ``counts`` [n_all, b] int resamples; NaN without a positive or a negative."""
+        neg = counts[self.neg_rows]
+        cum = np.empty((neg.shape[0] + 1, neg.shape[1]), dtype=np.int64)
+        cum[0] = 0
+        np.cumsum(neg, axis=0, out=cum[1:])
+        pos = counts[self.pos_rows].astype(np.float64)
+        beaten = cum[self.lo].astype(np.float64)
+        if self.tied:
+            beaten = 0.5 * (beaten + cum[self.hi])
+        wins = np.einsum("ib,ib->b", pos, beaten)
+        n_pos, n_neg = pos.sum(axis=0), cum[-1].astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where((n_pos > 0) & (n_neg > 0), wins / (n_pos * n_neg), np.nan)
 
 
 def weighted_aurocs(y: np.ndarray, scores: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """AUROC of each resample: ``y`` [n] bool/0-1 truth, ``scores`` [n] float, ``counts`` [b, n] int resample
+    """AUROC of each resample: ``y`` [n] bool/0-1 truth, ``scores`` [n] float, ``counts`` [n, b] int resample
     counts. Returns [b] float64, NaN where a resample has no positive or no negative row."""
-    order = np.argsort(scores, kind="stable")
-    ys = np.asarray(y, dtype=bool)[order]
-    w = counts[:, order].astype(np.float64)
-    pos = w * ys
-    neg = w - pos
-    starts = _tie_groups(np.asarray(scores)[order])
-    if starts is not None:  # equal scores form one group: each half wins against the other
-        pos = np.add.reduceat(pos, starts, axis=1)
-        neg = np.add.reduceat(neg, starts, axis=1)
-    neg_below = np.cumsum(neg, axis=1) - neg
-    n_pos, n_neg = pos.sum(axis=1), neg.sum(axis=1)
-    wins = np.einsum("bg,bg->b", pos, neg_below + 0.5 * neg)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where((n_pos > 0) & (n_neg > 0), wins / (n_pos * n_neg), np.nan)
+    return AurocResampler(y, scores)(counts)
 
 
 def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float, int]:
