@@ -11,6 +11,7 @@ from rich.table import Table
 from fuselip_med.cli_errors import DEBUG_ENV, UserErrorGroup, print_error
 from fuselip_med.cli_options import CAPTION_COLUMN, ENCODING, ID_COLUMN, IMAGE_ROOT, PATH_COLUMN, SEP, table_options
 from fuselip_med.data.synth.cli import synth_vqa_command
+from fuselip_med.eval.radcrepe_cli import register as register_radcrepe
 from fuselip_med.search.commands import register as register_search_commands
 
 app = typer.Typer(
@@ -178,6 +179,7 @@ def data_demo(
 
 
 data_app.command("synth-vqa")(synth_vqa_command)
+register_radcrepe(data_app)
 
 
 @data_app.command("cache-codes")

@@ -47,6 +47,7 @@ ROLES: dict[str, Role] = {r.name: r for r in (
     Role("slake", "SLAKE 1.0: test.json and imgs/"),
     Role("pathvqa", "PathVQA parquet shards (data/test-*.parquet)"),
     Role("pmc_vqa", "PMC-VQA: test_clean.csv (or test.csv) and the images/ folder of images.zip"),
+    Role("radcrepe", "RadCrepe: the <edit type>.json files `fuselip-med data radcrepe` wrote (SugarCrepe layout)"),
     Role("findings", "a findings label table scored by `findings` (CheXpert/VinDr-CXR/CT-RATE columns or `labels`)"),
     Role("findings_valid", "the findings label table whose rows choose each finding's threshold (never the test rows)"),
 )}
@@ -116,6 +117,9 @@ TABLE: tuple[EvalTask, ...] = (
              suite="radiology"),
     EvalTask("pmc-vqa", ("pmc_vqa",), "med_vqa:run_pmc_vqa", "PMC-VQA test: accuracy over the four choices",
              suite="radiology"),
+    EvalTask("radcrepe", ("radcrepe|test",), "radcrepe:run",
+             "RadCrepe: caption vs one-fact edit (laterality, negation, modality, body region, size/number): "
+             "accuracy [95% CI] per edit, chance 0.5", suite="radiology"),
     EvalTask("findings", ("findings", "findings_valid"), "findings:run",
              "multi-label findings: AUROC [95% bootstrap CI], AP, F1/sensitivity/specificity at thresholds chosen "
              "on findings_valid (--prompts, --uncertain, --threshold-rule)", suite="radiology"),
