@@ -117,8 +117,8 @@ def write_rocov2_test(root, n):
 
 def test_data_radcrepe_writes_sugarcrepe_layout_and_task_scores_exactly(tmp_path):
     root = write_rocov2_test(tmp_path / "ROCOv2", 10)
-    result = CliRunner().invoke(cli.app, ["data", "radcrepe", "--input", str(root), "--out", str(tmp_path / "rc"),
-                                          "-q"])
+    result = CliRunner().invoke(cli.app, ["-q", "data", "radcrepe", "--input", str(root), "--out",
+                                          str(tmp_path / "rc")])
     assert result.exit_code == 0, result.output
     lat = json.loads((tmp_path / "rc" / "laterality.json").read_text())
     entry = lat["ROCOv2_2023_test_000001"]
