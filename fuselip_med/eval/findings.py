@@ -37,7 +37,7 @@ from .intervals import AurocResampler, bootstrap_counts, percentile_interval
 
 __all__ = ["UNCERTAIN_POLICIES", "THRESHOLD_RULES", "PromptSet", "PromptFileError", "LabelValueError",
            "parse_label", "apply_policy", "read_prompts", "default_prompts", "prompts_for", "pairwise_scores",
-           "choose_threshold", "findings_metrics"]
+           "choose_threshold", "at_threshold", "findings_metrics", "logit_params"]
 
 UNCERTAIN_POLICIES: tuple[str, ...] = ("ignore", "positive", "negative")
 THRESHOLD_RULES: tuple[str, ...] = ("youden", "max-f1")
@@ -194,7 +194,9 @@ def choose_threshold(y: np.ndarray, scores: np.ndarray, rule: str = "youden") ->
     return float(thresholds[int(np.argmax(f1))])
 
 
-def _at_threshold(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+def at_threshold(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """F1, sensitivity (recall of the positives) and specificity (recall of the negatives) of [n] bool predictions
+    ``pred`` against [n] bool truth ``y`` (scikit-learn; 0 where undefined)."""
     from sklearn.metrics import f1_score, recall_score
 
     return {"F1": float(f1_score(y, pred, zero_division=0.0)),
@@ -234,7 +236,7 @@ def findings_metrics(names: Sequence[str], scores: np.ndarray, labels: np.ndarra
         thresholds[j] = choose_threshold(v_truth[v_scored[:, j], j], valid_scores[v_scored[:, j], j], threshold_rule)
         entry["threshold"] = float(thresholds[j])
         preds[:, j] = scores[:, j] >= thresholds[j]
-        entry.update(_at_threshold(y, preds[m, j]) if not math.isnan(thresholds[j]) and y.size else
+        entry.update(at_threshold(y, preds[m, j]) if not math.isnan(thresholds[j]) and y.size else
                      {"F1": float("nan"), "sensitivity": float("nan"), "specificity": float("nan")})
         per[name] = entry
     resamplers = {j: AurocResampler(truth[scored[:, j], j], scores[scored[:, j], j], np.flatnonzero(scored[:, j]))
@@ -257,7 +259,7 @@ def findings_metrics(names: Sequence[str], scores: np.ndarray, labels: np.ndarra
     cells = scored & ~np.isnan(thresholds)[None, :]  # F1 & co. where a threshold was chosen
     micro = {"AUROC": float(roc_auc_score(flat_y, flat_s)) if both else float("nan"),
              "AP": float(average_precision_score(flat_y, flat_s)) if both else float("nan"),
-             **(_at_threshold(truth[cells], preds[cells]) if cells.any() else {})}
+             **(at_threshold(truth[cells], preds[cells]) if cells.any() else {})}
     metrics = {f"macro_{k}": v for k, v in macro.items()}
     metrics.update({f"micro_{k}": v for k, v in micro.items()})
     return {"metrics": metrics, "per_finding": per, "n_boot": n_boot,
