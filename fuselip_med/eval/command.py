@@ -12,7 +12,7 @@ from fuselip_med.errors import UsageError
 from .tasks import ROLES, SUITES, TASKS, tasks_help
 
 __all__ = ["SUITE_FOLDERS", "DEFAULT_TASKS", "HELP", "tasks_option_help", "parse_data", "suite_data",
-           "choose_tasks"]
+           "choose_tasks", "leakage_data"]
 
 DEFAULT_TASKS = ("rocov2-retrieval", "rocov2-modality")
 
@@ -38,6 +38,16 @@ HELP = {
     "labels": "Zero-shot classes, one per line (default: the labels found in the data).",
     "templates": "Zero-shot prompt templates, one per line with {c} for the class (default: a radiology set).",
     "label_column": "The sample field holding the class label (a CSV column; folders: the class folder).",
+    "prompts": "findings/5x200/RSNA prompt sets: a YAML with 'default' templates and 'findings' "
+               "{name: {positive: [...], negative: [...]}} (default: the shipped sets).",
+    "uncertain": "findings: what an uncertain (-1) label means: ignore (left out), positive or negative.",
+    "threshold_rule": "findings: how findings_valid picks each finding's threshold: youden or max-f1.",
+    "bootstrap": "Bootstrap resamples of the AUROC intervals.",
+    "check_leakage": "Training data to check the test items against (PATH, read like --data train=PATH, or "
+                     "ADAPTER=PATH): exact, perceptual-hash, embedding and same-article matches -> leakage.csv.",
+    "exclude_leaked": "With --check-leakage: score the test tasks again without the leaked items (both reported).",
+    "phash_distance": "Leakage: largest pHash Hamming distance (bits of 64) counted as a near-duplicate.",
+    "leak_cosine": "Leakage: smallest image-embedding cosine counted as a near-duplicate.",
     "tgit_rows": "TGIT rows: 'official' (the FuseLIP evaluation's 1,000 CC3M validation CSV rows, shipped; the "
                  "default with --suite paper) or a file of 0-based row numbers (default: the first images).",
 }
@@ -80,6 +90,15 @@ def suite_data(suite: str, root: str | os.PathLike, tasks: Sequence[str]) -> dic
         raise UsageError(f"suite {suite!r}: no data for {', '.join(missing)}; add it or choose tasks with "
                          f"--tasks (any of {', '.join(tasks)})")
     return data
+
+
+def leakage_data(value: str) -> tuple[str, str]:
+    """``--check-leakage`` value -> (data key, path): ``ADAPTER=PATH`` -> ``train:ADAPTER``, a plain PATH ->
+    ``train`` (opened like ROCOv2 data, or the folder adapter for a user's table or folder)."""
+    adapter, sep, path = value.partition("=")
+    if sep and adapter.strip() and path.strip():
+        return f"train:{adapter.strip()}", path.strip()
+    return "train", value.strip()
 
 
 def choose_tasks(tasks: str | None, suite: str | None, labels_given: bool) -> list[str]:

@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,15 @@ def check_tasks(tasks: Sequence[str], data: Mapping[str, Any]) -> list[str]:
             raise UsageError(f"task {name!r} needs data {', '.join(wanted)}; "
                              f"got {', '.join(map(repr, data)) or 'none'} (pass --data ROLE=PATH)")
     return tasks
+
+
+def _run_task(ctx: EvalContext, name: str, seed: int) -> TaskResult:
+    start = time.perf_counter()
+    log.info("evaluating %s", name)
+    res = runner_of(get_task(name))(ctx)
+    res.setdefault("seed", seed)
+    res["seconds"] = round(time.perf_counter() - start, 3)
+    return TaskResult.model_validate(res)
 
 
 def run_evaluation(
@@ -117,7 +127,7 @@ def run_evaluation(
     from .findings import THRESHOLD_RULES, UNCERTAIN_POLICIES
 
     if uncertain not in UNCERTAIN_POLICIES or threshold_rule not in THRESHOLD_RULES or n_boot < 1:
-        raise ValueError(f"uncertain must be one of {', '.join(UNCERTAIN_POLICIES)}, threshold_rule one of "
+        raise UsageError(f"uncertain must be one of {', '.join(UNCERTAIN_POLICIES)}, threshold_rule one of "
                          f"{', '.join(THRESHOLD_RULES)} and n_boot >= 1; got {uncertain!r}, {threshold_rule!r}, "
                          f"{n_boot}")
     tasks = check_tasks(tasks, data)
@@ -136,15 +146,24 @@ def run_evaluation(
                        prompts=os.fspath(prompts) if prompts is not None else None, uncertain=uncertain,
                        threshold_rule=threshold_rule, n_boot=n_boot, out_dir=os.fspath(out_dir),
                        phash_distance=phash_distance, leak_cosine=leak_cosine)
+    if exclude_leaked and "leakage" not in tasks:
+        raise UsageError("--exclude-leaked needs the leakage check: pass --check-leakage TRAIN")
     ctx = EvalContext(data, embedder, opts, allow_partial=allow_partial, table_options=source_options)
     results: dict[str, TaskResult] = {}
     for name in tasks:
-        start = time.perf_counter()
-        log.info("evaluating %s", name)
-        res = runner_of(get_task(name))(ctx)
-        res.setdefault("seed", seed)
-        res["seconds"] = round(time.perf_counter() - start, 3)
-        results[name] = TaskResult.model_validate(res)
+        results[name] = _run_task(ctx, name, seed)
+    if exclude_leaked:
+        from .tasks.leakage import without_leaked
+
+        leaked = results["leakage"].model_extra["leaked_ids"]
+        again = EvalContext(without_leaked(ctx, dict(data), leaked), embedder,
+                            replace(opts, out_dir=os.path.join(os.fspath(out_dir), "leaked_excluded")),
+                            allow_partial=allow_partial, table_options=source_options)
+        for name in tasks:
+            if name != "leakage" and any("test" in entry.split("|") for entry in get_task(name).roles):
+                res = _run_task(again, name, seed)
+                res.excluded_leaked = len(leaked)
+                results[f"{name} (leaked excluded)"] = res
     report = EvalReport(
         model=model_id or str(getattr(model, "name_or_path", None) or type(model).__name__),
         data={k: describe(v) for k, v in data.items()},

@@ -31,6 +31,7 @@ class Role:
 ROLES: dict[str, Role] = {r.name: r for r in (
     Role("test", "image + caption samples to evaluate on (ROCOv2 test split, any image-caption source)",
          ("rocov2_test",)),
+    Role("train", "training data checked against 'test' by the leakage task (ROCOv2 train split, or any source)"),
     Role("valid", "image + caption samples with concepts, for choosing the concept threshold", ("rocov2_valid",)),
     Role("labelled", "images with a class label (a label column, or one folder per class)"),
     Role("tgit", "TGIT pools {kind: [pool, ...]} or a source whose images are transformed (else 'test')"),
@@ -137,6 +138,10 @@ TABLE: tuple[EvalTask, ...] = (
     EvalTask("radcrepe", ("radcrepe|test",), "radcrepe:run",
              "RadCrepe: caption vs one-fact edit (laterality, negation, modality, body region, size/number): "
              "accuracy [95% CI] per edit, chance 0.5", suite="radiology"),
+    EvalTask("leakage", ("test", "train"), "leakage:run",
+             "train/test leakage: exact (SHA-256), pHash, embedding-cosine and same-article matches; leakage.csv "
+             "(eval --check-leakage TRAIN; --exclude-leaked scores the test tasks again without them)",
+             suite="radiology"),
     EvalTask("findings", ("findings", "findings_valid"), "findings:run",
              "multi-label findings: AUROC [95% bootstrap CI], AP, F1/sensitivity/specificity at thresholds chosen "
              "on findings_valid (--prompts, --uncertain, --threshold-rule)", suite="radiology"),

@@ -31,9 +31,10 @@ from . import ROLES, role_of_key
 __all__ = ["DataEntry", "EvalOptions", "EvalContext", "ImageCaption", "resolve_data", "describe", "open_source",
            "check_coverage", "named_skips", "skip_fields"]
 
-_SPLIT_OF_ROLE = {"test": "test", "valid": "valid", "labelled": "test"}
+_SPLIT_OF_ROLE = {"test": "test", "valid": "valid", "labelled": "test", "train": "train"}
 _ADAPTER_ROLES = {"rocov2": ("test", "valid")}
-_DEFAULT_ADAPTER = {"test": "rocov2", "valid": "rocov2", "tgit": "rocov2", "labelled": "folder", "vg_crop": "vg_crop",
+_DEFAULT_ADAPTER = {"test": "rocov2", "valid": "rocov2", "train": "rocov2", "tgit": "rocov2", "labelled": "folder",
+                    "vg_crop": "vg_crop",
                     "vqa": "rocov2_vqa"}
 _DEFAULT_ADAPTER_ROLES = ("test", "labelled")
 _ROLE_ADAPTER_OPTIONS = {"labelled": {"folder": {"require_caption": False}, "csv": {"require_caption": False}}}
