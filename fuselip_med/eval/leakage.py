@@ -1,5 +1,5 @@
 """Train/test leakage: for every test item, the training items that are the same image, nearly the same image, or
-from the same article.
+come from the same article.
 
 Kinds of match (each test item may have several):
 
