@@ -82,7 +82,7 @@ def eval_command(
       fuselip-med eval -m runs/rocov2/final --suite radiology --data-root /data/radiology\n
       fuselip-med eval -m runs/rocov2/final -d rocov2=ROCOv2_data --check-leakage ROCOv2_data --exclude-leaked
     """
-    from fuselip_med.eval.command import choose_tasks, leakage_data, parse_data, suite_data
+    from fuselip_med.eval.command import choose_tasks, leakage_data, parse_data, radiology_suite, suite_data
     from fuselip_med.eval.report import flatten_metrics
     from fuselip_med.eval.runner import check_tasks, run_evaluation
     from fuselip_med.eval.tasks.zero_shot import read_labels, read_templates
@@ -92,7 +92,11 @@ def eval_command(
                             image_root=image_root, encoding=encoding)
     chosen = choose_tasks(tasks, suite, labels is not None or templates is not None)
     data_map = parse_data(data)
-    if data_root is not None:
+    if data_root is not None and suite == "radiology":
+        suite_tasks, suite_map = radiology_suite(data_root)
+        chosen = chosen if tasks else suite_tasks
+        data_map = {**suite_map, **data_map}
+    elif data_root is not None:
         data_map = {**suite_data(suite or "paper", data_root, chosen), **data_map}
     tgit_rows = tgit_rows or ("official" if suite == "paper" else None)
     if tgit_rows is not None:

@@ -174,7 +174,8 @@ def run_evaluation(
     write_report(report, Path(out_dir))
     ctx.skip_report().write_csv(Path(out_dir) / "skipped.csv")
     out = report.model_dump(mode="json")
-    from .suite import write_suite_table
+    from .suite import write_radiology_table, write_suite_table
 
     write_suite_table(out, Path(out_dir))
+    write_radiology_table(out, Path(out_dir))
     return out

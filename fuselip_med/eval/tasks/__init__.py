@@ -140,8 +140,7 @@ TABLE: tuple[EvalTask, ...] = (
              "accuracy [95% CI] per edit, chance 0.5", suite="radiology"),
     EvalTask("leakage", ("test", "train"), "leakage:run",
              "train/test leakage: exact (SHA-256), pHash, embedding-cosine and same-article matches; leakage.csv "
-             "(eval --check-leakage TRAIN; --exclude-leaked scores the test tasks again without them)",
-             suite="radiology"),
+             "(eval --check-leakage TRAIN; --exclude-leaked scores the test tasks again without them)"),
     EvalTask("findings", ("findings", "findings_valid"), "findings:run",
              "multi-label findings: AUROC [95% bootstrap CI], AP, F1/sensitivity/specificity at thresholds chosen "
              "on findings_valid (--prompts, --uncertain, --threshold-rule)", suite="radiology"),
@@ -153,6 +152,8 @@ _BY_NAME = {t.name: t for t in TABLE}
 # The paper's README column order (FuseLIP: MMEB x4, ImageNet, VG-Crop, OI-Crop, OI-Pos, TGIT), then SugarCrepe.
 SUITES: dict[str, tuple[str, ...]] = {
     "paper": ("mmeb", "imagenet", "vg-crop", "oi-crop", "oi-pos", "tgit", "sugarcrepe"),
+    # The radiology table's rows (fuselip_med.eval.suite.radiology_table): what --data-root holds of them runs.
+    "radiology": tuple(t.name for t in TABLE if t.suite == "radiology"),
 }
 
 

@@ -181,7 +181,9 @@ def run(ctx: EvalContext) -> dict:
     valid, v_scores, v_keep, _ = _scored_table(ctx, "findings_valid", test.names)
     res = fnd.findings_metrics(test.names, scores, test.labels[keep], v_scores, valid.labels[v_keep],
                                uncertain=o.uncertain, threshold_rule=o.threshold_rule, n_boot=o.n_boot, seed=o.seed)
+    res["metrics"].update({f"{name}_AUROC": e["AUROC"] for name, e in res["per_finding"].items()})
     res["metrics"] = {k: v for k, v in res["metrics"].items() if not (isinstance(v, float) and math.isnan(v))}
+    res["counts"] = {"macro_AUROC": len(keep), **{f"{n}_AUROC": e["n_scored"] for n, e in res["per_finding"].items()}}
     res.update(info)
     res.update({"n": len(keep), "n_listed": test.n_listed, "n_evaluated": len(keep),
                 "n_valid": len(v_keep), "findings": test.names, "uncertain": o.uncertain, "blank": "negative",

@@ -16,6 +16,7 @@ from fuselip_med.data.skips import SkipReport
 from fuselip_med.io import atomic_write_text
 
 from ..embedding import EmbedItem, sample_image_key
+from ..intervals import binomial_interval
 from ..leakage import LEAKAGE_KINDS, LeakMatch, article_id, cosine_pairs, equal_pairs, hamming_pairs, perceptual_hash
 from .context import EvalContext
 
@@ -95,7 +96,8 @@ def run(ctx: EvalContext) -> dict:
                     "train_items": float(len(train)), "leaked_fraction": len(leaked) / max(1, len(test))})
     return {"metrics": metrics, "n": len(test), "n_pairs": {k: sum(m.kind == k for m in matches)
                                                             for k in LEAKAGE_KINDS},
-            "leaked_ids": leaked, "leakage_csv": str(path) if path else None, "seed": None,
+            "leaked_ids": leaked, "intervals": {"leaked_fraction": list(binomial_interval(len(leaked), len(test)))},
+            "counts": {"leaked_fraction": len(test)}, "leakage_csv": str(path) if path else None, "seed": None,
             "thresholds": {"phash_max_hamming_bits": o.phash_distance, "embedding_min_cosine": o.leak_cosine},
             "skipped": skips.by_reason(), "skip_examples": skips.examples,
             "rows": {"test": len(test), "train": len(train)},
