@@ -232,3 +232,31 @@ def test_prompt_file_layout_errors(tmp_path):
         read_prompts(tmp_path / "p.yaml")
     default, own = read_prompts(None)
     assert "Pleural Effusion" in own and all("{c}" in t for t in default.positive)
+
+
+def test_vindr_cxr_tables(tmp_path):
+    """VinDr-CXR annotations/image_labels_{train,test}.csv: image_id (+ rad_id in train, one row per radiologist)
+    and 0/1 finding columns; images <split>/<image_id>.dicom beside annotations/."""
+    from fuselip_med.eval.tasks.findings import read_findings_table
+    from tests.test_images import write_ct
+
+    (tmp_path / "annotations").mkdir()
+    for split in ("train", "test"):
+        (tmp_path / split).mkdir()
+    ids = ["000434271f63a053c4128a0ba6352c7f", "00053190460d56c53cc3e57321387478"]
+    for split in ("train", "test"):
+        for iid in ids:
+            write_ct(tmp_path / split / f"{iid}.dicom", np.zeros((8, 8), dtype=np.int16))
+    cols = "Aortic enlargement,Atelectasis,Cardiomegaly,No finding"
+    (tmp_path / "annotations" / "image_labels_train.csv").write_text(
+        f"image_id,rad_id,{cols}\n{ids[0]},R1,0,0,1,0\n{ids[0]},R2,0,1,0,0\n{ids[0]},R3,0,0,0,0\n"
+        f"{ids[1]},R8,0,0,0,1\n")
+    (tmp_path / "annotations" / "image_labels_test.csv").write_text(
+        f"image_id,{cols}\n{ids[0]},0,1,1,0\n{ids[1]},0,0,0,1\n")
+    train = read_findings_table(tmp_path / "annotations" / "image_labels_train.csv")
+    assert train.names == ["Aortic enlargement", "Atelectasis", "Cardiomegaly", "No finding"]
+    assert train.ids == ids and train.n_listed == 2  # three radiologists' rows are one image
+    assert train.labels.tolist() == [[0, 1, 1, 0], [0, 0, 0, 1]]
+    assert all(p.parent.name == "train" and p.suffix == ".dicom" for p in train.images)
+    test = read_findings_table(tmp_path / "annotations" / "image_labels_test.csv")
+    assert all(p.parent.name == "test" for p in test.images) and test.labels.tolist() == [[0, 1, 1, 0], [0, 0, 0, 1]]

@@ -11,8 +11,9 @@ read as published:
 - VinDr-CXR (Nguyen et al. 2022; ``annotations/image_labels_test.csv``, ``image_labels_train.csv``):
   ``image_id`` (+ ``rad_id`` in train: one row per radiologist, merged here as positive if any radiologist marked
   the finding) and 28 columns of 0/1; the image is ``<split>/<image_id>.dicom`` beside or above the table.
-- CT-RATE (Hamamci et al. 2024; ``multi_abnormality_labels.csv``): ``VolumeName`` and 18 columns of 0/1; the
-  volume file is looked up like a path (the 2-D encoder needs a slice or a rendered image there).
+- CT-RATE (Hamamci et al. 2024; ``multi_abnormality_labels.csv``): ``VolumeName`` and 18 columns of 0/1 are read;
+  the image is looked up by that name beside the table, so a rendered 2-D image must sit there (the NIfTI volumes
+  themselves do not decode in this 2-D pipeline and become named skips).
 - Any table with a ``labels`` column of ``;``-joined finding names (and a path column ``path``/``image``/
   ``filepath``/``filename``): each listed finding positive, every other finding negative.
 
