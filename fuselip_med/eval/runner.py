@@ -160,7 +160,7 @@ def run_evaluation(
                             replace(opts, out_dir=os.path.join(os.fspath(out_dir), "leaked_excluded")),
                             allow_partial=allow_partial, table_options=source_options)
         for name in tasks:
-            if name != "leakage" and any("test" in entry.split("|") for entry in get_task(name).roles):
+            if name != "leakage" and "test" in [ctx.first(entry) for entry in get_task(name).roles]:
                 res = _run_task(again, name, seed)
                 res.excluded_leaked = len(leaked)
                 results[f"{name} (leaked excluded)"] = res
