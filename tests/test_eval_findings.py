@@ -176,7 +176,7 @@ def test_vectorised_bootstrap_equals_sklearn_on_each_resample():
     counts = next(bootstrap_counts(60, 20, seed=5))
     got = weighted_aurocs(y, s, counts)
     for b in range(20):
-        idx = np.repeat(np.arange(60), counts[:, b])
+        idx = np.repeat(np.arange(60), counts[b])
         want = roc_auc_score(y[idx], s[idx]) if 0 < y[idx].sum() < len(idx) else np.nan
         assert got[b] == pytest.approx(want, nan_ok=True)
 

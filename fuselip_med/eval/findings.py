@@ -244,8 +244,8 @@ def findings_metrics(names: Sequence[str], scores: np.ndarray, labels: np.ndarra
     start = 0
     for counts in bootstrap_counts(n, n_boot, seed):  # the same resamples for every finding
         for j, resample in resamplers.items():
-            boot[start:start + counts.shape[1], j] = resample(counts)
-        start += counts.shape[1]
+            boot[start:start + len(counts), j] = resample(counts)
+        start += len(counts)
     for j, name in enumerate(names):
         low, high, n_def = percentile_interval(boot[:, j])
         per[name]["AUROC_ci"] = [low, high]

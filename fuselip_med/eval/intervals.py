@@ -2,7 +2,7 @@
 accuracies and recalls.
 
 - Bootstrap (Efron & Tibshirani 1993, ch. 13, the percentile interval): ``n_boot`` resamples of the evaluated rows
-  drawn with replacement by ``numpy.random.default_rng(seed)``; one resample is a column of counts (how often each
+  drawn with replacement by ``numpy.random.default_rng(seed)``; one resample is a row of counts (how often each
   row was drawn), shared by every finding so that macro averages get their interval from the same resamples. The
   95% interval is the 2.5th and 97.5th percentile of the statistic over the resamples where it is defined (a
   resample without a positive or without a negative has no AUROC and is left out; ``n_defined`` says how many
@@ -23,15 +23,15 @@ __all__ = ["bootstrap_counts", "AurocResampler", "weighted_aurocs", "bootstrap_a
 
 
 def bootstrap_counts(n: int, n_boot: int, seed: int, *, block: int = 64) -> Iterator[np.ndarray]:
-    """``[n, b] int32`` blocks of resample counts (column j: how often each of the ``n`` rows was drawn in resample
-    j), ``n_boot`` columns in all, from ``numpy.random.default_rng(seed)`` (the same seed gives the same
-    resamples). Rows are the first axis so that gathering a finding's rows reads contiguous memory."""
+    """``[b, n] int32`` blocks of resample counts (row j: how often each of the ``n`` rows was drawn in resample
+    j), ``n_boot`` rows in all, from ``numpy.random.default_rng(seed)`` (the same seed gives the same resamples).
+    Each resample is one contiguous row, so gathering and summing along it stays in cache."""
     rng = np.random.default_rng(seed)
     for start in range(0, n_boot, block):
         b = min(block, n_boot - start)
-        draws = rng.integers(0, n, size=(b, n), dtype=np.int64) * b
-        draws += np.arange(b, dtype=np.int64)[:, None]
-        yield np.bincount(draws.ravel(), minlength=n * b).reshape(n, b).astype(np.int32)
+        draws = rng.integers(0, n, size=(b, n), dtype=np.int64)
+        draws += np.arange(b, dtype=np.int64)[:, None] * n
+        yield np.bincount(draws.ravel(), minlength=b * n).reshape(b, n).astype(np.int32)
 
 
 class AurocResampler:
@@ -56,23 +56,22 @@ class AurocResampler:
         self.tied = bool((self.lo != self.hi).any())
 
     def __call__(self, counts: np.ndarray) -> np.ndarray:
-        """[b] float64 AUROCs of ``counts`` [n_all, b] int resamples; NaN without a positive or a negative."""
-        neg = counts[self.neg_rows]
-        cum = np.empty((neg.shape[0] + 1, neg.shape[1]), dtype=np.int64)
-        cum[0] = 0
-        np.cumsum(neg, axis=0, out=cum[1:])
-        pos = counts[self.pos_rows].astype(np.float64)
-        beaten = cum[self.lo].astype(np.float64)
+        """[b] float64 AUROCs of ``counts`` [b, n_all] int resamples; NaN without a positive or a negative."""
+        neg = np.take(counts, self.neg_rows, axis=1)
+        cum = np.zeros((len(counts), neg.shape[1] + 1), dtype=np.int32)  # counts sum to n_all < 2**31
+        np.cumsum(neg, axis=1, out=cum[:, 1:])
+        pos = np.take(counts, self.pos_rows, axis=1).astype(np.float64)
+        beaten = np.take(cum, self.lo, axis=1).astype(np.float64)
         if self.tied:
-            beaten = 0.5 * (beaten + cum[self.hi])
-        wins = np.einsum("ib,ib->b", pos, beaten)
-        n_pos, n_neg = pos.sum(axis=0), cum[-1].astype(np.float64)
+            beaten = 0.5 * (beaten + np.take(cum, self.hi, axis=1))
+        wins = np.einsum("bi,bi->b", pos, beaten)
+        n_pos, n_neg = pos.sum(axis=1), cum[:, -1].astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where((n_pos > 0) & (n_neg > 0), wins / (n_pos * n_neg), np.nan)
 
 
 def weighted_aurocs(y: np.ndarray, scores: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """AUROC of each resample: ``y`` [n] bool/0-1 truth, ``scores`` [n] float, ``counts`` [n, b] int resample
+    """AUROC of each resample: ``y`` [n] bool/0-1 truth, ``scores`` [n] float, ``counts`` [b, n] int resample
     counts. Returns [b] float64, NaN where a resample has no positive or no negative row."""
     return AurocResampler(y, scores)(counts)
 
