@@ -17,6 +17,7 @@ def fuselip_med(*args):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_demo_finetune_laterality(tmp_path):
     fuselip_med("data", "demo", "--out", str(tmp_path / "demo"))
     fuselip_med("data", "radcrepe", "--input", str(tmp_path / "demo"), "--out", str(tmp_path / "rc"))
