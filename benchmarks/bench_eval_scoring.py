@@ -56,9 +56,10 @@ def bench_findings(labels: int, images: int, boot: int, seed: int = 0) -> dict:
 
     scores, cells = table(images)
     v_scores, v_cells = table(max(100, images // 10))
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     res = findings_metrics([f"f{j}" for j in range(labels)], scores, cells, v_scores, v_cells, n_boot=boot, seed=seed)
-    return {"seconds": time.perf_counter() - start, "macro_AUROC": res["metrics"]["macro_AUROC"],
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
+            "macro_AUROC": res["metrics"]["macro_AUROC"],
             "ci": res["intervals"]["macro_AUROC"]}
 
 
@@ -86,10 +87,11 @@ def main() -> None:
           f"{args.threads} | {total:.2f} | goal <= 30 s |")
     f = bench_findings(args.labels, args.images, args.boot)
     print()
-    print("| findings | labels | images | bootstrap | threads | seconds | macro AUROC [95% CI] |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    print("| findings | labels | images | bootstrap | threads | seconds | CPU seconds | macro AUROC [95% CI] |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
     print(f"| AUROC + CI, AP, thresholds | {args.labels} | {args.images} | {args.boot} | {args.threads} | "
-          f"{f['seconds']:.2f} (goal <= 60 s) | {f['macro_AUROC']:.4f} [{f['ci'][0]:.4f}, {f['ci'][1]:.4f}] |")
+          f"{f['seconds']:.2f} (goal <= 60 s) | {f['cpu_seconds']:.2f} | {f['macro_AUROC']:.4f} "
+          f"[{f['ci'][0]:.4f}, {f['ci'][1]:.4f}] |")
 
 
 if __name__ == "__main__":
