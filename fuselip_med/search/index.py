@@ -61,13 +61,20 @@ class SearchIndexError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class ModelId:
-    """Which model made the vectors: the name it was loaded from and a fingerprint of its weights."""
+    """Which model made the vectors: the name it was loaded from, a fingerprint of its weights (PyTorch) or of
+    its graphs (an ONNX export, ``export.runtime.export_fingerprint``), and the runtime that ran it."""
 
     name: str
     fingerprint: str
+    runtime: str = "pytorch"  # indexes written before runtimes were recorded were all built with PyTorch
 
     def __str__(self) -> str:
-        return f"{self.name}@{self.fingerprint[:12]}"
+        return f"{self.name}@{self.fingerprint[:12]}" + (f" (runtime {self.runtime})" if self.runtime != "pytorch"
+                                                         else "")
+
+    def same_model(self, other: "ModelId") -> bool:
+        """Same weights run by the same runtime (the name it was loaded from may differ)."""
+        return (self.fingerprint, self.runtime) == (other.fingerprint, other.runtime)
 
 
 def model_fingerprint(model) -> str:
@@ -447,7 +454,7 @@ def build_index(out: str | os.PathLike, entries: Sequence[IndexEntry], model, mo
     out = Path(out)
     process = _process_from(accelerator)
     previous = None if rebuild else _load_previous(out)
-    if previous is not None and previous.model.fingerprint != model_id.fingerprint:
+    if previous is not None and not previous.model.same_model(model_id):
         raise SearchIndexError(f"{out} holds an index built with model {previous.model}, not {model_id}; "
                                "use --rebuild to replace it, or another --out.")
     work = out / WORK
