@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fuselip_med.cli import radcrepe
 from fuselip_med.cli.common import RECIPE_HELP, SET_HELP
 from fuselip_med.data.synth.llm import DEFAULT_MODEL
 from fuselip_med.errors import InputError
@@ -129,8 +130,9 @@ def _local_or_hub(model: str) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    """Add the ``data`` group (``demo``, ``synth-vqa``, ``cache-codes``) to the ``fuselip-med`` app."""
+    """Add the ``data`` group (``demo``, ``synth-vqa``, ``cache-codes``, ``radcrepe``) to the ``fuselip-med`` app."""
     data_app.command("demo")(demo)
     data_app.command("synth-vqa")(synth_vqa)
     data_app.command("cache-codes")(cache_codes)
+    radcrepe.register(data_app)
     app.add_typer(data_app, name="data")

@@ -1,4 +1,6 @@
-"""The paper's results table (FuseLIP README column order): MMEB Classification, VQA, Retrieval and
+"""The suites' tables.
+
+The paper's results table (FuseLIP README column order): MMEB Classification, VQA, Retrieval and
 Grounding, ImageNet, VG-Crop, OI-Crop, OI-Pos, TGIT, then SugarCrepe (mean over its seven subsets).
 
 Values are percentages (100 x the task's metric, as the paper prints them); a column whose task did not
@@ -6,6 +8,11 @@ run is left empty (``null`` in JSON). Written as ``paper_table.md``, ``paper_tab
 ``plots/paper_table.png`` beside ``metrics.json``; the per-subtask details stay in ``metrics.json``.
 A column whose mean covers fewer subsets than it stands for (the task's ``coverage``) is labelled with the count,
 ``SugarCrepe (4/7)``, and the subsets left out are listed under the table with their reasons.
+
+The radiology table (``--suite radiology``): one row per number of the radiology tasks that ran (and of their
+``(leaked excluded)`` reruns, and the leakage check): task, metric, value, 95% interval and the rows it counts, from
+each task's ``metrics``, ``intervals`` and ``counts``. Written as ``radiology_table.md``, ``radiology_table.json``
+and ``radiology_table.png`` (each value with its interval as an error bar) beside ``metrics.json``.
 """
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ from typing import Any
 
 from fuselip_med.io import atomic_write_bytes, atomic_write_text
 
-from .tasks import TABLE
+from .tasks import SUITES, TABLE
 
 __all__ = ["PAPER_COLUMNS", "paper_table", "column_labels", "column_protocols", "missing_subsets",
            "write_suite_table"]
@@ -109,4 +116,62 @@ def write_suite_table(report: Mapping[str, Any], out_dir: str | os.PathLike) -> 
     finally:
         plt.close(fig)
     paths["plot"] = str(atomic_write_bytes(out / "plots" / "paper_table.png", buf.getvalue()))
+    return paths
+
+
+_LEAKED_SUFFIX = " (leaked excluded)"
+
+
+def radiology_table(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Rows ``{"task", "metric", "value", "ci": [low, high], "n"}`` of the radiology tasks in metrics.json content
+    (task order of the suite; intervals and counts as each task reported them)."""
+    order = {name: k for k, name in enumerate((*SUITES["radiology"], "leakage"))}
+    rows = []
+    tasks = report.get("tasks", {})
+    for task in sorted((t for t in tasks if t.removesuffix(_LEAKED_SUFFIX) in order),
+                       key=lambda t: (order[t.removesuffix(_LEAKED_SUFFIX)], t)):
+        res = tasks[task]
+        metrics, counts = res.get("metrics", {}), res.get("counts", {})
+        for metric, ci in (res.get("intervals") or {}).items():
+            if metric in metrics:
+                rows.append({"task": task, "metric": metric, "value": metrics[metric],
+                             "ci": [float(ci[0]), float(ci[1])], "n": counts.get(metric, res.get("n"))})
+    return rows
+
+
+def write_radiology_table(report: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, str] | None:
+    """Write ``radiology_table.md``/``.json``/``.png`` when a radiology task ran; returns {kind: path} or None."""
+    rows = radiology_table(report)
+    if not rows:
+        return None
+    out = Path(out_dir)
+    md = [f"# Radiology evaluation: {report.get('model', '?')}", "",
+          "| task | metric | value | 95% interval | rows |", "|---|---|---:|---|---:|"]
+    md += [f"| {r['task']} | {r['metric']} | {r['value']:.4f} | [{r['ci'][0]:.4f}, {r['ci'][1]:.4f}] | {r['n']} |"
+           for r in rows]
+    paths = {"markdown": str(atomic_write_text(out / "radiology_table.md", "\n".join(md) + "\n")),
+             "json": str(atomic_write_text(out / "radiology_table.json",
+                                           json.dumps({"model": report.get("model"), "rows": rows}, indent=2)))}
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['task']}: {r['metric']} (n={r['n']})" for r in rows]
+    values = [r["value"] for r in rows]
+    errors = [[max(0.0, r["value"] - r["ci"][0]) for r in rows], [max(0.0, r["ci"][1] - r["value"]) for r in rows]]
+    fig, ax = plt.subplots(figsize=(8.0, 0.35 * len(rows) + 1.2))
+    try:
+        ax.errorbar(values, range(len(rows)), xerr=errors, fmt="o", color="#4477aa", capsize=3)
+        ax.set_yticks(range(len(rows)), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("value with 95% interval")
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_title(f"{report.get('model', '')}: radiology suite")
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    paths["plot"] = str(atomic_write_bytes(out / "radiology_table.png", buf.getvalue()))
     return paths

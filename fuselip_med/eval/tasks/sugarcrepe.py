@@ -22,7 +22,7 @@ import numpy as np
 from ..embedding import EmbedItem
 from .context import EvalContext
 
-__all__ = ["SUBSETS", "run"]
+__all__ = ["SUBSETS", "score_triples", "run"]
 
 SUBSETS: tuple[str, ...] = ("replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att", "add_obj", "add_att")
 # the names of the first release (github.com/RAIVNLab/sugar-crepe, data/ before the *_ent -> *_obj rename)
@@ -49,6 +49,46 @@ def _image_root(root: Path) -> Path:
     raise ValueError(f"no COCO val2017 images under {root}: put them in {root / 'val2017'}")
 
 
+def score_triples(ctx: EvalContext, entries: dict, images: Path, desc: str,
+                  image_items: dict[str, EmbedItem] | None = None) -> dict:
+    """``{"n", "correct", "accuracy", "skipped"}`` of SugarCrepe-layout ``entries`` (``{"<id>": {"filename",
+    "caption", "negative_caption"}}``, ``filename`` under ``images``): correct iff cosine(image, caption) >
+    cosine(image, negative_caption). Entries lacking a field or whose image did not decode count under ``skipped``;
+    ``"ids"`` lists the entries scored, ``"skipped_ids"`` (id, reason) the others. ``image_items``: the image input
+    of a ``filename`` given in memory (images that are not files)."""
+    image_items = image_items or {}
+    skipped: Counter = Counter()
+    triples, ids, skipped_ids = [], [], []
+    for key, e in entries.items():
+        if not isinstance(e, dict) or not all(isinstance(e.get(f), str) and e.get(f)
+                                              for f in ("filename", "caption", "negative_caption")):
+            skipped["bad entry"] += 1
+            skipped_ids.append((str(key), "bad entry"))
+            continue
+        image = image_items.get(e["filename"]) or EmbedItem(image=str(images / e["filename"]))
+        triples.append((image, EmbedItem(text=e["caption"]),
+                        EmbedItem(text=e["negative_caption"])))
+        ids.append(str(key))
+    table = ctx.embedder.embed([it for t in triples for it in t], desc=desc)
+    kept, kept_ids = [], []
+    for key, t in zip(ids, triples):
+        if t[0].key in table:
+            kept.append(t)
+            kept_ids.append(key)
+        else:
+            why = table.failed.get(t[0].key, "not embedded")
+            skipped[why] += 1
+            skipped_ids.append((key, why))
+    if not kept:
+        return {"n": 0, "correct": 0, "skipped": dict(skipped), "ids": [], "skipped_ids": skipped_ids}
+    img = table.lookup(t[0].key for t in kept)
+    pos = (img * table.lookup(t[1].key for t in kept)).sum(dim=1)
+    neg = (img * table.lookup(t[2].key for t in kept)).sum(dim=1)
+    correct = int((pos > neg).sum())
+    return {"n": len(kept), "correct": correct, "accuracy": correct / len(kept), "skipped": dict(skipped),
+            "ids": kept_ids, "skipped_ids": skipped_ids}
+
+
 def run(ctx: EvalContext) -> dict:
     """Accuracy per subset, per group and their mean."""
     root = Path(ctx.path("sugarcrepe")).expanduser()
@@ -61,31 +101,10 @@ def run(ctx: EvalContext) -> dict:
     per_subset: dict[str, dict] = {}
     for subset in present:
         entries = json.loads(files[subset].read_text(encoding="utf-8"))
-        skipped: Counter = Counter()
-        triples = []
-        for e in entries.values():
-            if not all(isinstance(e.get(f), str) and e.get(f) for f in ("filename", "caption", "negative_caption")):
-                skipped["bad entry"] += 1
-                continue
-            triples.append((EmbedItem(image=str(images / e["filename"])), EmbedItem(text=e["caption"]),
-                            EmbedItem(text=e["negative_caption"])))
-        table = ctx.embedder.embed([it for t in triples for it in t], desc=f"embedding SugarCrepe {subset}")
-        kept = []
-        for t in triples:
-            if t[0].key in table:
-                kept.append(t)
-            else:
-                skipped[table.failed.get(t[0].key, "not embedded")] += 1
-        if not kept:
-            per_subset[subset] = {"n": 0, "correct": 0, "skipped": dict(skipped)}
-            missing[subset] = "no item could be scored (" + ", ".join(f"{n} {why}" for why, n in skipped.items()) + ")"
-            continue
-        img = table.lookup(t[0].key for t in kept)
-        pos = (img * table.lookup(t[1].key for t in kept)).sum(dim=1)
-        neg = (img * table.lookup(t[2].key for t in kept)).sum(dim=1)
-        correct = int((pos > neg).sum())
-        per_subset[subset] = {"n": len(kept), "correct": correct, "accuracy": correct / len(kept),
-                              "skipped": dict(skipped)}
+        per_subset[subset] = score_triples(ctx, entries, images, f"embedding SugarCrepe {subset}")
+        if not per_subset[subset]["n"]:
+            missing[subset] = "no item could be scored (" + ", ".join(
+                f"{n} {why}" for why, n in per_subset[subset]["skipped"].items()) + ")"
     acc = {s: r["accuracy"] for s, r in per_subset.items() if r["n"]}
     if not acc:
         raise ValueError(f"no SugarCrepe image under {images} could be decoded")
@@ -97,5 +116,8 @@ def run(ctx: EvalContext) -> dict:
             metrics[f"{group}_accuracy"] = float(np.mean(values))
             coverage[f"{group}_accuracy"] = [len(values), sum(s.startswith(group) for s in SUBSETS)]
     metrics["mean_accuracy"] = float(np.mean(list(acc.values())))
+    for r in per_subset.values():
+        r.pop("ids")
+        r.pop("skipped_ids")
     return {"metrics": metrics, "per_subset": per_subset, "n": int(sum(r["n"] for r in per_subset.values())),
             "missing_subsets": {s: missing[s] for s in SUBSETS if s in missing}, "coverage": coverage, "seed": None}
