@@ -59,11 +59,13 @@ def embed(
     from fuselip_med.data.skips import SkipReport
     from fuselip_med.embed import KINDS, embed_rows, open_input, rows_from_source, skipped_csv_path, write_embeddings
     from fuselip_med.export.runtime import load_for_runtime
+    from fuselip_med.io import check_writable
 
     if kind not in KINDS:
         raise UsageError(f"--kind {kind!r}: choose image, text or pair.")
     if out.suffix not in (".npy", ".parquet"):
         raise UsageError(f"--out {out}: use a .npy or .parquet file name.")
+    check_writable(out.parent)  # before any work: OutputError naming the folder
     options = table_options(path_column=path_column, caption_column=caption_column, id_column=id_column, sep=sep,
                             image_root=image_root, encoding=encoding)
     with command_line_style():

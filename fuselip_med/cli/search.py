@@ -54,8 +54,10 @@ def index_build(
     from rich.console import Console
 
     from fuselip_med.export.runtime import load_for_runtime
+    from fuselip_med.io import check_writable
     from fuselip_med.search.index import IndexSettings, build_index, list_entries
 
+    check_writable(out)  # before any work: OutputError naming the folder
     settings = IndexSettings(index_type=index_type, exact_max=exact_max, nlist=nlist, nprobe=nprobe,  # type: ignore[arg-type]
                              hnsw_m=hnsw_m, ef_search=ef_search, batch_size=batch_size, chunk_size=chunk_size)
     entries, listed_skips = list_entries(input, adapter=adapter, split=split)
@@ -66,6 +68,8 @@ def index_build(
                          rebuild=rebuild, accelerator=state if state.num_processes > 1 else None)
     if not state.is_main_process:
         return
+    if report.repaired:
+        console.print(f"[yellow]Repaired:[/] {report.repaired}; rebuilt from the images.", highlight=False)
     state_word = "up to date" if report.up_to_date else "written"
     console.print(f"Index {out} {state_word}: {report.n_rows} images ({report.index_type}), {report.n_captions} "
                   f"captions; embedded {report.embedded_images} images (+{report.embedded_elsewhere} by other "

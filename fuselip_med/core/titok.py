@@ -320,13 +320,21 @@ def _resolve_files(name: str) -> tuple[str, str]:
     import huggingface_hub
     from huggingface_hub.errors import EntryNotFoundError
 
+    from fuselip_med.core.network import NetworkError, hub_call
+
     repo_id = _HUB_IDS.get(_ALIASES.get(name, name), name)
+
+    def download(filename: str) -> str:
+        return hub_call(f"downloading {repo_id}", lambda: huggingface_hub.hf_hub_download(repo_id, filename))
+
     try:
-        config = huggingface_hub.hf_hub_download(repo_id, CONFIG_NAME)
+        config = download(CONFIG_NAME)
         try:
-            weights = huggingface_hub.hf_hub_download(repo_id, SAFETENSORS_NAME)
+            weights = download(SAFETENSORS_NAME)
         except EntryNotFoundError:
-            weights = huggingface_hub.hf_hub_download(repo_id, TORCH_WEIGHTS_NAME)
+            weights = download(TORCH_WEIGHTS_NAME)
+    except NetworkError:
+        raise
     except Exception as e:  # noqa: BLE001 - any failure here means "cannot find it"; say so in one sentence
         raise OSError(f"TiTok checkpoint {name!r} is not a local directory and could not be fetched from the "
                       f"Hugging Face Hub as {repo_id!r} ({type(e).__name__}: {e})") from e

@@ -34,10 +34,17 @@ def check_model(index: SearchIndex, model_id: ModelId) -> None:
     """Raise ``SearchIndexError`` unless ``model_id`` has the weights and the runtime the index was built with."""
     if not model_id.same_model(index.model):
         runtime = f" --runtime {index.model.runtime}" if index.model.runtime != "pytorch" else ""
+        rebuild = (f"`fuselip-med index build --model {model_id.name} --input <the images> --out {index.directory} "
+                   "--rebuild`")
+        if (model_id.name, model_id.runtime) == (index.model.name, index.model.runtime):
+            # the weights under that name changed: no --model choice helps
+            raise SearchIndexError(
+                f"the weights of {model_id.name} changed since the index {index.directory} was built "
+                f"({index.model} then, {model_id} now); rebuild the index with {rebuild}.")
         raise SearchIndexError(
             f"the index {index.directory} was built with model {index.model}, but the query model is {model_id}; "
             f"search with --model {index.model.name}{runtime} (or leave --model and --runtime out), or rebuild the "
-            "index with this model.")
+            f"index with {rebuild}.")
 
 
 def load_index_model(index: SearchIndex, model: str | os.PathLike | None = None, device: str = "cpu",
