@@ -98,7 +98,8 @@ class OrthancServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"Orthanc exited with {self.process.returncode}: {self.log_path.read_text()[-2000:]}")
+                log = self.log_path.read_text()[-2000:]
+                raise RuntimeError(f"Orthanc exited with {self.process.returncode}: {log}")
             try:
                 if self.session().get(f"{self.url}/system", timeout=1).ok:
                     return self
