@@ -8,6 +8,20 @@ from typing import Optional
 
 import typer
 
+from fuselip_med.cli_options import (
+    DICOMWEB,
+    DW_CA_BUNDLE,
+    DW_INSECURE,
+    DW_LIMIT,
+    DW_MAX_CONCURRENT,
+    DW_MODALITY,
+    DW_RETRIES,
+    DW_STUDY_DATE,
+    DW_STUDY_DESCRIPTION,
+    DW_USER,
+    dicomweb_options,
+)
+
 __all__ = ["register"]
 
 index_app = typer.Typer(help="Build and update a search index over a folder of images.", no_args_is_help=True)
@@ -23,9 +37,20 @@ def _fail(message: str, code: int = 1) -> None:
 @index_app.command("build")
 def index_build(
     model: str = typer.Option(..., "--model", "-m", help="Checkpoint: hub id, local directory, .pt/.safetensors."),
-    input: Path = typer.Option(..., "--input", "-i", help="What `embed` reads: a folder of images (PNG/JPEG/DICOM, "
-                               "<image>.txt captions), a CSV/TSV (path, caption), or a dataset for --adapter."),
+    input: Optional[Path] = typer.Option(None, "--input", "-i", help="What `embed` reads: a folder of images "
+                                         "(PNG/JPEG/DICOM, <image>.txt captions), a CSV/TSV (path, caption), or a "
+                                         "dataset for --adapter. Or give --dicomweb."),
     out: Path = typer.Option(..., "--out", "-o", help="Index directory (created, or updated in place)."),
+    dicomweb: Optional[str] = DICOMWEB,
+    user: Optional[str] = DW_USER,
+    ca_bundle: Optional[str] = DW_CA_BUNDLE,
+    insecure: bool = DW_INSECURE,
+    modality: Optional[str] = DW_MODALITY,
+    study_date: Optional[str] = DW_STUDY_DATE,
+    study_description: Optional[str] = DW_STUDY_DESCRIPTION,
+    limit: Optional[int] = DW_LIMIT,
+    max_concurrent: int = DW_MAX_CONCURRENT,
+    retries: int = DW_RETRIES,
     adapter: str = typer.Option("folder", help="Dataset adapter that lists --input: folder, csv, rocov2, ..."),
     split: str = typer.Option("train", help="Split for adapters that have splits (rocov2: train, valid, test)."),
     index_type: str = typer.Option("auto", "--index-type", help=f"FAISS index: {INDEX_TYPES}; auto = exact up to "
@@ -43,10 +68,14 @@ def index_build(
     """Embed a folder (or any dataset `embed` reads) into a search index; re-run to update it incrementally.
 
     Only new or changed images (by content hash) are embedded, deleted ones are dropped; a killed build
-    resumes where it stopped. Under `accelerate launch` each process embeds its share.
+    resumes where it stopped. Under `accelerate launch` each process embeds its share. With --dicomweb the
+    series found by QIDO-RS are fetched (WADO-RS) into <out>/.dicomweb; a rebuild fetches only instances not
+    fetched yet (by SOP Instance UID) and drops those deleted on the server.
 
     Examples:\n
       fuselip-med index build -m runs/rocov2/final -i my_images/ -o my_index\n
+      FUSELIP_MED_DICOMWEB_PASSWORD=... fuselip-med index build -m runs/rocov2/final \\
+        --dicomweb https://pacs/dicom-web --user alice --modality CT --study-date 20240101-20241231 -o ct_index\n
       fuselip-med index build -m runs/rocov2/final -i ROCOv2_data --adapter rocov2 --split test -o rocov2_index\n
       accelerate launch --num_processes 4 -m fuselip_med.cli index build -m chs20/FuseLIP-S-CC3M-MM -i pacs/ -o idx
     """
@@ -66,13 +95,24 @@ def index_build(
         model_fingerprint,
     )
 
+    if (input is None) == (dicomweb is None):
+        _fail("give --input (a folder, table or dataset) or --dicomweb URL, not both.", code=2)
+    state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())  # CPU: several gloo processes
     try:
         settings = IndexSettings(index_type=index_type, exact_max=exact_max, nlist=nlist, nprobe=nprobe,  # type: ignore[arg-type]
                                  hnsw_m=hnsw_m, ef_search=ef_search, batch_size=batch_size, chunk_size=chunk_size)
-        entries, listed_skips = list_entries(input, adapter=adapter, split=split)
+        if dicomweb is not None:
+            from fuselip_med.search.pacs import dicomweb_entries
+
+            options = dicomweb_options(user=user, ca_bundle=ca_bundle, insecure=insecure, modality=modality,
+                                       study_date=study_date, study_description=study_description,
+                                       max_concurrent=max_concurrent, retries=retries)
+            entries, listed_skips, fetched = dicomweb_entries(dicomweb, out, limit=limit, process=state, **options)
+        else:
+            entries, listed_skips = list_entries(input, adapter=adapter, split=split)
+            fetched = None
     except (DatasetEmptyError, FileNotFoundError, ValueError, KeyError) as error:
         _fail(str(error).strip("'\""), code=2)
-    state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())  # CPU: several gloo processes
     try:
         fuselip, _, _ = load_for_inference(model, device or state.device)
     except CheckpointError as error:
@@ -85,6 +125,9 @@ def index_build(
         _fail(str(error))
     if not state.is_main_process:
         return
+    if fetched is not None:
+        console.print(f"DICOMweb: {fetched.series} series, {len(entries)} instances; fetched {fetched.fetched}, "
+                      f"dropped {fetched.dropped}.", highlight=False)
     state_word = "up to date" if report.up_to_date else "written"
     console.print(f"Index {out} {state_word}: {report.n_rows} images ({report.index_type}), {report.n_captions} "
                   f"captions; embedded {report.embedded_images} images (+{report.embedded_elsewhere} by other "

@@ -47,7 +47,8 @@ from . import ListSource, register_adapter
 
 __all__ = [
     "PASSWORD_ENV", "TOKEN_ENV", "CachedInstance", "DicomwebAuthError", "DicomwebError", "DicomwebQuery",
-    "DicomwebServer", "RetryPolicy", "SyncReport", "dicomweb", "sync_instances",
+    "DicomwebOptions", "DicomwebServer", "INDEX_CACHE", "RetryPolicy", "SyncReport", "cached_instances", "dicomweb",
+    "display_url", "instance_samples", "open_server", "sync_instances",
 ]
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,12 @@ log = logging.getLogger(__name__)
 PASSWORD_ENV = "FUSELIP_MED_DICOMWEB_PASSWORD"
 TOKEN_ENV = "FUSELIP_MED_DICOMWEB_TOKEN"
 STATE = "state.json"
+INDEX_CACHE = ".dicomweb"  # the cache folder inside a search index built with --dicomweb
 # DICOM JSON tags (PS3.18 F.2): the UIDs a QIDO-RS answer carries.
 STUDY_UID, SERIES_UID, SOP_UID, STUDY_DESCRIPTION = "0020000D", "0020000E", "00080018", "00081030"
+# WADO-RS Accept: the instance in the transfer syntax the server stores it in (PS3.18 8.7.3.5.2: "*"), so the
+# cached bytes are the stored ones and no lossy or unsupported transcoding happens on the server.
+AS_STORED = (("application/dicom", "*"),)
 _DATE_RANGE = re.compile(r"^(\d{8})?(-(\d{8})?)?$")
 
 
@@ -129,13 +134,13 @@ def _strip_userinfo(url: str) -> tuple[str, str | None, bool]:
     """(URL without user/password, user from the URL, whether the URL carried a password)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise DicomwebError(f"--dicomweb {_display(url)}: give an http(s) URL of the DICOMweb root, e.g. "
+        raise DicomwebError(f"--dicomweb {display_url(url)}: give an http(s) URL of the DICOMweb root, e.g. "
                             "https://pacs.example.org/dicom-web.")
     host = parts.hostname + (f":{parts.port}" if parts.port else "")
     return urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", "")), parts.username, parts.password is not None
 
 
-def _display(url: str) -> str:
+def display_url(url: str) -> str:
     """``url`` without any user or password (for messages)."""
     parts = urlsplit(url)
     host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
@@ -345,7 +350,7 @@ def sync_instances(server: DicomwebServer, query: DicomwebQuery, cache: str | os
     def fetch(uids: tuple[str, str, str]) -> None:
         study, series_uid, sop = uids
         dataset = server.call(f"retrieving an instance with WADO-RS ({report.fetched} of {len(missing)} fetched)",
-                              lambda c: c.retrieve_instance(study, series_uid, sop))
+                              lambda c: c.retrieve_instance(study, series_uid, sop, media_types=AS_STORED))
         data = _dataset_bytes(dataset)
         digest = hashlib.sha256(data).hexdigest()
         target = _object_path(cache, digest)
@@ -371,10 +376,17 @@ def sync_instances(server: DicomwebServer, query: DicomwebQuery, cache: str | os
     report.dropped = len(gone)
     _remove_unreferenced(cache, {r["sha256"] for r in state.instances.values()})
     state.save()
-    report.instances = sorted((CachedInstance(key, r["series"], r["study"], r["sha256"],
-                                              _object_path(cache, r["sha256"]))
-                               for key, r in state.instances.items()), key=lambda i: (i.series, i.key))
+    report.instances = cached_instances(cache)
     return report
+
+
+def cached_instances(cache: str | os.PathLike) -> list[CachedInstance]:
+    """The instances a finished ``sync_instances`` left in ``cache`` (empty when there is none), without asking
+    the server: for the other processes of a multi-process build and for reading hits back (KOS, viewer links)."""
+    cache = Path(cache)
+    state = _State(cache)
+    return sorted((CachedInstance(key, r["series"], r["study"], r["sha256"], _object_path(cache, r["sha256"]))
+                   for key, r in state.instances.items()), key=lambda i: (i.series, i.key))
 
 
 def _remove_unreferenced(cache: Path, keep: set[str]) -> None:
