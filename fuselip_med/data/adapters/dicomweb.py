@@ -240,7 +240,7 @@ class DicomwebServer:
             except requests.Timeout:
                 reason = f"no answer within {self.retry.timeout_s:g} s"
             if attempt < len(delays):
-                log.info("%s: %s while %s; retrying in %.1f s", self.url, reason, what, delays[attempt])
+                log.debug("%s: %s while %s; retrying in %.1f s", self.url, reason, what, delays[attempt])
                 time.sleep(delays[attempt])
         raise DicomwebError(f"{self.url}: {reason} while {what}, after {self.retry.attempts} tries; rerun the same "
                             "command to continue (instances already fetched are kept).")
@@ -347,9 +347,9 @@ def sync_instances(server: DicomwebServer, query: DicomwebQuery, cache: str | os
                or not _object_path(cache, state.instances[key]["sha256"]).is_file()]
     report = SyncReport(instances=[], series=len(series))
 
-    def fetch(uids: tuple[str, str, str]) -> None:
+    def fetch(number: int, uids: tuple[str, str, str]) -> None:
         study, series_uid, sop = uids
-        dataset = server.call(f"retrieving an instance with WADO-RS ({report.fetched} of {len(missing)} fetched)",
+        dataset = server.call(f"retrieving instance {number + 1} of {len(missing)} with WADO-RS",
                               lambda c: c.retrieve_instance(study, series_uid, sop, media_types=AS_STORED))
         data = _dataset_bytes(dataset)
         digest = hashlib.sha256(data).hexdigest()
@@ -362,7 +362,7 @@ def sync_instances(server: DicomwebServer, query: DicomwebQuery, cache: str | os
     with bar, ThreadPoolExecutor(max_concurrent) as pool:
         task = bar.add_task("fetching instances (WADO-RS)", total=len(missing))
         try:
-            for job in as_completed([pool.submit(fetch, uids) for uids in missing]):
+            for job in as_completed([pool.submit(fetch, n, uids) for n, uids in enumerate(missing)]):
                 job.result()
                 report.fetched += 1
                 bar.advance(task)
