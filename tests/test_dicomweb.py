@@ -212,3 +212,24 @@ def test_wrong_password_is_one_line_without_retries_and_no_output_holds_a_passwo
     for secret in (wrong, server.password):
         assert not any(secret.encode() in blob for blob in outputs), secret
     assert json.loads(search.output)  # the index answers after all that
+
+
+def test_embed_from_dicomweb_equals_embed_from_the_folder(pacs, model, tmp_path):
+    server, folder = pacs
+    from_pacs = runner.invoke(app, ["embed", "-m", str(model), "--dicomweb", server.dicomweb, "--user", server.user,
+                                    "--modality", "CT", "-o", str(tmp_path / "pacs.npy"), "--device", "cpu"])
+    assert from_pacs.exit_code == 0, from_pacs.output
+    from_folder = runner.invoke(app, ["embed", "-m", str(model), "-i", str(folder), "-o", str(tmp_path / "dir.npy"),
+                                      "--device", "cpu"])
+    assert from_folder.exit_code == 0, from_folder.output
+    cache = tmp_path / "pacs.dicomweb"
+    from fuselip_med.data.adapters.dicomweb import cached_instances
+
+    path_of = {i.key: i.path for i in cached_instances(cache)}
+    pacs_ids = json.loads((tmp_path / "pacs.ids.json").read_text())["ids"]
+    folder_ids = json.loads((tmp_path / "dir.ids.json").read_text())["ids"]
+    pacs_vectors = dict(zip((hit_uids(path_of[i]).instance for i in pacs_ids), np.load(tmp_path / "pacs.npy")))
+    folder_vectors = dict(zip((hit_uids(folder / i).instance for i in folder_ids), np.load(tmp_path / "dir.npy")))
+    assert len(pacs_vectors) == 4  # the CT series (3) and CT_small
+    for uid, vector in pacs_vectors.items():
+        np.testing.assert_allclose(vector, folder_vectors[uid], atol=1e-6)
