@@ -233,3 +233,35 @@ def test_embed_from_dicomweb_equals_embed_from_the_folder(pacs, model, tmp_path)
     assert len(pacs_vectors) == 4  # the CT series (3) and CT_small
     for uid, vector in pacs_vectors.items():
         np.testing.assert_allclose(vector, folder_vectors[uid], atol=1e-6)
+
+
+def test_kos_of_the_hits_is_stored_and_found_again_by_qido(pacs, model, tmp_path):
+    server, folder = pacs
+    assert dicomweb_build(model, server, tmp_path / "index").exit_code == 0
+    query = folder / "study1" / "IM0001.dcm"
+    result = runner.invoke(app, ["search", "--index", str(tmp_path / "index"), "--image", str(query), "--text",
+                                 "similar chest CT", "-k", "4", "--json", "--export-kos", str(tmp_path / "kos.dcm"),
+                                 "--stow", server.dicomweb, "--user", server.user])
+    assert result.exit_code == 0, result.output
+    hits = json.loads(result.stdout)
+    hit_instances = {hit_uids(hit["path"]).instance for hit in hits}
+    assert len(hit_instances) == 4 and "stored on" in result.stderr
+
+    from dicomweb_client import DICOMwebClient
+
+    client = DICOMwebClient(server.dicomweb, session=server.session())
+    found = client.search_for_series(search_filters={"Modality": "KO"})
+    assert len(found) == 1
+    study, series = found[0]["0020000D"]["Value"][0], found[0]["0020000E"]["Value"][0]
+    (kos,) = client.retrieve_series(study, series)
+    from pydicom import dcmread
+
+    assert study == dcmread(query).StudyInstanceUID  # filed in the query's study
+    referenced = {item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for item in kos.ContentSequence
+                  if "ReferencedSOPSequence" in item}
+    evidence = {sop.ReferencedSOPInstanceUID for study_item in kos.CurrentRequestedProcedureEvidenceSequence
+                for series_item in study_item.ReferencedSeriesSequence for sop in series_item.ReferencedSOPSequence}
+    assert referenced == evidence == hit_instances
+    assert kos.SeriesDescription == "Similar cases" and kos.ConceptNameCodeSequence[0].CodeMeaning == "Of Interest"
+    assert kos.ContentSequence[0].TextValue == "Similar cases: image IM0001.dcm + similar chest CT"
+    assert dcmread(tmp_path / "kos.dcm").SOPInstanceUID == kos.SOPInstanceUID

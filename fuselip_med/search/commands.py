@@ -153,13 +153,24 @@ def search(
                                         "built with; another model is refused)."),
     target: str = typer.Option("image", help="Search the image vectors (image) or the caption vectors (caption)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
+    export_kos: Optional[Path] = typer.Option(None, "--export-kos", help="Write the DICOM hits as a Key Object "
+                                              "Selection document (\"Similar cases\", in the query's study) to this "
+                                              ".dcm file. It carries the real UIDs and patient module."),
+    stow: Optional[str] = typer.Option(None, "--stow", help="Store that Key Object Selection on this DICOMweb root "
+                                       "with STOW-RS (credentials as for --dicomweb)."),
+    user: Optional[str] = DW_USER,
+    ca_bundle: Optional[str] = DW_CA_BUNDLE,
+    insecure: bool = DW_INSECURE,
+    retries: int = DW_RETRIES,
 ) -> None:
     """Search an index by text, by image (DICOM too), or by image + instruction fused into one query.
 
     Examples:\n
       fuselip-med search --index my_index --text "CT with a left pleural effusion"\n
       fuselip-med search --index my_index --image study.dcm -k 5\n
-      fuselip-med search --index my_index --image study.dcm --text "the same study, lateral view" --json
+      fuselip-med search --index my_index --image study.dcm --text "the same study, lateral view" --json\n
+      fuselip-med search --index ct_index --image query.dcm -k 5 --export-kos similar.dcm \\
+        --stow https://pacs/dicom-web --user alice
     """
     from rich.console import Console
     from rich.table import Table
@@ -183,6 +194,10 @@ def search(
         hits = run_search(opened, fuselip, text=text, image=image, k=k, target=target)
     except (SearchIndexError, CheckpointError, ImageDecodeError) as error:
         _fail(str(error))
+    if export_kos is not None or stow is not None:
+        _export_kos(hits, text, image, export_kos, stow, dicomweb_options(
+            user=user, ca_bundle=ca_bundle, insecure=insecure, modality=None, study_date=None,
+            study_description=None, max_concurrent=1, retries=retries))
     if as_json:
         print(json.dumps([hit.to_dict() for hit in hits], indent=1))
         return
@@ -193,6 +208,32 @@ def search(
     for hit in hits:
         table.add_row(str(hit.rank), f"{hit.score:.4f}", hit.id, hit.path or "", hit.caption or "")
     Console().print(table)
+
+
+def _export_kos(hits, text: str | None, image: Path | None, out: Path | None, stow: str | None,
+                options: dict) -> None:
+    """Write and/or STOW-RS the Key Object Selection of the DICOM hits (``search/kos.py``); one line to stderr."""
+    from rich.console import Console
+
+    from fuselip_med.data.adapters.dicomweb import DicomwebOptions, open_server
+    from fuselip_med.search.kos import similar_cases_kos, stow_kos, write_kos
+    from fuselip_med.search.pacs import hit_uids
+
+    server = open_server(stow, DicomwebOptions(cache="", **options)) if stow is not None else None
+    dicom_hits = [hit.path for hit in hits if hit_uids(hit.path) is not None]
+    query_image = image if image is not None and hit_uids(image) is not None else None
+    query = " + ".join(part for part in (f"image {image.name}" if image is not None else None, text) if part)
+    document = similar_cases_kos(dicom_hits, query, query_image=query_image)
+    done = []
+    if out is not None:
+        done.append(f"written to {write_kos(document, out)}")
+    if server is not None:
+        stow_kos(document, server)
+        done.append(f"stored on {server.url}")
+    left_out = len(hits) - len(dicom_hits)
+    Console(stderr=True).print(f"Key Object Selection of {len(dicom_hits)} hits {' and '.join(done)}"
+                               + (f"; {left_out} hits that are not DICOM left out." if left_out else "."),
+                               highlight=False, markup=False, soft_wrap=True)
 
 
 def serve(
