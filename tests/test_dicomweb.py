@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -265,3 +266,27 @@ def test_kos_of_the_hits_is_stored_and_found_again_by_qido(pacs, model, tmp_path
     assert kos.SeriesDescription == "Similar cases" and kos.ConceptNameCodeSequence[0].CodeMeaning == "Of Interest"
     assert kos.ContentSequence[0].TextValue == "Similar cases: image IM0001.dcm + similar chest CT"
     assert dcmread(tmp_path / "kos.dcm").SOPInstanceUID == kos.SOPInstanceUID
+
+
+def test_page_links_dicomweb_hits_to_the_viewer_and_never_shows_a_path(pacs, model, tmp_path):
+    server, folder = pacs
+    from fuselip_med.search.app import results_table
+    from fuselip_med.search.pacs import ViewerUrlError, check_viewer_url
+    from fuselip_med.search.query import load_index_model, search
+
+    assert dicomweb_build(model, server, tmp_path / "pacs_index").exit_code == 0
+    assert build(model, tmp_path / "folder_index", "--input", str(folder)).exit_code == 0
+    template = check_viewer_url("https://pacs.example.org/viewer?StudyInstanceUIDs={study}&series={series}")
+    with pytest.raises(ViewerUrlError):
+        check_viewer_url("https://pacs.example.org/viewer?patient={patient}")
+    for name, linked in (("pacs_index", True), ("folder_index", False)):
+        index = open_index(tmp_path / name)
+        fuselip, _ = load_index_model(index)
+        hits = search(index, fuselip, image=folder / "study1" / "IM0000.dcm", k=3)
+        table = results_table(hits, "image", template)
+        for hit in hits:
+            assert hit.path not in table and (not linked or os.path.basename(hit.path) not in table)
+            uids = hit_uids(hit.path)
+            link = f"https://pacs.example.org/viewer?StudyInstanceUIDs={uids.study}&series={uids.series}"
+            assert (link in table) == linked
+        assert table.count("[open](") == (3 if linked else 0)

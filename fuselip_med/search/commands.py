@@ -242,6 +242,9 @@ def serve(
     port: int = typer.Option(7860, help="Port to listen on."),
     k: int = typer.Option(12, "-k", help="Results per query."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Query model (default: the index's)."),
+    viewer_url: Optional[str] = typer.Option(None, "--viewer-url", help="For an index built with --dicomweb: link "
+                                             "each hit to the PACS viewer; a URL template with {study}, {series}, "
+                                             "{instance} (the real UIDs, read from the cached files)."),
 ) -> None:
     """Serve a search page (Gradio) over an index: text, image (PNG/JPEG/DICOM) + instruction, "more like this".
 
@@ -249,7 +252,8 @@ def serve(
 
     Examples:\n
       fuselip-med serve --index my_index\n
-      fuselip-med serve --index my_index --port 8080
+      fuselip-med serve --index my_index --port 8080\n
+      fuselip-med serve --index ct_index --viewer-url "https://pacs/ohif/viewer?StudyInstanceUIDs={study}"
     """
     from fuselip_med.core.checkpoints import CheckpointError
     from fuselip_med.search.index import SearchIndexError, open_index
@@ -259,12 +263,16 @@ def serve(
         from fuselip_med.search.app import serve as serve_page
     except ImportError as error:
         _fail(f"serve needs Gradio ({error}); install it with: pip install 'fuselip_med[app]'.")
+    from fuselip_med.search.pacs import check_viewer_url
+
     try:
+        if viewer_url is not None:
+            check_viewer_url(viewer_url)
         opened = open_index(index)
         fuselip, _ = load_index_model(opened, model)
     except (SearchIndexError, CheckpointError) as error:
         _fail(str(error))
-    serve_page(opened, fuselip, host=host, port=port, k=k)
+    serve_page(opened, fuselip, host=host, port=port, k=k, viewer_url=viewer_url)
 
 
 def register(app: typer.Typer) -> None:
