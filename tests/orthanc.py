@@ -62,6 +62,7 @@ class OrthancServer:
     port: int
     user: str = USER
     password: str = PASSWORD
+    base: dict = field(default_factory=dict)
     process: subprocess.Popen | None = field(default=None, repr=False)
 
     @property
@@ -77,13 +78,16 @@ class OrthancServer:
         return self.folder / "orthanc.log"
 
     def config(self, plugin: str) -> dict:
+        """``base`` (e.g. the README's example configuration) with this server's port, storage and user, the
+        plugin from ``base`` or else the one found."""
         storage = str(self.folder / "storage")
         return {
-            "Name": "fuselip-med-test", "StorageDirectory": storage, "IndexDirectory": storage,
+            **self.base, "Name": self.base.get("Name", "fuselip-med-test"),
+            "StorageDirectory": storage, "IndexDirectory": storage,
             "HttpPort": self.port, "DicomServerEnabled": False, "DicomPort": free_port(),
             "RemoteAccessAllowed": False, "AuthenticationEnabled": True,
             "RegisteredUsers": {self.user: self.password},
-            "Plugins": [plugin], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "Plugins": self.base.get("Plugins", [plugin]), "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
         }
 
     def start(self, timeout: float = 30.0) -> OrthancServer:
@@ -147,9 +151,10 @@ class OrthancServer:
             return len(session.get(f"{self.url}/instances", timeout=30).json())
 
 
-def start_orthanc(folder: Path) -> OrthancServer:
-    """A started Orthanc on a free loopback port storing into ``folder``; the caller stops it."""
-    return OrthancServer(Path(folder), free_port()).start()
+def start_orthanc(folder: Path, base: dict | None = None) -> OrthancServer:
+    """A started Orthanc on a free loopback port storing into ``folder`` (``base``: configuration keys to start
+    from); the caller stops it."""
+    return OrthancServer(Path(folder), free_port(), base=dict(base or {})).start()
 
 
 @pytest.fixture

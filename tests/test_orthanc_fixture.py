@@ -1,6 +1,9 @@
 """The Orthanc fixture itself: a real server with authentication on, DICOMweb answering, stopped by pid."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import requests
 
 from tests.dicom_series import write_series
@@ -24,3 +27,16 @@ def test_orthanc_starts_authenticates_stores_and_stops(tmp_path):
         raise AssertionError("Orthanc still answers after stop()")
     except requests.ConnectionError:
         pass
+
+
+def test_the_readme_example_configuration_serves_dicomweb(tmp_path):
+    """docs/pacs/orthanc.json (the README's quick start) starts Orthanc with DICOMweb on, auth on, loopback only."""
+    shipped = json.loads((Path(__file__).parent.parent / "docs" / "pacs" / "orthanc.json").read_text())
+    assert shipped["DicomWeb"] == {"Enable": True, "Root": "/dicom-web/"} and shipped["AuthenticationEnabled"]
+    assert shipped["RemoteAccessAllowed"] is False and Path(shipped["Plugins"][0]).is_dir()
+    server = start_orthanc(tmp_path / "orthanc", base=shipped)
+    try:
+        assert server.session().get(f"{server.dicomweb}/studies", timeout=10).json() == []
+        assert (server.folder / "orthanc.json").read_text().count("fuselip-med-pacs") == 1
+    finally:
+        server.stop()
