@@ -290,3 +290,32 @@ def test_page_links_dicomweb_hits_to_the_viewer_and_never_shows_a_path(pacs, mod
             link = f"https://pacs.example.org/viewer?StudyInstanceUIDs={uids.study}&series={uids.series}"
             assert (link in table) == linked
         assert table.count("[open](") == (3 if linked else 0)
+
+
+def test_an_undecodable_instance_is_a_named_skip(pacs, model, tmp_path):
+    server, _ = pacs
+    from pydicom import dcmread
+
+    (broken,) = write_series(tmp_path / "broken", "CT", 1, seed=9)
+    ds = dcmread(broken)
+    ds.PixelData = ds.PixelData[:100]  # a valid file whose pixel data is too short for its Rows x Columns
+    ds.save_as(broken, enforce_file_format=True)
+    server.upload([broken])
+    result = dicomweb_build(model, server, tmp_path / "index")
+    assert result.exit_code == 0, result.output
+    index = open_index(tmp_path / "index")
+    assert len(index) == 9 and "Skipped 1 images" in result.output
+    (skipped_id,) = index.manifest["skipped"]
+    assert skipped_id in result.output and ds.SOPInstanceUID not in result.output
+
+
+def test_the_adapter_serves_recipes(pacs, tmp_path):
+    server, _ = pacs
+    from fuselip_med.data.adapters import get_adapter
+
+    source = get_adapter("dicomweb")(server.dicomweb, limit=None, cache=str(tmp_path / "cache"), user=server.user,
+                                     modality="CT", progress=False)
+    assert len(source) == 4 and len(source.groups()) == 2  # the CT series (3 slices, one group) and CT_small
+    assert all(Path(source[i].query_image).is_file() for i in range(len(source)))
+    with pytest.raises(TypeError, match="unknown option"):
+        get_adapter("dicomweb")(server.dicomweb, cache=str(tmp_path / "c2"), password="never")
