@@ -205,7 +205,6 @@ class DicomwebServer:
             session = requests.Session()
             session.auth = self._auth
             session.verify = self._verify
-            session.trust_env = self._auth is None and not self._headers  # netrc only when nothing was given
             client = DICOMwebClient(self.url, session=session, headers=dict(self._headers),
                                     timeout=self.retry.timeout_s)
             client.set_http_retry_params(retry=False)
