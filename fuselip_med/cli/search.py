@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from fuselip_med.cli_options import (
+from fuselip_med.cli import common
+from fuselip_med.cli.options import (
     DICOMWEB,
     DW_CA_BUNDLE,
     DW_INSECURE,
@@ -21,17 +22,12 @@ from fuselip_med.cli_options import (
     DW_USER,
     dicomweb_options,
 )
+from fuselip_med.errors import MissingExtraError, UsageError
 
 __all__ = ["register"]
 
 index_app = typer.Typer(help="Build and update a search index over a folder of images.", no_args_is_help=True)
 INDEX_TYPES = "auto, flat (exact), ivf or hnsw"
-
-
-def _fail(message: str, code: int = 1) -> None:
-    from fuselip_med.cli import fail
-
-    fail(message, code)
 
 
 @index_app.command("build")
@@ -83,46 +79,27 @@ def index_build(
     from accelerate import PartialState
     from rich.console import Console
 
-    from fuselip_med.core.checkpoints import CheckpointError
-    from fuselip_med.core.lora import load_for_inference
-    from fuselip_med.data.adapters import DatasetEmptyError
-    from fuselip_med.search.index import (
-        IndexSettings,
-        ModelId,
-        SearchIndexError,
-        build_index,
-        list_entries,
-        model_fingerprint,
-    )
+    from fuselip_med.search.index import IndexSettings, ModelId, build_index, list_entries, model_fingerprint
 
     if (input is None) == (dicomweb is None):
-        _fail("give --input (a folder, table or dataset) or --dicomweb URL, not both.", code=2)
+        raise UsageError("give --input (a folder, table or dataset) or --dicomweb URL, not both.")
+    settings = IndexSettings(index_type=index_type, exact_max=exact_max, nlist=nlist, nprobe=nprobe,  # type: ignore[arg-type]
+                             hnsw_m=hnsw_m, ef_search=ef_search, batch_size=batch_size, chunk_size=chunk_size)
     state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())  # CPU: several gloo processes
-    try:
-        settings = IndexSettings(index_type=index_type, exact_max=exact_max, nlist=nlist, nprobe=nprobe,  # type: ignore[arg-type]
-                                 hnsw_m=hnsw_m, ef_search=ef_search, batch_size=batch_size, chunk_size=chunk_size)
-        if dicomweb is not None:
-            from fuselip_med.search.pacs import dicomweb_entries
+    fetched = None
+    if dicomweb is not None:
+        from fuselip_med.search.pacs import dicomweb_entries
 
-            options = dicomweb_options(user=user, ca_bundle=ca_bundle, insecure=insecure, modality=modality,
-                                       study_date=study_date, study_description=study_description,
-                                       max_concurrent=max_concurrent, retries=retries)
-            entries, listed_skips, fetched = dicomweb_entries(dicomweb, out, limit=limit, process=state, **options)
-        else:
-            entries, listed_skips = list_entries(input, adapter=adapter, split=split)
-            fetched = None
-    except (DatasetEmptyError, FileNotFoundError, ValueError, KeyError) as error:
-        _fail(str(error).strip("'\""), code=2)
-    try:
-        fuselip, _, _ = load_for_inference(model, device or state.device)
-    except CheckpointError as error:
-        _fail(str(error))
+        options = dicomweb_options(user=user, ca_bundle=ca_bundle, insecure=insecure, modality=modality,
+                                   study_date=study_date, study_description=study_description,
+                                   max_concurrent=max_concurrent, retries=retries)
+        entries, listed_skips, fetched = dicomweb_entries(dicomweb, out, limit=limit, process=state, **options)
+    else:
+        entries, listed_skips = list_entries(input, adapter=adapter, split=split)
+    fuselip, _, _ = common.load_inference_model(model, device or state.device)
     console = Console()
-    try:
-        report = build_index(out, entries, fuselip, ModelId(model, model_fingerprint(fuselip)), settings,
-                             rebuild=rebuild, accelerator=state if state.num_processes > 1 else None)
-    except SearchIndexError as error:
-        _fail(str(error))
+    report = build_index(out, entries, fuselip, ModelId(model, model_fingerprint(fuselip)), settings,
+                         rebuild=rebuild, accelerator=state if state.num_processes > 1 else None)
     if not state.is_main_process:
         return
     if fetched is not None:
@@ -175,25 +152,20 @@ def search(
     from rich.console import Console
     from rich.table import Table
 
-    from fuselip_med.core.checkpoints import CheckpointError
-    from fuselip_med.data.images import ImageDecodeError
-    from fuselip_med.search.index import SearchIndexError, open_index
+    from fuselip_med.search.index import open_index
     from fuselip_med.search.query import load_index_model, search as run_search
 
     if not text and image is None:
-        _fail("give --text, --image, or both (--image with --text is an image + instruction query).", code=2)
+        raise UsageError("give --text, --image, or both (--image with --text is an image + instruction query).")
     if k < 1:
-        _fail(f"-k {k}: ask for at least one result.", code=2)
+        raise UsageError(f"-k {k}: ask for at least one result.")
     if target not in ("image", "caption"):
-        _fail(f"--target {target!r}: choose image or caption.", code=2)
+        raise UsageError(f"--target {target!r}: choose image or caption.")
     if image is not None and not image.is_file():
-        _fail(f"--image {image}: no such file.", code=2)
-    try:
-        opened = open_index(index)
-        fuselip, _ = load_index_model(opened, model)
-        hits = run_search(opened, fuselip, text=text, image=image, k=k, target=target)
-    except (SearchIndexError, CheckpointError, ImageDecodeError) as error:
-        _fail(str(error))
+        raise UsageError(f"--image {image}: no such file.")
+    opened = open_index(index)
+    fuselip, _ = load_index_model(opened, model)
+    hits = run_search(opened, fuselip, text=text, image=image, k=k, target=target)
     if export_kos is not None or stow is not None:
         _export_kos(hits, text, image, export_kos, stow, dicomweb_options(
             user=user, ca_bundle=ca_bundle, insecure=insecure, modality=None, study_date=None,
@@ -255,23 +227,20 @@ def serve(
       fuselip-med serve --index my_index --port 8080\n
       fuselip-med serve --index ct_index --viewer-url "https://pacs/ohif/viewer?StudyInstanceUIDs={study}"
     """
-    from fuselip_med.core.checkpoints import CheckpointError
-    from fuselip_med.search.index import SearchIndexError, open_index
+    from fuselip_med.search.index import open_index
     from fuselip_med.search.query import load_index_model
 
     try:
         from fuselip_med.search.app import serve as serve_page
     except ImportError as error:
-        _fail(f"serve needs Gradio ({error}); install it with: pip install 'fuselip_med[app]'.")
+        raise MissingExtraError(f"serve needs Gradio ({error}); install it with: pip install 'fuselip_med[app]'.") \
+            from None
     from fuselip_med.search.pacs import check_viewer_url
 
-    try:
-        if viewer_url is not None:
-            check_viewer_url(viewer_url)
-        opened = open_index(index)
-        fuselip, _ = load_index_model(opened, model)
-    except (SearchIndexError, CheckpointError) as error:
-        _fail(str(error))
+    if viewer_url is not None:
+        check_viewer_url(viewer_url)
+    opened = open_index(index)
+    fuselip, _ = load_index_model(opened, model)
     serve_page(opened, fuselip, host=host, port=port, k=k, viewer_url=viewer_url)
 
 

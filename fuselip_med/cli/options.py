@@ -1,12 +1,14 @@
 """Command-line options shared by several commands: how to read a user's table or folder (``embed``, ``eval``) and
-how to reach a DICOMweb server (``index build``, ``embed``, ``search --stow``). Each maps one to one onto an option
-of its adapter (``--path-column`` -> ``path_column``, ``--max-concurrent`` -> ``max_concurrent``), so that recipes,
-Python and the command line use the same names."""
+how to reach a DICOMweb server (``index build``, ``embed``, ``search --stow``). Each maps one to one onto a keyword
+option of its adapter (``--path-column`` -> ``path_column``, ``--max-concurrent`` -> ``max_concurrent``, by
+:func:`fuselip_med.option_names.flag`), so that recipes, Python and the command line use the same names."""
 from __future__ import annotations
 
 from typing import Any, Optional
 
 import typer
+
+from fuselip_med.option_names import flag
 
 __all__ = [
     "CAPTION_COLUMN", "ENCODING", "ID_COLUMN", "IMAGE_ROOT", "PATH_COLUMN", "SEP", "table_options",
@@ -15,18 +17,18 @@ __all__ = [
 ]
 
 PATH_COLUMN: Optional[str] = typer.Option(
-    None, "--path-column", help="Table column holding the image paths (default: path).")
+    None, flag("path_column"), help="Table column holding the image paths (default: path).")
 CAPTION_COLUMN: Optional[str] = typer.Option(
-    None, "--caption-column", help="Table column holding the captions (default: caption).")
+    None, flag("caption_column"), help="Table column holding the captions (default: caption).")
 ID_COLUMN: Optional[str] = typer.Option(
-    None, "--id-column", help="Table column holding the row IDs (default: id, else the path as written).")
+    None, flag("id_column"), help="Table column holding the row IDs (default: id, else the path as written).")
 SEP: Optional[str] = typer.Option(
-    None, "--sep", help="Field separator: ',' , 'tab' or one character (default: detected from the header).")
+    None, flag("sep"), help="Field separator: ',' , 'tab' or one character (default: detected from the header).")
 IMAGE_ROOT: Optional[str] = typer.Option(
-    None, "--image-root",
+    None, flag("image_root"),
     help="Folder relative paths point to, and the only folder besides the table's that images may come from.")
 ENCODING: Optional[str] = typer.Option(
-    None, "--encoding", help="Text encoding of the table and captions, e.g. cp1252 or latin-1 (default: UTF-8).")
+    None, flag("encoding"), help="Text encoding of the table and captions, e.g. cp1252 or latin-1 (default: UTF-8).")
 
 
 def table_options(*, path_column: str | None, caption_column: str | None, id_column: str | None, sep: str | None,
@@ -38,24 +40,25 @@ def table_options(*, path_column: str | None, caption_column: str | None, id_col
 
 
 DICOMWEB: Optional[str] = typer.Option(
-    None, "--dicomweb", help="Read the images from a PACS: its DICOMweb root URL, e.g. https://pacs/dicom-web "
+    None, flag("dicomweb"), help="Read the images from a PACS: its DICOMweb root URL, e.g. https://pacs/dicom-web "
     "(QIDO-RS search, WADO-RS retrieval). Password from FUSELIP_MED_DICOMWEB_PASSWORD or netrc, or a bearer token "
     "from FUSELIP_MED_DICOMWEB_TOKEN.")
 DW_USER: Optional[str] = typer.Option(
-    None, "--user", help="DICOMweb basic-auth user (default: the user in the URL; the password never goes on the "
+    None, flag("user"), help="DICOMweb basic-auth user (default: the user in the URL; the password never goes on the "
     "command line).")
-DW_CA_BUNDLE: Optional[str] = typer.Option(None, "--ca-bundle", help="CA certificate file to verify the server's TLS.")
-DW_INSECURE: bool = typer.Option(False, "--insecure", help="Do not verify the server's TLS certificate (warns).")
+DW_CA_BUNDLE: Optional[str] = typer.Option(
+    None, flag("ca_bundle"), help="CA certificate file to verify the server's TLS.")
+DW_INSECURE: bool = typer.Option(False, flag("insecure"), help="Do not verify the server's TLS certificate (warns).")
 DW_MODALITY: Optional[str] = typer.Option(
-    None, "--modality", help="DICOMweb: only series of this modality (CT, MR, ...).")
+    None, flag("modality"), help="DICOMweb: only series of this modality (CT, MR, ...).")
 DW_STUDY_DATE: Optional[str] = typer.Option(
-    None, "--study-date", help="DICOMweb: only studies of this date or range, e.g. 20240101-20241231.")
+    None, flag("study_date"), help="DICOMweb: only studies of this date or range, e.g. 20240101-20241231.")
 DW_STUDY_DESCRIPTION: Optional[str] = typer.Option(
-    None, "--study-description", help="DICOMweb: only studies whose description contains this text.")
-DW_LIMIT: Optional[int] = typer.Option(None, "--limit", help="DICOMweb: at most this many series.")
-DW_MAX_CONCURRENT: int = typer.Option(4, "--max-concurrent", help="DICOMweb: requests in flight at most.")
+    None, flag("study_description"), help="DICOMweb: only studies whose description contains this text.")
+DW_LIMIT: Optional[int] = typer.Option(None, flag("limit"), help="DICOMweb: at most this many series.")
+DW_MAX_CONCURRENT: int = typer.Option(4, flag("max_concurrent"), help="DICOMweb: requests in flight at most.")
 DW_RETRIES: int = typer.Option(
-    4, "--retries", help="DICOMweb: tries per request on refused connections, timeouts and 5xx (backoff 0.5 s, "
+    4, flag("retries"), help="DICOMweb: tries per request on refused connections, timeouts and 5xx (backoff 0.5 s, "
     "1 s, ...).")
 
 
