@@ -22,6 +22,7 @@ from fuselip_med.data.adapters.dicomweb import PASSWORD_ENV, TOKEN_ENV
 from fuselip_med.search.index import open_index
 from fuselip_med.search.pacs import hit_uids
 from tests.dicom_series import write_series
+from tests.orthanc import start_orthanc
 from tests.test_search_cli import tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -55,6 +56,27 @@ def pacs(tmp_path, monkeypatch, orthanc):
     return orthanc, folder
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, model):
+    """One Orthanc for the tests that only read from it, with the index built from it and the folder index
+    (``root / "pacs_index"``, ``root / "folder_index"``); returns (server, folder, root, first build's output)."""
+    root = tmp_path_factory.mktemp("dicomweb_shared")
+    server = start_orthanc(root / "orthanc")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(PASSWORD_ENV, server.password)
+        patch.delenv(TOKEN_ENV, raising=False)
+        try:
+            folder = export_folder(root)
+            server.upload(sorted(folder.rglob("*.dcm")))
+            from_pacs = dicomweb_build(model, server, root / "pacs_index")
+            assert from_pacs.exit_code == 0, from_pacs.output
+            from_folder = build(model, root / "folder_index", "--input", str(folder))
+            assert from_folder.exit_code == 0, from_folder.output
+            yield server, folder, root, from_pacs.output
+        finally:
+            server.stop()
+
+
 def build(model, out: Path, *args: str):
     return runner.invoke(app, ["index", "build", "--model", str(model), "--out", str(out), "--device", "cpu", *args])
 
@@ -78,13 +100,9 @@ def series_of(index_dir: Path) -> dict[str, set[str]]:
     return out
 
 
-def test_dicomweb_build_equals_the_folder_build(pacs, model, tmp_path):
-    server, folder = pacs
-    from_pacs = dicomweb_build(model, server, tmp_path / "pacs_index")
-    assert from_pacs.exit_code == 0, from_pacs.output
-    assert "fetched 9, dropped 0" in from_pacs.output
-    from_folder = build(model, tmp_path / "folder_index", "--input", str(folder))
-    assert from_folder.exit_code == 0, from_folder.output
+def test_dicomweb_build_equals_the_folder_build(shared):
+    server, folder, tmp_path, output = shared
+    assert "9 instances; fetched 9, dropped 0" in output
     assert series_of(tmp_path / "pacs_index") == series_of(tmp_path / "folder_index")
     pacs_vectors, folder_vectors = vectors_by_instance(tmp_path / "pacs_index"), vectors_by_instance(
         tmp_path / "folder_index")
@@ -99,8 +117,8 @@ def test_dicomweb_build_equals_the_folder_build(pacs, model, tmp_path):
             assert not any(uid.encode() in path.read_bytes() for uid in real_uids), path
 
 
-def test_filters_pick_the_series(pacs, model, tmp_path):
-    server, _ = pacs
+def test_filters_pick_the_series(shared, model, tmp_path):
+    server = shared[0]
     result = dicomweb_build(model, server, tmp_path / "mr", "--modality", "MR", "--study-date", "20230101-20231231")
     assert result.exit_code == 0, result.output
     assert "1 series, 2 instances" in result.output
@@ -183,9 +201,9 @@ def test_server_stopped_midway_is_one_line_and_a_rerun_completes(pacs, model, tm
     assert len(open_index(out)) == 9
 
 
-def test_wrong_password_is_one_line_without_retries_and_no_output_holds_a_password(pacs, model, tmp_path,
+def test_wrong_password_is_one_line_without_retries_and_no_output_holds_a_password(shared, model, tmp_path,
                                                                                   monkeypatch, caplog):
-    server, _ = pacs
+    server = shared[0]
     import requests
 
     wrong = "Wr0ng-pa55word-canary-91"
@@ -215,8 +233,8 @@ def test_wrong_password_is_one_line_without_retries_and_no_output_holds_a_passwo
     assert json.loads(search.output)  # the index answers after all that
 
 
-def test_embed_from_dicomweb_equals_embed_from_the_folder(pacs, model, tmp_path):
-    server, folder = pacs
+def test_embed_from_dicomweb_equals_embed_from_the_folder(shared, model, tmp_path):
+    server, folder = shared[:2]
     from_pacs = runner.invoke(app, ["embed", "-m", str(model), "--dicomweb", server.dicomweb, "--user", server.user,
                                     "--modality", "CT", "-o", str(tmp_path / "pacs.npy"), "--device", "cpu"])
     assert from_pacs.exit_code == 0, from_pacs.output
@@ -236,11 +254,10 @@ def test_embed_from_dicomweb_equals_embed_from_the_folder(pacs, model, tmp_path)
         np.testing.assert_allclose(vector, folder_vectors[uid], atol=1e-6)
 
 
-def test_kos_of_the_hits_is_stored_and_found_again_by_qido(pacs, model, tmp_path):
-    server, folder = pacs
-    assert dicomweb_build(model, server, tmp_path / "index").exit_code == 0
+def test_kos_of_the_hits_is_stored_and_found_again_by_qido(shared, tmp_path):
+    server, folder, root, _ = shared
     query = folder / "study1" / "IM0001.dcm"
-    result = runner.invoke(app, ["search", "--index", str(tmp_path / "index"), "--image", str(query), "--text",
+    result = runner.invoke(app, ["search", "--index", str(root / "pacs_index"), "--image", str(query), "--text",
                                  "similar chest CT", "-k", "4", "--json", "--export-kos", str(tmp_path / "kos.dcm"),
                                  "--stow", server.dicomweb, "--user", server.user])
     assert result.exit_code == 0, result.output
@@ -255,6 +272,7 @@ def test_kos_of_the_hits_is_stored_and_found_again_by_qido(pacs, model, tmp_path
     assert len(found) == 1
     study, series = found[0]["0020000D"]["Value"][0], found[0]["0020000E"]["Value"][0]
     (kos,) = client.retrieve_series(study, series)
+    server.delete_series(series)  # the shared server holds the test's images only again
     from pydicom import dcmread
 
     assert study == dcmread(query).StudyInstanceUID  # filed in the query's study
@@ -268,20 +286,17 @@ def test_kos_of_the_hits_is_stored_and_found_again_by_qido(pacs, model, tmp_path
     assert dcmread(tmp_path / "kos.dcm").SOPInstanceUID == kos.SOPInstanceUID
 
 
-def test_page_links_dicomweb_hits_to_the_viewer_and_never_shows_a_path(pacs, model, tmp_path):
-    server, folder = pacs
+def test_page_links_dicomweb_hits_to_the_viewer_and_never_shows_a_path(shared):
+    _, folder, tmp_path, _ = shared
     from fuselip_med.search.app import results_table
     from fuselip_med.search.pacs import ViewerUrlError, check_viewer_url
     from fuselip_med.search.query import load_index_model, search
-
-    assert dicomweb_build(model, server, tmp_path / "pacs_index").exit_code == 0
-    assert build(model, tmp_path / "folder_index", "--input", str(folder)).exit_code == 0
     template = check_viewer_url("https://pacs.example.org/viewer?StudyInstanceUIDs={study}&series={series}")
     with pytest.raises(ViewerUrlError):
         check_viewer_url("https://pacs.example.org/viewer?patient={patient}")
+    fuselip, _ = load_index_model(open_index(tmp_path / "pacs_index"))  # both indexes were built with it
     for name, linked in (("pacs_index", True), ("folder_index", False)):
         index = open_index(tmp_path / name)
-        fuselip, _ = load_index_model(index)
         hits = search(index, fuselip, image=folder / "study1" / "IM0000.dcm", k=3)
         table = results_table(hits, "image", template)
         for hit in hits:
@@ -309,8 +324,8 @@ def test_an_undecodable_instance_is_a_named_skip(pacs, model, tmp_path):
     assert skipped_id in result.output and ds.SOPInstanceUID not in result.output
 
 
-def test_the_adapter_serves_recipes(pacs, tmp_path):
-    server, _ = pacs
+def test_the_adapter_serves_recipes(shared, tmp_path):
+    server = shared[0]
     from fuselip_med.data.adapters import get_adapter
 
     source = get_adapter("dicomweb")(server.dicomweb, limit=None, cache=str(tmp_path / "cache"), user=server.user,
