@@ -298,7 +298,7 @@ def test_page_links_dicomweb_hits_to_the_viewer_and_never_shows_a_path(shared):
     for name, linked in (("pacs_index", True), ("folder_index", False)):
         index = open_index(tmp_path / name)
         hits = search(index, fuselip, image=folder / "study1" / "IM0000.dcm", k=3)
-        table = results_table(hits, "image", template)
+        table = results_table(hits, "image", tmp_path / name, template)
         for hit in hits:
             assert hit.path not in table and (not linked or os.path.basename(hit.path) not in table)
             uids = hit_uids(hit.path)

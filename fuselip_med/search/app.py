@@ -42,13 +42,13 @@ def _label(hit: Hit) -> str:
     return f"{hit.rank} · {hit.score:.3f} · {hit.id}{caption}"
 
 
-def results_table(hits: list[Hit], what: str, viewer_url: str | None = None) -> str:
+def results_table(hits: list[Hit], what: str, index_dir, viewer_url: str | None = None) -> str:
     """The markdown status table of ``hits``: rank, score, id, caption and, with ``viewer_url`` (a template with
-    {study}, {series}, {instance}; ``search.pacs.viewer_link``), a link to each DICOMweb hit in the PACS viewer.
-    Hits from files get no link: the page never shows or links a file path."""
+    {study}, {series}, {instance}; ``search.pacs.viewer_link``), a link to each hit fetched from DICOMweb into the
+    index ``index_dir``. Other hits get no link: the page never shows or links a file path."""
     from fuselip_med.search.pacs import viewer_link
 
-    links = [viewer_link(viewer_url, h.source, h.path) if viewer_url else None for h in hits]
+    links = [viewer_link(viewer_url, h.path, index_dir) if viewer_url else None for h in hits]
     viewer = " viewer |" if viewer_url else ""
     rows = "\n".join(f"| {h.rank} | {h.score:.3f} | {h.id} | {h.caption or ''} |"
                      + (f" [open]({link}) |" if link else " |" if viewer_url else "")
@@ -71,7 +71,7 @@ def build_app(index: SearchIndex, model, k: int = 12, viewer_url: str | None = N
 
     def show(hits: list[Hit], what: str):
         grid = [(row_thumbnail(h.row), _label(h)) for h in hits]
-        return grid, results_table(hits, what, viewer_url), [h.to_dict() for h in hits], None
+        return grid, results_table(hits, what, index.directory, viewer_url), [h.to_dict() for h in hits], None
 
     def run_query(text: str, image_path: str | None, instruction: str):
         from fuselip_med.data.images import ImageDecodeError

@@ -99,10 +99,13 @@ def check_viewer_url(template: str) -> str:
     return template
 
 
-def viewer_link(template: str, source: str, path: str | None) -> str | None:
-    """The viewer URL of a hit from a DICOMweb-built index (``source`` ``dicomweb``), filled from the cached
-    file's UIDs; None for hits from files (a page never links to a file path)."""
-    if source != DICOMWEB_SOURCE:
+def viewer_link(template: str, path: str | None, index_dir: str | os.PathLike) -> str | None:
+    """The viewer URL of a hit whose file was fetched from DICOMweb into the index ``index_dir`` (its
+    ``.dicomweb`` cache), filled from that file's UIDs; None for any other hit (a page never links a file path)."""
+    from fuselip_med.data.adapters.dicomweb import INDEX_CACHE
+
+    cache = Path(index_dir).resolve() / INDEX_CACHE
+    if not path or cache not in Path(path).resolve().parents:
         return None
     uids = hit_uids(path)
     if uids is None:
