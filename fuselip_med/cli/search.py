@@ -233,8 +233,8 @@ def serve(
     try:
         from fuselip_med.search.app import serve as serve_page
     except ImportError as error:
-        raise MissingExtraError(f"serve needs Gradio ({error}); install it with: pip install 'fuselip_med[app]'.") \
-            from None
+        message = f"serve needs Gradio ({error}); install it with: pip install 'fuselip_med[app]'."
+        raise MissingExtraError(message) from None
     from fuselip_med.search.pacs import check_viewer_url
 
     if viewer_url is not None:
