@@ -1,7 +1,8 @@
-"""Command-line options shared by several commands: how to read a user's table or folder (``embed``, ``eval``) and
-how to reach a DICOMweb server (``index build``, ``embed``, ``search --stow``). Each maps one to one onto a keyword
-option of its adapter (``--path-column`` -> ``path_column``, ``--max-concurrent`` -> ``max_concurrent``, by
-:func:`fuselip_med.option_names.flag`), so that recipes, Python and the command line use the same names."""
+"""Command-line options shared by several commands: how ``embed`` and ``eval`` read a user's table or folder (each
+maps one to one onto a keyword option of the csv/folder adapter, ``--path-column`` -> ``path_column``, by
+:func:`fuselip_med.option_names.flag`, so that recipes, Python and the command line use the same names), which
+runtime embeds (``--runtime``: ``embed``, ``index build``, ``search``, ``serve``), and how to reach a DICOMweb
+server (``index build``, ``embed``, ``search --stow``; ``--max-concurrent`` -> ``max_concurrent`` likewise)."""
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -11,9 +12,9 @@ import typer
 from fuselip_med.option_names import flag
 
 __all__ = [
-    "CAPTION_COLUMN", "ENCODING", "ID_COLUMN", "IMAGE_ROOT", "PATH_COLUMN", "SEP", "table_options",
-    "DICOMWEB", "DW_USER", "DW_CA_BUNDLE", "DW_INSECURE", "DW_MODALITY", "DW_STUDY_DATE", "DW_STUDY_DESCRIPTION",
-    "DW_LIMIT", "DW_MAX_CONCURRENT", "DW_RETRIES", "dicomweb_options",
+    "CAPTION_COLUMN", "ENCODING", "ID_COLUMN", "IMAGE_ROOT", "PATH_COLUMN", "QUERY_RUNTIME", "RUNTIME", "SEP",
+    "table_options", "DICOMWEB", "DW_USER", "DW_CA_BUNDLE", "DW_INSECURE", "DW_MODALITY", "DW_STUDY_DATE",
+    "DW_STUDY_DESCRIPTION", "DW_LIMIT", "DW_MAX_CONCURRENT", "DW_RETRIES", "dicomweb_options",
 ]
 
 PATH_COLUMN: Optional[str] = typer.Option(
@@ -29,6 +30,13 @@ IMAGE_ROOT: Optional[str] = typer.Option(
     help="Folder relative paths point to, and the only folder besides the table's that images may come from.")
 ENCODING: Optional[str] = typer.Option(
     None, flag("encoding"), help="Text encoding of the table and captions, e.g. cp1252 or latin-1 (default: UTF-8).")
+
+RUNTIME: str = typer.Option(
+    "pytorch", "--runtime", help="pytorch (--model is a checkpoint) or onnx (--model is a folder written by "
+    "`fuselip-med export`, run with ONNX Runtime on the CPU).")
+QUERY_RUNTIME: Optional[str] = typer.Option(
+    None, "--runtime", help="pytorch or onnx (default: the runtime the index was built with; another one is "
+    "refused like another model).")
 
 
 def table_options(*, path_column: str | None, caption_column: str | None, id_column: str | None, sep: str | None,
