@@ -146,8 +146,8 @@ def serve(
     try:
         from fuselip_med.search.app import serve as serve_page
     except ImportError as error:
-        raise MissingExtraError(f"serve needs Gradio ({error}); install it with: pip install 'fuselip_med[app]'.") \
-            from None
+        message = f"serve needs Gradio ({error}); install it with: pip install 'fuselip_med[app]'."
+        raise MissingExtraError(message) from None
     opened = open_index(index)
     fuselip, _ = load_index_model(opened, model)
     serve_page(opened, fuselip, host=host, port=port, k=k)
