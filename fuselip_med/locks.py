@@ -57,8 +57,8 @@ def writer_lock(target: str | os.PathLike, what: str, *, wait: bool = False,
 
     ``what`` names the writer in messages (``index build``). Held by a live process: with ``wait`` say so once
     (naming the holder) and wait for it; without, raise ``FolderBusyError`` naming the holder. The parent
-    folder is created and proved writable first (``io.OutputError`` naming it otherwise). Re-entering the lock
-    from the same process blocks: take it once, at the outermost writer.
+    folder is created and proved writable first (``io.OutputError`` naming it otherwise). A process that takes
+    the lock again while holding it blocks: take it once, at the outermost writer.
     """
     from filelock import FileLock, Timeout
 
