@@ -4,8 +4,8 @@
 ``save_checkpoint`` at their cadences) -> final checkpoint, evaluation and model. A step sets the scheduled
 learning rate, runs ``grad_accum`` micro-batches through ``FuseLIPObjective`` (host ``prepare``, device
 ``forward``) under ``accelerator.accumulate``, clips, and steps a fused AdamW that skips the update on the
-device if the loss was not finite anywhere. Nothing in a step reads a device value on the host: loss values
-and non-finite flags are kept on the device and read at the logging/eval/checkpoint cadence (``flush``),
+device if the loss or the gradients were not finite anywhere (one decision, ``skip_non_finite_step``, which
+the fp16 GradScaler shares). Nothing in a step reads a device value on the host: loss values and non-finite flags are kept on the device and read at the logging/eval/checkpoint cadence (``flush``),
 where skipped steps are reported and too many in a row stop the run. Everything random in a step derives
 from (seed, step), so a resumed run continues exactly where it stopped.
 """
@@ -37,7 +37,7 @@ from fuselip_med.train.data import DataSetupError, build_source, build_train_dat
 from fuselip_med.train.image_codes import attach_image_codes
 from fuselip_med.train.model_card import write_model_card
 from fuselip_med.train.objective import FuseLIPObjective
-from fuselip_med.train.optim import WarmupCosine, build_optimizer, set_learning_rate, skip_step_if
+from fuselip_med.train.optim import WarmupCosine, build_optimizer, set_learning_rate, skip_non_finite_step
 from fuselip_med.train.tracking import log_with, start_trackers
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -104,6 +104,7 @@ class Trainer:
         acc.wait_for_everyone()
 
         self.objective, self.optimizer = acc.prepare(*self._build_objective())
+        self.trainable = [p for p in self.objective.parameters() if p.requires_grad]
         attach_image_codes(self.data, recipe, self.fuselip, rank=acc.process_index, world=acc.num_processes,
                            barrier=acc.wait_for_everyone, say=self.out.say)
         per_epoch, train = self.data.sampler.batches_per_epoch(), recipe.train
@@ -208,10 +209,7 @@ class Trainer:
                 out = self.objective(inputs)
                 acc.backward(out.total)  # Accelerate divides by grad_accum
             totals += torch.stack([out.total, out.contrastive, out.mmm]).detach().float() / train.grad_accum
-        bad = acc.reduce((~torch.isfinite(totals).all()).float(), reduction="sum").clamp(max=1.0)
-        skip_step_if(self.optimizer, bad)
-        if train.grad_clip is not None:
-            acc.clip_grad_norm_(self.objective.parameters(), train.grad_clip)
+        bad = skip_non_finite_step(acc, self.optimizer, self.trainable, totals, train.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         clamp_logit_scale(self.fuselip.logit_scale, train.max_logit_scale)
@@ -244,7 +242,7 @@ class Trainer:
             if bad:
                 self.consecutive_bad += 1
                 self.bad_steps_total += 1
-                self.out.say(f"[yellow]step {step}: non-finite loss, step skipped "
+                self.out.say(f"[yellow]step {step}: non-finite loss or gradients, step skipped "
                              f"({self.consecutive_bad} in a row).[/]")
                 if self.consecutive_bad >= self.recipe.train.max_bad_steps:
                     self.pending = []
