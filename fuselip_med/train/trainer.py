@@ -5,9 +5,10 @@
 learning rate, runs ``grad_accum`` micro-batches through ``FuseLIPObjective`` (host ``prepare``, device
 ``forward``) under ``accelerator.accumulate``, clips, and steps a fused AdamW that skips the update on the
 device if the loss or the gradients were not finite anywhere (one decision, ``skip_non_finite_step``, which
-the fp16 GradScaler shares). Nothing in a step reads a device value on the host: loss values and non-finite flags are kept on the device and read at the logging/eval/checkpoint cadence (``flush``),
-where skipped steps are reported and too many in a row stop the run. Everything random in a step derives
-from (seed, step), so a resumed run continues exactly where it stopped.
+the fp16 GradScaler shares). Nothing in a step reads a device value on the host: loss values and non-finite
+flags are kept on the device and read at the logging/eval/checkpoint cadence (``flush``), where skipped
+steps are reported and too many in a row stop the run. Everything random in a step derives from (seed,
+step), so a resumed run continues exactly where it stopped.
 """
 from __future__ import annotations
 
