@@ -39,11 +39,17 @@ def sigmoid_loss(
         right, offset, mean_rows = gather_rows(right, rank_rows)
     local = left.shape[0]
     with torch.autocast(left.device.type, enabled=False):  # logits in float32 under autocast too
-        logits = logit_scale.float().exp() * left.float() @ right.float().T + logit_bias.float()
+        left, right, logit_scale, logit_bias = (_at_least_float32(t) for t in (left, right, logit_scale, logit_bias))
+        logits = logit_scale.exp() * left @ right.T + logit_bias
     labels = -torch.ones_like(logits)
     rows = torch.arange(local, device=left.device)
     labels[rows, rows + offset] = 1.0
-    return -F.logsigmoid(labels * logits).sum() / max(mean_rows, 1.0)
+    return -F.logsigmoid(labels * logits).sum() / (mean_rows or 1.0)  # fewer rows than ranks: mean < 1
+
+
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as float32 when it is a lower-precision float (float64 stays float64)."""
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
 
 
 def clamp_logit_scale(logit_scale: torch.nn.Parameter, max_scale: float = 100.0) -> None:
