@@ -26,6 +26,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from rich.console import Console
 
 from fuselip_med.core.checkpoints import build_model, save_pretrained
+from fuselip_med.core.distributed import any_rank
 from fuselip_med.core.lora import adapter_parameter_count, apply_lora, save_adapter
 from fuselip_med.core.losses import MaskingConfig, clamp_logit_scale
 from fuselip_med.data.adapters import DatasetEmptyError
@@ -153,7 +154,8 @@ class Trainer:
 
     # ---- the loop --------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        """Train the recipe to its step budget; Ctrl-C/SIGTERM writes a checkpoint and returns (interrupted)."""
+        """Train the recipe to its step budget; Ctrl-C/SIGTERM (on any process) ends the step under way on every
+        process, writes one checkpoint and returns (interrupted)."""
         self.setup()
         recipe = self.recipe
         eval_before = {}
@@ -161,27 +163,30 @@ class Trainer:
             eval_before = self.evaluate("start")
             self.out.metrics("Before training", eval_before)
         interrupted = False
-        previous_handler = _install_sigterm_as_interrupt()
+        stop = StopRequest()
         self.iterator = iter(self.data.loader)
         self.started = time.perf_counter()
         try:
-            with self.out.progress() as self.bar:
+            with stop, self.out.progress() as self.bar:
                 self.bar_task = self.bar.add_task("train", total=self.total_steps, completed=self.step,
                                                   loss=float("nan"), lr=0.0, rate=0.0)
-                while self.step < self.total_steps:
+                while self.step < self.total_steps and not interrupted:
                     self.train_step()
                     self.on_step_end()
-        except KeyboardInterrupt:
+                    interrupted = any_rank(stop.requested)  # every rank stops after the same step
+        except KeyboardInterrupt:  # a second Ctrl-C, or one raised outside the signal handler
+            if self.accelerator.num_processes > 1:
+                raise  # the other processes stand elsewhere: no collective checkpoint is possible
             interrupted = True
-            self.out.say("[yellow]Interrupted: writing a checkpoint before exiting...[/]")
-            path = self.save_checkpoint({"interrupted": True})
-            self.out.say(f"Checkpoint written: {path}. Continue with --resume.")
         finally:
-            signal.signal(signal.SIGTERM, previous_handler)
             if self.skips.total:
                 self.out.say(f"Skipped samples: {self.skips.summary()}")
         final_dir, eval_after = None, {}
-        if not interrupted:
+        if interrupted:
+            self.out.say("[yellow]Interrupted: writing a checkpoint before exiting...[/]")
+            path = self.save_checkpoint({"interrupted": True})
+            self.out.say(f"Checkpoint written: {path}. Continue with --resume.")
+        else:
             if recipe.checkpoint.every_steps:
                 self.save_checkpoint({"final": True})
             if recipe.eval.at_end and self.eval_data:
@@ -395,15 +400,34 @@ class Trainer:
         return final_dir
 
 
-def _install_sigterm_as_interrupt():
-    """Treat SIGTERM (cluster pre-emption, docker stop) like Ctrl-C: checkpoint, then exit."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
+class StopRequest:
+    """SIGTERM (cluster pre-emption, docker stop) and Ctrl-C only set ``requested`` while the loop runs; the
+    trainer reduces it across processes after every step, so every process stops after the same step and
+    they write one checkpoint together (a signal raising inside one process's step would leave the others
+    waiting in a collective for good). A second Ctrl-C raises ``KeyboardInterrupt`` as usual."""
 
-    try:
-        return signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not in the main thread
-        return signal.getsignal(signal.SIGTERM)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.requested = False
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> StopRequest:
+        for signum in self.SIGNALS:
+            try:
+                self.previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not in the main thread: signals stay as they are
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def _fuselip_of(model):
