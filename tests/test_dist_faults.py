@@ -87,6 +87,7 @@ def workers_of(launcher: subprocess.Popen) -> dict[int, int]:
     return found
 
 
+@pytest.mark.slow  # three runs, about 4 minutes on 2 busy cores
 def test_sigterm_to_one_worker_stops_both_after_the_same_step_with_one_checkpoint(tmp_path, demo_data):
     steps = 14
     changes = {"train": {"steps": steps, "batch_size": 8, "log_every": 1}, "checkpoint": {"every_steps": None}}
