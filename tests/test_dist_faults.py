@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from fuselip_med.data.demo import write_demo_dataset
@@ -119,3 +120,63 @@ def test_sigterm_to_one_worker_stops_both_after_the_same_step_with_one_checkpoin
     two, one = logged_losses(tmp_path / "two"), logged_losses(tmp_path / "one")
     assert sorted(two) == sorted(one) == list(range(1, steps + 1))
     assert [two[step] for step in one] == pytest.approx([one[step] for step in one], abs=1e-4)
+
+
+def test_process_group_timeout_is_the_recipe_value(tmp_path, demo_data):
+    from datetime import timedelta
+
+    from accelerate.state import AcceleratorState
+
+    from fuselip_med.recipes import recipe_from_dict
+    from fuselip_med.train.trainer import Trainer
+
+    AcceleratorState._reset_state(True)
+    trainer = Trainer(recipe_from_dict(recipe_dict(tmp_path / "run", demo_data, train={"dist_timeout_min": 90})))
+    assert trainer.accelerator.init_handler.timeout == timedelta(minutes=90)
+    assert recipe_from_dict(recipe_dict(tmp_path / "run", demo_data)).train.dist_timeout_min == 60
+
+
+class CountingModel(torch.nn.Module):
+    """``encode`` of a fixed text embedding, counting the texts this process embedded."""
+
+    def __init__(self):
+        super().__init__()
+        self.texts: list[str] = []
+
+    def encode(self, texts):
+        self.texts += list(texts)
+        return torch.stack([torch.tensor([float(len(t)), float(sum(map(ord, t))), 1.0]) for t in texts])
+
+
+def _embed_worker(rank: int, port: int, texts: list[str], out: str) -> None:
+    import torch.distributed as dist
+
+    from fuselip_med.eval.embedding import Embedder, EmbedItem
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    model = CountingModel()
+    table = Embedder(model, batch_size=2, progress=False, shard=True).embed([EmbedItem.of_text(t) for t in texts])
+    torch.save({"keys": table.keys, "embeddings": table.embeddings, "embedded_here": model.texts},
+               f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_evaluation_embeddings_are_shared_across_processes(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from fuselip_med.eval.embedding import Embedder, EmbedItem
+
+    texts = [f"finding number {i}" for i in range(7)]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_embed_worker, args=(port, texts, str(tmp_path / "table")), nprocs=2)
+    single = Embedder(CountingModel(), batch_size=2, progress=False).embed([EmbedItem.of_text(t) for t in texts])
+    parts = [torch.load(tmp_path / f"table.{rank}") for rank in range(2)]
+    assert sorted(parts[0]["embedded_here"] + parts[1]["embedded_here"]) == sorted(texts)
+    assert len(parts[0]["embedded_here"]) == 4 and len(parts[1]["embedded_here"]) == 3
+    for part in parts:
+        assert torch.equal(part["embeddings"][[part["keys"].index(k) for k in single.keys]], single.embeddings)

@@ -57,6 +57,15 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
+def gather_objects(value: object) -> list[object]:
+    """Every rank's picklable ``value``, in rank order (``[value]`` in one process; on the gloo host group)."""
+    if rank_and_world()[1] == 1:
+        return [value]
+    gathered: list[object] = [None] * rank_and_world()[1]
+    dist.all_gather_object(gathered, value, group=_host_group())
+    return gathered
+
+
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     """Sum of a non-differentiable tensor over ranks (a copy; the input is left alone)."""
     if rank_and_world()[1] == 1:

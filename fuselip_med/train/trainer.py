@@ -17,12 +17,13 @@ import shutil
 import signal
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 from rich.console import Console
 
 from fuselip_med.core.checkpoints import build_model, save_pretrained
@@ -70,7 +71,8 @@ class Trainer:
         self.recipe = recipe
         self.resume = resume
         self.from_scratch = from_scratch
-        handlers = [DistributedDataParallelKwargs(find_unused_parameters=False)]
+        handlers = [DistributedDataParallelKwargs(find_unused_parameters=False),
+                    InitProcessGroupKwargs(timeout=timedelta(minutes=recipe.train.dist_timeout_min))]
         # cpu=True on machines without CUDA lets `accelerate launch --multi_gpu`/torchrun run several gloo
         # processes there (Accelerate's own --cpu launcher needs MPI for more than one process).
         self.accelerator = Accelerator(mixed_precision=PRECISION[recipe.train.precision], kwargs_handlers=handlers,
@@ -279,24 +281,25 @@ class Trainer:
                                   "train/epoch": self.data.sampler.epoch}, step=step)
 
     def evaluate(self, tag: str) -> dict[str, float]:
-        """Run the recipe's eval tasks on the main process (others wait); log and return flat metrics."""
+        """Run the recipe's eval tasks on every process (each embeds its share, the rows are exchanged, process
+        0 writes the report), so no process waits in a collective while another evaluates; log and return
+        flat metrics."""
         from fuselip_med.eval.runner import run_evaluation
 
         self.flush()
-        metrics: dict[str, float] = {}
-        if self.accelerator.is_main_process and self.eval_data:
-            fuselip, eval_recipe = self.fuselip, self.recipe.eval
-            was_training = fuselip.training
-            fuselip.eval()
-            report = run_evaluation(
-                fuselip, eval_recipe.tasks, self.eval_data, self.run_dir / "eval" / tag, seed=self.recipe.train.seed,
-                pool_size=eval_recipe.pool_size, n_pools=eval_recipe.n_pools, batch_size=eval_recipe.batch_size,
-                progress=False, model_id=f"{self.recipe.name}@{self.step}",
-            )
-            fuselip.train(was_training)
-            metrics = flatten_metrics(report)
-            self.accelerator.log(metrics, step=self.step)
-        self.accelerator.wait_for_everyone()
+        if not self.eval_data:
+            return {}
+        fuselip, eval_recipe = self.fuselip, self.recipe.eval
+        was_training = fuselip.training
+        fuselip.eval()
+        report = run_evaluation(
+            fuselip, eval_recipe.tasks, self.eval_data, self.run_dir / "eval" / tag, seed=self.recipe.train.seed,
+            pool_size=eval_recipe.pool_size, n_pools=eval_recipe.n_pools, batch_size=eval_recipe.batch_size,
+            progress=False, model_id=f"{self.recipe.name}@{self.step}", distributed=True,
+        )
+        fuselip.train(was_training)
+        metrics = flatten_metrics(report)
+        self.accelerator.log(metrics, step=self.step)  # Accelerate logs on the main process only
         return metrics
 
     def save_checkpoint(self, extra: dict[str, Any]) -> Path | None:
