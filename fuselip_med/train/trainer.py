@@ -79,6 +79,7 @@ class Trainer:
                                        gradient_accumulation_steps=recipe.train.grad_accum,
                                        cpu=not torch.cuda.is_available(), project_dir=recipe.log_dir(),
                                        log_with=log_with(recipe.logging, recipe.log_dir()))
+        enable_fast_matmul()
         self.out = TrainConsole(console or Console(), self.accelerator.is_main_process, recipe.logging.progress)
         self.run_dir = recipe.run_dir()
         self.checkpoint_dir = self.run_dir / "checkpoints"
@@ -109,6 +110,8 @@ class Trainer:
 
         self.objective, self.optimizer = acc.prepare(*self._build_objective())
         self.trainable = [p for p in self.objective.parameters() if p.requires_grad]
+        self.titok_autocast = torch.autocast(acc.device.type, dtype=torch.bfloat16,
+                                             enabled=recipe.train.precision == "bf16")
         attach_image_codes(self.data, recipe, self.fuselip, rank=acc.process_index, world=acc.num_processes,
                            barrier=acc.wait_for_everyone, say=self.out.say)
         per_epoch, train = self.data.sampler.batches_per_epoch(), recipe.train
@@ -212,7 +215,9 @@ class Trainer:
         totals = torch.zeros(3, device=acc.device)
         for micro in range(train.grad_accum):
             batch = self._next_batch()
-            inputs = unwrapped.prepare(batch, self.step * train.grad_accum + micro).to(acc.device, non_blocking=True)
+            with self.titok_autocast:  # TiTok in bf16 under bf16 training (README: code agreement with fp32)
+                inputs = unwrapped.prepare(batch, self.step * train.grad_accum + micro)
+            inputs = inputs.to(acc.device, non_blocking=True)
             with acc.accumulate(self.objective), acc.autocast():
                 out = self.objective(inputs)
                 acc.backward(out.total)  # Accelerate divides by grad_accum
@@ -401,6 +406,13 @@ class Trainer:
             write_model_card(final_dir, self.recipe, self.init, self.step, before, after)
         acc.wait_for_everyone()
         return final_dir
+
+
+def enable_fast_matmul() -> None:
+    """TF32 tensor-core matmuls and convolutions for float32 work on CUDA (Ampere and later; PyTorch leaves
+    matmuls off by default): fp32 training and the parts of a bf16 step that autocast keeps in float32."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
 
 class StopRequest:
