@@ -28,4 +28,4 @@ bench: install
 # Wheels for a GPU machine without network (CPython 3.12, manylinux x86-64; never torch or its nvidia-*/triton):
 # copy the checkout with .whl/ there and run benchmarks/gpu_check.sh, which installs them next to its torch.
 gpu-wheels:
-	$(PYTHON) benchmarks/gpu_wheels.py --out .whl --python-version 3.12
+	$(PYTHON) benchmarks/gpu_wheels.py --out .whl --python-version 3.12 --extra test
