@@ -27,13 +27,20 @@ def cpu_grad_scaler(trainer: Trainer) -> None:
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_nan_gradient_with_finite_loss_is_skipped_and_counted(tmp_path, demo_data, precision, capsys):
+    check_planted_nan_gradient(tmp_path, demo_data, precision, capsys, emulate_cuda_fp16=not torch.cuda.is_available())
+
+
+def check_planted_nan_gradient(tmp_path, demo_data, precision, capsys, emulate_cuda_fp16: bool) -> None:
+    """Train 4 steps with a NaN planted in one step's gradient (the loss stays finite): that step, and only
+    that one, leaves the weights untouched, is counted and reported. ``emulate_cuda_fp16``: on a CPU, fp16
+    gets the GradScaler that Accelerate gives CUDA."""
     recipe = recipe_from_dict(recipe_dict(tmp_path / "run", demo_data, train={
         "steps": 4, "precision": precision, "max_bad_steps": 3}, checkpoint={"every_steps": None}))
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(True)  # each precision gets its own Accelerator in this process
     trainer = Trainer(recipe)
-    if precision == "fp16":
+    if precision == "fp16" and emulate_cuda_fp16:
         cpu_grad_scaler(trainer)
     trainer.setup()
     bias = trainer.fuselip.logit_bias
