@@ -40,9 +40,12 @@ def test_gpu_check_passes_shellcheck():
 
 
 def python312() -> str | None:
-    found = shutil.which("python3.12") or next(iter(sorted(glob.glob("/root/.pyenv/versions/3.12*/bin/python3.12"))),
-                                                 None)
-    return found
+    """A CPython 3.12 interpreter (pyenv's own binary first: its shims fail when 3.12 is not selected)."""
+    for candidate in [*sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.12*/bin/python3.12"))),
+                      shutil.which("python3.12")]:
+        if candidate and subprocess.run([candidate, "-c", "pass"], capture_output=True).returncode == 0:
+            return candidate
+    return None
 
 
 @pytest.mark.slow  # downloads about 450 MiB of wheels (pip's cache makes later runs quicker)
