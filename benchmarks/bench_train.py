@@ -1,6 +1,6 @@
 """Training step time, throughput, peak memory and a per-phase breakdown: on-the-fly TiTok vs cached codes.
 
-One step is what ``Trainer.train_step`` runs for one micro-batch: ``FuseLIPObjective.prepare`` (TiTok for
+One step is what ``Trainer.train_step`` runs for one micro-batch: ``EarlyFusionObjective.prepare`` (TiTok for
 pixel rows, joint ids, MMM masks), the device forward (SigLIP + 0.25 x MMM), backward, fused AdamW. Two batch
 shapes (``--shape``):
 
@@ -67,28 +67,26 @@ def captions(count: int, generator: torch.Generator) -> list[str]:
 def make_batch(model, batch: int, codes: str, shape: str = "caption"):
     """One training batch of ``batch`` pairs (module doc): ``caption`` = image (+ "") against a caption,
     ``paired`` = image + caption on both sides; images as pixels or as cached code ids."""
-    from fuselip_med.data.collate import Batch
+    from fuselip_med.data.collate import Batch, BatchSide
 
     generator = torch.Generator().manual_seed(0)
     ones, zeros = torch.ones(batch, dtype=torch.bool), torch.zeros(batch, dtype=torch.bool)
-    cached, paired = codes == "cached", shape == "paired"
+    cached = codes == "cached"
 
-    def images():
+    def side(texts: list[str], with_image: bool) -> BatchSide:
+        if not with_image:
+            return BatchSide(text_ids=model.tokenizer(texts), has_image=zeros, has_codes=zeros)
         if cached:
-            return None, torch.randint(0, model.config.codebook_size, (batch, 128), generator=generator)
-        return torch.rand(batch, 3, 256, 256, generator=generator), None
+            ids = torch.randint(0, model.config.codebook_size, (batch, 128), generator=generator)
+            return BatchSide(text_ids=model.tokenizer(texts), has_image=ones, image_ids=ids, has_codes=ones)
+        pixels = torch.rand(batch, 3, 256, 256, generator=generator)
+        return BatchSide(text_ids=model.tokenizer(texts), has_image=ones, pixels=pixels, has_codes=zeros)
 
-    query_pixels, query_ids = images()
-    target_pixels, target_ids = images() if paired else (None, None)
-    return Batch(
-        query_text_ids=model.tokenizer(captions(batch, generator) if paired else [""] * batch),
-        target_text_ids=model.tokenizer(captions(batch, generator)),
-        query_pixels=query_pixels, query_has_image=ones, target_pixels=target_pixels,
-        target_has_image=ones if paired else zeros,
-        ids=[str(i) for i in range(batch)], groups=[str(i) for i in range(batch)], sources=["bench"] * batch,
-        query_image_ids=query_ids, target_image_ids=target_ids,
-        query_has_codes=ones if cached else zeros, target_has_codes=ones if cached and paired else zeros,
-    )
+    paired = shape == "paired"
+    query = side(captions(batch, generator) if paired else [""] * batch, True)
+    target = side(captions(batch, generator), paired)
+    return Batch(query=query, target=target, ids=[str(i) for i in range(batch)], groups=[str(i) for i in range(batch)],
+                 sources=["bench"] * batch)
 
 
 def encoder_flops(model, inputs) -> float:
@@ -132,7 +130,7 @@ def measure(config: tuple, device: str, warmup: int, steps: int, shape: str, que
     """Run one configuration; put {ms, peak, flops, phases} on the queue."""
     from fuselip_med.core.fuselip import FuseLIP, FuseLIPConfig
     from fuselip_med.core.losses import MaskingConfig
-    from fuselip_med.train.objective import FuseLIPObjective
+    from fuselip_med.train.objective import EarlyFusionObjective
     from fuselip_med.train.optim import build_optimizer
     from fuselip_med.train.trainer import enable_fast_matmul
 
@@ -142,7 +140,7 @@ def measure(config: tuple, device: str, warmup: int, steps: int, shape: str, que
     model = FuseLIP(FuseLIPConfig.from_size(size)).to(device)
     if compiled:
         model.transformer.compile(dynamic=True)
-    objective = FuseLIPObjective(model, MaskingConfig.for_model(model.config)).train()
+    objective = EarlyFusionObjective(model, MaskingConfig.for_model(model.config)).train()
     optimizer = build_optimizer(model, 1e-4, 0.1)
     batch = make_batch(model, batch_size, codes, shape)
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16")

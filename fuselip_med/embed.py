@@ -15,6 +15,7 @@ import numpy as np
 
 from fuselip_med.data.adapters import SampleSource, get_adapter
 from fuselip_med.data.skips import SkipReport
+from fuselip_med.errors import UsageError
 from fuselip_med.eval.embedding import EmbedItem, embed_items
 from fuselip_med.io import atomic_write, atomic_write_bytes, atomic_write_json
 
@@ -37,7 +38,7 @@ def open_input(path: str | os.PathLike, kind: Kind, **options: Any) -> SampleSou
     ``caption_column``, ``id_column``, ``sep``, ``image_root``, ``encoding``). Raises the adapter's errors
     (``DatasetNotFoundError``, ``DatasetEmptyError``, ``LookupError``, ``ValueError``) before any work starts."""
     if kind not in KINDS:
-        raise ValueError(f"--kind {kind!r}: choose image, text or pair.")
+        raise UsageError(f"--kind {kind!r}: choose image, text or pair.")
     return get_adapter("folder")(os.fspath(path), split="train", require_caption=kind != "image",
                                  check_files=kind != "text", **options)
 
@@ -113,4 +114,4 @@ def write_embeddings(path: str | os.PathLike, embeddings: np.ndarray, rows: list
         })
         atomic_write(path, lambda tmp: pq.write_table(table.replace_schema_metadata({"model": model_id}), tmp))
         return [path]
-    raise ValueError(f"--out {path}: use a .npy or .parquet file name.")
+    raise UsageError(f"--out {path}: use a .npy or .parquet file name.")

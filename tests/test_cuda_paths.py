@@ -12,7 +12,7 @@ import torch
 from fuselip_med.core.fuselip import FuseLIP, FuseLIPConfig
 from fuselip_med.core.losses import MaskingConfig
 from fuselip_med.data.demo import write_demo_dataset
-from fuselip_med.train.objective import FuseLIPObjective
+from fuselip_med.train.objective import EarlyFusionObjective
 from tests.test_step_skip import check_planted_nan_gradient
 
 pytestmark = [pytest.mark.cuda,
@@ -51,7 +51,7 @@ def test_a_cuda_training_step_matches_the_cpu_step():
     batch = bench_batch(model, 16, "paired")
     losses = {}
     for device, dtype in (("cpu", None), ("cuda", torch.bfloat16)):
-        objective = FuseLIPObjective(model.to(device), MaskingConfig.for_model(model.config)).train()
+        objective = EarlyFusionObjective(model.to(device), MaskingConfig.for_model(model.config)).train()
         inputs = objective.prepare(batch, 0).to(device)
         with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
             out = objective(inputs)

@@ -9,7 +9,7 @@ from fuselip_med.core.fuselip import FuseLIP, FuseLIPConfig
 from fuselip_med.core.losses import MaskingConfig
 from fuselip_med.data.demo import write_demo_dataset
 from fuselip_med.recipes import recipe_from_dict
-from fuselip_med.train.objective import FuseLIPObjective
+from fuselip_med.train.objective import EarlyFusionObjective
 from fuselip_med.vocab import EOT_TOKEN_ID
 from tests.test_trainer import recipe_dict
 
@@ -40,7 +40,7 @@ def test_sequences_are_padded_to_a_multiple_of_8_without_changing_the_embeddings
     torch.manual_seed(0)
     make_batch = bench_train().make_batch
     model = FuseLIP(FuseLIPConfig.from_size("tiny")).eval()
-    objective = FuseLIPObjective(model, MaskingConfig.for_model(model.config))
+    objective = EarlyFusionObjective(model, MaskingConfig.for_model(model.config))
     for shape in ("paired", "caption"):
         inputs = objective.prepare(make_batch(model, 4, "cached", shape), 0)
         for side in (inputs.query, inputs.target):

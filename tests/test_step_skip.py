@@ -43,20 +43,20 @@ def check_planted_nan_gradient(tmp_path, demo_data, precision, capsys, emulate_c
     if precision == "fp16" and emulate_cuda_fp16:
         cpu_grad_scaler(trainer)
     trainer.setup()
-    bias = trainer.fuselip.logit_bias
+    bias = trainer.base_model.logit_bias
     bias.register_hook(lambda grad: grad * float("nan") if trainer.step == PLANTED_STEP else grad)
     trainer.iterator, trainer.started = iter(trainer.data.loader), 0.0
     snapshots = []
     with trainer.out.progress() as trainer.bar:
         trainer.bar_task = trainer.bar.add_task("train", total=4, loss=0.0, lr=0.0, rate=0.0)
         for _ in range(4):
-            before = {n: p.detach().clone() for n, p in trainer.fuselip.named_parameters() if p.requires_grad}
+            before = {n: p.detach().clone() for n, p in trainer.base_model.named_parameters() if p.requires_grad}
             trainer.train_step()
-            snapshots.append(all(torch.equal(before[n], p) for n, p in trainer.fuselip.named_parameters()
+            snapshots.append(all(torch.equal(before[n], p) for n, p in trainer.base_model.named_parameters()
                                  if p.requires_grad))
             trainer.log()
     assert snapshots == [False, False, True, False]  # only the planted step left the weights untouched
-    assert all(torch.isfinite(p).all() for p in trainer.fuselip.parameters())
+    assert all(torch.isfinite(p).all() for p in trainer.base_model.parameters())
     assert trainer.bad_steps_total == 1
     assert len(trainer.losses) == 3
     assert f"step {PLANTED_STEP + 1}: non-finite" in capsys.readouterr().out

@@ -3,9 +3,11 @@ fusion (SigLIP-MLF), trained with the SigLIP sigmoid loss only (FuseLIP paper, S
 "Baselines" and Table 2).
 
 Towers:
-- image: a ViT from ``transformers`` (``ViTModel``, configured from scratch, no pooler) on 256 × 256 pixels in
-  [0, 1] (normalised with mean 0.5 / std 0.5 as in SigLIP), its final-LayerNorm class token projected to the
-  shared dimension by a bias-free linear layer (open_clip's ``proj``);
+- image: the CLIP-style ViT of the official code (open_clip ``VisionTransformer``: patch convolution without bias,
+  class and positional embeddings, ``ln_pre`` before the transformer, ``ln_post`` on the class token, a bias-free
+  projection ``proj``), built as ``transformers``' ``CLIPVisionModel`` (configured from scratch; its
+  ``pre_layrnorm``/``post_layernorm`` are ``ln_pre``/``ln_post``) on 256 × 256 pixels in [0, 1] (normalised with
+  mean 0.5 / std 0.5 as in SigLIP);
 - text: a CLIP text transformer (token embedding 49,408 × width, positional embedding 180 × width, pre-norm
   blocks, ``ln_final``, bias-free ``text_projection``) with bidirectional attention, padding (id 0) masked out,
   pooled at the first eot token, on the project's CLIP BPE ids (``core.text_tokenizer``).
@@ -14,133 +16,69 @@ Fusion of one row (image embedding u, text embedding v, both un-normalised, dime
 - SF: ``normalize(normalize(u) + normalize(v))`` for image+text rows, ``normalize(u)`` for image-only rows
   and ``normalize(v)`` for text-only rows;
 - MLF: a 4-layer transformer (width D = 384 / 6 heads for S, 512 / 8 heads for B) over the two tokens
-  ``[u, v]``, then attention pooling with one learned query (open_clip's ``AttentionalPooler`` layout);
+  ``[u, v]``, then the official MagicLens attention pooling (``AttentionalPoolerMagicLens`` of the FuseLIP code's
+  ``feature_fuse_clip.py``): one learned query, multi-head attention over the tokens, a LayerNorm on its output;
   ``u = 0`` when the row has no image, ``v`` is the text tower's embedding of the empty text when it has none.
 
-With these shapes the parameter counts equal the paper's Table 2 to 0.1 M (exact integers in
-``tests/test_late_fusion.py``): image 21,836,160 / 86,237,952, text 40,483,584 / 63,480,832, fusion
-7,691,136 / 13,662,720 for S / B.
+With these shapes the parameter counts are the official code's (its ``ViT-{S,B}-16-256-180-mask`` configurations
+and MagicLens fusion; exact integers in ``tests/test_late_fusion.py``): image 21,836,544 / 86,238,720, text
+40,483,584 / 63,480,832, fusion 7,690,368 / 13,661,696 for S / B, which the paper's Table 2 rounds to 0.1 M.
 """
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import ViTConfig, ViTModel
+from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from fuselip_med.core.fuselip import EOT_ID, PAD_ID, SOT_ID, Transformer, init_transformer
-from fuselip_med.core.hub import HubModelMixin
+from fuselip_med.core.blocks import Transformer, init_transformer
+from fuselip_med.core.configs import LateFusionConfig
+from fuselip_med.core.pretrained import HubModelMixin
 from fuselip_med.core.text_tokenizer import TextTokenizer
-from fuselip_med.vocab import CLIP_BPE_VOCAB_SIZE
+from fuselip_med.vocab import EOT_TOKEN_ID as EOT_ID, PAD_TOKEN_ID as PAD_ID, SOT_TOKEN_ID as SOT_ID
 
-LATE_FUSION_ARCHS = ("siglip_sf", "siglip_mlf")
-
-# size: image (hidden, layers, heads, patch), text (width, heads, layers), embed_dim, fusion (width, heads, layers)
-LATE_FUSION_SIZES: dict[str, dict[str, Any]] = {
-    "tiny": {"image": (64, 2, 2, 32), "text": (64, 2, 2), "embed_dim": 64, "fusion": (64, 2, 2)},
-    "small": {"image": (384, 12, 6, 16), "text": (384, 6, 12), "embed_dim": 384, "fusion": (384, 6, 4)},
-    "base": {"image": (768, 12, 12, 16), "text": (512, 8, 12), "embed_dim": 512, "fusion": (512, 8, 4)},
-}
-# LoRA target names (the recipe's model.lora.targets, FuseLIP's module names) -> the ViT's module names in
-# transformers 5 (layers.N.attention.q_proj, mlp.fc1) and 4 (encoder.layer.N.attention.attention.query, ...)
-VIT_LORA_NAMES: dict[str, tuple[str, str]] = {
-    "q_proj": (r"attention\.q_proj", r"attention\.attention\.query"),
-    "k_proj": (r"attention\.k_proj", r"attention\.attention\.key"),
-    "v_proj": (r"attention\.v_proj", r"attention\.attention\.value"),
-    "out_proj": (r"attention\.o_proj", r"attention\.output\.dense"),
-    "c_fc": (r"mlp\.fc1", r"intermediate\.dense"),
-    "c_proj": (r"mlp\.fc2", r"output\.dense"),
+# LoRA target names (the recipe's model.lora.targets, FuseLIP's module names) -> CLIPVisionModel's module names
+# (encoder.layers.N.self_attn.q_proj, encoder.layers.N.mlp.fc1)
+VIT_LORA_NAMES: dict[str, str] = {
+    "q_proj": r"self_attn\.q_proj",
+    "k_proj": r"self_attn\.k_proj",
+    "v_proj": r"self_attn\.v_proj",
+    "out_proj": r"self_attn\.out_proj",
+    "c_fc": r"mlp\.fc1",
+    "c_proj": r"mlp\.fc2",
 }
 POOL_LORA_NAMES = ("q_proj", "k_proj", "v_proj", "out_proj")
 PIXEL_MEAN = 0.5  # SigLIP image normalisation (open_clip OPENAI/INCEPTION-style mean = std = 0.5)
 PIXEL_STD = 0.5
 
 
-@dataclass
-class LateFusionConfig:
-    """Architecture of a late-fusion baseline; ``arch`` selects the fusion (``siglip_sf`` or ``siglip_mlf``)."""
-
-    arch: str = "siglip_sf"
-    size: str = "small"
-    image_size: int = 256
-    patch_size: int = 16
-    image_width: int = 384
-    image_layers: int = 12
-    image_heads: int = 6
-    text_width: int = 384
-    text_heads: int = 6
-    text_layers: int = 12
-    context_length: int = 180
-    text_vocab_size: int = CLIP_BPE_VOCAB_SIZE  # CLIP BPE without [MASK]: no MMM for the baselines
-    embed_dim: int = 384
-    fusion_width: int = 384
-    fusion_heads: int = 6
-    fusion_layers: int = 4
-    mlp_ratio: float = 4.0
-
-    def __post_init__(self) -> None:
-        if self.arch not in LATE_FUSION_ARCHS:
-            raise ValueError(f"Unknown late-fusion arch {self.arch!r}; choose one of {LATE_FUSION_ARCHS}.")
-        if self.arch == "siglip_mlf" and self.fusion_width != self.embed_dim:
-            raise ValueError(f"MLF fuses {self.embed_dim}-d embeddings, so fusion_width must be {self.embed_dim}.")
-
-    @classmethod
-    def from_size(cls, arch: str, size: str, **overrides: Any) -> "LateFusionConfig":
-        """The paper's S/B baseline (ViT-S/16 or ViT-B/16, CLIP-S/B text) or ``tiny`` for tests and demos."""
-        if size not in LATE_FUSION_SIZES:
-            raise ValueError(f"Unknown late-fusion size {size!r}; choose one of {sorted(LATE_FUSION_SIZES)}.")
-        spec = LATE_FUSION_SIZES[size]
-        image_width, image_layers, image_heads, patch = spec["image"]
-        text_width, text_heads, text_layers = spec["text"]
-        fusion_width, fusion_heads, fusion_layers = spec["fusion"]
-        values = dict(
-            arch=arch, size=size, patch_size=patch, image_width=image_width, image_layers=image_layers,
-            image_heads=image_heads, text_width=text_width, text_heads=text_heads, text_layers=text_layers,
-            embed_dim=spec["embed_dim"], fusion_width=fusion_width, fusion_heads=fusion_heads,
-            fusion_layers=fusion_layers,
-        )
-        values.update(overrides)
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        """config.json content (``arch`` tells ``load_model`` which class to build)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LateFusionConfig":
-        """Read a config.json written by ``to_dict``; unknown keys are an error naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Late-fusion config has unknown keys {unknown}; expected a subset of {sorted(known)}.")
-        return cls(**data)
-
-    def vit_config(self) -> ViTConfig:
-        """The ``transformers`` ViT configuration of the image tower (no dropout, exact GELU, qkv biases)."""
-        return ViTConfig(
-            hidden_size=self.image_width, num_hidden_layers=self.image_layers, num_attention_heads=self.image_heads,
-            intermediate_size=int(self.image_width * self.mlp_ratio), hidden_act="gelu", hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0, layer_norm_eps=1e-6, image_size=self.image_size,
-            patch_size=self.patch_size, num_channels=3, qkv_bias=True, attn_implementation="sdpa",
-        )
+def vision_config(config: LateFusionConfig) -> CLIPVisionConfig:
+    """The ``transformers`` configuration of the CLIP-style image tower: exact GELU and LayerNorm eps 1e-5 as
+    open_clip's ``VisionTransformer`` (``nn.GELU``, ``nn.LayerNorm``), no dropout."""
+    return CLIPVisionConfig(
+        hidden_size=config.image_width, num_hidden_layers=config.image_layers, num_attention_heads=config.image_heads,
+        intermediate_size=int(config.image_width * config.mlp_ratio), hidden_act="gelu", attention_dropout=0.0,
+        layer_norm_eps=1e-5, image_size=config.image_size, patch_size=config.patch_size, num_channels=3,
+        attn_implementation="sdpa",
+    )
 
 
 class ImageTower(nn.Module):
-    """ViT (``transformers.ViTModel``, no pooler) + bias-free projection of the class token to ``embed_dim``."""
+    """CLIP-style ViT (``CLIPVisionModel``: ``ln_pre``, ``ln_post`` on the class token) + the bias-free projection
+    ``proj`` to ``embed_dim`` (open_clip ``VisionTransformer``)."""
 
     def __init__(self, config: LateFusionConfig):
         super().__init__()
-        self.vit = ViTModel(config.vit_config(), add_pooling_layer=False)
+        self.vit = CLIPVisionModel(vision_config(config))
         self.proj = nn.Linear(config.image_width, config.embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=config.image_width**-0.5)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) float pixels in [0, 1] -> (N, embed_dim) un-normalised embeddings."""
         pixel_values = (pixels - PIXEL_MEAN) / PIXEL_STD
-        hidden = self.vit(pixel_values=pixel_values.to(self.proj.weight.dtype)).last_hidden_state
-        return self.proj(hidden[:, 0])
+        pooled = self.vit(pixel_values=pixel_values.to(self.proj.weight.dtype)).pooler_output  # ln_post(class)
+        return self.proj(pooled)
 
 
 class TextTower(nn.Module):
@@ -172,15 +110,16 @@ class TextTower(nn.Module):
 
 
 class AttentionPool(nn.Module):
-    """Attention pooling with one learned query (open_clip ``AttentionalPooler``: ln_q on the query, ln_k on
-    the tokens, multi-head attention) written with separate q/k/v/out linears so LoRA can target them."""
+    """MagicLens attention pooling with one learned query (the official ``AttentionalPoolerMagicLens``: multi-head
+    attention of the query over the tokens, then ``pool_attn_ln``, a LayerNorm on its output), written with
+    separate q/k/v/out linears (the same parameters as ``nn.MultiheadAttention``'s packed in-projection) so LoRA
+    can target them."""
 
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.heads = heads
         self.query = nn.Parameter(torch.randn(1, width) * width**-0.5)
-        self.ln_q = nn.LayerNorm(width)
-        self.ln_k = nn.LayerNorm(width)
+        self.ln = nn.LayerNorm(width)
         self.q_proj = nn.Linear(width, width)
         self.k_proj = nn.Linear(width, width)
         self.v_proj = nn.Linear(width, width)
@@ -190,12 +129,11 @@ class AttentionPool(nn.Module):
         """(N, T, W) tokens -> (N, W) pooled."""
         batch, length, width = tokens.shape
         head_dim = width // self.heads
-        keys = self.ln_k(tokens)
-        q = self.q_proj(self.ln_q(self.query)).view(1, self.heads, 1, head_dim).expand(batch, -1, -1, -1)
-        k = self.k_proj(keys).view(batch, length, self.heads, head_dim).transpose(1, 2)
-        v = self.v_proj(keys).view(batch, length, self.heads, head_dim).transpose(1, 2)
+        q = self.q_proj(self.query).view(1, self.heads, 1, head_dim).expand(batch, -1, -1, -1)
+        k = self.k_proj(tokens).view(batch, length, self.heads, head_dim).transpose(1, 2)
+        v = self.v_proj(tokens).view(batch, length, self.heads, head_dim).transpose(1, 2)
         pooled = F.scaled_dot_product_attention(q, k, v)  # (N, heads, 1, head_dim)
-        return self.out_proj(pooled.reshape(batch, width))
+        return self.ln(self.out_proj(pooled.reshape(batch, width)))
 
 
 class MagicLensFusion(nn.Module):
@@ -366,12 +304,12 @@ class LateFusion(nn.Module, HubModelMixin, tags=["siglip"]):
         if unknown or not targets:
             raise ValueError(f"LoRA targets {unknown or list(targets)} not understood; "
                              f"choose from {sorted(VIT_LORA_NAMES)}.")
-        vit = "|".join(name for target in targets for name in VIT_LORA_NAMES[target])
+        vit = "|".join(VIT_LORA_NAMES[target] for target in targets)
         attn = [t for t in targets if t in POOL_LORA_NAMES]
         mlp = [t for t in targets if t not in POOL_LORA_NAMES]
         blocks = ([rf"attn\.({'|'.join(attn)})"] if attn else []) + ([rf"mlp\.({'|'.join(mlp)})"] if mlp else [])
         alternatives = [
-            rf"image_tower\.vit\.(layers|encoder\.layer)\.\d+\.({vit})",
+            rf"image_tower\.vit\.(vision_model\.)?encoder\.layers\.\d+\.({vit})",
             rf"(text_tower|fusion)\.transformer\.resblocks\.\d+\.({'|'.join(blocks)})",
         ] + ([rf"fusion\.pool\.({'|'.join(attn)})"] if attn else [])
         return rf"^(.*\.)?({'|'.join(alternatives)})$"

@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fuselip_med.errors import UsageError
+
 from . import classification as cls
 from .embedding import Embedder
 from .report import EvalReport, TaskResult, now_iso, package_version, write_report
@@ -33,7 +35,7 @@ def check_tasks(tasks: Sequence[str], data: Mapping[str, Any]) -> list[str]:
     tasks = list(dict.fromkeys(tasks))
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
-        raise ValueError(f"unknown evaluation task(s) {unknown}: choose from {', '.join(TASKS)}")
+        raise UsageError(f"unknown evaluation task(s) {unknown}: choose from {', '.join(TASKS)}")
     roles = resolve_data(data)
     for name in tasks:
         task = get_task(name)
@@ -45,7 +47,7 @@ def check_tasks(tasks: Sequence[str], data: Mapping[str, Any]) -> list[str]:
             for entry in missing:
                 keys = [k for r in entry.split("|") for k in (r, *ROLES[r].aliases)]
                 wanted.append(" or ".join(repr(k) for k in keys))
-            raise ValueError(f"task {name!r} needs data {', '.join(wanted)}; "
+            raise UsageError(f"task {name!r} needs data {', '.join(wanted)}; "
                              f"got {', '.join(map(repr, data)) or 'none'} (pass --data ROLE=PATH)")
     return tasks
 
@@ -78,6 +80,7 @@ def run_evaluation(
     label_field: str = "label",
     mmeb_subsets: Sequence[str] | None = None,
     vg_images: int = 100,
+    tgit_rows: str | None = None,
     on_error: str = "skip",
     allow_partial: bool = False,
     source_options: Mapping[str, Any] | None = None,
@@ -91,6 +94,7 @@ def run_evaluation(
     images that fail to decode out and counts them per task under ``skipped``. ``labels``/``templates``/
     ``label_field``: the zero-shot task's classes, prompt templates (``{c}`` = class name) and label key.
     ``mmeb_subsets``: evaluate only these MMEB subsets; ``vg_images``: images of the VG-Crop evaluation.
+    ``tgit_rows``: ``"official"`` or a file listing the source rows TGIT uses (default: the first ``tgit_images``).
     Raises ``ValueError`` for an unknown task or missing data before any embedding.
 
     Image-caption tasks record ``n_listed`` (rows the data listed), ``n_evaluated`` and ``skipped`` (reason ->
@@ -112,7 +116,8 @@ def run_evaluation(
                        modality_templates=tuple(modality_templates), tgit_images=tgit_images,
                        labels=tuple(labels) if labels is not None else None,
                        templates=tuple(templates) if templates is not None else None, label_field=label_field,
-                       mmeb_subsets=tuple(mmeb_subsets) if mmeb_subsets is not None else None, vg_images=vg_images)
+                       mmeb_subsets=tuple(mmeb_subsets) if mmeb_subsets is not None else None, vg_images=vg_images,
+                       tgit_rows=tgit_rows)
     ctx = EvalContext(data, embedder, opts, allow_partial=allow_partial, table_options=source_options)
     results: dict[str, TaskResult] = {}
     for name in tasks:
