@@ -61,7 +61,7 @@ def test_train_loader_workers_persist_across_epochs(tmp_path):
     recipe = recipe_from_dict(recipe_dict(tmp_path / "run", data_dir, data={"num_workers": 1}))
     data = build_train_data(recipe, TextTokenizer())
     assert data.loader.persistent_workers
-    first = [batch.query_pixels.clone() for batch in data.loader]
+    first = [batch.query.pixels.clone() for batch in data.loader]
     data.set_epoch(1)
-    second = [batch.query_pixels.clone() for batch in data.loader]
+    second = [batch.query.pixels.clone() for batch in data.loader]
     assert len(first) == len(second) == 2 and not torch.equal(first[0], second[0])
