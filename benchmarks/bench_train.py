@@ -37,6 +37,7 @@ import multiprocessing as mp
 import resource
 import statistics
 import time
+from queue import Empty
 
 import torch
 
@@ -248,6 +249,16 @@ def peak_flops() -> tuple[float | None, str]:
 PHASES = ("prepare", "TiTok", "forward", "backward", "optimizer")
 
 
+def receive(queue, process, config: tuple) -> dict:
+    """The measuring process's result; exits with its exit code when it died first (its error is above)."""
+    while True:
+        try:
+            return queue.get(timeout=5)
+        except Empty:
+            if not process.is_alive():
+                raise SystemExit(f"{list(config)}: the measuring process failed (exit {process.exitcode})") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
@@ -289,7 +300,7 @@ def main() -> None:
                 target = measure_recipe if config[0].startswith("recipe:") else measure
                 process = context.Process(target=target, args=(config, device, warmup, steps, shape, queue))
                 process.start()
-                result = queue.get()
+                result = receive(queue, process, config)
                 process.join()
                 size, precision, codes, compiled, batch = config
                 phases = " | ".join(f"{result['phases'][p]:.1f}" if p in result["phases"] else "-" for p in PHASES)
