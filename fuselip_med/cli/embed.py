@@ -8,9 +8,17 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from fuselip_med.cli import common
 from fuselip_med.cli.common import BASE_HELP, MODEL_HELP
-from fuselip_med.cli.options import CAPTION_COLUMN, ENCODING, ID_COLUMN, IMAGE_ROOT, PATH_COLUMN, SEP, table_options
+from fuselip_med.cli.options import (
+    CAPTION_COLUMN,
+    ENCODING,
+    ID_COLUMN,
+    IMAGE_ROOT,
+    PATH_COLUMN,
+    RUNTIME,
+    SEP,
+    table_options,
+)
 from fuselip_med.errors import InputError, UsageError
 from fuselip_med.option_names import command_line_style
 
@@ -36,6 +44,7 @@ def embed(
     num_workers: int = typer.Option(2, help="Image decoding workers."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
     base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP),
+    runtime: str = RUNTIME,
 ) -> None:
     """Embed images, texts or image+text pairs for search, batched, with progress; every row not embedded is named.
 
@@ -44,15 +53,19 @@ def embed(
       fuselip-med embed -m runs/rocov2/final -i reports.csv --kind text -o text_embeddings.parquet\n
       fuselip-med embed -m runs/rocov2/final -i train.tsv --path-column filepath --caption-column title \\\n
         --kind pair -o pairs.npy\n
-      fuselip-med embed -m runs/rocov2/final -i export.csv --encoding cp1252 --image-root /data/pacs -o scans.npy
+      fuselip-med embed -m runs/rocov2/final -i export.csv --encoding cp1252 --image-root /data/pacs -o scans.npy\n
+      fuselip-med embed --runtime onnx -m exports/rocov2-int8 -i my_images/ -o image_embeddings.npy
     """
     from fuselip_med.data.skips import SkipReport
     from fuselip_med.embed import KINDS, embed_rows, open_input, rows_from_source, skipped_csv_path, write_embeddings
+    from fuselip_med.export.runtime import load_for_runtime
+    from fuselip_med.io import check_writable
 
     if kind not in KINDS:
         raise UsageError(f"--kind {kind!r}: choose image, text or pair.")
     if out.suffix not in (".npy", ".parquet"):
         raise UsageError(f"--out {out}: use a .npy or .parquet file name.")
+    check_writable(out.parent)  # before any work: OutputError naming the folder
     options = table_options(path_column=path_column, caption_column=caption_column, id_column=id_column, sep=sep,
                             image_root=image_root, encoding=encoding)
     with command_line_style():
@@ -61,7 +74,7 @@ def embed(
     rows = rows_from_source(source, kind, skips)  # type: ignore[arg-type]
     if not rows:
         raise InputError(f"{input}: no row to embed ({skips.summary()}).")
-    fuselip, _, _ = common.load_inference_model(model, device, base)
+    fuselip, _ = load_for_runtime(model, runtime, device, base=base)
     matrix, kept, _ = embed_rows(fuselip, rows, batch_size=batch_size, num_workers=num_workers, skips=skips)
     written = write_embeddings(out, matrix, kept, model)
     skips.kept = len(kept)
