@@ -11,12 +11,23 @@ from rich.console import Console
 from fuselip_med.cli.common import BASE_HELP, MODEL_HELP
 from fuselip_med.cli.options import (
     CAPTION_COLUMN,
+    DICOMWEB,
+    DW_CA_BUNDLE,
+    DW_INSECURE,
+    DW_LIMIT,
+    DW_MAX_CONCURRENT,
+    DW_MODALITY,
+    DW_RETRIES,
+    DW_STUDY_DATE,
+    DW_STUDY_DESCRIPTION,
+    DW_USER,
     ENCODING,
     ID_COLUMN,
     IMAGE_ROOT,
     PATH_COLUMN,
     RUNTIME,
     SEP,
+    dicomweb_options,
     table_options,
 )
 from fuselip_med.errors import InputError, UsageError
@@ -28,8 +39,9 @@ console = Console()
 
 def embed(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
-    input: Path = typer.Option(..., "--input", "-i", help="A CSV/TSV (path and, for text/pair, caption columns) or a "
-                               "folder of images (DICOM found by content; .txt captions for text/pair)."),
+    input: Optional[Path] = typer.Option(None, "--input", "-i", help="A CSV/TSV (path and, for text/pair, caption "
+                                         "columns) or a folder of images (DICOM found by content; .txt captions for "
+                                         "text/pair). Or give --dicomweb."),
     out: Path = typer.Option(..., "--out", "-o", help="Output .npy (ids in .ids.json beside it) or .parquet; skipped "
                              "rows are listed in <stem>.skipped.csv beside it."),
     kind: str = typer.Option("image", help="What to embed per row: image (no captions needed), text or pair "
@@ -44,9 +56,22 @@ def embed(
     num_workers: int = typer.Option(2, help="Image decoding workers."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
     base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP),
+    dicomweb: Optional[str] = DICOMWEB,
+    user: Optional[str] = DW_USER,
+    ca_bundle: Optional[str] = DW_CA_BUNDLE,
+    insecure: bool = DW_INSECURE,
+    modality: Optional[str] = DW_MODALITY,
+    study_date: Optional[str] = DW_STUDY_DATE,
+    study_description: Optional[str] = DW_STUDY_DESCRIPTION,
+    limit: Optional[int] = DW_LIMIT,
+    max_concurrent: int = DW_MAX_CONCURRENT,
+    retries: int = DW_RETRIES,
     runtime: str = RUNTIME,
 ) -> None:
     """Embed images, texts or image+text pairs for search, batched, with progress; every row not embedded is named.
+
+    With --dicomweb the images are the instances of the series QIDO-RS finds, fetched (WADO-RS) into
+    <out stem>.dicomweb/ beside --out and reused by the next run; ids are salted instance keys, not UIDs.
 
     Examples:\n
       fuselip-med embed -m runs/rocov2/final -i my_images/ -o image_embeddings.npy\n
@@ -54,6 +79,7 @@ def embed(
       fuselip-med embed -m runs/rocov2/final -i train.tsv --path-column filepath --caption-column title \\\n
         --kind pair -o pairs.npy\n
       fuselip-med embed -m runs/rocov2/final -i export.csv --encoding cp1252 --image-root /data/pacs -o scans.npy\n
+      fuselip-med embed -m runs/rocov2/final --dicomweb https://pacs/dicom-web --user alice --modality CT -o ct.npy\n
       fuselip-med embed --runtime onnx -m exports/rocov2-int8 -i my_images/ -o image_embeddings.npy
     """
     from fuselip_med.data.skips import SkipReport
@@ -65,15 +91,28 @@ def embed(
         raise UsageError(f"--kind {kind!r}: choose image, text or pair.")
     if out.suffix not in (".npy", ".parquet"):
         raise UsageError(f"--out {out}: use a .npy or .parquet file name.")
+    if (input is None) == (dicomweb is None):
+        raise UsageError("give --input (a table or folder) or --dicomweb URL, not both.")
+    if dicomweb is not None and kind != "image":
+        raise UsageError(f"--kind {kind}: a DICOMweb server gives images only; use --kind image.")
     check_writable(out.parent)  # before any work: OutputError naming the folder
     options = table_options(path_column=path_column, caption_column=caption_column, id_column=id_column, sep=sep,
                             image_root=image_root, encoding=encoding)
     with command_line_style():
-        source = open_input(input, kind, **options)  # type: ignore[arg-type]
+        if dicomweb is not None:
+            from fuselip_med.data.adapters import get_adapter
+
+            pacs = dicomweb_options(user=user, ca_bundle=ca_bundle, insecure=insecure, modality=modality,
+                                    study_date=study_date, study_description=study_description,
+                                    max_concurrent=max_concurrent, retries=retries)
+            cache = out.with_name(f"{out.stem}.dicomweb")
+            source = get_adapter("dicomweb")(dicomweb, limit=limit, cache=str(cache), **pacs)
+        else:
+            source = open_input(input, kind, **options)  # type: ignore[arg-type]
     skips = SkipReport.merged([source.skipped])
     rows = rows_from_source(source, kind, skips)  # type: ignore[arg-type]
     if not rows:
-        raise InputError(f"{input}: no row to embed ({skips.summary()}).")
+        raise InputError(f"{input or 'the DICOMweb server'}: no row to embed ({skips.summary()}).")
     fuselip, _ = load_for_runtime(model, runtime, device, base=base)
     matrix, kept, _ = embed_rows(fuselip, rows, batch_size=batch_size, num_workers=num_workers, skips=skips)
     written = write_embeddings(out, matrix, kept, model)
