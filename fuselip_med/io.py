@@ -50,7 +50,7 @@ except ImportError:  # loaded by path in the download image, without the package
     _UserError = Exception  # type: ignore[assignment,misc]
 
 
-class OutputError(_UserError, OSError):
+class OutputError(OSError, _UserError):
     """An output location that cannot take the output: not writable, or its device is full. The message is one
     line naming the folder (and, when full, the space needed); the CLI prints it as ``error: ...``."""
 

@@ -22,3 +22,14 @@ pytest_plugins = ["tests.orthanc"]  # the ``orthanc`` fixture: a real Orthanc se
 def _seed_everything():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Trainers built in this process leave Accelerate's process-wide state (precision) behind; a later test that
+    builds its own with other settings needs it cleared. Cleared after every test that imported Accelerate."""
+    yield
+    import sys
+
+    if "accelerate.state" in sys.modules:
+        sys.modules["accelerate.state"].AcceleratorState._reset_state(reset_partial_state=True)

@@ -16,16 +16,6 @@ from fuselip_med.io import OutputError, atomic_write_bytes, check_writable
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Trainers built in this process leave Accelerate's process-wide state (precision) behind; later tests
-    that build theirs with other settings need it cleared."""
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def mount_tmpfs(path: Path, options: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
     return os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],

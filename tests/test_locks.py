@@ -19,16 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Trainers built in this process leave Accelerate's process-wide state (precision) behind; later tests
-    that build theirs with other settings need it cleared."""
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def start(script: str, *args: object) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], cwd=REPO, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -12,16 +12,6 @@ from fuselip_med.cli import app
 from tests.search_helpers import PlantedEncoder, make_folder
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Trainers built in this process leave Accelerate's process-wide state (precision) behind; later tests
-    that build theirs with other settings need it cleared."""
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def commands(group=None, path=()):
     """The command paths of the CLI (``("index", "build")``, ...), walked from the click tree."""
     group = group or typer.main.get_command(app)
