@@ -12,6 +12,7 @@ from fuselip_med.cli_errors import DEBUG_ENV, UserErrorGroup, print_error
 from fuselip_med.cli_options import CAPTION_COLUMN, ENCODING, ID_COLUMN, IMAGE_ROOT, PATH_COLUMN, SEP, table_options
 from fuselip_med.data.synth.cli import synth_vqa_command
 from fuselip_med.search.commands import register as register_search_commands
+from fuselip_med.studies_cli import PLANE, RENDER, SLICES, UNIT, WINDOW
 
 app = typer.Typer(
     name="fuselip-med",
@@ -348,16 +349,30 @@ def embed(
     num_workers: int = typer.Option(2, help="Image decoding workers."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
     base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP),
+    unit: str = UNIT,
+    slices: int = SLICES,
+    render: str = RENDER,
+    window: Optional[str] = WINDOW,
+    plane: str = PLANE,
 ) -> None:
     """Embed images, texts or image+text pairs for search, batched, with progress; every row not embedded is named.
+
+    With --unit series or study, --input is a folder (searched recursively), a DICOMDIR, a NIfTI file or a CSV
+    listing them: DICOM is grouped into series by its UIDs, each series embedded through --slices sampled slices,
+    and rows carry salted series/study keys (no paths, no UIDs); slice vectors go beside the output.
 
     Examples:\n
       fuselip-med embed -m runs/rocov2/final -i my_images/ -o image_embeddings.npy\n
       fuselip-med embed -m runs/rocov2/final -i reports.csv --kind text -o text_embeddings.parquet\n
       fuselip-med embed -m runs/rocov2/final -i train.tsv --path-column filepath --caption-column title \\\n
         --kind pair -o pairs.npy\n
-      fuselip-med embed -m runs/rocov2/final -i export.csv --encoding cp1252 --image-root /data/pacs -o scans.npy
+      fuselip-med embed -m runs/rocov2/final -i export.csv --encoding cp1252 --image-root /data/pacs -o scans.npy\n
+      fuselip-med embed -m runs/rocov2/final -i pacs_export/ --unit series --slices 16 -o series.npy\n
+      fuselip-med embed -m runs/rocov2/final -i ct_rate/valid/ --unit study --render multi -o studies.parquet
     """
+    if unit != "image":
+        _embed_units(model, input, out, unit, slices, render, window, plane, batch_size, device, base)
+        return
     from fuselip_med.data.adapters import cli_option_style
     from fuselip_med.data.skips import SkipReport
     from fuselip_med.embed import KINDS, embed_rows, open_input, rows_from_source, skipped_csv_path, write_embeddings
@@ -387,6 +402,38 @@ def embed(
     if skips.total:
         console.print(f"Skipped rows: {skips.summary()}; full list in {skipped_csv}.", style="yellow", markup=False,
                       highlight=False)
+
+
+def _embed_units(model: str, input: Path, out: Path, unit: str, slices: int, render: str, window: Optional[str],
+                 plane: str, batch_size: int, device: Optional[str], base: Optional[str]) -> None:
+    """``embed --unit series|study``: series vectors (or study vectors) keyed by salted keys."""
+    from fuselip_med.data.phi import Pseudonyms
+    from fuselip_med.data.skips import SkipReport
+    from fuselip_med.embed import skipped_csv_path, stored_salt, write_unit_embeddings
+    from fuselip_med.studies_cli import check_unit, read_units, unit_options
+
+    try:
+        check_unit(unit, ("image", "series", "study"))
+        options = unit_options(slices, render, window)
+    except ValueError as error:
+        fail(str(error), code=2)
+    if out.suffix not in (".npy", ".parquet"):
+        fail(f"--out {out}: use a .npy or .parquet file name.", code=2)
+    salt = stored_salt(out)
+    pseudonyms = Pseudonyms(salt) if salt else Pseudonyms.fresh()
+    skips = SkipReport()
+    fuselip, _, _ = _load_for_inference(model, device, base)
+    rows = read_units(fuselip, input, unit, options, pseudonyms=pseudonyms, plane=plane, batch_size=batch_size,
+                      keep_images=False, skips=skips)
+    if not rows:
+        fail(f"{input}: no series could be embedded ({skips.summary()}).")
+    written = write_unit_embeddings(out, rows, model, unit, pseudonyms.salt, options.describe())
+    skipped_csv = skips.write_csv(skipped_csv_path(out))
+    console.print(f"Embedded {len(rows)} {unit} rows from {skips.kept} series -> {', '.join(map(str, written))} "
+                  f"(dim {rows[0].vector.shape[-1]}).", markup=False, highlight=False)
+    if skips.total or skips.hints:
+        console.print(f"Series problems: {skips.summary()}; full list in {skipped_csv}.", style="yellow",
+                      markup=False, highlight=False)
 
 
 @app.command("merge-lora")

@@ -6,6 +6,7 @@ table's folder, ...), rows without what ``kind`` needs, and images that fail to 
 """
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,8 +94,6 @@ def write_embeddings(path: str | os.PathLike, embeddings: np.ndarray, rows: list
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".npy":
-        import io
-
         buffer = io.BytesIO()
         np.save(buffer, embeddings)
         atomic_write_bytes(path, buffer.getvalue())
@@ -112,5 +111,70 @@ def write_embeddings(path: str | os.PathLike, embeddings: np.ndarray, rows: list
             "embedding": pa.array(list(embeddings), type=pa.list_(pa.float32())),
         })
         atomic_write(path, lambda tmp: pq.write_table(table.replace_schema_metadata({"model": model_id}), tmp))
+        return [path]
+    raise ValueError(f"--out {path}: use a .npy or .parquet file name.")
+
+
+def stored_salt(path: str | os.PathLike) -> str | None:
+    """The pseudonym salt an earlier unit output at ``path`` keeps (so a re-run gives the same keys), or None."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        ids = path.with_suffix(".ids.json")
+        if ids.is_file():
+            import json
+
+            return json.loads(ids.read_text()).get("salt")
+        return None
+    if path.suffix == ".parquet" and path.is_file():
+        import pyarrow.parquet as pq
+
+        value = (pq.read_schema(path).metadata or {}).get(b"salt")
+        return value.decode() if value else None
+    return None
+
+
+def write_unit_embeddings(path: str | os.PathLike, rows, model_id: str, unit: str, salt: str,
+                          settings: dict) -> list[Path]:
+    """Series/study vectors (``units.UnitRow``) written atomically, keyed by salted keys only (no paths, no UIDs):
+
+    ``.npy``: [N, D] float32 unit vectors, ``<stem>.slices.npy`` [S, D] float32 slice vectors, ``<stem>.ids.json``
+    {model, unit, settings, salt, ids [N], studies [N], slices: {ids [S], series [S], rows [S]}} (``rows``: the
+    unit row each slice belongs to). ``.parquet``: id, study, embedding, slice_ids, slice_series,
+    slice_embeddings; model, unit, settings and salt in the schema metadata.
+    """
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dim = int(rows[0].vector.shape[-1])
+    vectors = np.stack([r.vector for r in rows]).astype(np.float32)
+    if path.suffix == ".npy":
+        slices = np.concatenate([r.slice_vectors for r in rows]).astype(np.float32).reshape(-1, dim)
+        slices_path = path.with_name(f"{path.stem}.slices.npy")
+        for target, array in ((path, vectors), (slices_path, slices)):
+            buffer = io.BytesIO()
+            np.save(buffer, array)
+            atomic_write_bytes(target, buffer.getvalue())
+        ids = path.with_suffix(".ids.json")
+        atomic_write_json(ids, {
+            "model": model_id, "unit": unit, "settings": settings, "salt": salt, "ids": [r.id for r in rows],
+            "studies": [r.study for r in rows],
+            "slices": {"ids": [k for r in rows for k in r.slice_ids],
+                       "series": [k for r in rows for k in r.slice_series],
+                       "rows": [n for n, r in enumerate(rows) for _ in r.slice_ids]}}, indent=1)
+        return [path, slices_path, ids]
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table({
+            "id": [r.id for r in rows], "study": [r.study for r in rows],
+            "embedding": pa.array(list(vectors), type=pa.list_(pa.float32())),
+            "slice_ids": [r.slice_ids for r in rows], "slice_series": [r.slice_series for r in rows],
+            "slice_embeddings": pa.array([[list(v) for v in r.slice_vectors.astype(np.float32)] for r in rows],
+                                         type=pa.list_(pa.list_(pa.float32()))),
+        })
+        metadata = {"model": model_id, "unit": unit, "settings": json.dumps(settings), "salt": salt}
+        atomic_write(path, lambda tmp: pq.write_table(table.replace_schema_metadata(metadata), tmp))
         return [path]
     raise ValueError(f"--out {path}: use a .npy or .parquet file name.")
