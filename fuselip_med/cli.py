@@ -243,6 +243,7 @@ def eval_command(
     pool_size: int = typer.Option(1000, help="Size of the seeded random retrieval pools."),
     n_pools: int = typer.Option(5, help="Number of random pools to average."),
     seed: int = typer.Option(0, help="Seed for pools and TGIT sampling."),
+    tgit_rows: Optional[str] = typer.Option(None, "--tgit-rows", help=_eval_help("tgit_rows")),
     batch_size: int = typer.Option(64, help="Embedding batch size."),
     num_workers: int = typer.Option(2, help="Image decoding workers."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
@@ -278,6 +279,7 @@ def eval_command(
     from fuselip_med.eval.report import flatten_metrics
     from fuselip_med.eval.runner import check_tasks, run_evaluation
     from fuselip_med.eval.tasks.zero_shot import read_labels, read_templates
+    from fuselip_med.eval.tgit import read_row_list
 
     options = table_options(path_column=path_column, caption_column=caption_column, id_column=id_column, sep=sep,
                             image_root=image_root, encoding=encoding)
@@ -286,6 +288,9 @@ def eval_command(
         data_map = parse_data(data)
         if data_root is not None:
             data_map = {**suite_data(suite or "paper", data_root, chosen), **data_map}
+        tgit_rows = tgit_rows or ("official" if suite == "paper" else None)
+        if tgit_rows is not None:
+            read_row_list(tgit_rows)
         class_names = read_labels(labels) if labels is not None else None
         prompt_templates = read_templates(templates) if templates is not None else None
         check_tasks(chosen, data_map)
@@ -293,7 +298,8 @@ def eval_command(
         fail(str(error), code=2)
     eval_options = dict(seed=seed, pool_size=pool_size, n_pools=n_pools, batch_size=batch_size,
                         num_workers=num_workers, labels=class_names, templates=prompt_templates,
-                        label_field=label_column, allow_partial=allow_partial, source_options=options)
+                        label_field=label_column, allow_partial=allow_partial, source_options=options,
+                        tgit_rows=tgit_rows)
     if len(model) > 1:
         from fuselip_med.eval.compare import run_comparison
 

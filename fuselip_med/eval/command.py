@@ -35,6 +35,8 @@ HELP = {
     "labels": "Zero-shot classes, one per line (default: the labels found in the data).",
     "templates": "Zero-shot prompt templates, one per line with {c} for the class (default: a radiology set).",
     "label_column": "The sample field holding the class label (a CSV column; folders: the class folder).",
+    "tgit_rows": "TGIT rows: 'official' (the FuseLIP evaluation's 1,000 CC3M validation CSV rows, shipped; the "
+                 "default with --suite paper) or a file of 0-based row numbers (default: the first images).",
 }
 
 

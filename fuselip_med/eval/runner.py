@@ -78,6 +78,7 @@ def run_evaluation(
     label_field: str = "label",
     mmeb_subsets: Sequence[str] | None = None,
     vg_images: int = 100,
+    tgit_rows: str | None = None,
     on_error: str = "skip",
     allow_partial: bool = False,
     source_options: Mapping[str, Any] | None = None,
@@ -90,6 +91,7 @@ def run_evaluation(
     images that fail to decode out and counts them per task under ``skipped``. ``labels``/``templates``/
     ``label_field``: the zero-shot task's classes, prompt templates (``{c}`` = class name) and label key.
     ``mmeb_subsets``: evaluate only these MMEB subsets; ``vg_images``: images of the VG-Crop evaluation.
+    ``tgit_rows``: ``"official"`` or a file listing the source rows TGIT uses (default: the first ``tgit_images``).
     Raises ``ValueError`` for an unknown task or missing data before any embedding.
 
     Image-caption tasks record ``n_listed`` (rows the data listed), ``n_evaluated`` and ``skipped`` (reason ->
@@ -109,7 +111,8 @@ def run_evaluation(
                        modality_templates=tuple(modality_templates), tgit_images=tgit_images,
                        labels=tuple(labels) if labels is not None else None,
                        templates=tuple(templates) if templates is not None else None, label_field=label_field,
-                       mmeb_subsets=tuple(mmeb_subsets) if mmeb_subsets is not None else None, vg_images=vg_images)
+                       mmeb_subsets=tuple(mmeb_subsets) if mmeb_subsets is not None else None, vg_images=vg_images,
+                       tgit_rows=tgit_rows)
     ctx = EvalContext(data, embedder, opts, allow_partial=allow_partial, table_options=source_options)
     results: dict[str, TaskResult] = {}
     for name in tasks:

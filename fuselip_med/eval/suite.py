@@ -18,7 +18,7 @@ from fuselip_med.io import atomic_write_bytes, atomic_write_text
 
 from .tasks import TABLE
 
-__all__ = ["PAPER_COLUMNS", "paper_table", "write_suite_table"]
+__all__ = ["PAPER_COLUMNS", "paper_table", "column_protocols", "write_suite_table"]
 
 PAPER_COLUMNS: tuple[str, ...] = ("MMEB Classification", "MMEB VQA", "MMEB Retrieval", "MMEB Grounding",
                                   "ImageNet", "VG-Crop", "OI-Crop", "OI-Pos", "TGIT", "SugarCrepe")
@@ -37,6 +37,18 @@ def paper_table(report: Mapping[str, Any]) -> dict[str, float | None]:
     return out
 
 
+def column_protocols(report: Mapping[str, Any]) -> dict[str, str]:
+    """{column: the protocol its task recorded} for the columns whose task states one (VG-Crop's image selection,
+    TGIT's flip pools and rows), so a reader sees what each number was computed on."""
+    tasks = report.get("tasks", {})
+    out = {}
+    for column in PAPER_COLUMNS:
+        protocol = (tasks.get(_SOURCES[column][0]) or {}).get("protocol")
+        if protocol:
+            out[column] = str(protocol)
+    return out
+
+
 def write_suite_table(report: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, str] | None:
     """Write the paper table files when at least one of its tasks ran; returns {kind: path} or None."""
     row = paper_table(report)
@@ -47,9 +59,13 @@ def write_suite_table(report: Mapping[str, Any], out_dir: str | os.PathLike) -> 
     md = ["| model | " + " | ".join(PAPER_COLUMNS) + " |", "|---|" + "---:|" * len(PAPER_COLUMNS),
           f"| {report.get('model', '?')} | " + " | ".join("" if row[c] is None else f"{row[c]:.1f}"
                                                           for c in PAPER_COLUMNS) + " |"]
+    protocols = column_protocols(report)
+    if protocols:
+        md += [""] + [f"- {column}: {protocol}" for column, protocol in protocols.items()]
     paths = {"markdown": str(atomic_write_text(out / "paper_table.md", "\n".join(md) + "\n")),
              "json": str(atomic_write_text(out / "paper_table.json",
-                                           json.dumps({"model": report.get("model"), "columns": row}, indent=2)))}
+                                           json.dumps({"model": report.get("model"), "columns": row,
+                                                       "protocols": protocols}, indent=2)))}
     import matplotlib
 
     matplotlib.use("Agg", force=True)

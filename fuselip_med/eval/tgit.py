@@ -9,14 +9,28 @@ Accuracy per kind = correct pools / pools of that kind; ``mean_accuracy`` = the 
 paper's "TGIT" number for the five paper kinds).
 
 Pools come either ready-made (``{kind: [pool, pool, ...]}``) or from the images of a source: the first
-``n_images`` samples that have an image, each turned into one pool per kind by
-``fuselip_med.data.transforms.tasks.eval_pools`` with one ``numpy.random.default_rng(seed)`` consumed in
-sample order (so a seed fixes every pool).
+``n_images`` samples that have an image (or, with ``rows``, the listed rows of the source in the list's order),
+each turned into one pool per kind by ``fuselip_med.data.transforms.tasks.eval_pools`` with one
+``numpy.random.default_rng(seed)`` consumed in sample order (so a seed fixes every pool).
+
+Flip pools: ``flip_eval="reference"`` (the default, the official construction of reference section 6.2) is
+[first flip of x, x, second flip of x, x] with the query "x + first flip's prompt", so the original image is a
+candidate twice; ``flip_eval="unique"`` (task ``tgit-unique``, not the paper's protocol) is x -> horizontal /
+vertical / both, three distinct candidates.
+
+Rows: the official evaluation uses the CC3M validation CSV rows listed in ``eval_augmented_idcs.txt`` of the
+FuseLIP repository (``src/fuse_eval/``, MIT licence, shipped here as ``eval/data/tgit_eval_idcs.txt``; 1,000
+unique 0-based row numbers, at most 13,441). The rows are the same; the transforms' random parameters come from
+this toolkit's seeded generator, not the reference's Python/NumPy global state, so individual pools differ.
 """
 from __future__ import annotations
 
+import os
+import re
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
+from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +39,10 @@ import torch
 from .embedding import Embedder, EmbedItem
 
 __all__ = ["pool_items", "score_pools", "summarize_tgit", "evaluate_tgit_pools", "iter_source_pools",
-           "evaluate_tgit_source"]
+           "evaluate_tgit_source", "OFFICIAL_ROWS", "read_row_list", "source_positions"]
+
+OFFICIAL_ROWS = "official"
+_OFFICIAL_ROWS_FILE = "tgit_eval_idcs.txt"
 
 
 def pool_items(pool: Sequence[Any]) -> tuple[EmbedItem, list[EmbedItem]]:
@@ -97,22 +114,67 @@ def evaluate_tgit_pools(embedder: Embedder, pools: Mapping[str, Sequence[Any]]) 
     return out
 
 
+def read_row_list(spec: str | os.PathLike) -> list[int]:
+    """The 0-based source rows listed in ``spec``: ``"official"`` (the shipped ``eval_augmented_idcs.txt`` of the
+    FuseLIP repository) or a file holding a Python/JSON list (``[5981, 10040, ...]``) or one number per line.
+
+    Raises ``ValueError`` naming the file when it is missing, holds anything but non-negative integers, or
+    lists a row twice (the official evaluation asserts unique indices)."""
+    if os.fspath(spec) == OFFICIAL_ROWS:
+        text = files("fuselip_med.eval").joinpath("data", _OFFICIAL_ROWS_FILE).read_text(encoding="utf-8")
+        where = f"the shipped {_OFFICIAL_ROWS_FILE}"
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise ValueError(f"--tgit-rows {path}: no such file (give 'official' or a file of row numbers)")
+        text, where = path.read_text(encoding="utf-8"), str(path)
+    tokens = [t for t in re.split(r"[\s,\[\]]+", text) if t]
+    if not tokens or not all(t.isdigit() for t in tokens):
+        raise ValueError(f"{where}: expected a list of non-negative row numbers such as [5981, 10040, ...]")
+    rows = [int(t) for t in tokens]
+    if len(set(rows)) != len(rows):
+        raise ValueError(f"{where}: lists a row more than once")
+    return rows
+
+
+def source_positions(source, rows: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(positions in ``source`` of the listed ``rows``, in the list's order; the rows the source does not hold).
+
+    A source that left rows out (the ``cc`` adapter skips rows without an image) says which data row each
+    sample came from in ``row_numbers``; any other source's rows are its positions."""
+    numbers = getattr(source, "row_numbers", None)
+    where = {int(r): i for i, r in enumerate(numbers)} if numbers is not None else None
+    found, missing = [], []
+    for row in rows:
+        position = where.get(row) if where is not None else (row if row < len(source) else None)
+        (missing if position is None else found).append(row if position is None else position)
+    return found, missing
+
+
 def iter_source_pools(source, *, family: str = "tgit", n_images: int = 1000, seed: int = 0,
-                      flip_eval: str = "unique", decode=None,
-                      skipped: Counter | None = None) -> Iterator[tuple[str, dict[str, list]]]:
+                      flip_eval: str = "reference", decode=None, skipped: Counter | None = None,
+                      rows: Sequence[int] | None = None) -> Iterator[tuple[str, dict[str, list]]]:
     """(sample id, {kind: pool}) for the first ``n_images`` samples of ``source`` whose image decodes.
 
-    ``decode``: the ``DecodeOptions`` for loading the source image (window, frame, image size); samples
-    without an image or whose image fails to decode are counted in ``skipped`` (reason -> count).
+    ``rows``: use these 0-based data rows of the source instead, in the list's order (the first ``n_images`` of
+    them, as the official evaluation takes ``idcs[:1000]``); a listed row the source lacks is counted as
+    ``listed row missing``. ``decode``: the ``DecodeOptions`` for loading the source image (window, frame, image
+    size); samples without an image or whose image fails to decode are counted in ``skipped`` (reason -> count).
     """
     from fuselip_med.data.images import DecodeOptions, ImageDecodeError, load_image
     from fuselip_med.data.transforms.tasks import eval_pools, image_and_caption
 
     options = decode if decode is not None else DecodeOptions()
     skipped = skipped if skipped is not None else Counter()
+    if rows is None:
+        positions: Sequence[int] = range(len(source))
+    else:
+        positions, missing = source_positions(source, list(rows)[:n_images])
+        if missing:
+            skipped["listed row missing"] += len(missing)
     rng = np.random.default_rng(seed)
     used = 0
-    for i in range(len(source)):
+    for i in positions:
         if used >= n_images:
             break
         sample = source[i]
@@ -131,8 +193,8 @@ def iter_source_pools(source, *, family: str = "tgit", n_images: int = 1000, see
 
 
 def evaluate_tgit_source(embedder: Embedder, source, *, family: str = "tgit", n_images: int = 1000,
-                         seed: int = 0, flip_eval: str = "unique", images_per_step: int = 64,
-                         decode=None) -> dict:
+                         seed: int = 0, flip_eval: str = "reference", images_per_step: int = 64,
+                         decode=None, rows: Sequence[int] | None = None) -> dict:
     """TGIT accuracies on pools built from ``source``'s images, streamed ``images_per_step`` images at a
     time so that the rendered pixels of only a few pools are held at once."""
     correct: dict[str, list[bool]] = {}
@@ -147,7 +209,7 @@ def evaluate_tgit_source(embedder: Embedder, source, *, family: str = "tgit", n_
         buffer.clear()
 
     for _, pools in iter_source_pools(source, family=family, n_images=n_images, seed=seed,
-                                      flip_eval=flip_eval, decode=decode, skipped=skipped):
+                                      flip_eval=flip_eval, decode=decode, skipped=skipped, rows=rows):
         n_used += 1
         for kind, pool in pools.items():
             buffer.setdefault(kind, []).append(pool)
@@ -157,5 +219,6 @@ def evaluate_tgit_source(embedder: Embedder, source, *, family: str = "tgit", n_
     if not n_used:
         raise ValueError(f"no image in {getattr(source, 'name', 'the source')} could be used for TGIT")
     out = summarize_tgit(correct)
-    out.update(n_images=n_used, family=family, flip_eval=flip_eval, seed=seed, skipped=dict(skipped))
+    out.update(n_images=n_used, family=family, flip_eval=flip_eval, seed=seed, skipped=dict(skipped),
+               rows="listed" if rows is not None else f"first {n_images}")
     return out

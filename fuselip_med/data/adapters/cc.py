@@ -118,6 +118,7 @@ class _Rows:
     ids: list[str] = field(default_factory=list)
     captions: list[str] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
+    row_numbers: list[int] = field(default_factory=list)
     shard: list[int] = field(default_factory=list)
     offset: list[int] = field(default_factory=list)
     size: list[int] = field(default_factory=list)
@@ -127,7 +128,11 @@ class _Rows:
 
 class CCSource:
     """A lazy, indexable CC split: ``source[i]`` is an image -> caption ``Sample`` whose image is a path (CSV) or
-    the member's encoded bytes, read by offset from its shard (tars)."""
+    the member's encoded bytes, read by offset from its shard (tars).
+
+    ``row_numbers`` (CSV only, else None): the 0-based data row of the CSV each sample came from, since rows
+    without an image or caption are left out (the official TGIT evaluation selects CC3M validation rows by
+    these numbers)."""
 
     def __init__(self, rows: _Rows, *, path: str, split: str, layout: str, pair_mode: str = "image_to_caption"):
         self.name = f"cc/{split}"
@@ -139,6 +144,7 @@ class CCSource:
         self.ids: list[str] = rows.ids
         self.captions: list[str] = rows.captions
         self._paths = rows.paths
+        self.row_numbers: list[int] | None = rows.row_numbers if layout == "csv" else None
         self._shards = rows.shards
         self._shard = np.asarray(rows.shard, dtype=np.int32)
         self._offset = np.asarray(rows.offset, dtype=np.int64)
@@ -226,6 +232,7 @@ def _read_csv(file: Path, strict: bool, limit: int | None, check_files: bool) ->
         rows.ids.append(_unique_id(PurePosixPath(written.replace("\\", "/")).stem, seen))
         rows.captions.append(caption)
         rows.paths.append(resolved)
+        rows.row_numbers.append(row - 1)
     return rows
 
 

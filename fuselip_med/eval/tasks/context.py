@@ -69,6 +69,7 @@ class EvalOptions:
     label_field: str = "label"
     mmeb_subsets: tuple[str, ...] | None = None
     vg_images: int = 100
+    tgit_rows: str | None = None
 
 
 def _is_path(value: Any) -> bool:
