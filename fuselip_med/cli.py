@@ -429,8 +429,8 @@ def _embed_units(model: str, input: Path, out: Path, unit: str, slices: int, ren
     pseudonyms = Pseudonyms(salt) if salt else Pseudonyms.fresh()
     skips = SkipReport()
     fuselip, _, _ = _load_for_inference(model, device, base)
-    rows = read_units(fuselip, input, unit, options, pseudonyms=pseudonyms, plane=plane, batch_size=batch_size,
-                      keep_images=False, skips=skips)
+    rows, _ = read_units(fuselip, input, unit, options, pseudonyms=pseudonyms, plane=plane, batch_size=batch_size,
+                         keep_images=False, skips=skips)
     if not rows:
         fail(f"{input}: no series could be embedded ({skips.summary()}).")
     written = write_unit_embeddings(out, rows, model, unit, pseudonyms.salt, options.describe())

@@ -37,27 +37,73 @@ def thumbnail(source: Any, size: int = THUMBNAIL_PX) -> Image.Image:
     return image
 
 
-def _label(hit: Hit) -> str:
+def _label(hit: Hit, show_paths: bool = False) -> str:
+    if hit.unit != "image":
+        path = f" — {hit.path}" if show_paths and hit.path else ""
+        return (f"{hit.rank} · {hit.score:.3f} · study {hit.study} / series {hit.series} / slice {hit.best_slice}"
+                f"{path}")
     caption = f" — {hit.caption}" if hit.caption else ""
     return f"{hit.rank} · {hit.score:.3f} · {hit.id}{caption}"
+
+
+def _blank(text_colour: tuple[int, int, int] = (64, 64, 64)) -> Image.Image:
+    return Image.new("RGB", (THUMBNAIL_PX, THUMBNAIL_PX), text_colour)
+
+
+def _may_show(path: str, allow_burned_in: bool) -> bool:
+    """False for a DICOM whose pixels may carry burned-in text (``phi.burned_in_risk``) unless allowed."""
+    if allow_burned_in:
+        return True
+    from fuselip_med.data.images import is_dicom
+
+    if not is_dicom(path):
+        return True
+    import pydicom
+
+    from fuselip_med.data.phi import burned_in_risk
+
+    return not burned_in_risk(pydicom.dcmread(path, stop_before_pixels=True))
 
 
 def build_app(index: SearchIndex, model, k: int = 12) -> gr.Blocks:
     """The Gradio page over ``index``, querying with ``model`` (already checked against the index)."""
 
+    allow_burned_in, show_paths = index.privacy.allow_burned_in, index.privacy.show_paths
+
     @functools.lru_cache(maxsize=1024)
     def row_thumbnail(row: int) -> Image.Image:
         path = index.meta.iloc[row]["path"]
         try:
-            return thumbnail(path)
+            return thumbnail(path) if path and _may_show(path, allow_burned_in) else _blank()
         except (ValueError, OSError):  # a file changed or removed since the build: a grey tile, not a crash
-            return Image.new("RGB", (THUMBNAIL_PX, THUMBNAIL_PX), (64, 64, 64))
+            return _blank()
+
+    @functools.lru_cache(maxsize=1024)
+    def slice_thumbnail(slice_row: int) -> Image.Image:
+        stored = index.thumbnail_path(slice_row)  # the index's own PNG; None: burned-in risk, not shown
+        if stored is None or not stored.is_file():
+            return _blank()
+        with Image.open(stored) as image:
+            return image.convert("RGB")
 
     def show(hits: list[Hit], what: str):
-        grid = [(row_thumbnail(h.row), _label(h)) for h in hits]
+        grid = [(slice_thumbnail(h.slice_row) if h.slice_row is not None else row_thumbnail(h.row),
+                 _label(h, show_paths)) for h in hits]
+        if index.unit != "image":
+            rows = "\n".join(f"| {h.rank} | {h.score:.3f} | {h.study} | {h.series} | {h.best_slice} |" for h in hits)
+            table = (f"**{what}**: {len(hits)} results\n\n| rank | score | study | series | best slice |\n"
+                     f"|---|---|---|---|---|\n{rows}")
+            return grid, table, [_public(h) for h in hits], None
         rows = "\n".join(f"| {h.rank} | {h.score:.3f} | {h.id} | {h.caption or ''} |" for h in hits)
         table = f"**{what}**: {len(hits)} results\n\n| rank | score | id | caption |\n|---|---|---|---|\n{rows}"
-        return grid, table, [h.to_dict() for h in hits], None
+        return grid, table, [_public(h) for h in hits], None
+
+    def _public(hit: Hit) -> dict:
+        """What the page's state holds of a hit: no stored path unless --show-paths."""
+        record = hit.to_dict()
+        if not show_paths and hit.unit != "image":
+            record["path"] = None
+        return record
 
     def run_query(text: str, image_path: str | None, instruction: str):
         from fuselip_med.data.images import ImageDecodeError
@@ -91,7 +137,8 @@ def build_app(index: SearchIndex, model, k: int = 12) -> gr.Blocks:
         id = hits[selected]["id"]
         return show(more_like_this(index, id, k=k), f"more like {id}")
 
-    title = f"FuseLIP-med search · {len(index)} images · model {index.model}"
+    noun = {"image": "images", "series": "series", "study": "studies"}[index.unit]
+    title = f"FuseLIP-med search · {len(index)} {noun} · model {index.model}"
     with gr.Blocks(title="FuseLIP-med search", analytics_enabled=False) as page:
         gr.Markdown(f"### {title}")
         with gr.Row():
@@ -126,5 +173,5 @@ def build_app(index: SearchIndex, model, k: int = 12) -> gr.Blocks:
 def serve(index: SearchIndex, model, *, host: str = "127.0.0.1", port: int = 7860, k: int = 12) -> None:
     """Serve the page until interrupted. Only Gradio's own cache (the rendered thumbnails and uploads) is served:
     no ``allowed_paths``, so no file is reachable by its path."""
-    print(f"Serving {index.directory} ({len(index)} images) on http://{host}:{port}", flush=True)
+    print(f"Serving {index.directory} ({len(index)} {index.unit} rows) on http://{host}:{port}", flush=True)
     build_app(index, model, k=k).launch(server_name=host, server_port=port, show_error=False, quiet=True, css=CSS)

@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from fuselip_med.studies_cli import ALLOW_BURNED_IN, KEEP_PATHS, PLANE, RENDER, SHOW_PATHS, SLICES, UNIT, WINDOW
+
 __all__ = ["register"]
 
 index_app = typer.Typer(help="Build and update a search index over a folder of images.", no_args_is_help=True)
@@ -39,17 +41,35 @@ def index_build(
     chunk_size: int = typer.Option(256, help="Images per resumable chunk (a killed build redoes one chunk at most)."),
     rebuild: bool = typer.Option(False, help="Replace an index built with another model instead of refusing."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: this process's Accelerate device)."),
+    unit: str = UNIT,
+    slices: int = SLICES,
+    render: str = RENDER,
+    window: Optional[str] = WINDOW,
+    plane: str = PLANE,
+    keep_paths: bool = KEEP_PATHS,
+    show_paths: bool = SHOW_PATHS,
+    allow_burned_in: bool = ALLOW_BURNED_IN,
 ) -> None:
     """Embed a folder (or any dataset `embed` reads) into a search index; re-run to update it incrementally.
 
     Only new or changed images (by content hash) are embedded, deleted ones are dropped; a killed build
     resumes where it stopped. Under `accelerate launch` each process embeds its share.
 
+    With --unit series or study, --input is a PACS export folder, a DICOMDIR, NIfTI files or a CSV listing them;
+    rows are series (or studies) under salted keys, each with its sampled slices' vectors and thumbnails, so
+    `search` answers study / series / best slice. No DICOM path is stored unless --keep-paths.
+
     Examples:\n
       fuselip-med index build -m runs/rocov2/final -i my_images/ -o my_index\n
       fuselip-med index build -m runs/rocov2/final -i ROCOv2_data --adapter rocov2 --split test -o rocov2_index\n
-      accelerate launch --num_processes 4 -m fuselip_med.cli index build -m chs20/FuseLIP-S-CC3M-MM -i pacs/ -o idx
+      accelerate launch --num_processes 4 -m fuselip_med.cli index build -m chs20/FuseLIP-S-CC3M-MM -i pacs/ -o idx\n
+      fuselip-med index build -m runs/rocov2/final -i pacs_export/ --unit series --slices 16 -o series_index\n
+      fuselip-med index build -m runs/rocov2/final -i ct_rate/ --unit study --render multi -o study_index
     """
+    if unit != "image":
+        _build_unit_index(model, input, out, unit, slices, render, window, plane, batch_size, device, rebuild,
+                          keep_paths, show_paths, allow_burned_in)
+        return
     import torch
     from accelerate import PartialState
     from rich.console import Console
@@ -100,6 +120,39 @@ def index_build(
                       highlight=False)
 
 
+def _build_unit_index(model: str, input: Path, out: Path, unit: str, slices: int, render: str,
+                      window: Optional[str], plane: str, batch_size: int, device: Optional[str], rebuild: bool,
+                      keep_paths: bool, show_paths: bool, allow_burned_in: bool) -> None:
+    """``index build --unit series|study`` (one process; the vectors of every series are embedded anew)."""
+    from rich.console import Console
+
+    from fuselip_med.core.lora import load_for_inference
+    from fuselip_med.data.phi import PrivacyOptions, Pseudonyms
+    from fuselip_med.data.skips import SkipReport
+    from fuselip_med.search.index import ModelId, build_unit_index, model_fingerprint, stored_index_salt
+    from fuselip_med.studies_cli import check_unit, read_units, unit_options
+
+    try:
+        check_unit(unit, ("image", "series", "study"))
+        options = unit_options(slices, render, window)
+        privacy = PrivacyOptions(keep_paths=keep_paths, show_paths=show_paths, allow_burned_in=allow_burned_in)
+    except ValueError as error:
+        _fail(str(error), code=2)
+    salt = None if rebuild else stored_index_salt(out)
+    pseudonyms = Pseudonyms(salt) if salt else Pseudonyms.fresh()
+    fuselip, _, _ = load_for_inference(model, device or "cpu")
+    skips = SkipReport()
+    rows, paths = read_units(fuselip, input, unit, options, pseudonyms=pseudonyms, plane=plane,
+                             batch_size=batch_size, keep_images=True, skips=skips)
+    report = build_unit_index(out, rows, ModelId(model, model_fingerprint(fuselip)), unit, pseudonyms.salt,
+                              privacy=privacy, unit_settings=options.describe(), paths=paths, rebuild=rebuild)
+    console = Console()
+    console.print(f"Index {out} {'up to date' if report.up_to_date else 'written'}: {report.n_rows} {unit} rows from "
+                  f"{skips.kept} series, {report.embedded_images} slices; removed {report.removed}.", highlight=False)
+    if skips.total or skips.hints:
+        console.print(f"Series problems: {skips.summary()}", style="yellow", markup=False, highlight=False)
+
+
 def search(
     index: Path = typer.Option(..., "--index", help="An index directory written by `fuselip-med index build`."),
     text: Optional[str] = typer.Option(None, "--text", "-t", help="Query text; with --image, the instruction fused "
@@ -144,6 +197,14 @@ def search(
         print(json.dumps([hit.to_dict() for hit in hits], indent=1))
         return
     table = Table(title=f"{len(hits)} results from {index}")
+    if hits and hits[0].unit != "image":
+        for column in ("rank", "score", "study", "series", "best slice", "slice score"):
+            table.add_column(column, overflow="fold")
+        for hit in hits:
+            table.add_row(str(hit.rank), f"{hit.score:.4f}", hit.study or "", hit.series or "", hit.best_slice or "",
+                          f"{hit.slice_score:.4f}" if hit.slice_score is not None else "")
+        Console().print(table)
+        return
     for column in ("rank", "score", "id", "path", "caption"):
         table.add_column(column, justify="right" if column in ("rank", "score") else "left",
                          overflow="fold")  # ids and paths wrap whole instead of being cut

@@ -38,12 +38,14 @@ from typing import Any, Literal
 
 import numpy as np
 
+from fuselip_med.data.phi import PrivacyOptions
 from fuselip_med.data.token_cache import content_hash
 from fuselip_med.io import atomic_write_bytes, atomic_write_text, remove_temp_files
 
 __all__ = [
     "FORMAT_VERSION", "IndexEntry", "SearchIndexError", "IndexSettings", "ModelId", "BuildReport", "SearchIndex",
-    "build_index", "content_hash", "list_entries", "make_faiss_index", "model_fingerprint", "open_index",
+    "build_index", "build_unit_index", "content_hash", "list_entries", "make_faiss_index", "model_fingerprint",
+    "open_index", "stored_index_salt",
 ]
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,8 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WORK = ".work"
+THUMBS = "thumbs"
+THUMBNAIL_PX = 256
 IndexType = Literal["auto", "flat", "ivf", "hnsw"]
 
 
@@ -241,6 +245,34 @@ class SearchIndex:
         self._faiss: dict[str, Any] = {}
         self._row_of_id = {str(i): r for r, i in enumerate(self.meta["id"])}
         self.caption_rows = np.flatnonzero(self.meta["caption_row"].to_numpy() >= 0)
+        self.unit: str = self.manifest.get("unit", "image")
+        self.privacy = PrivacyOptions(**self.manifest.get("privacy", {}))
+        self.slices = pd.read_parquet(self.directory / files["slices"]) if "slices" in files else None
+        self.slice_vectors = (np.load(self.directory / files["slice_vectors"], mmap_mode="r")
+                              if "slice_vectors" in files else None)
+        self._slice_rows: dict[int, np.ndarray] = {}
+        if self.slices is not None:
+            for row, group in self.slices.groupby("row").groups.items():
+                self._slice_rows[int(row)] = np.asarray(group, dtype=np.int64)
+
+    def slice_rows(self, row: int) -> np.ndarray:
+        """Rows of the slice table behind unit row ``row`` (int64 [k]; empty for an image index)."""
+        return self._slice_rows.get(int(row), np.zeros(0, dtype=np.int64))
+
+    def best_slice(self, row: int, query: np.ndarray) -> tuple[int, float] | None:
+        """(slice table row, cosine score) of the slice of unit row ``row`` closest to ``query`` [D] float32;
+        None for an image index."""
+        rows = self.slice_rows(row)
+        if not len(rows) or self.slice_vectors is None:
+            return None
+        scores = np.asarray(self.slice_vectors[rows], dtype=np.float32) @ np.asarray(query, dtype=np.float32)
+        best = int(np.argmax(scores))
+        return int(rows[best]), float(scores[best])
+
+    def thumbnail_path(self, slice_row: int) -> Path | None:
+        """The stored thumbnail of a slice, or None (burned-in risk without --allow-burned-in)."""
+        name = self.slices.iloc[int(slice_row)]["thumbnail"] if self.slices is not None else None
+        return self.directory / THUMBS / name if name else None
 
     @property
     def model(self) -> ModelId:
@@ -538,8 +570,13 @@ def _progress(enabled: bool):
 
 
 def _commit(out: Path, rows: list[dict], image_vectors: np.ndarray, caption_vectors: np.ndarray,
-            model_id: ModelId, settings: IndexSettings, report: BuildReport, previous: SearchIndex | None) -> None:
-    """Write the new generation's files, then the manifest (atomic), then remove old generations and work."""
+            model_id: ModelId, settings: IndexSettings, report: BuildReport, previous: SearchIndex | None,
+            extra_files: dict[str, tuple[str, bytes]] | None = None, extra_manifest: dict | None = None) -> None:
+    """Write the new generation's files, then the manifest (atomic), then remove old generations and work.
+
+    ``extra_files``: {role: (file name prefix, bytes)} written as ``<prefix>.<gen>.<suffix>`` beside the others
+    (the slice table and vectors of a series/study index); ``extra_manifest``: keys added to the manifest."""
+    extra_files = extra_files or {}
     import faiss
     import pandas as pd
     import pyarrow as pa
@@ -554,11 +591,15 @@ def _commit(out: Path, rows: list[dict], image_vectors: np.ndarray, caption_vect
     digest.update(json.dumps(rows, sort_keys=True, default=str).encode())
     digest.update(image_vectors.tobytes())
     digest.update(caption_vectors.tobytes())
-    digest.update(json.dumps([kind, settings.faiss_settings()], sort_keys=True).encode())
+    digest.update(json.dumps([kind, settings.faiss_settings(), extra_manifest], sort_keys=True).encode())
+    for _, data in extra_files.values():
+        digest.update(data)
     gen = digest.hexdigest()[:16]
     files = {"meta": f"meta.{gen}.parquet", "image_vectors": f"image.{gen}.npy",
              "caption_vectors": f"caption.{gen}.npy", "image_faiss": f"image.{gen}.faiss",
              "caption_faiss": f"caption.{gen}.faiss"}
+    for role, (name, data) in extra_files.items():
+        files[role] = f"{name.split('.')[0]}.{gen}.{name.split('.', 1)[1]}"
     if previous is not None and previous.manifest.get("generation") == gen:
         report.up_to_date = True
         _clear_work(out / WORK)
@@ -571,13 +612,16 @@ def _commit(out: Path, rows: list[dict], image_vectors: np.ndarray, caption_vect
     for target, vectors in (("image", image_vectors), ("caption", caption_vectors)):
         index = make_faiss_index(vectors.astype(np.float32), settings.resolved_type(len(vectors)), settings)
         atomic_write_bytes(out / files[f"{target}_faiss"], faiss.serialize_index(index).tobytes())
-    manifest = {"format": FORMAT_VERSION, "generation": gen, "model": asdict(model_id),
+    for role, (_, data) in extra_files.items():
+        atomic_write_bytes(out / files[role], data)
+    manifest = {**(extra_manifest or {}), "format": FORMAT_VERSION, "generation": gen, "model": asdict(model_id),
                 "dim": int(image_vectors.shape[1]), "count": len(rows), "captions": int(len(caption_vectors)),
                 "index": {"type": kind, **settings.faiss_settings()}, "files": files, "skipped": report.skipped}
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     keep = set(files.values()) | {MANIFEST, WORK}
     for path in out.iterdir():
-        if path.name not in keep and path.is_file() and path.name.split(".")[0] in ("meta", "image", "caption"):
+        if path.name not in keep and path.is_file() and path.name.split(".")[0] in ("meta", "image", "caption",
+                                                                                     "slices", "slicevec"):
             path.unlink()
     remove_temp_files(out)  # what an interrupted atomic write left
     _clear_work(out / WORK)
@@ -587,3 +631,85 @@ def _clear_work(work: Path) -> None:
     import shutil
 
     shutil.rmtree(work, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ series / study
+def _thumbnail_png(image: np.ndarray) -> bytes:
+    """PNG bytes of a rendered slice (uint8 [H, W] or [H, W, 3]), longest side at most ``THUMBNAIL_PX``."""
+    from PIL import Image
+
+    picture = Image.fromarray(image).convert("RGB")
+    picture.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def build_unit_index(out: str | os.PathLike, rows: Sequence, model_id: ModelId, unit: str, salt: str,
+                     settings: IndexSettings = IndexSettings(), *, privacy: PrivacyOptions = PrivacyOptions(),
+                     unit_settings: dict | None = None, paths: dict[str, str] | None = None,
+                     rebuild: bool = False) -> BuildReport:
+    """Write a series or study index from embedded units (``units.UnitRow``: vector [D], slice vectors [k, D],
+    rendered slices for thumbnails).
+
+    Rows are keyed by salted series/study keys; the slice table (row, series, slice id, thumbnail) and the
+    slice vectors ([S, D] float16) are kept for the best-slice answer; thumbnails are the index's own PNGs
+    under ``thumbs/`` (none for units at burned-in risk unless ``privacy.allow_burned_in``). ``paths`` ({row id:
+    path}) is stored only when ``privacy.keep_paths``. The salt is kept in the manifest (same keys on rebuild).
+    Raises ``SearchIndexError`` when ``out`` holds an index of another model or unit (``rebuild`` replaces it).
+    """
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(out)
+    previous = None if rebuild else _load_previous(out)
+    if previous is not None and (previous.model.fingerprint != model_id.fingerprint or previous.unit != unit):
+        raise SearchIndexError(f"{out} holds a {previous.unit} index built with model {previous.model}, not a {unit} "
+                               f"index of {model_id}; use --rebuild to replace it, or another --out.")
+    if not rows:
+        raise SearchIndexError(f"no {unit} could be embedded; nothing was written.")
+    dim = int(rows[0].vector.shape[-1])
+    meta, slices, thumbs = [], [], {}
+    for number, row in enumerate(rows):
+        digest = hashlib.sha256(np.ascontiguousarray(row.slice_vectors, dtype=np.float32).tobytes()).hexdigest()
+        path = (paths or {}).get(row.id) if privacy.keep_paths else None
+        meta.append({"id": row.id, "path": path, "caption": None, "source": unit, "content_hash": digest,
+                     "model_id": str(model_id), "size": -1, "mtime_ns": -1, "caption_row": -1})
+        show = privacy.allow_burned_in or not row.burned_in
+        for position, (slice_id, series) in enumerate(zip(row.slice_ids, row.slice_series)):
+            name = f"{slice_id}.png" if show and row.images is not None else None
+            if name is not None:
+                thumbs[name] = _thumbnail_png(row.images[position])
+            slices.append({"row": number, "study": row.study, "series": series, "slice": slice_id, "thumbnail": name})
+    for name, data in thumbs.items():
+        target = out / THUMBS / name
+        if not target.is_file() or target.read_bytes() != data:
+            atomic_write_bytes(target, data)
+    slice_table = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(pd.DataFrame(slices, columns=["row", "study", "series", "slice",
+                                                                      "thumbnail"]), preserve_index=False),
+                   slice_table)
+    slice_vectors = io.BytesIO()
+    np.save(slice_vectors, np.concatenate([r.slice_vectors for r in rows]).astype(np.float16).reshape(-1, dim))
+    report = BuildReport(n_rows=len(rows), embedded_images=len(slices), index_type=settings.resolved_type(len(rows)))
+    if previous is not None:
+        report.removed = len(set(previous.meta["id"]) - {r.id for r in rows})
+    extra_manifest = {"unit": unit, "salt": salt, "units": unit_settings or {},
+                      "privacy": {"keep_paths": privacy.keep_paths, "show_paths": privacy.show_paths,
+                                  "allow_burned_in": privacy.allow_burned_in}}
+    _commit(out, meta, _stack([r.vector for r in rows], dim), _stack([], dim), model_id, settings, report, previous,
+            extra_files={"slices": ("slices.parquet", slice_table.getvalue()),
+                         "slice_vectors": ("slicevec.npy", slice_vectors.getvalue())},
+            extra_manifest=extra_manifest)
+    keep = set(thumbs)
+    for stale in (out / THUMBS).glob("*.png") if (out / THUMBS).is_dir() else []:
+        if stale.name not in keep:
+            stale.unlink()
+    return report
+
+
+def stored_index_salt(out: str | os.PathLike) -> str | None:
+    """The pseudonym salt of the index at ``out`` (reused on rebuild so keys stay the same), or None."""
+    manifest = Path(out) / MANIFEST
+    return json.loads(manifest.read_text()).get("salt") if manifest.is_file() else None
