@@ -43,6 +43,10 @@ ROLES: dict[str, Role] = {r.name: r for r in (
     Role("oi_crop", "OI-Crop task file (oi-crop.json, built by data_tools/build_oi_tasks.py) + Open Images images"),
     Role("oi_pos", "OI-Pos task file (oi-pos.json, built by data_tools/build_oi_tasks.py) + Open Images images"),
     Role("sugarcrepe", "SugarCrepe: the seven <subset>.json files and COCO val2017 images"),
+    Role("volumes", "series: a folder (recursive), DICOMDIR, NIfTI file or CSV of them (CT-RATE: the .nii.gz)"),
+    Role("series_labels", "labels by series: CT-RATE multi_abnormality_labels.csv (VolumeName + 0/1 columns)"),
+    Role("series_reports", "reports by series: CT-RATE reports CSV (VolumeName, Findings_EN, Impressions_EN)"),
+    Role("series_keys", "optional: an `embed --unit series` output whose salt keys the DICOM series as the CSVs do"),
 )}
 
 
@@ -106,6 +110,10 @@ TABLE: tuple[EvalTask, ...] = (
              columns=(("OI-Pos", "accuracy"),)),
     EvalTask("sugarcrepe", ("sugarcrepe",), "sugarcrepe:run",
              "SugarCrepe: the positive caption must outscore the hard negative (7 subsets)", suite="paper"),
+    EvalTask("series-zero-shot", ("volumes", "series_labels"), "series:run_zero_shot",
+             "zero-shot abnormality AUROC per series (CT-RATE multi_abnormality_labels.csv layout)"),
+    EvalTask("series-retrieval", ("volumes", "series_reports"), "series:run_retrieval",
+             "series <-> report R@1/5/10 (CT-RATE reports CSV: Findings_EN + Impressions_EN)"),
 )
 
 TASKS: tuple[str, ...] = tuple(t.name for t in TABLE)
