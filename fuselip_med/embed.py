@@ -16,6 +16,7 @@ import numpy as np
 
 from fuselip_med.data.adapters import SampleSource, get_adapter
 from fuselip_med.data.skips import SkipReport
+from fuselip_med.errors import UsageError
 from fuselip_med.eval.embedding import EmbedItem, embed_items
 from fuselip_med.io import atomic_write, atomic_write_bytes, atomic_write_json
 
@@ -38,7 +39,7 @@ def open_input(path: str | os.PathLike, kind: Kind, **options: Any) -> SampleSou
     ``caption_column``, ``id_column``, ``sep``, ``image_root``, ``encoding``). Raises the adapter's errors
     (``DatasetNotFoundError``, ``DatasetEmptyError``, ``LookupError``, ``ValueError``) before any work starts."""
     if kind not in KINDS:
-        raise ValueError(f"--kind {kind!r}: choose image, text or pair.")
+        raise UsageError(f"--kind {kind!r}: choose image, text or pair.")
     return get_adapter("folder")(os.fspath(path), split="train", require_caption=kind != "image",
                                  check_files=kind != "text", **options)
 
@@ -112,7 +113,7 @@ def write_embeddings(path: str | os.PathLike, embeddings: np.ndarray, rows: list
         })
         atomic_write(path, lambda tmp: pq.write_table(table.replace_schema_metadata({"model": model_id}), tmp))
         return [path]
-    raise ValueError(f"--out {path}: use a .npy or .parquet file name.")
+    raise UsageError(f"--out {path}: use a .npy or .parquet file name.")
 
 
 def stored_salt(path: str | os.PathLike) -> str | None:
@@ -177,4 +178,4 @@ def write_unit_embeddings(path: str | os.PathLike, rows, model_id: str, unit: st
         metadata = {"model": model_id, "unit": unit, "settings": json.dumps(settings), "salt": salt}
         atomic_write(path, lambda tmp: pq.write_table(table.replace_schema_metadata(metadata), tmp))
         return [path]
-    raise ValueError(f"--out {path}: use a .npy or .parquet file name.")
+    raise UsageError(f"--out {path}: use a .npy or .parquet file name.")

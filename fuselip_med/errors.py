@@ -1,11 +1,43 @@
 """The one base class of user-facing errors: bad input (a file, a key, a value, a server) rather than a bug.
 
-Every command's handler (``cli_errors.UserErrorGroup``) prints a ``UserError`` as one ``error: …`` line and exits 1;
-any other exception is a bug and keeps its traceback. Subclass it (with ``ValueError``/``OSError`` as a second base
-where callers already catch those) and write the message as one sentence naming the input and what to do.
+The ``fuselip-med`` handler (``fuselip_med.cli.errors.UserErrorGroup``) prints a ``UserError`` as one ``error: …``
+line and exits with its ``exit_code`` (1; 2 for a wrong command line); any other exception is a bug and keeps its
+traceback. Subclass it (with ``ValueError``/``OSError``/``LookupError`` as a second base where callers already
+catch those) and write the message as one sentence naming the input and what to do.
 """
 from __future__ import annotations
+
+__all__ = ["InputError", "MissingExtraError", "OutputExistsError", "UnknownNameError", "UsageError", "UserError"]
 
 
 class UserError(Exception):
     """Bad input a user can fix; its message is one sentence naming the file, key, value or server."""
+
+    exit_code = 1
+
+
+class UsageError(UserError, ValueError):
+    """A command line that cannot work (contradicting or out-of-range options); exit code 2 like click's."""
+
+    exit_code = 2
+
+
+class InputError(UserError, ValueError):
+    """Input data (a table, a folder, an option value) that cannot be used as given."""
+
+
+class UnknownNameError(UserError, KeyError):
+    """A name (text encoding, adapter, task) that is not one of the known ones; the message lists them.
+
+    A ``KeyError`` (hence a ``LookupError``) whose text is the plain message, without ``KeyError``'s quotes."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class OutputExistsError(UserError, FileExistsError):
+    """An output path that already holds something the command will not overwrite unasked."""
+
+
+class MissingExtraError(UserError, ImportError):
+    """An optional dependency a command needs is not installed; the message names the pip extra."""

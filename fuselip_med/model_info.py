@@ -7,6 +7,7 @@ from fuselip_med.core.checkpoints import read_checkpoint
 from fuselip_med.core.fuselip import TRANSFORMER_SIZES, FuseLIPConfig
 from fuselip_med.core.late_fusion import LateFusionConfig
 from fuselip_med.core.models import arch_of, build_from_config, config_for, parameter_counts
+from fuselip_med.errors import InputError
 
 COUNT_PARTS = ("image", "text", "fusion", "trainable", "total")
 
@@ -33,7 +34,7 @@ def info_rows(model: str | None, arch: str | None = None, size: str | None = Non
     else:
         size = model or size
         if size is None:
-            raise ValueError("give a checkpoint, or a size with --size (and --arch for a baseline).")
+            raise InputError("give a checkpoint, or a size with --size (and --arch for a baseline).")
         config, source = config_for(arch or "fuselip", size), "architecture preset (no weights)"
         title = f"{arch_of(config)} {size}"
     with torch.device("meta"):

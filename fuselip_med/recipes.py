@@ -11,14 +11,19 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fuselip_med.errors import UserError
+
 RECIPE_DIRS = (
     Path(__file__).resolve().parent / "recipe_files",  # installed wheel (package data)
     Path(__file__).resolve().parent.parent / "recipes",  # source checkout / editable install
 )
 
 
-class RecipeError(ValueError):
-    """A recipe that cannot be used; the message is one line naming the file and key."""
+class RecipeError(UserError, ValueError):
+    """A recipe that cannot be used; the message is one line naming the file and key (exit code 2: the
+    command line named it)."""
+
+    exit_code = 2
 
 
 class Section(BaseModel):

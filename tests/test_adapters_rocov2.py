@@ -439,8 +439,8 @@ def test_hf_names_every_skipped_row_with_its_shard(hf, tmp_path):
 
 
 def test_missing_path_advice_names_an_option_of_the_command(tmp_path):
-    from fuselip_med.data.adapters import cli_option_style
+    from fuselip_med.option_names import command_line_style
 
-    with cli_option_style(), pytest.raises(DatasetNotFoundError) as info:
+    with command_line_style(), pytest.raises(DatasetNotFoundError) as info:
         rocov2(tmp_path / "absent", "test")
     assert "--data rocov2=ROCOv2_data" in str(info.value) and "--set" not in str(info.value)

@@ -94,7 +94,8 @@ def test_dockerignore_keeps_data_and_outputs_out_of_the_build_context() -> None:
     for path in ("ROCOv2_data/train_captions.csv", "models/x/model.safetensors", "logs/run.log", ".git/HEAD",
                  "fuselip_med/__pycache__/cli.cpython-311.pyc", "wandb/run/files", "tests/test_docker.py"):
         assert dockerignore_excludes(path), path
-    for path in ("pyproject.toml", "fuselip_med/cli.py", "docker/train-entrypoint.sh", "data_tools/download_rocov2.py"):
+    for path in ("pyproject.toml", "fuselip_med/cli/__init__.py", "docker/train-entrypoint.sh",
+                 "data_tools/download_rocov2.py"):
         assert not dockerignore_excludes(path), path
 
 

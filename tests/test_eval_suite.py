@@ -247,7 +247,7 @@ def test_paper_suite_through_the_cli(tmp_path, monkeypatch):
         return fn
 
     model = PlantedModel(image_fn=dispatch("image_fn"), text_fn=dispatch("text_fn"), pair_fn=dispatch("pair_fn"))
-    monkeypatch.setattr(cli, "_load_for_inference", lambda name, device, base=None: (model, None, None))
+    monkeypatch.setattr(cli.common, "load_inference_model", lambda name, device, base=None: (model, None, None))
     out = tmp_path / "out"
     tasks = "mmeb,imagenet,vg-crop,oi-crop,oi-pos,sugarcrepe"
     result = CliRunner().invoke(cli.app, ["eval", "-m", "planted", "--suite", "paper", "--data-root", str(root),

@@ -107,7 +107,7 @@ def test_data_adapter_name_opens_the_path_with_that_adapter(tmp_path, monkeypatc
     vectors = {**{(100 + k) * 65536: torch.eye(8)[k] for k in range(3)},
                **{c: torch.eye(8)[k if k < 2 else 0] for k, c in enumerate(captions)}}  # caption 3 matches image 1
     model = PlantedModel(image_fn=vectors.__getitem__, text_fn=vectors.__getitem__, dim=8)
-    monkeypatch.setattr(cli, "_load_for_inference", lambda name, device, base=None: (model, None, None))
+    monkeypatch.setattr(cli.common, "load_inference_model", lambda name, device, base=None: (model, None, None))
     out = tmp_path / "out"
     result = CliRunner().invoke(cli.app, ["eval", "-m", "planted", "--data", f"folder={tmp_path}", "--tasks",
                                           "rocov2-retrieval", "--out", str(out), "--num-workers", "0"])

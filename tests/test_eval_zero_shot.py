@@ -52,7 +52,7 @@ def check_metrics(task):
 @pytest.fixture
 def use_planted(monkeypatch):
     model = planted()
-    monkeypatch.setattr(cli, "_load_for_inference", lambda name, device, base=None: (model, None, None))
+    monkeypatch.setattr(cli.common, "load_inference_model", lambda name, device, base=None: (model, None, None))
     return model
 
 

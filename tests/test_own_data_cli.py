@@ -23,7 +23,8 @@ runner = CliRunner()
 @pytest.fixture
 def fake_model(monkeypatch):
     model = HashModel()
-    monkeypatch.setattr("fuselip_med.cli._load_for_inference", lambda name, device, base=None: (model, None, None))
+    monkeypatch.setattr("fuselip_med.cli.common.load_inference_model",
+                        lambda name, device, base=None: (model, None, None))
     return model
 
 

@@ -132,7 +132,7 @@ def test_rocov2_mm_recipe_trains_and_vqa_improves(tmp_path):
 
 
 def test_parquet_mirror_records_find_their_images_by_id(tmp_path):
-    from fuselip_med.data.synth.cli import run_synth_vqa
+    from fuselip_med.data.synth.run import run_synth_vqa
     from tests.test_adapters_rocov2 import decode_id, number_of, write_hf
 
     mirror = write_hf(tmp_path / "ROCOv2-radiology")

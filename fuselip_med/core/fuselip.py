@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from fuselip_med.core.hub import CONFIG_NAME, SAFETENSORS_NAME, HubModelMixin
 from fuselip_med.core.text_tokenizer import TextTokenizer
 from fuselip_med.core.titok import TiTokConfig, TiTokTokenizer
+from fuselip_med.errors import InputError
 from fuselip_med.vocab import (
     CLIP_BPE_VOCAB_SIZE,
     EOT_TOKEN_ID as EOT_ID,
@@ -63,7 +64,7 @@ class FuseLIPConfig:
     def from_size(cls, size: str, **overrides: Any) -> "FuseLIPConfig":
         """The released architecture for ``small``/``base`` (or ``tiny`` for tests and the CPU demo)."""
         if size not in TRANSFORMER_SIZES:
-            raise ValueError(f"Unknown transformer size {size!r}; choose one of {sorted(TRANSFORMER_SIZES)}.")
+            raise InputError(f"Unknown transformer size {size!r}; choose one of {sorted(TRANSFORMER_SIZES)}.")
         width, heads, layers = TRANSFORMER_SIZES[size]
         tokenizer_name = overrides.pop("image_tokenizer", IMAGE_TOKENIZER_FOR_SIZE[size])
         titok = overrides.pop("titok", None) or TiTokConfig.from_name(tokenizer_name)

@@ -22,6 +22,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData, PyTorchModelHu
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from fuselip_med.errors import UserError
 from fuselip_med.io import atomic_directory
 
 CONFIG_NAME = "config.json"
@@ -32,7 +33,7 @@ CARD_TAGS = ("fuselip-med", "multimodal", "embeddings", "medical-imaging", "radi
 MAX_LISTED_KEYS = 8
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read as a model: a damaged file, a bad config, keys/shapes that do not match."""
 
 

@@ -33,6 +33,7 @@ from transformers import ViTConfig, ViTModel
 from fuselip_med.core.fuselip import EOT_ID, PAD_ID, SOT_ID, Transformer, init_transformer
 from fuselip_med.core.hub import HubModelMixin
 from fuselip_med.core.text_tokenizer import TextTokenizer
+from fuselip_med.errors import InputError
 from fuselip_med.vocab import CLIP_BPE_VOCAB_SIZE
 
 LATE_FUSION_ARCHS = ("siglip_sf", "siglip_mlf")
@@ -82,7 +83,7 @@ class LateFusionConfig:
 
     def __post_init__(self) -> None:
         if self.arch not in LATE_FUSION_ARCHS:
-            raise ValueError(f"Unknown late-fusion arch {self.arch!r}; choose one of {LATE_FUSION_ARCHS}.")
+            raise InputError(f"Unknown late-fusion arch {self.arch!r}; choose one of {LATE_FUSION_ARCHS}.")
         if self.arch == "siglip_mlf" and self.fusion_width != self.embed_dim:
             raise ValueError(f"MLF fuses {self.embed_dim}-d embeddings, so fusion_width must be {self.embed_dim}.")
 
@@ -90,7 +91,7 @@ class LateFusionConfig:
     def from_size(cls, arch: str, size: str, **overrides: Any) -> "LateFusionConfig":
         """The paper's S/B baseline (ViT-S/16 or ViT-B/16, CLIP-S/B text) or ``tiny`` for tests and demos."""
         if size not in LATE_FUSION_SIZES:
-            raise ValueError(f"Unknown late-fusion size {size!r}; choose one of {sorted(LATE_FUSION_SIZES)}.")
+            raise InputError(f"Unknown late-fusion size {size!r}; choose one of {sorted(LATE_FUSION_SIZES)}.")
         spec = LATE_FUSION_SIZES[size]
         image_width, image_layers, image_heads, patch = spec["image"]
         text_width, text_heads, text_layers = spec["text"]

@@ -13,6 +13,7 @@ from torch import nn
 
 from fuselip_med.core.fuselip import FuseLIP, FuseLIPConfig
 from fuselip_med.core.late_fusion import LATE_FUSION_ARCHS, LateFusion, LateFusionConfig
+from fuselip_med.errors import InputError
 
 ModelConfig = FuseLIPConfig | LateFusionConfig
 """The config of any registry arch."""
@@ -24,7 +25,7 @@ ARCH_HELP = "fuselip (early fusion), siglip_sf (score fusion baseline) or siglip
 def check_arch(arch: str) -> str:
     """``arch`` itself, or ValueError naming the choices."""
     if arch not in ARCHS:
-        raise ValueError(f"Unknown model arch {arch!r}; choose one of {', '.join(ARCHS)}.")
+        raise InputError(f"Unknown model arch {arch!r}; choose one of {', '.join(ARCHS)}.")
     return arch
 
 

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
+from fuselip_med.errors import InputError, OutputExistsError
 from fuselip_med.io import atomic_directory
 from fuselip_med.vocab import MODALITY_CUIS, ROCOV2_MANUAL_CUI_NAMES
 
@@ -703,21 +704,21 @@ def write_demo_dataset(out_dir: str | os.PathLike, *, seed: int = 0, n_train: in
     for name, value in (("seed", seed), ("n_train", n_train), ("n_valid", n_valid), ("n_test", n_test),
                         ("n_dicom", n_dicom)):
         if not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+            raise InputError(f"{name} must be a non-negative integer, got {value!r}")
     if n_dicom > len(DEMO_DICOM_FILES):
-        raise ValueError(f"n_dicom must be at most {len(DEMO_DICOM_FILES)}, got {n_dicom}")
+        raise InputError(f"n_dicom must be at most {len(DEMO_DICOM_FILES)}, got {n_dicom}")
     out = Path(out_dir).expanduser().absolute()
     params = _params(seed, n_train, n_valid, n_test, n_dicom)
     if out.exists():
         if not out.is_dir():
-            raise FileExistsError(f"{out} exists and is not a folder: choose another output folder.")
+            raise OutputExistsError(f"{out} exists and is not a folder: choose another output folder.")
         is_demo = _read_marker(out) is not None
         if is_demo and not overwrite and _marker_matches(out, params):
             return out
         if any(out.iterdir()) and not (is_demo and overwrite):
             what = "a demo dataset with other parameters" if is_demo else "files that are not a demo dataset"
             advice = "pass overwrite=True (--overwrite) to replace it" if is_demo else "choose an empty or new folder"
-            raise FileExistsError(f"{out} already holds {what}: {advice}.")
+            raise OutputExistsError(f"{out} already holds {what}: {advice}.")
     try:
         with atomic_directory(out) as tmp:
             os.chmod(tmp, 0o755)

@@ -45,6 +45,7 @@ from pydicom.uid import (
 
 from fuselip_med.core.image_preprocess import ImagePreprocess
 from fuselip_med.data.schema import ImageInput
+from fuselip_med.errors import UserError
 from fuselip_med.vocab import WINDOW_PRESETS
 
 _DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
@@ -81,7 +82,7 @@ def _fallback(label: str, what: str) -> None:
     warnings.warn(f"{label}: {what}", DecodeFallbackWarning, stacklevel=3)
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(UserError, ValueError):
     """An image that cannot be decoded. ``reason`` is short and machine-friendly (used to count skips)."""
 
     def __init__(self, reason: str, source: str, detail: str = "") -> None:

@@ -34,7 +34,7 @@ import numpy as np
 
 from fuselip_med.data.phi import Pseudonyms, burned_in_risk
 from fuselip_med.data.skips import SkipReport
-from fuselip_med.errors import UserError
+from fuselip_med.errors import InputError
 
 __all__ = [
     "GAP_FACTOR", "NIFTI_SUFFIXES", "PLANES", "Series", "SliceRef", "StudiesError", "find_series", "is_nifti",
@@ -54,7 +54,7 @@ PLANES = {"sagittal": 0, "coronal": 1, "axial": 2}
 Plane = Literal["acquisition", "axial", "coronal", "sagittal"]
 
 
-class StudiesError(UserError, ValueError):
+class StudiesError(InputError):
     """No usable series in an input (the message names the input and the reasons counted)."""
 
 

@@ -1,10 +1,13 @@
-"""The ``eval`` command's work, kept out of ``cli.py``: parse ``--data``/``--suite``/``--labels`` into the
-arguments of :func:`~fuselip_med.eval.runner.run_evaluation`, with one-line errors for bad input."""
+"""The ``eval`` command's work, kept out of ``fuselip_med/cli/evaluate.py``: parse ``--data``/``--suite``/
+``--labels`` into the arguments of :func:`~fuselip_med.eval.runner.run_evaluation`, with one-line errors for bad
+input (``UsageError``)."""
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
 from pathlib import Path
+
+from fuselip_med.errors import UsageError
 
 from .tasks import ROLES, SUITES, TASKS, tasks_help
 
@@ -52,7 +55,7 @@ def parse_data(entries: Sequence[str]) -> dict[str, str]:
     for entry in entries:
         key, sep, value = entry.partition("=")
         if not sep or not key.strip() or not value.strip():
-            raise ValueError(f"--data {entry!r}: expected KEY=PATH, e.g. rocov2=ROCOv2_data or folder=my_images")
+            raise UsageError(f"--data {entry!r}: expected KEY=PATH, e.g. rocov2=ROCOv2_data or folder=my_images")
         data[key.strip()] = value.strip()
     return data
 
@@ -62,7 +65,7 @@ def suite_data(suite: str, root: str | os.PathLike, tasks: Sequence[str]) -> dic
     ``ValueError`` naming every folder that is missing (run the others with ``--tasks``)."""
     base = Path(root).expanduser()
     if not base.is_dir():
-        raise ValueError(f"--data-root {base} is not a folder")
+        raise UsageError(f"--data-root {base} is not a folder")
     data, missing = {}, []
     for task in tasks:
         role = _ROLE_OF_TASK.get(task)
@@ -74,7 +77,7 @@ def suite_data(suite: str, root: str | os.PathLike, tasks: Sequence[str]) -> dic
         else:
             data["tgit:cc" if role == "tgit" else role] = str(found)
     if missing:
-        raise ValueError(f"suite {suite!r}: no data for {', '.join(missing)}; add it or choose tasks with "
+        raise UsageError(f"suite {suite!r}: no data for {', '.join(missing)}; add it or choose tasks with "
                          f"--tasks (any of {', '.join(tasks)})")
     return data
 
@@ -83,12 +86,12 @@ def choose_tasks(tasks: str | None, suite: str | None, labels_given: bool) -> li
     """The tasks to run: ``--tasks``, else the suite's, else ``zero-shot`` when labels/templates are given,
     else :data:`DEFAULT_TASKS`."""
     if suite is not None and suite not in SUITES:
-        raise ValueError(f"unknown suite {suite!r}: choose from {', '.join(SUITES)}")
+        raise UsageError(f"unknown suite {suite!r}: choose from {', '.join(SUITES)}")
     if tasks:
         chosen = [t.strip() for t in tasks.split(",") if t.strip()]
         unknown = [t for t in chosen if t not in TASKS]
         if unknown:
-            raise ValueError(f"unknown evaluation task(s) {', '.join(unknown)}: choose from {', '.join(TASKS)}")
+            raise UsageError(f"unknown evaluation task(s) {', '.join(unknown)}: choose from {', '.join(TASKS)}")
         return chosen
     if suite is not None:
         return list(SUITES[suite])

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from fuselip_med.errors import InputError
 from fuselip_med.eval.report import _pyplot, _save_figure, flatten_metrics, now_iso, package_version
 from fuselip_med.eval.runner import run_evaluation
 from fuselip_med.io import atomic_write_text
@@ -36,7 +37,7 @@ def model_labels(specs: Sequence[str]) -> dict[str, str]:
             label, checkpoint = (f"{path.parent.name}/{path.name}" if path.name == "final" and path.parent.name
                                  else path.name or spec), spec
         if not label or not checkpoint:
-            raise ValueError(f"--model {spec!r}: expected CHECKPOINT or LABEL=CHECKPOINT.")
+            raise InputError(f"--model {spec!r}: expected CHECKPOINT or LABEL=CHECKPOINT.")
         unique, number = label, 2
         while unique in labels:
             unique, number = f"{label}#{number}", number + 1

@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fuselip_med.errors import UsageError
+
 from . import classification as cls
 from .embedding import Embedder
 from .report import EvalReport, TaskResult, now_iso, package_version, write_report
@@ -33,7 +35,7 @@ def check_tasks(tasks: Sequence[str], data: Mapping[str, Any]) -> list[str]:
     tasks = list(dict.fromkeys(tasks))
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
-        raise ValueError(f"unknown evaluation task(s) {unknown}: choose from {', '.join(TASKS)}")
+        raise UsageError(f"unknown evaluation task(s) {unknown}: choose from {', '.join(TASKS)}")
     roles = resolve_data(data)
     for name in tasks:
         task = get_task(name)
@@ -45,7 +47,7 @@ def check_tasks(tasks: Sequence[str], data: Mapping[str, Any]) -> list[str]:
             for entry in missing:
                 keys = [k for r in entry.split("|") for k in (r, *ROLES[r].aliases)]
                 wanted.append(" or ".join(repr(k) for k in keys))
-            raise ValueError(f"task {name!r} needs data {', '.join(wanted)}; "
+            raise UsageError(f"task {name!r} needs data {', '.join(wanted)}; "
                              f"got {', '.join(map(repr, data)) or 'none'} (pass --data ROLE=PATH)")
     return tasks
 

@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fuselip_med.errors import UsageError
+
 from .embedding import Embedder, EmbedItem
 
 __all__ = ["pool_items", "score_pools", "summarize_tgit", "evaluate_tgit_pools", "iter_source_pools",
@@ -118,22 +120,22 @@ def read_row_list(spec: str | os.PathLike) -> list[int]:
     """The 0-based source rows listed in ``spec``: ``"official"`` (the shipped ``eval_augmented_idcs.txt`` of the
     FuseLIP repository) or a file holding a Python/JSON list (``[5981, 10040, ...]``) or one number per line.
 
-    Raises ``ValueError`` naming the file when it is missing, holds anything but non-negative integers, or
-    lists a row twice (the official evaluation asserts unique indices)."""
+    Raises ``UsageError`` (a ``ValueError``) naming the file when it is missing, holds anything but non-negative
+    integers, or lists a row twice (the official evaluation asserts unique indices)."""
     if os.fspath(spec) == OFFICIAL_ROWS:
         text = files("fuselip_med.eval").joinpath("data", _OFFICIAL_ROWS_FILE).read_text(encoding="utf-8")
         where = f"the shipped {_OFFICIAL_ROWS_FILE}"
     else:
         path = Path(spec).expanduser()
         if not path.is_file():
-            raise ValueError(f"--tgit-rows {path}: no such file (give 'official' or a file of row numbers)")
+            raise UsageError(f"--tgit-rows {path}: no such file (give 'official' or a file of row numbers)")
         text, where = path.read_text(encoding="utf-8"), str(path)
     tokens = [t for t in re.split(r"[\s,\[\]]+", text) if t]
     if not tokens or not all(t.isdigit() for t in tokens):
-        raise ValueError(f"{where}: expected a list of non-negative row numbers such as [5981, 10040, ...]")
+        raise UsageError(f"{where}: expected a list of non-negative row numbers such as [5981, 10040, ...]")
     rows = [int(t) for t in tokens]
     if len(set(rows)) != len(rows):
-        raise ValueError(f"{where}: lists a row more than once")
+        raise UsageError(f"{where}: lists a row more than once")
     return rows
 
 

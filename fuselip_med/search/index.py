@@ -40,6 +40,7 @@ import numpy as np
 
 from fuselip_med.data.phi import PrivacyOptions
 from fuselip_med.data.token_cache import content_hash
+from fuselip_med.errors import UsageError, UserError
 from fuselip_med.io import atomic_write_bytes, atomic_write_text, remove_temp_files
 
 __all__ = [
@@ -58,7 +59,7 @@ THUMBNAIL_PX = 256
 IndexType = Literal["auto", "flat", "ivf", "hnsw"]
 
 
-class SearchIndexError(ValueError):
+class SearchIndexError(UserError, ValueError):
     """A user-facing problem with an index directory or its inputs (message names the path and the fix)."""
 
 
@@ -106,10 +107,10 @@ class IndexSettings:
 
     def __post_init__(self) -> None:
         if self.index_type not in ("auto", "flat", "ivf", "hnsw"):
-            raise ValueError(f"index type {self.index_type!r}: choose auto, flat, ivf or hnsw")
+            raise UsageError(f"index type {self.index_type!r}: choose auto, flat, ivf or hnsw")
         for name in ("exact_max", "nprobe", "hnsw_m", "ef_construction", "ef_search", "chunk_size", "batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def faiss_settings(self) -> dict[str, Any]:
         """The settings that shape the FAISS index (not how embedding was chunked or batched)."""

@@ -18,6 +18,7 @@ from fuselip_med.data.dataset import MixtureDataset, SampleDataset
 from fuselip_med.data.images import DecodeOptions
 from fuselip_med.data.sampling import GroupedBatchSampler, RankShard, mixture_group_weights
 from fuselip_med.data.workers import usable_workers
+from fuselip_med.errors import UserError
 from fuselip_med.recipes import DatasetSpec, Recipe
 
 
@@ -30,7 +31,7 @@ def _demo_path() -> str:
 BUILTIN_DATA = {"builtin:demo": _demo_path}  # dataset paths that name data the package generates itself
 
 
-class DataSetupError(ValueError):
+class DataSetupError(UserError, ValueError):
     """Training data that cannot be built (missing path, unknown adapter, empty dataset): one clear line."""
 
 

@@ -29,6 +29,7 @@ from fuselip_med.core.lora import adapter_parameter_count, apply_lora, save_adap
 from fuselip_med.core.losses import MaskingConfig, clamp_logit_scale
 from fuselip_med.data.adapters import DatasetEmptyError
 from fuselip_med.data.collate import SkipCounter
+from fuselip_med.errors import UserError
 from fuselip_med.eval.report import flatten_metrics
 from fuselip_med.recipes import Recipe, recipe_to_yaml
 from fuselip_med.train import checkpointing as ckpt
@@ -43,7 +44,7 @@ from fuselip_med.train.tracking import log_with, start_trackers
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(UserError, RuntimeError):
     """Training ended early for a reason the user must act on (e.g. the loss kept diverging)."""
 
 

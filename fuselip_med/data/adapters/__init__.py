@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import codecs
 import collections
-import contextlib
-import contextvars
 import csv
 import importlib
 import os
@@ -20,6 +18,8 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
+from ...errors import UnknownNameError, UserError
+from ...option_names import advise_option
 from ..schema import Sample
 from ..skips import SkipReport
 
@@ -31,16 +31,14 @@ __all__ = [
     "ListSource",
     "SampleSource",
     "available_adapters",
-    "advise_option",
     "clean_caption",
-    "cli_option_style",
     "csv_rows",
     "get_adapter",
     "register_adapter",
 ]
 
 
-class DatasetEmptyError(ValueError):
+class DatasetEmptyError(UserError, ValueError):
     """A dataset that has no usable sample (after filtering); the message names the path."""
 
 
@@ -48,7 +46,7 @@ class DatasetNotFoundError(DatasetEmptyError, FileNotFoundError):
     """The dataset's path does not exist or holds none of the expected files."""
 
 
-class BadRowError(ValueError):
+class BadRowError(UserError, ValueError):
     """A bad row met with ``strict=True``; ``reason`` is the key it would have been counted under."""
 
     def __init__(self, message: str, reason: str):
@@ -140,36 +138,6 @@ def has_undecodable(text: str) -> bool:
     return any("\udc80" <= ch <= "\udcff" for ch in text)
 
 
-# How user-facing messages name an adapter option: ``path_column=NAME`` (recipes, Python) or ``--path-column NAME``
-# (the embed/eval commands, which set this while they open their input).
-_OPTION_STYLE: contextvars.ContextVar[str] = contextvars.ContextVar("fuselip_med_option_style", default="adapter")
-
-
-@contextlib.contextmanager
-def cli_option_style() -> Iterator[None]:
-    """Within this block, messages name adapter options as command-line options (``--path-column NAME``)."""
-    token = _OPTION_STYLE.set("cli")
-    try:
-        yield
-    finally:
-        _OPTION_STYLE.reset(token)
-
-
-def in_cli() -> bool:
-    """True inside ``cli_option_style``: messages then name command-line options."""
-    return _OPTION_STYLE.get() == "cli"
-
-
-def advise_option(name: str, value: str | None = "NAME") -> str:
-    """How to write option ``name`` with ``value`` in a message: ``--path-column NAME`` on the command line
-    (inside ``cli_option_style``), else ``path_column=NAME`` (recipe ``options`` / keyword argument).
-    ``value=None`` is a switch: ``--allow-partial`` / ``allow_partial=True``."""
-    if in_cli():
-        flag = f"--{name.replace('_', '-')}"
-        return flag if value is None else f"{flag} {value}"
-    return f"{name}={'True' if value is None else value}"
-
-
 def text_encoding(encoding: str | None) -> str:
     """The codec to read a table with: UTF-8 (a leading BOM dropped) by default; ``LookupError`` naming an
     unknown one."""
@@ -178,7 +146,7 @@ def text_encoding(encoding: str | None) -> str:
     try:
         name = codecs.lookup(encoding).name
     except LookupError:
-        raise LookupError(f"unknown text encoding {encoding!r}: use e.g. utf-8, cp1252 or latin-1") from None
+        raise UnknownNameError(f"unknown text encoding {encoding!r}: use e.g. utf-8, cp1252 or latin-1") from None
     return "utf-8-sig" if name in ("utf-8", "utf-8-sig") else name
 
 
@@ -324,7 +292,7 @@ def get_adapter(name: str) -> AdapterFactory:
         if name not in _REGISTRY:
             known = ", ".join(available_adapters()) or "none"
             hint = "".join(f"; module {m} failed to import: {e}" for m, e in failures.items())
-            raise KeyError(f"unknown dataset adapter {name!r} (known: {known}){hint}")
+            raise UnknownNameError(f"unknown dataset adapter {name!r} (known: {known}){hint}")
     return _REGISTRY[name]
 
 

@@ -12,14 +12,15 @@ import os
 import stat
 from pathlib import Path
 
+from fuselip_med.errors import InputError
 from fuselip_med.vocab import modality_name
 
+from ...option_names import advise_option
 from ..schema import Sample
 from ..skips import SkipReport
 from . import (
     DatasetEmptyError,
     DatasetNotFoundError,
-    advise_option,
     check_index,
     check_pair_mode,
     clean_caption,
@@ -212,7 +213,7 @@ def _separator(sep: str | None, table: Path, encoding: str) -> str:
     if sep is not None:
         value = _SEP_NAMES.get(sep.lower(), sep)
         if len(value) != 1:
-            raise ValueError(f"sep {sep!r}: use one character, e.g. ',' or 'tab' ({advise_option('sep', 'tab')}).")
+            raise InputError(f"sep {sep!r}: use one character, e.g. ',' or 'tab' ({advise_option('sep', 'tab')}).")
         return value
     with open(table, encoding=encoding, errors="replace") as handle:
         first = handle.readline()

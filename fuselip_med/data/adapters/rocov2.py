@@ -12,6 +12,7 @@ from typing import Any
 
 from fuselip_med.vocab import ROCOV2_MANUAL_CUI_NAMES, ROCOV2_MODALITIES
 
+from ...option_names import advise_dataset
 from ..schema import Sample
 from ..skips import SkipReport
 from . import (
@@ -23,7 +24,6 @@ from . import (
     csv_rows,
     has_undecodable,
     image_files,
-    in_cli,
     pair_sample,
     register_adapter,
     require_nonempty,
@@ -46,13 +46,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm")  # preference order when one 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 def how_to_get() -> str:
-    """Where to get ROCOv2 and how to pass it: to ``eval`` (``--data rocov2=DIR``, inside ``cli_option_style``)
-    or to a recipe (``--set data.train.path=DIR`` on finetune/train)."""
+    """Where to get ROCOv2 and how to pass it (to ``eval`` or to a recipe: ``option_names.advise_dataset``)."""
     get = ("download ROCOv2 with `python data_tools/download_rocov2.py --out ROCOv2_data` (or the docker download "
            "image) and pass that folder")
-    if in_cli():
-        return f"{get} with `--data rocov2=ROCOv2_data`"
-    return f"{get}, or point the recipe at your local copy with `--set data.train.path=DIR`"
+    return get + advise_dataset("rocov2", "ROCOv2_data")
 
 
 def canonical_split(split: str) -> str:

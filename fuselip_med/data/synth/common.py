@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fuselip_med.errors import InputError
 from fuselip_med.io import atomic_write_text
 
 __all__ = ["CaptionRow", "QARecord", "answer_in_caption", "normalize_text", "read_caption_rows", "read_jsonl",
@@ -146,7 +147,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 try:
                     out.append(json.loads(line))
                 except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}, line {number}: not JSON ({error.msg})") from None
+                    raise InputError(f"{path}, line {number}: not JSON ({error.msg})") from None
     return out
 
 

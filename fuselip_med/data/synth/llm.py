@@ -22,7 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fuselip_med.errors import UserError
 from fuselip_med.io import atomic_write_text
+from fuselip_med.option_names import advise_option
 
 from .common import (
     CaptionRow,
@@ -73,7 +75,7 @@ _A_LINE = re.compile(r"^\s*(?:[-*\u2022]\s*)?(?:A|Answer)\s*\d*\s*[:.)-]\s*(.*?)
 _YES_NO = {"yes", "no", "true", "false", "yes it is", "no it is not", "not seen", "none"}
 
 
-class SynthError(ValueError):
+class SynthError(UserError, ValueError):
     """A synthesis run that cannot start (bad model, mismatched resume state); one line naming what to do."""
 
 
@@ -207,10 +209,11 @@ class HFGenerator:
             self.tokenizer = AutoTokenizer.from_pretrained(config.model, revision=config.revision,
                                                            trust_remote_code=False)
         except (OSError, ValueError) as error:
-            raise SynthError(f"cannot load the tokenizer of --model {config.model}: {error}".splitlines()[0]) from None
+            model = advise_option("model", config.model)
+            raise SynthError(f"cannot load the tokenizer of {model}: {error}".splitlines()[0]) from None
         if not getattr(self.tokenizer, "chat_template", None):
-            raise SynthError(f"--model {config.model} has no chat template: use an instruction-tuned model "
-                             f"(e.g. {DEFAULT_MODEL}).")
+            raise SynthError(f"{advise_option('model', config.model)} has no chat template: use an "
+                             f"instruction-tuned model (e.g. {DEFAULT_MODEL}).")
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -223,7 +226,7 @@ class HFGenerator:
             self.model = AutoModelForCausalLM.from_pretrained(
                 config.model, revision=config.revision, trust_remote_code=False, **{dtype_key: self._dtype()})
         except (OSError, ValueError) as error:
-            raise SynthError(f"cannot load --model {config.model}: {error}".splitlines()[0]) from None
+            raise SynthError(f"cannot load {advise_option('model', config.model)}: {error}".splitlines()[0]) from None
         self.model.to(self.device).eval()
         self.logits_processor = list(logits_processor)
 

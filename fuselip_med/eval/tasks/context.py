@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from fuselip_med.data.skips import SkipReport
+from fuselip_med.errors import InputError, UsageError
 
 from .. import classification as cls
 from ..embedding import Embedder, EmbedItem, sample_image_key
@@ -87,7 +88,7 @@ def resolve_data(data: Mapping[str, Any]) -> dict[str, DataEntry]:
         role = role_of_key(role_name)
         if adapter:
             if role is None:
-                raise ValueError(f"data key {key!r}: {role_name!r} is not a role (roles: {', '.join(ROLES)})")
+                raise UsageError(f"data key {key!r}: {role_name!r} is not a role (roles: {', '.join(ROLES)})")
             _check_adapter(adapter, key)
             explicit[role] = DataEntry(key, value, adapter, _SPLIT_OF_ROLE.get(role, "test"))
         elif role is not None:
@@ -106,7 +107,7 @@ def _check_adapter(name: str, key: str) -> None:
 
     known = available_adapters()
     if name not in known:
-        raise ValueError(f"data key {key!r} is neither a data role ({', '.join(ROLES)}) nor a dataset adapter "
+        raise UsageError(f"data key {key!r} is neither a data role ({', '.join(ROLES)}) nor a dataset adapter "
                          f"({', '.join(known)}); write ROLE=PATH, ADAPTER=PATH or ROLE:ADAPTER=PATH")
 
 
@@ -170,7 +171,7 @@ def _image_caption(source) -> ImageCaption:
         for cui, name in zip(s.meta.get("concepts", []) or [], s.meta.get("concept_names", []) or []):
             out.cui_names.setdefault(cui, name)
     if not out.images:
-        raise ValueError(f"{out.name} has no sample with both an image and a caption")
+        raise InputError(f"{out.name} has no sample with both an image and a caption")
     return out
 
 
@@ -180,11 +181,11 @@ def check_coverage(ic: ImageCaption, n_evaluated: int, allow_partial: bool, fail
     key -> reason of the images that did not decode."""
     if allow_partial or 2 * n_evaluated >= ic.n_listed:
         return
-    from fuselip_med.data.adapters import advise_option
+    from fuselip_med.option_names import advise_option
 
     skips = named_skips(ic, failed or {})
     skips.kept = n_evaluated
-    raise ValueError(f"only {n_evaluated} of the {ic.n_listed} rows listed by {ic.name} can be evaluated "
+    raise InputError(f"only {n_evaluated} of the {ic.n_listed} rows listed by {ic.name} can be evaluated "
                      f"({skips.summary()}); fix the data, or pass {advise_option('allow_partial', None)} "
                      "to evaluate the rest.")
 
@@ -213,7 +214,8 @@ def open_source(path: str | os.PathLike, adapter: str, split: str, options: Mapp
     published; a user's CSV/TSV or image folder goes to the ``folder`` adapter. ``table_options`` (the CLI's
     ``--path-column``, ``--encoding``, ...) apply to the csv/folder adapters only; given for ROCOv2 data they are
     a ValueError (its layout is fixed)."""
-    from fuselip_med.data.adapters import advise_option, get_adapter
+    from fuselip_med.data.adapters import get_adapter
+    from fuselip_med.option_names import advise_option
 
     text = os.fspath(path)
     if adapter == "rocov2":
@@ -224,7 +226,7 @@ def open_source(path: str | os.PathLike, adapter: str, split: str, options: Mapp
             adapter = "folder"
         elif table_options:
             given = ", ".join(advise_option(name, "...") for name in table_options)
-            raise ValueError(f"{given} apply to your own tables and folders; {text} is ROCOv2 data, read as "
+            raise InputError(f"{given} apply to your own tables and folders; {text} is ROCOv2 data, read as "
                              "published.")
     if adapter in ("folder", "csv"):
         options = {**options, **table_options}
@@ -253,19 +255,19 @@ class EvalContext:
         for role in roles.split("|"):
             if self.has(role):
                 return role
-        raise ValueError(f"no data for role {roles!r}")
+        raise InputError(f"no data for role {roles!r}")
 
     def value(self, role: str) -> Any:
         """The raw value given for ``role`` (a source, pools or a path)."""
         if role not in self.entries:
-            raise ValueError(f"no data for role {role!r}: pass --data {role}=PATH")
+            raise InputError(f"no data for role {role!r}: pass --data {role}=PATH")
         return self.entries[role].value
 
     def path(self, role: str) -> str:
         """The folder/file given for a benchmark role; ``ValueError`` when it is not a path."""
         value = self.value(role)
         if not _is_path(value):
-            raise ValueError(f"data for role {role!r} must be a path, got {describe(value)}")
+            raise InputError(f"data for role {role!r} must be a path, got {describe(value)}")
         return os.fspath(value)
 
     def source(self, role: str, **adapter_options):
@@ -273,7 +275,7 @@ class EvalContext:
         if role not in self._sources:
             entry = self.entries.get(role)
             if entry is None:
-                raise ValueError(f"no data for role {role!r}: pass --data {role}=PATH")
+                raise InputError(f"no data for role {role!r}: pass --data {role}=PATH")
             value = entry.value
             if _is_path(value):
                 adapter = entry.adapter or "rocov2"
@@ -297,7 +299,7 @@ class EvalContext:
         keep = [i for i, it in enumerate(ic.images) if it.key in table]
         check_coverage(ic, len(keep), self.allow_partial, table.failed)
         if not keep:
-            raise ValueError(f"no image of {ic.name} could be decoded (e.g. {next(iter(table.failed.values()), '?')})")
+            raise InputError(f"no image of {ic.name} could be decoded (e.g. {next(iter(table.failed.values()), '?')})")
         return (ic, keep, table.lookup(ic.images[i].key for i in keep),
                 table.lookup(ic.texts[i].key for i in keep))
 

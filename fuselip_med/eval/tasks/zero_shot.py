@@ -15,6 +15,8 @@ import os
 from collections import Counter
 from pathlib import Path
 
+from fuselip_med.errors import InputError, UsageError
+
 from .. import classification as cls
 from ..embedding import EmbedItem, sample_image_key
 from .context import EvalContext
@@ -38,13 +40,13 @@ def read_lines(path: str | os.PathLike, what: str) -> list[str]:
     try:
         text = file.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
-        raise ValueError(f"{what} file {file} does not exist") from None
+        raise UsageError(f"{what} file {file} does not exist") from None
     except UnicodeDecodeError:
-        raise ValueError(f"{what} file {file} is not UTF-8 text; save it as UTF-8") from None
+        raise UsageError(f"{what} file {file} is not UTF-8 text; save it as UTF-8") from None
     lines = [ln.strip() for ln in text.splitlines()]
     lines = [ln for ln in lines if ln and not ln.startswith("#")]
     if not lines:
-        raise ValueError(f"{what} file {file} has no entries (one per line)")
+        raise UsageError(f"{what} file {file} has no entries (one per line)")
     return lines
 
 
@@ -53,7 +55,7 @@ def read_labels(path: str | os.PathLike) -> list[str]:
     labels = read_lines(path, "labels")
     dupes = sorted(k for k, n in Counter(labels).items() if n > 1)
     if dupes:
-        raise ValueError(f"labels file {path} lists {', '.join(map(repr, dupes))} more than once")
+        raise UsageError(f"labels file {path} lists {', '.join(map(repr, dupes))} more than once")
     return labels
 
 
@@ -64,7 +66,7 @@ def read_templates(path: str | os.PathLike) -> list[str]:
     for line in read_lines(path, "templates"):
         template = line.replace("{}", "{c}")
         if "{c}" not in template:
-            raise ValueError(f"templates file {path}: line {line!r} has no {{c}} (or {{}}) for the class name")
+            raise UsageError(f"templates file {path}: line {line!r} has no {{c}} (or {{}}) for the class name")
         out.append(template)
     return out
 
@@ -87,7 +89,7 @@ def run(ctx: EvalContext) -> dict:
             items.append(EmbedItem(image=image, image_key=sample_image_key(s, image)))
             labels.append(str(label).strip())
     if not items:
-        raise ValueError(f"{name} has no image with a label in meta[{o.label_field!r}] (give a label column or one "
+        raise InputError(f"{name} has no image with a label in meta[{o.label_field!r}] (give a label column or one "
                          f"folder per class)")
     classes = list(o.labels) if o.labels is not None else sorted(set(labels))
     known = {c: k for k, c in enumerate(classes)}
@@ -95,7 +97,7 @@ def run(ctx: EvalContext) -> dict:
     if len(rows) < len(labels):
         skipped["label not in --labels"] += len(labels) - len(rows)
     if not rows:
-        raise ValueError(f"none of the labels of {name} ({', '.join(sorted(set(labels))[:5])}, ...) is in the "
+        raise InputError(f"none of the labels of {name} ({', '.join(sorted(set(labels))[:5])}, ...) is in the "
                          f"class list ({', '.join(classes[:5])}, ...)")
     templates = list(o.templates) if o.templates is not None else list(RADIOLOGY_TEMPLATES)
     table = ctx.embedder.embed([items[r] for r in rows], desc=f"embedding {name}")
@@ -104,7 +106,7 @@ def run(ctx: EvalContext) -> dict:
         if items[r].key in table.failed:
             skipped[table.failed[items[r].key]] += 1
     if not scored:
-        raise ValueError(f"no image of {name} could be decoded")
+        raise InputError(f"no image of {name} could be decoded")
     weights = ctx.class_weights(classes, templates)
     pred, _ = cls.zero_shot_predict(table.lookup(items[r].key for r in scored), weights)
     m = cls.classification_metrics([known[labels[r]] for r in scored], pred.tolist(), classes)

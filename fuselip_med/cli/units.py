@@ -1,5 +1,5 @@
-"""Command-line options and runs for series/study units (``embed --unit``, ``index build --unit``) and the
-privacy switches every writer honours (``--keep-paths``, ``--show-paths``, ``--allow-burned-in``).
+"""Command-line options and runs shared by ``embed --unit`` and ``index build --unit`` (series/study units) and
+the privacy switches every writer honours (``--keep-paths``, ``--show-paths``, ``--allow-burned-in``).
 
 Heavy imports (torch, MONAI) happen inside the functions."""
 from __future__ import annotations
@@ -9,8 +9,10 @@ from typing import Optional
 
 import typer
 
+from fuselip_med.errors import UsageError
+
 __all__ = ["ALLOW_BURNED_IN", "KEEP_PATHS", "PLANE", "RENDER", "SHOW_PATHS", "SLICES", "UNIT", "WINDOW",
-           "read_units", "unit_options"]
+           "check_unit", "privacy_options", "read_units", "unit_options"]
 
 UNIT: str = typer.Option("image", "--unit", help="What one vector stands for: image (each file; default), series "
                          "(DICOM series / NIfTI volume: mean of its sampled slices) or study (mean of its series).")
@@ -30,11 +32,24 @@ ALLOW_BURNED_IN: bool = typer.Option(False, "--allow-burned-in", help="Keep thum
 
 
 def unit_options(slices: int, render: str, window: Optional[str]):
-    """The typed ``units.UnitOptions`` for the command-line values (``ValueError`` naming a bad value)."""
+    """The typed ``units.UnitOptions`` for the command-line values (``UsageError`` naming a bad value)."""
     from fuselip_med.data.volumes import Rendering
     from fuselip_med.units import UnitOptions
 
-    return UnitOptions(slices=slices, rendering=Rendering.parse(render, window))
+    try:
+        return UnitOptions(slices=slices, rendering=Rendering.parse(render, window))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def privacy_options(keep_paths: bool, show_paths: bool, allow_burned_in: bool):
+    """The typed ``phi.PrivacyOptions`` (``UsageError`` for --show-paths without --keep-paths)."""
+    from fuselip_med.data.phi import PrivacyOptions
+
+    try:
+        return PrivacyOptions(keep_paths=keep_paths, show_paths=show_paths, allow_burned_in=allow_burned_in)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def read_units(model, input: Path, unit: str, options, *, pseudonyms, plane: str, batch_size: int,
@@ -57,6 +72,6 @@ def read_units(model, input: Path, unit: str, options, *, pseudonyms, plane: str
 
 
 def check_unit(unit: str, allowed: tuple[str, ...]) -> None:
-    """``ValueError`` unless ``unit`` is one of ``allowed``."""
+    """``UsageError`` unless ``unit`` is one of ``allowed``."""
     if unit not in allowed:
-        raise ValueError(f"--unit {unit!r}: choose {', '.join(allowed[:-1])} or {allowed[-1]}.")
+        raise UsageError(f"--unit {unit!r}: choose {', '.join(allowed[:-1])} or {allowed[-1]}.")

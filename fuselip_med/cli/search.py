@@ -8,18 +8,14 @@ from typing import Optional
 
 import typer
 
-from fuselip_med.studies_cli import ALLOW_BURNED_IN, KEEP_PATHS, PLANE, RENDER, SHOW_PATHS, SLICES, UNIT, WINDOW
+from fuselip_med.cli import common
+from fuselip_med.cli.units import ALLOW_BURNED_IN, KEEP_PATHS, PLANE, RENDER, SHOW_PATHS, SLICES, UNIT, WINDOW
+from fuselip_med.errors import MissingExtraError, UsageError
 
 __all__ = ["register"]
 
 index_app = typer.Typer(help="Build and update a search index over a folder of images.", no_args_is_help=True)
 INDEX_TYPES = "auto, flat (exact), ivf or hnsw"
-
-
-def _fail(message: str, code: int = 1) -> None:
-    from fuselip_med.cli import fail
-
-    fail(message, code)
 
 
 @index_app.command("build")
@@ -74,35 +70,16 @@ def index_build(
     from accelerate import PartialState
     from rich.console import Console
 
-    from fuselip_med.core.checkpoints import CheckpointError
-    from fuselip_med.core.lora import load_for_inference
-    from fuselip_med.data.adapters import DatasetEmptyError
-    from fuselip_med.search.index import (
-        IndexSettings,
-        ModelId,
-        SearchIndexError,
-        build_index,
-        list_entries,
-        model_fingerprint,
-    )
+    from fuselip_med.search.index import IndexSettings, ModelId, build_index, list_entries, model_fingerprint
 
-    try:
-        settings = IndexSettings(index_type=index_type, exact_max=exact_max, nlist=nlist, nprobe=nprobe,  # type: ignore[arg-type]
-                                 hnsw_m=hnsw_m, ef_search=ef_search, batch_size=batch_size, chunk_size=chunk_size)
-        entries, listed_skips = list_entries(input, adapter=adapter, split=split)
-    except (DatasetEmptyError, FileNotFoundError, ValueError, KeyError) as error:
-        _fail(str(error).strip("'\""), code=2)
+    settings = IndexSettings(index_type=index_type, exact_max=exact_max, nlist=nlist, nprobe=nprobe,  # type: ignore[arg-type]
+                             hnsw_m=hnsw_m, ef_search=ef_search, batch_size=batch_size, chunk_size=chunk_size)
+    entries, listed_skips = list_entries(input, adapter=adapter, split=split)
     state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())  # CPU: several gloo processes
-    try:
-        fuselip, _, _ = load_for_inference(model, device or state.device)
-    except CheckpointError as error:
-        _fail(str(error))
+    fuselip, _, _ = common.load_inference_model(model, device or state.device)
     console = Console()
-    try:
-        report = build_index(out, entries, fuselip, ModelId(model, model_fingerprint(fuselip)), settings,
-                             rebuild=rebuild, accelerator=state if state.num_processes > 1 else None)
-    except SearchIndexError as error:
-        _fail(str(error))
+    report = build_index(out, entries, fuselip, ModelId(model, model_fingerprint(fuselip)), settings,
+                         rebuild=rebuild, accelerator=state if state.num_processes > 1 else None)
     if not state.is_main_process:
         return
     state_word = "up to date" if report.up_to_date else "written"
@@ -126,21 +103,17 @@ def _build_unit_index(model: str, input: Path, out: Path, unit: str, slices: int
     """``index build --unit series|study`` (one process; the vectors of every series are embedded anew)."""
     from rich.console import Console
 
-    from fuselip_med.core.lora import load_for_inference
-    from fuselip_med.data.phi import PrivacyOptions, Pseudonyms
+    from fuselip_med.cli.units import check_unit, privacy_options, read_units, unit_options
+    from fuselip_med.data.phi import Pseudonyms
     from fuselip_med.data.skips import SkipReport
     from fuselip_med.search.index import ModelId, build_unit_index, model_fingerprint, stored_index_salt
-    from fuselip_med.studies_cli import check_unit, read_units, unit_options
 
-    try:
-        check_unit(unit, ("image", "series", "study"))
-        options = unit_options(slices, render, window)
-        privacy = PrivacyOptions(keep_paths=keep_paths, show_paths=show_paths, allow_burned_in=allow_burned_in)
-    except ValueError as error:
-        _fail(str(error), code=2)
+    check_unit(unit, ("image", "series", "study"))
+    options = unit_options(slices, render, window)
+    privacy = privacy_options(keep_paths, show_paths, allow_burned_in)
     salt = None if rebuild else stored_index_salt(out)
     pseudonyms = Pseudonyms(salt) if salt else Pseudonyms.fresh()
-    fuselip, _, _ = load_for_inference(model, device or "cpu")
+    fuselip, _, _ = common.load_inference_model(model, device or "cpu")
     skips = SkipReport()
     rows, paths = read_units(fuselip, input, unit, options, pseudonyms=pseudonyms, plane=plane,
                              batch_size=batch_size, keep_images=True, skips=skips)
@@ -174,25 +147,20 @@ def search(
     from rich.console import Console
     from rich.table import Table
 
-    from fuselip_med.core.checkpoints import CheckpointError
-    from fuselip_med.data.images import ImageDecodeError
-    from fuselip_med.search.index import SearchIndexError, open_index
+    from fuselip_med.search.index import open_index
     from fuselip_med.search.query import load_index_model, search as run_search
 
     if not text and image is None:
-        _fail("give --text, --image, or both (--image with --text is an image + instruction query).", code=2)
+        raise UsageError("give --text, --image, or both (--image with --text is an image + instruction query).")
     if k < 1:
-        _fail(f"-k {k}: ask for at least one result.", code=2)
+        raise UsageError(f"-k {k}: ask for at least one result.")
     if target not in ("image", "caption"):
-        _fail(f"--target {target!r}: choose image or caption.", code=2)
+        raise UsageError(f"--target {target!r}: choose image or caption.")
     if image is not None and not image.is_file():
-        _fail(f"--image {image}: no such file.", code=2)
-    try:
-        opened = open_index(index)
-        fuselip, _ = load_index_model(opened, model)
-        hits = run_search(opened, fuselip, text=text, image=image, k=k, target=target)
-    except (SearchIndexError, CheckpointError, ImageDecodeError) as error:
-        _fail(str(error))
+        raise UsageError(f"--image {image}: no such file.")
+    opened = open_index(index)
+    fuselip, _ = load_index_model(opened, model)
+    hits = run_search(opened, fuselip, text=text, image=image, k=k, target=target)
     if as_json:
         print(json.dumps([hit.to_dict() for hit in hits], indent=1))
         return
@@ -228,19 +196,16 @@ def serve(
       fuselip-med serve --index my_index\n
       fuselip-med serve --index my_index --port 8080
     """
-    from fuselip_med.core.checkpoints import CheckpointError
-    from fuselip_med.search.index import SearchIndexError, open_index
+    from fuselip_med.search.index import open_index
     from fuselip_med.search.query import load_index_model
 
     try:
         from fuselip_med.search.app import serve as serve_page
     except ImportError as error:
-        _fail(f"serve needs Gradio ({error}); install it with: pip install 'fuselip_med[app]'.")
-    try:
-        opened = open_index(index)
-        fuselip, _ = load_index_model(opened, model)
-    except (SearchIndexError, CheckpointError) as error:
-        _fail(str(error))
+        raise MissingExtraError(f"serve needs Gradio ({error}); install it with: pip install 'fuselip_med[app]'.") \
+            from None
+    opened = open_index(index)
+    fuselip, _ = load_index_model(opened, model)
     serve_page(opened, fuselip, host=host, port=port, k=k)
 
 

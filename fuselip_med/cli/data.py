@@ -1,5 +1,5 @@
-"""``fuselip-med data synth-vqa``: caption sources -> VQA JSONL with the rules or an LLM (the command body;
-``fuselip_med/cli.py`` only registers it)."""
+"""The ``data`` command group: ``data demo`` (the bundled demo dataset), ``data synth-vqa`` (VQA pairs from
+captions, by rules or an LLM) and ``data cache-codes`` (a recipe's image codes, ahead of training)."""
 from __future__ import annotations
 
 import os
@@ -8,63 +8,62 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fuselip_med.io import atomic_write_text
-from fuselip_med.progress import new_progress
+from fuselip_med.cli.common import RECIPE_HELP, SET_HELP
+from fuselip_med.data.synth.llm import DEFAULT_MODEL
+from fuselip_med.errors import InputError
+from fuselip_med.option_names import command_line_style, flag
 
-from .common import read_caption_rows, write_jsonl_atomic
-from .llm import DEFAULT_MODEL, LLMConfig, SynthError, SynthReport, process_state, synthesize_llm
-from .rules import RULES_VERSION, synthesize_rules
+__all__ = ["register"]
 
-__all__ = ["run_synth_vqa", "synth_vqa_command"]
-
-GENERATORS = ("rules", "llm")
-
-
-def stats_path(out: Path) -> Path:
-    """Where the per-reason counts of a run go: ``<out>.stats.json`` beside the JSONL."""
-    return out.with_name(out.name + ".stats.json")
+data_app = typer.Typer(help="Prepare datasets (the bundled demo dataset, cached image codes, synthetic VQA pairs).",
+                       no_args_is_help=True)
 
 
-def run_synth_vqa(input: str, out: Path, generator: str = "rules", *, adapter: str | None = None,
-                  split: str = "train", limit: int | None = None, config: LLMConfig | None = None,
-                  console: Console | None = None) -> SynthReport | None:
-    """Read captions from ``input`` with the adapters, write QA records to ``out`` and the counts to
-    ``<out>.stats.json``; returns the report (None on non-main processes of a multi-process LLM run).
+def demo(
+    out: Path = typer.Option(..., "--out", "-o", help="Directory to write the dataset into."),
+    seed: int = typer.Option(0, help="Random seed; the same seed writes the same bytes."),
+    n_train: int = typer.Option(480, help="Training images."),
+    n_valid: int = typer.Option(96, help="Validation images."),
+    n_test: int = typer.Option(96, help="Test images."),
+    n_dicom: int = typer.Option(6, help="Real DICOM files from pydicom's test data to include."),
+    overwrite: bool = typer.Option(False, help="Replace an existing demo dataset at --out."),
+) -> None:
+    """Write the synthetic radiology demo dataset in the official ROCOv2 layout.
 
-    Raises ``SynthError`` (bad generator or model, changed resume settings), ``DatasetEmptyError`` /
-    ``DatasetNotFoundError`` (nothing to read at ``input``) or ``KeyError`` (unknown adapter).
+    Example:\n
+      fuselip-med data demo --out demo_data
     """
-    if generator not in GENERATORS:
-        raise SynthError(f"--generator {generator!r}: choose rules or llm.")
-    if out.suffix != ".jsonl":
-        raise SynthError(f"--out {out}: give a .jsonl file name.")
-    rows, skipped = read_caption_rows(input, adapter=adapter, split=split, limit=limit)
-    if generator == "rules":
-        records = synthesize_rules(rows)
-        n = write_jsonl_atomic(out, records)
-        without = {"caption without a certain question": len(rows) - len({r.id for r in records})}
-        report = SynthReport(str(out), len(rows), n, "rules", None, RULES_VERSION, without, skipped, 0)
-    else:
-        config = config or LLMConfig()
-        with _progress(console) as progress:
-            task = progress.add_task("generating", total=None)
-            report = synthesize_llm(rows, out, config, skipped_rows=skipped,
-                                    on_chunk=lambda done, total: progress.update(task, completed=done, total=total))
-        if report is None:
-            return None
-    atomic_write_text(stats_path(out), report.to_json() + "\n")
-    return report
+    from fuselip_med.data.demo import write_demo_dataset
+
+    path = write_demo_dataset(out, seed=seed, n_train=n_train, n_valid=n_valid, n_test=n_test, n_dicom=n_dicom,
+                              overwrite=overwrite)
+    Console().print(f"Demo dataset written to {path} (train {n_train}, valid {n_valid}, test {n_test} images).")
 
 
-def _progress(console: Console | None) -> Progress:
-    return new_progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=console, enabled=process_state().is_main_process)
+def cache_codes(
+    recipe: str = typer.Option(..., "--recipe", "-r", help=RECIPE_HELP),
+    size: Optional[str] = typer.Option(None, "--size", help="Model size (its image tokenizer decides the codes)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Tokenize a recipe's training images once (K augmented views + the plain view) into the code cache
+    that `train.image_codes: cache` reads; training builds what is missing by itself, this does it ahead.
+
+    Examples:\n
+      fuselip-med data cache-codes --recipe rocov2 --set data.root=/data/ROCOv2_data\n
+      fuselip-med data cache-codes --recipe rocov2_demo --set train.code_views=16\n
+      accelerate launch --num_processes 4 -m fuselip_med.cli data cache-codes --recipe rocov2
+    """
+    from fuselip_med.recipes import load_recipe
+    from fuselip_med.train.image_codes import cache_codes_for_recipe
+
+    console = Console()
+    cache_codes_for_recipe(load_recipe(recipe, set_, size=size), say=lambda message: console.print(message,
+                                                                                                  highlight=False))
 
 
-def synth_vqa_command(
+def synth_vqa(
     input: str = typer.Option(..., "--input", "-i", help="Caption source: ROCOv2 folder (official or parquet "
                               "mirror), hub id, CSV/TSV with path,caption, or CC webdataset shards."),
     out: Path = typer.Option(..., "--out", "-o", help="Output JSONL (one QA record per line)."),
@@ -93,25 +92,22 @@ def synth_vqa_command(
       --generator llm --model meta-llama/Llama-3.1-8B-Instruct\n
     A killed LLM run continues when rerun with the same options (finished chunks stay in OUT.parts/).
     """
-    from fuselip_med.data.adapters import DatasetEmptyError
+    from fuselip_med.data.synth.llm import LLMConfig
+    from fuselip_med.data.synth.run import run_synth_vqa, stats_path
 
     console = Console()
     if dtype not in ("auto", "bf16", "fp16", "fp32"):
-        _fail(console, f"--dtype {dtype!r}: choose auto, bf16, fp16 or fp32.")
-    for name, value in (("--batch-size", batch_size), ("--chunk-size", chunk_size),
-                        ("--max-new-tokens", max_new_tokens), ("--max-pairs", max_pairs)):
+        raise InputError(f"--dtype {dtype!r}: choose auto, bf16, fp16 or fp32.")
+    for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size),
+                        ("max_new_tokens", max_new_tokens), ("max_pairs", max_pairs)):
         if value < 1:
-            _fail(console, f"{name} {value}: give a positive number.")
+            raise InputError(f"{flag(name)} {value}: give a positive number.")
     config = LLMConfig(model=_local_or_hub(model), revision=revision, batch_size=batch_size, chunk_size=chunk_size,
                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                        max_retries=max(0, max_retries), max_pairs=max_pairs, seed=seed, dtype=dtype)
-    try:
+    with command_line_style():
         report = run_synth_vqa(input, out, generator, adapter=adapter, split=split, limit=limit, config=config,
                                console=console)
-    except (SynthError, DatasetEmptyError, FileNotFoundError, ValueError) as error:
-        _fail(console, str(error))
-    except KeyError as error:
-        _fail(console, f"--adapter: {error.args[0]}")
     if report is None:
         return
     table = Table(title=f"{report.generator} QA from {report.n_captions} captions -> {report.out}")
@@ -129,8 +125,9 @@ def _local_or_hub(model: str) -> str:
     return str(Path(model).expanduser().resolve()) if os.path.isdir(os.path.expanduser(model)) else model
 
 
-def _fail(console: Console, message: str) -> None:
-    from fuselip_med.cli_errors import print_error
-
-    print_error(console, message)
-    raise typer.Exit(1)
+def register(app: typer.Typer) -> None:
+    """Add the ``data`` group (``demo``, ``synth-vqa``, ``cache-codes``) to the ``fuselip-med`` app."""
+    data_app.command("demo")(demo)
+    data_app.command("synth-vqa")(synth_vqa)
+    data_app.command("cache-codes")(cache_codes)
+    app.add_typer(data_app, name="data")

@@ -1,27 +1,29 @@
 """Command-line options shared by ``embed`` and ``eval``: how to read a user's table or folder. Each maps one to
-one onto an option of the csv/folder adapter (``--path-column`` -> ``path_column``), so that recipes, Python and
-the command line use the same names."""
+one onto a keyword option of the csv/folder adapter (``--path-column`` -> ``path_column``, by
+:func:`fuselip_med.option_names.flag`), so that recipes, Python and the command line use the same names."""
 from __future__ import annotations
 
 from typing import Any, Optional
 
 import typer
 
+from fuselip_med.option_names import flag
+
 __all__ = ["CAPTION_COLUMN", "ENCODING", "ID_COLUMN", "IMAGE_ROOT", "PATH_COLUMN", "SEP", "table_options"]
 
 PATH_COLUMN: Optional[str] = typer.Option(
-    None, "--path-column", help="Table column holding the image paths (default: path).")
+    None, flag("path_column"), help="Table column holding the image paths (default: path).")
 CAPTION_COLUMN: Optional[str] = typer.Option(
-    None, "--caption-column", help="Table column holding the captions (default: caption).")
+    None, flag("caption_column"), help="Table column holding the captions (default: caption).")
 ID_COLUMN: Optional[str] = typer.Option(
-    None, "--id-column", help="Table column holding the row IDs (default: id, else the path as written).")
+    None, flag("id_column"), help="Table column holding the row IDs (default: id, else the path as written).")
 SEP: Optional[str] = typer.Option(
-    None, "--sep", help="Field separator: ',' , 'tab' or one character (default: detected from the header).")
+    None, flag("sep"), help="Field separator: ',' , 'tab' or one character (default: detected from the header).")
 IMAGE_ROOT: Optional[str] = typer.Option(
-    None, "--image-root",
+    None, flag("image_root"),
     help="Folder relative paths point to, and the only folder besides the table's that images may come from.")
 ENCODING: Optional[str] = typer.Option(
-    None, "--encoding", help="Text encoding of the table and captions, e.g. cp1252 or latin-1 (default: UTF-8).")
+    None, flag("encoding"), help="Text encoding of the table and captions, e.g. cp1252 or latin-1 (default: UTF-8).")
 
 
 def table_options(*, path_column: str | None, caption_column: str | None, id_column: str | None, sep: str | None,

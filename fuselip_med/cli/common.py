@@ -1,0 +1,19 @@
+"""What several command groups share: option help texts and loading a model for inference on a chosen device."""
+from __future__ import annotations
+
+from typing import Optional
+
+BASE_HELP = "For a LoRA adapter: its base model (hub id or path), replacing the recorded one (moved or copied base)."
+MODEL_HELP = "Checkpoint: hub id, local directory, .pt file or LoRA adapter directory."
+RECIPE_HELP = "Shipped recipe name (rocov2, rocov2_lora, rocov2_demo, ...) or a path to a YAML file."
+SET_HELP = "Override a recipe value, e.g. --set train.lr=3e-5 --set data.root=/data/ROCOv2 (repeatable)."
+
+
+def load_inference_model(model: str, device: Optional[str], base: Optional[str] = None):
+    """``(model, image tokenizer, text tokenizer)`` of checkpoint ``model`` in eval mode on ``device`` (default:
+    cuda when available, else cpu); ``base`` replaces a LoRA adapter's recorded base. Raises ``CheckpointError``."""
+    import torch
+
+    from fuselip_med.core.lora import load_for_inference
+
+    return load_for_inference(model, device or ("cuda" if torch.cuda.is_available() else "cpu"), base=base)

@@ -1,0 +1,122 @@
+"""``embed``: images, texts or image+text pairs from a table or folder -> an embedding matrix (.npy/.parquet),
+with every row not embedded named in ``<stem>.skipped.csv``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from fuselip_med.cli import common
+from fuselip_med.cli.common import BASE_HELP, MODEL_HELP
+from fuselip_med.cli.options import CAPTION_COLUMN, ENCODING, ID_COLUMN, IMAGE_ROOT, PATH_COLUMN, SEP, table_options
+from fuselip_med.cli.units import PLANE, RENDER, SLICES, UNIT, WINDOW
+from fuselip_med.errors import InputError, UsageError
+from fuselip_med.option_names import command_line_style
+
+__all__ = ["register"]
+console = Console()
+
+
+def embed(
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    input: Path = typer.Option(..., "--input", "-i", help="A CSV/TSV (path and, for text/pair, caption columns) or a "
+                               "folder of images (DICOM found by content; .txt captions for text/pair)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .npy (ids in .ids.json beside it) or .parquet; skipped "
+                             "rows are listed in <stem>.skipped.csv beside it."),
+    kind: str = typer.Option("image", help="What to embed per row: image (no captions needed), text or pair "
+                             "(image+caption fused)."),
+    path_column: Optional[str] = PATH_COLUMN,
+    caption_column: Optional[str] = CAPTION_COLUMN,
+    id_column: Optional[str] = ID_COLUMN,
+    sep: Optional[str] = SEP,
+    image_root: Optional[str] = IMAGE_ROOT,
+    encoding: Optional[str] = ENCODING,
+    batch_size: int = typer.Option(64, help="Batch size."),
+    num_workers: int = typer.Option(2, help="Image decoding workers."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
+    base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP),
+    unit: str = UNIT,
+    slices: int = SLICES,
+    render: str = RENDER,
+    window: Optional[str] = WINDOW,
+    plane: str = PLANE,
+) -> None:
+    """Embed images, texts or image+text pairs for search, batched, with progress; every row not embedded is named.
+
+    With --unit series or study, --input is a folder (searched recursively), a DICOMDIR, a NIfTI file or a CSV
+    listing them: DICOM is grouped into series by its UIDs, each series embedded through --slices sampled slices,
+    and rows carry salted series/study keys (no paths, no UIDs); slice vectors go beside the output.
+
+    Examples:\n
+      fuselip-med embed -m runs/rocov2/final -i my_images/ -o image_embeddings.npy\n
+      fuselip-med embed -m runs/rocov2/final -i reports.csv --kind text -o text_embeddings.parquet\n
+      fuselip-med embed -m runs/rocov2/final -i train.tsv --path-column filepath --caption-column title \\\n
+        --kind pair -o pairs.npy\n
+      fuselip-med embed -m runs/rocov2/final -i export.csv --encoding cp1252 --image-root /data/pacs -o scans.npy\n
+      fuselip-med embed -m runs/rocov2/final -i pacs_export/ --unit series --slices 16 -o series.npy\n
+      fuselip-med embed -m runs/rocov2/final -i ct_rate/valid/ --unit study --render multi -o studies.parquet
+    """
+    if unit != "image":
+        _embed_units(model, input, out, unit, slices, render, window, plane, batch_size, device, base)
+        return
+    from fuselip_med.data.skips import SkipReport
+    from fuselip_med.embed import KINDS, embed_rows, open_input, rows_from_source, skipped_csv_path, write_embeddings
+
+    if kind not in KINDS:
+        raise UsageError(f"--kind {kind!r}: choose image, text or pair.")
+    if out.suffix not in (".npy", ".parquet"):
+        raise UsageError(f"--out {out}: use a .npy or .parquet file name.")
+    options = table_options(path_column=path_column, caption_column=caption_column, id_column=id_column, sep=sep,
+                            image_root=image_root, encoding=encoding)
+    with command_line_style():
+        source = open_input(input, kind, **options)  # type: ignore[arg-type]
+    skips = SkipReport.merged([source.skipped])
+    rows = rows_from_source(source, kind, skips)  # type: ignore[arg-type]
+    if not rows:
+        raise InputError(f"{input}: no row to embed ({skips.summary()}).")
+    fuselip, _, _ = common.load_inference_model(model, device, base)
+    matrix, kept, _ = embed_rows(fuselip, rows, batch_size=batch_size, num_workers=num_workers, skips=skips)
+    written = write_embeddings(out, matrix, kept, model)
+    skips.kept = len(kept)
+    skipped_csv = skips.write_csv(skipped_csv_path(out))
+    console.print(f"Embedded {len(kept)} {kind} rows -> {', '.join(map(str, written))} (dim {matrix.shape[1]}).",
+                  markup=False, highlight=False)
+    if skips.total:
+        console.print(f"Skipped rows: {skips.summary()}; full list in {skipped_csv}.", style="yellow", markup=False,
+                      highlight=False)
+
+
+def _embed_units(model: str, input: Path, out: Path, unit: str, slices: int, render: str, window: Optional[str],
+                 plane: str, batch_size: int, device: Optional[str], base: Optional[str]) -> None:
+    """``embed --unit series|study``: series vectors (or study vectors) keyed by salted keys."""
+    from fuselip_med.cli.units import check_unit, read_units, unit_options
+    from fuselip_med.data.phi import Pseudonyms
+    from fuselip_med.data.skips import SkipReport
+    from fuselip_med.embed import skipped_csv_path, stored_salt, write_unit_embeddings
+
+    check_unit(unit, ("image", "series", "study"))
+    options = unit_options(slices, render, window)
+    if out.suffix not in (".npy", ".parquet"):
+        raise UsageError(f"--out {out}: use a .npy or .parquet file name.")
+    salt = stored_salt(out)
+    pseudonyms = Pseudonyms(salt) if salt else Pseudonyms.fresh()
+    skips = SkipReport()
+    fuselip, _, _ = common.load_inference_model(model, device, base)
+    rows, _ = read_units(fuselip, input, unit, options, pseudonyms=pseudonyms, plane=plane, batch_size=batch_size,
+                         keep_images=False, skips=skips)
+    if not rows:
+        raise InputError(f"{input}: no series could be embedded ({skips.summary()}).")
+    written = write_unit_embeddings(out, rows, model, unit, pseudonyms.salt, options.describe())
+    skipped_csv = skips.write_csv(skipped_csv_path(out))
+    console.print(f"Embedded {len(rows)} {unit} rows from {skips.kept} series -> {', '.join(map(str, written))} "
+                  f"(dim {rows[0].vector.shape[-1]}).", markup=False, highlight=False)
+    if skips.total or skips.hints:
+        console.print(f"Series problems: {skips.summary()}; full list in {skipped_csv}.", style="yellow",
+                      markup=False, highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``embed`` to the ``fuselip-med`` app."""
+    app.command()(embed)

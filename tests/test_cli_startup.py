@@ -1,0 +1,44 @@
+"""The command line starts without torch/transformers: ``--help`` of the app and of every command imports neither
+(issue 24: ``fuselip-med --help`` took 4-6 s because the package's ``__init__`` imported the model code)."""
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "transformers")
+
+EVERY_HELP = """
+import sys
+import typer
+from typer.testing import CliRunner
+from fuselip_med.cli import app
+
+root = typer.main.get_command(app)
+
+def paths(command, prefix):
+    yield prefix
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from paths(sub, [*prefix, name])
+
+runner = CliRunner()
+seen = 0
+for path in paths(root, []):
+    result = runner.invoke(app, [*path, "--help"])
+    assert result.exit_code == 0 and "Usage" in result.output, (path, result.output)
+    seen += 1
+print(seen, *sorted(name for name in ("torch", "transformers") if name in sys.modules))
+"""
+
+
+def test_help_imports_no_torch():
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "fuselip_med.cli", "--help"], cwd=REPO,
+                          capture_output=True, text=True, check=True)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time")}
+    assert "fuselip_med.cli" in imported and "Usage" in done.stdout
+    assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
+
+
+def test_every_command_help_imports_no_torch():
+    done = subprocess.run([sys.executable, "-c", EVERY_HELP], cwd=REPO, capture_output=True, text=True, check=True)
+    seen, *heavy = done.stdout.split()
+    assert int(seen) >= 15 and heavy == []
