@@ -34,24 +34,29 @@ BURNED_IN_MODALITIES = frozenset({"US", "SC", "OT", "DOC", "XC"})
 
 
 @functools.lru_cache(maxsize=1)
-def _annex_e() -> frozenset[int]:
+def _annex_e() -> tuple[frozenset[int], tuple[tuple[int, int], ...]]:
+    """(exact tags ``0xGGGGEEEE``, (value, mask) pairs of the repeating groups such as overlays 60xx,3000)."""
     from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector
 
     table = dicom_anonymization_database_selector("dicomfields_2026c")["ALL_TAGS"]
-    return frozenset((group << 16) | element for group, element in table)
+    exact = frozenset((entry[0] << 16) | entry[1] for entry in table if len(entry) == 2)
+    masked = tuple(((g << 16) | e, (gm << 16) | em) for g, e, gm, em in (x for x in table if len(x) == 4))
+    return exact, masked
 
 
 class _AnnexETags:
-    """The Annex E tags as ints (``0xGGGGEEEE``), loaded on first use."""
+    """The Annex E tags as ints (``0xGGGGEEEE``), loaded on first use; ``in`` also matches repeating groups."""
 
     def __contains__(self, tag: object) -> bool:
-        return int(tag) in _annex_e()  # type: ignore[call-overload]
+        exact, masked = _annex_e()
+        value = int(tag)  # type: ignore[call-overload]
+        return value in exact or any(value & mask == pattern for pattern, mask in masked)
 
     def __iter__(self):
-        return iter(sorted(_annex_e()))
+        return iter(sorted(_annex_e()[0]))
 
     def __len__(self) -> int:
-        return len(_annex_e())
+        return len(_annex_e()[0]) + len(_annex_e()[1])
 
 
 ANNEX_E_TAGS = _AnnexETags()
