@@ -24,7 +24,8 @@ import secrets
 from dataclasses import dataclass
 
 __all__ = [
-    "ANNEX_E_TAGS", "PrivacyOptions", "Pseudonyms", "burned_in_risk", "is_annex_e", "new_salt",
+    "ANNEX_E_TAGS", "PrivacyOptions", "Pseudonyms", "burned_in_risk", "emptied_not_removed", "is_annex_e",
+    "new_salt",
 ]
 
 #: SOP Class UID prefix of the Secondary Capture Image Storage classes (PS3.4 B.5: 1.2.840.10008.5.1.4.1.1.7[.n]).
@@ -60,6 +61,20 @@ class _AnnexETags:
 
 
 ANNEX_E_TAGS = _AnnexETags()
+
+
+@functools.lru_cache(maxsize=1)
+def _emptied() -> frozenset[int]:
+    from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector
+
+    table = dicom_anonymization_database_selector("dicomfields_2026c")
+    return frozenset((g << 16) | e for name in ("Z_TAGS", "Z_D_TAGS", "X_Z_TAGS", "X_Z_D_TAGS") for g, e in table[name])
+
+
+def emptied_not_removed(tag: int) -> bool:
+    """True when Annex E's action for ``tag`` may be Z (replace with a zero-length value: the attribute is Type 2
+    and must stay present); every other Annex E attribute may be removed (X) when not replaced by a dummy."""
+    return int(tag) in _emptied()
 
 
 def is_annex_e(tag: int) -> bool:
