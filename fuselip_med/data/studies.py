@@ -339,7 +339,8 @@ def _dicomdir_files(path: Path) -> list[str]:
 
 def _walk(folder: Path) -> tuple[list[str], list[str]]:
     """(DICOM candidate files, NIfTI files) under ``folder``, recursively, sorted; DICOMDIR files are not
-    instances (the files they reference are found by the walk itself)."""
+    instances (the files they reference are found by the walk itself), nor are the CSV/TSV tables kept beside
+    volumes (reports, labels)."""
     candidates, volumes = [], []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
@@ -347,7 +348,8 @@ def _walk(folder: Path) -> tuple[list[str], list[str]]:
             path = os.path.join(dirpath, filename)
             if is_nifti(filename):
                 volumes.append(path)
-            elif not _is_dicomdir(Path(filename)) and not filename.startswith("."):
+            elif not (_is_dicomdir(Path(filename)) or filename.startswith(".")
+                      or filename.lower().endswith((".csv", ".tsv"))):
                 candidates.append(path)
     return candidates, volumes
 
