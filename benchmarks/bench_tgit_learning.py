@@ -22,7 +22,7 @@ import numpy as np
 from accelerate.utils import set_seed
 from rich.console import Console
 
-from fuselip_med.core.checkpoints import build_model, load_model
+from fuselip_med.core.loading import build_model, load_model
 from fuselip_med.data.transforms.tasks import TGITTask
 from fuselip_med.data.transforms.tgit import TGITPair
 from fuselip_med.eval.runner import run_evaluation

@@ -11,8 +11,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _HOMES = {
-    "load_model": "fuselip_med.core.checkpoints",
-    "save_pretrained": "fuselip_med.core.checkpoints",
+    "load_model": "fuselip_med.core.loading",
+    "save_pretrained": "fuselip_med.core.pretrained",
     "FuseLIP": "fuselip_med.core.fuselip",
     "FuseLIPConfig": "fuselip_med.core.fuselip",
     "LateFusion": "fuselip_med.core.late_fusion",

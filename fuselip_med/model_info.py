@@ -4,9 +4,8 @@ from __future__ import annotations
 import torch
 
 from fuselip_med.core.checkpoints import read_checkpoint
-from fuselip_med.core.fuselip import TRANSFORMER_SIZES, FuseLIPConfig
-from fuselip_med.core.late_fusion import LateFusionConfig
-from fuselip_med.core.models import arch_of, build_from_config, config_for, parameter_counts
+from fuselip_med.core.configs import TRANSFORMER_SIZES, FuseLIPConfig, LateFusionConfig, arch_of, config_for
+from fuselip_med.core.models import build_from_config, parameter_counts
 from fuselip_med.errors import InputError
 
 COUNT_PARTS = ("image", "text", "fusion", "trainable", "total")

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from fuselip_med import load_model
-from fuselip_med.core.checkpoints import CheckpointError, export_reference, read_checkpoint, save_pretrained
+from fuselip_med.core.checkpoints import export_reference, read_checkpoint
 from fuselip_med.core.fuselip import FuseLIP, FuseLIPConfig
+from fuselip_med.core.hub import CheckpointError
+from fuselip_med.core.pretrained import save_pretrained
 from tests.reference_impl import random_released_state_dict, released_text_tower_shapes, titok_shapes
 
 
@@ -145,7 +147,7 @@ def test_save_pretrained_is_atomic_on_failure(tmp_path, tiny_model, monkeypatch)
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("fuselip_med.core.hub.save_file", broken)
+    monkeypatch.setattr("fuselip_med.core.pretrained.save_file", broken)
     with pytest.raises(OSError):
         save_pretrained(tiny_model, tmp_path / "model")
     assert (tmp_path / "model" / "model.safetensors").read_bytes() == original

@@ -13,9 +13,10 @@ from typer.testing import CliRunner
 
 from fuselip_med import load_model
 from fuselip_med.cli import app
-from fuselip_med.core.checkpoints import export_reference, save_pretrained
+from fuselip_med.core.checkpoints import export_reference
 from fuselip_med.core.fuselip import FuseLIP, FuseLIPConfig
 from fuselip_med.core.hub import CheckpointError
+from fuselip_med.core.pretrained import save_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -165,7 +166,7 @@ def test_bugs_still_raise(monkeypatch, tmp_path, tiny):
     def bug(*args, **kwargs):
         raise ZeroDivisionError("a bug, not a user error")
 
-    monkeypatch.setattr("fuselip_med.core.checkpoints.read_fuselip_files", bug)
+    monkeypatch.setattr("fuselip_med.core.checkpoints.read_model_files", bug)
     result = runner.invoke(app, ["info", str(tmp_path / "model")])
     assert result.exit_code == 1 and isinstance(result.exception, ZeroDivisionError)
 

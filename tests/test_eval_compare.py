@@ -6,7 +6,8 @@ import torch
 from typer.testing import CliRunner
 
 from fuselip_med.cli import app
-from fuselip_med.core.checkpoints import build_model, save_pretrained
+from fuselip_med.core.loading import build_model
+from fuselip_med.core.pretrained import save_pretrained
 from fuselip_med.data.demo import write_demo_dataset
 from fuselip_med.eval.compare import model_labels, plot_comparison, render_comparison_markdown
 

@@ -10,10 +10,11 @@ from typer.testing import CliRunner
 
 from fuselip_med import load_model
 from fuselip_med.cli import app
-from fuselip_med.core.checkpoints import export_reference, save_pretrained
+from fuselip_med.core.checkpoints import export_reference
 from fuselip_med.core.fuselip import FuseLIP, FuseLIPConfig
 from fuselip_med.core.hub import CheckpointError
-from fuselip_med.core.lora import apply_lora, load_for_inference, save_adapter
+from fuselip_med.core.lora import apply_lora, save_adapter
+from fuselip_med.core.pretrained import save_pretrained
 from fuselip_med.core.push import push_folder
 
 runner = CliRunner()
@@ -143,8 +144,8 @@ def test_push_refuses_damaged_folders_and_local_base_adapters(tiny, local_hub, t
     assert card.data.base_model is None and "lora" in card.data.tags  # "base" is a folder, not a hub id
     assert push_folder(embedded, "me/embedded").startswith("local://")
     assert (local_hub / "me" / "embedded" / "base" / "model.safetensors").exists()
-    from_hub, _, _ = load_for_inference("me/embedded")
-    assert torch.equal(outputs(from_hub), outputs(load_for_inference(embedded)[0]))
+    from_hub, _, _ = load_model("me/embedded")
+    assert torch.equal(outputs(from_hub), outputs(load_model(embedded)[0]))
 
 
 def test_training_writes_a_hub_model_card(tmp_path):
@@ -177,7 +178,7 @@ def test_another_model_class_reuses_the_mixin(tmp_path, local_hub):
 
     from torch import nn
 
-    from fuselip_med.core.hub import HubModelMixin
+    from fuselip_med.core.pretrained import HubModelMixin
 
     @dataclass
     class ToyConfig:

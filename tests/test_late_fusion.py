@@ -8,9 +8,12 @@ from typer.testing import CliRunner
 
 from fuselip_med import load_model
 from fuselip_med.cli import app
-from fuselip_med.core.checkpoints import CheckpointError, build_model, save_pretrained
+from fuselip_med.core.configs import config_for, config_from_dict
+from fuselip_med.core.hub import CheckpointError
 from fuselip_med.core.late_fusion import LateFusion, LateFusionConfig, score_fusion
-from fuselip_med.core.models import config_for, config_from_dict, parameter_counts
+from fuselip_med.core.loading import build_model
+from fuselip_med.core.models import parameter_counts
+from fuselip_med.core.pretrained import save_pretrained
 
 # Exact counts of our configurations; the paper's Table 2 (millions) is their rounding to 0.1 M.
 EXPECTED = {

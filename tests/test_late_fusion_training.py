@@ -147,7 +147,8 @@ def test_lora_on_a_baseline_trains_only_adapters_and_merges_exactly(tmp_path, de
 
 
 def test_a_fuselip_init_for_a_baseline_arch_is_one_error_line(tmp_path, demo_data):
-    from fuselip_med.core.checkpoints import build_model, save_pretrained
+    from fuselip_med.core.loading import build_model
+    from fuselip_med.core.pretrained import save_pretrained
 
     save_pretrained(build_model("tiny"), tmp_path / "fuselip_init")
     recipe_file = tmp_path / "recipe.yaml"

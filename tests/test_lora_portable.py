@@ -10,11 +10,13 @@ import torch
 from peft import PeftModel
 from typer.testing import CliRunner
 
+from fuselip_med import load_model
 from fuselip_med.cli import app
-from fuselip_med.core.checkpoints import export_reference, save_pretrained
+from fuselip_med.core.checkpoints import export_reference
 from fuselip_med.core.fuselip import FuseLIP, FuseLIPConfig
 from fuselip_med.core.hub import CheckpointError, state_dict_sha256
-from fuselip_med.core.lora import load_adapter, load_for_inference, merge_adapter
+from fuselip_med.core.lora import load_adapter, merge_adapter
+from fuselip_med.core.pretrained import save_pretrained
 from fuselip_med.data.demo import write_demo_dataset
 from fuselip_med.recipes import recipe_from_dict
 from fuselip_med.train.trainer import Trainer
@@ -75,7 +77,7 @@ def test_adapter_records_an_absolute_hashed_base(lora_run):
 def test_adapter_loads_from_another_folder_and_with_peft_alone(lora_run, tmp_path, monkeypatch):
     work, adapter, in_folder = lora_run
     monkeypatch.chdir(tmp_path)
-    elsewhere = outputs(load_for_inference(adapter)[0])
+    elsewhere = outputs(load_model(adapter)[0])
     assert (elsewhere - in_folder).abs().max() < 1e-6
     base_path = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     peft_model = PeftModel.from_pretrained(FuseLIP.from_pretrained(base_path), str(adapter)).eval()
@@ -148,4 +150,4 @@ def test_damaged_adapter_weights_fail_clearly(lora_run, tmp_path):
 def test_base_option_on_a_plain_model_is_an_error(tmp_path):
     save_pretrained(FuseLIP(FuseLIPConfig.from_size("tiny")), tmp_path / "plain")
     with pytest.raises(CheckpointError, match="LoRA adapters only"):
-        load_for_inference(tmp_path / "plain", base="x/y")
+        load_model(tmp_path / "plain", base="x/y")

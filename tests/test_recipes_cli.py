@@ -7,8 +7,8 @@ import torch
 from typer.testing import CliRunner
 
 from fuselip_med.cli import app
-from fuselip_med.core.checkpoints import save_pretrained
 from fuselip_med.core.fuselip import FuseLIP, FuseLIPConfig
+from fuselip_med.core.pretrained import save_pretrained
 from fuselip_med.recipes import RecipeError, apply_overrides, load_recipe, shipped_recipes
 
 runner = CliRunner()

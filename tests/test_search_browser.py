@@ -18,8 +18,8 @@ import pytest
 from typer.testing import CliRunner
 
 from fuselip_med.cli import app
-from fuselip_med.core.checkpoints import save_pretrained
 from fuselip_med.core.fuselip import FuseLIP, FuseLIPConfig
+from fuselip_med.core.pretrained import save_pretrained
 from fuselip_med.data.demo import write_demo_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]

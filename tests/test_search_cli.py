@@ -7,8 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from fuselip_med.cli import app
-from fuselip_med.core.checkpoints import save_pretrained
 from fuselip_med.core.fuselip import FuseLIP, FuseLIPConfig
+from fuselip_med.core.pretrained import save_pretrained
 from fuselip_med.search.index import open_index
 from tests.search_helpers import make_folder
 

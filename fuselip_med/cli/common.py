@@ -14,6 +14,6 @@ def load_inference_model(model: str, device: Optional[str], base: Optional[str] 
     cuda when available, else cpu); ``base`` replaces a LoRA adapter's recorded base. Raises ``CheckpointError``."""
     import torch
 
-    from fuselip_med.core.lora import load_for_inference
+    from fuselip_med.core.loading import load_model
 
-    return load_for_inference(model, device or ("cuda" if torch.cuda.is_available() else "cpu"), base=base)
+    return load_model(model, device or ("cuda" if torch.cuda.is_available() else "cpu"), base=base)

@@ -1,8 +1,10 @@
-"""Load and save model weights: FuseLIP's released hub layout, official training checkpoints, and our safetensors
-layout for every arch of the model registry (``core.models``: fuselip, siglip_sf, siglip_mlf).
+"""The checkpoint layouts, read into (config, state dict in our names) without building a model: FuseLIP's
+released hub layout, official training checkpoints, and our safetensors layout for every arch (``core.configs``:
+fuselip, siglip_sf, siglip_mlf); and the released layout written back (``export_reference``).
 
-Every format is mapped onto our module names and loaded strictly. Only ``safetensors`` and
-``torch.load(weights_only=True)`` are used, so nothing in a checkpoint is ever executed.
+Model classes know no file format: ``HubModelMixin.from_pretrained`` and the one loading door
+(``core.loading.load_model``, which adds LoRA adapters) read through :func:`read_model_files`. Only ``safetensors``
+and ``torch.load(weights_only=True)`` are used, so nothing in a checkpoint is ever executed.
 """
 from __future__ import annotations
 
@@ -14,24 +16,19 @@ from typing import Any
 
 import torch
 
-from fuselip_med.core.fuselip import TRANSFORMER_SIZES, FuseLIP, FuseLIPConfig
+from fuselip_med.core.configs import TRANSFORMER_SIZES, FuseLIPConfig, ModelConfig, config_from_dict
 from fuselip_med.core.hub import (
     CONFIG_NAME,
     SAFETENSORS_NAME,
     CheckpointError,
-    HubModelMixin,
     config_from_file,
     first_line,
-    load_state_strict,
     read_json,
     read_safetensors,
     read_torch_weights,
     resolve_pretrained,
     write_directory_atomically,
 )
-from fuselip_med.core.image_preprocess import ImagePreprocess
-from fuselip_med.core.models import ModelConfig, arch_of, build_from_config, config_for, config_from_dict, image_size_of
-from fuselip_med.core.text_tokenizer import TextTokenizer
 from fuselip_med.core.titok import TiTokConfig
 
 REFERENCE_WEIGHTS_NAME = "pytorch_model.bin"
@@ -42,9 +39,12 @@ DROPPED_REFERENCE_PATTERNS = ("image_tokenizer.model.pixel_", "image_tokenizer.m
 _IN_PROJ = re.compile(r"^(transformer\.resblocks\.\d+\.attn\.)in_proj_(weight|bias)$")
 
 
+MODEL_FILES = [CONFIG_NAME, SAFETENSORS_NAME, REFERENCE_WEIGHTS_NAME]
+"""Files fetched from a hub repo holding a model: ours and the released ``pytorch_model.bin``."""
+
 __all__ = [
-    "CheckpointError", "build_model", "export_reference", "infer_config", "load_model", "load_state_strict",
-    "ours_to_reference", "read_checkpoint", "read_fuselip_files", "reference_to_ours", "save_pretrained",
+    "MODEL_FILES", "export_reference", "infer_config", "ours_to_reference", "read_checkpoint", "read_model_files",
+    "reference_to_ours",
 ]
 
 
@@ -135,9 +135,12 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> FuseLIPConfig:
 
 # --------------------------------------------------------------------------------------------------------
 # reading: the three layouts
-def _read_config(path: Path) -> ModelConfig:
-    """The config of a config.json, of its ``arch`` in the model registry (absent: FuseLIP); a missing or invalid
-    file or value is a one-line ``CheckpointError`` naming it."""
+def _read_config(path: Path, config_class: type | None = None) -> ModelConfig:
+    """The config of a config.json, of its ``arch`` in the model registry (absent: FuseLIP), or of
+    ``config_class`` when that is another class; a missing or invalid file or value is a one-line
+    ``CheckpointError`` naming it."""
+    if config_class is not None and config_class not in ModelConfig.__args__:
+        return config_from_file(config_class, path)
     data = read_json(path)
     try:
         return config_from_dict(data)
@@ -146,31 +149,35 @@ def _read_config(path: Path) -> ModelConfig:
         raise CheckpointError(f"{path} is not a valid {kind}: {first_line(error)}") from error
 
 
-def _config_or_inferred(config_path: Path, state: dict[str, torch.Tensor]) -> ModelConfig:
+def _config_or_inferred(config_path: Path, state: dict[str, torch.Tensor],
+                        config_class: type | None = None) -> ModelConfig:
     """The config.json beside the weights, or (when there is none) the released FuseLIP size their shapes imply."""
     if config_path.exists():
-        return _read_config(config_path)
+        return _read_config(config_path, config_class)
     try:
         return infer_config(state)
     except CheckpointError as error:
         raise CheckpointError(f"{config_path} is missing and the architecture cannot be inferred: {error}") from None
 
 
-def read_fuselip_files(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], str, str]:
+def read_model_files(path: Path, config_class: type | None = None
+                     ) -> tuple[ModelConfig, dict[str, torch.Tensor], str, str]:
     """(config, state dict in our names, format, source description) for a local checkpoint folder or file; the
     config is of the arch its config.json names (the released and training layouts are always FuseLIP).
 
     Layouts: ours (config.json + model.safetensors, or a bare .safetensors), released (config.json +
     pytorch_model.bin, or a bare state-dict .bin/.pt), official training checkpoint (a .pt with ``state_dict``;
     architecture from ``../../fuse-clip-config.json`` or the weight shapes), and a training run folder (its ``final``).
-    Raises ``CheckpointError`` (one line, naming the file) for anything unreadable.
+    ``config_class``: read our layout's config.json with this class instead of the registry (a model class
+    outside it, e.g. a user's own on ``HubModelMixin``). Raises ``CheckpointError`` (one line, naming the file) for
+    anything unreadable.
     """
     if path.is_dir() and not (path / SAFETENSORS_NAME).exists() and (path / "final" / SAFETENSORS_NAME).exists():
         path = path / "final"  # a training run directory: its final model
     if path.is_dir():
         if (path / SAFETENSORS_NAME).exists():
             state = read_safetensors(path / SAFETENSORS_NAME)
-            config = _config_or_inferred(path / CONFIG_NAME, state)
+            config = _config_or_inferred(path / CONFIG_NAME, state, config_class)
             return config, state, "safetensors", f"{path / SAFETENSORS_NAME} (architecture from {CONFIG_NAME})"
         if (path / REFERENCE_WEIGHTS_NAME).exists():
             state = reference_to_ours(_state_dict_of(path / REFERENCE_WEIGHTS_NAME))
@@ -181,7 +188,7 @@ def read_fuselip_files(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]
         )
     if path.suffix == ".safetensors":
         state = read_safetensors(path)
-        return _config_or_inferred(path.with_name(CONFIG_NAME), state), state, "safetensors", str(path)
+        return _config_or_inferred(path.with_name(CONFIG_NAME), state, config_class), state, "safetensors", str(path)
     payload = read_torch_weights(path)
     if isinstance(payload, dict) and "state_dict" in payload:
         state = reference_to_ours(payload["state_dict"])
@@ -204,64 +211,18 @@ def _state_dict_of(path: Path) -> dict[str, torch.Tensor]:
 def read_checkpoint(
     name_or_path: str | os.PathLike, **hub_kwargs: Any
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], str]:
-    """(config, state dict in our names, format) for any supported checkpoint (hub id or local); nothing is built."""
-    path = resolve_pretrained(name_or_path, allow_patterns=FuseLIP.hub_allow_patterns(), **hub_kwargs)
-    config, state, fmt, _ = read_fuselip_files(path)
+    """(config, state dict in our names, format) for any supported model checkpoint (hub id or local); nothing is
+    built. LoRA adapters: ``core.loading.load_model``."""
+    path = resolve_pretrained(name_or_path, allow_patterns=MODEL_FILES, **hub_kwargs)
+    config, state, fmt, _ = read_model_files(path)
     return config, state, fmt
-
-
-def _build_loaded(name_or_path: str | os.PathLike, **hub_kwargs: Any):
-    """(model of the checkpoint's arch with its weights loaded strictly, its config)."""
-    path = resolve_pretrained(name_or_path, allow_patterns=FuseLIP.hub_allow_patterns(), **hub_kwargs)
-    config, state, _, source = read_fuselip_files(path)
-    model = build_from_config(config)
-    load_state_strict(model, state, source)
-    return model, config
-
-
-def load_model(
-    name_or_path: str | os.PathLike, device: str | torch.device = "cpu"
-) -> tuple[FuseLIP, ImagePreprocess, TextTokenizer]:
-    """Load a checkpoint of any registry arch (hub id or local path, any supported layout) for inference.
-
-    Returns ``(model, image_preprocess, text_tokenizer)``: the model as its class's ``from_pretrained`` builds it
-    (``FuseLIP`` or ``LateFusion``), in eval mode on ``device``; the reference eval preprocessing (PIL ->
-    (3, 256, 256) float32 in [0, 1]) and the CLIP-BPE tokenizer. Raises ``CheckpointError`` (one line naming the
-    file) for unreadable checkpoints.
-    """
-    model, config = _build_loaded(name_or_path)
-    model.to(device).eval()
-    return model, ImagePreprocess(image_size=image_size_of(config)), model.tokenizer
-
-
-def build_model(size: str = "small", init: str | os.PathLike | None = None, arch: str | None = None,
-                **overrides: Any) -> FuseLIP:
-    """A model of the registry's ``arch`` (default fuselip) in train mode, initialised from ``init`` (a checkpoint)
-    or freshly at ``size``. Raises ``CheckpointError`` when ``arch`` is given and the checkpoint is of another
-    arch."""
-    if init is not None:
-        model, config = _build_loaded(init)
-        if arch is not None and arch_of(config) != arch:
-            raise CheckpointError(
-                f"model.init {init} is a {arch_of(config)} checkpoint but model.arch is {arch}; point model.init "
-                f"at a {arch} checkpoint or train from scratch with --set model.init=null."
-            )
-        return model.train()
-    return build_from_config(config_for(arch or "fuselip", size, **overrides))
 
 
 # --------------------------------------------------------------------------------------------------------
 # writing
-def save_pretrained(model: HubModelMixin, directory: str | os.PathLike) -> Path:
-    """The function form of ``HubModelMixin.save_pretrained`` (config.json + model.safetensors + README.md,
-    atomic) for any fuselip_med model class; returns the path. Called on the mixin itself, so a model class that
-    overrides ``save_pretrained`` with a call to this function does not recurse."""
-    HubModelMixin.save_pretrained(model, directory)
-    return Path(directory)
-
-
-def export_reference(model: FuseLIP, directory: str | os.PathLike) -> Path:
-    """Write the released hub layout (config.json + pytorch_model.bin, released key names) for interop."""
+def export_reference(model: torch.nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the released hub layout (config.json + pytorch_model.bin, released key names) of a ``FuseLIP`` for
+    interop."""
 
     def fill(tmp: Path) -> None:
         state = ours_to_reference({k: v.detach().cpu() for k, v in model.state_dict().items()})

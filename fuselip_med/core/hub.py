@@ -1,26 +1,27 @@
-"""Hub I/O shared by fuselip_med's model classes: one atomic save path, ``from_pretrained``, model cards, push.
+"""Checkpoint files below any format: resolving a hub id or path, reading JSON, safetensors and ``torch.load``
+files with every failure a one-line ``CheckpointError``, strict state-dict loading, weight hashes, model cards.
 
-``HubModelMixin`` is ``huggingface_hub.PyTorchModelHubMixin`` with the pieces every fuselip_med model needs:
-``save_pretrained`` writes ``config.json`` + ``model.safetensors`` (+ a ``README.md`` model card) atomically
-(temp directory, then rename); ``from_pretrained`` takes a hub id or a local folder/file and reads it with the
-class's ``read_pretrained`` (our layout by default; ``FuseLIP`` adds the released and training formats);
-``push_to_hub`` is the mixin's. A model class only needs a ``config`` dataclass with ``to_dict``/``from_dict``
-and ``config_class`` naming it. Nothing here imports a model class, so ``core/`` stays free of cycles.
+The formats built on these (released, ours, official training, LoRA) are read in ``core.checkpoints`` and
+``core.lora``; the one loading door is ``core.loading``. Nothing here imports another ``core`` module.
 
-Only ``safetensors`` and ``torch.load(weights_only=True)`` read weights: nothing in a checkpoint is executed.
+Only ``safetensors`` and ``torch.load(weights_only=True)`` read weights: nothing in a checkpoint is executed. The
+official training checkpoints (open_clip's ``epoch_N.pt``) also hold the run's ``argparse.Namespace`` and numpy
+scalars in their metrics (open_clip issue 998); exactly those types are allowed through ``torch.serialization``'s
+safe globals (:data:`SAFE_TRAINING_GLOBALS`), anything else is named in a one-line error.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-from huggingface_hub import EvalResult, ModelCard, ModelCardData, PyTorchModelHubMixin
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from fuselip_med.errors import UserError
 from fuselip_med.io import atomic_directory
@@ -79,14 +80,48 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         ) from error
 
 
-def read_torch_weights(path: Path) -> Any:
-    """``torch.load(path, weights_only=True)`` on CPU; truncated files and pickled code are a ``CheckpointError``."""
+def _safe_training_globals() -> list[Any]:
+    """The harmless non-tensor types of official training checkpoints: ``argparse.Namespace`` (the run's
+    arguments) and numpy scalars with their dtypes (metrics such as ``val_loss``; open_clip issue 998)."""
+    import argparse
+
+    import numpy as np
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar
+    dtypes = [type(np.dtype(name)) for name in ("float16", "float32", "float64", "int32", "int64", "bool")]
+    return [argparse.Namespace, scalar, np.dtype, *dtypes]
+
+
+_GLOBAL_NAME = re.compile(r"GLOBAL ([\w.]+)")
+_TERMINAL_CODES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def plain_text(text: str) -> str:
+    """``text`` without terminal escape sequences and control characters (safe to print on one line)."""
+    return _TERMINAL_CODES.sub("", text)
+
+
+def read_torch_weights(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU with :func:`_safe_training_globals` allowed; truncated files
+    and any other pickled object are a one-line ``CheckpointError`` (naming the blocking type, without torch's
+    advice to load unsafely)."""
+    try:
+        with torch.serialization.safe_globals(_safe_training_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means an unsafe or broken file
+        blocked = _GLOBAL_NAME.search(str(error))
+        if blocked:
+            raise CheckpointError(
+                f"{plain_text(str(path))} holds a {plain_text(blocked.group(1))} object, which a weights file must "
+                "not contain (allowed: tensors, argparse.Namespace, numpy scalars); re-save it with torch.save of "
+                "the state dict."
+            ) from None
         raise CheckpointError(
-            f"Could not read {path} with torch.load(weights_only=True): {first_line(error)}. The file is damaged "
-            "or holds more than tensors; only plain tensor checkpoints are accepted."
+            f"Could not read {plain_text(str(path))} with torch.load(weights_only=True): "
+            f"{plain_text(first_line(error))}. The file is damaged or is not a PyTorch checkpoint."
         ) from error
 
 
@@ -192,103 +227,6 @@ def model_card(
     )
     body = "\n\n".join([f"# {title}", summary.strip(), *[s.strip() for s in sections if s.strip()]])
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")
-
-
-# --------------------------------------------------------------------------------------------------------
-# the mixin
-class HubModelMixin(PyTorchModelHubMixin, library_name=LIBRARY_NAME, tags=list(CARD_TAGS)):
-    """``PyTorchModelHubMixin`` for fuselip_med models: atomic ``save_pretrained``, any-layout ``from_pretrained``.
-
-    Subclasses set ``config_class`` (a dataclass with ``to_dict``/``from_dict``), keep it as ``self.config``,
-    take it as the first ``__init__`` argument, and may override ``read_pretrained`` to read more layouts.
-    """
-
-    config_class: ClassVar[type]
-    config: Any
-
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike,
-        *,
-        model_card_kwargs: dict[str, Any] | None = None,
-        push_to_hub: bool = False,
-        repo_id: str | None = None,
-        **push_to_hub_kwargs: Any,
-    ) -> str | None:
-        """Write ``config.json`` + ``model.safetensors`` + ``README.md`` into ``save_directory`` atomically (a temp
-        sibling renamed over it; a failure leaves the previous content). With ``push_to_hub=True`` the model is
-        then uploaded to ``repo_id`` (default: the folder name) with the mixin's ``push_to_hub``.
-        """
-        mixin_save = super().save_pretrained
-        write_directory_atomically(save_directory, lambda tmp: mixin_save(tmp, model_card_kwargs=model_card_kwargs))
-        if push_to_hub:
-            return self.push_to_hub(repo_id or Path(save_directory).name, model_card_kwargs=model_card_kwargs,
-                                    **push_to_hub_kwargs)
-        return None
-
-    def _save_pretrained(self, save_directory: Path) -> None:
-        """The one weight writer: ``state_dict()`` as safetensors (FuseLIP's tied MMM decoder is no separate
-        parameter, so every tensor is stored once), plus ``config.to_dict()`` as config.json."""
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(save_directory / SAFETENSORS_NAME), metadata={"format": "pt", "library": LIBRARY_NAME})
-        (save_directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2))
-
-    def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
-        """The card ``save_pretrained`` writes when the folder has none (training writes a richer one)."""
-        name = type(self).__name__
-        return model_card(
-            title=kwargs.get("title", name),
-            summary=kwargs.get("summary", f"A {name} model saved with fuselip_med. Load it with "
-                                          f"`{name}.from_pretrained(path_or_repo_id)` or `fuselip_med.load_model`."),
-            license=kwargs.get("license"),
-            tags=self._hub_mixin_info.model_card_data.tags or (),
-        )
-
-    @classmethod
-    def read_pretrained(cls, path: Path) -> tuple[Any, dict[str, torch.Tensor], str, str]:
-        """(config, state dict, format name, source description) for our layout: config.json + model.safetensors."""
-        folder = path if path.is_dir() else path.parent
-        weights = path if path.is_file() else folder / SAFETENSORS_NAME
-        if not weights.exists():
-            raise CheckpointError(
-                f"{folder} holds no {SAFETENSORS_NAME}; point at a folder written by save_pretrained."
-            )
-        config = config_from_file(cls.config_class, folder / CONFIG_NAME)
-        return config, read_safetensors(weights), "safetensors", f"{weights} (architecture from {CONFIG_NAME})"
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike,
-        *,
-        force_download: bool = False,
-        token: str | bool | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        local_files_only: bool = False,
-        revision: str | None = None,
-        map_location: str | torch.device = "cpu",
-    ):
-        """Build the model from a hub id, a local folder or a single weights file, in eval mode on ``map_location``.
-
-        Weights load strictly: a damaged file, an invalid config or keys/shapes that do not match the config raise
-        ``CheckpointError`` with one line naming the file.
-        """
-        path = resolve_pretrained(
-            pretrained_model_name_or_path, allow_patterns=cls.hub_allow_patterns(), revision=revision,
-            cache_dir=cache_dir, token=token, force_download=force_download, local_files_only=local_files_only,
-        )
-        config, state_dict, _, source = cls.read_pretrained(path)
-        try:
-            model = cls(config)
-        except (TypeError, ValueError) as error:
-            raise CheckpointError(f"The config of {source} does not describe a buildable model: {error}") from error
-        load_state_strict(model, state_dict, source)
-        return model.to(map_location).eval()
-
-    @classmethod
-    def hub_allow_patterns(cls) -> list[str]:
-        """Files ``from_pretrained`` downloads from a hub repo."""
-        return [CONFIG_NAME, SAFETENSORS_NAME]
 
 
 def config_from_file(config_class: type, path: Path) -> Any:

@@ -22,28 +22,19 @@ With these shapes the parameter counts equal the paper's Table 2 to 0.1 M (exact
 7,691,136 / 13,662,720 for S / B.
 """
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import ViTConfig, ViTModel
 
-from fuselip_med.core.fuselip import EOT_ID, PAD_ID, SOT_ID, Transformer, init_transformer
-from fuselip_med.core.hub import HubModelMixin
+from fuselip_med.core.blocks import Transformer, init_transformer
+from fuselip_med.core.configs import LateFusionConfig
+from fuselip_med.core.pretrained import HubModelMixin
 from fuselip_med.core.text_tokenizer import TextTokenizer
-from fuselip_med.errors import InputError
-from fuselip_med.vocab import CLIP_BPE_VOCAB_SIZE
+from fuselip_med.vocab import EOT_TOKEN_ID as EOT_ID, PAD_TOKEN_ID as PAD_ID, SOT_TOKEN_ID as SOT_ID
 
-LATE_FUSION_ARCHS = ("siglip_sf", "siglip_mlf")
-
-# size: image (hidden, layers, heads, patch), text (width, heads, layers), embed_dim, fusion (width, heads, layers)
-LATE_FUSION_SIZES: dict[str, dict[str, Any]] = {
-    "tiny": {"image": (64, 2, 2, 32), "text": (64, 2, 2), "embed_dim": 64, "fusion": (64, 2, 2)},
-    "small": {"image": (384, 12, 6, 16), "text": (384, 6, 12), "embed_dim": 384, "fusion": (384, 6, 4)},
-    "base": {"image": (768, 12, 12, 16), "text": (512, 8, 12), "embed_dim": 512, "fusion": (512, 8, 4)},
-}
 # LoRA target names (the recipe's model.lora.targets, FuseLIP's module names) -> the ViT's module names in
 # transformers 5 (layers.N.attention.q_proj, mlp.fc1) and 4 (encoder.layer.N.attention.attention.query, ...)
 VIT_LORA_NAMES: dict[str, tuple[str, str]] = {
@@ -59,73 +50,14 @@ PIXEL_MEAN = 0.5  # SigLIP image normalisation (open_clip OPENAI/INCEPTION-style
 PIXEL_STD = 0.5
 
 
-@dataclass
-class LateFusionConfig:
-    """Architecture of a late-fusion baseline; ``arch`` selects the fusion (``siglip_sf`` or ``siglip_mlf``)."""
-
-    arch: str = "siglip_sf"
-    size: str = "small"
-    image_size: int = 256
-    patch_size: int = 16
-    image_width: int = 384
-    image_layers: int = 12
-    image_heads: int = 6
-    text_width: int = 384
-    text_heads: int = 6
-    text_layers: int = 12
-    context_length: int = 180
-    text_vocab_size: int = CLIP_BPE_VOCAB_SIZE  # CLIP BPE without [MASK]: no MMM for the baselines
-    embed_dim: int = 384
-    fusion_width: int = 384
-    fusion_heads: int = 6
-    fusion_layers: int = 4
-    mlp_ratio: float = 4.0
-
-    def __post_init__(self) -> None:
-        if self.arch not in LATE_FUSION_ARCHS:
-            raise InputError(f"Unknown late-fusion arch {self.arch!r}; choose one of {LATE_FUSION_ARCHS}.")
-        if self.arch == "siglip_mlf" and self.fusion_width != self.embed_dim:
-            raise ValueError(f"MLF fuses {self.embed_dim}-d embeddings, so fusion_width must be {self.embed_dim}.")
-
-    @classmethod
-    def from_size(cls, arch: str, size: str, **overrides: Any) -> "LateFusionConfig":
-        """The paper's S/B baseline (ViT-S/16 or ViT-B/16, CLIP-S/B text) or ``tiny`` for tests and demos."""
-        if size not in LATE_FUSION_SIZES:
-            raise InputError(f"Unknown late-fusion size {size!r}; choose one of {sorted(LATE_FUSION_SIZES)}.")
-        spec = LATE_FUSION_SIZES[size]
-        image_width, image_layers, image_heads, patch = spec["image"]
-        text_width, text_heads, text_layers = spec["text"]
-        fusion_width, fusion_heads, fusion_layers = spec["fusion"]
-        values = dict(
-            arch=arch, size=size, patch_size=patch, image_width=image_width, image_layers=image_layers,
-            image_heads=image_heads, text_width=text_width, text_heads=text_heads, text_layers=text_layers,
-            embed_dim=spec["embed_dim"], fusion_width=fusion_width, fusion_heads=fusion_heads,
-            fusion_layers=fusion_layers,
-        )
-        values.update(overrides)
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        """config.json content (``arch`` tells ``load_model`` which class to build)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LateFusionConfig":
-        """Read a config.json written by ``to_dict``; unknown keys are an error naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Late-fusion config has unknown keys {unknown}; expected a subset of {sorted(known)}.")
-        return cls(**data)
-
-    def vit_config(self) -> ViTConfig:
-        """The ``transformers`` ViT configuration of the image tower (no dropout, exact GELU, qkv biases)."""
-        return ViTConfig(
-            hidden_size=self.image_width, num_hidden_layers=self.image_layers, num_attention_heads=self.image_heads,
-            intermediate_size=int(self.image_width * self.mlp_ratio), hidden_act="gelu", hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0, layer_norm_eps=1e-6, image_size=self.image_size,
-            patch_size=self.patch_size, num_channels=3, qkv_bias=True, attn_implementation="sdpa",
-        )
+def vit_config(config: LateFusionConfig) -> ViTConfig:
+    """The ``transformers`` ViT configuration of the image tower (no dropout, exact GELU, qkv biases)."""
+    return ViTConfig(
+        hidden_size=config.image_width, num_hidden_layers=config.image_layers, num_attention_heads=config.image_heads,
+        intermediate_size=int(config.image_width * config.mlp_ratio), hidden_act="gelu", hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, layer_norm_eps=1e-6, image_size=config.image_size,
+        patch_size=config.patch_size, num_channels=3, qkv_bias=True, attn_implementation="sdpa",
+    )
 
 
 class ImageTower(nn.Module):
@@ -133,7 +65,7 @@ class ImageTower(nn.Module):
 
     def __init__(self, config: LateFusionConfig):
         super().__init__()
-        self.vit = ViTModel(config.vit_config(), add_pooling_layer=False)
+        self.vit = ViTModel(vit_config(config), add_pooling_layer=False)
         self.proj = nn.Linear(config.image_width, config.embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=config.image_width**-0.5)
 

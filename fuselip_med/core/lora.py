@@ -25,7 +25,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from fuselip_med.core.checkpoints import load_model, read_fuselip_files, save_pretrained
+from fuselip_med.core.checkpoints import MODEL_FILES, read_model_files
 from fuselip_med.core.fuselip import FuseLIP
 from fuselip_med.core.hub import (
     CARD_NAME,
@@ -40,9 +40,8 @@ from fuselip_med.core.hub import (
     state_dict_sha256,
     write_directory_atomically,
 )
-from fuselip_med.core.image_preprocess import ImagePreprocess
-from fuselip_med.core.models import build_from_config, image_size_of
-from fuselip_med.core.text_tokenizer import TextTokenizer
+from fuselip_med.core.models import build_from_config
+from fuselip_med.core.pretrained import save_pretrained
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -53,6 +52,8 @@ LOGIT_PARAMS = ("logit_scale", "logit_bias")
 KNOWN_TARGETS = {
     "q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "out_proj": "attn", "c_fc": "mlp", "c_proj": "mlp",
 }
+ADAPTER_FILES = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_POINTER, f"{EMBEDDED_BASE}/*"]
+"""Files fetched from a hub repo holding a LoRA adapter (with a base saved inside it, if any)."""
 BASE_HINT = "pass the base's current location or hub id with --base (Python: base=...)"
 
 
@@ -101,7 +102,7 @@ def _describe_base(base: str | None) -> tuple[str | None, str | None]:
     local = Path(base).expanduser()
     if not local.exists():
         return str(base), None
-    _, state, _, _ = read_fuselip_files(local.resolve())
+    _, state, _, _ = read_model_files(local.resolve())
     return str(local.resolve()), state_dict_sha256(state)
 
 
@@ -130,7 +131,7 @@ def save_adapter(peft_model: PeftModel, directory: str | os.PathLike, base: str 
         model_card(
             title="FuseLIP LoRA adapter",
             summary=f"A PEFT LoRA adapter for FuseLIP (base: `{reference}`), written by fuselip_med. Load it with "
-                    "`fuselip_med.core.lora.load_for_inference(path)` or PEFT's "
+                    "`fuselip_med.load_model(path)` or PEFT's "
                     "`PeftModel.from_pretrained(FuseLIP.from_pretrained(base), path)`.",
             base_model=reference if is_hub_id(reference) else None,
             tags=["lora", "peft"],
@@ -183,12 +184,12 @@ def load_adapter_base(directory: str | os.PathLike, base: str | os.PathLike | No
     else:
         chosen = reference
     try:
-        path = resolve_pretrained(chosen, allow_patterns=FuseLIP.hub_allow_patterns())
+        path = resolve_pretrained(chosen, allow_patterns=MODEL_FILES)
     except CheckpointError as error:
         raise CheckpointError(
             f"The base model {str(chosen)!r} of LoRA adapter {directory} is not available ({error}); {BASE_HINT}."
         ) from None
-    config, state, _, source = read_fuselip_files(path)
+    config, state, _, source = read_model_files(path)
     if expected is not None and (found := state_dict_sha256(state)) != expected:
         raise CheckpointError(
             f"The base model at {path} is not the one LoRA adapter {directory} was trained on (weights sha256 "
@@ -231,22 +232,3 @@ def merge_adapter(directory: str | os.PathLike, device: str | torch.device = "cp
                   base: str | os.PathLike | None = None) -> FuseLIP:
     """A plain FuseLIP with the adapter folded into its weights (outputs equal base + adapter)."""
     return load_adapter(directory, device, base=base).merge_and_unload()
-
-
-def load_for_inference(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
-                       base: str | os.PathLike | None = None) -> tuple[FuseLIP, ImagePreprocess, TextTokenizer]:
-    """``load_model`` that also accepts a LoRA adapter (a folder, a run folder whose ``final`` is one, or a hub
-    repo), merged into its base. ``base`` replaces an adapter's recorded base model; it is an error for a plain model.
-    """
-    path = Path(name_or_path)
-    if not path.exists() and is_hub_id(name_or_path):
-        patterns = [*FuseLIP.hub_allow_patterns(), ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_POINTER, f"{EMBEDDED_BASE}/*"]
-        path = resolve_pretrained(name_or_path, allow_patterns=patterns)
-    adapter = path if is_adapter_dir(path) else path / "final" if is_adapter_dir(path / "final") else None
-    if adapter is not None:
-        model = merge_adapter(adapter, device, base=base).eval()
-    elif base is not None:
-        raise CheckpointError(f"--base applies to LoRA adapters only, and {name_or_path} is not an adapter folder.")
-    else:
-        return load_model(path, device)
-    return model, ImagePreprocess(image_size=image_size_of(model.config)), model.tokenizer

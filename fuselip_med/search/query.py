@@ -51,13 +51,12 @@ def check_model(index: SearchIndex, model_id: ModelId) -> None:
 
 def load_index_model(index: SearchIndex, model: str | os.PathLike | None = None, device: str = "cpu"):
     """(model, ModelId) for querying ``index``: ``model`` when given (checked against the index), else the
-    model recorded in the index. Raises ``SearchIndexError`` on a mismatch and ``CheckpointError`` (from
-    ``core.lora.load_for_inference``: a model, or a LoRA adapter merged into its base) when the checkpoint cannot
-    be read."""
-    from fuselip_med.core.lora import load_for_inference
+    model recorded in the index, loaded through ``fuselip_med.load_model`` (any layout, LoRA adapters merged).
+    Raises ``SearchIndexError`` on a mismatch and ``CheckpointError`` when the checkpoint cannot be read."""
+    from fuselip_med.core.loading import load_model
 
     name = str(model) if model is not None else index.model.name
-    loaded, _, _ = load_for_inference(name, device)
+    loaded, _, _ = load_model(name, device)
     model_id = ModelId(name, model_fingerprint(loaded))
     check_model(index, model_id)
     return loaded, model_id

@@ -152,7 +152,7 @@ def cache_codes_for_recipe(recipe: Recipe, say: Callable[[str], None] = print) -
     import torch
     from accelerate import Accelerator
 
-    from fuselip_med.core.checkpoints import build_model
+    from fuselip_med.core.loading import build_model
     from fuselip_med.core.text_tokenizer import TextTokenizer
     from fuselip_med.train.data import DataSetupError, build_train_data
 

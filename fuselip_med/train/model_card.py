@@ -44,7 +44,7 @@ def write_model_card(directory: Path, recipe: Recipe, init: str | None, steps: i
     lora = recipe.model.lora.enabled
     kind = f"LoRA adapter (rank {recipe.model.lora.r})" if lora else "full model"
     model_class = "FuseLIP" if recipe.model.arch == "fuselip" else "LateFusion"
-    load = ("`fuselip-med merge-lora`, `fuselip_med.core.lora.load_for_inference(path)` or PEFT's "
+    load = ("`fuselip-med merge-lora`, `fuselip_med.load_model(path)` or PEFT's "
             f"`PeftModel.from_pretrained({model_class}.from_pretrained(base), path)`" if lora
             else f"`{model_class}.from_pretrained(path)` or `fuselip_med.load_model(path)`")
     architecture = {"fuselip": "FuseLIP", "siglip_sf": "SigLIP-SF (late-fusion baseline)",

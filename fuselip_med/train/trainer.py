@@ -24,9 +24,10 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from rich.console import Console
 
-from fuselip_med.core.checkpoints import build_model, save_pretrained
+from fuselip_med.core.loading import build_model
 from fuselip_med.core.lora import adapter_parameter_count, apply_lora, save_adapter
 from fuselip_med.core.losses import MaskingConfig, clamp_logit_scale
+from fuselip_med.core.pretrained import save_pretrained
 from fuselip_med.data.adapters import DatasetEmptyError
 from fuselip_med.data.collate import SkipCounter
 from fuselip_med.errors import UserError
