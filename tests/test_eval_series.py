@@ -9,8 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 from fuselip_med.cli import app
-from fuselip_med.core.checkpoints import save_pretrained
 from fuselip_med.core.fuselip import FuseLIP, FuseLIPConfig
+from fuselip_med.core.pretrained import save_pretrained
 from tests.study_helpers import nifti_volume
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -32,6 +32,7 @@ def ct_rate(root):
     return volumes
 
 
+@pytest.mark.slow  # three CLI runs with a model load each (~20 s on 2 cores)
 def test_eval_series_zero_shot_and_retrieval(tmp_path):
     volumes = ct_rate(tmp_path / "ct_rate")
     torch.manual_seed(0)

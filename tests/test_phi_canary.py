@@ -20,8 +20,8 @@ import torch
 from typer.testing import CliRunner
 
 from fuselip_med.cli import app
-from fuselip_med.core.checkpoints import save_pretrained
 from fuselip_med.core.fuselip import FuseLIP, FuseLIPConfig
+from fuselip_med.core.pretrained import save_pretrained
 from fuselip_med.data.phi import ANNEX_E_TAGS, Pseudonyms, burned_in_risk, is_annex_e
 from tests.study_helpers import PATIENT_ATTRIBUTES, ct_series
 

@@ -12,8 +12,8 @@ import torch
 from typer.testing import CliRunner
 
 from fuselip_med.cli import app
-from fuselip_med.core.checkpoints import save_pretrained
 from fuselip_med.core.fuselip import FuseLIP, FuseLIPConfig
+from fuselip_med.core.pretrained import save_pretrained
 from fuselip_med.data.phi import PrivacyOptions, Pseudonyms
 from fuselip_med.data.studies import find_series
 from fuselip_med.search.index import ModelId, build_unit_index, open_index

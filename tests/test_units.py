@@ -12,8 +12,8 @@ import torch
 from typer.testing import CliRunner
 
 from fuselip_med.cli import app
-from fuselip_med.core.checkpoints import save_pretrained
 from fuselip_med.core.fuselip import FuseLIP, FuseLIPConfig
+from fuselip_med.core.pretrained import save_pretrained
 from fuselip_med.data.images import decode_image
 from fuselip_med.data.phi import Pseudonyms
 from fuselip_med.data.studies import find_series
@@ -72,6 +72,7 @@ def test_shuffled_series_embeds_to_the_ordered_vector_and_pools_independently(tm
     assert np.abs(study.vector - expect / np.linalg.norm(expect)).max() <= 1e-6
 
 
+@pytest.mark.slow  # three CLI runs with a model load each (~20 s on 2 cores)
 def test_embed_unit_series_and_study_outputs(tmp_path, tiny):
     _, model_path = tiny
     export = tmp_path / "export"
