@@ -204,3 +204,17 @@ def test_truncated_slice_fails_when_rendered(tmp_path):
     [series] = read_series(sorted(tmp_path.iterdir()), KEYS)
     with pytest.raises(ImageDecodeError, match="truncated image"):
         render_slice(series.slices[0])
+
+
+def test_read_series_takes_datasets_held_in_memory(tmp_path):
+    """A network source (DICOMweb) hands pydicom data sets, not files: same series, same slices, same pixels."""
+    import pydicom
+
+    made = ct_series(tmp_path, n=4)
+    datasets = [pydicom.dcmread(path) for path in sorted(tmp_path.iterdir())]
+    [from_memory] = read_series(datasets, KEYS)
+    [from_files] = read_series(sorted(tmp_path.iterdir()), KEYS)
+    assert [s.key for s in from_memory.slices] == [s.key for s in from_files.slices]
+    assert from_memory.key == KEYS.key(made["series"], "se-")
+    for a, b in zip(from_memory.slices, from_files.slices):
+        assert np.array_equal(render_slice(a), render_slice(b))
