@@ -19,11 +19,8 @@ from fuselip_med.data.skips import SkipReport
 from fuselip_med.data.studies import Series
 from fuselip_med.data.volumes import Rendering, render_slice, sample_slices
 
-__all__ = ["UNITS", "SeriesEmbedding", "StudyEmbedding", "UnitOptions", "UnitRow", "embed_series", "pool",
+__all__ = ["SeriesEmbedding", "StudyEmbedding", "UnitOptions", "UnitRow", "embed_series", "pool",
            "pool_studies", "unit_rows"]
-
-UNITS = ("image", "series", "study")
-
 
 def pool(vectors: np.ndarray) -> np.ndarray:
     """The unit vector of a set: ``normalize(mean_i normalize(v_i))``; ``vectors`` [N, D] -> float32 [D]

@@ -108,3 +108,21 @@ def test_index_build_unit_series_cli_and_search_json(tmp_path):
     assert again.exit_code == 0 and "up to date" in " ".join(again.output.split())
     assert np.array_equal(open_index(tmp_path / "index").meta["id"], [h["id"] for h in sorted(hits,
                                                                                                key=lambda h: h["row"])])
+
+
+def test_paths_are_stored_only_with_keep_paths(tmp_path):
+    made = ct_series(tmp_path / "export" / "Doe_John", n=3)
+    keys = Pseudonyms.fresh()
+    embedded = embed_series(BrightnessEncoder(), find_series(tmp_path / "export", keys), UnitOptions(slices=3),
+                            keep_images=True, progress=False)
+    rows = unit_rows(embedded, "series")
+    first = {rows[0].id: str(made["files"][0.0])}
+    build_unit_index(tmp_path / "plain", rows, ModelId("planted", "p1"), "series", keys.salt, paths=first)
+    assert open_index(tmp_path / "plain").meta["path"].isna().all()
+    assert not any(b"Doe_John" in p.read_bytes() for p in (tmp_path / "plain").rglob("*") if p.is_file())
+    build_unit_index(tmp_path / "kept", rows, ModelId("planted", "p1"), "series", keys.salt, paths=first,
+                     privacy=PrivacyOptions(keep_paths=True))
+    kept = open_index(tmp_path / "kept")
+    assert kept.meta["path"].tolist() == [first[rows[0].id]] and not kept.privacy.show_paths
+    with pytest.raises(ValueError, match="--show-paths needs --keep-paths"):
+        PrivacyOptions(show_paths=True)

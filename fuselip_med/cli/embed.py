@@ -96,7 +96,7 @@ def _embed_units(model: str, input: Path, out: Path, unit: str, slices: int, ren
     from fuselip_med.data.skips import SkipReport
     from fuselip_med.embed import skipped_csv_path, stored_salt, write_unit_embeddings
 
-    check_unit(unit, ("image", "series", "study"))
+    check_unit(unit)
     options = unit_options(slices, render, window)
     if out.suffix not in (".npy", ".parquet"):
         raise UsageError(f"--out {out}: use a .npy or .parquet file name.")

@@ -108,7 +108,7 @@ def _build_unit_index(model: str, input: Path, out: Path, unit: str, slices: int
     from fuselip_med.data.skips import SkipReport
     from fuselip_med.search.index import ModelId, build_unit_index, model_fingerprint, stored_index_salt
 
-    check_unit(unit, ("image", "series", "study"))
+    check_unit(unit)
     options = unit_options(slices, render, window)
     privacy = privacy_options(keep_paths, show_paths, allow_burned_in)
     salt = None if rebuild else stored_index_salt(out)

@@ -12,7 +12,9 @@ import typer
 from fuselip_med.errors import UsageError
 
 __all__ = ["ALLOW_BURNED_IN", "KEEP_PATHS", "PLANE", "RENDER", "SHOW_PATHS", "SLICES", "UNIT", "WINDOW",
-           "check_unit", "privacy_options", "read_units", "unit_options"]
+           "UNITS", "check_unit", "privacy_options", "read_units", "unit_options"]
+
+UNITS = ("image", "series", "study")  # what one vector stands for (--unit)
 
 UNIT: str = typer.Option("image", "--unit", help="What one vector stands for: image (each file; default), series "
                          "(DICOM series / NIfTI volume: mean of its sampled slices) or study (mean of its series).")
@@ -71,7 +73,7 @@ def read_units(model, input: Path, unit: str, options, *, pseudonyms, plane: str
     return (unit_rows(embedded, unit) if embedded else []), first
 
 
-def check_unit(unit: str, allowed: tuple[str, ...]) -> None:
+def check_unit(unit: str, allowed: tuple[str, ...] = UNITS) -> None:
     """``UsageError`` unless ``unit`` is one of ``allowed``."""
     if unit not in allowed:
         raise UsageError(f"--unit {unit!r}: choose {', '.join(allowed[:-1])} or {allowed[-1]}.")

@@ -38,7 +38,7 @@ from fuselip_med.errors import InputError
 
 __all__ = [
     "GAP_FACTOR", "NIFTI_SUFFIXES", "PLANES", "Series", "SliceRef", "StudiesError", "find_series", "is_nifti",
-    "nifti_series", "read_series", "study_keys",
+    "nifti_series", "read_series",
 ]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -401,10 +401,3 @@ def find_series(input: str | os.PathLike, pseudonyms: Pseudonyms, skips: SkipRep
     skips.kept = len(series)
     return sorted(series, key=lambda s: (s.study_key, s.key))
 
-
-def study_keys(series: Iterable[Series]) -> dict[str, list[str]]:
-    """{study key: [series keys]} in input order."""
-    out: dict[str, list[str]] = {}
-    for item in series:
-        out.setdefault(item.study_key, []).append(item.key)
-    return out

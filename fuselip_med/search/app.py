@@ -17,12 +17,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from
 import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from fuselip_med.search.index import SearchIndex  # noqa: E402
+from fuselip_med.search.index import THUMBNAIL_PX, SearchIndex  # noqa: E402
 from fuselip_med.search.query import Hit, more_like_this, search  # noqa: E402
 
 __all__ = ["build_app", "serve", "thumbnail"]
 
-THUMBNAIL_PX = 256
 UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".dcm", ".dicom"]
 CSS = "#status th:nth-child(-n+2), #status td:nth-child(-n+2) { white-space: nowrap; }"
 

@@ -674,7 +674,7 @@ def build_unit_index(out: str | os.PathLike, rows: Sequence, model_id: ModelId, 
     meta, slices, thumbs = [], [], {}
     for number, row in enumerate(rows):
         digest = hashlib.sha256(np.ascontiguousarray(row.slice_vectors, dtype=np.float32).tobytes()).hexdigest()
-        path = (paths or {}).get(row.id) if privacy.keep_paths else None
+        path = privacy.written_path((paths or {}).get(row.id), dicom=True)  # series inputs: none unless kept
         meta.append({"id": row.id, "path": path, "caption": None, "source": unit, "content_hash": digest,
                      "model_id": str(model_id), "size": -1, "mtime_ns": -1, "caption_row": -1})
         show = privacy.allow_burned_in or not row.burned_in
