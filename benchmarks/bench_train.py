@@ -1,6 +1,6 @@
 """Training step time, throughput and peak memory: on-the-fly TiTok (pixels) vs cached image codes.
 
-One step is what ``Trainer.train_step`` runs for one micro-batch: ``FuseLIPObjective.prepare`` on the host
+One step is what ``Trainer.train_step`` runs for one micro-batch: ``EarlyFusionObjective.prepare`` on the host
 (TiTok for pixel rows, joint ids, MMM masks), the device forward (SigLIP + 0.25 x MMM), backward, fused
 AdamW. Batches are rocov2-style pairs: an image (with the empty text, as in training) against a caption of
 20-40 words; ``pixels`` rows carry [B, 3, 256, 256] images, ``cached`` rows the [B, 128] code ids a code cache
@@ -56,20 +56,18 @@ def captions(count: int, generator: torch.Generator) -> list[str]:
 
 def make_batch(model, batch: int, codes: str):
     """A rocov2-style training batch: query = image (+ ""), target = caption; pixels or cached code ids."""
-    from fuselip_med.data.collate import Batch
+    from fuselip_med.data.collate import Batch, BatchSide
 
     generator = torch.Generator().manual_seed(0)
     ones, zeros = torch.ones(batch, dtype=torch.bool), torch.zeros(batch, dtype=torch.bool)
     cached = codes == "cached"
     image_ids = torch.randint(0, model.config.codebook_size, (batch, 128), generator=generator)
-    return Batch(
-        query_text_ids=model.tokenizer([""] * batch), target_text_ids=model.tokenizer(captions(batch, generator)),
-        query_pixels=None if cached else torch.rand(batch, 3, 256, 256, generator=generator),
-        query_has_image=ones, target_pixels=None, target_has_image=zeros,
-        ids=[str(i) for i in range(batch)], groups=[str(i) for i in range(batch)], sources=["bench"] * batch,
-        query_image_ids=image_ids if cached else None, target_image_ids=None,
-        query_has_codes=ones if cached else zeros, target_has_codes=zeros,
-    )
+    query = BatchSide(text_ids=model.tokenizer([""] * batch), has_image=ones,
+                      pixels=None if cached else torch.rand(batch, 3, 256, 256, generator=generator),
+                      image_ids=image_ids if cached else None, has_codes=ones if cached else zeros)
+    target = BatchSide(text_ids=model.tokenizer(captions(batch, generator)), has_image=zeros, has_codes=zeros)
+    return Batch(query=query, target=target, ids=[str(i) for i in range(batch)], groups=[str(i) for i in range(batch)],
+                 sources=["bench"] * batch)
 
 
 def encoder_flops(model, inputs) -> float:
@@ -87,7 +85,7 @@ def measure(config: tuple, device: str, warmup: int, steps: int, queue) -> None:
     """Run one configuration; put {ms, peak, flops} on the queue."""
     from fuselip_med.core.fuselip import FuseLIP, FuseLIPConfig
     from fuselip_med.core.losses import MaskingConfig
-    from fuselip_med.train.objective import FuseLIPObjective
+    from fuselip_med.train.objective import EarlyFusionObjective
     from fuselip_med.train.optim import build_optimizer
 
     size, precision, codes, compiled, batch_size = config
@@ -95,7 +93,7 @@ def measure(config: tuple, device: str, warmup: int, steps: int, queue) -> None:
     model = FuseLIP(FuseLIPConfig.from_size(size)).to(device)
     if compiled:
         model.transformer.compile(dynamic=True)
-    objective = FuseLIPObjective(model, MaskingConfig.for_model(model.config)).train()
+    objective = EarlyFusionObjective(model, MaskingConfig.for_model(model.config)).train()
     optimizer = build_optimizer(model, 1e-4, 0.1)
     batch = make_batch(model, batch_size, codes)
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16")

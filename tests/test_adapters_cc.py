@@ -210,7 +210,7 @@ def test_shards_read_lazily_in_dataloader_workers(tmp_path):
     skipped = [item for item in items if isinstance(item, SkippedSample)]
     assert [item.id for item in skipped] == ["000000006"] and skipped[0].reason == "not an image"
     decoded = [item for item in items if isinstance(item, DecodedSample)]
-    assert len(decoded) == 5 and decoded[0].query_pixels.shape == (3, 32, 32)
+    assert len(decoded) == 5 and decoded[0].query.pixels.shape == (3, 32, 32)
 
 
 def test_sampler_and_tgit_task_on_top(tmp_path):

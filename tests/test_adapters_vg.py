@@ -163,7 +163,7 @@ def test_sampler_keeps_groups_whole_and_decoding(vg):
         for g in {owner[i] for i in batch}:
             assert set(groups[g]) <= set(batch)
     item = SampleDataset(source, DecodeOptions(image_size=32))[0]
-    assert isinstance(item, DecodedSample) and item.query_pixels.shape == item.target_pixels.shape == (3, 32, 32)
+    assert isinstance(item, DecodedSample) and item.query.pixels.shape == item.target.pixels.shape == (3, 32, 32)
     (vg / "images" / "1.jpg").unlink()  # a file gone after indexing is a skipped sample, not a crash
     gone = SampleDataset(source, DecodeOptions(image_size=32))[0]
     assert isinstance(gone, SkippedSample) and gone.reason == "missing file"

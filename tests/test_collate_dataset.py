@@ -92,7 +92,7 @@ def test_corrupted_files_through_dataloader_workers(corrupted_set, tokenizer):
         assert isinstance(batch, Batch)
         counter.update(batch)
         arrived.extend(batch.ids)
-        assert batch.query_text_ids.shape == (len(batch), 180)
+        assert batch.query.text_ids.shape == (len(batch), 180)
         for group in set(batch.groups):  # hard-negative groups arrive whole
             assert batch.groups.count(group) == sum(s.group_key == group for s in samples if s.id in good_ids)
     assert sorted(arrived) == sorted(good_ids)  # every good sample exactly once
@@ -132,13 +132,13 @@ def test_decoded_sample_fields_and_text_checks(tmp_path):
     dataset = SampleDataset(ListSource(samples), OPTIONS)
     item = dataset[0]
     assert isinstance(item, DecodedSample)
-    assert item.query_pixels.shape == (3, SIZE, SIZE) and item.query_pixels.dtype == torch.float32
-    assert item.target_pixels is None and item.target_text == "nodule" and item.meta == {"k": 1}
+    assert item.query.pixels.shape == (3, SIZE, SIZE) and item.query.pixels.dtype == torch.float32
+    assert item.target.pixels is None and item.target.text == "nodule" and item.meta == {"k": 1}
     assert item.group == "s/it"
-    assert torch.equal(item.query_pixels, decode_image(png, OPTIONS))  # eval mode: the reference squash
+    assert torch.equal(item.query.pixels, decode_image(png, OPTIONS))  # eval mode: the reference squash
     assert isinstance(dataset[1], SkippedSample) and dataset[1].reason == "non-UTF-8 text"
     assert dataset[2].reason == "empty caption" and "target" in dataset[2].detail
-    assert dataset[3].target_text == "caf\xe9"
+    assert dataset[3].target.text == "caf\xe9"
     assert isinstance(dataset[4], DecodedSample)  # blank text beside an image is fine
 
 
@@ -151,7 +151,7 @@ def test_train_crops_are_reproducible_across_worker_counts_and_vary_by_epoch(tmp
         loader = DataLoader(dataset, batch_size=3, num_workers=num_workers, collate_fn=Collator(tokenizer),
                             persistent_workers=persistent)
         dataset.set_epoch(epoch)
-        return torch.cat([b.query_pixels for b in loader]), (dataset, loader)
+        return torch.cat([b.query.pixels for b in loader]), (dataset, loader)
 
     single, _ = run(0, 0)
     assert torch.equal(single, run(2, 0)[0])
@@ -161,7 +161,7 @@ def test_train_crops_are_reproducible_across_worker_counts_and_vary_by_epoch(tmp
     # persistent workers see set_epoch (the epoch lives in shared memory)
     first, (dataset, loader) = run(2, 0, persistent=True)
     dataset.set_epoch(1)
-    assert torch.equal(torch.cat([b.query_pixels for b in loader]), epoch1)
+    assert torch.equal(torch.cat([b.query.pixels for b in loader]), epoch1)
 
 
 def test_collator_mixed_rows_shapes_masks_and_pickling(tmp_path, tokenizer):
@@ -177,32 +177,32 @@ def test_collator_mixed_rows_shapes_masks_and_pickling(tmp_path, tokenizer):
     batch = collator(items)
     assert len(batch) == 4 and batch.ids == ["image_only", "text_only", "image_text", "img2txt"]
     assert batch.sources == ["s", "s", "s", "t"] and batch.skipped == [("/x.png", "missing file")]
-    for ids in (batch.query_text_ids, batch.target_text_ids):
+    for ids in (batch.query.text_ids, batch.target.text_ids):
         assert ids.shape == (4, 180) and ids.dtype == torch.long
     sot, eot = tokenizer.sot_token_id, tokenizer.eot_token_id
-    assert batch.query_text_ids[0, :3].tolist() == [sot, eot, 0]  # None -> "" -> [sot, eot]
-    assert torch.equal(batch.query_text_ids[1], tokenizer(["pleural effusion"])[0])
-    assert batch.query_has_image.tolist() == [True, False, True, True]
-    assert batch.target_has_image.tolist() == [True, False, True, False]
-    assert batch.query_has_image.dtype == torch.bool
-    assert batch.query_pixels.shape == (3, 3, SIZE, SIZE) and batch.query_pixels.dtype == torch.float32
-    assert batch.target_pixels.shape == (2, 3, SIZE, SIZE)
-    assert batch.query_image_ids is None and batch.target_image_ids is None
-    assert torch.equal(batch.query_pixels[1], decode_image(png, OPTIONS))
+    assert batch.query.text_ids[0, :3].tolist() == [sot, eot, 0]  # None -> "" -> [sot, eot]
+    assert torch.equal(batch.query.text_ids[1], tokenizer(["pleural effusion"])[0])
+    assert batch.query.has_image.tolist() == [True, False, True, True]
+    assert batch.target.has_image.tolist() == [True, False, True, False]
+    assert batch.query.has_image.dtype == torch.bool
+    assert batch.query.pixels.shape == (3, 3, SIZE, SIZE) and batch.query.pixels.dtype == torch.float32
+    assert batch.target.pixels.shape == (2, 3, SIZE, SIZE)
+    assert batch.query.image_ids is None and batch.target.image_ids is None
+    assert torch.equal(batch.query.pixels[1], decode_image(png, OPTIONS))
 
     clone = pickle.loads(pickle.dumps(collator))
     again = clone(items)
-    assert torch.equal(again.query_text_ids, batch.query_text_ids)
-    assert torch.equal(again.target_pixels, batch.target_pixels)
+    assert torch.equal(again.query.text_ids, batch.query.text_ids)
+    assert torch.equal(again.target.pixels, batch.target.pixels)
     moved = batch.to("cpu", non_blocking=True)
-    assert moved.ids == batch.ids and torch.equal(moved.query_pixels, batch.query_pixels)
+    assert moved.ids == batch.ids and torch.equal(moved.query.pixels, batch.query.pixels)
     assert collate_samples(items, tokenizer).ids == batch.ids
 
     # only text rows on a side -> no tensor; only skipped items -> an empty batch
     text_batch = collator([items[1]])
-    assert text_batch.query_pixels is None and text_batch.query_has_image.tolist() == [False]
+    assert text_batch.query.pixels is None and text_batch.query.has_image.tolist() == [False]
     empty = collator([items[-1]])
-    assert len(empty) == 0 and empty.query_text_ids.shape == (0, 180) and empty.skipped == [("/x.png", "missing file")]
+    assert len(empty) == 0 and empty.query.text_ids.shape == (0, 180) and empty.skipped == [("/x.png", "missing file")]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -211,9 +211,9 @@ def test_batch_pin_memory_and_to_cuda(tmp_path, tokenizer):
     dataset = SampleDataset(ListSource([Sample(id="a", source="s", query_image=png, target_text="x")]), OPTIONS)
     loader = DataLoader(dataset, batch_size=1, collate_fn=Collator(tokenizer), pin_memory=True)
     batch = next(iter(loader))
-    assert batch.query_pixels.is_pinned() and batch.query_text_ids.is_pinned()
+    assert batch.query.pixels.is_pinned() and batch.query.text_ids.is_pinned()
     on_gpu = batch.to("cuda", non_blocking=True)
-    assert on_gpu.query_pixels.is_cuda and on_gpu.query_has_image.is_cuda and on_gpu.ids == ["a"]
+    assert on_gpu.query.pixels.is_cuda and on_gpu.query.has_image.is_cuda and on_gpu.ids == ["a"]
 
 
 def test_mixture_dataset_offsets_groups_and_weights(tmp_path):

@@ -34,14 +34,15 @@ def tiny():
     return FuseLIP(FuseLIPConfig.from_size("tiny")).eval()
 
 
-def training_layout(model: FuseLIP, root: Path) -> Path:
-    """The official training checkpoint: logs/<run>/checkpoints/epoch_N.pt with a DDP-prefixed state_dict."""
+def training_layout(model: FuseLIP, root: Path, **extras) -> Path:
+    """The official training checkpoint: logs/<run>/checkpoints/epoch_N.pt with a DDP-prefixed state_dict (and
+    ``extras``, e.g. the run's ``args`` Namespace, beside it as open_clip's training writes them)."""
     export_reference(model, root / "ref")
     released = torch.load(root / "ref" / "pytorch_model.bin", weights_only=True)
     run = root / "logs" / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "fuse-clip-config.json").write_text((root / "ref" / "config.json").read_text())
-    payload = {"epoch": 1, "state_dict": {f"module.{k}": v for k, v in released.items()}}
+    payload = {"epoch": 1, "state_dict": {f"module.{k}": v for k, v in released.items()}, **extras}
     torch.save(payload, run / "checkpoints" / "epoch_1.pt")
     return run / "checkpoints" / "epoch_1.pt"
 

@@ -15,31 +15,13 @@ from fuselip_med.core.hub import CheckpointError
 from fuselip_med.core.late_fusion import LateFusion
 from fuselip_med.core.lora import apply_lora, save_adapter
 from fuselip_med.core.pretrained import save_pretrained
-
-
-@torch.no_grad()
-def outputs(model) -> torch.Tensor:
-    pixels = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(2))
-    texts = ["chest x-ray, frontal", "axial ct of the abdomen"]
-    return torch.cat([model.encode(images=pixels), model.encode(texts=texts), model.encode(images=pixels, texts=texts)])
+from tests.test_hub import outputs, training_layout
 
 
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(4)
     return FuseLIP(FuseLIPConfig.from_size("tiny")).eval()
-
-
-def official_training_checkpoint(model, root, extras):
-    """logs/<run>/checkpoints/epoch_1.pt as open_clip's training writes it (DDP prefixes, the run's args)."""
-    export_reference(model, root / "ref")
-    released = torch.load(root / "ref" / "pytorch_model.bin", weights_only=True)
-    checkpoints = root / "logs" / "run" / "checkpoints"
-    checkpoints.mkdir(parents=True)
-    shutil.copy(root / "ref" / "config.json", checkpoints.parent / "fuse-clip-config.json")
-    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in released.items()}, **extras},
-               checkpoints / "epoch_1.pt")
-    return checkpoints / "epoch_1.pt"
 
 
 def layouts(model, root):
@@ -57,7 +39,7 @@ def layouts(model, root):
     return {
         "ours": ours, "released": released, "bare safetensors": bare / "weights.safetensors",
         "bare released state dict": root / "state_dict.bin", "run folder": run,
-        "official training .pt": official_training_checkpoint(model, root, extras),
+        "official training .pt": training_layout(model, root, **extras),
     }
 
 
@@ -104,7 +86,7 @@ class Unexpected:
 
 
 def test_other_objects_in_a_training_checkpoint_are_one_line_naming_the_type(tiny, tmp_path):
-    path = official_training_checkpoint(tiny, tmp_path, {"extra": Unexpected()})
+    path = training_layout(tiny, tmp_path, extra=Unexpected())
     renamed = path.with_name("epoch\x1b[31m_1.pt")
     path.rename(renamed)
     with pytest.raises(CheckpointError) as error:

@@ -219,10 +219,10 @@ def test_dataset_decodes_rendered_images_unchanged(tmp_path):
     task = TGITTask(base, "tgit_med", split="eval", eval_fraction=1.0)
     item = SampleDataset(task)[0]
     sample = task[0]
-    assert item.query_text == sample.query_text and item.target_text is None
+    assert item.query.text == sample.query_text and item.target.text is None
     assert item.group == sample.group
-    assert torch_equal(item.query_pixels, pil_to_tensor(sample.query_image))
-    assert torch_equal(item.target_pixels, pil_to_tensor(sample.target_image))
+    assert torch_equal(item.query.pixels, pil_to_tensor(sample.query_image))
+    assert torch_equal(item.target.pixels, pil_to_tensor(sample.target_image))
 
     broken = ListSource([Sample(id="gone", source="toy", query_image=str(tmp_path / "missing.png"),
                                 target_text="c")], "toy")
@@ -253,4 +253,4 @@ def test_training_dataset_does_not_crop_rendered_pairs_again(tmp_path):
     index = next(i for i in range(len(task)) if task[i].meta.get("preprocessed"))
     sample = task[index]
     item = SampleDataset(task, train=True)[index]
-    assert torch_equal(item.target_pixels, pil_to_tensor(sample.target_image))
+    assert torch_equal(item.target.pixels, pil_to_tensor(sample.target_image))

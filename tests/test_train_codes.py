@@ -13,7 +13,7 @@ from fuselip_med.core.fuselip import FuseLIP
 from fuselip_med.data import dataset as dataset_module
 from fuselip_med.data.demo import write_demo_dataset
 from fuselip_med.recipes import recipe_from_dict
-from fuselip_med.train.objective import FuseLIPObjective
+from fuselip_med.train.objective import EarlyFusionObjective
 from fuselip_med.train.trainer import Trainer
 from tests.test_trainer import REPO, logged_losses, recipe_dict, run
 
@@ -141,7 +141,7 @@ def test_the_device_half_of_a_step_never_reads_a_tensor_on_the_host(tmp_path, de
                 forbid()
         return wrapped
 
-    monkeypatch.setattr(FuseLIPObjective, "prepare", host_side(FuseLIPObjective.prepare))
+    monkeypatch.setattr(EarlyFusionObjective, "prepare", host_side(EarlyFusionObjective.prepare))
     monkeypatch.setattr(trainer, "_next_batch", host_side(trainer._next_batch))
     with trainer.out.progress() as trainer.bar:
         trainer.bar_task = trainer.bar.add_task("train", total=2, loss=0.0, lr=0.0, rate=0.0)

@@ -229,9 +229,9 @@ def test_lora_trains_only_adapters_and_merges_exactly(tmp_path, demo_data, relea
 
 
 def test_non_finite_loss_skips_then_stops_and_keeps_the_last_checkpoint(tmp_path, demo_data, monkeypatch):
-    from fuselip_med.train.objective import FuseLIPObjective
+    from fuselip_med.train.objective import EarlyFusionObjective
 
-    original = FuseLIPObjective.forward
+    original = EarlyFusionObjective.forward
 
     def poisoned(self, inputs):
         out = original(self, inputs)
@@ -239,7 +239,7 @@ def test_non_finite_loss_skips_then_stops_and_keeps_the_last_checkpoint(tmp_path
             out.total = out.total * float("nan")
         return out
 
-    monkeypatch.setattr(FuseLIPObjective, "forward", poisoned)
+    monkeypatch.setattr(EarlyFusionObjective, "forward", poisoned)
     recipe = recipe_dict(tmp_path / "run", demo_data, train={"steps": 10, "max_bad_steps": 3},
                          checkpoint={"every_steps": 3})
     with pytest.raises(TrainingStopped, match="not finite for 3 steps"):

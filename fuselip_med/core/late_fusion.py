@@ -3,9 +3,11 @@ fusion (SigLIP-MLF), trained with the SigLIP sigmoid loss only (FuseLIP paper, S
 "Baselines" and Table 2).
 
 Towers:
-- image: a ViT from ``transformers`` (``ViTModel``, configured from scratch, no pooler) on 256 × 256 pixels in
-  [0, 1] (normalised with mean 0.5 / std 0.5 as in SigLIP), its final-LayerNorm class token projected to the
-  shared dimension by a bias-free linear layer (open_clip's ``proj``);
+- image: the CLIP-style ViT of the official code (open_clip ``VisionTransformer``: patch convolution without bias,
+  class and positional embeddings, ``ln_pre`` before the transformer, ``ln_post`` on the class token, a bias-free
+  projection ``proj``), built as ``transformers``' ``CLIPVisionModel`` (configured from scratch; its
+  ``pre_layrnorm``/``post_layernorm`` are ``ln_pre``/``ln_post``) on 256 × 256 pixels in [0, 1] (normalised with
+  mean 0.5 / std 0.5 as in SigLIP);
 - text: a CLIP text transformer (token embedding 49,408 × width, positional embedding 180 × width, pre-norm
   blocks, ``ln_final``, bias-free ``text_projection``) with bidirectional attention, padding (id 0) masked out,
   pooled at the first eot token, on the project's CLIP BPE ids (``core.text_tokenizer``).
@@ -14,12 +16,13 @@ Fusion of one row (image embedding u, text embedding v, both un-normalised, dime
 - SF: ``normalize(normalize(u) + normalize(v))`` for image+text rows, ``normalize(u)`` for image-only rows
   and ``normalize(v)`` for text-only rows;
 - MLF: a 4-layer transformer (width D = 384 / 6 heads for S, 512 / 8 heads for B) over the two tokens
-  ``[u, v]``, then attention pooling with one learned query (open_clip's ``AttentionalPooler`` layout);
+  ``[u, v]``, then the official MagicLens attention pooling (``AttentionalPoolerMagicLens`` of the FuseLIP code's
+  ``feature_fuse_clip.py``): one learned query, multi-head attention over the tokens, a LayerNorm on its output;
   ``u = 0`` when the row has no image, ``v`` is the text tower's embedding of the empty text when it has none.
 
-With these shapes the parameter counts equal the paper's Table 2 to 0.1 M (exact integers in
-``tests/test_late_fusion.py``): image 21,836,160 / 86,237,952, text 40,483,584 / 63,480,832, fusion
-7,691,136 / 13,662,720 for S / B.
+With these shapes the parameter counts are the official code's (its ``ViT-{S,B}-16-256-180-mask`` configurations
+and MagicLens fusion; exact integers in ``tests/test_late_fusion.py``): image 21,836,544 / 86,238,720, text
+40,483,584 / 63,480,832, fusion 7,690,368 / 13,661,696 for S / B, which the paper's Table 2 rounds to 0.1 M.
 """
 import math
 from typing import Sequence
@@ -27,7 +30,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import ViTConfig, ViTModel
+from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from fuselip_med.core.blocks import Transformer, init_transformer
 from fuselip_med.core.configs import LateFusionConfig
@@ -35,45 +38,47 @@ from fuselip_med.core.pretrained import HubModelMixin
 from fuselip_med.core.text_tokenizer import TextTokenizer
 from fuselip_med.vocab import EOT_TOKEN_ID as EOT_ID, PAD_TOKEN_ID as PAD_ID, SOT_TOKEN_ID as SOT_ID
 
-# LoRA target names (the recipe's model.lora.targets, FuseLIP's module names) -> the ViT's module names in
-# transformers 5 (layers.N.attention.q_proj, mlp.fc1) and 4 (encoder.layer.N.attention.attention.query, ...)
-VIT_LORA_NAMES: dict[str, tuple[str, str]] = {
-    "q_proj": (r"attention\.q_proj", r"attention\.attention\.query"),
-    "k_proj": (r"attention\.k_proj", r"attention\.attention\.key"),
-    "v_proj": (r"attention\.v_proj", r"attention\.attention\.value"),
-    "out_proj": (r"attention\.o_proj", r"attention\.output\.dense"),
-    "c_fc": (r"mlp\.fc1", r"intermediate\.dense"),
-    "c_proj": (r"mlp\.fc2", r"output\.dense"),
+# LoRA target names (the recipe's model.lora.targets, FuseLIP's module names) -> CLIPVisionModel's module names
+# (encoder.layers.N.self_attn.q_proj, encoder.layers.N.mlp.fc1)
+VIT_LORA_NAMES: dict[str, str] = {
+    "q_proj": r"self_attn\.q_proj",
+    "k_proj": r"self_attn\.k_proj",
+    "v_proj": r"self_attn\.v_proj",
+    "out_proj": r"self_attn\.out_proj",
+    "c_fc": r"mlp\.fc1",
+    "c_proj": r"mlp\.fc2",
 }
 POOL_LORA_NAMES = ("q_proj", "k_proj", "v_proj", "out_proj")
 PIXEL_MEAN = 0.5  # SigLIP image normalisation (open_clip OPENAI/INCEPTION-style mean = std = 0.5)
 PIXEL_STD = 0.5
 
 
-def vit_config(config: LateFusionConfig) -> ViTConfig:
-    """The ``transformers`` ViT configuration of the image tower (no dropout, exact GELU, qkv biases)."""
-    return ViTConfig(
+def vision_config(config: LateFusionConfig) -> CLIPVisionConfig:
+    """The ``transformers`` configuration of the CLIP-style image tower: exact GELU and LayerNorm eps 1e-5 as
+    open_clip's ``VisionTransformer`` (``nn.GELU``, ``nn.LayerNorm``), no dropout."""
+    return CLIPVisionConfig(
         hidden_size=config.image_width, num_hidden_layers=config.image_layers, num_attention_heads=config.image_heads,
-        intermediate_size=int(config.image_width * config.mlp_ratio), hidden_act="gelu", hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, layer_norm_eps=1e-6, image_size=config.image_size,
-        patch_size=config.patch_size, num_channels=3, qkv_bias=True, attn_implementation="sdpa",
+        intermediate_size=int(config.image_width * config.mlp_ratio), hidden_act="gelu", attention_dropout=0.0,
+        layer_norm_eps=1e-5, image_size=config.image_size, patch_size=config.patch_size, num_channels=3,
+        attn_implementation="sdpa",
     )
 
 
 class ImageTower(nn.Module):
-    """ViT (``transformers.ViTModel``, no pooler) + bias-free projection of the class token to ``embed_dim``."""
+    """CLIP-style ViT (``CLIPVisionModel``: ``ln_pre``, ``ln_post`` on the class token) + the bias-free projection
+    ``proj`` to ``embed_dim`` (open_clip ``VisionTransformer``)."""
 
     def __init__(self, config: LateFusionConfig):
         super().__init__()
-        self.vit = ViTModel(vit_config(config), add_pooling_layer=False)
+        self.vit = CLIPVisionModel(vision_config(config))
         self.proj = nn.Linear(config.image_width, config.embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=config.image_width**-0.5)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) float pixels in [0, 1] -> (N, embed_dim) un-normalised embeddings."""
         pixel_values = (pixels - PIXEL_MEAN) / PIXEL_STD
-        hidden = self.vit(pixel_values=pixel_values.to(self.proj.weight.dtype)).last_hidden_state
-        return self.proj(hidden[:, 0])
+        pooled = self.vit(pixel_values=pixel_values.to(self.proj.weight.dtype)).pooler_output  # ln_post(class)
+        return self.proj(pooled)
 
 
 class TextTower(nn.Module):
@@ -105,15 +110,16 @@ class TextTower(nn.Module):
 
 
 class AttentionPool(nn.Module):
-    """Attention pooling with one learned query (open_clip ``AttentionalPooler``: ln_q on the query, ln_k on
-    the tokens, multi-head attention) written with separate q/k/v/out linears so LoRA can target them."""
+    """MagicLens attention pooling with one learned query (the official ``AttentionalPoolerMagicLens``: multi-head
+    attention of the query over the tokens, then ``pool_attn_ln``, a LayerNorm on its output), written with
+    separate q/k/v/out linears (the same parameters as ``nn.MultiheadAttention``'s packed in-projection) so LoRA
+    can target them."""
 
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.heads = heads
         self.query = nn.Parameter(torch.randn(1, width) * width**-0.5)
-        self.ln_q = nn.LayerNorm(width)
-        self.ln_k = nn.LayerNorm(width)
+        self.ln = nn.LayerNorm(width)
         self.q_proj = nn.Linear(width, width)
         self.k_proj = nn.Linear(width, width)
         self.v_proj = nn.Linear(width, width)
@@ -123,12 +129,11 @@ class AttentionPool(nn.Module):
         """(N, T, W) tokens -> (N, W) pooled."""
         batch, length, width = tokens.shape
         head_dim = width // self.heads
-        keys = self.ln_k(tokens)
-        q = self.q_proj(self.ln_q(self.query)).view(1, self.heads, 1, head_dim).expand(batch, -1, -1, -1)
-        k = self.k_proj(keys).view(batch, length, self.heads, head_dim).transpose(1, 2)
-        v = self.v_proj(keys).view(batch, length, self.heads, head_dim).transpose(1, 2)
+        q = self.q_proj(self.query).view(1, self.heads, 1, head_dim).expand(batch, -1, -1, -1)
+        k = self.k_proj(tokens).view(batch, length, self.heads, head_dim).transpose(1, 2)
+        v = self.v_proj(tokens).view(batch, length, self.heads, head_dim).transpose(1, 2)
         pooled = F.scaled_dot_product_attention(q, k, v)  # (N, heads, 1, head_dim)
-        return self.out_proj(pooled.reshape(batch, width))
+        return self.ln(self.out_proj(pooled.reshape(batch, width)))
 
 
 class MagicLensFusion(nn.Module):
@@ -299,12 +304,12 @@ class LateFusion(nn.Module, HubModelMixin, tags=["siglip"]):
         if unknown or not targets:
             raise ValueError(f"LoRA targets {unknown or list(targets)} not understood; "
                              f"choose from {sorted(VIT_LORA_NAMES)}.")
-        vit = "|".join(name for target in targets for name in VIT_LORA_NAMES[target])
+        vit = "|".join(VIT_LORA_NAMES[target] for target in targets)
         attn = [t for t in targets if t in POOL_LORA_NAMES]
         mlp = [t for t in targets if t not in POOL_LORA_NAMES]
         blocks = ([rf"attn\.({'|'.join(attn)})"] if attn else []) + ([rf"mlp\.({'|'.join(mlp)})"] if mlp else [])
         alternatives = [
-            rf"image_tower\.vit\.(layers|encoder\.layer)\.\d+\.({vit})",
+            rf"image_tower\.vit\.(vision_model\.)?encoder\.layers\.\d+\.({vit})",
             rf"(text_tower|fusion)\.transformer\.resblocks\.\d+\.({'|'.join(blocks)})",
         ] + ([rf"fusion\.pool\.({'|'.join(attn)})"] if attn else [])
         return rf"^(.*\.)?({'|'.join(alternatives)})$"

@@ -24,6 +24,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
+from torch import nn
 
 from fuselip_med.core.checkpoints import MODEL_FILES, read_model_files
 from fuselip_med.core.fuselip import FuseLIP
@@ -81,6 +82,12 @@ def apply_lora(model: FuseLIP, r: int, alpha: float, dropout: float, targets: li
     for name in LOGIT_PARAMS:
         getattr(base, name).requires_grad_(train_logit_params)
     return peft_model
+
+
+def base_model_of(model: nn.Module) -> nn.Module:
+    """The model under a PEFT wrapper (``model`` itself when it is not wrapped); PEFT injects its layers in place,
+    so calling the base runs the adapters."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 def adapter_parameter_count(peft_model: PeftModel) -> int:

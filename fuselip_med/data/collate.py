@@ -1,9 +1,9 @@
 """Decoded items -> ``Batch``: text ids, stacked pixels and cached image ids, has-image/has-codes masks.
 
-Rows are the kept items in order. Image tensors hold only the rows that have an image on that side (in
-row order): ``*_image_ids`` the rows whose codes came from the code cache (``*_has_codes``), ``*_pixels``
-the other image rows; one batch may mix both. ``SkippedSample`` items are dropped and listed in
-``Batch.skipped``; ``SkipCounter`` (a ``SkipReport``) names them in the main process.
+Rows are the kept items in order; each side is a ``BatchSide``. Its image tensors hold only the rows that have
+an image on that side (in row order): ``image_ids`` the rows whose codes came from the code cache
+(``has_codes``), ``pixels`` the other image rows; one batch may mix both. ``SkippedSample`` items are dropped
+and listed in ``Batch.skipped``; ``SkipCounter`` (a ``SkipReport``) names them in the main process.
 """
 from __future__ import annotations
 
@@ -12,37 +12,48 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from fuselip_med.data.dataset import SIDES, DecodedSample, SkippedSample
+from fuselip_med.data.dataset import DecodedSample, SkippedSample
+from fuselip_med.data.schema import Side
 from fuselip_med.data.skips import SkipReport
 
 DEFAULT_CONTEXT_LENGTH = 180
 
 
 @dataclass
+class BatchSide:
+    """One side of a ``Batch``. Image tensors hold only the rows that have an image on this side, in row order."""
+
+    text_ids: torch.Tensor                 # [B, L] int64
+    has_image: torch.Tensor                # [B] bool
+    pixels: torch.Tensor | None = None     # [Np, 3, S, S] float32: image rows without cached ids
+    image_ids: torch.Tensor | None = None  # [Nc, 128] int64: image rows that came as cached code ids
+    has_codes: torch.Tensor | None = None  # [B] bool: the rows behind image_ids (a subset of has_image)
+
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> BatchSide:
+        """The same side with ``fn`` applied to every tensor."""
+        return replace(self, **{f.name: fn(value) for f in fields(self)
+                                if isinstance(value := getattr(self, f.name), torch.Tensor)})
+
+
+@dataclass
 class Batch:
-    query_text_ids: torch.Tensor                 # (B, L) long
-    target_text_ids: torch.Tensor                # (B, L) long
-    query_pixels: torch.Tensor | None            # (Np, 3, S, S) float: rows with a query image and no cached ids
-    query_has_image: torch.Tensor                # (B,) bool
-    target_pixels: torch.Tensor | None           # (Nt, 3, S, S) float
-    target_has_image: torch.Tensor               # (B,) bool
+    query: BatchSide
+    target: BatchSide
     ids: list[str]
     groups: list[str]
     sources: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (path or source/id, reason)
-    query_image_ids: torch.Tensor | None = None  # (Nc, 128) long: rows whose image came as cached code ids
-    target_image_ids: torch.Tensor | None = None
-    query_has_codes: torch.Tensor | None = None  # (B,) bool: the rows behind query_image_ids (a subset of has_image)
-    target_has_codes: torch.Tensor | None = None
     meta: list[dict[str, Any]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    def side(self, name: Side) -> BatchSide:
+        """The ``query`` or ``target`` side."""
+        return self.query if name == "query" else self.target
+
     def _map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
-        changes = {f.name: fn(value) for f in fields(self)
-                   if isinstance(value := getattr(self, f.name), torch.Tensor)}
-        return replace(self, **changes)
+        return replace(self, query=self.query.map_tensors(fn), target=self.target.map_tensors(fn))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
@@ -79,33 +90,26 @@ def collate_samples(
     skipped = [(item.label, item.reason) for item in items if isinstance(item, SkippedSample)]
     length = getattr(tokenizer, "context_length", DEFAULT_CONTEXT_LENGTH)
 
-    def texts(side: str) -> torch.Tensor:
-        if not rows:
-            return torch.zeros((0, length), dtype=torch.long)
-        return tokenizer([getattr(row, f"{side}_text") or "" for row in rows])
+    def side(name: Side) -> BatchSide:
+        decoded = [row.side(name) for row in rows]
+        if decoded:
+            text_ids = tokenizer([item.text or "" for item in decoded])
+        else:
+            text_ids = torch.zeros((0, length), dtype=torch.long)
+        has_codes = [item.image_ids is not None for item in decoded]
+        with_codes = [item.image_ids for item in decoded if item.image_ids is not None]
+        with_pixels = [item.pixels for item, coded in zip(decoded, has_codes) if item.pixels is not None and not coded]
+        return BatchSide(
+            text_ids=text_ids,
+            has_image=torch.tensor([item.has_image for item in decoded], dtype=torch.bool),
+            pixels=_stack(with_pixels, f"{name} images") if with_pixels else None,
+            image_ids=_stack(with_codes, f"{name} image ids").long() if with_codes else None,
+            has_codes=torch.tensor(has_codes, dtype=torch.bool),
+        )
 
-    images: dict[str, Any] = {}
-    for side in SIDES:
-        cached = [getattr(row, f"{side}_image_ids") for row in rows]
-        pixels = [getattr(row, f"{side}_pixels") for row in rows]
-        has_codes = [ids is not None for ids in cached]
-        images[f"{side}_has_image"] = torch.tensor([row.has_image(side) for row in rows], dtype=torch.bool)
-        images[f"{side}_has_codes"] = torch.tensor(has_codes, dtype=torch.bool)
-        with_codes = [ids for ids in cached if ids is not None]
-        with_pixels = [p for p, coded in zip(pixels, has_codes) if p is not None and not coded]
-        images[f"{side}_image_ids"] = _stack(with_codes, f"{side} image ids").long() if with_codes else None
-        images[f"{side}_pixels"] = _stack(with_pixels, f"{side} images") if with_pixels else None
-
-    return Batch(
-        query_text_ids=texts("query"),
-        target_text_ids=texts("target"),
-        ids=[row.id for row in rows],
-        groups=[row.group for row in rows],
-        sources=[row.source for row in rows],
-        skipped=skipped,
-        meta=[row.meta for row in rows],
-        **images,
-    )
+    return Batch(query=side("query"), target=side("target"), ids=[row.id for row in rows],
+                 groups=[row.group for row in rows], sources=[row.source for row in rows], skipped=skipped,
+                 meta=[row.meta for row in rows])
 
 
 class Collator:

@@ -21,13 +21,26 @@ import torch
 from torch.utils.data import Dataset
 
 from fuselip_med.data.images import DecodeOptions, ImageDecodeError, decode_image
-from fuselip_med.data.schema import Sample
+from fuselip_med.data.schema import SIDES, Sample, Side
 from fuselip_med.data.token_cache import CodeCache, ViewSpec, decode_view, draw_view
 
 if TYPE_CHECKING:
     from fuselip_med.data.adapters import SampleSource
 
-SIDES = ("query", "target")
+
+
+@dataclass
+class DecodedSide:
+    """One decoded side: ``text`` (None = absent), ``pixels`` ``[3, S, S]`` float32 in [0, 1] or, from the code
+    cache, ``image_ids`` ``[128]`` int64 TiTok codes in place of pixels (at most one of the two)."""
+
+    text: str | None
+    pixels: torch.Tensor | None = None
+    image_ids: torch.Tensor | None = None
+
+    @property
+    def has_image(self) -> bool:
+        return self.pixels is not None or self.image_ids is not None
 
 
 @dataclass
@@ -40,16 +53,13 @@ class DecodedSample:
     id: str
     source: str
     group: str
-    query_text: str | None
-    target_text: str | None
-    query_pixels: torch.Tensor | None
-    target_pixels: torch.Tensor | None
+    query: DecodedSide
+    target: DecodedSide
     meta: dict[str, Any] = field(default_factory=dict)
-    query_image_ids: torch.Tensor | None = None
-    target_image_ids: torch.Tensor | None = None
 
-    def has_image(self, side: str) -> bool:
-        return getattr(self, f"{side}_pixels") is not None or getattr(self, f"{side}_image_ids") is not None
+    def side(self, name: Side) -> DecodedSide:
+        """The ``query`` or ``target`` side."""
+        return self.query if name == "query" else self.target
 
 
 @dataclass
@@ -181,17 +191,17 @@ class SampleDataset(Dataset):
             return SkippedSample(sample_id, source, reason, detail, path if isinstance(path, str) else None)
 
     def _decode(self, sample: Sample, index: int) -> DecodedSample:
-        texts = {side: _check_text(getattr(sample, f"{side}_text"), side) for side in SIDES}
+        texts = {side: _check_text(sample.side(side).text, side) for side in SIDES}
         for side in SIDES:
             text = texts[side]
-            if getattr(sample, f"{side}_image") is None and (text is None or not text.strip()):
+            if sample.side(side).image is None and (text is None or not text.strip()):
                 raise _BadSample("empty caption", f"{side} side has neither an image nor text")
         generator = None
         if self.train:
             generator = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
-        out: dict[str, Any] = {}
+        out: dict[str, DecodedSide] = {}
         for number, side in enumerate(SIDES):
-            image = getattr(sample, f"{side}_image")
+            image = sample.side(side).image
             pixels = ids = None
             entry = self.views.entries[index][number] if self.views is not None else None
             try:
@@ -207,16 +217,9 @@ class SampleDataset(Dataset):
                     pixels = decode_image(image, self.decode, train=augment, generator=generator)
             except ImageDecodeError as error:
                 raise _BadSample(error.reason, f"{side} image: {error}", _path_of(image)) from error
-            out[f"{side}_pixels"], out[f"{side}_image_ids"] = pixels, ids
-        return DecodedSample(
-            id=str(sample.id),
-            source=str(sample.source),
-            group=sample.group_key,
-            query_text=texts["query"],
-            target_text=texts["target"],
-            meta=dict(sample.meta),
-            **out,
-        )
+            out[side] = DecodedSide(texts[side], pixels, ids)
+        return DecodedSample(id=str(sample.id), source=str(sample.source), group=sample.group_key,
+                             query=out["query"], target=out["target"], meta=dict(sample.meta))
 
 
 class MixtureDataset(Dataset):

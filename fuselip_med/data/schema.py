@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import numpy as np
 
@@ -15,6 +15,19 @@ if TYPE_CHECKING:  # for the ImageInput annotation only (adapters stay free of a
 # (3, H, W) float tensor already in the tokenizer's input range. Decoding is deferred to data/images.py
 # so that adapters stay cheap and decoding happens in DataLoader workers.
 ImageInput = Union[str, "os.PathLike[str]", bytes, "PIL.Image.Image", np.ndarray, "torch.Tensor"]
+
+
+Side = Literal["query", "target"]
+"""A side of a pair: the query (left) or the target (right)."""
+SIDES: tuple[Side, Side] = ("query", "target")
+
+
+@dataclass(frozen=True)
+class SampleSide:
+    """One side of a ``Sample``: an optional image (undecoded) and an optional text."""
+
+    image: ImageInput | None
+    text: str | None
 
 
 @dataclass
@@ -34,6 +47,20 @@ class Sample:
     target_text: str | None = None
     group: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def query(self) -> SampleSide:
+        """The query (left) side: its image and text."""
+        return SampleSide(self.query_image, self.query_text)
+
+    @property
+    def target(self) -> SampleSide:
+        """The target (right) side: its image and text."""
+        return SampleSide(self.target_image, self.target_text)
+
+    def side(self, name: Side) -> SampleSide:
+        """The ``query`` or ``target`` side."""
+        return self.query if name == "query" else self.target
 
     @property
     def group_key(self) -> str:

@@ -307,7 +307,7 @@ class SampleImage(NamedTuple):
     side: str
 
     def load(self) -> Any:
-        return getattr(self.source[self.index], f"{self.side}_image")
+        return self.source[self.index].side(self.side).image
 
 
 class _ViewImages(torch.utils.data.Dataset):

@@ -21,7 +21,8 @@ from typing import Any, Callable
 
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-from fuselip_med.data.dataset import SIDES, ImageViews, SampleDataset
+from fuselip_med.data.dataset import ImageViews, SampleDataset
+from fuselip_med.data.schema import SIDES
 from fuselip_med.data.token_cache import (
     PARTS_DIR,
     CodeCache,
@@ -47,15 +48,14 @@ def cache_directory(recipe: Recipe) -> Path:
     return Path(configured).expanduser()
 
 
-def view_spec(recipe: Recipe, fuselip: Any) -> ViewSpec:
-    """The recipe's views (decode options, K = ``train.code_views``) for the model's frozen tokenizer (a model
-    without one, a late-fusion baseline, draws the same views as pixels: ``"pixels"`` stands for the tokenizer)."""
+def view_spec(recipe: Recipe, coder: Any | None) -> ViewSpec:
+    """The recipe's views (decode options, K = ``train.code_views``) for the objective's image coder, the FuseLIP
+    whose frozen TiTok makes the codes (None, a late-fusion baseline, draws the same views as pixels: ``"pixels"``
+    stands for the tokenizer)."""
     from fuselip_med.train.data import decode_options
 
-    if hasattr(fuselip, "image_tokenizer"):
-        tokenizer_id = titok_fingerprint(fuselip.config.image_tokenizer, fuselip.image_tokenizer)
-    else:
-        tokenizer_id = "pixels"
+    tokenizer_id = "pixels" if coder is None else titok_fingerprint(coder.config.image_tokenizer,
+                                                                     coder.image_tokenizer)
     return ViewSpec(decode_options(recipe), recipe.train.code_views, tokenizer_id)
 
 
@@ -68,7 +68,7 @@ def view_entries(dataset: SampleDataset, spec: ViewSpec, memo: dict[str, list],
         sample = dataset.source[index]
         row = []
         for side in SIDES:
-            image = getattr(sample, f"{side}_image")
+            image = sample.side(side).image
             entry = None
             if image is not None and not sample.meta.get("preprocessed", False):
                 try:
@@ -115,20 +115,20 @@ def ensure_code_cache(directory: Path, spec: ViewSpec, images: dict[str, tuple[s
     return CodeCache(root, spec.views, tokens, writable=False, say=say)
 
 
-def attach_image_codes(data: Any, recipe: Recipe, fuselip: Any, *, rank: int = 0, world: int = 1,
+def attach_image_codes(data: Any, recipe: Recipe, coder: Any | None, *, rank: int = 0, world: int = 1,
                        barrier: Callable[[], None] = lambda: None,
                        say: Callable[[str], None] = print) -> CodeCache | None:
     """Give the direct datasets of ``data`` (a ``TrainData``) their ``ImageViews`` per ``train.image_codes``;
-    in ``cache`` mode build what the cache lacks first (a model without TiTok, a late-fusion baseline, gets the
-    same views as pixels). Returns the cache (None without one)."""
+    in ``cache`` mode build what the cache lacks first with ``coder`` (the objective's ``image_coder``: a FuseLIP;
+    None for a late-fusion baseline, which gets the same views as pixels). Returns the cache (None without one)."""
     mode = recipe.train.image_codes
     if mode == "pixels":
         return None
-    if mode == "cache" and not hasattr(fuselip, "image_codes"):  # a late-fusion baseline: no TiTok, reads pixels
+    if mode == "cache" and coder is None:  # a late-fusion baseline: no TiTok, reads pixels
         say(f"train.image_codes: cache needs FuseLIP's TiTok codes; the {recipe.model.arch} baseline decodes the "
             "same seeded views from pixels instead (pixel_views).")
         mode = "pixel_views"
-    spec = view_spec(recipe, fuselip)
+    spec = view_spec(recipe, coder)
     directory = cache_directory(recipe)
     memo = load_file_memo(directory)
     images: dict[str, tuple[str, Any]] = {}
@@ -136,8 +136,8 @@ def attach_image_codes(data: Any, recipe: Recipe, fuselip: Any, *, rank: int = 0
     entries = [view_entries(dataset, spec, memo, images) for _, dataset in direct]
     cache = None
     if mode == "cache":
-        cache = ensure_code_cache(directory, spec, images, fuselip.image_codes,
-                                  tokens=fuselip.config.num_image_tokens, rank=rank, world=world, barrier=barrier,
+        cache = ensure_code_cache(directory, spec, images, coder.image_codes,
+                                  tokens=coder.config.num_image_tokens, rank=rank, world=world, barrier=barrier,
                                   say=say, num_workers=recipe.data.num_workers, progress=recipe.logging.progress)
         if rank == 0:
             save_file_memo(directory, memo)

@@ -1,4 +1,9 @@
-"""The training objective: a batch of (query, target) rows -> sigmoid contrastive loss + MMM loss.
+"""The training objectives, one per kind of model, picked once by ``model.arch`` (:func:`create_objective`, as
+open_clip's ``create_task``): :class:`EarlyFusionObjective` (FuseLIP: joint-vocabulary ids, sigmoid contrastive
+loss + MMM loss) and :class:`LateFusionObjective` (the SigLIP-SF/MLF baselines: pixels and text ids, sigmoid loss
+only). Both have the same surface: ``prepare(batch, step)`` on the host, ``forward(inputs)`` on the device,
+``base_model`` (the model under a PEFT wrapper), ``image_coder`` (the frozen TiTok model or None) and
+``configure_model(model, train)`` (the arch's training switches).
 
 A step has two halves. ``prepare`` runs on the host: it joins text ids and image codes (cached, or from
 the frozen TiTok for rows that came as pixels) into joint-vocabulary ids, draws the MMM masks and lists the
@@ -12,12 +17,16 @@ rank takes its rows, so one process and P processes on the same global batch mas
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 from torch import nn
 
+from fuselip_med.core.configs import check_arch
 from fuselip_med.core.distributed import all_reduce_sum, rank_and_world, rows_per_rank
 from fuselip_med.core.fuselip import FuseLIP
+from fuselip_med.core.late_fusion import LateFusion
+from fuselip_med.core.lora import base_model_of
 from fuselip_med.core.losses import (
     IGNORE_INDEX,
     LossOutput,
@@ -28,7 +37,8 @@ from fuselip_med.core.losses import (
     sigmoid_loss,
 )
 from fuselip_med.data.collate import Batch
-from fuselip_med.data.dataset import SIDES
+from fuselip_med.data.schema import SIDES, Side
+from fuselip_med.errors import InputError
 
 
 @dataclass
@@ -43,7 +53,7 @@ class SideInputs:
 
 @dataclass
 class StepInputs:
-    """Everything ``FuseLIPObjective.forward`` needs for one micro-batch; tensors move with ``to``."""
+    """Everything ``EarlyFusionObjective.forward`` needs for one micro-batch; tensors move with ``to``."""
 
     query: SideInputs
     target: SideInputs
@@ -96,8 +106,8 @@ def _moved(side, device: torch.device | str, non_blocking: bool):
     return replace(side, **{f.name: _move(getattr(side, f.name), device, non_blocking) for f in fields(side)})
 
 
-class FuseLIPObjective(nn.Module):
-    """Wraps a FuseLIP (or a PEFT-wrapped one) and computes the paper's loss (§3: SigLIP + 0.25 × MMM).
+class EarlyFusionObjective(nn.Module):
+    """FuseLIP (or a PEFT-wrapped one): the paper's loss (§3: SigLIP + 0.25 × MMM) on joint-vocabulary ids.
 
     ``masking.probability`` 0 turns MMM off (a pure contrastive objective).
     """
@@ -109,44 +119,56 @@ class FuseLIPObjective(nn.Module):
         self.mmm_weight = mmm_weight
         self.seed = seed
 
+    @classmethod
+    def from_recipe(cls, model: nn.Module, train: Any) -> EarlyFusionObjective:
+        """The objective of a recipe's ``train`` section (MMM probability and weight, seed)."""
+        masking = MaskingConfig.for_model(base_model_of(model).config, probability=train.mlm_probability)
+        return cls(model, masking, train.mmm_weight, train.seed)
+
+    @staticmethod
+    def configure_model(model: FuseLIP, train: Any) -> None:
+        """Activation checkpointing and ``torch.compile`` of the encoder, as ``train`` asks."""
+        model.transformer.grad_checkpointing = train.grad_checkpointing
+        if train.compile:
+            model.transformer.compile(dynamic=True)
+
     @property
-    def fuselip(self) -> FuseLIP:
-        """The underlying FuseLIP, looking through a PEFT wrapper."""
-        model = self.model
-        return model.get_base_model() if hasattr(model, "get_base_model") else model
+    def base_model(self) -> FuseLIP:
+        """The FuseLIP under a PEFT wrapper."""
+        return base_model_of(self.model)
+
+    @property
+    def image_coder(self) -> FuseLIP:
+        """The model whose frozen TiTok turns pixels into the codes this objective reads (``image_codes``)."""
+        return self.base_model
 
     # ---- host half -------------------------------------------------------------------------------------
-    def side_codes(self, batch: Batch, side: str) -> torch.Tensor | None:
+    def side_codes(self, batch: Batch, side: Side) -> torch.Tensor | None:
         """TiTok code ids ``[n_image_rows, 128]`` int64 (CPU) of one side: cached rows as given, pixel rows
         through the frozen tokenizer on the model's device; None when no row of the side has an image."""
-        has_image = getattr(batch, f"{side}_has_image")
-        if not bool(has_image.any()):
+        rows = batch.side(side)
+        if not bool(rows.has_image.any()):
             return None
-        from_cache = getattr(batch, f"{side}_has_codes")[has_image]
-        codes = torch.empty(int(has_image.sum()), self.fuselip.config.num_image_tokens, dtype=torch.long)
-        cached, pixels = getattr(batch, f"{side}_image_ids"), getattr(batch, f"{side}_pixels")
-        if cached is not None:
-            codes[from_cache] = cached.to(torch.long)
-        if pixels is not None:
-            codes[~from_cache] = self.fuselip.image_codes(pixels).cpu()
+        fuselip = self.base_model
+        from_cache = rows.has_codes[rows.has_image]
+        codes = torch.empty(int(rows.has_image.sum()), fuselip.config.num_image_tokens, dtype=torch.long)
+        if rows.image_ids is not None:
+            codes[from_cache] = rows.image_ids.to(torch.long)
+        if rows.pixels is not None:
+            codes[~from_cache] = fuselip.image_codes(rows.pixels).cpu()
         return codes
 
-    def side_ids(self, batch: Batch, side: str) -> torch.Tensor:
+    def side_ids(self, batch: Batch, side: Side) -> torch.Tensor:
         """Joint-vocabulary ids ``[b, L]`` int64 (CPU) of one side; every row carries its text row ("" ->
         [sot, eot]) as in the reference training, so image rows are fused."""
-        has_image = getattr(batch, f"{side}_has_image")
-        text_ids = getattr(batch, f"{side}_text_ids")
-        has_text = torch.ones_like(has_image, dtype=torch.bool)
-        return self.fuselip.build_input_ids(text_ids, self.side_codes(batch, side), has_image, has_text, device="cpu")
+        rows = batch.side(side)
+        has_text = torch.ones_like(rows.has_image, dtype=torch.bool)
+        return self.base_model.build_input_ids(rows.text_ids, self.side_codes(batch, side), rows.has_image, has_text,
+                                               device="cpu")
 
-    def prepare(self, batch: Batch, step: int) -> StepInputs | PixelStepInputs:
-        """Host half of a step for a CPU ``batch`` at global micro-batch number ``step`` (see module doc).
-        A late-fusion baseline (no MMM head) gets its pixels and text ids as they are (``PixelStepInputs``);
-        ``ValueError`` when its images arrive only as cached TiTok codes."""
-        fuselip = self.fuselip
+    def prepare(self, batch: Batch, step: int) -> StepInputs:
+        """Host half of a step for a CPU ``batch`` at global micro-batch number ``step`` (see module doc)."""
         rank_rows = rows_per_rank(len(batch))
-        if not hasattr(fuselip, "mask_logits"):
-            return self._prepare_pixels(batch, step, rank_rows)
         rank, _ = rank_and_world()
         offset, total = sum(rank_rows[:rank]), sum(rank_rows)
         sides, counts = [], []
@@ -155,7 +177,7 @@ class FuseLIPObjective(nn.Module):
             if self.masking.probability > 0:
                 generator = torch.Generator().manual_seed(mask_seed(self.seed, step, number))
                 ids, labels = mask_tokens(ids, self.masking, generator, row_offset=offset, global_rows=total,
-                                          context_length=fuselip.config.context_length)
+                                          context_length=self.base_model.config.context_length)
             else:
                 labels = torch.full_like(ids, IGNORE_INDEX)
             labels = labels.flatten()
@@ -164,25 +186,10 @@ class FuseLIPObjective(nn.Module):
             counts.append(masked_at.numel())
         return StepInputs(sides[0], sides[1], torch.tensor(counts, dtype=torch.long), rank_rows, step)
 
-    def _prepare_pixels(self, batch: Batch, step: int, rank_rows: list[int]) -> PixelStepInputs:
-        sides = []
-        for side in SIDES:
-            has_image = getattr(batch, f"{side}_has_image")
-            has_codes = getattr(batch, f"{side}_has_codes")
-            if has_codes is not None and bool(has_codes.any()):
-                raise ValueError(f"The {side} images of this batch are cached TiTok codes; the "
-                                 f"{self.fuselip.config.arch} baseline reads pixels, so train it with "
-                                 "train.image_codes: pixels.")
-            sides.append(PixelSideInputs(getattr(batch, f"{side}_pixels"), getattr(batch, f"{side}_text_ids"),
-                                         has_image))
-        return PixelStepInputs(sides[0], sides[1], rank_rows, step)
-
     # ---- device half -----------------------------------------------------------------------------------
-    def forward(self, inputs: StepInputs | PixelStepInputs) -> LossOutput:
+    def forward(self, inputs: StepInputs) -> LossOutput:
         """Losses of prepared inputs (already on the model's device); no host synchronisation."""
-        fuselip = self.fuselip
-        if isinstance(inputs, PixelStepInputs):
-            return self.late_fusion_loss(inputs)
+        fuselip = self.base_model
         world = rank_and_world()[1]
         global_masked = all_reduce_sum(inputs.masked)
         features, mmm_terms = [], []
@@ -196,12 +203,75 @@ class FuseLIPObjective(nn.Module):
         mmm = mmm_terms[0] + mmm_terms[1]
         return LossOutput(total=contrastive + self.mmm_weight * mmm, contrastive=contrastive, mmm=mmm)
 
-    def late_fusion_loss(self, inputs: PixelStepInputs) -> LossOutput:
-        """Late-fusion baselines: each side through ``model.encode`` (pixels + text ids), sigmoid loss only (the
-        MMM term is a zero). A text row that is only [sot, eot] counts as no text (``LateFusion.encode``)."""
-        model = self.fuselip
+
+class LateFusionObjective(nn.Module):
+    """A late-fusion baseline (or a PEFT-wrapped one): each side through ``model.encode`` (pixels + text ids),
+    SigLIP sigmoid loss only (FuseLIP paper §4 "Baselines"); the reported MMM term is a zero."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    @classmethod
+    def from_recipe(cls, model: nn.Module, train: Any) -> LateFusionObjective:
+        """The objective of a recipe's ``train`` section (the baselines have no MMM settings)."""
+        return cls(model)
+
+    @staticmethod
+    def configure_model(model: LateFusion, train: Any) -> None:
+        """The baselines train as they are: ``InputError`` when ``train`` asks for FuseLIP's encoder switches."""
+        if train.grad_checkpointing or train.compile:
+            raise InputError(f"train.grad_checkpointing and train.compile apply to FuseLIP's encoder; set them to "
+                             f"false for model.arch {model.config.arch}.")
+
+    @property
+    def base_model(self) -> LateFusion:
+        """The late-fusion model under a PEFT wrapper."""
+        return base_model_of(self.model)
+
+    @property
+    def image_coder(self) -> None:
+        """None: the towers read pixels, there are no image codes."""
+        return None
+
+    def prepare(self, batch: Batch, step: int) -> PixelStepInputs:
+        """Host half: each side's pixels and text ids as they are; ``ValueError`` when its images arrive only as
+        cached TiTok codes."""
+        sides = []
+        for side in SIDES:
+            rows = batch.side(side)
+            if rows.has_codes is not None and bool(rows.has_codes.any()):
+                raise ValueError(f"The {side} images of this batch are cached TiTok codes; the "
+                                 f"{self.base_model.config.arch} baseline reads pixels, so train it with "
+                                 "train.image_codes: pixels.")
+            sides.append(PixelSideInputs(rows.pixels, rows.text_ids, rows.has_image))
+        return PixelStepInputs(sides[0], sides[1], rows_per_rank(len(batch)), step)
+
+    def forward(self, inputs: PixelStepInputs) -> LossOutput:
+        """Sigmoid loss of prepared inputs; a text row that is only [sot, eot] counts as no text
+        (``LateFusion.encode``)."""
+        model = self.base_model
         features = [model.encode(images=side.pixels, texts=side.text_ids, image_mask=side.has_image)
                     for side in (inputs.query, inputs.target)]
         contrastive = sigmoid_loss(features[0], features[1], model.logit_scale, model.logit_bias,
                                    rank_rows=inputs.rank_rows)
         return LossOutput(total=contrastive, contrastive=contrastive, mmm=contrastive.detach() * 0.0)
+
+
+Objective = EarlyFusionObjective | LateFusionObjective
+OBJECTIVES: dict[str, type[EarlyFusionObjective] | type[LateFusionObjective]] = {
+    "fuselip": EarlyFusionObjective,
+    "siglip_sf": LateFusionObjective,
+    "siglip_mlf": LateFusionObjective,
+}
+"""The objective class of each ``model.arch`` of the registry (``core.configs.ARCHS``)."""
+
+
+def objective_class(arch: str) -> type[EarlyFusionObjective] | type[LateFusionObjective]:
+    """The objective class of ``model.arch`` (``check_arch`` has validated the name)."""
+    return OBJECTIVES[check_arch(arch)]
+
+
+def create_objective(arch: str, model: nn.Module, train: Any) -> Objective:
+    """The objective of ``model.arch`` around ``model`` (possibly PEFT-wrapped), from the recipe's ``train``."""
+    return objective_class(arch).from_recipe(model, train)

@@ -19,9 +19,10 @@ def exclude_from_decay(name: str, param: nn.Parameter, decay_embeddings: bool = 
 
 
 def is_embedding(name: str) -> bool:
-    """Token/positional embeddings and the ViT class token; not the ViT's patch-embedding convolution (a weight
+    """Token/positional embeddings and the ViT class embedding; not the ViT's patch-embedding convolution (a weight
     matrix like any other, decayed as open_clip decays ``conv1``)."""
-    return "embedding" in name.rsplit(".", 1)[-1] or name.endswith(("token_embedding.weight", "cls_token"))
+    return "embedding" in name.rsplit(".", 1)[-1] or name.endswith(("token_embedding.weight",
+                                                                     "position_embedding.weight"))
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:

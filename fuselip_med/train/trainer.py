@@ -2,12 +2,13 @@
 
 ``run`` = ``setup`` -> ``train_step`` until the step budget -> hooks after each step (``log``, ``evaluate``,
 ``save_checkpoint`` at their cadences) -> final checkpoint, evaluation and model. A step sets the scheduled
-learning rate, runs ``grad_accum`` micro-batches through ``FuseLIPObjective`` (host ``prepare``, device
-``forward``) under ``accelerator.accumulate``, clips, and steps a fused AdamW that skips the update on the
-device if the loss was not finite anywhere. Nothing in a step reads a device value on the host: loss values
-and non-finite flags are kept on the device and read at the logging/eval/checkpoint cadence (``flush``),
-where skipped steps are reported and too many in a row stop the run. Everything random in a step derives
-from (seed, step), so a resumed run continues exactly where it stopped.
+learning rate, runs ``grad_accum`` micro-batches through the objective ``model.arch`` picks once
+(``train.objective.create_objective``: host ``prepare``, device ``forward``) under ``accelerator.accumulate``,
+clips, and steps a fused AdamW that skips the update on the device if the loss was not finite anywhere.
+Nothing in a step reads a device value on the host: loss values and non-finite flags are kept on the device and
+read at the logging/eval/checkpoint cadence (``flush``), where skipped steps are reported and too many in a row
+stop the run. Everything random in a step derives from (seed, step), so a resumed run continues exactly where it
+stopped.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from rich.console import Console
 
 from fuselip_med.core.loading import build_model
 from fuselip_med.core.lora import adapter_parameter_count, apply_lora, save_adapter
-from fuselip_med.core.losses import MaskingConfig, clamp_logit_scale
+from fuselip_med.core.losses import clamp_logit_scale
 from fuselip_med.core.pretrained import save_pretrained
 from fuselip_med.data.adapters import DatasetEmptyError
 from fuselip_med.data.collate import SkipCounter
@@ -38,7 +39,7 @@ from fuselip_med.train.console import TrainConsole, plan_rows
 from fuselip_med.train.data import DataSetupError, build_source, build_train_data
 from fuselip_med.train.image_codes import attach_image_codes
 from fuselip_med.train.model_card import write_model_card
-from fuselip_med.train.objective import FuseLIPObjective
+from fuselip_med.train.objective import Objective, create_objective, objective_class
 from fuselip_med.train.optim import WarmupCosine, build_optimizer, set_learning_rate, skip_step_if
 from fuselip_med.train.tracking import log_with, start_trackers
 
@@ -106,7 +107,8 @@ class Trainer:
         acc.wait_for_everyone()
 
         self.objective, self.optimizer = acc.prepare(*self._build_objective())
-        attach_image_codes(self.data, recipe, self.fuselip, rank=acc.process_index, world=acc.num_processes,
+        coder = acc.unwrap_model(self.objective).image_coder
+        attach_image_codes(self.data, recipe, coder, rank=acc.process_index, world=acc.num_processes,
                            barrier=acc.wait_for_everyone, say=self.out.say)
         per_epoch, train = self.data.sampler.batches_per_epoch(), recipe.train
         self.total_steps = train.steps or max(1, math.ceil(train.epochs * per_epoch / train.grad_accum))
@@ -123,33 +125,24 @@ class Trainer:
         self.out.plan(plan_rows(recipe, unwrapped, self.data, self.total_steps, self.init, lora_weights, acc,
                                 self.run_dir, self.resume_from), title=f"fuselip-med: {recipe.name}")
 
-    def _build_objective(self) -> tuple[FuseLIPObjective, torch.optim.Optimizer]:
-        """Model (init checkpoint or scratch; activation checkpointing, compile, LoRA), objective, fused AdamW."""
+    def _build_objective(self) -> tuple[Objective, torch.optim.Optimizer]:
+        """Model (init checkpoint or scratch; the arch's switches, LoRA), its arch's objective, fused AdamW."""
         recipe, train = self.recipe, self.recipe.train
         self.init = None if self.from_scratch else recipe.model.init
         set_seed(train.seed)
         model = build_model(recipe.model.size, init=self.init, arch=recipe.model.arch)
-        if hasattr(model, "transformer"):  # FuseLIP's encoder; the late-fusion baselines train as they are
-            model.transformer.grad_checkpointing = train.grad_checkpointing
-            if train.compile:
-                model.transformer.compile(dynamic=True)
-        elif train.grad_checkpointing or train.compile:
-            raise TrainingStopped(f"train.grad_checkpointing and train.compile apply to FuseLIP's encoder; set them "
-                                  f"to false for model.arch {recipe.model.arch}.")
+        objective_class(recipe.model.arch).configure_model(model, train)
         lora = recipe.model.lora
         if lora.enabled:
             model = apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.targets, lora.train_logit_params)
-        base = _fuselip_of(model)  # the late-fusion baselines have no MMM head: sigmoid loss only
-        masking = (MaskingConfig.for_model(base.config, probability=train.mlm_probability)
-                   if hasattr(base, "mask_logits") else MaskingConfig(probability=0.0))
-        objective = FuseLIPObjective(model, masking, train.mmm_weight, train.seed)
+        objective = create_objective(recipe.model.arch, model, train)
         optimizer = build_optimizer(model, train.lr, train.weight_decay, train.betas, train.eps, train.decay_embeddings)
         return objective, optimizer
 
     @property
-    def fuselip(self):
-        """The FuseLIP being trained (through DDP and PEFT wrappers)."""
-        return self.accelerator.unwrap_model(self.objective).fuselip
+    def base_model(self):
+        """The model being trained (FuseLIP or a late-fusion baseline), through DDP and PEFT wrappers."""
+        return self.accelerator.unwrap_model(self.objective).base_model
 
     # ---- the loop --------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -216,7 +209,7 @@ class Trainer:
             acc.clip_grad_norm_(self.objective.parameters(), train.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        clamp_logit_scale(self.fuselip.logit_scale, train.max_logit_scale)
+        clamp_logit_scale(self.base_model.logit_scale, train.max_logit_scale)
         self.step += 1
         self.pending.append((self.step, lr, totals, bad))
         self.bar.update(self.bar_task, completed=self.step)
@@ -271,7 +264,7 @@ class Trainer:
         rate = self.samples_seen / max(time.perf_counter() - self.started, 1e-9)
         self.bar.update(self.bar_task, loss=total, lr=lr, rate=rate)
         if self.accelerator.is_main_process:
-            scale = float(self.fuselip.logit_scale.detach().exp())
+            scale = float(self.base_model.logit_scale.detach().exp())
             self.accelerator.log({"train/loss": total, "train/contrastive": contrastive, "train/mmm": mmm,
                                   "train/lr": lr, "train/samples_per_s": rate, "train/logit_scale": scale,
                                   "train/epoch": self.data.sampler.epoch}, step=step)
@@ -283,15 +276,15 @@ class Trainer:
         self.flush()
         metrics: dict[str, float] = {}
         if self.accelerator.is_main_process and self.eval_data:
-            fuselip, eval_recipe = self.fuselip, self.recipe.eval
-            was_training = fuselip.training
-            fuselip.eval()
+            model, eval_recipe = self.base_model, self.recipe.eval
+            was_training = model.training
+            model.eval()
             report = run_evaluation(
-                fuselip, eval_recipe.tasks, self.eval_data, self.run_dir / "eval" / tag, seed=self.recipe.train.seed,
+                model, eval_recipe.tasks, self.eval_data, self.run_dir / "eval" / tag, seed=self.recipe.train.seed,
                 pool_size=eval_recipe.pool_size, n_pools=eval_recipe.n_pools, batch_size=eval_recipe.batch_size,
                 progress=False, model_id=f"{self.recipe.name}@{self.step}",
             )
-            fuselip.train(was_training)
+            model.train(was_training)
             metrics = flatten_metrics(report)
             self.accelerator.log(metrics, step=self.step)
         self.accelerator.wait_for_everyone()
@@ -317,7 +310,7 @@ class Trainer:
             scaler = acc.scaler.state_dict() if acc.scaler is not None else None
             unwrapped = acc.unwrap_model(self.objective)
             ckpt.write_main_files(tmp, unwrapped.model.state_dict(), self.optimizer.state_dict(), scaler, state,
-                                  recipe_to_yaml(self.recipe), unwrapped.fuselip.config.to_dict())
+                                  recipe_to_yaml(self.recipe), unwrapped.base_model.config.to_dict())
             final = ckpt.commit(tmp, self.checkpoint_dir, self.step)
             ckpt.prune(self.checkpoint_dir, self.recipe.checkpoint.keep_last)
         acc.wait_for_everyone()
@@ -407,10 +400,6 @@ def _install_sigterm_as_interrupt():
         return signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not in the main thread
         return signal.getsignal(signal.SIGTERM)
-
-
-def _fuselip_of(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _tokenizer():
