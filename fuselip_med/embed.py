@@ -3,6 +3,9 @@
 Every row not embedded is named: the adapter's skips (missing file, undecodable text, a path outside the
 table's folder, ...), rows without what ``kind`` needs, and images that fail to decode all go into one
 :class:`~fuselip_med.data.skips.SkipReport`, written as ``<out stem>.skipped.csv`` beside the output.
+
+DICOM rows are named by salted instance keys, never by their paths (``pseudonymize_rows``, rules in
+``data/phi.py``); PNG/JPEG rows keep their relative paths as ids.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from fuselip_med.data.adapters import SampleSource, get_adapter
+from fuselip_med.data.phi import PrivacyOptions, Pseudonyms, instance_key
 from fuselip_med.data.skips import SkipReport
 from fuselip_med.errors import UsageError
 from fuselip_med.eval.embedding import EmbedItem, embed_items
@@ -26,11 +30,13 @@ KINDS = ("image", "text", "pair")
 
 @dataclass
 class EmbedRow:
-    """One input row: its id, the image reference and/or the text."""
+    """One input row: its id, the image reference and/or the text; ``dicom``: the image is a DICOM file and
+    ``id`` its salted instance key (set by ``pseudonymize_rows``)."""
 
     id: str
     image: Any
     text: str | None
+    dicom: bool = False
 
 
 def open_input(path: str | os.PathLike, kind: Kind, **options: Any) -> SampleSource:
@@ -62,6 +68,31 @@ def rows_from_source(source: SampleSource, kind: Kind, skips: SkipReport | None 
     return rows
 
 
+def pseudonymize_rows(rows: list[EmbedRow], pseudonyms: Pseudonyms, privacy: PrivacyOptions = PrivacyOptions(),
+                      skips: SkipReport | None = None) -> list[EmbedRow]:
+    """The rows with every DICOM file's id replaced by its salted instance key (``phi.instance_key``; PS3.15
+    Annex E: PACS exports name folders after patients). A second file of the same SOP Instance is named in
+    ``skips`` (``duplicate instance``). When DICOM is found and paths are not kept, the entries ``skips``
+    already holds (the adapter's, named by path) are renamed to salted ``file-`` keys, source ``input``."""
+    out: list[EmbedRow] = []
+    seen: set[str] = set()
+    for row in rows:
+        key = instance_key(pseudonyms, row.image) if isinstance(row.image, (str, os.PathLike)) else None
+        if key is None:
+            out.append(row)
+        elif key in seen:
+            if skips is not None:
+                skips.add(key, "input", "duplicate instance", "a second file of the same SOP Instance")
+        else:
+            seen.add(key)
+            out.append(EmbedRow(key, row.image, row.text, dicom=True))
+    if seen and skips is not None and not privacy.keep_paths:
+        skips.entries = [entry if entry.id in seen or entry.source == "input" else
+                         type(entry)(pseudonyms.key(entry.source, "file-"), "input", entry.reason)
+                         for entry in skips.entries]
+    return out
+
+
 def embed_rows(model, rows: list[EmbedRow], *, batch_size: int = 64, num_workers: int = 0, device=None,
                progress: bool = True, skips: SkipReport | None = None) -> tuple[np.ndarray, list[EmbedRow], dict]:
     """(embeddings [N, D] float32 (L2-normalised) of the rows that worked, those rows, {id: reason} of the rows
@@ -77,7 +108,7 @@ def embed_rows(model, rows: list[EmbedRow], *, batch_size: int = 64, num_workers
         else:
             failed[row.id] = table.failed.get(item.key, "not embedded")
             if skips is not None:
-                source = row.image if isinstance(row.image, (str, os.PathLike)) else "input"
+                source = row.image if isinstance(row.image, (str, os.PathLike)) and not row.dicom else "input"
                 skips.add(row.id, source, failed[row.id])
     matrix = table.embeddings[vectors].numpy() if vectors else np.zeros((0, table.dim), dtype=np.float32)
     return matrix.astype(np.float32), kept, failed
@@ -89,9 +120,13 @@ def skipped_csv_path(out: str | os.PathLike) -> Path:
     return out.with_name(f"{out.stem}.skipped.csv")
 
 
-def write_embeddings(path: str | os.PathLike, embeddings: np.ndarray, rows: list[EmbedRow],
-                     model_id: str) -> list[Path]:
-    """``.npy`` (+ ``.ids.json`` beside it) or ``.parquet`` (id, image, text, embedding), written atomically."""
+def write_embeddings(path: str | os.PathLike, embeddings: np.ndarray, rows: list[EmbedRow], model_id: str,
+                     salt: str | None = None, privacy: PrivacyOptions = PrivacyOptions()) -> list[Path]:
+    """``.npy`` (+ ``.ids.json`` beside it) or ``.parquet`` (id, image, text, embedding), written atomically.
+
+    ``salt``: the pseudonym salt of the rows' instance keys, kept in the output (``.ids.json`` / parquet
+    metadata) so a re-run gives the same keys; the ``image`` column holds no DICOM path unless
+    ``privacy.keep_paths``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".npy":
@@ -99,7 +134,8 @@ def write_embeddings(path: str | os.PathLike, embeddings: np.ndarray, rows: list
         np.save(buffer, embeddings)
         atomic_write_bytes(path, buffer.getvalue())
         ids = path.with_suffix(".ids.json")
-        atomic_write_json(ids, {"model": model_id, "ids": [r.id for r in rows]}, indent=1)
+        atomic_write_json(ids, {"model": model_id, "ids": [r.id for r in rows],
+                                **({"salt": salt} if salt else {})}, indent=1)
         return [path, ids]
     if path.suffix == ".parquet":
         import pyarrow as pa
@@ -107,17 +143,18 @@ def write_embeddings(path: str | os.PathLike, embeddings: np.ndarray, rows: list
 
         table = pa.table({
             "id": [r.id for r in rows],
-            "image": [str(r.image) if r.image is not None else None for r in rows],
+            "image": [privacy.written_path(str(r.image), r.dicom) if r.image is not None else None for r in rows],
             "text": [r.text for r in rows],
             "embedding": pa.array(list(embeddings), type=pa.list_(pa.float32())),
         })
-        atomic_write(path, lambda tmp: pq.write_table(table.replace_schema_metadata({"model": model_id}), tmp))
+        metadata = {"model": model_id, **({"salt": salt} if salt else {})}
+        atomic_write(path, lambda tmp: pq.write_table(table.replace_schema_metadata(metadata), tmp))
         return [path]
     raise UsageError(f"--out {path}: use a .npy or .parquet file name.")
 
 
 def stored_salt(path: str | os.PathLike) -> str | None:
-    """The pseudonym salt an earlier unit output at ``path`` keeps (so a re-run gives the same keys), or None."""
+    """The pseudonym salt an earlier output at ``path`` keeps (so a re-run gives the same keys), or None."""
     path = Path(path)
     if path.suffix == ".npy":
         ids = path.with_suffix(".ids.json")

@@ -1,7 +1,7 @@
 """No patient identifier leaves the input: canaries planted in the Annex E attributes pydicom can set (names, IDs,
 birth date, accession number, institution, physicians, operators, study ID, descriptions, comments), in the
-study / series / SOP instance UIDs and in a folder name are found in no byte that `embed`, `index build`,
-`eval`, `search --json` and the search page write or serve."""
+study / series / SOP instance UIDs and in a folder name are found in no byte that `embed`, `index build`
+(series, study and the default image unit), `eval`, `search --json` and the search page write or serve."""
 from __future__ import annotations
 
 import csv
@@ -99,6 +99,11 @@ def test_canaries_never_leave_the_input(tmp_path):
         "-o", out / "embed" / "studies.parquet", "--device", "cpu")
     run("index", "build", "-m", tmp_path / "tiny", "-i", tmp_path / "pacs", "--unit", "series", "--slices", "3",
         "-o", out / "index", "--device", "cpu")
+    run("embed", "-m", tmp_path / "tiny", "-i", tmp_path / "pacs", "-o", out / "embed" / "images.parquet",
+        "--device", "cpu", "--num-workers", "0")  # --unit image: one row per DICOM file, under its instance key
+    run("index", "build", "-m", tmp_path / "tiny", "-i", tmp_path / "pacs", "-o", out / "image_index",
+        "--device", "cpu")
+    assert len(list((out / "image_index" / "thumbs").glob("im-*.png"))) == 12  # the index's own thumbnails
     keys = json.loads((out / "embed" / "series.ids.json").read_text())["ids"]
     labels = tmp_path / "labels.csv"
     with open(labels, "w", newline="") as handle:
@@ -116,6 +121,9 @@ def test_canaries_never_leave_the_input(tmp_path):
     found = run("search", "--index", out / "index", "--image", query, "--json")
     assert json.loads(found.stdout)[0]["best_slice"].startswith("sl-")
     run("search", "--index", out / "index", "--text", "chest CT")
+    image_hits = json.loads(run("search", "--index", out / "image_index", "--image", query, "--json").stdout)
+    assert image_hits[0]["id"].startswith("im-") and image_hits[0]["path"] is None
+    run("search", "--index", out / "image_index", "--text", "chest CT")
 
     port = _free_port()
     served = out / "served"

@@ -11,7 +11,7 @@ from rich.console import Console
 from fuselip_med.cli import common
 from fuselip_med.cli.common import BASE_HELP, MODEL_HELP
 from fuselip_med.cli.options import CAPTION_COLUMN, ENCODING, ID_COLUMN, IMAGE_ROOT, PATH_COLUMN, SEP, table_options
-from fuselip_med.cli.units import PLANE, RENDER, SLICES, UNIT, WINDOW
+from fuselip_med.cli.units import KEEP_PATHS, PLANE, RENDER, SLICES, UNIT, WINDOW
 from fuselip_med.errors import InputError, UsageError
 from fuselip_med.option_names import command_line_style
 
@@ -42,12 +42,16 @@ def embed(
     render: str = RENDER,
     window: Optional[str] = WINDOW,
     plane: str = PLANE,
+    keep_paths: bool = KEEP_PATHS,
 ) -> None:
     """Embed images, texts or image+text pairs for search, batched, with progress; every row not embedded is named.
 
     With --unit series or study, --input is a folder (searched recursively), a DICOMDIR, a NIfTI file or a CSV
     listing them: DICOM is grouped into series by its UIDs, each series embedded through --slices sampled slices,
     and rows carry salted series/study keys (no paths, no UIDs); slice vectors go beside the output.
+
+    With the default --unit image, DICOM files are named by salted instance keys (no paths unless --keep-paths;
+    the salt stays in the output, so a re-run gives the same keys); PNG/JPEG rows keep their paths as ids.
 
     Examples:\n
       fuselip-med embed -m runs/rocov2/final -i my_images/ -o image_embeddings.npy\n
@@ -61,8 +65,19 @@ def embed(
     if unit != "image":
         _embed_units(model, input, out, unit, slices, render, window, plane, batch_size, device, base)
         return
+    from fuselip_med.cli.units import privacy_options
+    from fuselip_med.data.phi import Pseudonyms
     from fuselip_med.data.skips import SkipReport
-    from fuselip_med.embed import KINDS, embed_rows, open_input, rows_from_source, skipped_csv_path, write_embeddings
+    from fuselip_med.embed import (
+        KINDS,
+        embed_rows,
+        open_input,
+        pseudonymize_rows,
+        rows_from_source,
+        skipped_csv_path,
+        stored_salt,
+        write_embeddings,
+    )
 
     if kind not in KINDS:
         raise UsageError(f"--kind {kind!r}: choose image, text or pair.")
@@ -73,12 +88,17 @@ def embed(
     with command_line_style():
         source = open_input(input, kind, **options)  # type: ignore[arg-type]
     skips = SkipReport.merged([source.skipped])
-    rows = rows_from_source(source, kind, skips)  # type: ignore[arg-type]
+    privacy = privacy_options(keep_paths, False, False)
+    salt = stored_salt(out)
+    pseudonyms = Pseudonyms(salt) if salt else Pseudonyms.fresh()
+    rows = pseudonymize_rows(rows_from_source(source, kind, skips), pseudonyms, privacy,  # type: ignore[arg-type]
+                             skips)
     if not rows:
         raise InputError(f"{input}: no row to embed ({skips.summary()}).")
     fuselip, _, _ = common.load_inference_model(model, device, base)
     matrix, kept, _ = embed_rows(fuselip, rows, batch_size=batch_size, num_workers=num_workers, skips=skips)
-    written = write_embeddings(out, matrix, kept, model)
+    keyed = any(row.dicom for row in kept)
+    written = write_embeddings(out, matrix, kept, model, pseudonyms.salt if keyed else None, privacy)
     skips.kept = len(kept)
     skipped_csv = skips.write_csv(skipped_csv_path(out))
     console.print(f"Embedded {len(kept)} {kind} rows -> {', '.join(map(str, written))} (dim {matrix.shape[1]}).",

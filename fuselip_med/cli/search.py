@@ -49,7 +49,8 @@ def index_build(
     """Embed a folder (or any dataset `embed` reads) into a search index; re-run to update it incrementally.
 
     Only new or changed images (by content hash) are embedded, deleted ones are dropped; a killed build
-    resumes where it stopped. Under `accelerate launch` each process embeds its share.
+    resumes where it stopped. Under `accelerate launch` each process embeds its share. DICOM files are rows
+    under salted instance keys with the index's own thumbnails; their paths are stored only with --keep-paths.
 
     With --unit series or study, --input is a PACS export folder, a DICOMDIR, NIfTI files or a CSV listing them;
     rows are series (or studies) under salted keys, each with its sampled slices' vectors and thumbnails, so
@@ -70,16 +71,29 @@ def index_build(
     from accelerate import PartialState
     from rich.console import Console
 
-    from fuselip_med.search.index import IndexSettings, ModelId, build_index, list_entries, model_fingerprint
+    from fuselip_med.cli.units import privacy_options
+    from fuselip_med.data.phi import Pseudonyms
+    from fuselip_med.search.index import (
+        IndexSettings,
+        ModelId,
+        build_index,
+        list_entries,
+        model_fingerprint,
+        stored_index_salt,
+    )
 
     settings = IndexSettings(index_type=index_type, exact_max=exact_max, nlist=nlist, nprobe=nprobe,  # type: ignore[arg-type]
                              hnsw_m=hnsw_m, ef_search=ef_search, batch_size=batch_size, chunk_size=chunk_size)
-    entries, listed_skips = list_entries(input, adapter=adapter, split=split)
+    privacy = privacy_options(keep_paths, show_paths, allow_burned_in)
+    salt = None if rebuild else stored_index_salt(out)
+    pseudonyms = Pseudonyms(salt) if salt else Pseudonyms.fresh()
+    entries, listed_skips = list_entries(input, adapter=adapter, split=split, pseudonyms=pseudonyms)
     state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())  # CPU: several gloo processes
     fuselip, _, _ = common.load_inference_model(model, device or state.device)
     console = Console()
     report = build_index(out, entries, fuselip, ModelId(model, model_fingerprint(fuselip)), settings,
-                         rebuild=rebuild, accelerator=state if state.num_processes > 1 else None)
+                         rebuild=rebuild, accelerator=state if state.num_processes > 1 else None,
+                         salt=pseudonyms.salt, privacy=privacy)
     if not state.is_main_process:
         return
     state_word = "up to date" if report.up_to_date else "written"

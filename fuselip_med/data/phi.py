@@ -24,12 +24,14 @@ import secrets
 from dataclasses import dataclass
 
 __all__ = [
-    "ANNEX_E_TAGS", "PrivacyOptions", "Pseudonyms", "burned_in_risk", "emptied_not_removed", "is_annex_e",
-    "new_salt",
+    "ANNEX_E_TAGS", "INSTANCE_PREFIX", "PrivacyOptions", "Pseudonyms", "burned_in_risk", "emptied_not_removed",
+    "instance_key", "is_annex_e", "is_instance_key", "new_salt",
 ]
 
 #: SOP Class UID prefix of the Secondary Capture Image Storage classes (PS3.4 B.5: 1.2.840.10008.5.1.4.1.1.7[.n]).
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+#: Prefix of the salted key that names one DICOM file (an image-unit row) in every output.
+INSTANCE_PREFIX = "im-"
 #: Modalities whose images often carry burned-in text even without the flag (PS3.15 E.3.1 "Clean Pixel Data").
 BURNED_IN_MODALITIES = frozenset({"US", "SC", "OT", "DOC", "XC"})
 
@@ -134,6 +136,34 @@ class PrivacyOptions:
         if path is None or (dicom and not self.keep_paths):
             return None
         return path
+
+
+def instance_key(pseudonyms: Pseudonyms, path) -> str | None:
+    """The salted key (``im-`` + 20 hex digits) of the DICOM file at ``path``: of its SOP Instance UID
+    (0008,0018), else (header without one, or unreadable) of its content hash; None when ``path`` is not a DICOM
+    Part 10 file (PNG/JPEG keep their paths as ids)."""
+    from fuselip_med.data.images import is_dicom
+
+    if not is_dicom(path):
+        return None
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        uid = str(pydicom.dcmread(path, stop_before_pixels=True).get("SOPInstanceUID", "") or "")
+    except (OSError, ValueError, InvalidDicomError):
+        uid = ""
+    if not uid:
+        from fuselip_med.data.token_cache import content_hash
+
+        uid = "sha256:" + content_hash(path)
+    return pseudonyms.key(uid, INSTANCE_PREFIX)
+
+
+def is_instance_key(id: str) -> bool:
+    """True for an id made by ``instance_key`` (a keyed DICOM row, whose path the page never shows unless
+    ``show_paths``)."""
+    return len(id) == len(INSTANCE_PREFIX) + 20 and id.startswith(INSTANCE_PREFIX)
 
 
 def burned_in_risk(dataset) -> bool:

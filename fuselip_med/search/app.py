@@ -2,8 +2,8 @@
 
 A text box, an image upload (PNG/JPEG/DICOM) with an optional instruction (fused with the image into one
 query), a grid of result thumbnails with rank, score, id and caption, and "more like this" on a selected
-result. Thumbnails are rendered on the server from the paths recorded in the index (DICOM through its VOI LUT
-or window, as ``data.images.load_image`` does) and handed to Gradio as images, so the page never serves a file
+result. Thumbnails of DICOM rows and series slices are the index's own PNGs; others are rendered on the server
+from the paths recorded in the index and handed to Gradio as images, so the page never serves a file
 by path: nothing outside the index (not even the indexed files themselves) is reachable through it.
 """
 from __future__ import annotations
@@ -17,10 +17,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from
 import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from fuselip_med.data.phi import is_instance_key  # noqa: E402
 from fuselip_med.search.index import THUMBNAIL_PX, SearchIndex  # noqa: E402
 from fuselip_med.search.query import Hit, more_like_this, search  # noqa: E402
 
-__all__ = ["build_app", "serve", "thumbnail"]
+__all__ = ["build_app", "public_record", "serve", "thumbnail"]
 
 UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".dcm", ".dicom"]
 CSS = "#status th:nth-child(-n+2), #status td:nth-child(-n+2) { white-space: nowrap; }"
@@ -42,7 +43,8 @@ def _label(hit: Hit, show_paths: bool = False) -> str:
         return (f"{hit.rank} · {hit.score:.3f} · study {hit.study} / series {hit.series} / slice {hit.best_slice}"
                 f"{path}")
     caption = f" — {hit.caption}" if hit.caption else ""
-    return f"{hit.rank} · {hit.score:.3f} · {hit.id}{caption}"
+    path = f" — {hit.path}" if show_paths and hit.path and is_instance_key(hit.id) else ""
+    return f"{hit.rank} · {hit.score:.3f} · {hit.id}{caption}{path}"
 
 
 def _blank(text_colour: tuple[int, int, int] = (64, 64, 64)) -> Image.Image:
@@ -64,6 +66,23 @@ def _may_show(path: str, allow_burned_in: bool) -> bool:
     return not burned_in_risk(pydicom.dcmread(path, stop_before_pixels=True))
 
 
+def _stored(path) -> Image.Image:
+    """A thumbnail the index keeps (a grey tile when it is gone)."""
+    if not path.is_file():
+        return _blank()
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def public_record(hit: Hit, show_paths: bool) -> dict:
+    """What the page's state holds of a hit: no stored DICOM path (series/study rows, keyed DICOM image rows)
+    unless the index was built with --show-paths."""
+    record = hit.to_dict()
+    if not show_paths and (hit.unit != "image" or is_instance_key(hit.id)):
+        record["path"] = None
+    return record
+
+
 def build_app(index: SearchIndex, model, k: int = 12) -> gr.Blocks:
     """The Gradio page over ``index``, querying with ``model`` (already checked against the index)."""
 
@@ -71,7 +90,12 @@ def build_app(index: SearchIndex, model, k: int = 12) -> gr.Blocks:
 
     @functools.lru_cache(maxsize=1024)
     def row_thumbnail(row: int) -> Image.Image:
+        stored = index.row_thumbnail_path(row)  # a DICOM row's own PNG in the index
+        if stored is not None:
+            return _stored(stored)
         path = index.meta.iloc[row]["path"]
+        if is_instance_key(str(index.meta.iloc[row]["id"])):  # a DICOM row without thumbnail: burned-in risk
+            return _blank()
         try:
             return thumbnail(path) if path and _may_show(path, allow_burned_in) else _blank()
         except (ValueError, OSError):  # a file changed or removed since the build: a grey tile, not a crash
@@ -80,10 +104,7 @@ def build_app(index: SearchIndex, model, k: int = 12) -> gr.Blocks:
     @functools.lru_cache(maxsize=1024)
     def slice_thumbnail(slice_row: int) -> Image.Image:
         stored = index.thumbnail_path(slice_row)  # the index's own PNG; None: burned-in risk, not shown
-        if stored is None or not stored.is_file():
-            return _blank()
-        with Image.open(stored) as image:
-            return image.convert("RGB")
+        return _blank() if stored is None else _stored(stored)
 
     def show(hits: list[Hit], what: str):
         grid = [(slice_thumbnail(h.slice_row) if h.slice_row is not None else row_thumbnail(h.row),
@@ -92,17 +113,10 @@ def build_app(index: SearchIndex, model, k: int = 12) -> gr.Blocks:
             rows = "\n".join(f"| {h.rank} | {h.score:.3f} | {h.study} | {h.series} | {h.best_slice} |" for h in hits)
             table = (f"**{what}**: {len(hits)} results\n\n| rank | score | study | series | best slice |\n"
                      f"|---|---|---|---|---|\n{rows}")
-            return grid, table, [_public(h) for h in hits], None
+            return grid, table, [public_record(h, show_paths) for h in hits], None
         rows = "\n".join(f"| {h.rank} | {h.score:.3f} | {h.id} | {h.caption or ''} |" for h in hits)
         table = f"**{what}**: {len(hits)} results\n\n| rank | score | id | caption |\n|---|---|---|---|\n{rows}"
-        return grid, table, [_public(h) for h in hits], None
-
-    def _public(hit: Hit) -> dict:
-        """What the page's state holds of a hit: no stored path unless --show-paths."""
-        record = hit.to_dict()
-        if not show_paths and hit.unit != "image":
-            record["path"] = None
-        return record
+        return grid, table, [public_record(h, show_paths) for h in hits], None
 
     def run_query(text: str, image_path: str | None, instruction: str):
         from fuselip_med.data.images import ImageDecodeError

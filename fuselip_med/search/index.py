@@ -5,7 +5,9 @@ last, atomically, so a reader never sees a half-written index)::
 
     manifest.json               format, model (name + weight fingerprint), dim, counts, FAISS settings, files
     meta.<gen>.parquet          one row per image: id, path, caption, source, content_hash, model_id,
-                                size, mtime_ns, caption_row (row in the caption vectors, -1 without caption)
+                                size, mtime_ns, caption_row (row in the caption vectors, -1 without caption),
+                                thumbnail (the index's own PNG under thumbs/, DICOM rows only)
+    thumbs/                     thumbnails of DICOM rows (and of series/study slices): the page needs no file
     image.<gen>.npy             [N, D] float16, L2-normalised image embeddings (``np.load(mmap_mode="r")``)
     caption.<gen>.npy           [C, D] float16, embeddings of the C captions (the second, text index)
     image.<gen>.faiss           FAISS index over the image vectors (ids = row numbers)
@@ -19,6 +21,9 @@ the sorted hashes of the whole listing and each is written atomically to ``.work
 killed at any point resumes with the finished chunks and re-embeds the unfinished ones with the same batch
 composition: the resumed index equals an uninterrupted build. Under ``accelerate launch`` chunk ``c`` is
 embedded by process ``c % world``; the main process merges the chunk files and commits.
+
+DICOM rows carry salted instance keys (``data/phi.py``): no path is stored unless ``PrivacyOptions.keep_paths``,
+so a rebuild matches them by content hash alone; the salt is kept in the manifest.
 
 Search is exact up to ``exact_max`` vectors and approximate above it (HNSW by default, IVF on request); inner
 product on unit vectors = cosine similarity (FuseLIP embeddings are L2-normalised, FuseLIP paper Sec. 3).
@@ -38,7 +43,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from fuselip_med.data.phi import PrivacyOptions
+from fuselip_med.data.phi import PrivacyOptions, Pseudonyms
 from fuselip_med.data.token_cache import content_hash
 from fuselip_med.errors import UsageError, UserError
 from fuselip_med.io import atomic_write_bytes, atomic_write_text, remove_temp_files
@@ -181,12 +186,14 @@ def _to_gpu(index):
 # ------------------------------------------------------------------------------------------------ inputs
 @dataclass
 class IndexEntry:
-    """One image to index: its id, the image reference (a path, or bytes from a table), caption, source."""
+    """One image to index: its id, the image reference (a path, or bytes from a table), caption, source;
+    ``dicom``: a DICOM file, ``id`` its salted instance key (its path is stored only with ``keep_paths``)."""
 
     id: str
     image: Any
     caption: str | None
     source: str
+    dicom: bool = False
 
     @property
     def path(self) -> str | None:
@@ -194,15 +201,19 @@ class IndexEntry:
 
 
 def list_entries(input: str | os.PathLike, adapter: str = "folder", split: str = "train",
+                 pseudonyms: Pseudonyms | None = None,
                  **adapter_options: Any) -> tuple[list[IndexEntry], collections.Counter]:
     """The images (with their captions where present) a dataset adapter lists, as ``embed`` reads them.
 
     ``adapter``: a registered adapter name (``folder``/``csv`` for folders incl. DICOM and CSV/TSV tables,
-    ``rocov2``, ...). Returns (entries sorted by id, skip counts by reason incl. the adapter's own).
-    Raises ``DatasetEmptyError``/``FileNotFoundError`` from the adapter and ``KeyError`` for an unknown adapter.
+    ``rocov2``, ...). With ``pseudonyms``, DICOM files are named by salted instance keys
+    (``embed.pseudonymize_rows``) and their source is ``dicom``. Returns (entries sorted by id, skip counts by
+    reason incl. the adapter's own). Raises ``DatasetEmptyError``/``FileNotFoundError`` from the adapter and
+    ``KeyError`` for an unknown adapter.
     """
     from fuselip_med.data.adapters import get_adapter
-    from fuselip_med.embed import rows_from_source
+    from fuselip_med.data.skips import SkipReport
+    from fuselip_med.embed import pseudonymize_rows, rows_from_source
 
     if adapter in ("folder", "csv"):
         adapter_options.setdefault("check_files", False)
@@ -210,12 +221,19 @@ def list_entries(input: str | os.PathLike, adapter: str = "folder", split: str =
     source = get_adapter(adapter)(str(input), split=split, **adapter_options)
     captions = {row.id: row.text for row in rows_from_source(source, "text")}
     skipped: collections.Counter = collections.Counter(getattr(source, "skipped", {}))
+    rows = rows_from_source(source, "image")
+    for row in rows:
+        row.text = captions.get(row.id) or None
+    if pseudonyms is not None:
+        duplicates = SkipReport()
+        rows = pseudonymize_rows(rows, pseudonyms, skips=duplicates)
+        skipped.update(duplicates.counts)
     entries: dict[str, IndexEntry] = {}
-    for row in rows_from_source(source, "image"):
+    for row in rows:
         if row.id in entries:
             skipped["duplicate id"] += 1
             continue
-        entries[row.id] = IndexEntry(row.id, row.image, captions.get(row.id) or None, source.name)
+        entries[row.id] = IndexEntry(row.id, row.image, row.text, "dicom" if row.dicom else source.name, row.dicom)
     return [entries[k] for k in sorted(entries)], skipped
 
 
@@ -241,6 +259,9 @@ class SearchIndex:
         import pandas as pd
 
         self.meta = pd.read_parquet(self.directory / files["meta"])
+        for column in ("path", "thumbnail"):  # no stored value reads as None, not NaN
+            if column in self.meta.columns:
+                self.meta[column] = self.meta[column].astype(object).where(self.meta[column].notna(), None)
         self.image_vectors = np.load(self.directory / files["image_vectors"], mmap_mode="r")
         self.caption_vectors = np.load(self.directory / files["caption_vectors"], mmap_mode="r")
         self._faiss: dict[str, Any] = {}
@@ -269,6 +290,13 @@ class SearchIndex:
         scores = np.asarray(self.slice_vectors[rows], dtype=np.float32) @ np.asarray(query, dtype=np.float32)
         best = int(np.argmax(scores))
         return int(rows[best]), float(scores[best])
+
+    def row_thumbnail_path(self, row: int) -> Path | None:
+        """The index's own thumbnail of image row ``row`` (DICOM rows), or None (none stored)."""
+        if "thumbnail" not in self.meta.columns:
+            return None
+        name = self.meta.iloc[int(row)]["thumbnail"]
+        return self.directory / THUMBS / name if isinstance(name, str) and name else None
 
     def thumbnail_path(self, slice_row: int) -> Path | None:
         """The stored thumbnail of a slice, or None (burned-in risk without --allow-burned-in)."""
@@ -465,7 +493,8 @@ def _embed_missing(model, kind: str, keys_in_listing: list[str], have: set[str],
 
 def build_index(out: str | os.PathLike, entries: Sequence[IndexEntry], model, model_id: ModelId,
                 settings: IndexSettings = IndexSettings(), *, rebuild: bool = False, accelerator=None,
-                progress: bool = True) -> BuildReport:
+                progress: bool = True, salt: str | None = None,
+                privacy: PrivacyOptions = PrivacyOptions()) -> BuildReport:
     """Build or update the index at ``out`` so that it holds exactly ``entries`` embedded by ``model``.
 
     ``model``: anything with FuseLIP's ``encode(images=[B, 3, S, S] float32 | texts=[str])`` -> [B, D];
@@ -475,6 +504,10 @@ def build_index(out: str | os.PathLike, entries: Sequence[IndexEntry], model, mo
     another model (pass ``rebuild=True`` to replace it). With ``accelerator`` (Accelerate) every process
     embeds its share of the chunks and only the main process writes the index; the others' reports hold
     only their embedding counts.
+
+    DICOM entries (``IndexEntry.dicom``, keyed by ``list_entries(pseudonyms=...)`` with ``salt``) store no path
+    unless ``privacy.keep_paths`` and get the index's own thumbnail (none at burned-in risk unless
+    ``privacy.allow_burned_in``); ``salt`` and ``privacy`` are kept in the manifest.
     """
     out = Path(out)
     process = _process_from(accelerator)
@@ -529,9 +562,10 @@ def build_index(out: str | os.PathLike, entries: Sequence[IndexEntry], model, mo
             continue
         caption_key = _text_hash(entry.caption) if entry.caption else None
         has_caption = caption_key is not None and caption_key in caption_vectors
-        rows.append({"id": entry.id, "path": entry.path, "caption": entry.caption, "source": entry.source,
-                     "content_hash": digest, "model_id": str(model_id), "size": size, "mtime_ns": mtime,
-                     "caption_row": len(caption_rows) if has_caption else -1})
+        rows.append({"id": entry.id, "path": privacy.written_path(entry.path, entry.dicom), "caption": entry.caption,
+                     "source": entry.source, "content_hash": digest, "model_id": str(model_id), "size": size,
+                     "mtime_ns": mtime, "caption_row": len(caption_rows) if has_caption else -1,
+                     "thumbnail": _dicom_thumbnail(out, entry, digest, privacy) if entry.dicom else None})
         image_rows.append(image_vectors[digest])
         if has_caption:
             caption_rows.append(caption_vectors[caption_key])
@@ -545,8 +579,47 @@ def build_index(out: str | os.PathLike, entries: Sequence[IndexEntry], model, mo
     report.index_type = settings.resolved_type(len(rows))
     if previous is not None:
         report.removed = len(set(previous.meta["id"]) - {r["id"] for r in rows})
-    _commit(out, rows, _stack(image_rows, dim), _stack(caption_rows, dim), model_id, settings, report, previous)
+    extra_manifest = None
+    if salt is not None:
+        extra_manifest = {"salt": salt, "privacy": _privacy_record(privacy)}
+    _commit(out, rows, _stack(image_rows, dim), _stack(caption_rows, dim), model_id, settings, report, previous,
+            extra_manifest=extra_manifest)
+    _remove_stale_thumbnails(out, {r["thumbnail"] for r in rows if r["thumbnail"]})
     return report
+
+
+def _privacy_record(privacy: PrivacyOptions) -> dict[str, bool]:
+    return {"keep_paths": privacy.keep_paths, "show_paths": privacy.show_paths,
+            "allow_burned_in": privacy.allow_burned_in}
+
+
+def _dicom_thumbnail(out: Path, entry: IndexEntry, digest: str, privacy: PrivacyOptions) -> str | None:
+    """The index's own PNG of a DICOM entry under ``thumbs/`` (``<key>.<content hash[:16]>.png``, written once
+    per content; windowed as ``data.images.load_image`` does), or None: burned-in risk without
+    ``allow_burned_in`` (``phi.burned_in_risk``), or an image that no longer decodes."""
+    import pydicom
+
+    from fuselip_med.data.images import ImageDecodeError, load_image
+    from fuselip_med.data.phi import burned_in_risk
+
+    name = f"{entry.id}.{digest[:16]}.png"
+    target = out / THUMBS / name
+    if target.is_file():
+        return name
+    try:
+        if not privacy.allow_burned_in and burned_in_risk(pydicom.dcmread(entry.image, stop_before_pixels=True)):
+            return None
+        atomic_write_bytes(target, _thumbnail_png(np.asarray(load_image(entry.image).convert("RGB"))))
+    except (ImageDecodeError, OSError, ValueError):
+        return None
+    return name
+
+
+def _remove_stale_thumbnails(out: Path, keep: set[str]) -> None:
+    """Delete the thumbnails under ``thumbs/`` that no row of the committed index names."""
+    for stale in (out / THUMBS).glob("*.png") if (out / THUMBS).is_dir() else []:
+        if stale.name not in keep:
+            stale.unlink()
 
 
 def _dimension(image_rows: list, caption_rows: list, previous: SearchIndex | None) -> int:
@@ -585,7 +658,7 @@ def _commit(out: Path, rows: list[dict], image_vectors: np.ndarray, caption_vect
 
     kind = report.index_type
     meta = pd.DataFrame(rows, columns=["id", "path", "caption", "source", "content_hash", "model_id", "size",
-                                       "mtime_ns", "caption_row"])
+                                       "mtime_ns", "caption_row", "thumbnail"])
     meta = meta.astype({"size": "int64", "mtime_ns": "int64", "caption_row": "int64"})
     table = pa.Table.from_pandas(meta, preserve_index=False)
     digest = hashlib.sha256()
@@ -676,7 +749,7 @@ def build_unit_index(out: str | os.PathLike, rows: Sequence, model_id: ModelId, 
         digest = hashlib.sha256(np.ascontiguousarray(row.slice_vectors, dtype=np.float32).tobytes()).hexdigest()
         path = privacy.written_path((paths or {}).get(row.id), dicom=True)  # series inputs: none unless kept
         meta.append({"id": row.id, "path": path, "caption": None, "source": unit, "content_hash": digest,
-                     "model_id": str(model_id), "size": -1, "mtime_ns": -1, "caption_row": -1})
+                     "model_id": str(model_id), "size": -1, "mtime_ns": -1, "caption_row": -1, "thumbnail": None})
         show = privacy.allow_burned_in or not row.burned_in
         for position, (slice_id, series) in enumerate(zip(row.slice_ids, row.slice_series)):
             name = f"{slice_id}.png" if show and row.images is not None else None
@@ -697,16 +770,12 @@ def build_unit_index(out: str | os.PathLike, rows: Sequence, model_id: ModelId, 
     if previous is not None:
         report.removed = len(set(previous.meta["id"]) - {r.id for r in rows})
     extra_manifest = {"unit": unit, "salt": salt, "units": unit_settings or {},
-                      "privacy": {"keep_paths": privacy.keep_paths, "show_paths": privacy.show_paths,
-                                  "allow_burned_in": privacy.allow_burned_in}}
+                      "privacy": _privacy_record(privacy)}
     _commit(out, meta, _stack([r.vector for r in rows], dim), _stack([], dim), model_id, settings, report, previous,
             extra_files={"slices": ("slices.parquet", slice_table.getvalue()),
                          "slice_vectors": ("slicevec.npy", slice_vectors.getvalue())},
             extra_manifest=extra_manifest)
-    keep = set(thumbs)
-    for stale in (out / THUMBS).glob("*.png") if (out / THUMBS).is_dir() else []:
-        if stale.name not in keep:
-            stale.unlink()
+    _remove_stale_thumbnails(out, set(thumbs))
     return report
 
 
