@@ -124,8 +124,8 @@ def _embed_units(model: str, input: Path, out: Path, unit: str, slices: int, ren
     pseudonyms = Pseudonyms(salt) if salt else Pseudonyms.fresh()
     skips = SkipReport()
     fuselip, _, _ = common.load_inference_model(model, device, base)
-    rows, _ = read_units(fuselip, input, unit, options, pseudonyms=pseudonyms, plane=plane, batch_size=batch_size,
-                         keep_images=False, skips=skips)
+    rows = read_units(fuselip, input, unit, options, pseudonyms=pseudonyms, plane=plane, batch_size=batch_size,
+                      skips=skips)
     if not rows:
         raise InputError(f"{input}: no series could be embedded ({skips.summary()}).")
     written = write_unit_embeddings(out, rows, model, unit, pseudonyms.salt, options.describe())

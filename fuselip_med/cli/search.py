@@ -34,7 +34,8 @@ def index_build(
     hnsw_m: int = typer.Option(32, help="HNSW links per node."),
     ef_search: int = typer.Option(128, help="HNSW search beam width."),
     batch_size: int = typer.Option(32, help="Embedding batch size."),
-    chunk_size: int = typer.Option(256, help="Images per resumable chunk (a killed build redoes one chunk at most)."),
+    chunk_size: int = typer.Option(256, help="Images per resumable chunk (a killed build redoes one chunk at most; "
+                                   "--unit series/study: chunk-size / slices series per chunk)."),
     rebuild: bool = typer.Option(False, help="Replace an index built with another model instead of refusing."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: this process's Accelerate device)."),
     unit: str = UNIT,
@@ -65,7 +66,7 @@ def index_build(
     """
     if unit != "image":
         _build_unit_index(model, input, out, unit, slices, render, window, plane, batch_size, device, rebuild,
-                          keep_paths, show_paths, allow_burned_in)
+                          keep_paths, show_paths, allow_burned_in, chunk_size)
         return
     import torch
     from accelerate import PartialState
@@ -77,16 +78,15 @@ def index_build(
         IndexSettings,
         ModelId,
         build_index,
+        index_salt,
         list_entries,
         model_fingerprint,
-        stored_index_salt,
     )
 
     settings = IndexSettings(index_type=index_type, exact_max=exact_max, nlist=nlist, nprobe=nprobe,  # type: ignore[arg-type]
                              hnsw_m=hnsw_m, ef_search=ef_search, batch_size=batch_size, chunk_size=chunk_size)
     privacy = privacy_options(keep_paths, show_paths, allow_burned_in)
-    salt = None if rebuild else stored_index_salt(out)
-    pseudonyms = Pseudonyms(salt) if salt else Pseudonyms.fresh()
+    pseudonyms = Pseudonyms(index_salt(out, rebuild))
     entries, listed_skips = list_entries(input, adapter=adapter, split=split, pseudonyms=pseudonyms)
     state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())  # CPU: several gloo processes
     fuselip, _, _ = common.load_inference_model(model, device or state.device)
@@ -113,29 +113,38 @@ def index_build(
 
 def _build_unit_index(model: str, input: Path, out: Path, unit: str, slices: int, render: str,
                       window: Optional[str], plane: str, batch_size: int, device: Optional[str], rebuild: bool,
-                      keep_paths: bool, show_paths: bool, allow_burned_in: bool) -> None:
-    """``index build --unit series|study`` (one process; the vectors of every series are embedded anew)."""
+                      keep_paths: bool, show_paths: bool, allow_burned_in: bool, chunk_size: int) -> None:
+    """``index build --unit series|study`` (one process): unchanged series reuse their slice vectors, a killed
+    build resumes (``search.index.build_unit_index``)."""
     from rich.console import Console
 
-    from fuselip_med.cli.units import check_unit, privacy_options, read_units, unit_options
+    from fuselip_med.cli.units import check_unit, privacy_options, unit_options
     from fuselip_med.data.phi import Pseudonyms
     from fuselip_med.data.skips import SkipReport
-    from fuselip_med.search.index import ModelId, build_unit_index, model_fingerprint, stored_index_salt
+    from fuselip_med.data.studies import find_series
+    from fuselip_med.search.index import (
+        IndexSettings,
+        ModelId,
+        build_unit_index,
+        index_salt,
+        model_fingerprint,
+    )
 
     check_unit(unit)
     options = unit_options(slices, render, window)
     privacy = privacy_options(keep_paths, show_paths, allow_burned_in)
-    salt = None if rebuild else stored_index_salt(out)
-    pseudonyms = Pseudonyms(salt) if salt else Pseudonyms.fresh()
+    settings = IndexSettings(batch_size=batch_size, chunk_size=chunk_size)
+    pseudonyms = Pseudonyms(index_salt(out, rebuild))
     fuselip, _, _ = common.load_inference_model(model, device or "cpu")
     skips = SkipReport()
-    rows, paths = read_units(fuselip, input, unit, options, pseudonyms=pseudonyms, plane=plane,
-                             batch_size=batch_size, keep_images=True, skips=skips)
-    report = build_unit_index(out, rows, ModelId(model, model_fingerprint(fuselip)), unit, pseudonyms.salt,
-                              privacy=privacy, unit_settings=options.describe(), paths=paths, rebuild=rebuild)
+    series = find_series(input, pseudonyms, skips, plane=plane)  # type: ignore[arg-type]
+    report = build_unit_index(out, series, fuselip, ModelId(model, model_fingerprint(fuselip)), unit, pseudonyms.salt,
+                              options, settings, privacy=privacy, skips=skips, rebuild=rebuild, progress=True)
     console = Console()
     console.print(f"Index {out} {'up to date' if report.up_to_date else 'written'}: {report.n_rows} {unit} rows from "
-                  f"{skips.kept} series, {report.embedded_images} slices; removed {report.removed}.", highlight=False)
+                  f"{skips.kept} series, {report.n_slices} slices; embedded {report.embedded_images} series "
+                  f"(+{report.embedded_elsewhere} from an interrupted run), reused {report.reused_images}, "
+                  f"removed {report.removed}.", highlight=False)
     if skips.total or skips.hints:
         console.print(f"Series problems: {skips.summary()}", style="yellow", markup=False, highlight=False)
 

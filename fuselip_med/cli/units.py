@@ -54,23 +54,16 @@ def privacy_options(keep_paths: bool, show_paths: bool, allow_burned_in: bool):
         raise UsageError(str(error)) from None
 
 
-def read_units(model, input: Path, unit: str, options, *, pseudonyms, plane: str, batch_size: int,
-               keep_images: bool, skips):
-    """List the series under ``input`` (``data.studies.find_series``) and embed them: (``units.UnitRow``s of
-    ``unit`` (series or study), {row id: the file of its first slice} for --keep-paths). Raises
-    ``StudiesError`` when ``input`` holds no usable series."""
+def read_units(model, input: Path, unit: str, options, *, pseudonyms, plane: str, batch_size: int, skips):
+    """List the series under ``input`` (``data.studies.find_series``) and embed them: ``units.UnitRow``s of
+    ``unit`` (series or study). Raises ``StudiesError`` when ``input`` holds no usable series."""
     from fuselip_med.data.studies import find_series
     from fuselip_med.units import embed_series, unit_rows
 
     series = find_series(input, pseudonyms, skips, plane=plane)  # type: ignore[arg-type]
-    embedded = embed_series(model, series, options, batch_size=batch_size, skips=skips, keep_images=keep_images,
-                            progress=True)
+    embedded = embed_series(model, series, options, batch_size=batch_size, skips=skips, progress=True)
     skips.kept = len(embedded)
-    first = {}
-    for item in series:
-        for key in (item.key, item.study_key):
-            first.setdefault(key, str(item.slices[0].source))
-    return (unit_rows(embedded, unit) if embedded else []), first
+    return unit_rows(embedded, unit) if embedded else []
 
 
 def check_unit(unit: str, allowed: tuple[str, ...] = UNITS) -> None:

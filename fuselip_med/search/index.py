@@ -51,7 +51,7 @@ from fuselip_med.io import atomic_write_bytes, atomic_write_text, remove_temp_fi
 __all__ = [
     "FORMAT_VERSION", "IndexEntry", "SearchIndexError", "IndexSettings", "ModelId", "BuildReport", "SearchIndex",
     "build_index", "build_unit_index", "content_hash", "list_entries", "make_faiss_index", "model_fingerprint",
-    "open_index", "stored_index_salt",
+    "index_salt", "open_index", "series_digest", "stored_index_salt",
 ]
 
 log = logging.getLogger(__name__)
@@ -359,7 +359,9 @@ class BuildReport:
     """What a build did: counts of rows, reused/embedded vectors, skipped items by id with the reason.
 
     ``embedded_*`` count this process's work; ``embedded_elsewhere`` the new image vectors the main process
-    took from chunks written by other processes or by an earlier, interrupted run of the same build.
+    took from chunks written by other processes or by an earlier, interrupted run of the same build. In a
+    series/study index the items are series (``embedded_images``, ``reused_images``, ``embedded_elsewhere``
+    count series) and ``n_slices`` counts the slices kept.
     """
 
     n_rows: int = 0
@@ -368,6 +370,7 @@ class BuildReport:
     embedded_captions: int = 0
     embedded_elsewhere: int = 0
     reused_images: int = 0
+    n_slices: int = 0
     removed: int = 0
     index_type: str = "flat"
     up_to_date: bool = False
@@ -461,30 +464,41 @@ def _embed_chunk(model, kind: str, keys: list[str], source: dict[str, Any], sett
     table = embed_items(model, items, batch_size=settings.batch_size, progress=False)
     done = [(k, it.key) for k, it in zip(keys, items) if it.key in table]
     vectors = table.lookup([key for _, key in done]).numpy() if done else np.zeros((0, 0), np.float32)
-    vectors = vectors.astype(np.float16)
     failed = [(k, str(table.failed.get(it.key, "not embedded"))) for k, it in zip(keys, items) if it.key not in table]
+    _write_chunk(path, [k for k, _ in done], vectors, failed)
+
+
+def _write_chunk(path: Path, keys: list[str], vectors: np.ndarray, failed: list[tuple[str, str]]) -> None:
+    """One finished chunk, atomically: ``keys`` [n] with ``vectors`` [n, D] (stored float16) and the failed
+    (key, reason) pairs; ``_read_chunks`` reads it back."""
     buffer = io.BytesIO()
-    np.savez(buffer, keys=np.array([k for k, _ in done], dtype=str), vectors=vectors,
+    np.savez(buffer, keys=np.array(keys, dtype=str), vectors=np.asarray(vectors).astype(np.float16),
              failed_keys=np.array([k for k, _ in failed], dtype=str),
              failed_reasons=np.array([r for _, r in failed], dtype=str))
     atomic_write_bytes(path, buffer.getvalue())
 
 
 def _embed_missing(model, kind: str, keys_in_listing: list[str], have: set[str], source: dict[str, Any],
-                   settings: IndexSettings, work: Path, process: _Process, progress) -> int:
+                   settings: IndexSettings, work: Path, process: _Process, progress,
+                   embed_chunk: Callable[..., None] | None = None,
+                   listing_key: Callable[[str], str] = str) -> int:
     """Embed the keys of the listing that no stored vector or finished chunk holds; chunk ``c`` belongs to
-    process ``c % world``. Returns how many keys this process embedded."""
+    process ``c % world``. ``embed_chunk(model, kind, keys, source, settings, path)`` embeds one chunk and
+    writes it (default ``_embed_chunk``: one vector per key); ``listing_key`` maps a key stored in a chunk to
+    its listing key (a series chunk stores one key per slice). Returns how many keys this process embedded."""
+    embed_chunk = embed_chunk or _embed_chunk
     done_vectors, done_failed = _read_chunks(work, kind)
+    finished = {listing_key(k) for k in done_vectors} | set(done_failed)
     embedded = 0
     chunks = _chunks(sorted(set(keys_in_listing)), settings.chunk_size)
     todo = []
     for number, chunk in enumerate(chunks):
-        needed = [k for k in chunk if k not in have and k not in done_vectors and k not in done_failed]
+        needed = [k for k in chunk if k not in have and k not in finished]
         if needed and number % process.world == process.rank:
             todo.append(needed)
     task = progress.add_task(f"embedding {kind}s", total=sum(map(len, todo))) if progress and todo else None
     for needed in todo:
-        _embed_chunk(model, kind, needed, source, settings, _chunk_path(work, kind, needed))
+        embed_chunk(model, kind, needed, source, settings, _chunk_path(work, kind, needed))
         embedded += len(needed)
         if task is not None:
             progress.advance(task, len(needed))
@@ -515,16 +529,7 @@ def build_index(out: str | os.PathLike, entries: Sequence[IndexEntry], model, mo
     if previous is not None and previous.model.fingerprint != model_id.fingerprint:
         raise SearchIndexError(f"{out} holds an index built with model {previous.model}, not {model_id}; "
                                "use --rebuild to replace it, or another --out.")
-    work = out / WORK
-    fingerprint_file = work / "model.json"
-    if process.is_main:
-        work.mkdir(parents=True, exist_ok=True)
-        stamp = json.dumps(asdict(model_id))
-        if not fingerprint_file.is_file() or fingerprint_file.read_text() != stamp:
-            _clear_work(work)  # chunks from another model are of no use
-            work.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(fingerprint_file, stamp)
-    process.barrier()
+    work = _prepare_work(out, model_id, process)
 
     skipped: dict[str, str] = {}
     hashed = _hash_entries(entries, previous, skipped)
@@ -620,6 +625,25 @@ def _remove_stale_thumbnails(out: Path, keep: set[str]) -> None:
     for stale in (out / THUMBS).glob("*.png") if (out / THUMBS).is_dir() else []:
         if stale.name not in keep:
             stale.unlink()
+
+
+def _prepare_work(out: Path, model_id: ModelId, process: _Process) -> Path:
+    """``out/.work`` holding the finished chunks of an interrupted build of the same model (cleared when the
+    model differs: its chunks are of no use)."""
+    work = out / WORK
+    fingerprint_file = work / "model.json"
+    if process.is_main:
+        work.mkdir(parents=True, exist_ok=True)
+        stamp = json.dumps(asdict(model_id))
+        if not fingerprint_file.is_file() or fingerprint_file.read_text() != stamp:
+            salt = (work / "salt").read_text() if (work / "salt").is_file() else None
+            _clear_work(work)
+            work.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(fingerprint_file, stamp)
+            if salt:
+                atomic_write_text(work / "salt", salt)  # the rows of this build are keyed by it
+    process.barrier()
+    return work
 
 
 def _dimension(image_rows: list, caption_rows: list, previous: SearchIndex | None) -> int:
@@ -719,63 +743,173 @@ def _thumbnail_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def build_unit_index(out: str | os.PathLike, rows: Sequence, model_id: ModelId, unit: str, salt: str,
-                     settings: IndexSettings = IndexSettings(), *, privacy: PrivacyOptions = PrivacyOptions(),
-                     unit_settings: dict | None = None, paths: dict[str, str] | None = None,
-                     rebuild: bool = False) -> BuildReport:
-    """Write a series or study index from embedded units (``units.UnitRow``: vector [D], slice vectors [k, D],
-    rendered slices for thumbnails).
+def series_digest(series, unit_settings: dict) -> str:
+    """sha256 hex of what a series' slice vectors depend on: its salted series/study keys, the unit settings
+    (slices, rendering, plane) and the content hash of every instance in slice order (a file's bytes,
+    ``data.token_cache.content_hash``; an in-memory data set by its salted slice key) with its frame and axis.
+    Raises ``OSError`` for an unreadable file."""
+    digest = hashlib.sha256(json.dumps([series.key, series.study_key, unit_settings], sort_keys=True).encode())
+    hashes: dict[str, str] = {}
+    for ref in series.slices:
+        if isinstance(ref.source, (str, os.PathLike)):
+            path = os.fspath(ref.source)
+            part = hashes.get(path) or hashes.setdefault(path, content_hash(path))
+        else:
+            part = ref.key
+        digest.update(f"{part}#{ref.frame}#{ref.axis}\n".encode())
+    return digest.hexdigest()
 
-    Rows are keyed by salted series/study keys; the slice table (row, series, slice id, thumbnail) and the
-    slice vectors ([S, D] float16) are kept for the best-slice answer; thumbnails are the index's own PNGs
-    under ``thumbs/`` (none for units at burned-in risk unless ``privacy.allow_burned_in``). ``paths`` ({row id:
-    path}) is stored only when ``privacy.keep_paths``. The salt is kept in the manifest (same keys on rebuild).
-    Raises ``SearchIndexError`` when ``out`` holds an index of another model or unit (``rebuild`` replaces it).
+
+def _embed_series_chunk(model, kind: str, keys: list[str], source: dict[str, Any], settings: IndexSettings,
+                        path: Path, *, options, out: Path, privacy: PrivacyOptions) -> None:
+    """Embed the series of one chunk (``source``: {digest: Series}) through their sampled slices
+    (``units.embed_series``), write their thumbnails under ``thumbs/`` (``<slice key>.png``; none at burned-in
+    risk unless ``privacy.allow_burned_in``) and the chunk (one key ``<digest>#<n>#<slice key>`` per slice)."""
+    from fuselip_med.data.skips import SkipReport
+    from fuselip_med.units import embed_series
+
+    slice_keys, vectors, failed = [], [], []
+    for digest in keys:
+        series = source[digest]
+        skips = SkipReport()
+        done = embed_series(model, [series], options, batch_size=settings.batch_size, skips=skips, keep_images=True,
+                            progress=False)
+        if not done:
+            failed.append((digest, skips.entries[-1].reason if skips.entries else "not embedded"))
+            continue
+        show = privacy.allow_burned_in or not series.burned_in
+        for number, (key, image) in enumerate(zip(done[0].slice_keys, done[0].images or [])):
+            if show:
+                atomic_write_bytes(out / THUMBS / f"{key}.png", _thumbnail_png(image))
+            slice_keys.append(f"{digest}#{number:05d}#{key}")
+        vectors.append(done[0].slice_vectors)
+    dim = vectors[0].shape[-1] if vectors else 0
+    _write_chunk(path, slice_keys, np.concatenate(vectors) if vectors else np.zeros((0, dim)), failed)
+
+
+def _stored_series(previous: SearchIndex | None, unit: str) -> dict[str, tuple[list[str], np.ndarray]]:
+    """{series digest: (slice keys [k], slice vectors [k, D] float16)} of a previous index of the same unit."""
+    if previous is None or previous.unit != unit or previous.slices is None or "series_hash" not in previous.slices:
+        return {}
+    out: dict[str, tuple[list[str], np.ndarray]] = {}
+    for digest, rows in previous.slices.groupby("series_hash", sort=False).groups.items():
+        rows = np.asarray(rows, dtype=np.int64)
+        out[str(digest)] = ([str(k) for k in previous.slices["slice"].iloc[rows]],
+                            np.asarray(previous.slice_vectors[rows], dtype=np.float16))
+    return out
+
+
+def build_unit_index(out: str | os.PathLike, series: Sequence, model, model_id: ModelId, unit: str, salt: str,
+                     options=None, settings: IndexSettings = IndexSettings(), *,
+                     privacy: PrivacyOptions = PrivacyOptions(), skips=None, rebuild: bool = False,
+                     progress: bool = False) -> BuildReport:
+    """Build or update a series or study index at ``out`` from ``series`` (``data.studies.Series``, keyed by
+    ``salt``), each embedded through its sampled slices (``options``: ``units.UnitOptions``).
+
+    Incremental and resumable as ``build_index`` is, with the series as the item: a series is known by
+    ``series_digest`` (content hashes of its instances + unit settings); an unchanged series reuses its stored
+    slice vectors, a removed one is dropped, the rest are embedded in chunks of ``settings.chunk_size //
+    options.slices`` series (at least one), each written atomically to ``.work/series/`` with its thumbnails,
+    so a killed build resumes with the finished chunks and ends with the same index. Slice vectors are pooled
+    as stored (float16), so reused, resumed and fresh series give the same vectors.
+
+    Rows are keyed by salted series/study keys; the slice table (row, study, series, slice, thumbnail,
+    series_hash) and the slice vectors ([S, D] float16) are kept for the best-slice answer; thumbnails are the
+    index's own PNGs under ``thumbs/``. The first file of a row is stored only when ``privacy.keep_paths``. The
+    salt is kept in the manifest (same keys on rebuild). A series that cannot be embedded is named in
+    ``skips`` (``data.skips.SkipReport``) by its key. Raises ``SearchIndexError`` when ``out`` holds an index
+    of another model or unit (``rebuild`` replaces it) or when no series could be embedded.
     """
+    import dataclasses
+    import functools
+
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from fuselip_med.units import SeriesEmbedding, UnitOptions, pool, unit_rows
+
+    options = options or UnitOptions()
     out = Path(out)
     previous = None if rebuild else _load_previous(out)
     if previous is not None and (previous.model.fingerprint != model_id.fingerprint or previous.unit != unit):
         raise SearchIndexError(f"{out} holds a {previous.unit} index built with model {previous.model}, not a {unit} "
                                f"index of {model_id}; use --rebuild to replace it, or another --out.")
-    if not rows:
+    work = _prepare_work(out, model_id, _Process())
+    unit_settings = options.describe()
+    listed: dict[str, Any] = {}
+    for item in series:
+        try:
+            listed[series_digest(item, unit_settings)] = item
+        except OSError as error:
+            if skips is not None:
+                skips.add(item.key, f"study {item.study_key}", f"cannot read the file ({error.strerror or error})")
+    stored = _stored_series(previous, unit)
+    report = BuildReport()
+    chunking = dataclasses.replace(settings, chunk_size=max(1, settings.chunk_size // options.slices))
+    embed_chunk = functools.partial(_embed_series_chunk, options=options, out=out, privacy=privacy)
+    with _progress(progress) as bar:
+        report.embedded_images = _embed_missing(model, "series", list(listed), set(stored), listed, chunking, work,
+                                                _Process(), bar, embed_chunk, lambda k: k.split("#", 1)[0])
+    chunk_vectors, failed = _read_chunks(work, "series")
+    fresh: dict[str, list[tuple[str, str, np.ndarray]]] = {}
+    for key, vector in sorted(chunk_vectors.items()):
+        digest, number, slice_key = key.split("#")
+        fresh.setdefault(digest, []).append((slice_key, number, vector))
+    embedded, digests = [], {}
+    for digest, item in listed.items():
+        if digest in stored:
+            slice_keys, vectors = stored[digest]
+            report.reused_images += 1
+        elif digest in fresh:
+            slice_keys = [k for k, _, _ in fresh[digest]]
+            vectors = np.stack([v for _, _, v in fresh[digest]])
+        else:
+            if skips is not None:
+                skips.add(item.key, f"study {item.study_key}", failed.get(digest, "not embedded"))
+            continue
+        vectors = np.asarray(vectors, dtype=np.float16).astype(np.float32)
+        embedded.append(SeriesEmbedding(item, list(slice_keys), [None] * len(slice_keys), vectors, pool(vectors)))
+        digests[item.key] = digest
+    if skips is not None:
+        skips.kept = len(embedded)
+    if not embedded:
         raise SearchIndexError(f"no {unit} could be embedded; nothing was written.")
+    rows = unit_rows(embedded, unit)
+    first = {}
+    for item in embedded:
+        for key in (item.series.key, item.series.study_key):
+            first.setdefault(key, item.series.slices[0].source)
     dim = int(rows[0].vector.shape[-1])
-    meta, slices, thumbs = [], [], {}
+    burned = {s.series.key: s.series.burned_in for s in embedded}
+    meta, slices = [], []
     for number, row in enumerate(rows):
         digest = hashlib.sha256(np.ascontiguousarray(row.slice_vectors, dtype=np.float32).tobytes()).hexdigest()
-        path = privacy.written_path((paths or {}).get(row.id), dicom=True)  # series inputs: none unless kept
+        source = first.get(row.id)
+        path = privacy.written_path(os.fspath(source) if isinstance(source, (str, os.PathLike)) else None, dicom=True)
         meta.append({"id": row.id, "path": path, "caption": None, "source": unit, "content_hash": digest,
                      "model_id": str(model_id), "size": -1, "mtime_ns": -1, "caption_row": -1, "thumbnail": None})
-        show = privacy.allow_burned_in or not row.burned_in
-        for position, (slice_id, series) in enumerate(zip(row.slice_ids, row.slice_series)):
-            name = f"{slice_id}.png" if show and row.images is not None else None
-            if name is not None:
-                thumbs[name] = _thumbnail_png(row.images[position])
-            slices.append({"row": number, "study": row.study, "series": series, "slice": slice_id, "thumbnail": name})
-    for name, data in thumbs.items():
-        target = out / THUMBS / name
-        if not target.is_file() or target.read_bytes() != data:
-            atomic_write_bytes(target, data)
+        for slice_id, series_key in zip(row.slice_ids, row.slice_series):
+            name = f"{slice_id}.png"
+            shown = (privacy.allow_burned_in or not burned[series_key]) and (out / THUMBS / name).is_file()
+            slices.append({"row": number, "study": row.study, "series": series_key, "slice": slice_id,
+                           "thumbnail": name if shown else None, "series_hash": digests[series_key]})
     slice_table = io.BytesIO()
-    pq.write_table(pa.Table.from_pandas(pd.DataFrame(slices, columns=["row", "study", "series", "slice",
-                                                                      "thumbnail"]), preserve_index=False),
+    pq.write_table(pa.Table.from_pandas(pd.DataFrame(slices, columns=["row", "study", "series", "slice", "thumbnail",
+                                                                      "series_hash"]), preserve_index=False),
                    slice_table)
     slice_vectors = io.BytesIO()
     np.save(slice_vectors, np.concatenate([r.slice_vectors for r in rows]).astype(np.float16).reshape(-1, dim))
-    report = BuildReport(n_rows=len(rows), embedded_images=len(slices), index_type=settings.resolved_type(len(rows)))
+    report.n_rows, report.n_slices, report.index_type = len(rows), len(slices), settings.resolved_type(len(rows))
+    report.embedded_elsewhere = sum(1 for d in digests.values() if d in fresh) - report.embedded_images
     if previous is not None:
         report.removed = len(set(previous.meta["id"]) - {r.id for r in rows})
-    extra_manifest = {"unit": unit, "salt": salt, "units": unit_settings or {},
-                      "privacy": _privacy_record(privacy)}
+    extra_manifest = {"unit": unit, "salt": salt, "units": unit_settings, "privacy": _privacy_record(privacy)}
     _commit(out, meta, _stack([r.vector for r in rows], dim), _stack([], dim), model_id, settings, report, previous,
             extra_files={"slices": ("slices.parquet", slice_table.getvalue()),
                          "slice_vectors": ("slicevec.npy", slice_vectors.getvalue())},
             extra_manifest=extra_manifest)
-    _remove_stale_thumbnails(out, set(thumbs))
+    _remove_stale_thumbnails(out, {s["thumbnail"] for s in slices if s["thumbnail"]})
     return report
 
 
@@ -783,3 +917,20 @@ def stored_index_salt(out: str | os.PathLike) -> str | None:
     """The pseudonym salt of the index at ``out`` (reused on rebuild so keys stay the same), or None."""
     manifest = Path(out) / MANIFEST
     return json.loads(manifest.read_text()).get("salt") if manifest.is_file() else None
+
+
+def index_salt(out: str | os.PathLike, rebuild: bool = False) -> str:
+    """The salt a build of ``out`` keys its rows with: the committed index's (unless ``rebuild``), else the one an
+    unfinished build left in ``.work/salt`` (its chunks are keyed by it, so a killed first build resumes), else
+    a fresh one (``phi.new_salt``), kept there at once. Never printed."""
+    from fuselip_med.data.phi import new_salt
+
+    stored = None if rebuild else stored_index_salt(out)
+    if stored:
+        return stored
+    work_salt = Path(out) / WORK / "salt"
+    if not rebuild and work_salt.is_file() and work_salt.read_text().strip():
+        return work_salt.read_text().strip()
+    salt = new_salt()
+    atomic_write_text(work_salt, salt)
+    return salt
