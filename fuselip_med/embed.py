@@ -69,17 +69,21 @@ def rows_from_source(source: SampleSource, kind: Kind, skips: SkipReport | None 
 
 
 def pseudonymize_rows(rows: list[EmbedRow], pseudonyms: Pseudonyms, privacy: PrivacyOptions = PrivacyOptions(),
-                      skips: SkipReport | None = None) -> list[EmbedRow]:
+                      skips: SkipReport | None = None, rename: bool = True) -> list[EmbedRow]:
     """The rows with every DICOM file's id replaced by its salted instance key (``phi.instance_key``; PS3.15
     Annex E: PACS exports name folders after patients). A second file of the same SOP Instance is named in
     ``skips`` (``duplicate instance``). When DICOM is found and paths are not kept, the entries ``skips``
-    already holds (the adapter's, named by path) are renamed to salted ``file-`` keys, source ``input``."""
+    already holds (the adapter's, named by path) are renamed to salted ``file-`` keys, source ``input``.
+    ``rename=False`` (a dataset adapter whose ids are its own, not paths: ``rocov2``, ...) keeps the ids and
+    only marks DICOM rows (``dicom``: no path written)."""
     out: list[EmbedRow] = []
     seen: set[str] = set()
     for row in rows:
         key = instance_key(pseudonyms, row.image) if isinstance(row.image, (str, os.PathLike)) else None
         if key is None:
             out.append(row)
+        elif not rename:
+            out.append(EmbedRow(row.id, row.image, row.text, dicom=True))
         elif key in seen:
             if skips is not None:
                 skips.add(key, "input", "duplicate instance", "a second file of the same SOP Instance")

@@ -100,6 +100,8 @@ def test_accelerate_launch_two_processes_builds_the_single_process_index(built, 
     root, folder, model = built
     repo = Path(__file__).parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    (tmp_path / "two" / ".work").mkdir(parents=True)  # the single index's salt: the same DICOM instance keys
+    (tmp_path / "two" / ".work" / "salt").write_text(open_index(root / "index").manifest["salt"])
     completed = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
          "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fuselip_med.cli", "index", "build", "-m",

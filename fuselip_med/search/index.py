@@ -206,8 +206,9 @@ def list_entries(input: str | os.PathLike, adapter: str = "folder", split: str =
     """The images (with their captions where present) a dataset adapter lists, as ``embed`` reads them.
 
     ``adapter``: a registered adapter name (``folder``/``csv`` for folders incl. DICOM and CSV/TSV tables,
-    ``rocov2``, ...). With ``pseudonyms``, DICOM files are named by salted instance keys
-    (``embed.pseudonymize_rows``) and their source is ``dicom``. Returns (entries sorted by id, skip counts by
+    ``rocov2``, ...). With ``pseudonyms``, DICOM files are marked (no path written, own thumbnail; source
+    ``dicom``) and, where ids are paths (``folder``/``csv``), named by salted instance keys
+    (``embed.pseudonymize_rows``). Returns (entries sorted by id, skip counts by
     reason incl. the adapter's own). Raises ``DatasetEmptyError``/``FileNotFoundError`` from the adapter and
     ``KeyError`` for an unknown adapter.
     """
@@ -226,7 +227,7 @@ def list_entries(input: str | os.PathLike, adapter: str = "folder", split: str =
         row.text = captions.get(row.id) or None
     if pseudonyms is not None:
         duplicates = SkipReport()
-        rows = pseudonymize_rows(rows, pseudonyms, skips=duplicates)
+        rows = pseudonymize_rows(rows, pseudonyms, skips=duplicates, rename=adapter in ("folder", "csv"))
         skipped.update(duplicates.counts)
     entries: dict[str, IndexEntry] = {}
     for row in rows:
