@@ -5,10 +5,13 @@ with ``os.replace`` (atomic on POSIX and Windows); the directory entry is fsynce
 Directories are built in a temp sibling and swapped in the same way. Temp names carry ``TEMP_MARK``
 (``.model.safetensors.tmp-k2j4``) so that ``remove_temp_files`` can clear what a killed process left behind.
 
-Standard library only: the data tools load this file by path in the download image (no torch, no package).
+Standard library only (plus ``fuselip_med.errors`` where the package is installed): the data tools load this file
+by path in the download image (no torch, no package).
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import shutil
@@ -21,18 +24,80 @@ from typing import Any
 
 __all__ = [
     "TEMP_MARK",
+    "OutputError",
     "atomic_directory",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_csv",
     "atomic_write_json",
     "atomic_write_text",
+    "check_writable",
+    "disk_full",
+    "is_disk_full",
+    "damaged_files",
+    "file_record",
     "publish_directory",
     "remove_temp_files",
     "temp_directory",
 ]
 
 TEMP_MARK = ".tmp-"
+
+
+try:
+    from fuselip_med.errors import UserError as _UserError
+except ImportError:  # loaded by path in the download image, without the package
+    _UserError = Exception  # type: ignore[assignment,misc]
+
+
+class OutputError(_UserError, OSError):
+    """An output location that cannot take the output: not writable, or its device is full. The message is one
+    line naming the folder (and, when full, the space needed); the CLI prints it as ``error: ...``."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n:,} bytes"
+
+
+def disk_full(folder: str | os.PathLike, needed: int | None) -> OutputError:
+    """The ``OutputError`` for a full device under ``folder``: names it, what is free and what was needed."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = 0
+    need = f"about {_size(needed)} more is needed, " if needed else ""
+    return OutputError(errno.ENOSPC, f"no space left on the device of {folder}: {need}{_size(free)} is free; free "
+                                     "some space or write elsewhere, then run the command again (finished work is "
+                                     "kept, nothing partial is left)")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """True for the ways writers report a full device: ``OSError`` ENOSPC/EDQUOT, or a wrapped one in the message
+    (torch's ``file write failed``, safetensors' ``StorageFull``)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    return any(sign in text for sign in ("No space left on device", "StorageFull", "file write failed"))
+
+
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` (and parents) if needed and prove it writable with a probe file, before any work;
+    returns it. Raises ``OutputError`` naming the folder and the reason (read-only, permissions, a file in the way)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".write-probe{TEMP_MARK}", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        if is_disk_full(error):
+            raise disk_full(folder, None) from None
+        raise OutputError(error.errno, f"cannot write to {folder} ({error.strerror or error}); choose another output "
+                                       "location or fix its permissions") from None
+    return folder
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -49,12 +114,13 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any], size: int | None = None) -> Path:
     """Call ``write(temp_path)`` to write the whole file, then swap it in for ``path``; returns ``path``.
 
     For writers that take a path (``safetensors.torch.save_file``, ``pyarrow.parquet.write_table``,
     ``numpy.save``, ``DataFrame.to_csv``). Parent folders are created. On any exception (or interrupt) the temp
-    file is removed and ``path`` keeps its previous content.
+    file is removed and ``path`` keeps its previous content; a full device raises ``OutputError`` naming the
+    folder and the space needed (``size`` bytes when the caller knows it, else at least what was written).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,8 +132,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
+        written = tmp.stat().st_size if tmp.exists() else 0
         tmp.unlink(missing_ok=True)
+        if is_disk_full(error):
+            raise disk_full(path.parent, size or written) from None
         raise
     _fsync_directory(path.parent)
     return path
@@ -75,7 +144,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (see module docstring); returns ``path``."""
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data), size=len(data))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
@@ -155,3 +224,33 @@ def remove_temp_files(folder: str | os.PathLike) -> int:
                     os.unlink(entry.path)
                     removed += 1
     return removed
+
+
+def file_record(path: str | os.PathLike) -> dict[str, Any]:
+    """``{"size": bytes, "sha256": hex}`` of a file as written, for a manifest that ``damaged_files`` checks later."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+            size += len(block)
+    return {"size": size, "sha256": digest.hexdigest()}
+
+
+def damaged_files(directory: str | os.PathLike, records: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """{file name: what is wrong} for the files of ``records`` ({name: ``file_record``}) in ``directory`` that are
+    missing, of another size (cut short or grown) or of another SHA-256 than recorded; {} when all are intact.
+    The size is checked first (a stat), the checksum only for files of the right size."""
+    damaged: dict[str, str] = {}
+    for name, record in records.items():
+        path = Path(directory, name)
+        try:
+            size = path.stat().st_size
+        except OSError:
+            damaged[name] = "missing"
+            continue
+        if size != record["size"]:
+            damaged[name] = f"{size:,} bytes, {record['size']:,} were written"
+        elif file_record(path)["sha256"] != record["sha256"]:
+            damaged[name] = "its checksum does not match the one recorded when it was written"
+    return damaged

@@ -113,13 +113,13 @@ def test_imagenet_top1_top5_with_80_templates(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- SugarCrepe
-def write_sugarcrepe(root):
+def write_sugarcrepe(root, subsets=("add_obj", "swap_att")):
     (root / "val2017").mkdir(parents=True)
     solid_image(root / "val2017" / "000000000139.jpg", (90, 0, 0))
-    for subset in ("add_obj", "swap_att"):
+    for subset in subsets:
         entries = {"0": {"filename": "000000000139.jpg", "caption": "good one", "negative_caption": "bad one"},
                    "1": {"filename": "000000000139.jpg", "caption": "bad two", "negative_caption": "good two"}}
-        if subset == "add_obj":
+        if subset in ("add_obj", "add_ent"):
             entries["2"] = {"filename": "000000000139.jpg", "caption": "good three", "negative_caption": "bad three"}
         (root / f"{subset}.json").write_text(json.dumps(entries))
     return root
@@ -257,7 +257,8 @@ def test_paper_suite_through_the_cli(tmp_path, monkeypatch):
     assert list(table) == list(PAPER_COLUMNS)
     assert table["MMEB Classification"] == pytest.approx(66.67) and table["VG-Crop"] == pytest.approx(66.67)
     assert table["TGIT"] is None and table["SugarCrepe"] == pytest.approx(58.33)
-    assert (out / "paper_table.md").read_text().startswith("| model | MMEB Classification |")
+    assert (out / "paper_table.md").read_text().startswith("| model | MMEB Classification (1/10) |")
+    assert "SugarCrepe (2/7)" in (out / "paper_table.md").read_text()
     assert (out / "plots" / "paper_table.png").is_file()
     missing = CliRunner().invoke(cli.app, ["eval", "-m", "planted", "--suite", "paper", "--data-root", str(root)])
     assert missing.exit_code == 2 and "tgit" in missing.output and "--tasks" in missing.output
@@ -309,3 +310,43 @@ def test_mmeb_query_with_an_undecodable_image_is_skipped_and_named(tmp_path):
     task = out["tasks"]["mmeb"]
     assert task["per_subset"]["NIGHTS"]["n"] == 0 and sum(task["per_subset"]["NIGHTS"]["skipped"].values()) == 1
     assert task["metrics"]["Retrieval"] == pytest.approx(1 / 2)  # NIGHTS had nothing to score
+
+
+FIRST_RELEASE = ("add_ent", "add_att", "replace_ent", "replace_att", "replace_rel", "swap_ent", "swap_att")
+
+
+def test_sugarcrepe_first_release_file_names_are_scored_as_all_seven_subsets(tmp_path):
+    root = write_sugarcrepe(tmp_path / "sc", FIRST_RELEASE)
+    task = run_evaluation(sugarcrepe_model(), ["sugarcrepe"], {"sugarcrepe": str(root)}, tmp_path / "o",
+                          progress=False)["tasks"]["sugarcrepe"]
+    assert task["coverage"]["mean_accuracy"] == [7, 7] and not task["missing_subsets"]
+    assert task["metrics"]["add_obj_accuracy"] == pytest.approx(2 / 3)
+    assert json.loads((tmp_path / "o" / "paper_table.json").read_text())["labels"]["SugarCrepe"] == "SugarCrepe"
+
+
+def test_a_mean_over_fewer_subsets_is_labelled_and_the_missing_ones_named(tmp_path):
+    from fuselip_med.eval.suite import write_suite_table
+
+    root = write_sugarcrepe(tmp_path / "sc", ("add_obj", "swap_att", "replace_att", "replace_rel"))
+    report = run_evaluation(sugarcrepe_model(), ["sugarcrepe"], {"sugarcrepe": str(root)}, tmp_path / "o",
+                            progress=False)
+    write_suite_table(report, tmp_path / "o")
+    table = json.loads((tmp_path / "o" / "paper_table.json").read_text())
+    assert table["labels"]["SugarCrepe"] == "SugarCrepe (4/7)"
+    assert set(table["missing_subsets"]["sugarcrepe"]) == {"replace_obj", "swap_obj", "add_att"}
+    assert "no replace_obj.json (nor replace_ent.json)" in table["missing_subsets"]["sugarcrepe"]["replace_obj"]
+    markdown = (tmp_path / "o" / "paper_table.md").read_text()
+    assert "| SugarCrepe (4/7) |" in markdown and "sugarcrepe left out add_att: no add_att.json" in markdown
+
+
+def test_an_mmeb_subset_missing_a_column_is_named_not_silently_dropped(tmp_path):
+    root = write_mmeb(tmp_path / "MMEB-eval")
+    (root / "N24News").mkdir()
+    pq.write_table(pa.table({"qry_text": ["a headline"], "qry_img_path": [""], "tgt_text": [["news", "sport"]]}),
+                   root / "N24News" / "test-00000-of-00001.parquet")  # no tgt_img_path column
+    task = run_evaluation(mmeb_model(), ["mmeb"], {"mmeb": str(root)}, tmp_path / "o",
+                          progress=False)["tasks"]["mmeb"]
+    assert task["missing_subsets"]["N24News"] == "column tgt_img_path missing"
+    assert task["coverage"]["Classification"] == [1, 10] and task["metrics"]["Classification"] == pytest.approx(2 / 3)
+    labels = json.loads((tmp_path / "o" / "paper_table.json").read_text())["labels"]
+    assert labels["MMEB Classification"] == "MMEB Classification (1/10)"

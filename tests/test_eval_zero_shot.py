@@ -124,3 +124,26 @@ def test_label_and_template_files_are_checked(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         read_labels(tmp_path / "missing.txt")
     assert color_id((1, 2, 3)) == 65536 + 2 * 256 + 3
+
+
+def test_a_labels_column_scores_single_label_rows_and_names_multi_label_ones(tmp_path, use_planted):
+    """The README's `labels` column (`;`-joined): one label is a class, several are a named skip pointing to the
+    findings task, and no message or class name is a Python list repr."""
+    rows = ["path,labels"]
+    for label, colours in IMAGES.items():
+        for j, rgb in enumerate(colours):
+            rows.append(f"{solid_image(tmp_path / f'{label}{j}.png', rgb).name},{label}")
+    rows.append(f"{solid_image(tmp_path / 'both.png', (40, 0, 0)).name},nodule;effusion")
+    (tmp_path / "table.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    out = tmp_path / "out"
+    for field in ("label", "labels"):
+        result = CliRunner().invoke(cli.app, ["eval", "-m", "planted", "--data", f"csv={tmp_path / 'table.csv'}",
+                                              "--labels", str(tmp_path / "classes.txt"), "--label-column", field,
+                                              "--out", str(out), "--num-workers", "0"])
+        assert result.exit_code == 0, result.output
+        task = json.loads((out / "metrics.json").read_text())["tasks"]["zero-shot"]
+        check_metrics(task)
+        assert task["classes"] == CLASSES
+        assert task["skipped"] == {"several labels (a multi-label row: the findings task scores each label)": 1}
+        assert "findings task" in result.output

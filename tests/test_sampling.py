@@ -82,7 +82,8 @@ def test_resume_mid_epoch_yields_exactly_the_remaining_batches(k):
     iterator = iter(sampler)
     taken = [next(iterator) for _ in range(k)]
     state = sampler.state_dict()
-    assert state == {"seed": 5, "epoch": 1, "batches_done": k}
+    samples = sum(map(len, taken))
+    assert state == {"seed": 5, "epoch": 1, "samples_done": samples, "segments": [[16, k]] if k else []}
 
     resumed = GroupedBatchSampler(groups, 16, seed=0)  # the seed comes from the state
     resumed.load_state_dict(state)
@@ -97,9 +98,10 @@ def test_state_of_a_finished_epoch_is_the_start_of_the_next():
     groups = random_groups()
     sampler = GroupedBatchSampler(groups, 16, seed=5)
     list(sampler)
-    assert sampler.state_dict() == {"seed": 5, "epoch": 1, "batches_done": 0}
+    assert sampler.state_dict() == {"seed": 5, "epoch": 1, "samples_done": 0, "segments": []}
     # a DataLoader prefetching ahead: the loop consumed only 3 batches
-    assert sampler.state_dict(batches_done=3) == {"seed": 5, "epoch": 0, "batches_done": 3}
+    three = sum(map(len, epoch_batches(GroupedBatchSampler(groups, 16, seed=5), 0)[:3]))
+    assert sampler.state_dict(batches_done=3) == {"seed": 5, "epoch": 0, "samples_done": three, "segments": [[16, 3]]}
     resumed = GroupedBatchSampler(groups, 16)
     resumed.load_state_dict(sampler.state_dict())
     assert list(resumed) == epoch_batches(GroupedBatchSampler(groups, 16, seed=5), 1)
@@ -221,3 +223,59 @@ def test_bad_arguments_are_rejected():
         RankShard(GroupedBatchSampler([[0], [1]], 2), np.arange(2), rank=2, world=2)
     with pytest.raises(ValueError, match="empty"):
         GroupedBatchSampler([], 2)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("taken", [1, 3])
+def test_resume_with_another_batch_size_draws_every_sample_once_per_epoch(grouped, taken):
+    """Batch size 8 -> 16 (and back to 8) mid-epoch: the epoch still draws each sample exactly once; the next
+    epoch is the uninterrupted run's at the new size."""
+    groups = random_groups(60, max_size=4) if grouped else [[i] for i in range(100)]
+    n = sum(map(len, groups))
+    small = GroupedBatchSampler(groups, 8, seed=3)
+    iterator = iter(small)
+    drawn = [i for _ in range(taken) for i in next(iterator)]
+    state = small.state_dict()
+    assert state["samples_done"] == len(drawn)
+    bigger = GroupedBatchSampler(groups, 16, seed=3)
+    bigger.load_state_dict(state)
+    iterator = iter(bigger)
+    batches = [next(iterator) for _ in range(2)]
+    assert all(len(b) <= 16 for b in batches) and max(map(len, batches)) > 8
+    drawn += [i for b in batches for i in b]
+    again = GroupedBatchSampler(groups, 8, seed=3)  # and a second change, back to 8
+    again.load_state_dict(bigger.state_dict())
+    assert again.state_dict()["samples_done"] == len(drawn)
+    drawn += [i for b in again for i in b]
+    assert sorted(drawn) == list(range(n))  # every sample exactly once in the epoch
+    assert again.state_dict() == {"seed": 3, "epoch": 1, "samples_done": 0, "segments": []}
+    assert epoch_batches(again, 1) == epoch_batches(GroupedBatchSampler(groups, 8, seed=3), 1)
+
+
+def test_a_batch_size_change_a_weighted_stream_cannot_honour_is_refused_naming_the_setting():
+    from fuselip_med.data.sampling import SamplerResumeError
+
+    groups = random_groups()
+    weights = [1.0 + (i % 3) for i in range(len(groups))]
+    sampler = GroupedBatchSampler(groups, 16, seed=2, group_weights=weights)
+    next(iter(sampler))
+    other = GroupedBatchSampler(groups, 32, seed=2, group_weights=weights)
+    with pytest.raises(SamplerResumeError, match=r"train\.batch_size=16"):
+        other.load_state_dict(sampler.state_dict())
+
+
+def test_resume_from_one_process_to_two_draws_every_sample_once_per_epoch():
+
+    groups = random_groups(60, max_size=4)
+    group_of = np.zeros(sum(map(len, groups)), dtype=np.int64)
+    for number, group in enumerate(groups):
+        group_of[group] = number
+    one = GroupedBatchSampler(groups, 8, seed=4)
+    iterator = iter(RankShard(one, group_of, 0, 1))
+    drawn = [i for _ in range(3) for i in next(iterator)]
+    state = one.state_dict()
+    for rank in (0, 1):  # each process of the resumed run, batch size 16 now
+        sampler = GroupedBatchSampler(groups, 16, seed=4)
+        sampler.load_state_dict(state)
+        drawn += [i for share in RankShard(sampler, group_of, rank, 2) for i in share]
+    assert sorted(drawn) == list(range(len(group_of)))

@@ -191,14 +191,42 @@ def test_synth_vqa_command_rules(tmp_path):
         ("000001", "modality", "CT"), ("000001", "plane", "axial"), ("000001", "abnormality", "cyst"),
         ("000001", "side", "left"), ("000001", "location", "left kidney"), ("000001", "size", "2 cm"),
         ("000007", "modality", "X-ray"), ("000007", "region", "chest"), ("000007", "projection", "AP")]
-    assert all(r["generator"] == "rules" and r["model"] is None and r["prompt_version"] == "rules-v1"
+    assert all(r["generator"] == "rules" and r["model"] is None and r["prompt_version"] == "rules-v2"
                and Path(r["image"]).is_file() for r in records)
     stats = json.loads((tmp_path / "vqa.jsonl.stats.json").read_text())
     assert stats["n_captions"] == 3 and stats["n_records"] == 9
-    assert stats["dropped"] == {"caption without a certain question": 1}
+    assert stats["dropped"] == {"caption without a certain question": 1, "caption not in English": 0}
     bad = subprocess.run([sys.executable, "-m", "fuselip_med.cli", "data", "synth-vqa", "--input",
                           str(tmp_path / "nothing"), "--out", str(out)], capture_output=True, text=True, cwd=REPO)
     message = " ".join(bad.stdout.split())
     assert bad.returncode == 1 and message.startswith("error: ROCOv2 path") and "does not exist" in message
     wrong = CliRunner().invoke(app, ["data", "synth-vqa", "-i", str(tmp_path / "rocov2"), "-o", "vqa.csv"])
     assert wrong.exit_code == 1 and "give a .jsonl file name" in " ".join(wrong.output.split())
+
+
+@pytest.mark.parametrize(("caption", "size"), [
+    ("CT showing a 5,2 cm mass in the right upper lobe.", "5,2 cm"),          # decimal comma, as written
+    ("CT showing a 3&times;4 cm mass in the liver.", "3 x 4 cm"),           # HTML entity of the times sign
+    ("CT showing a 3\u00d74 cm mass in the liver.", "3 x 4 cm"),
+    ("Ultrasound showing a 2-3 cm cyst in the left kidney.", "2-3 cm"),    # ranges, never their upper end
+    ("Ultrasound showing a 2\u20133 cm cyst in the left kidney.", "2-3 cm"),
+    ("Ultrasound showing a 2 to 3 cm cyst in the left kidney.", "2 to 3 cm"),
+    ("A cyst measuring 1,5 x 2 cm in the liver.", "1,5 x 2 cm"),
+])
+def test_sizes_are_read_as_written(caption, size):
+    sizes = [answer for qtype, _, answer in rules_qa(caption) if qtype == "size"]
+    assert sizes == [size]
+
+
+def test_captions_not_in_english_are_skipped_and_counted(tmp_path):
+    from fuselip_med.data.synth.common import CaptionRow
+    from fuselip_med.data.synth.rules import synthesize_rules
+
+    french = "Scanner thoracique en coupe axiale montrant un épanchement pleural gauche, pas de pneumothorax."
+    spanish = "Tomografía computarizada que muestra un derrame pleural izquierdo sin neumotórax."
+    assert rules_qa(french) == [] and rules_qa("Pas de pneumothorax.") == []
+    skipped: list[str] = []
+    rows = [CaptionRow("fr", None, french), CaptionRow("es", None, spanish),
+            CaptionRow("en", None, "Axial CT showing a left pleural effusion.")]
+    records = synthesize_rules(rows, skipped)
+    assert skipped == ["fr", "es"] and {r.id for r in records} == {"en"}

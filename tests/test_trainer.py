@@ -298,7 +298,7 @@ def test_a_new_run_moves_an_earlier_run_aside(tmp_path, demo_data):
     recipe = recipe_dict(tmp_path / "runs" / "r", demo_data, train={"steps": 2}, checkpoint={"every_steps": None})
     run(recipe)
     run(recipe)
-    names = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    names = sorted(p.name for p in (tmp_path / "runs").iterdir() if not p.name.startswith(".r.lock"))
     assert names[0] == "r" and names[1].startswith("r.prev-") and len(names) == 2
     assert len(logged_losses(tmp_path / "runs" / "r")) == 2
 
@@ -309,5 +309,31 @@ def test_gradient_accumulation_consumes_accum_batches_per_step(tmp_path, demo_da
     result = run(recipe)
     assert result.steps == 3
     state = json.loads((tmp_path / "run" / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
-    per_epoch = 40 // 8  # demo train split of 40 images, batch 8, last partial batch dropped
-    assert state["sampler"]["epoch"] * per_epoch + state["sampler"]["batches_done"] == 3 * 2
+    per_epoch = 40  # demo train split of 40 images, batch 8
+    assert state["sampler"]["epoch"] * per_epoch + state["sampler"]["samples_done"] == 3 * 2 * 8
+
+
+def test_resume_with_a_larger_batch_continues_the_epoch_in_samples(tmp_path, demo_data, monkeypatch):
+    """Batch 8 for two steps (16 of 40 samples), resumed with batch 16: the 24 samples left make one full batch of
+    16 (the short rest is dropped, as drop_last does in an uninterrupted run), so the run ends at step 3."""
+    from fuselip_med.train import trainer as trainer_module
+
+    calls = {"n": 0}
+    original = trainer_module.set_learning_rate
+
+    def interrupt_at_third_step(optimizer, lr):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        original(optimizer, lr)
+
+    monkeypatch.setattr(trainer_module, "set_learning_rate", interrupt_at_third_step)
+    recipe = recipe_dict(tmp_path / "run", demo_data, checkpoint={"every_steps": 10})
+    recipe["train"] = {**recipe["train"], "steps": None, "epochs": 1}
+    assert run(recipe).interrupted
+    monkeypatch.setattr(trainer_module, "set_learning_rate", original)
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
+    assert state["sampler"] == {"seed": 0, "epoch": 0, "samples_done": 16, "segments": [[8, 2]]}
+    recipe["train"]["batch_size"] = 16
+    result = run(recipe, resume="latest")
+    assert result.steps == 3 and not result.interrupted

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fuselip_med.cli import radcrepe
 from fuselip_med.cli.common import RECIPE_HELP, SET_HELP
 from fuselip_med.data.synth.llm import DEFAULT_MODEL
 from fuselip_med.errors import InputError
@@ -36,6 +37,9 @@ def demo(
       fuselip-med data demo --out demo_data
     """
     from fuselip_med.data.demo import write_demo_dataset
+    from fuselip_med.io import check_writable
+
+    check_writable(out.parent)  # before any work: OutputError naming the folder
 
     path = write_demo_dataset(out, seed=seed, n_train=n_train, n_valid=n_valid, n_test=n_test, n_dicom=n_dicom,
                               overwrite=overwrite)
@@ -153,9 +157,11 @@ def deidentify(
 
 
 def register(app: typer.Typer) -> None:
-    """Add the ``data`` group (``demo``, ``synth-vqa``, ``cache-codes``, ``deidentify``) to the ``fuselip-med`` app."""
+    """Add the ``data`` group (``demo``, ``synth-vqa``, ``cache-codes``, ``radcrepe``, ``deidentify``) to the
+    ``fuselip-med`` app."""
     data_app.command("deidentify")(deidentify)
     data_app.command("demo")(demo)
     data_app.command("synth-vqa")(synth_vqa)
     data_app.command("cache-codes")(cache_codes)
+    radcrepe.register(data_app)
     app.add_typer(data_app, name="data")

@@ -10,7 +10,16 @@ from rich.console import Console
 
 from fuselip_med.cli import common
 from fuselip_med.cli.common import BASE_HELP, MODEL_HELP
-from fuselip_med.cli.options import CAPTION_COLUMN, ENCODING, ID_COLUMN, IMAGE_ROOT, PATH_COLUMN, SEP, table_options
+from fuselip_med.cli.options import (
+    CAPTION_COLUMN,
+    ENCODING,
+    ID_COLUMN,
+    IMAGE_ROOT,
+    PATH_COLUMN,
+    RUNTIME,
+    SEP,
+    table_options,
+)
 from fuselip_med.cli.units import KEEP_PATHS, PLANE, RENDER, SLICES, UNIT, WINDOW
 from fuselip_med.errors import InputError, UsageError
 from fuselip_med.option_names import command_line_style
@@ -37,6 +46,7 @@ def embed(
     num_workers: int = typer.Option(2, help="Image decoding workers."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
     base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP),
+    runtime: str = RUNTIME,
     unit: str = UNIT,
     slices: int = SLICES,
     render: str = RENDER,
@@ -60,7 +70,8 @@ def embed(
         --kind pair -o pairs.npy\n
       fuselip-med embed -m runs/rocov2/final -i export.csv --encoding cp1252 --image-root /data/pacs -o scans.npy\n
       fuselip-med embed -m runs/rocov2/final -i pacs_export/ --unit series --slices 16 -o series.npy\n
-      fuselip-med embed -m runs/rocov2/final -i ct_rate/valid/ --unit study --render multi -o studies.parquet
+      fuselip-med embed -m runs/rocov2/final -i ct_rate/valid/ --unit study --render multi -o studies.parquet\n
+      fuselip-med embed --runtime onnx -m exports/rocov2-int8 -i my_images/ -o image_embeddings.npy
     """
     if unit != "image":
         _embed_units(model, input, out, unit, slices, render, window, plane, batch_size, device, base)
@@ -78,11 +89,14 @@ def embed(
         stored_salt,
         write_embeddings,
     )
+    from fuselip_med.export.runtime import load_for_runtime
+    from fuselip_med.io import check_writable
 
     if kind not in KINDS:
         raise UsageError(f"--kind {kind!r}: choose image, text or pair.")
     if out.suffix not in (".npy", ".parquet"):
         raise UsageError(f"--out {out}: use a .npy or .parquet file name.")
+    check_writable(out.parent)  # before any work: OutputError naming the folder
     options = table_options(path_column=path_column, caption_column=caption_column, id_column=id_column, sep=sep,
                             image_root=image_root, encoding=encoding)
     with command_line_style():
@@ -95,7 +109,7 @@ def embed(
                              skips)
     if not rows:
         raise InputError(f"{input}: no row to embed ({skips.summary()}).")
-    fuselip, _, _ = common.load_inference_model(model, device, base)
+    fuselip, _ = load_for_runtime(model, runtime, device, base=base)
     matrix, kept, _ = embed_rows(fuselip, rows, batch_size=batch_size, num_workers=num_workers, skips=skips)
     keyed = any(row.dicom for row in kept)
     written = write_embeddings(out, matrix, kept, model, pseudonyms.salt if keyed else None, privacy)

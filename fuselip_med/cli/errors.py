@@ -13,6 +13,10 @@ from typer.core import TyperGroup
 
 from fuselip_med.errors import UserError
 
+# typer parses with its own copy of click; these are the exceptions its parser raises
+CommandLineError = typer.BadParameter.__mro__[1]  # typer's click UsageError: unknown option, bad value, missing
+NoArgsIsHelp = next(c for c in CommandLineError.__subclasses__() if c.__name__ == "NoArgsIsHelpError")
+
 DEBUG_ENV = "FUSELIP_MED_DEBUG"
 
 
@@ -31,13 +35,35 @@ def debug_requested(ctx: typer.Context) -> bool:
     return bool(ctx.params.get("debug")) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
+def _usage_exit(error: Exception) -> None:
+    """A command line click cannot parse (unknown option, wrong type, missing value) as one ``error:`` line naming
+    the command and its ``--help``, exit code 2 (click's), instead of click's boxed usage text."""
+    command = error.ctx.command_path if error.ctx is not None else "fuselip-med"
+    print_error(Console(stderr=True), f"{command}: {error.format_message()} (see {command} --help)")
+    raise typer.Exit(error.exit_code)
+
+
 class UserErrorGroup(TyperGroup):
     """The top-level command group: a ``UserError`` in any (sub)command prints one ``error:`` line and exits with
-    its ``exit_code``."""
+    its ``exit_code``; a command line that cannot be parsed is one ``error:`` line too (exit 2)."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except NoArgsIsHelp:
+            raise  # a bare group prints its help
+        except CommandLineError as error:
+            _usage_exit(error)
 
     def invoke(self, ctx: typer.Context):
         try:
             return super().invoke(ctx)
+        except NoArgsIsHelp:
+            raise
+        except CommandLineError as error:
+            if debug_requested(ctx):
+                raise
+            _usage_exit(error)
         except UserError as error:
             if debug_requested(ctx):
                 raise

@@ -52,6 +52,14 @@ def eval_command(
     image_root: Optional[str] = IMAGE_ROOT,
     encoding: Optional[str] = ENCODING,
     base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help=_eval_help("prompts")),
+    uncertain: str = typer.Option("ignore", "--uncertain", help=_eval_help("uncertain")),
+    threshold_rule: str = typer.Option("youden", "--threshold-rule", help=_eval_help("threshold_rule")),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help=_eval_help("bootstrap")),
+    check_leakage: Optional[str] = typer.Option(None, "--check-leakage", help=_eval_help("check_leakage")),
+    exclude_leaked: bool = typer.Option(False, "--exclude-leaked", help=_eval_help("exclude_leaked")),
+    phash_distance: int = typer.Option(8, "--phash-distance", help=_eval_help("phash_distance")),
+    leak_cosine: float = typer.Option(0.95, "--leak-cosine", help=_eval_help("leak_cosine")),
 ) -> None:
     """Evaluate a model: retrieval R@k, zero-shot classification, concepts, TGIT, the paper's benchmark suite.
 
@@ -68,30 +76,51 @@ def eval_command(
         -d rocov2=eltorio/ROCOv2-radiology\n
       fuselip-med eval -m runs/rocov2/final -t rocov2-retrieval -d test=pairs.tsv \\
         --path-column filepath --caption-column title\n
-      fuselip-med eval -m fuselip=runs/a/final -m sf=runs/b/final -m mlf=runs/c/final -d rocov2=ROCOv2_data
+      fuselip-med eval -m fuselip=runs/a/final -m sf=runs/b/final -m mlf=runs/c/final -d rocov2=ROCOv2_data\n
+      fuselip-med eval -m runs/rocov2/final -t findings -d findings=CheXpert-v1.0-small/test.csv \\
+        -d findings_valid=CheXpert-v1.0-small/valid.csv --uncertain positive --prompts prompts.yaml\n
+      fuselip-med eval -m runs/rocov2/final --suite radiology --data-root /data/radiology\n
+      fuselip-med eval -m runs/rocov2/final -d rocov2=ROCOv2_data --check-leakage ROCOv2_data --exclude-leaked
     """
-    from fuselip_med.eval.command import choose_tasks, parse_data, suite_data
+    from fuselip_med.eval.command import choose_tasks, leakage_data, parse_data, radiology_suite, suite_data
     from fuselip_med.eval.report import flatten_metrics
     from fuselip_med.eval.runner import check_tasks, run_evaluation
+    from fuselip_med.eval.suite import missing_subsets
     from fuselip_med.eval.tasks.zero_shot import read_labels, read_templates
     from fuselip_med.eval.tgit import read_row_list
+    from fuselip_med.io import check_writable
 
     options = table_options(path_column=path_column, caption_column=caption_column, id_column=id_column, sep=sep,
                             image_root=image_root, encoding=encoding)
+    check_writable(out)  # before any work: OutputError naming the folder
     chosen = choose_tasks(tasks, suite, labels is not None or templates is not None)
     data_map = parse_data(data)
-    if data_root is not None:
+    if data_root is not None and suite == "radiology":
+        suite_tasks, suite_map = radiology_suite(data_root)
+        chosen = chosen if tasks else suite_tasks
+        data_map = {**suite_map, **data_map}
+    elif data_root is not None:
         data_map = {**suite_data(suite or "paper", data_root, chosen), **data_map}
     tgit_rows = tgit_rows or ("official" if suite == "paper" else None)
     if tgit_rows is not None:
         read_row_list(tgit_rows)
+    if check_leakage is not None:
+        key, path = leakage_data(check_leakage)
+        data_map[key] = path
+        chosen = [*chosen, "leakage"] if "leakage" not in chosen else chosen
+    if prompts is not None:
+        from fuselip_med.eval.findings import read_prompts
+
+        read_prompts(prompts)  # a bad file fails before the model loads
     class_names = read_labels(labels) if labels is not None else None
     prompt_templates = read_templates(templates) if templates is not None else None
     check_tasks(chosen, data_map)
     eval_options = dict(seed=seed, pool_size=pool_size, n_pools=n_pools, batch_size=batch_size,
                         num_workers=num_workers, labels=class_names, templates=prompt_templates,
                         label_field=label_column, allow_partial=allow_partial, source_options=options,
-                        tgit_rows=tgit_rows)
+                        tgit_rows=tgit_rows, prompts=prompts, uncertain=uncertain, threshold_rule=threshold_rule,
+                        n_boot=bootstrap, phash_distance=phash_distance, leak_cosine=leak_cosine,
+                        exclude_leaked=exclude_leaked)
     if len(model) > 1:
         from fuselip_med.eval.compare import run_comparison
 
@@ -119,6 +148,10 @@ def eval_command(
             evaluated = result.get("n_evaluated", result.get("n"))
             console.print(f"{task}: {evaluated} of {result.get('n_listed', '?')} rows evaluated; skipped {reasons}",
                           style="yellow", markup=False, highlight=False)
+    for task, subsets in missing_subsets(report).items():
+        console.print(f"{task}: {len(subsets)} subset(s) not scored, so its means cover fewer subsets: "
+                      + "; ".join(f"{subset} ({reason})" for subset, reason in subsets.items()),
+                      style="yellow", markup=False, highlight=False)
     console.print(f"Wrote {out / 'metrics.json'}, {out / 'report.md'}, {out / 'skipped.csv'} and plots.")
 
 

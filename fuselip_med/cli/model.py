@@ -52,7 +52,9 @@ def merge_lora(
       fuselip-med merge-lora adapter/ --base /mnt/models/FuseLIP-S --out merged/
     """
     from fuselip_med.core.lora import merge_adapter
+    from fuselip_med.io import check_writable
 
+    check_writable(out.parent)  # before the merge: OutputError naming the folder
     merge_adapter(adapter, base=base).save_pretrained(out)
     Console().print(f"Merged {adapter} into {out}.")
 

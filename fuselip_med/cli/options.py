@@ -1,6 +1,7 @@
-"""Command-line options shared by ``embed`` and ``eval``: how to read a user's table or folder. Each maps one to
-one onto a keyword option of the csv/folder adapter (``--path-column`` -> ``path_column``, by
-:func:`fuselip_med.option_names.flag`), so that recipes, Python and the command line use the same names."""
+"""Command-line options shared by several commands: how ``embed`` and ``eval`` read a user's table or folder (each
+maps one to one onto a keyword option of the csv/folder adapter, ``--path-column`` -> ``path_column``, by
+:func:`fuselip_med.option_names.flag`, so that recipes, Python and the command line use the same names), and which
+runtime embeds (``--runtime``: ``embed``, ``index build``, ``search``, ``serve``)."""
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -9,7 +10,8 @@ import typer
 
 from fuselip_med.option_names import flag
 
-__all__ = ["CAPTION_COLUMN", "ENCODING", "ID_COLUMN", "IMAGE_ROOT", "PATH_COLUMN", "SEP", "table_options"]
+__all__ = ["CAPTION_COLUMN", "ENCODING", "ID_COLUMN", "IMAGE_ROOT", "PATH_COLUMN", "QUERY_RUNTIME", "RUNTIME", "SEP",
+           "table_options"]
 
 PATH_COLUMN: Optional[str] = typer.Option(
     None, flag("path_column"), help="Table column holding the image paths (default: path).")
@@ -24,6 +26,13 @@ IMAGE_ROOT: Optional[str] = typer.Option(
     help="Folder relative paths point to, and the only folder besides the table's that images may come from.")
 ENCODING: Optional[str] = typer.Option(
     None, flag("encoding"), help="Text encoding of the table and captions, e.g. cp1252 or latin-1 (default: UTF-8).")
+
+RUNTIME: str = typer.Option(
+    "pytorch", "--runtime", help="pytorch (--model is a checkpoint) or onnx (--model is a folder written by "
+    "`fuselip-med export`, run with ONNX Runtime on the CPU).")
+QUERY_RUNTIME: Optional[str] = typer.Option(
+    None, "--runtime", help="pytorch or onnx (default: the runtime the index was built with; another one is "
+    "refused like another model).")
 
 
 def table_options(*, path_column: str | None, caption_column: str | None, id_column: str | None, sep: str | None,

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from fuselip_med.cli import common
+from fuselip_med.cli.options import QUERY_RUNTIME, RUNTIME
 from fuselip_med.cli.units import ALLOW_BURNED_IN, KEEP_PATHS, PLANE, RENDER, SHOW_PATHS, SLICES, UNIT, WINDOW
 from fuselip_med.errors import MissingExtraError, UsageError
 
@@ -38,6 +38,7 @@ def index_build(
                                    "--unit series/study: chunk-size / slices series per chunk)."),
     rebuild: bool = typer.Option(False, help="Replace an index built with another model instead of refusing."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: this process's Accelerate device)."),
+    runtime: str = RUNTIME,
     unit: str = UNIT,
     slices: int = SLICES,
     render: str = RENDER,
@@ -62,11 +63,12 @@ def index_build(
       fuselip-med index build -m runs/rocov2/final -i ROCOv2_data --adapter rocov2 --split test -o rocov2_index\n
       accelerate launch --num_processes 4 -m fuselip_med.cli index build -m chs20/FuseLIP-S-CC3M-MM -i pacs/ -o idx\n
       fuselip-med index build -m runs/rocov2/final -i pacs_export/ --unit series --slices 16 -o series_index\n
-      fuselip-med index build -m runs/rocov2/final -i ct_rate/ --unit study --render multi -o study_index
+      fuselip-med index build -m runs/rocov2/final -i ct_rate/ --unit study --render multi -o study_index\n
+      fuselip-med index build --runtime onnx -m exports/rocov2-int8 -i my_images/ -o my_index
     """
     if unit != "image":
         _build_unit_index(model, input, out, unit, slices, render, window, plane, batch_size, device, rebuild,
-                          keep_paths, show_paths, allow_burned_in, chunk_size)
+                          keep_paths, show_paths, allow_burned_in, chunk_size, runtime)
         return
     import torch
     from accelerate import PartialState
@@ -74,28 +76,26 @@ def index_build(
 
     from fuselip_med.cli.units import privacy_options
     from fuselip_med.data.phi import Pseudonyms
-    from fuselip_med.search.index import (
-        IndexSettings,
-        ModelId,
-        build_index,
-        index_salt,
-        list_entries,
-        model_fingerprint,
-    )
+    from fuselip_med.export.runtime import load_for_runtime
+    from fuselip_med.io import check_writable
+    from fuselip_med.search.index import IndexSettings, build_index, index_salt, list_entries
 
+    check_writable(out)  # before any work: OutputError naming the folder
     settings = IndexSettings(index_type=index_type, exact_max=exact_max, nlist=nlist, nprobe=nprobe,  # type: ignore[arg-type]
                              hnsw_m=hnsw_m, ef_search=ef_search, batch_size=batch_size, chunk_size=chunk_size)
     privacy = privacy_options(keep_paths, show_paths, allow_burned_in)
     pseudonyms = Pseudonyms(index_salt(out, rebuild))
     entries, listed_skips = list_entries(input, adapter=adapter, split=split, pseudonyms=pseudonyms)
     state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())  # CPU: several gloo processes
-    fuselip, _, _ = common.load_inference_model(model, device or state.device)
+    fuselip, model_id = load_for_runtime(model, runtime, device or state.device)
     console = Console()
-    report = build_index(out, entries, fuselip, ModelId(model, model_fingerprint(fuselip)), settings,
+    report = build_index(out, entries, fuselip, model_id, settings,
                          rebuild=rebuild, accelerator=state if state.num_processes > 1 else None,
                          salt=pseudonyms.salt, privacy=privacy)
     if not state.is_main_process:
         return
+    if report.repaired:
+        console.print(f"[yellow]Repaired:[/] {report.repaired}; rebuilt from the images.", highlight=False)
     state_word = "up to date" if report.up_to_date else "written"
     console.print(f"Index {out} {state_word}: {report.n_rows} images ({report.index_type}), {report.n_captions} "
                   f"captions; embedded {report.embedded_images} images (+{report.embedded_elsewhere} by other "
@@ -113,7 +113,8 @@ def index_build(
 
 def _build_unit_index(model: str, input: Path, out: Path, unit: str, slices: int, render: str,
                       window: Optional[str], plane: str, batch_size: int, device: Optional[str], rebuild: bool,
-                      keep_paths: bool, show_paths: bool, allow_burned_in: bool, chunk_size: int) -> None:
+                      keep_paths: bool, show_paths: bool, allow_burned_in: bool, chunk_size: int,
+                      runtime: str) -> None:
     """``index build --unit series|study`` (one process): unchanged series reuse their slice vectors, a killed
     build resumes (``search.index.build_unit_index``)."""
     from rich.console import Console
@@ -122,23 +123,20 @@ def _build_unit_index(model: str, input: Path, out: Path, unit: str, slices: int
     from fuselip_med.data.phi import Pseudonyms
     from fuselip_med.data.skips import SkipReport
     from fuselip_med.data.studies import find_series
-    from fuselip_med.search.index import (
-        IndexSettings,
-        ModelId,
-        build_unit_index,
-        index_salt,
-        model_fingerprint,
-    )
+    from fuselip_med.export.runtime import load_for_runtime
+    from fuselip_med.io import check_writable
+    from fuselip_med.search.index import IndexSettings, build_unit_index, index_salt
 
     check_unit(unit)
     options = unit_options(slices, render, window)
     privacy = privacy_options(keep_paths, show_paths, allow_burned_in)
     settings = IndexSettings(batch_size=batch_size, chunk_size=chunk_size)
+    check_writable(out)  # before any work (the salt of a first build is kept in it at once)
     pseudonyms = Pseudonyms(index_salt(out, rebuild))
-    fuselip, _, _ = common.load_inference_model(model, device or "cpu")
+    fuselip, model_id = load_for_runtime(model, runtime, device or "cpu")
     skips = SkipReport()
     series = find_series(input, pseudonyms, skips, plane=plane)  # type: ignore[arg-type]
-    report = build_unit_index(out, series, fuselip, ModelId(model, model_fingerprint(fuselip)), unit, pseudonyms.salt,
+    report = build_unit_index(out, series, fuselip, model_id, unit, pseudonyms.salt,
                               options, settings, privacy=privacy, skips=skips, rebuild=rebuild, progress=True)
     console = Console()
     console.print(f"Index {out} {'up to date' if report.up_to_date else 'written'}: {report.n_rows} {unit} rows from "
@@ -159,13 +157,15 @@ def search(
                                         "built with; another model is refused)."),
     target: str = typer.Option("image", help="Search the image vectors (image) or the caption vectors (caption)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
+    runtime: Optional[str] = QUERY_RUNTIME,
 ) -> None:
     """Search an index by text, by image (DICOM too), or by image + instruction fused into one query.
 
     Examples:\n
       fuselip-med search --index my_index --text "CT with a left pleural effusion"\n
       fuselip-med search --index my_index --image study.dcm -k 5\n
-      fuselip-med search --index my_index --image study.dcm --text "the same study, lateral view" --json
+      fuselip-med search --index my_index --image study.dcm --text "the same study, lateral view" --json\n
+      fuselip-med search --index my_onnx_index --runtime onnx --model exports/rocov2-int8 --text "effusion"
     """
     from rich.console import Console
     from rich.table import Table
@@ -182,7 +182,7 @@ def search(
     if image is not None and not image.is_file():
         raise UsageError(f"--image {image}: no such file.")
     opened = open_index(index)
-    fuselip, _ = load_index_model(opened, model)
+    fuselip, _ = load_index_model(opened, model, runtime=runtime)
     hits = run_search(opened, fuselip, text=text, image=image, k=k, target=target)
     if as_json:
         print(json.dumps([hit.to_dict() for hit in hits], indent=1))
@@ -210,6 +210,7 @@ def serve(
     port: int = typer.Option(7860, help="Port to listen on."),
     k: int = typer.Option(12, "-k", help="Results per query."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Query model (default: the index's)."),
+    runtime: Optional[str] = QUERY_RUNTIME,
 ) -> None:
     """Serve a search page (Gradio) over an index: text, image (PNG/JPEG/DICOM) + instruction, "more like this".
 
@@ -225,10 +226,10 @@ def serve(
     try:
         from fuselip_med.search.app import serve as serve_page
     except ImportError as error:
-        raise MissingExtraError(f"serve needs Gradio ({error}); install it with: pip install 'fuselip_med[app]'.") \
-            from None
+        message = f"serve needs Gradio ({error}); install it with: pip install 'fuselip_med[app]'."
+        raise MissingExtraError(message) from None
     opened = open_index(index)
-    fuselip, _ = load_index_model(opened, model)
+    fuselip, _ = load_index_model(opened, model, runtime=runtime)
     serve_page(opened, fuselip, host=host, port=port, k=k)
 
 

@@ -46,68 +46,19 @@ class EncoderOutput:
     input_ids: torch.Tensor
 
 
-class FuseLIP(nn.Module, HubModelMixin, tags=["fuselip"]):
-    """Early-fusion multimodal encoder embedding images, texts or image+text pairs into one space.
+class JointInputs:
+    """Building joint-vocabulary ids from user-facing inputs, shared by every runtime of the FuseLIP encoder.
 
-    Hub-native (``HubModelMixin``): ``FuseLIP.from_pretrained(hub_id_or_path)`` reads every layout
-    ``load_model`` reads (released ``config.json + pytorch_model.bin`` with ``weights_only=True``, our
-    ``config.json + model.safetensors``, official training ``.pt`` files); ``save_pretrained`` writes ours
-    atomically; ``push_to_hub`` uploads it.
+    The host class provides ``config`` (``FuseLIPConfig``), ``device``, ``tokenizer`` (``TextTokenizer``) and
+    ``image_codes(pixels [B, 3, S, S] float32) -> [B, 128] int64``: ``FuseLIP`` (PyTorch) and
+    ``export.runtime.OnnxFuseLIP`` (ONNX Runtime) build the same sequences (reference-facts.md 2.3).
     """
 
-    config_class = FuseLIPConfig
-
-    def __init__(self, config: FuseLIPConfig, image_tokenizer: TiTokTokenizer | None = None):
-        super().__init__()
-        if config.use_eoi:
-            raise ValueError("use_eoi=True FuseLIP variants were never released and are not supported.")
-        self.config = config
-        self.image_tokenizer = image_tokenizer if image_tokenizer is not None else TiTokTokenizer(config.titok)
-        self.tokenizer = TextTokenizer(context_length=config.context_length, add_mask_token=True)
-        width = config.width
-        self.token_embedding = nn.Embedding(config.vocab_size, width)
-        self.positional_embedding = nn.Parameter(torch.empty(config.context_length, width))
-        self.transformer = Transformer(width, config.heads, config.layers, config.mlp_ratio)
-        self.ln_final = nn.LayerNorm(width)
-        self.mask_prediction_head = MaskPredictionHead(width, config.vocab_size)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
-        self.logit_bias = nn.Parameter(torch.tensor(-10.0))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """open_clip's text-tower initialisation (std 0.02 embeddings, depth-scaled projections)."""
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.positional_embedding, std=0.01)
-        init_transformer(self.transformer, self.config.width, self.config.layers)
-
-    # ----------------------------------------------------------------------------------------------------
-    # properties
-    @property
-    def embed_dim(self) -> int:
-        return self.config.width
-
-    @property
-    def device(self) -> torch.device:
-        return self.positional_embedding.device
-
-    def train(self, mode: bool = True) -> "FuseLIP":
-        """Train mode for the encoder; the frozen image tokenizer always stays in eval mode."""
-        super().train(mode)
-        self.image_tokenizer.eval()
-        return self
-
-    # ----------------------------------------------------------------------------------------------------
-    # sequence building
     def tokenize_text(self, texts: Sequence[str | None] | torch.Tensor) -> torch.Tensor:
         """Text rows (N, context_length): strings are tokenized, None becomes "", id tensors pass through."""
         if isinstance(texts, torch.Tensor):
             return texts.to(self.device, torch.long)
         return self.tokenizer([t if t is not None else "" for t in texts]).to(self.device)
-
-    @torch.no_grad()
-    def image_codes(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Frozen TiTok code ids (B, 128) for pixels (B, 3, 256, 256) in [0, 1]."""
-        return self.image_tokenizer.encode(pixels.to(self.device, torch.float32))
 
     def build_input_ids(
         self,
@@ -203,6 +154,64 @@ class FuseLIP(nn.Module, HubModelMixin, tags=["fuselip"]):
         if not present:
             return None, has_image
         return to_codes(torch.stack([p.to(self.device) for p in present])), has_image
+
+
+class FuseLIP(nn.Module, JointInputs, HubModelMixin, tags=["fuselip"]):
+    """Early-fusion multimodal encoder embedding images, texts or image+text pairs into one space.
+
+    Hub-native (``HubModelMixin``): ``FuseLIP.from_pretrained(hub_id_or_path)`` reads every layout
+    ``load_model`` reads (released ``config.json + pytorch_model.bin`` with ``weights_only=True``, our
+    ``config.json + model.safetensors``, official training ``.pt`` files); ``save_pretrained`` writes ours
+    atomically; ``push_to_hub`` uploads it.
+    """
+
+    config_class = FuseLIPConfig
+
+    def __init__(self, config: FuseLIPConfig, image_tokenizer: TiTokTokenizer | None = None):
+        super().__init__()
+        if config.use_eoi:
+            raise ValueError("use_eoi=True FuseLIP variants were never released and are not supported.")
+        self.config = config
+        self.image_tokenizer = image_tokenizer if image_tokenizer is not None else TiTokTokenizer(config.titok)
+        self.tokenizer = TextTokenizer(context_length=config.context_length, add_mask_token=True)
+        width = config.width
+        self.token_embedding = nn.Embedding(config.vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(config.context_length, width))
+        self.transformer = Transformer(width, config.heads, config.layers, config.mlp_ratio)
+        self.ln_final = nn.LayerNorm(width)
+        self.mask_prediction_head = MaskPredictionHead(width, config.vocab_size)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """open_clip's text-tower initialisation (std 0.02 embeddings, depth-scaled projections)."""
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        init_transformer(self.transformer, self.config.width, self.config.layers)
+
+    # ----------------------------------------------------------------------------------------------------
+    # properties
+    @property
+    def embed_dim(self) -> int:
+        return self.config.width
+
+    @property
+    def device(self) -> torch.device:
+        return self.positional_embedding.device
+
+    def train(self, mode: bool = True) -> "FuseLIP":
+        """Train mode for the encoder; the frozen image tokenizer always stays in eval mode."""
+        super().train(mode)
+        self.image_tokenizer.eval()
+        return self
+
+    # ----------------------------------------------------------------------------------------------------
+    # image codes
+    @torch.no_grad()
+    def image_codes(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Frozen TiTok code ids (B, 128) for pixels (B, 3, 256, 256) in [0, 1]."""
+        return self.image_tokenizer.encode(pixels.to(self.device, torch.float32))
 
     # ----------------------------------------------------------------------------------------------------
     # encoder

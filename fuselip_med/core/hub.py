@@ -141,9 +141,14 @@ def resolve_pretrained(
         )
     from huggingface_hub import snapshot_download
 
+    from fuselip_med.core.network import NetworkError, hub_call
+
     given = {key: value for key, value in hub_kwargs.items() if value not in (None, False)}
+    patterns = list(allow_patterns) if allow_patterns else None
     try:
-        return Path(snapshot_download(name, allow_patterns=list(allow_patterns) if allow_patterns else None, **given))
+        return Path(hub_call(f"downloading {name}", lambda: snapshot_download(name, allow_patterns=patterns, **given)))
+    except NetworkError:
+        raise
     except Exception as error:  # noqa: BLE001 - network/auth errors become one clear message
         raise CheckpointError(
             f"No local folder {name!r}, and it could not be downloaded from the Hugging Face Hub: {first_line(error)}"

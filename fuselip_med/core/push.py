@@ -73,12 +73,17 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
             summary=f"A FuseLIP {'LoRA adapter' if kind == 'adapter' else 'model'} saved with fuselip_med.",
             tags=["lora", "peft"] if kind == "adapter" else (),
         ).save(folder / CARD_NAME)
+    from fuselip_med.core.network import NetworkError, hub_call
+
     api = huggingface_hub.HfApi(token=token)
     try:
-        repo = api.create_repo(repo_id=repo_id, private=private, exist_ok=True)
-        commit = api.upload_folder(repo_id=repo.repo_id, folder_path=str(folder), repo_type="model",
-                                   commit_message=commit_message, revision=revision,
-                                   ignore_patterns=[".*", "**/.*"])
+        repo = hub_call(f"creating {repo_id}", lambda: api.create_repo(repo_id=repo_id, private=private,
+                                                                        exist_ok=True))
+        commit = hub_call(f"uploading {folder}", lambda: api.upload_folder(
+            repo_id=repo.repo_id, folder_path=str(folder), repo_type="model", commit_message=commit_message,
+            revision=revision, ignore_patterns=[".*", "**/.*"]))
+    except NetworkError:
+        raise
     except Exception as error:  # noqa: BLE001 - auth, network and permission errors become one clear line
         raise CheckpointError(f"Could not push {folder} to {repo_id}: {first_line(error)}") from error
     return str(getattr(commit, "commit_url", commit))

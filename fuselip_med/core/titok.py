@@ -189,6 +189,25 @@ def vq_indices(z: torch.Tensor, codebook: torch.Tensor, use_l2_norm: bool) -> to
         return d.argmin(dim=1)
 
 
+def check_pixels(pixels: torch.Tensor, image_size: int) -> None:
+    """Raise ``ValueError`` unless ``pixels`` is a float (B, 3, image_size, image_size) tensor in [0, 1] (what
+    ``ImagePreprocess`` gives; TiTok reads them without mean/std normalisation, reference-facts.md 1.5)."""
+    s = image_size
+    if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, s, s):
+        got = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+        raise ValueError(f"TiTok expects pixels of shape (B, 3, {s}, {s}), got {got}; "
+                         "prepare images with fuselip_med.core.image_preprocess.ImagePreprocess")
+    if not pixels.is_floating_point():
+        raise ValueError(f"TiTok expects float pixels in [0, 1], got dtype {pixels.dtype}; "
+                         "prepare images with fuselip_med.core.image_preprocess.ImagePreprocess")
+    if pixels.numel() == 0:
+        return
+    lo, hi = pixels.min().item(), pixels.max().item()
+    if not (lo >= -1e-3 and hi <= 1 + 1e-3):  # also catches NaN
+        raise ValueError(f"TiTok expects pixels in [0, 1] without mean/std normalisation, got min {lo:.4g}, "
+                         f"max {hi:.4g}; prepare images with fuselip_med.core.image_preprocess.ImagePreprocess")
+
+
 class TiTokTokenizer(nn.Module):
     """Always-frozen TiTok image tokenizer; ``encode``/``forward`` map pixels to (B, num_latent_tokens) ids."""
 
@@ -209,26 +228,15 @@ class TiTokTokenizer(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def _check_pixels(self, pixels: torch.Tensor) -> None:
-        s = self.config.image_size
-        if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, s, s):
-            got = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
-            raise ValueError(f"TiTok expects pixels of shape (B, 3, {s}, {s}), got {got}; "
-                             "prepare images with fuselip_med.core.image_preprocess.ImagePreprocess")
-        if not pixels.is_floating_point():
-            raise ValueError(f"TiTok expects float pixels in [0, 1], got dtype {pixels.dtype}; "
-                             "prepare images with fuselip_med.core.image_preprocess.ImagePreprocess")
-        if pixels.numel() == 0:
-            return
-        lo, hi = pixels.min().item(), pixels.max().item()
-        if not (lo >= -1e-3 and hi <= 1 + 1e-3):  # also catches NaN
-            raise ValueError(f"TiTok expects pixels in [0, 1] without mean/std normalisation, got min {lo:.4g}, "
-                             f"max {hi:.4g}; prepare images with fuselip_med.core.image_preprocess.ImagePreprocess")
-
     @torch.no_grad()
     def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pre-quantizer code vectors, (B, token_size, num_latent_tokens)."""
-        self._check_pixels(pixels)
+        check_pixels(pixels, self.config.image_size)
+        return self.latents(pixels)
+
+    def latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``encode_latents`` without the input checks (data-dependent branches): the traceable graph that
+        ``export.onnx`` exports. Pixels (B, 3, S, S) float32 in [0, 1] -> (B, token_size, num_latent_tokens)."""
         cfg, enc = self.config, self.encoder
         x = pixels.to(device=self.latent_tokens.device, dtype=self.latent_tokens.dtype)
         b, w, t = x.shape[0], cfg.width, cfg.num_latent_tokens
@@ -249,7 +257,13 @@ class TiTokTokenizer(nn.Module):
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels (B, 3, S, S) float in [0, 1] -> code ids (B, num_latent_tokens) int64."""
-        z = self.encode_latents(pixels)
+        check_pixels(pixels, self.config.image_size)
+        return self.codes(pixels)
+
+    def codes(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``encode`` without the input checks: pixels (B, 3, S, S) float32 in [0, 1] -> (B, T) int64 code ids,
+        the VQ argmin included (the graph ``export.onnx`` exports)."""
+        z = self.latents(pixels)
         b, c, t = z.shape
         ids = vq_indices(z.transpose(1, 2).reshape(b * t, c), self.quantize.embedding.weight, self.config.use_l2_norm)
         return ids.view(b, t)
@@ -306,13 +320,21 @@ def _resolve_files(name: str) -> tuple[str, str]:
     import huggingface_hub
     from huggingface_hub.errors import EntryNotFoundError
 
+    from fuselip_med.core.network import NetworkError, hub_call
+
     repo_id = _HUB_IDS.get(_ALIASES.get(name, name), name)
+
+    def download(filename: str) -> str:
+        return hub_call(f"downloading {repo_id}", lambda: huggingface_hub.hf_hub_download(repo_id, filename))
+
     try:
-        config = huggingface_hub.hf_hub_download(repo_id, CONFIG_NAME)
+        config = download(CONFIG_NAME)
         try:
-            weights = huggingface_hub.hf_hub_download(repo_id, SAFETENSORS_NAME)
+            weights = download(SAFETENSORS_NAME)
         except EntryNotFoundError:
-            weights = huggingface_hub.hf_hub_download(repo_id, TORCH_WEIGHTS_NAME)
+            weights = download(TORCH_WEIGHTS_NAME)
+    except NetworkError:
+        raise
     except Exception as e:  # noqa: BLE001 - any failure here means "cannot find it"; say so in one sentence
         raise OSError(f"TiTok checkpoint {name!r} is not a local directory and could not be fetched from the "
                       f"Hugging Face Hub as {repo_id!r} ({type(e).__name__}: {e})") from e

@@ -6,7 +6,8 @@ Two stages:
   through untouched; 16-bit/float images and DICOM are windowed to 8 bits first.
 * ``decode_image`` applies the reference preprocessing (``core.image_preprocess.ImagePreprocess``: PIL
   bicubic resize in the image's own mode, *then* RGB, then ToTensor) to that image, so that for an ordinary
-  8-bit file ``decode_image(path)`` equals ``ImagePreprocess()(PIL.Image.open(path))`` bit for bit.
+  8-bit file ``decode_image(path)`` equals ``ImagePreprocess()(PIL.Image.open(path))`` bit for bit (for a file
+  with an EXIF orientation, with ``DecodeOptions(exif="ignore")``: by default it is turned upright first).
 
 DICOM order of operations: pixel array -> frame choice (middle frame by default) -> modality LUT (rescale
 slope/intercept -> HU) -> window (explicit preset/(width, level); else the file's VOI LUT or window; else
@@ -30,7 +31,7 @@ from typing import Literal
 import numpy as np
 import pydicom
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom.pixels import (
     apply_color_lut,
     apply_modality_lut,
@@ -107,18 +108,24 @@ class DecodeOptions:
     ``window`` applies to greyscale DICOM and to 16-bit/float images and arrays; 8-bit image files, uint8
     arrays and colour images are never windowed. ``frame`` picks a DICOM frame (default: the middle one) or a
     page of a multi-page Pillow file (default: the first, as the reference); out of range is an error.
+    ``exif``: ``apply`` (default) turns a PNG/JPEG/TIFF upright by its EXIF Orientation tag (0x0112, as every
+    viewer shows it; ``PIL.ImageOps.exif_transpose``); ``ignore`` keeps the stored pixel order, as the
+    reference preprocessing does (for bit parity with the official FuseLIP code on such files).
     """
 
     image_size: int = 256
     resize: Literal["squash", "pad", "center_crop"] = "squash"
     window: str | tuple[float, float] | None = None
     frame: int | None = None
+    exif: Literal["apply", "ignore"] = "apply"
 
     def __post_init__(self) -> None:
         if self.image_size <= 0:
             raise ValueError(f"DecodeOptions.image_size must be positive, got {self.image_size}")
         if self.resize not in ("squash", "pad", "center_crop"):
             raise ValueError(f"DecodeOptions.resize must be squash, pad or center_crop, got {self.resize!r}")
+        if self.exif not in ("apply", "ignore"):
+            raise ValueError(f"DecodeOptions.exif must be apply or ignore, got {self.exif!r}")
         if self.frame is not None and self.frame < 0:
             raise ValueError(f"DecodeOptions.frame must be >= 0 or None, got {self.frame}")
         _resolve_window(self.window)  # raises on unknown presets / non-positive widths
@@ -282,6 +289,8 @@ def _open_pillow(fp, options: DecodeOptions, label: str, suffix: str) -> Image.I
             if options.frame is not None:  # multi-page files: first frame by default, as the reference
                 image.seek(_check_frame(options.frame, getattr(image, "n_frames", 1), 0, label))
             image.load()  # decode now so that truncation surfaces here, not inside the resize
+            if options.exif == "apply":
+                image = ImageOps.exif_transpose(image)  # upright as viewers show it; a copy either way
             return _finish_pillow(image, options)
     except ImageDecodeError:
         raise

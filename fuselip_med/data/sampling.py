@@ -22,11 +22,17 @@ global batch, cut at group boundaries, so one process and P processes train on t
 Position: the sampler counts the batches it hands out. After an epoch's batches are all out, the next
 iteration starts the following epoch by itself; ``set_epoch(e)`` with a new epoch also starts it from its
 first batch, while ``set_epoch`` with the current epoch keeps the position (so a resumed run may call
-``set_epoch(start_epoch)`` as usual). ``state_dict()`` is {seed, epoch, batches_done}; a new sampler given
-it by ``load_state_dict`` yields exactly the remaining batches of that epoch, then the later epochs as an
-uninterrupted run would. A DataLoader with workers asks for batches ahead of the training loop: pass the
-number of this epoch's batches the loop actually consumed, ``state_dict(batches_done=k)``. Resume with the
-same groups and batch size (any number of ranks).
+``set_epoch(start_epoch)`` as usual). ``state_dict()`` stores the position in *samples* of the epoch's global
+order: {seed, epoch, samples_done, segments}, ``segments`` being the epoch's history as [batch size, batches]
+runs. A new sampler given it by ``load_state_dict`` yields exactly the samples of that epoch not yet drawn,
+then the later epochs as an uninterrupted run would. With the same batch size that is the rest of the
+saved plan; with another one, the groups the earlier runs packed are replayed from the history and the rest
+of the epoch's group order is packed in batches of the new size (each sample still drawn once per epoch).
+Weighted draws and ``epoch_length`` streams repeat groups, so the drawn groups cannot be told from the stream:
+there a changed batch size mid-epoch is refused (``SamplerResumeError``, naming ``train.batch_size``).
+The number of processes never matters (the batches are global). A DataLoader with workers asks for batches
+ahead of the training loop: pass the number of this epoch's batches the loop actually consumed,
+``state_dict(batches_done=k)``.
 """
 from __future__ import annotations
 
@@ -36,10 +42,16 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
+from fuselip_med.errors import UserError
+
 if TYPE_CHECKING:
     from fuselip_med.data.dataset import MixtureDataset
 
 _DRAW_CHUNK = 4096
+
+
+class SamplerResumeError(UserError, ValueError):
+    """A saved sampler position this sampler cannot continue exactly (the message names the setting)."""
 
 
 def mixture_group_weights(mixture: MixtureDataset) -> list[float]:
@@ -143,7 +155,8 @@ class GroupedBatchSampler(Sampler[list[int]]):
         self.epoch_length = epoch_length
         self.lookahead = lookahead
         self.epoch = 0
-        self._position = 0
+        self._position = 0  # batches of the current epoch handed out, including those of ``_history``
+        self._history: list[tuple[int, int]] = []  # this epoch's closed (batch size, batches) runs before this one
         self._plans: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}  # the last two epochs' plans
 
     # ---- the epoch plan -------------------------------------------------------------------------------
@@ -160,19 +173,25 @@ class GroupedBatchSampler(Sampler[list[int]]):
         for _ in itertools.count() if endless else range(1):
             yield from (rng.permutation(num_groups) if self.shuffle else np.arange(num_groups)).tolist()
 
+    def _pack_groups(self, stream: Iterator[int], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._singletons and self._cdf is None and self.epoch_length is None:
+            # one permutation of singletons: packing is chunking (same result as _pack, much faster)
+            order = np.fromiter(stream, dtype=np.int64)
+            return order, np.append(np.arange(0, len(order), batch_size), len(order))
+        return _pack(stream, self._size_list, batch_size, self.lookahead, self.epoch_length)
+
     def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """(group order, batch boundaries, number of batches) for ``epoch``, cached."""
+        """(group order, batch boundaries, number of batches) of the current run of ``epoch``, cached: the whole
+        epoch, or (after a resume with another batch size) what the runs of ``_history`` left of it."""
         if epoch in self._plans:
             return self._plans[epoch]
         rng = np.random.default_rng([self.seed & (2**64 - 1), epoch])
         wanted = self.epoch_length
-        stream = self._stream(rng)
-        if self._singletons and self._cdf is None and wanted is None:
-            # one permutation of singletons: packing is chunking (same result as _pack, much faster)
-            order = np.fromiter(stream, dtype=np.int64)
-            bounds = np.append(np.arange(0, len(order), self.batch_size), len(order))
+        history = self._history if epoch == self.epoch else []
+        if history:
+            order, bounds = self._pack_groups(iter(self._replay(rng, history)), self.batch_size)
         else:
-            order, bounds = _pack(stream, self._size_list, self.batch_size, self.lookahead, wanted)
+            order, bounds = self._pack_groups(self._stream(rng), self.batch_size)
         total = len(bounds) - 1
         if self.drop_last and wanted is None and total:
             last_size = int(self._sizes[order[bounds[-2]:]].sum())
@@ -183,6 +202,16 @@ class GroupedBatchSampler(Sampler[list[int]]):
         self._plans[epoch] = (order, bounds, total)
         return order, bounds, total
 
+    def _replay(self, rng: np.random.Generator, history: list[tuple[int, int]]) -> list[int]:
+        """The epoch's group order without the groups the ``history`` runs ((batch size, batches) each, packing
+        what the runs before them left) drew."""
+        remaining = list(self._stream(rng))
+        for batch_size, batches in history:
+            order, bounds = self._pack_groups(iter(remaining), batch_size)
+            drawn = set(order[:bounds[min(batches, len(bounds) - 1)]].tolist())
+            remaining = [group for group in remaining if group not in drawn]
+        return remaining
+
     def _indices(self, order: np.ndarray, bounds: np.ndarray, batch: int) -> list[int]:
         groups = order[bounds[batch]:bounds[batch + 1]]
         if self._singletons:
@@ -192,44 +221,102 @@ class GroupedBatchSampler(Sampler[list[int]]):
         return self._members[shift + np.arange(int(lengths.sum()))].tolist()
 
     # ---- Sampler API ----------------------------------------------------------------------------------
+    def _offset(self) -> int:
+        """Batches of the current epoch drawn by the closed runs of ``_history``."""
+        return sum(batches for _, batches in self._history)
+
     def batches_per_epoch(self, epoch: int | None = None) -> int:
         """Number of batches in ``epoch`` (default: the current one), from its start."""
-        return self._plan(self.epoch if epoch is None else epoch)[2]
+        epoch = self.epoch if epoch is None else epoch
+        return self._plan(epoch)[2] + (self._offset() if epoch == self.epoch else 0)
+
+    @property
+    def position(self) -> int:
+        """Batches of the current epoch handed out (by this sampler and the runs it resumed from)."""
+        return self._position
+
+    def batches_left(self) -> int:
+        """Batches of the current epoch not yet handed out."""
+        return max(0, self.batches_per_epoch() - self._position)
 
     def __len__(self) -> int:
         """Batches the next iteration yields: the rest of the current epoch, or the next epoch if it is done."""
-        remaining = self.batches_per_epoch() - self._position
+        remaining = self.batches_left()
         return remaining if remaining > 0 else self.batches_per_epoch(self.epoch + 1)
+
+    def _next_epoch(self, epoch: int) -> None:
+        self.epoch, self._position = int(epoch), 0
+        if self._history:
+            self._history = []
+            self._plans.clear()
 
     def __iter__(self) -> Iterator[list[int]]:
         if self._position >= self.batches_per_epoch():
-            self.epoch += 1
-            self._position = 0
+            self._next_epoch(self.epoch + 1)
         order, bounds, total = self._plan(self.epoch)
-        while self._position < total:
+        offset = self._offset()
+        while self._position - offset < total:
             self._position += 1
-            yield self._indices(order, bounds, self._position - 1)
+            yield self._indices(order, bounds, self._position - offset - 1)
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its first batch; the current epoch keeps its position (resume)."""
         if epoch != self.epoch:
-            self.epoch = int(epoch)
-            self._position = 0
+            self._next_epoch(epoch)
 
     def state_dict(self, batches_done: int | None = None) -> dict[str, Any]:
-        """{seed, epoch, batches_done}; ``batches_done`` overrides the count of batches handed out in the
-        current epoch (pass the training loop's count when a DataLoader prefetches). A finished epoch is
+        """{seed, epoch, samples_done, segments}: the position in samples of the epoch's global order and the
+        (batch size, batches) runs that drew them. ``batches_done`` overrides the count of batches handed out
+        in the current epoch (pass the training loop's count when a DataLoader prefetches). A finished epoch is
         saved as the start of the next."""
         done = self._position if batches_done is None else int(batches_done)
         if done >= self.batches_per_epoch():
-            return {"seed": self.seed, "epoch": self.epoch + 1, "batches_done": 0}
-        return {"seed": self.seed, "epoch": self.epoch, "batches_done": done}
+            return {"seed": self.seed, "epoch": self.epoch + 1, "samples_done": 0, "segments": []}
+        order, bounds, _ = self._plan(self.epoch)
+        current = done - self._offset()
+        samples = int(self._sizes[order[:bounds[current]]].sum())
+        before = self._history_samples()
+        segments = [list(run) for run in self._history] + ([[self.batch_size, current]] if current else [])
+        return {"seed": self.seed, "epoch": self.epoch, "samples_done": before + samples, "segments": segments}
+
+    def _history_samples(self) -> int:
+        """Samples the closed runs of ``_history`` drew (their groups' sizes)."""
+        if not self._history:
+            return 0
+        seed = [self.seed & (2**64 - 1), self.epoch]
+        everything = list(self._stream(np.random.default_rng(seed)))
+        left = self._replay(np.random.default_rng(seed), self._history)
+        return int(self._sizes[everything].sum() - self._sizes[left].sum())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state_dict()`` (or the older {seed, epoch, batches_done}, read as batches of this
+        sampler's size). Raises ``SamplerResumeError`` when the batch size changed mid-epoch on a stream that
+        repeats groups (weights or ``epoch_length``)."""
         self._plans.clear()
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
-        self._position = int(state["batches_done"])
+        if "segments" in state:
+            runs = [(int(size), int(batches)) for size, batches in state["segments"] if int(batches)]
+        else:
+            runs = [(self.batch_size, int(state["batches_done"]))] if int(state["batches_done"]) else []
+        merged: list[tuple[int, int]] = []
+        for size, batches in runs:
+            if merged and merged[-1][0] == size:
+                merged[-1] = (size, merged[-1][1] + batches)
+            else:
+                merged.append((size, batches))
+        current = merged.pop()[1] if merged and merged[-1][0] == self.batch_size else 0
+        if merged and (self._cdf is not None or self.epoch_length is not None):
+            raise SamplerResumeError(
+                f"train.batch_size is {self.batch_size} but epoch {self.epoch} was started with batch size "
+                f"{merged[-1][0]}, and this data is drawn by weight or with an epoch length (groups repeat), so the "
+                f"rest of the epoch cannot be told apart; resume with train.batch_size={merged[-1][0]}.")
+        self._history = merged
+        self._position = self._offset() + current
+        if "samples_done" in state and int(state["samples_done"]) != self.state_dict()["samples_done"]:
+            raise SamplerResumeError(
+                f"the saved sampler position ({state['samples_done']} samples into epoch {self.epoch}) does not fit "
+                "this data: the training data or its grouping changed since the checkpoint; resume with the same data.")
 
 
 def shard_of_batch(batch: list[int], group_of: np.ndarray, rank: int, world: int) -> list[int]:

@@ -295,8 +295,8 @@ def load_file_memo(directory: Path) -> dict[str, list]:
 
 
 def save_file_memo(directory: Path, memo: dict[str, list]) -> None:
-    """Write the memo atomically (temp file + rename)."""
-    atomic_write_json(directory / FILES_FILE, memo, indent=None)
+    """Write the memo atomically (temp file + rename), keeping the entries another writer added meanwhile."""
+    atomic_write_json(directory / FILES_FILE, {**load_file_memo(directory), **memo}, indent=None)
 
 
 class SampleImage(NamedTuple):

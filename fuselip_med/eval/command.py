@@ -12,7 +12,7 @@ from fuselip_med.errors import UsageError
 from .tasks import ROLES, SUITES, TASKS, tasks_help
 
 __all__ = ["SUITE_FOLDERS", "DEFAULT_TASKS", "HELP", "tasks_option_help", "parse_data", "suite_data",
-           "choose_tasks"]
+           "choose_tasks", "leakage_data", "RADIOLOGY_FOLDERS", "radiology_suite"]
 
 DEFAULT_TASKS = ("rocov2-retrieval", "rocov2-modality")
 
@@ -33,11 +33,22 @@ _ROLE_OF_TASK = {"mmeb": "mmeb", "imagenet": "imagenet", "vg-crop": "vg_crop", "
 HELP = {
     "data": "KEY=PATH (repeatable). KEY: a dataset adapter (rocov2, folder, csv, cc, ...) whose data fills the roles "
             f"it provides, a data role ({', '.join(ROLES)}) or ROLE:ADAPTER, e.g. labelled:csv=table.csv.",
-    "suite": f"Run a benchmark suite ({', '.join(SUITES)}: " + ", ".join(SUITES["paper"]) + ").",
+    "suite": f"Run a benchmark suite: paper ({', '.join(SUITES['paper'])}) or radiology (those of "
+             f"{', '.join(SUITES['radiology'])} whose data --data-root holds; radiology_table.md/.json/.png).",
     "data_root": "Folder holding the suite's benchmarks: " + ", ".join(f[0] for f in SUITE_FOLDERS.values()) + ".",
     "labels": "Zero-shot classes, one per line (default: the labels found in the data).",
     "templates": "Zero-shot prompt templates, one per line with {c} for the class (default: a radiology set).",
     "label_column": "The sample field holding the class label (a CSV column; folders: the class folder).",
+    "prompts": "findings/5x200/RSNA prompt sets: a YAML with 'default' templates and 'findings' "
+               "{name: {positive: [...], negative: [...]}} (default: the shipped sets).",
+    "uncertain": "findings: what an uncertain (-1) label means: ignore (left out), positive or negative.",
+    "threshold_rule": "findings: how findings_valid picks each finding's threshold: youden or max-f1.",
+    "bootstrap": "Bootstrap resamples of the AUROC intervals.",
+    "check_leakage": "Training data to check the test items against (PATH, read like --data train=PATH, or "
+                     "ADAPTER=PATH): exact, perceptual-hash, embedding and same-article matches -> leakage.csv.",
+    "exclude_leaked": "With --check-leakage: score the test tasks again without the leaked items (both reported).",
+    "phash_distance": "Leakage: largest pHash Hamming distance (bits of 64) counted as a near-duplicate.",
+    "leak_cosine": "Leakage: smallest image-embedding cosine counted as a near-duplicate.",
     "tgit_rows": "TGIT rows: 'official' (the FuseLIP evaluation's 1,000 CC3M validation CSV rows, shipped; the "
                  "default with --suite paper) or a file of 0-based row numbers (default: the first images).",
 }
@@ -80,6 +91,54 @@ def suite_data(suite: str, root: str | os.PathLike, tasks: Sequence[str]) -> dic
         raise UsageError(f"suite {suite!r}: no data for {', '.join(missing)}; add it or choose tasks with "
                          f"--tasks (any of {', '.join(tasks)})")
     return data
+
+
+# Where ``--suite radiology --data-root DIR`` looks for each data key (the publishers' folder and file names);
+# the suite runs the tasks whose data is there and leaves the others out.
+RADIOLOGY_FOLDERS: dict[str, tuple[str, ...]] = {
+    "findings": ("findings/test.csv",),
+    "findings_valid": ("findings/valid.csv",),
+    "chexpert5x200": ("chexpert_5x200.csv", "CheXpert-v1.0-small/chexpert_5x200.csv"),
+    "mimic5x200": ("mimic_5x200.csv", "mimic-cxr-jpg/mimic_5x200.csv"),
+    "rsna": ("rsna-pneumonia-detection-challenge", "rsna"),
+    "vqa_rad": ("VQA_RAD",),
+    "slake": ("Slake1.0", "SLAKE"),
+    "pathvqa": ("path-vqa", "pathvqa"),
+    "pmc_vqa": ("PMC-VQA",),
+    "rocov2": ("ROCOv2_data", "ROCOv2"),
+    "radcrepe": ("radcrepe",),
+}
+
+
+def radiology_suite(root: str | os.PathLike) -> tuple[list[str], dict[str, str]]:
+    """(the radiology tasks whose data ``root`` holds, {data key: path}) from :data:`RADIOLOGY_FOLDERS`;
+    ``UsageError`` when ``root`` is not a folder or holds none of them."""
+    from .tasks import get_task, missing_roles
+    from .tasks.context import resolve_data
+
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise UsageError(f"--data-root {base} is not a folder")
+    data = {}
+    for key, names in RADIOLOGY_FOLDERS.items():
+        found = next((base / name for name in names if (base / name).exists()), None)
+        if found is not None:
+            data[key] = str(found)
+    roles = resolve_data(data)
+    tasks = [t for t in SUITES["radiology"] if not missing_roles(get_task(t), roles)]
+    if not tasks:
+        raise UsageError(f"suite 'radiology': {base} holds none of "
+                         f"{', '.join(n[0] for n in RADIOLOGY_FOLDERS.values())}")
+    return tasks, data
+
+
+def leakage_data(value: str) -> tuple[str, str]:
+    """``--check-leakage`` value -> (data key, path): ``ADAPTER=PATH`` -> ``train:ADAPTER``, a plain PATH ->
+    ``train`` (opened like ROCOv2 data, or the folder adapter for a user's table or folder)."""
+    adapter, sep, path = value.partition("=")
+    if sep and adapter.strip() and path.strip():
+        return f"train:{adapter.strip()}", path.strip()
+    return "train", value.strip()
 
 
 def choose_tasks(tasks: str | None, suite: str | None, labels_given: bool) -> list[str]:

@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,15 @@ def check_tasks(tasks: Sequence[str], data: Mapping[str, Any]) -> list[str]:
     return tasks
 
 
+def _run_task(ctx: EvalContext, name: str, seed: int) -> TaskResult:
+    start = time.perf_counter()
+    log.info("evaluating %s", name)
+    res = runner_of(get_task(name))(ctx)
+    res.setdefault("seed", seed)
+    res["seconds"] = round(time.perf_counter() - start, 3)
+    return TaskResult.model_validate(res)
+
+
 def run_evaluation(
     model,
     tasks: Sequence[str],
@@ -84,6 +94,13 @@ def run_evaluation(
     on_error: str = "skip",
     allow_partial: bool = False,
     source_options: Mapping[str, Any] | None = None,
+    prompts: str | os.PathLike | None = None,
+    uncertain: str = "ignore",
+    threshold_rule: str = "youden",
+    n_boot: int = 1000,
+    phash_distance: int = 8,
+    leak_cosine: float = 0.95,
+    exclude_leaked: bool = False,
 ) -> dict:
     """Run ``tasks`` on ``data`` with ``model`` (anything with ``encode(images=, texts=)``) and write
     ``metrics.json``, ``report.md`` and ``plots/`` under ``out_dir``. Returns the metrics.json content.
@@ -101,7 +118,18 @@ def run_evaluation(
     half of the listed rows evaluable is a ``ValueError`` (before embedding where the adapter already knows)
     unless ``allow_partial``. ``source_options``: csv/folder adapter options for data given as paths
     (``path_column``, ``caption_column``, ``id_column``, ``sep``, ``image_root``, ``encoding``).
+
+    Radiology tasks: ``prompts`` (findings prompt YAML), ``uncertain`` (``ignore|positive|negative``),
+    ``threshold_rule`` (``youden|max-f1``), ``n_boot`` (bootstrap resamples of the AUROC intervals);
+    ``phash_distance``/``leak_cosine``: the ``leakage`` task's near-duplicate limits; ``exclude_leaked``: after the
+    tasks ran, score the tasks over role ``test`` again without the leaked rows (``"<task> (leaked excluded)"``).
     """
+    from .findings import THRESHOLD_RULES, UNCERTAIN_POLICIES
+
+    if uncertain not in UNCERTAIN_POLICIES or threshold_rule not in THRESHOLD_RULES or n_boot < 1:
+        raise UsageError(f"uncertain must be one of {', '.join(UNCERTAIN_POLICIES)}, threshold_rule one of "
+                         f"{', '.join(THRESHOLD_RULES)} and n_boot >= 1; got {uncertain!r}, {threshold_rule!r}, "
+                         f"{n_boot}")
     tasks = check_tasks(tasks, data)
     if device is not None and hasattr(model, "to"):
         model = model.to(device)
@@ -114,16 +142,28 @@ def run_evaluation(
                        labels=tuple(labels) if labels is not None else None,
                        templates=tuple(templates) if templates is not None else None, label_field=label_field,
                        mmeb_subsets=tuple(mmeb_subsets) if mmeb_subsets is not None else None, vg_images=vg_images,
-                       tgit_rows=tgit_rows)
+                       tgit_rows=tgit_rows,
+                       prompts=os.fspath(prompts) if prompts is not None else None, uncertain=uncertain,
+                       threshold_rule=threshold_rule, n_boot=n_boot, out_dir=os.fspath(out_dir),
+                       phash_distance=phash_distance, leak_cosine=leak_cosine)
+    if exclude_leaked and "leakage" not in tasks:
+        raise UsageError("--exclude-leaked needs the leakage check: pass --check-leakage TRAIN")
     ctx = EvalContext(data, embedder, opts, allow_partial=allow_partial, table_options=source_options)
     results: dict[str, TaskResult] = {}
     for name in tasks:
-        start = time.perf_counter()
-        log.info("evaluating %s", name)
-        res = runner_of(get_task(name))(ctx)
-        res.setdefault("seed", seed)
-        res["seconds"] = round(time.perf_counter() - start, 3)
-        results[name] = TaskResult.model_validate(res)
+        results[name] = _run_task(ctx, name, seed)
+    if exclude_leaked:
+        from .tasks.leakage import without_leaked
+
+        leaked = results["leakage"].model_extra["leaked_ids"]
+        again = EvalContext(without_leaked(ctx, dict(data), leaked), embedder,
+                            replace(opts, out_dir=os.path.join(os.fspath(out_dir), "leaked_excluded")),
+                            allow_partial=allow_partial, table_options=source_options)
+        for name in tasks:
+            if name != "leakage" and "test" in [ctx.first(entry) for entry in get_task(name).roles]:
+                res = _run_task(again, name, seed)
+                res.excluded_leaked = len(leaked)
+                results[f"{name} (leaked excluded)"] = res
     report = EvalReport(
         model=model_id or str(getattr(model, "name_or_path", None) or type(model).__name__),
         data={k: describe_data(k, v) for k, v in data.items()},
@@ -134,7 +174,8 @@ def run_evaluation(
     write_report(report, Path(out_dir))
     ctx.skip_report().write_csv(Path(out_dir) / "skipped.csv")
     out = report.model_dump(mode="json")
-    from .suite import write_suite_table
+    from .suite import write_radiology_table, write_suite_table
 
     write_suite_table(out, Path(out_dir))
+    write_radiology_table(out, Path(out_dir))
     return out

@@ -46,10 +46,18 @@ import numpy as np
 from fuselip_med.data.phi import PrivacyOptions, Pseudonyms
 from fuselip_med.data.token_cache import content_hash
 from fuselip_med.errors import UsageError, UserError
-from fuselip_med.io import atomic_write_bytes, atomic_write_text, remove_temp_files
+from fuselip_med.io import (
+    atomic_write_bytes,
+    atomic_write_text,
+    check_writable,
+    damaged_files,
+    file_record,
+    remove_temp_files,
+)
 
 __all__ = [
-    "FORMAT_VERSION", "IndexEntry", "SearchIndexError", "IndexSettings", "ModelId", "BuildReport", "SearchIndex",
+    "FORMAT_VERSION", "IndexDamagedError", "IndexEntry", "SearchIndexError", "IndexSettings", "ModelId",
+    "BuildReport", "SearchIndex",
     "build_index", "build_unit_index", "content_hash", "list_entries", "make_faiss_index", "model_fingerprint",
     "index_salt", "open_index", "series_digest", "stored_index_salt",
 ]
@@ -68,15 +76,33 @@ class SearchIndexError(UserError, ValueError):
     """A user-facing problem with an index directory or its inputs (message names the path and the fix)."""
 
 
+class IndexDamagedError(SearchIndexError):
+    """A file of a committed index is missing, cut short or altered (its size or SHA-256 differs from the
+    manifest's record); the message names the file and the ``index build`` command that repairs it."""
+
+
+def repair_advice(directory: Path, model: str | None) -> str:
+    """The command that rebuilds the damaged files of the index at ``directory``."""
+    return (f"repair it with `fuselip-med index build --model {model or '<the model>'} --input <the images> "
+            f"--out {directory}` (the damaged files are rebuilt)")
+
+
 @dataclass(frozen=True)
 class ModelId:
-    """Which model made the vectors: the name it was loaded from and a fingerprint of its weights."""
+    """Which model made the vectors: the name it was loaded from, a fingerprint of its weights (PyTorch) or of
+    its graphs (an ONNX export, ``export.runtime.export_fingerprint``), and the runtime that ran it."""
 
     name: str
     fingerprint: str
+    runtime: str = "pytorch"  # indexes written before runtimes were recorded were all built with PyTorch
 
     def __str__(self) -> str:
-        return f"{self.name}@{self.fingerprint[:12]}"
+        return f"{self.name}@{self.fingerprint[:12]}" + (f" (runtime {self.runtime})" if self.runtime != "pytorch"
+                                                         else "")
+
+    def same_model(self, other: "ModelId") -> bool:
+        """Same weights run by the same runtime (the name it was loaded from may differ)."""
+        return (self.fingerprint, self.runtime) == (other.fingerprint, other.runtime)
 
 
 def model_fingerprint(model) -> str:
@@ -252,11 +278,23 @@ class SearchIndex:
         if not manifest_path.is_file():
             raise SearchIndexError(f"{self.directory} is not a search index (no {MANIFEST}); "
                               "build one with `fuselip-med index build`.")
-        self.manifest = json.loads(manifest_path.read_text())
+        try:
+            self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            files = self.manifest["files"]
+            model = self.manifest["model"]["name"]
+        except (ValueError, KeyError, TypeError):
+            raise IndexDamagedError(f"{manifest_path} is damaged (not a complete index manifest); "
+                                    f"{repair_advice(self.directory, None)}.") from None
         if self.manifest.get("format") != FORMAT_VERSION:
             raise SearchIndexError(f"{manifest_path}: index format {self.manifest.get('format')} is not "
-                              f"{FORMAT_VERSION}; rebuild it with `fuselip-med index build --rebuild`.")
-        files = self.manifest["files"]
+                                   f"{FORMAT_VERSION}; rebuild it with `fuselip-med index build --model {model} "
+                                   f"--input <the images> --out {self.directory} --rebuild`.")
+        damaged = damaged_files(self.directory, self.manifest.get("checksums", {}))
+        if damaged:
+            name, why = next(iter(damaged.items()))
+            more = f" (and {len(damaged) - 1} more file(s))" if len(damaged) > 1 else ""
+            raise IndexDamagedError(f"{self.directory / name} is damaged ({why}){more}; "
+                                    f"{repair_advice(self.directory, model)}.")
         import pandas as pd
 
         self.meta = pd.read_parquet(self.directory / files["meta"])
@@ -376,6 +414,7 @@ class BuildReport:
     index_type: str = "flat"
     up_to_date: bool = False
     skipped: dict[str, str] = field(default_factory=dict)
+    repaired: str | None = None  # what was damaged in the previous index (rebuilt from the images)
 
 
 @dataclass
@@ -403,8 +442,15 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _load_previous(out: Path) -> SearchIndex | None:
-    return SearchIndex(out) if (out / MANIFEST).is_file() else None
+def _load_previous(out: Path, report: BuildReport) -> SearchIndex | None:
+    """The committed index at ``out``; a damaged one is noted in ``report.repaired`` and rebuilt (None)."""
+    if not (out / MANIFEST).is_file():
+        return None
+    try:
+        return SearchIndex(out)
+    except IndexDamagedError as error:
+        report.repaired = str(error).split(";")[0]
+        return None
 
 
 def _hash_entries(entries: Sequence[IndexEntry], previous: SearchIndex | None,
@@ -518,16 +564,32 @@ def build_index(out: str | os.PathLike, entries: Sequence[IndexEntry], model, mo
     named in ``BuildReport.skipped`` (id -> reason). Raises ``SearchIndexError`` when ``out`` holds an index of
     another model (pass ``rebuild=True`` to replace it). With ``accelerator`` (Accelerate) every process
     embeds its share of the chunks and only the main process writes the index; the others' reports hold
-    only their embedding counts.
+    only their embedding counts. The main process holds the index's writer lock (``locks.writer_lock``)
+    throughout: a second build into the same ``out`` raises ``FolderBusyError`` naming the running one.
 
     DICOM entries (``IndexEntry.dicom``, keyed by ``list_entries(pseudonyms=...)`` with ``salt``) store no path
     unless ``privacy.keep_paths`` and get the index's own thumbnail (none at burned-in risk unless
     ``privacy.allow_burned_in``); ``salt`` and ``privacy`` are kept in the manifest.
     """
+    from contextlib import nullcontext
+
+    from fuselip_med.locks import writer_lock
+
     out = Path(out)
     process = _process_from(accelerator)
-    previous = None if rebuild else _load_previous(out)
-    if previous is not None and previous.model.fingerprint != model_id.fingerprint:
+    if process.is_main:
+        check_writable(out)  # before any work: OutputError naming the folder
+    with writer_lock(out, "index build") if process.is_main else nullcontext():
+        return _build(out, entries, model, model_id, settings, rebuild, process, progress, salt, privacy)
+
+
+def _build(out: Path, entries: Sequence[IndexEntry], model, model_id: ModelId, settings: IndexSettings,
+           rebuild: bool, process: _Process, progress: bool, salt: str | None,
+           privacy: PrivacyOptions) -> BuildReport:
+    """``build_index``'s work, under the lock."""
+    report = BuildReport()
+    previous = None if rebuild else _load_previous(out, report)
+    if previous is not None and not previous.model.same_model(model_id):
         raise SearchIndexError(f"{out} holds an index built with model {previous.model}, not {model_id}; "
                                "use --rebuild to replace it, or another --out.")
     work = _prepare_work(out, model_id, process)
@@ -545,7 +607,6 @@ def build_index(out: str | os.PathLike, entries: Sequence[IndexEntry], model, mo
     images = {digest: entry.image for entry, digest, _, _ in hashed}
     texts = {_text_hash(entry.caption): entry.caption for entry, _, _, _ in hashed if entry.caption}
 
-    report = BuildReport()
     bar = _progress(progress and process.is_main)
     with bar:
         report.embedded_images = _embed_missing(model, "image", list(images), set(stored), images, settings, work,
@@ -699,7 +760,7 @@ def _commit(out: Path, rows: list[dict], image_vectors: np.ndarray, caption_vect
              "caption_faiss": f"caption.{gen}.faiss"}
     for role, (name, data) in extra_files.items():
         files[role] = f"{name.split('.')[0]}.{gen}.{name.split('.', 1)[1]}"
-    if previous is not None and previous.manifest.get("generation") == gen:
+    if previous is not None and previous.manifest.get("generation") == gen and "checksums" in previous.manifest:
         report.up_to_date = True
         _clear_work(out / WORK)
         return
@@ -715,7 +776,8 @@ def _commit(out: Path, rows: list[dict], image_vectors: np.ndarray, caption_vect
         atomic_write_bytes(out / files[role], data)
     manifest = {**(extra_manifest or {}), "format": FORMAT_VERSION, "generation": gen, "model": asdict(model_id),
                 "dim": int(image_vectors.shape[1]), "count": len(rows), "captions": int(len(caption_vectors)),
-                "index": {"type": kind, **settings.faiss_settings()}, "files": files, "skipped": report.skipped}
+                "index": {"type": kind, **settings.faiss_settings()}, "files": files, "skipped": report.skipped,
+                "checksums": {name: file_record(out / name) for name in files.values()}}
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     keep = set(files.values()) | {MANIFEST, WORK}
     for path in out.iterdir():
@@ -821,6 +883,20 @@ def build_unit_index(out: str | os.PathLike, series: Sequence, model, model_id: 
     ``skips`` (``data.skips.SkipReport``) by its key. Raises ``SearchIndexError`` when ``out`` holds an index
     of another model or unit (``rebuild`` replaces it) or when no series could be embedded.
     """
+    from fuselip_med.locks import writer_lock
+    from fuselip_med.units import UnitOptions
+
+    out = Path(out)
+    check_writable(out)  # before any work: OutputError naming the folder
+    with writer_lock(out, "index build"):
+        return _build_units(out, series, model, model_id, unit, salt, options or UnitOptions(), settings, privacy,
+                            skips, rebuild, progress)
+
+
+def _build_units(out: Path, series: Sequence, model, model_id: ModelId, unit: str, salt: str, options,
+                 settings: IndexSettings, privacy: PrivacyOptions, skips, rebuild: bool,
+                 progress: bool) -> BuildReport:
+    """``build_unit_index``'s work, under the lock."""
     import dataclasses
     import functools
 
@@ -828,12 +904,11 @@ def build_unit_index(out: str | os.PathLike, series: Sequence, model, model_id: 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from fuselip_med.units import SeriesEmbedding, UnitOptions, pool, unit_rows
+    from fuselip_med.units import SeriesEmbedding, pool, unit_rows
 
-    options = options or UnitOptions()
-    out = Path(out)
-    previous = None if rebuild else _load_previous(out)
-    if previous is not None and (previous.model.fingerprint != model_id.fingerprint or previous.unit != unit):
+    report = BuildReport()
+    previous = None if rebuild else _load_previous(out, report)
+    if previous is not None and (not previous.model.same_model(model_id) or previous.unit != unit):
         raise SearchIndexError(f"{out} holds a {previous.unit} index built with model {previous.model}, not a {unit} "
                                f"index of {model_id}; use --rebuild to replace it, or another --out.")
     work = _prepare_work(out, model_id, _Process())
@@ -846,7 +921,6 @@ def build_unit_index(out: str | os.PathLike, series: Sequence, model, model_id: 
             if skips is not None:
                 skips.add(item.key, f"study {item.study_key}", f"cannot read the file ({error.strerror or error})")
     stored = _stored_series(previous, unit)
-    report = BuildReport()
     chunking = dataclasses.replace(settings, chunk_size=max(1, settings.chunk_size // options.slices))
     embed_chunk = functools.partial(_embed_series_chunk, options=options, out=out, privacy=privacy)
     with _progress(progress) as bar:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from fuselip_med.search.index import ModelId, SearchIndex, SearchIndexError, model_fingerprint
+from fuselip_med.search.index import ModelId, SearchIndex, SearchIndexError
 
 __all__ = ["Hit", "check_model", "encode_query", "hits", "load_index_model", "more_like_this", "search"]
 
@@ -42,22 +42,32 @@ class Hit:
 
 
 def check_model(index: SearchIndex, model_id: ModelId) -> None:
-    """Raise ``SearchIndexError`` unless ``model_id`` has the weights the index was built with."""
-    if model_id.fingerprint != index.model.fingerprint:
+    """Raise ``SearchIndexError`` unless ``model_id`` has the weights and the runtime the index was built with."""
+    if not model_id.same_model(index.model):
+        runtime = f" --runtime {index.model.runtime}" if index.model.runtime != "pytorch" else ""
+        rebuild = (f"`fuselip-med index build --model {model_id.name} --input <the images> --out {index.directory} "
+                   "--rebuild`")
+        if (model_id.name, model_id.runtime) == (index.model.name, index.model.runtime):
+            # the weights under that name changed: no --model choice helps
+            raise SearchIndexError(
+                f"the weights of {model_id.name} changed since the index {index.directory} was built "
+                f"({index.model} then, {model_id} now); rebuild the index with {rebuild}.")
         raise SearchIndexError(
             f"the index {index.directory} was built with model {index.model}, but the query model is {model_id}; "
-            f"search with --model {index.model.name} (or leave --model out), or rebuild the index with this model.")
+            f"search with --model {index.model.name}{runtime} (or leave --model and --runtime out), or rebuild the "
+            f"index with {rebuild}.")
 
 
-def load_index_model(index: SearchIndex, model: str | os.PathLike | None = None, device: str = "cpu"):
-    """(model, ModelId) for querying ``index``: ``model`` when given (checked against the index), else the
-    model recorded in the index, loaded through ``fuselip_med.load_model`` (any layout, LoRA adapters merged).
-    Raises ``SearchIndexError`` on a mismatch and ``CheckpointError`` when the checkpoint cannot be read."""
-    from fuselip_med.core.loading import load_model
+def load_index_model(index: SearchIndex, model: str | os.PathLike | None = None, device: str = "cpu",
+                     runtime: str | None = None):
+    """(model, ModelId) for querying ``index``: ``model`` run by ``runtime`` when given (checked against the
+    index), else the model and runtime recorded in the index. Raises ``SearchIndexError`` on a mismatch and
+    ``CheckpointError`` / ``ExportNotFoundError`` (from ``export.runtime.load_for_runtime``) when the model cannot
+    be read."""
+    from fuselip_med.export.runtime import load_for_runtime
 
     name = str(model) if model is not None else index.model.name
-    loaded, _, _ = load_model(name, device)
-    model_id = ModelId(name, model_fingerprint(loaded))
+    loaded, model_id = load_for_runtime(name, runtime or index.model.runtime, device)
     check_model(index, model_id)
     return loaded, model_id
 

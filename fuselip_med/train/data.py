@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DataLoader
 
-from fuselip_med.data.adapters import DatasetEmptyError, SampleSource, get_adapter
+from fuselip_med.data.adapters import DatasetEmptyError, SampleSource, check_adapter_options, get_adapter
 from fuselip_med.data.collate import Collator
 from fuselip_med.data.dataset import MixtureDataset, SampleDataset
 from fuselip_med.data.images import DecodeOptions
@@ -58,6 +58,7 @@ def build_source(recipe: Recipe, spec: DatasetSpec, split: str | None = None) ->
         factory = get_adapter(spec.name)
     except KeyError as error:
         raise DataSetupError(f"data: {error.args[0]}") from None
+    check_adapter_options(spec.name, list(spec.options), f"data {spec.id or spec.name} options")
     path = BUILTIN_DATA[spec.path]() if spec.path in BUILTIN_DATA else recipe.resolve_path(spec.path)
     try:
         return factory(path, split=split or spec.split, limit=spec.limit, strict=recipe.data.strict, **spec.options)
@@ -80,6 +81,7 @@ def build_sources(recipe: Recipe) -> list[NamedSource]:
     named = [NamedSource(spec.id or spec.name, source, spec.weight) for spec, source in bases if spec.direct]
     for task in recipe.data.tasks:
         factory = get_adapter(task.name)
+        check_adapter_options(task.name, list(task.options), f"data.tasks {task.name} options")
         for spec, source in bases:
             label = spec.id or spec.name
             if task.bases is None or label in task.bases:

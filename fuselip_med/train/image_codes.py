@@ -89,8 +89,24 @@ def ensure_code_cache(directory: Path, spec: ViewSpec, images: dict[str, tuple[s
                       num_workers: int = 0, images_per_batch: int = 16, progress: bool = False) -> CodeCache:
     """The cache under ``directory/views<K>`` holding every image of ``images`` ({key: (content, image)})
     that decodes; missing rows are tokenized (this process's share, ``images_per_batch`` images of K + 1 views
-    per committed chunk) and merged by rank 0. ``tokenize``: pixels ``[n, 3, S, S]`` -> ids ``[n, 128]``."""
+    per committed chunk) and merged by rank 0. ``tokenize``: pixels ``[n, 3, S, S]`` -> ids ``[n, 128]``.
+
+    Rank 0 holds the cache's writer lock (``locks.writer_lock``) throughout: another training sharing the cache
+    waits for it (saying whose lock it waits on) and then tokenizes only what the first one did not add."""
+    from contextlib import nullcontext
+
+    from fuselip_med.locks import writer_lock
+
     root = directory / f"views{spec.views}"
+    with writer_lock(root, "code cache build", wait=True, say=say) if rank == 0 else nullcontext():
+        return _ensure_code_cache(root, spec, images, tokenize, tokens, rank, world, barrier, say, num_workers,
+                                  images_per_batch, progress)
+
+
+def _ensure_code_cache(root: Path, spec: ViewSpec, images: dict[str, tuple[str, Any]], tokenize: Callable,
+                       tokens: int, rank: int, world: int, barrier: Callable[[], None], say: Callable[[str], None],
+                       num_workers: int, images_per_batch: int, progress: bool) -> CodeCache:
+    """``ensure_code_cache``'s work, under the lock."""
     if rank == 0:
         merge_parts(CodeCache(root, spec.views, tokens, say=say), say)  # leftovers of a killed build
     barrier()

@@ -146,7 +146,22 @@ class Trainer:
 
     # ---- the loop --------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        """Train the recipe to its step budget; Ctrl-C/SIGTERM writes a checkpoint and returns (interrupted)."""
+        """Train the recipe to its step budget; Ctrl-C/SIGTERM writes a checkpoint and returns (interrupted).
+
+        The main process holds the run directory's writer lock throughout (``locks.writer_lock``): a second run or
+        ``--resume`` into the same directory raises ``FolderBusyError`` naming the running one."""
+        from contextlib import ExitStack
+
+        from fuselip_med.io import check_writable
+        from fuselip_med.locks import writer_lock
+
+        with ExitStack() as lock:
+            if self.accelerator.is_main_process:
+                check_writable(self.run_dir)  # before any work: OutputError naming the folder
+                lock.enter_context(writer_lock(self.run_dir, "training run"))
+            return self._run()
+
+    def _run(self) -> TrainResult:
         self.setup()
         recipe = self.recipe
         eval_before = {}
@@ -375,7 +390,13 @@ class Trainer:
         self.data.sampler.load_state_dict(sampler_state)
         self.data.mixture.set_epoch(sampler_state["epoch"])
         self.bad_steps_total = int(state.get("bad_steps_total", 0))
-        self.step, self.batches_done = int(state["step"]), int(sampler_state["batches_done"])
+        self.step, self.batches_done = int(state["step"]), self.data.sampler.position
+        if self.recipe.train.steps is None:  # an epoch budget: what is left of it, in this run's batches and steps
+            epochs, sampler = self.recipe.train.epochs, self.data.sampler
+            left = sampler.batches_left() + (epochs - sampler.epoch - 1) * sampler.batches_per_epoch(sampler.epoch + 1)
+            self.total_steps = self.step + max(0, math.ceil(left / self.recipe.train.grad_accum))
+            self.schedule = WarmupCosine(self.recipe.train.lr, self.recipe.train.warmup_steps, self.total_steps,
+                                         self.recipe.train.min_lr)
 
     def _save_final(self, before: dict, after: dict) -> Path | None:
         acc = self.accelerator

@@ -296,6 +296,21 @@ def get_adapter(name: str) -> AdapterFactory:
     return _REGISTRY[name]
 
 
+def check_adapter_options(name: str, options: Sequence[str], where: str) -> None:
+    """Raise ``UnknownNameError`` (one line: ``where``, the adapter, the unknown keys and the keys it takes) when
+    the adapter registered as ``name`` takes no keyword for some of ``options`` (a recipe's ``options:`` keys)."""
+    import inspect
+
+    parameters = list(inspect.signature(get_adapter(name)).parameters.values())
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return
+    accepted = [p.name for p in parameters[1:] if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise UnknownNameError(f"{where}: adapter {name!r} has no option {', '.join(map(repr, unknown))}; its "
+                               f"options are {', '.join(accepted)}")
+
+
 def available_adapters() -> list[str]:
     """Sorted names of every registered adapter (imports the adapter modules first)."""
     _discover()

@@ -14,6 +14,7 @@ image is fixed by a CRC-32 of (id, type, finding), so reruns write the same file
 """
 from __future__ import annotations
 
+import html
 import re
 import unicodedata
 import zlib
@@ -24,9 +25,9 @@ from ..adapters.rocov2 import ROCOV2_MODALITIES
 from .common import CaptionRow, QARecord
 
 __all__ = ["PROJECTION_ANSWERS", "REGION_ANSWERS", "RULES_VERSION", "TEMPLATES", "expand_abbreviations",
-           "find_findings", "finding_terms", "rules_qa", "synthesize_rules"]
+           "find_findings", "finding_terms", "is_english", "read_caption", "rules_qa", "synthesize_rules"]
 
-RULES_VERSION = "rules-v1"
+RULES_VERSION = "rules-v2"  # v2: decimal commas, ranges, HTML entities, non-English captions skipped
 
 # X-ray body region and projection (manual concepts) -> short answers; "Sagittal" on a radiograph is the
 # lateral projection.
@@ -188,7 +189,8 @@ _TRIGGER_RE = re.compile(  # negation and hedge triggers (NegEx-style), one patt
     r"probably|likely|suspected|suspect|suspicious for|suspicion of|suspicious of|questionable|concerning for|"
     r"may|might|could|differential|versus|vs|history of|previous|prior|old|suggestive of|suggesting|"
     r"worrisome for|r/o|"
-    r"presumed|presumably|query|equivocal|cannot be excluded|can not be excluded)\b|\?", re.I)
+    r"presumed|presumably|query|equivocal|cannot be excluded|can not be excluded|"
+    r"pas|sans|sin|ohne|keine?|senza|sem|n\u00e3o)\b|\?", re.I)  # the last: French/Spanish/German/Italian/Portuguese
 _POST_NEGATION_RE = re.compile(
     r"^[^,;]{0,25}?\b(?:was|were|is|are|has been|have been)?\s*(?:excluded|absent|ruled out|resolved|not seen|"
     r"not identified|not visible|not present|not detected|cannot be excluded|can not be excluded|suspected)\b",
@@ -199,9 +201,13 @@ _SCOPE_BREAK_RE = re.compile(r",\s+(?:and\s+)?(?:an?|the)\b|\b(?:with|showing|sh
 _NP_BREAK_RE = re.compile(r"[,;()]|\b(?:and|or|with|without|of|in|on|at|to|showing|shows|revealing|reveals|"
                           r"demonstrating|demonstrates|is|are|was|were|there|no|an?|the|from|by|for)\b", re.I)
 _SIDE_RE = re.compile(r"\b(left|right|bilateral|bilaterally|both)\b", re.I)
-_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?(?:\s*x\s*\d+(?:\.\d+)?)*)\s*-?\s*(mm|cm)\b", re.I)
+# a size as written: decimal point or comma ("5,2 cm", as European captions write it), ranges ("2-3 cm", "2 to 3
+# cm") and products ("3 x 4 cm", after "×"/"&times;" are read as "x"); never starting inside another number
+_NUMBER = r"\d+(?:[.,]\d+)?"
+_DIMENSIONS = rf"{_NUMBER}(?:\s*(?:-|to)\s*{_NUMBER})?(?:\s*x\s*{_NUMBER}(?:\s*(?:-|to)\s*{_NUMBER})?)*"
+_SIZE_RE = re.compile(rf"(?<![\d.,])({_DIMENSIONS})\s*-?\s*(mm|cm)\b", re.I)
 _POST_SIZE_RE = re.compile(r"^\s*(?:\(\s*|measuring\s+(?:about\s+|approximately\s+|up to\s+)?|of\s+)"
-                           r"(\d+(?:\.\d+)?(?:\s*x\s*\d+(?:\.\d+)?)*)\s*(mm|cm)\b", re.I)
+                           rf"({_DIMENSIONS})\s*(mm|cm)\b", re.I)
 _LOCATION_RE = re.compile(
     r"^\s*(?:\([^)]*\)\s*)?(?:(?:is|are|was|were)\s+)?(?:(?:seen|located|noted|present|visible)\s+)?"
     r"(?:in|within|at|of|involving|along)\s+the\s+(?P<loc>[a-z][a-z' -]*?)"
@@ -249,10 +255,44 @@ def _side_of(words: str) -> str | None:
 
 
 _TIMES_RE = re.compile(r"\s*x\s*")
+_AS_ASCII = str.maketrans({"\u00d7": "x", "\u2013": "-", "\u2014": "-", "\u2212": "-", "\u00a0": " "})
+_WORD_RE = re.compile(r"[^\W\d_]{2,}")
+
+
+def read_caption(caption: str) -> str:
+    """A caption as the rules read it: HTML entities decoded (``3&times;4`` -> ``3×4``), then the times sign,
+    dashes and no-break spaces as ASCII (``3x4``, ``2-3``)."""
+    return html.unescape(caption).translate(_AS_ASCII)
+
+
+def is_english(caption: str) -> bool:
+    """False when ``caption`` is confidently in another language (langdetect, seeded, p >= 0.9, over its words
+    that are not all capitals). Captions of fewer than four such words are too short to tell and count as
+    English; their negations in French, Spanish, German, Italian and Portuguese are still honoured."""
+    words = [w for w in _WORD_RE.findall(caption) if not w.isupper()]  # CT, MRI, T2 say nothing of the language
+    if len(words) < 4:
+        return True
+    from langdetect import DetectorFactory, LangDetectException, detect_langs
+
+    DetectorFactory.seed = 0  # langdetect samples n-grams at random: the seed makes reruns agree
+    try:
+        best = detect_langs(" ".join(words))[0]
+    except LangDetectException:
+        return True
+    return best.lang == "en" or best.prob < 0.9
 
 
 def _size(number: str, unit: str) -> str:
     return _TIMES_RE.sub(" x ", number) + " " + unit.lower()
+
+
+def _size_before(before: str, prefix_length: int) -> re.Match | None:
+    """The size written in the noun phrase just before a mention (its last ``prefix_length`` characters), read
+    whole even where its "5,2", "2 to 3" would break the phrase: the last size of ``before`` ending in it."""
+    last = None
+    for last in _SIZE_RE.finditer(before):
+        pass
+    return last if last is not None and last.end() > len(before) - prefix_length else None
 
 
 def _clauses(text: str) -> list[tuple[int, str]]:
@@ -300,7 +340,8 @@ def find_findings(text: str) -> _Facts:
                         and not _SIDES.issuperset(words)):
                     location = " ".join(words)
                     end = m_end + loc_match.end()
-            size_match = _SIZE_RE.search(prefix) or _POST_SIZE_RE.match(clause[end:]) or _POST_SIZE_RE.match(after)
+            size_match = (_size_before(clause[:m_start], len(prefix)) or _POST_SIZE_RE.match(clause[end:])
+                          or _POST_SIZE_RE.match(after))
             side = _side_of(prefix) or (_side_of(location) if location else None)
             mentions.append(Finding(name, surface, surface != name, offset + m_start, offset + end, side, location,
                                     _size(*size_match.groups()) if size_match else None, number))
@@ -349,8 +390,12 @@ def _join(items: Sequence[str]) -> str:
 def rules_qa(caption: str, concepts: Sequence[str] = (), key: str = "") -> list[tuple[str, str, str]]:
     """(question type, question, answer) triples for one caption and its manual concepts (CUIs), in a fixed order:
     modality, region, projection, plane, sequence, abnormality/findings, then per finding side, location, size,
-    and the arrow. ``key`` (the row's ID) picks the phrasing."""
-    text = expand_abbreviations(caption)
+    and the arrow. ``key`` (the row's ID) picks the phrasing. A caption not in English (``is_english``) gives none."""
+    return _rules_qa(caption, concepts, key) if is_english(read_caption(caption)) else []
+
+
+def _rules_qa(caption: str, concepts: Sequence[str], key: str) -> list[tuple[str, str, str]]:
+    text = expand_abbreviations(read_caption(caption))
     out: list[tuple[str, str, str]] = []
 
     def add(qtype: str, answer: str | None, **fields: str) -> None:
@@ -384,11 +429,16 @@ def rules_qa(caption: str, concepts: Sequence[str] = (), key: str = "") -> list[
     return out
 
 
-def synthesize_rules(rows: Iterable[CaptionRow]) -> list[QARecord]:
-    """QA records for every caption row (rows without a certain question give none)."""
+def synthesize_rules(rows: Iterable[CaptionRow], not_english: list[str] | None = None) -> list[QARecord]:
+    """QA records for every caption row (rows without a certain question give none); the IDs of captions not in
+    English (``is_english``), which give none, are appended to ``not_english`` when given."""
     records = []
     for row in rows:
-        for qtype, question, answer in rules_qa(row.caption, row.concepts, row.id):
+        if not is_english(read_caption(row.caption)):
+            if not_english is not None:
+                not_english.append(row.id)
+            continue
+        for qtype, question, answer in _rules_qa(row.caption, row.concepts, row.id):
             records.append(QARecord(row.id, row.image, row.caption, question, answer, qtype, "rules", None,
                                     RULES_VERSION))
     return records

@@ -2,12 +2,14 @@
 whose options live in ``fuselip_med/cli/data.py``)."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fuselip_med.io import atomic_write_text
+from fuselip_med.locks import writer_lock
 from fuselip_med.option_names import advise_option
 from fuselip_med.progress import new_progress
 
@@ -38,11 +40,21 @@ def run_synth_vqa(input: str, out: Path, generator: str = "rules", *, adapter: s
         raise SynthError(f"{advise_option('generator', repr(generator))}: choose rules or llm.")
     if out.suffix != ".jsonl":
         raise SynthError(f"{advise_option('out', str(out))}: give a .jsonl file name.")
+    main = generator == "rules" or process_state().is_main_process
+    with writer_lock(out, "data synth-vqa") if main else nullcontext():  # FolderBusyError while another writes
+        return _synth(input, out, generator, adapter, split, limit, config, console)
+
+
+def _synth(input: str, out: Path, generator: str, adapter: str | None, split: str, limit: int | None,
+           config: LLMConfig | None, console: Console | None) -> SynthReport | None:
+    """``run_synth_vqa``'s work, under the output's writer lock."""
     rows, skipped = read_caption_rows(input, adapter=adapter, split=split, limit=limit)
     if generator == "rules":
-        records = synthesize_rules(rows)
+        not_english: list[str] = []
+        records = synthesize_rules(rows, not_english)
         n = write_jsonl_atomic(out, records)
-        without = {"caption without a certain question": len(rows) - len({r.id for r in records})}
+        without = {"caption without a certain question": len(rows) - len(not_english) - len({r.id for r in records}),
+                   "caption not in English": len(not_english)}
         report = SynthReport(str(out), len(rows), n, "rules", None, RULES_VERSION, without, skipped, 0)
     else:
         config = config or LLMConfig()

@@ -31,6 +31,7 @@ class Role:
 ROLES: dict[str, Role] = {r.name: r for r in (
     Role("test", "image + caption samples to evaluate on (ROCOv2 test split, any image-caption source)",
          ("rocov2_test",)),
+    Role("train", "training data checked against 'test' by the leakage task (ROCOv2 train split, or any source)"),
     Role("valid", "image + caption samples with concepts, for choosing the concept threshold", ("rocov2_valid",)),
     Role("labelled", "images with a class label (a label column, or one folder per class)"),
     Role("tgit", "TGIT pools {kind: [pool, ...]} or a source whose images are transformed (else 'test')"),
@@ -47,6 +48,16 @@ ROLES: dict[str, Role] = {r.name: r for r in (
     Role("series_labels", "labels by series: CT-RATE multi_abnormality_labels.csv (VolumeName + 0/1 columns)"),
     Role("series_reports", "reports by series: CT-RATE reports CSV (VolumeName, Findings_EN, Impressions_EN)"),
     Role("series_keys", "optional: an `embed --unit series` output whose salt keys the DICOM series as the CSVs do"),
+    Role("vqa_rad", "VQA-RAD: 'VQA_RAD Dataset Public.json' and 'VQA_RAD Image Folder/'"),
+    Role("slake", "SLAKE 1.0: test.json and imgs/"),
+    Role("pathvqa", "PathVQA parquet shards (data/test-*.parquet)"),
+    Role("pmc_vqa", "PMC-VQA: test_clean.csv (or test.csv) and the images/ folder of images.zip"),
+    Role("chexpert5x200", "CheXpert 5x200: the published chexpert_5x200.csv (CheXpert columns) + CheXpert images"),
+    Role("mimic5x200", "MIMIC-CXR 5x200: its CSV (Path, dicom_id, subject_id, study_id, Report, the 5 classes)"),
+    Role("rsna", "RSNA Pneumonia: stage_2_train_labels.csv + stage_2_train_images/<patientId>.dcm"),
+    Role("radcrepe", "RadCrepe: the <edit type>.json files `fuselip-med data radcrepe` wrote (SugarCrepe layout)"),
+    Role("findings", "a findings label table scored by `findings` (CheXpert/VinDr-CXR/CT-RATE columns or `labels`)"),
+    Role("findings_valid", "the findings label table whose rows choose each finding's threshold (never the test rows)"),
 )}
 
 
@@ -114,6 +125,33 @@ TABLE: tuple[EvalTask, ...] = (
              "zero-shot abnormality AUROC per series (CT-RATE multi_abnormality_labels.csv layout)"),
     EvalTask("series-retrieval", ("volumes", "series_reports"), "series:run_retrieval",
              "series <-> report R@1/5/10 (CT-RATE reports CSV: Findings_EN + Impressions_EN)"),
+    EvalTask("vqa-rad", ("vqa_rad",), "med_vqa:run_vqa_rad",
+             "VQA-RAD test: closed accuracy over options, open R@1/R@5 over the distinct answers, per type",
+             suite="radiology"),
+    EvalTask("slake", ("slake",), "med_vqa:run_slake",
+             "SLAKE English test: closed accuracy, open R@1/R@5, per answer and content type", suite="radiology"),
+    EvalTask("pathvqa", ("pathvqa",), "med_vqa:run_pathvqa", "PathVQA test: yes/no accuracy, open R@1/R@5",
+             suite="radiology"),
+    EvalTask("pmc-vqa", ("pmc_vqa",), "med_vqa:run_pmc_vqa", "PMC-VQA test: accuracy over the four choices",
+             suite="radiology"),
+    EvalTask("roco2k", ("test",), "protocols:run_roco2k",
+             "ROCO-2k (PMC-CLIP protocol): 2,000 seeded test pairs, R@1/5/10 both directions, drawn IDs written",
+             suite="radiology"),
+    EvalTask("chexpert5x200", ("chexpert5x200",), "protocols:run_chexpert5x200",
+             "CheXpert 5x200 zero-shot 5-way accuracy [95% CI], rows written", suite="radiology"),
+    EvalTask("mimic5x200", ("mimic5x200",), "protocols:run_mimic5x200",
+             "MIMIC-CXR 5x200 zero-shot 5-way accuracy [95% CI], rows written", suite="radiology"),
+    EvalTask("rsna-pneumonia", ("rsna",), "protocols:run_rsna",
+             "RSNA Pneumonia: AUROC [95% CI], AP, accuracy at p+ >= p-, one label per patient", suite="radiology"),
+    EvalTask("radcrepe", ("radcrepe|test",), "radcrepe:run",
+             "RadCrepe: caption vs one-fact edit (laterality, negation, modality, body region, size/number): "
+             "accuracy [95% CI] per edit, chance 0.5", suite="radiology"),
+    EvalTask("leakage", ("test", "train"), "leakage:run",
+             "train/test leakage: exact (SHA-256), pHash, embedding-cosine and same-article matches; leakage.csv "
+             "(eval --check-leakage TRAIN; --exclude-leaked scores the test tasks again without them)"),
+    EvalTask("findings", ("findings", "findings_valid"), "findings:run",
+             "multi-label findings: AUROC [95% bootstrap CI], AP, F1/sensitivity/specificity at thresholds chosen "
+             "on findings_valid (--prompts, --uncertain, --threshold-rule)", suite="radiology"),
 )
 
 TASKS: tuple[str, ...] = tuple(t.name for t in TABLE)
@@ -122,6 +160,8 @@ _BY_NAME = {t.name: t for t in TABLE}
 # The paper's README column order (FuseLIP: MMEB x4, ImageNet, VG-Crop, OI-Crop, OI-Pos, TGIT), then SugarCrepe.
 SUITES: dict[str, tuple[str, ...]] = {
     "paper": ("mmeb", "imagenet", "vg-crop", "oi-crop", "oi-pos", "tgit", "sugarcrepe"),
+    # The radiology table's rows (fuselip_med.eval.suite.radiology_table): what --data-root holds of them runs.
+    "radiology": tuple(t.name for t in TABLE if t.suite == "radiology"),
 }
 
 

@@ -32,9 +32,10 @@ __all__ = ["DataEntry", "EvalOptions", "EvalContext", "ImageCaption", "resolve_d
            "open_source",
            "check_coverage", "named_skips", "skip_fields"]
 
-_SPLIT_OF_ROLE = {"test": "test", "valid": "valid", "labelled": "test"}
+_SPLIT_OF_ROLE = {"test": "test", "valid": "valid", "labelled": "test", "train": "train"}
 _ADAPTER_ROLES = {"rocov2": ("test", "valid")}
-_DEFAULT_ADAPTER = {"test": "rocov2", "valid": "rocov2", "tgit": "rocov2", "labelled": "folder", "vg_crop": "vg_crop",
+_DEFAULT_ADAPTER = {"test": "rocov2", "valid": "rocov2", "train": "rocov2", "tgit": "rocov2", "labelled": "folder",
+                    "vg_crop": "vg_crop",
                     "vqa": "rocov2_vqa"}
 _DEFAULT_ADAPTER_ROLES = ("test", "labelled")
 _ROLE_ADAPTER_OPTIONS = {"labelled": {"folder": {"require_caption": False}, "csv": {"require_caption": False}}}
@@ -71,6 +72,13 @@ class EvalOptions:
     label_field: str = "label"
     mmeb_subsets: tuple[str, ...] | None = None
     vg_images: int = 100
+    prompts: str | None = None          # findings/RSNA prompt YAML (None: the shipped sets)
+    uncertain: str = "ignore"           # findings: what -1 means (findings.UNCERTAIN_POLICIES)
+    threshold_rule: str = "youden"      # findings: how the validation role picks thresholds
+    n_boot: int = 1000                  # bootstrap resamples of the AUROC intervals
+    out_dir: str | None = None          # where tasks write their row lists (protocol IDs, leakage.csv)
+    phash_distance: int = 8             # leakage: pHash Hamming distance counted as a near-duplicate
+    leak_cosine: float = 0.95           # leakage: image-embedding cosine counted as a near-duplicate
     tgit_rows: str | None = None
 
 
@@ -246,6 +254,7 @@ class EvalContext:
         self.table_options = dict(table_options or {})
         self._sources: dict[str, Any] = {}
         self._ic: dict[str, ImageCaption] = {}
+        self._skips: list[SkipReport] = []
 
     def has(self, role: str) -> bool:
         return role in self.entries
@@ -313,7 +322,12 @@ class EvalContext:
 
     def skip_report(self) -> SkipReport:
         """Every row skipped in the image-caption data of this run, each named once."""
-        return SkipReport.merged(named_skips(ic, self.embedder.table.failed) for ic in self._ic.values())
+        return SkipReport.merged([*(named_skips(ic, self.embedder.table.failed) for ic in self._ic.values()),
+                                  *self._skips])
+
+    def add_skips(self, report: SkipReport) -> None:
+        """Name a task's own skipped rows (benchmark readers) in the run's ``skipped.csv``."""
+        self._skips.append(report)
 
     def class_weights(self, names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
         """[C, D] float32 zero-shot class weights (reference section 6.3: per-template text embeddings averaged

@@ -14,7 +14,10 @@ image hateful?", ImageNet-1K names cut at the first comma, classification candid
 and candidates are embedded fused (image + text; text-only when there is no image).
 Precision@1 per subset = share of queries whose top candidate is the first one (ties: first wins). The
 category scores are the means over their subsets (MMEB's 10 classification, 10 VQA, 12 retrieval and 4
-grounding subsets = 36), and ``Overall`` the mean over all evaluated subsets.
+grounding subsets = 36), and ``Overall`` the mean over all evaluated subsets. A subset absent from the folder,
+lacking one of the columns the protocol reads, or with no scorable query is named in ``missing_subsets`` with the
+reason; ``coverage`` gives each mean's (subsets scored, subsets it stands for), so that a category mean over fewer
+subsets than MMEB's is labelled with the count.
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ SUBSETS: tuple[str, ...] = tuple(s for subsets in CATEGORIES.values() for s in s
 CATEGORY_OF = {s: c for c, subsets in CATEGORIES.items() for s in subsets}
 
 _DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
+COLUMNS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")  # what the protocol reads of every row
 
 
 def find_subsets(root: str | os.PathLike) -> dict[str, list[Path]]:
@@ -154,8 +158,13 @@ def run(ctx: EvalContext) -> dict:
                          f"TIGER-Lab/MMEB-eval there (one folder per subset) and extract images.zip into "
                          f"{root / 'eval_images'}")
     per_subset: dict[str, dict] = {}
+    unusable: dict[str, str] = {}
     for subset in wanted:
         rows = read_subset(found[subset])
+        absent = [c for c in COLUMNS if rows and not any(c in row for row in rows)]
+        if absent or not rows:
+            unusable[subset] = f"column {', '.join(absent)} missing" if absent else "no rows"
+            continue
         base = _image_base(root, rows)
         if base is None:
             raise ValueError(f"MMEB subset {subset}: its images are not under {root / 'eval_images'}, "
@@ -164,13 +173,16 @@ def run(ctx: EvalContext) -> dict:
     scored = {s: r["precision_at_1"] for s, r in per_subset.items() if r["n"]}
     if not scored:
         raise ValueError(f"no MMEB query under {root} could be scored")
-    metrics = {}
+    metrics, coverage = {}, {"Overall": [len(scored), len(SUBSETS)]}
     for category, subsets in CATEGORIES.items():
         values = [scored[s] for s in subsets if s in scored]
         if values:
             metrics[category] = float(np.mean(values))
+            coverage[category] = [len(values), len(subsets)]
     metrics["Overall"] = float(np.mean(list(scored.values())))
+    missing = {s: unusable.get(s) or ("no query could be scored" if s in per_subset else f"not in {root}")
+               for s in SUBSETS if s not in scored}
     return {"metrics": metrics, "per_subset": per_subset, "n": int(sum(r["n"] for r in per_subset.values())),
-            "n_subsets": len(scored), "missing_subsets": [s for s in SUBSETS if s not in per_subset],
+            "n_subsets": len(scored), "missing_subsets": missing, "coverage": coverage,
             "categories": {c: [s for s in subsets if s in scored] for c, subsets in CATEGORIES.items()},
             "seed": None}

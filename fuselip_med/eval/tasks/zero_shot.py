@@ -8,6 +8,11 @@ default :data:`RADIOLOGY_TEMPLATES`), embedded text-only, averaged and re-normal
 images are embedded image-only and the prediction is the argmax cosine. Metrics:
 :func:`fuselip_med.eval.classification.classification_metrics` (accuracy, balanced accuracy, macro-F1,
 per-class scores, confusion matrix rows = true, columns = predicted).
+
+Single-label accuracy needs one class per image. A table's ``labels`` column (``;``-joined, read as a list) is
+used when the label field is empty or is ``labels`` itself: a row with exactly one label is scored with it, a row
+with several is a named skip (``several labels``: multi-label rows are scored by the ``findings`` task, per label,
+not forced into one class here), a row with none has no label.
 """
 from __future__ import annotations
 
@@ -21,7 +26,9 @@ from .. import classification as cls
 from ..embedding import EmbedItem, sample_image_key
 from .context import EvalContext
 
-__all__ = ["RADIOLOGY_TEMPLATES", "read_lines", "read_labels", "read_templates", "run"]
+__all__ = ["MULTI_LABEL", "RADIOLOGY_TEMPLATES", "read_lines", "read_labels", "read_templates", "run"]
+
+MULTI_LABEL = "several labels (a multi-label row: the findings task scores each label)"
 
 RADIOLOGY_TEMPLATES: tuple[str, ...] = (
     "{c}.",
@@ -71,6 +78,18 @@ def read_templates(path: str | os.PathLike) -> list[str]:
     return out
 
 
+def _single_label(meta: dict, field: str) -> str | None:
+    """The one class of a sample (``meta[field]``, else its ``labels`` list), ``MULTI_LABEL`` when it has
+    several, None when it has none."""
+    value = meta.get(field)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        value = meta.get("labels")
+    if isinstance(value, (list, tuple)):
+        names = [str(v).strip() for v in value if str(v).strip()]
+        return names[0] if len(names) == 1 else (MULTI_LABEL if names else None)
+    return str(value).strip() or None if value is not None else None
+
+
 def run(ctx: EvalContext) -> dict:
     """Zero-shot accuracy, balanced accuracy, macro-F1, per-class scores and the confusion matrix."""
     o = ctx.opts
@@ -80,14 +99,16 @@ def run(ctx: EvalContext) -> dict:
     for i in range(len(source)):
         s = source[i]
         image = s.query_image if s.query_image is not None else s.target_image
-        label = s.meta.get(o.label_field)
+        label = _single_label(s.meta, o.label_field)
         if image is None:
             skipped["no image"] += 1
-        elif label is None or str(label).strip() == "":
+        elif label is MULTI_LABEL:
+            skipped[MULTI_LABEL] += 1
+        elif label is None:
             skipped["no label"] += 1
         else:
             items.append(EmbedItem(image=image, image_key=sample_image_key(s, image)))
-            labels.append(str(label).strip())
+            labels.append(label)
     if not items:
         raise InputError(f"{name} has no image with a label in meta[{o.label_field!r}] (give a label column or one "
                          f"folder per class)")

@@ -1,0 +1,225 @@
+"""`fuselip-med export` on the tiny model: the ONNX graphs embed like PyTorch within the gate, a planted defect is
+caught by the gate and nothing final is written, and `--runtime onnx` indexes are searched like PyTorch ones."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fuselip_med.cli import app
+from fuselip_med.core.fuselip import FuseLIP, FuseLIPConfig
+from fuselip_med.core.loading import load_model
+from fuselip_med.core.pretrained import save_pretrained
+from fuselip_med.export import onnx as export_onnx
+from fuselip_med.export.gate import ExportRejected, Tolerances, demo_reference, gated_export
+from fuselip_med.export.runtime import OnnxFuseLIP, export_fingerprint
+from fuselip_med.search.index import open_index
+from tests.search_helpers import make_folder
+
+pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+runner = CliRunner()
+REFERENCE_SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny FuseLIP checkpoint and its fp32 export, published by the gate."""
+    root = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    model_dir = save_pretrained(FuseLIP(FuseLIPConfig.from_size("tiny")).eval(), root / "model")
+    model, _, _ = load_model(model_dir)
+    reference = demo_reference(REFERENCE_SIZE)
+    result = gated_export(model, root / "fp32", reference, source={"name": str(model_dir), "fingerprint": "x"})
+    return root, model_dir, model, reference, result
+
+
+def copying_writer(source_dir, perturb: bool):
+    """A ``write_export`` that copies a finished export (fast) and, with ``perturb``, then adds noise to the TiTok
+    graph's ``conv_out`` weight: the planted defect of "weights perturbed after export"."""
+    import onnx
+    from onnx import numpy_helper
+
+    def write(model, directory, **_):
+        shutil.copytree(source_dir, directory, dirs_exist_ok=True)
+        if perturb:
+            path = directory / export_onnx.TITOK_GRAPH
+            graph = onnx.load(str(path))
+            for init in graph.graph.initializer:
+                if "conv_out.weight" in init.name:
+                    weight = numpy_helper.to_array(init)
+                    noisy = weight + np.random.default_rng(0).normal(0, weight.std(), weight.shape).astype(weight.dtype)
+                    init.CopyFrom(numpy_helper.from_array(noisy, init.name))
+            onnx.save(graph, str(path))
+
+    return write
+
+
+def test_fp32_export_writes_graphs_tokenizer_config_report_and_card(exported):
+    root, model_dir, _, _, result = exported
+    out = root / "fp32"
+    assert result.path == out and result.report["passed"] and not result.report["failures"]
+    names = {p.name for p in out.iterdir()}
+    assert {"titok.onnx", "encoder.onnx", "config.json", "bpe_simple_vocab_16e6.txt.gz", "export_report.json",
+            "README.md"} <= names
+    config = json.loads((out / "config.json").read_text())
+    assert config["precision"] == "fp32" and config["model"]["transformer_size"] == "tiny"
+    report = json.loads((out / "export_report.json").read_text())
+    figures = report["figures"]
+    assert figures["n_images"] >= REFERENCE_SIZE and figures["code_agreement"] >= 0.999
+    assert report["fingerprint"] == export_fingerprint(out)
+    card = (out / "README.md").read_text()
+    assert "Quality gate: passed" in card and "code agreement" in card and f"{figures['code_agreement']:.4%}" in card
+    assert not [p for p in root.iterdir() if ".tmp-" in p.name]  # the staging folder is gone
+
+
+def test_export_embeds_like_pytorch_within_the_gate_for_any_batch_and_length(exported):
+    root, _, model, _, _ = exported
+    onnx_model = OnnxFuseLIP(root / "fp32")
+    tolerance = Tolerances.for_precision("fp32")
+    generator = torch.Generator().manual_seed(3)
+    for batch in (1, 5):
+        pixels = torch.rand(batch, 3, 256, 256, generator=generator)
+        texts = ["a chest x-ray " * (1 + 7 * i) for i in range(batch)]  # lengths from 6 ids to the context cut
+        assert (onnx_model.image_codes(pixels) == model.image_codes(pixels)).all()
+        for inputs in ({"images": pixels}, {"texts": texts}, {"images": pixels, "texts": texts},
+                       {"images": [pixels[0], None][:batch], "texts": texts[:2]}):
+            got, expected = onnx_model.encode(**inputs), model.encode(**inputs)
+            assert got.shape == expected.shape
+            cosine = torch.nn.functional.cosine_similarity(got, expected)
+            assert cosine.min() >= tolerance.min_cosine, inputs.keys()
+
+
+def test_perturbed_weights_are_caught_and_nothing_final_is_written(exported, monkeypatch, tmp_path):
+    root, _, model, reference, _ = exported
+    monkeypatch.setattr(export_onnx, "write_export", copying_writer(root / "fp32", perturb=True))
+    with pytest.raises(ExportRejected, match="code agreement .* < 99.9000%") as caught:
+        gated_export(model, tmp_path / "out", reference, source={"name": "tiny", "fingerprint": "x"})
+    assert "cosine min" in str(caught.value)
+    assert list(tmp_path.iterdir()) == []  # neither the export nor its staging folder
+    with pytest.raises(ExportRejected, match="out.rejected"):
+        gated_export(model, tmp_path / "out", reference, source={"name": "tiny", "fingerprint": "x"},
+                     keep_rejected=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.rejected"]
+    report = json.loads((tmp_path / "out.rejected" / "export_report.json").read_text())
+    assert not report["passed"] and report["figures"]["code_agreement"] < 0.999
+    assert "Quality gate: FAILED" in (tmp_path / "out.rejected" / "README.md").read_text()
+
+
+def test_cli_export_exits_1_naming_the_failing_figure(exported, monkeypatch, tmp_path):
+    root, model_dir, _, _, _ = exported
+    monkeypatch.setattr(export_onnx, "write_export", copying_writer(root / "fp32", perturb=True))
+    args = ["export", "-m", str(model_dir), "--out", str(tmp_path / "out"), "--reference-size", str(REFERENCE_SIZE)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert "code agreement" in result.output and "Nothing was written" in result.output
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(export_onnx, "write_export", copying_writer(root / "fp32", perturb=False))
+    result = runner.invoke(app, [*args, "--min-cosine", "0.99999"])
+    assert result.exit_code == 0, result.output
+    assert "gate passed" in result.output and (tmp_path / "out" / "export_report.json").is_file()
+    assert json.loads((tmp_path / "out" / "export_report.json").read_text())["tolerances"]["min_cosine"] == 0.99999
+
+
+def test_cli_export_refuses_bad_settings_before_work(exported, tmp_path):
+    _, model_dir, _, _, _ = exported
+    for extra, message, code in ((["--precision", "fp16"], "--precision", 2), (["--format", "tflite"], "--format", 2),
+                                 (["--min-cosine", "2"], "--min-cosine", 1)):
+        result = runner.invoke(app, ["export", "-m", str(model_dir), "--out", str(tmp_path / "o"), *extra])
+        assert result.exit_code == code and message in result.output, result.output
+        assert not (tmp_path / "o").exists()
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    result = runner.invoke(app, ["export", "-m", str(model_dir), "--out", str(tmp_path / "busy"),
+                                 "--reference-size", "2"])
+    assert result.exit_code == 1 and "not an ONNX export" in result.output
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+
+
+@pytest.fixture(scope="module")
+def indexes(exported):
+    """The same folder indexed with PyTorch and with the ONNX export."""
+    root, model_dir, _, _, _ = exported
+    folder = make_folder(root / "images", patterned=True)
+    for runtime, model in (("pytorch", model_dir), ("onnx", root / "fp32")):
+        result = runner.invoke(app, ["index", "build", "--runtime", runtime, "--model", str(model), "--input",
+                                     str(folder), "--out", str(root / f"index_{runtime}"), "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+    return root, folder, model_dir
+
+
+def _search(index, *args):
+    result = runner.invoke(app, ["search", "--index", str(index), "--json", "-k", "5", *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_onnx_index_records_its_runtime_and_is_searched_like_the_pytorch_index(indexes):
+    root, folder, _ = indexes
+    onnx_index = open_index(root / "index_onnx")
+    assert onnx_index.model.runtime == "onnx" and onnx_index.model.fingerprint == export_fingerprint(root / "fp32")
+    assert open_index(root / "index_pytorch").model.runtime == "pytorch"
+    for query in (["--text", "a red square"], ["--image", str(folder / "green.png")],
+                  ["--image", str(folder / "ct.dcm"), "--text", "the same slice"]):
+        with_pytorch, with_onnx = _search(root / "index_pytorch", *query), _search(root / "index_onnx", *query)
+        assert [h["id"] for h in with_onnx] == [h["id"] for h in with_pytorch], query
+        assert np.allclose([h["score"] for h in with_onnx], [h["score"] for h in with_pytorch], atol=2e-3)
+
+
+def test_a_query_with_another_runtime_is_refused(indexes):
+    root, folder, model_dir = indexes
+    result = runner.invoke(app, ["search", "--index", str(root / "index_onnx"), "--runtime", "pytorch",
+                                 "--model", str(model_dir), "--text", "red"])
+    assert result.exit_code == 1 and "runtime onnx" in result.output and "--runtime onnx" in result.output
+    result = runner.invoke(app, ["index", "build", "--runtime", "onnx", "--model", str(root / "fp32"), "--input",
+                                 str(folder), "--out", str(root / "index_pytorch"), "--device", "cpu"])
+    assert result.exit_code == 1 and "--rebuild" in result.output
+    result = runner.invoke(app, ["search", "--index", str(root / "index_pytorch"), "--runtime", "onnx",
+                                 "--model", str(model_dir), "--text", "red"])
+    assert result.exit_code == 1 and "not an ONNX export" in result.output
+
+
+def test_embed_with_runtime_onnx_equals_pytorch_within_the_gate(indexes, tmp_path):
+    root, folder, model_dir = indexes
+    vectors = {}
+    for runtime, model in (("pytorch", model_dir), ("onnx", root / "fp32")):
+        out = tmp_path / f"{runtime}.npy"
+        result = runner.invoke(app, ["embed", "--runtime", runtime, "-m", str(model), "-i", str(folder), "--kind",
+                                     "pair", "-o", str(out), "--device", "cpu", "--num-workers", "0"])
+        assert result.exit_code == 0, result.output
+        vectors[runtime] = np.load(out)
+    assert vectors["onnx"].shape == vectors["pytorch"].shape == (5, 64)
+    assert (np.sum(vectors["onnx"] * vectors["pytorch"], axis=1) >= Tolerances.for_precision("fp32").min_cosine).all()
+
+
+@pytest.mark.slow
+def test_int8_of_both_graphs_breaks_tiny_codes_and_is_rejected_encoder_scope_passes(exported, tmp_path):
+    """The tiny TiTok's codes flip under int8 (measured: ~16% of codes): the default int8 gate rejects it;
+    with the TiTok graph kept fp32 (--int8-scope encoder) the codes are exact and the cosine bound holds. R@1 is
+    left unchecked here: on 18 reference images one swapped rank of this untrained model is 5.6 points."""
+    _, _, model, reference, _ = exported
+    with pytest.raises(ExportRejected, match="image cosine min"):
+        gated_export(model, tmp_path / "all", reference, source={"name": "tiny", "fingerprint": "x"},
+                     precision="int8")
+    assert not (tmp_path / "all").exists()
+    result = gated_export(model, tmp_path / "encoder", reference, source={"name": "tiny", "fingerprint": "x"},
+                          precision="int8", int8_scope="encoder", tolerances=Tolerances(None, 0.99, None))
+    assert result.report["passed"] and result.report["figures"]["code_agreement"] == 1.0
+    assert min(v["min"] for v in result.report["figures"]["cosine"].values()) >= 0.99
+    assert json.loads((tmp_path / "encoder" / "config.json").read_text())["int8"]["scope"] == "encoder"
+
+
+def test_calibration_folder_is_the_reference_set_and_undecodable_images_are_named(tmp_path):
+    from fuselip_med.export.gate import folder_reference
+
+    folder = make_folder(tmp_path / "calibration")
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "broken.png.txt").write_text("a broken file")
+    reference = folder_reference(folder)
+    assert len(reference) == 5 and tuple(reference.pixels.shape) == (5, 3, 256, 256)
+    assert "a red square" in reference.texts and list(reference.skipped) == ["broken.png"]
+    assert len(folder_reference(folder, limit=3)) <= 3
