@@ -127,6 +127,9 @@ class TrainSection(Section):
     code_cache: Optional[str] = None      # cache directory (default ~/.cache/fuselip-med/image-codes)
     compile: bool = False                 # torch.compile the transformer
     grad_checkpointing: bool = False      # recompute activations in the backward pass (less memory)
+    # minutes a process waits in a collective (barrier, all-reduce) before the job fails; NCCL's default of 10
+    # is shorter than rank 0 merging a large code cache or writing a checkpoint (torch.distributed timeout)
+    dist_timeout_min: float = Field(60.0, gt=0)
 
     @model_validator(mode="after")
     def _length_given(self) -> "TrainSection":

@@ -15,6 +15,8 @@ import torch  # noqa: E402
 
 torch.set_num_threads(2)
 
+pytest_plugins = ["tests.orthanc"]  # the ``orthanc`` fixture: a real Orthanc server for the DICOMweb tests
+
 
 @pytest.fixture(autouse=True)
 def _seed_everything():

@@ -20,6 +20,13 @@ ENTRYPOINT = REPO / "docker" / "train-entrypoint.sh"
 
 
 # --------------------------------------------------------------------------------------------- Dockerfiles
+def test_training_image_base_has_a_compiler_for_torch_compile() -> None:
+    """``train.compile: true`` runs Inductor, which compiles C/C++ and Triton kernels: the pytorch/pytorch
+    ``-runtime`` images have no C compiler, the ``-devel`` ones do (issue 25, fault 6)."""
+    bases = re.findall(r"^FROM\s+(\S+)", (REPO / "docker" / "Dockerfile.train").read_text(), flags=re.M)
+    assert bases and all(base.startswith("pytorch/pytorch:") and base.endswith("-devel") for base in bases), bases
+
+
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_hadolint_passes(dockerfile: Path) -> None:
     hadolint = shutil.which("hadolint")

@@ -8,7 +8,21 @@ from typing import Optional
 
 import typer
 
-from fuselip_med.cli.options import QUERY_RUNTIME, RUNTIME
+from fuselip_med.cli.options import (
+    DICOMWEB,
+    DW_CA_BUNDLE,
+    DW_INSECURE,
+    DW_LIMIT,
+    DW_MAX_CONCURRENT,
+    DW_MODALITY,
+    DW_RETRIES,
+    DW_STUDY_DATE,
+    DW_STUDY_DESCRIPTION,
+    DW_USER,
+    QUERY_RUNTIME,
+    RUNTIME,
+    dicomweb_options,
+)
 from fuselip_med.cli.units import ALLOW_BURNED_IN, KEEP_PATHS, PLANE, RENDER, SHOW_PATHS, SLICES, UNIT, WINDOW
 from fuselip_med.errors import MissingExtraError, UsageError
 
@@ -21,9 +35,20 @@ INDEX_TYPES = "auto, flat (exact), ivf or hnsw"
 @index_app.command("build")
 def index_build(
     model: str = typer.Option(..., "--model", "-m", help="Checkpoint: hub id, local directory, .pt/.safetensors."),
-    input: Path = typer.Option(..., "--input", "-i", help="What `embed` reads: a folder of images (PNG/JPEG/DICOM, "
-                               "<image>.txt captions), a CSV/TSV (path, caption), or a dataset for --adapter."),
+    input: Optional[Path] = typer.Option(None, "--input", "-i", help="What `embed` reads: a folder of images "
+                                         "(PNG/JPEG/DICOM, <image>.txt captions), a CSV/TSV (path, caption), or a "
+                                         "dataset for --adapter. Or give --dicomweb."),
     out: Path = typer.Option(..., "--out", "-o", help="Index directory (created, or updated in place)."),
+    dicomweb: Optional[str] = DICOMWEB,
+    user: Optional[str] = DW_USER,
+    ca_bundle: Optional[str] = DW_CA_BUNDLE,
+    insecure: bool = DW_INSECURE,
+    modality: Optional[str] = DW_MODALITY,
+    study_date: Optional[str] = DW_STUDY_DATE,
+    study_description: Optional[str] = DW_STUDY_DESCRIPTION,
+    limit: Optional[int] = DW_LIMIT,
+    max_concurrent: int = DW_MAX_CONCURRENT,
+    retries: int = DW_RETRIES,
     adapter: str = typer.Option("folder", help="Dataset adapter that lists --input: folder, csv, rocov2, ..."),
     split: str = typer.Option("train", help="Split for adapters that have splits (rocov2: train, valid, test)."),
     index_type: str = typer.Option("auto", "--index-type", help=f"FAISS index: {INDEX_TYPES}; auto = exact up to "
@@ -51,7 +76,9 @@ def index_build(
     """Embed a folder (or any dataset `embed` reads) into a search index; re-run to update it incrementally.
 
     Only new or changed images (by content hash) are embedded, deleted ones are dropped; a killed build
-    resumes where it stopped. Under `accelerate launch` each process embeds its share. DICOM files are rows
+    resumes where it stopped. Under `accelerate launch` each process embeds its share. With --dicomweb the
+    series found by QIDO-RS are fetched (WADO-RS) into <out>/.dicomweb; a rebuild fetches only instances not
+    fetched yet (by SOP Instance UID) and drops those deleted on the server. DICOM files are rows
     under salted instance keys with the index's own thumbnails; their paths are stored only with --keep-paths.
 
     With --unit series or study, --input is a PACS export folder, a DICOMDIR, NIfTI files or a CSV listing them;
@@ -60,6 +87,8 @@ def index_build(
 
     Examples:\n
       fuselip-med index build -m runs/rocov2/final -i my_images/ -o my_index\n
+      FUSELIP_MED_DICOMWEB_PASSWORD=... fuselip-med index build -m runs/rocov2/final \\
+        --dicomweb https://pacs/dicom-web --user alice --modality CT --study-date 20240101-20241231 -o ct_index\n
       fuselip-med index build -m runs/rocov2/final -i ROCOv2_data --adapter rocov2 --split test -o rocov2_index\n
       accelerate launch --num_processes 4 -m fuselip_med.cli index build -m chs20/FuseLIP-S-CC3M-MM -i pacs/ -o idx\n
       fuselip-med index build -m runs/rocov2/final -i pacs_export/ --unit series --slices 16 -o series_index\n
@@ -67,6 +96,9 @@ def index_build(
       fuselip-med index build --runtime onnx -m exports/rocov2-int8 -i my_images/ -o my_index
     """
     if unit != "image":
+        if dicomweb is not None or input is None:
+            raise UsageError(f"--unit {unit} reads --input (a folder, DICOMDIR, NIfTI or CSV); --dicomweb indexes "
+                             "images.")
         _build_unit_index(model, input, out, unit, slices, render, window, plane, batch_size, device, rebuild,
                           keep_paths, show_paths, allow_burned_in, chunk_size, runtime)
         return
@@ -80,20 +112,34 @@ def index_build(
     from fuselip_med.io import check_writable
     from fuselip_med.search.index import IndexSettings, build_index, index_salt, list_entries
 
+    if (input is None) == (dicomweb is None):
+        raise UsageError("give --input (a folder, table or dataset) or --dicomweb URL, not both.")
     check_writable(out)  # before any work: OutputError naming the folder
     settings = IndexSettings(index_type=index_type, exact_max=exact_max, nlist=nlist, nprobe=nprobe,  # type: ignore[arg-type]
                              hnsw_m=hnsw_m, ef_search=ef_search, batch_size=batch_size, chunk_size=chunk_size)
     privacy = privacy_options(keep_paths, show_paths, allow_burned_in)
     pseudonyms = Pseudonyms(index_salt(out, rebuild))
-    entries, listed_skips = list_entries(input, adapter=adapter, split=split, pseudonyms=pseudonyms)
     state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())  # CPU: several gloo processes
+    fetched = None
+    if dicomweb is not None:
+        from fuselip_med.search.pacs import dicomweb_entries
+
+        options = dicomweb_options(user=user, ca_bundle=ca_bundle, insecure=insecure, modality=modality,
+                                   study_date=study_date, study_description=study_description,
+                                   max_concurrent=max_concurrent, retries=retries)
+        entries, listed_skips, fetched = dicomweb_entries(dicomweb, out, limit=limit, process=state, **options)
+    else:
+        entries, listed_skips = list_entries(input, adapter=adapter, split=split, pseudonyms=pseudonyms)
     fuselip, model_id = load_for_runtime(model, runtime, device or state.device)
     console = Console()
     report = build_index(out, entries, fuselip, model_id, settings,
                          rebuild=rebuild, accelerator=state if state.num_processes > 1 else None,
-                         salt=pseudonyms.salt, privacy=privacy)
+                         salt=pseudonyms.salt if dicomweb is None else None, privacy=privacy)
     if not state.is_main_process:
         return
+    if fetched is not None:
+        console.print(f"DICOMweb: {fetched.series} series, {len(entries)} instances; fetched {fetched.fetched}, "
+                      f"dropped {fetched.dropped}.", highlight=False)
     if report.repaired:
         console.print(f"[yellow]Repaired:[/] {report.repaired}; rebuilt from the images.", highlight=False)
     state_word = "up to date" if report.up_to_date else "written"
@@ -158,6 +204,15 @@ def search(
     target: str = typer.Option("image", help="Search the image vectors (image) or the caption vectors (caption)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
     runtime: Optional[str] = QUERY_RUNTIME,
+    export_kos: Optional[Path] = typer.Option(None, "--export-kos", help="Write the DICOM hits as a Key Object "
+                                              "Selection document (\"Similar cases\", in the query's study) to this "
+                                              ".dcm file. It carries the real UIDs and patient module."),
+    stow: Optional[str] = typer.Option(None, "--stow", help="Store that Key Object Selection on this DICOMweb root "
+                                       "with STOW-RS (credentials as for --dicomweb)."),
+    user: Optional[str] = DW_USER,
+    ca_bundle: Optional[str] = DW_CA_BUNDLE,
+    insecure: bool = DW_INSECURE,
+    retries: int = DW_RETRIES,
 ) -> None:
     """Search an index by text, by image (DICOM too), or by image + instruction fused into one query.
 
@@ -165,7 +220,9 @@ def search(
       fuselip-med search --index my_index --text "CT with a left pleural effusion"\n
       fuselip-med search --index my_index --image study.dcm -k 5\n
       fuselip-med search --index my_index --image study.dcm --text "the same study, lateral view" --json\n
-      fuselip-med search --index my_onnx_index --runtime onnx --model exports/rocov2-int8 --text "effusion"
+      fuselip-med search --index my_onnx_index --runtime onnx --model exports/rocov2-int8 --text "effusion"\n
+      fuselip-med search --index ct_index --image query.dcm -k 5 --export-kos similar.dcm \\
+        --stow https://pacs/dicom-web --user alice
     """
     from rich.console import Console
     from rich.table import Table
@@ -184,6 +241,10 @@ def search(
     opened = open_index(index)
     fuselip, _ = load_index_model(opened, model, runtime=runtime)
     hits = run_search(opened, fuselip, text=text, image=image, k=k, target=target)
+    if export_kos is not None or stow is not None:
+        _export_kos(hits, text, image, export_kos, stow, dicomweb_options(
+            user=user, ca_bundle=ca_bundle, insecure=insecure, modality=None, study_date=None,
+            study_description=None, max_concurrent=1, retries=retries))
     if as_json:
         print(json.dumps([hit.to_dict() for hit in hits], indent=1))
         return
@@ -204,6 +265,32 @@ def search(
     Console().print(table)
 
 
+def _export_kos(hits, text: str | None, image: Path | None, out: Path | None, stow: str | None,
+                options: dict) -> None:
+    """Write and/or STOW-RS the Key Object Selection of the DICOM hits (``search/kos.py``); one line to stderr."""
+    from rich.console import Console
+
+    from fuselip_med.data.adapters.dicomweb import DicomwebOptions, open_server
+    from fuselip_med.search.kos import similar_cases_kos, stow_kos, write_kos
+    from fuselip_med.search.pacs import hit_uids
+
+    server = open_server(stow, DicomwebOptions(cache="", **options)) if stow is not None else None
+    dicom_hits = [hit.path for hit in hits if hit_uids(hit.path) is not None]
+    query_image = image if image is not None and hit_uids(image) is not None else None
+    query = " + ".join(part for part in (f"image {image.name}" if image is not None else None, text) if part)
+    document = similar_cases_kos(dicom_hits, query, query_image=query_image)
+    done = []
+    if out is not None:
+        done.append(f"written to {write_kos(document, out)}")
+    if server is not None:
+        stow_kos(document, server)
+        done.append(f"stored on {server.url}")
+    left_out = len(hits) - len(dicom_hits)
+    Console(stderr=True).print(f"Key Object Selection of {len(dicom_hits)} hits {' and '.join(done)}"
+                               + (f"; {left_out} hits that are not DICOM left out." if left_out else "."),
+                               highlight=False, markup=False, soft_wrap=True)
+
+
 def serve(
     index: Path = typer.Option(..., "--index", help="An index directory written by `fuselip-med index build`."),
     host: str = typer.Option("127.0.0.1", help="Address to bind; the default is reachable from this machine only."),
@@ -211,6 +298,9 @@ def serve(
     k: int = typer.Option(12, "-k", help="Results per query."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Query model (default: the index's)."),
     runtime: Optional[str] = QUERY_RUNTIME,
+    viewer_url: Optional[str] = typer.Option(None, "--viewer-url", help="For an index built with --dicomweb: link "
+                                             "each hit to the PACS viewer; a URL template with {study}, {series}, "
+                                             "{instance} (the real UIDs, read from the cached files)."),
 ) -> None:
     """Serve a search page (Gradio) over an index: text, image (PNG/JPEG/DICOM) + instruction, "more like this".
 
@@ -218,7 +308,8 @@ def serve(
 
     Examples:\n
       fuselip-med serve --index my_index\n
-      fuselip-med serve --index my_index --port 8080
+      fuselip-med serve --index my_index --port 8080\n
+      fuselip-med serve --index ct_index --viewer-url "https://pacs/ohif/viewer?StudyInstanceUIDs={study}"
     """
     from fuselip_med.search.index import open_index
     from fuselip_med.search.query import load_index_model
@@ -228,9 +319,13 @@ def serve(
     except ImportError as error:
         message = f"serve needs Gradio ({error}); install it with: pip install 'fuselip_med[app]'."
         raise MissingExtraError(message) from None
+    from fuselip_med.search.pacs import check_viewer_url
+
+    if viewer_url is not None:
+        check_viewer_url(viewer_url)
     opened = open_index(index)
     fuselip, _ = load_index_model(opened, model, runtime=runtime)
-    serve_page(opened, fuselip, host=host, port=port, k=k)
+    serve_page(opened, fuselip, host=host, port=port, k=k, viewer_url=viewer_url)
 
 
 def register(app: typer.Typer) -> None:

@@ -47,6 +47,25 @@ def rows_per_rank(local_rows: int) -> list[int]:
     return sizes.tolist()
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on any (one all_reduce of a host integer when world > 1; under
+    NCCL on the gloo host group, so it never waits for the device)."""
+    if rank_and_world()[1] == 1:
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.long)
+    dist.all_reduce(value, group=_host_group())
+    return bool(value.item())
+
+
+def gather_objects(value: object) -> list[object]:
+    """Every rank's picklable ``value``, in rank order (``[value]`` in one process; on the gloo host group)."""
+    if rank_and_world()[1] == 1:
+        return [value]
+    gathered: list[object] = [None] * rank_and_world()[1]
+    dist.all_gather_object(gathered, value, group=_host_group())
+    return gathered
+
+
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     """Sum of a non-differentiable tensor over ranks (a copy; the input is left alone)."""
     if rank_and_world()[1] == 1:

@@ -74,6 +74,7 @@ class JointInputs:
         order. Rows with an image and without text get the 130-token image-only sequence; the batch is
         right-padded with 0 and cut to the longest row (first eot + 1), which masking makes exact. The ids
         are built on ``device`` (default: the model's; the trainer builds them on the CPU, off the device queue).
+        No rows give ``[0, 1]`` (a process whose share of a global batch is empty still runs the step).
         """
         ctx = self.config.context_length
         device = self.device if device is None else torch.device(device)
@@ -115,6 +116,8 @@ class JointInputs:
                 ids[only_rows, n_img : n_img + 2] = image_only_tail
         missing_eot = ~(ids == EOT_ID).any(dim=1)
         ids[missing_eot, ctx - 1] = EOT_ID
+        if batch == 0:  # an empty share of a global batch (more processes than rows): [0, 1]
+            return ids[:, :1]
         longest = int((ids == EOT_ID).int().argmax(dim=1).max()) + 1
         return ids[:, :longest]
 

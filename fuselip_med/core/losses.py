@@ -31,17 +31,25 @@ def sigmoid_loss(
     ``logit_scale`` is the log-space parameter (exponentiated here); ``logit_bias`` is additive. The sum over
     this rank's rows is divided by the mean rows per rank (the local batch when ranks are equal, as in the
     reference), so the ranks' mean loss and DDP's averaged gradients equal the single-process loss and
-    gradients on the global batch. ``rank_rows`` (every rank's row count) saves a size exchange. Scalar float.
+    gradients on the global batch. ``rank_rows`` (every rank's row count) saves a size exchange. The logits
+    are float32 even under autocast (bf16 logits of scale ~100 lose the pairs' margins). Scalar float32.
     """
     offset, mean_rows = 0, float(left.shape[0])
     if distributed:
         right, offset, mean_rows = gather_rows(right, rank_rows)
     local = left.shape[0]
-    logits = logit_scale.exp() * left @ right.T + logit_bias
+    with torch.autocast(left.device.type, enabled=False):  # logits in float32 under autocast too
+        left, right, logit_scale, logit_bias = (_at_least_float32(t) for t in (left, right, logit_scale, logit_bias))
+        logits = logit_scale.exp() * left @ right.T + logit_bias
     labels = -torch.ones_like(logits)
     rows = torch.arange(local, device=left.device)
     labels[rows, rows + offset] = 1.0
-    return -F.logsigmoid(labels * logits).sum() / max(mean_rows, 1.0)
+    return -F.logsigmoid(labels * logits).sum() / (mean_rows or 1.0)  # fewer rows than ranks: mean < 1
+
+
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as float32 when it is a lower-precision float (float64 stays float64)."""
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
 
 
 def clamp_logit_scale(logit_scale: torch.nn.Parameter, max_scale: float = 100.0) -> None:

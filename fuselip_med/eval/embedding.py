@@ -206,12 +206,15 @@ class Embedder:
     ``fuselip_med.data.images.decode_image`` with ``decode_options``. ``on_error``: "skip" records images
     that fail to decode in ``table.failed`` (reason) and leaves them out; "raise" re-raises.
     ``image_codes``: optional mapping image key -> precomputed TiTok code ids (LongTensor (128,)); images
-    found there skip decoding and are passed to the model as ``image_ids``.
+    found there skip decoding and are passed to the model as ``image_ids``. ``shard``: under several processes
+    (``torch.distributed``) each embeds every world-th new item and the rows are exchanged, so every process
+    holds the whole table; all processes must then embed the same items in the same order.
     """
 
     def __init__(self, model, *, batch_size: int = 64, num_workers: int = 0, device=None,
                  decode: Callable | None = None, decode_options=None, on_error: str = "skip",
-                 progress: bool = True, image_codes: dict[str, torch.Tensor] | None = None):
+                 progress: bool = True, image_codes: dict[str, torch.Tensor] | None = None,
+                 shard: bool = False):
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
         if batch_size < 1:
@@ -225,6 +228,7 @@ class Embedder:
         self.on_error = on_error
         self.progress = progress
         self.image_codes = image_codes or {}
+        self.shard = shard
         self.table = EmbeddingTable.empty()
 
     def fresh(self) -> Embedder:
@@ -323,6 +327,20 @@ def _to_device_batch(pixels: list[torch.Tensor], device: torch.device):
 
 
 def _embed_unique(emb: Embedder, items: list[EmbedItem], desc: str) -> EmbeddingTable:
+    if not emb.shard:
+        return _embed_here(emb, items, desc)
+    from fuselip_med.core.distributed import gather_objects, rank_and_world
+
+    rank, world = rank_and_world()
+    mine = _embed_here(emb, items[rank::world], desc)
+    parts = gather_objects((mine.keys, mine.embeddings, mine.failed))
+    keys = [key for part_keys, _, _ in parts for key in part_keys]
+    failed = {key: why for _, _, part_failed in parts for key, why in part_failed.items()}
+    embeddings = [part for _, part, _ in parts if part.numel()]
+    return EmbeddingTable(keys, torch.cat(embeddings) if embeddings else mine.embeddings, failed)
+
+
+def _embed_here(emb: Embedder, items: list[EmbedItem], desc: str) -> EmbeddingTable:
     keys: list[Hashable] = []
     chunks: list[torch.Tensor] = []
     failed: dict[Hashable, str] = {}

@@ -101,6 +101,7 @@ def run_evaluation(
     phash_distance: int = 8,
     leak_cosine: float = 0.95,
     exclude_leaked: bool = False,
+    distributed: bool = False,
 ) -> dict:
     """Run ``tasks`` on ``data`` with ``model`` (anything with ``encode(images=, texts=)``) and write
     ``metrics.json``, ``report.md`` and ``plots/`` under ``out_dir``. Returns the metrics.json content.
@@ -123,6 +124,8 @@ def run_evaluation(
     ``threshold_rule`` (``youden|max-f1``), ``n_boot`` (bootstrap resamples of the AUROC intervals);
     ``phash_distance``/``leak_cosine``: the ``leakage`` task's near-duplicate limits; ``exclude_leaked``: after the
     tasks ran, score the tasks over role ``test`` again without the leaked rows (``"<task> (leaked excluded)"``).
+    ``distributed``: every process of a ``torch.distributed`` job calls this with the same arguments; each
+    embeds its share of every input (``Embedder(shard=True)``), all compute the metrics, process 0 writes.
     """
     from .findings import THRESHOLD_RULES, UNCERTAIN_POLICIES
 
@@ -134,7 +137,7 @@ def run_evaluation(
     if device is not None and hasattr(model, "to"):
         model = model.to(device)
     embedder = Embedder(model, batch_size=batch_size, num_workers=num_workers, decode=decode,
-                        decode_options=decode_options, on_error=on_error, progress=progress)
+                        decode_options=decode_options, on_error=on_error, progress=progress, shard=distributed)
     opts = EvalOptions(seed=seed, pool_size=pool_size, n_pools=n_pools, chunk_size=chunk_size,
                        decode_options=decode_options, concept_top_k=concept_top_k, concept_field=concept_field,
                        concept_templates=tuple(concept_templates), modality_classes=tuple(modality_classes),
@@ -171,9 +174,14 @@ def run_evaluation(
         created=now_iso(),
         fuselip_med_version=package_version(),
     )
+    out = report.model_dump(mode="json")
+    if distributed:
+        from fuselip_med.core.distributed import rank_and_world
+
+        if rank_and_world()[0] != 0:
+            return out
     write_report(report, Path(out_dir))
     ctx.skip_report().write_csv(Path(out_dir) / "skipped.csv")
-    out = report.model_dump(mode="json")
     from .suite import write_radiology_table, write_suite_table
 
     write_suite_table(out, Path(out_dir))

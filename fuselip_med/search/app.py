@@ -21,7 +21,7 @@ from fuselip_med.data.phi import is_instance_key  # noqa: E402
 from fuselip_med.search.index import THUMBNAIL_PX, SearchIndex  # noqa: E402
 from fuselip_med.search.query import Hit, more_like_this, search  # noqa: E402
 
-__all__ = ["build_app", "public_record", "serve", "thumbnail"]
+__all__ = ["build_app", "public_record", "results_table", "serve", "thumbnail"]
 
 UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".dcm", ".dicom"]
 CSS = "#status th:nth-child(-n+2), #status td:nth-child(-n+2) { white-space: nowrap; }"
@@ -83,8 +83,24 @@ def public_record(hit: Hit, show_paths: bool) -> dict:
     return record
 
 
-def build_app(index: SearchIndex, model, k: int = 12) -> gr.Blocks:
-    """The Gradio page over ``index``, querying with ``model`` (already checked against the index)."""
+def results_table(hits: list[Hit], what: str, index_dir, viewer_url: str | None = None) -> str:
+    """The markdown status table of ``hits``: rank, score, id, caption and, with ``viewer_url`` (a template with
+    {study}, {series}, {instance}; ``search.pacs.viewer_link``), a link to each hit fetched from DICOMweb into the
+    index ``index_dir``. Other hits get no link: the page never shows or links a file path."""
+    from fuselip_med.search.pacs import viewer_link
+
+    links = [viewer_link(viewer_url, h.path, index_dir) if viewer_url else None for h in hits]
+    viewer = " viewer |" if viewer_url else ""
+    rows = "\n".join(f"| {h.rank} | {h.score:.3f} | {h.id} | {h.caption or ''} |"
+                     + (f" [open]({link}) |" if link else " |" if viewer_url else "")
+                     for h, link in zip(hits, links))
+    return (f"**{what}**: {len(hits)} results\n\n| rank | score | id | caption |{viewer}\n"
+            f"|---|---|---|---|{'---|' if viewer_url else ''}\n{rows}")
+
+
+def build_app(index: SearchIndex, model, k: int = 12, viewer_url: str | None = None) -> gr.Blocks:
+    """The Gradio page over ``index``, querying with ``model`` (already checked against the index); with
+    ``viewer_url``, DICOMweb hits link to the study in the PACS viewer (``results_table``)."""
 
     allow_burned_in, show_paths = index.privacy.allow_burned_in, index.privacy.show_paths
 
@@ -114,9 +130,8 @@ def build_app(index: SearchIndex, model, k: int = 12) -> gr.Blocks:
             table = (f"**{what}**: {len(hits)} results\n\n| rank | score | study | series | best slice |\n"
                      f"|---|---|---|---|---|\n{rows}")
             return grid, table, [public_record(h, show_paths) for h in hits], None
-        rows = "\n".join(f"| {h.rank} | {h.score:.3f} | {h.id} | {h.caption or ''} |" for h in hits)
-        table = f"**{what}**: {len(hits)} results\n\n| rank | score | id | caption |\n|---|---|---|---|\n{rows}"
-        return grid, table, [public_record(h, show_paths) for h in hits], None
+        return (grid, results_table(hits, what, index.directory, viewer_url),
+                [public_record(h, show_paths) for h in hits], None)
 
     def run_query(text: str, image_path: str | None, instruction: str):
         from fuselip_med.data.images import ImageDecodeError
@@ -183,8 +198,10 @@ def build_app(index: SearchIndex, model, k: int = 12) -> gr.Blocks:
     return page
 
 
-def serve(index: SearchIndex, model, *, host: str = "127.0.0.1", port: int = 7860, k: int = 12) -> None:
+def serve(index: SearchIndex, model, *, host: str = "127.0.0.1", port: int = 7860, k: int = 12,
+          viewer_url: str | None = None) -> None:
     """Serve the page until interrupted. Only Gradio's own cache (the rendered thumbnails and uploads) is served:
     no ``allowed_paths``, so no file is reachable by its path."""
     print(f"Serving {index.directory} ({len(index)} {index.unit} rows) on http://{host}:{port}", flush=True)
-    build_app(index, model, k=k).launch(server_name=host, server_port=port, show_error=False, quiet=True, css=CSS)
+    build_app(index, model, k=k, viewer_url=viewer_url).launch(server_name=host, server_port=port, show_error=False,
+                                                               quiet=True, css=CSS)

@@ -139,13 +139,14 @@ def build_train_data(recipe: Recipe, tokenizer: Any, rank: int = 0, world: int =
     group_of = np.empty(len(mixture), dtype=np.int64)
     for number, group in enumerate(groups):
         group_of[group] = number
+    workers = usable_workers(recipe.data.num_workers, "data.num_workers")
     loader = DataLoader(
         mixture,
         batch_sampler=RankShard(sampler, group_of, rank, world),
         collate_fn=Collator(tokenizer),
-        num_workers=usable_workers(recipe.data.num_workers, "data.num_workers"),
+        num_workers=workers,
         pin_memory=pin_memory,
-        persistent_workers=False,
+        persistent_workers=workers > 0,  # the epoch reaches them through shared memory (MixtureDataset)
     )
     load_skips: collections.Counter = collections.Counter()
     for named in sources:

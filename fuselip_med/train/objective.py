@@ -92,6 +92,18 @@ class PixelStepInputs:
         return replace(self, query=sides[0], target=sides[1])
 
 
+PAD_MULTIPLE = 8  # tensor-core tiles: sequence lengths that are multiples of 8 keep bf16 matmuls on fast paths
+
+
+def pad_to_multiple(ids: torch.Tensor, multiple: int, limit: int) -> torch.Tensor:
+    """``ids`` ``[b, L]`` right-padded with the pad id 0 to a multiple of ``multiple`` columns (at most
+    ``limit``, the context length). Exact: the encoder masks pad out of attention and pools at eot, and MMM
+    never masks pad."""
+    length = ids.shape[1]
+    target = min(-(-length // multiple) * multiple, max(limit, length))
+    return torch.nn.functional.pad(ids, (0, target - length)) if target > length else ids
+
+
 def _move(tensor: torch.Tensor | None, device: torch.device | str, non_blocking: bool) -> torch.Tensor | None:
     """``tensor`` on ``device``; pinned first for a non-blocking copy to CUDA."""
     if tensor is None:
@@ -160,11 +172,12 @@ class EarlyFusionObjective(nn.Module):
 
     def side_ids(self, batch: Batch, side: Side) -> torch.Tensor:
         """Joint-vocabulary ids ``[b, L]`` int64 (CPU) of one side; every row carries its text row ("" ->
-        [sot, eot]) as in the reference training, so image rows are fused."""
+        [sot, eot]) as in the reference training, so image rows are fused. L is padded to a multiple of 8."""
         rows = batch.side(side)
         has_text = torch.ones_like(rows.has_image, dtype=torch.bool)
-        return self.base_model.build_input_ids(rows.text_ids, self.side_codes(batch, side), rows.has_image, has_text,
-                                               device="cpu")
+        ids = self.base_model.build_input_ids(rows.text_ids, self.side_codes(batch, side), rows.has_image, has_text,
+                                              device="cpu")
+        return pad_to_multiple(ids, PAD_MULTIPLE, self.base_model.config.context_length)
 
     def prepare(self, batch: Batch, step: int) -> StepInputs:
         """Host half of a step for a CPU ``batch`` at global micro-batch number ``step`` (see module doc)."""

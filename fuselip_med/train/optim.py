@@ -52,13 +52,43 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=True)
 
 
-def skip_step_if(optimizer: torch.optim.Optimizer, non_finite: torch.Tensor) -> None:
+def skip_step_if(optimizer: torch.optim.Optimizer, non_finite: torch.Tensor, scaler=None) -> None:
     """Make the next ``step()`` of a fused AdamW (or one wrapped by Accelerate) a no-op where ``non_finite``
-    (0-d float tensor, 1.0 = skip) is set; stays on the device (no host synchronisation)."""
+    (0-d float tensor, 1.0 = skip) is set; stays on the device (no host synchronisation).
+
+    With an fp16 ``scaler`` (``torch.amp.GradScaler``, gradients already unscaled) the scaler hands the fused
+    optimizer its own found-inf at ``step()``, replacing ``optimizer.found_inf``: the flag is then merged into
+    the scaler's per-device found-inf record (``torch/amp/grad_scaler.py``: ``_per_optimizer_states[id(opt)]
+    ["found_inf_per_device"]``, filled by ``unscale_``), so the step is skipped and the scale lowered once.
+    """
     inner = getattr(optimizer, "optimizer", optimizer)
     for group in inner.param_groups:
         group["fused"] = True  # a state dict from a non-fused run (older checkpoints) must not turn it off
     inner.found_inf = non_finite
+    if scaler is not None:
+        for found in scaler._per_optimizer_states[id(inner)]["found_inf_per_device"].values():
+            torch.maximum(found, non_finite.to(found.device, found.dtype), out=found)
+
+
+def skip_non_finite_step(accelerator, optimizer: torch.optim.Optimizer, parameters: list[torch.Tensor],
+                         loss_terms: torch.Tensor, grad_clip: float | None) -> torch.Tensor:
+    """One skip decision for the coming optimizer step, covering the loss and the gradients.
+
+    ``loss_terms`` ``[k]`` float: this process's loss values of the step. Under fp16 the gradients are
+    unscaled first (Accelerate's GradScaler). The step is skipped on every process when any process saw a
+    non-finite loss or the (already all-reduced) gradients have a non-finite norm; otherwise they are clipped
+    to ``grad_clip`` (total L2 norm) when it is set. Nothing is read on the host. Returns the decision, a 0-d
+    float tensor (1.0 = skipped), which ``skip_step_if`` hands to the fused AdamW (and the GradScaler).
+    """
+    accelerator.unscale_gradients()
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=loss_terms.device)
+    local = (~torch.isfinite(loss_terms).all() | ~torch.isfinite(norm.to(loss_terms.device))).float()
+    bad = accelerator.reduce(local, reduction="sum").clamp(max=1.0)
+    if grad_clip is not None and grads:
+        torch.nn.utils.clip_grads_with_norm_(parameters, grad_clip, norm)
+    skip_step_if(optimizer, bad, accelerator.scaler)
+    return bad
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,11 @@
 ``save_checkpoint`` at their cadences) -> final checkpoint, evaluation and model. A step sets the scheduled
 learning rate, runs ``grad_accum`` micro-batches through the objective ``model.arch`` picks once
 (``train.objective.create_objective``: host ``prepare``, device ``forward``) under ``accelerator.accumulate``,
-clips, and steps a fused AdamW that skips the update on the device if the loss was not finite anywhere.
-Nothing in a step reads a device value on the host: loss values and non-finite flags are kept on the device and
-read at the logging/eval/checkpoint cadence (``flush``), where skipped steps are reported and too many in a row
-stop the run. Everything random in a step derives from (seed, step), so a resumed run continues exactly where it
-stopped.
+clips, and steps a fused AdamW that skips the update on the device if the loss or the gradients were not finite
+anywhere (one decision, ``skip_non_finite_step``, which the fp16 GradScaler shares). Nothing in a step reads a
+device value on the host: loss values and non-finite flags are kept on the device and read at the
+logging/eval/checkpoint cadence (``flush``), where skipped steps are reported and too many in a row stop the
+run. Everything random in a step derives from (seed, step), so a resumed run continues exactly where it stopped.
 """
 from __future__ import annotations
 
@@ -17,14 +17,16 @@ import shutil
 import signal
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 from rich.console import Console
 
+from fuselip_med.core.distributed import any_rank
 from fuselip_med.core.loading import build_model
 from fuselip_med.core.lora import adapter_parameter_count, apply_lora, save_adapter
 from fuselip_med.core.losses import clamp_logit_scale
@@ -40,7 +42,7 @@ from fuselip_med.train.data import DataSetupError, build_source, build_train_dat
 from fuselip_med.train.image_codes import attach_image_codes
 from fuselip_med.train.model_card import write_model_card
 from fuselip_med.train.objective import Objective, create_objective, objective_class
-from fuselip_med.train.optim import WarmupCosine, build_optimizer, set_learning_rate, skip_step_if
+from fuselip_med.train.optim import WarmupCosine, build_optimizer, set_learning_rate, skip_non_finite_step
 from fuselip_med.train.tracking import log_with, start_trackers
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -71,13 +73,15 @@ class Trainer:
         self.recipe = recipe
         self.resume = resume
         self.from_scratch = from_scratch
-        handlers = [DistributedDataParallelKwargs(find_unused_parameters=False)]
+        handlers = [DistributedDataParallelKwargs(find_unused_parameters=False),
+                    InitProcessGroupKwargs(timeout=timedelta(minutes=recipe.train.dist_timeout_min))]
         # cpu=True on machines without CUDA lets `accelerate launch --multi_gpu`/torchrun run several gloo
         # processes there (Accelerate's own --cpu launcher needs MPI for more than one process).
         self.accelerator = Accelerator(mixed_precision=PRECISION[recipe.train.precision], kwargs_handlers=handlers,
                                        gradient_accumulation_steps=recipe.train.grad_accum,
                                        cpu=not torch.cuda.is_available(), project_dir=recipe.log_dir(),
                                        log_with=log_with(recipe.logging, recipe.log_dir()))
+        enable_fast_matmul()
         self.out = TrainConsole(console or Console(), self.accelerator.is_main_process, recipe.logging.progress)
         self.run_dir = recipe.run_dir()
         self.checkpoint_dir = self.run_dir / "checkpoints"
@@ -107,6 +111,9 @@ class Trainer:
         acc.wait_for_everyone()
 
         self.objective, self.optimizer = acc.prepare(*self._build_objective())
+        self.trainable = [p for p in self.objective.parameters() if p.requires_grad]
+        self.titok_autocast = torch.autocast(acc.device.type, dtype=torch.bfloat16,
+                                             enabled=recipe.train.precision == "bf16")
         coder = acc.unwrap_model(self.objective).image_coder
         attach_image_codes(self.data, recipe, coder, rank=acc.process_index, world=acc.num_processes,
                            barrier=acc.wait_for_everyone, say=self.out.say)
@@ -146,7 +153,8 @@ class Trainer:
 
     # ---- the loop --------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        """Train the recipe to its step budget; Ctrl-C/SIGTERM writes a checkpoint and returns (interrupted).
+        """Train the recipe to its step budget; Ctrl-C/SIGTERM (on any process) ends the step under way on every
+        process, writes one checkpoint and returns (interrupted).
 
         The main process holds the run directory's writer lock throughout (``locks.writer_lock``): a second run or
         ``--resume`` into the same directory raises ``FolderBusyError`` naming the running one."""
@@ -169,27 +177,30 @@ class Trainer:
             eval_before = self.evaluate("start")
             self.out.metrics("Before training", eval_before)
         interrupted = False
-        previous_handler = _install_sigterm_as_interrupt()
+        stop = StopRequest()
         self.iterator = iter(self.data.loader)
         self.started = time.perf_counter()
         try:
-            with self.out.progress() as self.bar:
+            with stop, self.out.progress() as self.bar:
                 self.bar_task = self.bar.add_task("train", total=self.total_steps, completed=self.step,
                                                   loss=float("nan"), lr=0.0, rate=0.0)
-                while self.step < self.total_steps:
+                while self.step < self.total_steps and not interrupted:
                     self.train_step()
                     self.on_step_end()
-        except KeyboardInterrupt:
+                    interrupted = any_rank(stop.requested)  # every rank stops after the same step
+        except KeyboardInterrupt:  # a second Ctrl-C, or one raised outside the signal handler
+            if self.accelerator.num_processes > 1:
+                raise  # the other processes stand elsewhere: no collective checkpoint is possible
             interrupted = True
-            self.out.say("[yellow]Interrupted: writing a checkpoint before exiting...[/]")
-            path = self.save_checkpoint({"interrupted": True})
-            self.out.say(f"Checkpoint written: {path}. Continue with --resume.")
         finally:
-            signal.signal(signal.SIGTERM, previous_handler)
             if self.skips.total:
                 self.out.say(f"Skipped samples: {self.skips.summary()}")
         final_dir, eval_after = None, {}
-        if not interrupted:
+        if interrupted:
+            self.out.say("[yellow]Interrupted: writing a checkpoint before exiting...[/]")
+            path = self.save_checkpoint({"interrupted": True})
+            self.out.say(f"Checkpoint written: {path}. Continue with --resume.")
+        else:
             if recipe.checkpoint.every_steps:
                 self.save_checkpoint({"final": True})
             if recipe.eval.at_end and self.eval_data:
@@ -213,15 +224,14 @@ class Trainer:
         totals = torch.zeros(3, device=acc.device)
         for micro in range(train.grad_accum):
             batch = self._next_batch()
-            inputs = unwrapped.prepare(batch, self.step * train.grad_accum + micro).to(acc.device, non_blocking=True)
+            with self.titok_autocast:  # TiTok in bf16 under bf16 training (README: code agreement with fp32)
+                inputs = unwrapped.prepare(batch, self.step * train.grad_accum + micro)
+            inputs = inputs.to(acc.device, non_blocking=True)
             with acc.accumulate(self.objective), acc.autocast():
                 out = self.objective(inputs)
                 acc.backward(out.total)  # Accelerate divides by grad_accum
             totals += torch.stack([out.total, out.contrastive, out.mmm]).detach().float() / train.grad_accum
-        bad = acc.reduce((~torch.isfinite(totals).all()).float(), reduction="sum").clamp(max=1.0)
-        skip_step_if(self.optimizer, bad)
-        if train.grad_clip is not None:
-            acc.clip_grad_norm_(self.objective.parameters(), train.grad_clip)
+        bad = skip_non_finite_step(acc, self.optimizer, self.trainable, totals, train.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         clamp_logit_scale(self.base_model.logit_scale, train.max_logit_scale)
@@ -254,7 +264,7 @@ class Trainer:
             if bad:
                 self.consecutive_bad += 1
                 self.bad_steps_total += 1
-                self.out.say(f"[yellow]step {step}: non-finite loss, step skipped "
+                self.out.say(f"[yellow]step {step}: non-finite loss or gradients, step skipped "
                              f"({self.consecutive_bad} in a row).[/]")
                 if self.consecutive_bad >= self.recipe.train.max_bad_steps:
                     self.pending = []
@@ -285,24 +295,25 @@ class Trainer:
                                   "train/epoch": self.data.sampler.epoch}, step=step)
 
     def evaluate(self, tag: str) -> dict[str, float]:
-        """Run the recipe's eval tasks on the main process (others wait); log and return flat metrics."""
+        """Run the recipe's eval tasks on every process (each embeds its share, the rows are exchanged, process
+        0 writes the report), so no process waits in a collective while another evaluates; log and return
+        flat metrics."""
         from fuselip_med.eval.runner import run_evaluation
 
         self.flush()
-        metrics: dict[str, float] = {}
-        if self.accelerator.is_main_process and self.eval_data:
-            model, eval_recipe = self.base_model, self.recipe.eval
-            was_training = model.training
-            model.eval()
-            report = run_evaluation(
-                model, eval_recipe.tasks, self.eval_data, self.run_dir / "eval" / tag, seed=self.recipe.train.seed,
-                pool_size=eval_recipe.pool_size, n_pools=eval_recipe.n_pools, batch_size=eval_recipe.batch_size,
-                progress=False, model_id=f"{self.recipe.name}@{self.step}",
-            )
-            model.train(was_training)
-            metrics = flatten_metrics(report)
-            self.accelerator.log(metrics, step=self.step)
-        self.accelerator.wait_for_everyone()
+        if not self.eval_data:
+            return {}
+        model, eval_recipe = self.base_model, self.recipe.eval
+        was_training = model.training
+        model.eval()
+        report = run_evaluation(
+            model, eval_recipe.tasks, self.eval_data, self.run_dir / "eval" / tag, seed=self.recipe.train.seed,
+            pool_size=eval_recipe.pool_size, n_pools=eval_recipe.n_pools, batch_size=eval_recipe.batch_size,
+            progress=False, model_id=f"{self.recipe.name}@{self.step}", distributed=True,
+        )
+        model.train(was_training)
+        metrics = flatten_metrics(report)
+        self.accelerator.log(metrics, step=self.step)  # Accelerate logs on the main process only
         return metrics
 
     def save_checkpoint(self, extra: dict[str, Any]) -> Path | None:
@@ -412,15 +423,41 @@ class Trainer:
         return final_dir
 
 
-def _install_sigterm_as_interrupt():
-    """Treat SIGTERM (cluster pre-emption, docker stop) like Ctrl-C: checkpoint, then exit."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
+def enable_fast_matmul() -> None:
+    """TF32 tensor-core matmuls and convolutions for float32 work on CUDA (Ampere and later; PyTorch leaves
+    matmuls off by default): fp32 training and the parts of a bf16 step that autocast keeps in float32."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
-    try:
-        return signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not in the main thread
-        return signal.getsignal(signal.SIGTERM)
+
+class StopRequest:
+    """SIGTERM (cluster pre-emption, docker stop) and Ctrl-C only set ``requested`` while the loop runs; the
+    trainer reduces it across processes after every step, so every process stops after the same step and
+    they write one checkpoint together (a signal raising inside one process's step would leave the others
+    waiting in a collective for good). A second Ctrl-C raises ``KeyboardInterrupt`` as usual."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.requested = False
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> StopRequest:
+        for signum in self.SIGNALS:
+            try:
+                self.previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not in the main thread: signals stay as they are
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def _tokenizer():
