@@ -50,8 +50,9 @@ class Bar:
     def advance(self, n: float = 1) -> None:
         self._progress.advance(self._task, n)
 
-    def set(self, completed: float) -> None:
-        self._progress.update(self._task, completed=completed)
+    def set(self, completed: float, total: float | None = None) -> None:
+        """Set the count (and, when given, a new total, e.g. for the next of several jobs on one bar)."""
+        self._progress.update(self._task, completed=completed, total=total)
 
     def note(self, text: str) -> None:
         self._progress.update(self._task, note=text)

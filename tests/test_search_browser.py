@@ -1,7 +1,8 @@
 """`fuselip-med serve` driven in headless Chromium (Debian's ``chromium`` package through Playwright's Python API;
 no browser is downloaded): a text query, a DICOM upload whose own image must come first, an instruction fused
-with it, "more like this", and no file served by path. Set ``FUSELIP_SEARCH_SCREENSHOT=path.png`` to save a
-screenshot of the page (the README's is made this way)."""
+with it, "why did it match?" (the occlusion map of a result, found as an image), "more like this", and no file
+served by path. Set ``FUSELIP_SEARCH_SCREENSHOT=path.png`` to save a screenshot of the page (the README's is made
+this way)."""
 from __future__ import annotations
 
 import os
@@ -62,7 +63,7 @@ def server(tmp_path_factory):
                                 "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=root,
                                env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
+    deadline = time.time() + 300  # Gradio starts slowly on a busy 2-core machine
     while True:
         try:
             urllib.request.urlopen(url, timeout=2)
@@ -117,6 +118,13 @@ def test_search_page_in_headless_chromium(server):
 
         chosen = captions(page)[0].split(" · ")[2].split(" — ")[0]
         page.locator("#results .thumbnail-item").first.click()
+        page.locator("#why").click()  # the fused query (DICOM + instruction) vs the selected result, on demand
+        expect(page.locator("#why-note")).to_contain_text(f"{chosen} vs the query image + “the same study, lateral "
+                                                          "view”", timeout=240_000)
+        why_map = page.locator("#why-map img")
+        expect(why_map).to_have_count(1)
+        expect(why_map).to_have_js_property("complete", True)
+        assert why_map.evaluate("img => img.naturalWidth") > 300
         page.locator("#more-like-this").click()
         expect(page.locator("#status")).to_contain_text(f"more like {chosen}: 12 results", timeout=60_000)
         liked = captions(page)

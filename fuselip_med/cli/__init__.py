@@ -2,16 +2,16 @@
 
 One module per command group, each exposing ``register(app)`` (as Accelerate's ``commands/``): ``model`` (info,
 merge-lora, push), ``training`` (finetune, train), ``data`` (data demo/synth-vqa/cache-codes), ``evaluate``
-(eval), ``embed``, ``search`` (index build, search, serve) and ``export`` (ONNX behind a quality gate). Command
-modules import torch, transformers and the model code only inside their functions, so ``fuselip-med --help`` starts
-without them. Errors: commands raise
+(eval), ``embed``, ``search`` (index build, search, serve), ``export`` (ONNX behind a quality gate) and ``explain``
+(occlusion maps). Command modules import torch, transformers and the model code only inside their functions, so
+``fuselip-med --help`` starts without them. Errors: commands raise
 :class:`fuselip_med.errors.UserError` subclasses; :class:`~fuselip_med.cli.errors.UserErrorGroup` prints them.
 """
 from __future__ import annotations
 
 import typer
 
-from fuselip_med.cli import data, embed, evaluate, export, model, search, training
+from fuselip_med.cli import data, embed, evaluate, explain, export, model, search, training
 from fuselip_med.cli.errors import DEBUG_ENV, UserErrorGroup
 from fuselip_med.errors import UsageError
 
@@ -52,7 +52,7 @@ def global_options(
     configure_logging("DEBUG" if verbose else "WARNING" if quiet else "INFO")
 
 
-for group in (model, training, data, evaluate, embed, search, export):
+for group in (model, training, data, evaluate, embed, search, export, explain):
     group.register(app)
 
 

@@ -2,7 +2,9 @@
 finding's kind, size and side, all visible in the image), plus a few real DICOMs from pydicom's test data."""
 from __future__ import annotations
 
+import copy
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -20,7 +22,8 @@ from fuselip_med.errors import InputError, OutputExistsError
 from fuselip_med.io import atomic_directory
 from fuselip_med.vocab import MODALITY_CUIS, ROCOV2_MANUAL_CUI_NAMES
 
-__all__ = ["DEMO_DICOM_FILES", "DicomEntry", "Study", "demo_dataset_path", "render_study", "write_demo_dataset"]
+__all__ = ["DEMO_DICOM_FILES", "DicomEntry", "PlantedFinding", "Study", "demo_dataset_path", "planted_findings",
+           "render_study", "write_demo_dataset"]
 
 DEMO_FORMAT_VERSION = 1
 MARKER_NAME = ".fuselip_med_demo.json"
@@ -563,6 +566,44 @@ def render_study(s: Study, rng: np.random.Generator) -> np.ndarray:
     """The study's image as uint8 (256, 256)."""
     img = _RENDERERS[(s.modality, s.region)](rng, s)
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+FINDING_CHANGE = 8  # grey levels: a pixel belongs to the finding when removing the finding changes it this much
+
+
+@dataclass(frozen=True)
+class PlantedFinding:
+    """One demo image with its finding's place: ``jpeg`` as the dataset stores it, ``mask`` bool (256, 256) of the
+    pixels the finding changes (its own, and the edema, displaced fragment or acoustic shadow it brings), the
+    study and its caption."""
+
+    study: Study
+    caption: str
+    jpeg: bytes
+    mask: np.ndarray
+
+
+def _finding_mask(s: Study, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(image uint8, finding mask): the study rendered as ``render_study`` does and again from the same random
+    state with the finding shrunk to nothing; the mask holds the pixels that differ by ``FINDING_CHANGE`` or more
+    (the renderers draw the same number of random values whatever the finding's extent)."""
+    twin = copy.deepcopy(rng)
+    image = render_study(s, rng)
+    without = render_study(dataclasses.replace(s, extent_px=1e-3), twin)
+    return image, np.abs(image.astype(np.int16) - without.astype(np.int16)) >= FINDING_CHANGE
+
+
+def planted_findings(n: int, seed: int = 0, split: str = "test") -> list[PlantedFinding]:
+    """The first ``n`` synthetic images of a demo split (the images ``write_demo_dataset(seed=seed)`` writes there,
+    byte for byte) with the region of their finding, for the pointing game of the saliency sanity checks."""
+    index = ("train", "valid", "test").index(split)
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, index, 1, i])  # the per-image stream of _write_split
+        study = _draw_study(rng)
+        image, mask = _finding_mask(study, rng)
+        out.append(PlantedFinding(study, _caption(study), _jpeg(image), mask))
+    return out
 
 
 def _jpeg(pixels: np.ndarray) -> bytes:

@@ -1,14 +1,17 @@
 """The search page of ``fuselip-med serve`` (Gradio; imported only by that command, from the ``[app]`` extra).
 
 A text box, an image upload (PNG/JPEG/DICOM) with an optional instruction (fused with the image into one
-query), a grid of result thumbnails with rank, score, id and caption, and "more like this" on a selected
-result. Thumbnails of DICOM rows and series slices are the index's own PNGs; others are rendered on the server
-from the paths recorded in the index and handed to Gradio as images, so the page never serves a file
-by path: nothing outside the index (not even the indexed files themselves) is reachable through it.
+query), a grid of result thumbnails with rank, score, id and caption, "more like this" on a selected
+result, and "why did it match?": the occlusion map (``explain``) of the selected result against the query,
+computed on demand with a progress bar. Thumbnails of DICOM rows and series slices are the index's own PNGs;
+others are rendered on the server from the paths recorded in the index and handed to Gradio as images, so the
+page never serves a file by path: nothing outside the index (not even the indexed files themselves) is
+reachable through it.
 """
 from __future__ import annotations
 
 import functools
+import io
 import os
 from typing import Any
 
@@ -18,6 +21,8 @@ import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from fuselip_med.data.phi import is_instance_key  # noqa: E402
+from fuselip_med.explain.occlusion import OcclusionExplainer  # noqa: E402
+from fuselip_med.explain.page import explain_hit  # noqa: E402
 from fuselip_med.search.index import THUMBNAIL_PX, SearchIndex  # noqa: E402
 from fuselip_med.search.query import Hit, more_like_this, search  # noqa: E402
 
@@ -159,6 +164,25 @@ def build_app(index: SearchIndex, model, k: int = 12, viewer_url: str | None = N
     def remember(event: gr.SelectData):
         return event.index
 
+    def asked(text: str, image_path: str | None, instruction: str):
+        return {"text": text, "image": image_path, "instruction": instruction}
+
+    explainer = OcclusionExplainer()
+
+    def why(hits: list[dict], selected: int | None, query: dict | None, progress=gr.Progress()):
+        if selected is None or not hits or selected >= len(hits):
+            return None, "Select a result first, then press “Why did it match?”."
+        hit = hits[selected]
+        if not hit.get("path"):  # a DICOM row or a series keeps no path: explain the index's own thumbnail
+            stored = (index.thumbnail_path(hit["slice_row"]) if hit.get("slice_row") is not None
+                      else index.row_thumbnail_path(hit["row"]))
+            if stored is None or not stored.is_file():
+                return None, "No map: the index keeps no image of this result (burned-in text risk)."
+            hit = {**hit, "path": str(stored)}
+        png, note = explain_hit(model, explainer, hit, query,
+                                lambda done, total: progress((done, total), desc="hiding cells"))
+        return (Image.open(io.BytesIO(png)) if png else None), note
+
     def more(hits: list[dict], selected: int | None):
         if selected is None or not hits or selected >= len(hits):
             return gr.skip(), "Select a result first, then press “More like this”.", gr.skip(), None
@@ -182,19 +206,25 @@ def build_app(index: SearchIndex, model, k: int = 12, viewer_url: str | None = N
             with gr.Column(scale=3):
                 gallery = gr.Gallery(label="Results", columns=4, allow_preview=False, object_fit="contain", buttons=[],
                                      elem_id="results", interactive=False)
-                more_button = gr.Button("More like this (select a result first)", elem_id="more-like-this")
+                with gr.Row():
+                    more_button = gr.Button("More like this (select a result first)", elem_id="more-like-this")
+                    why_button = gr.Button("Why did it match? (select a result first)", elem_id="why")
                 status = gr.Markdown(elem_id="status")
+                why_note = gr.Markdown(elem_id="why-note")
+                why_map = gr.Image(label="Why did it match?", interactive=False, elem_id="why-map")
         hits_state = gr.State([])
         selected = gr.State(None)
+        query_state = gr.State(None)  # the query behind the results shown ("why" explains against it)
         outputs = [gallery, status, hits_state, selected]
         query = [text, upload, instruction]
-        text.submit(run_query, query, outputs)
-        instruction.submit(run_query, query, outputs)
-        go.click(run_query, query, outputs)
-        upload.upload(preview, upload, shown).then(run_query, query, outputs)
+        text.submit(run_query, query, outputs).then(asked, query, query_state)
+        instruction.submit(run_query, query, outputs).then(asked, query, query_state)
+        go.click(run_query, query, outputs).then(asked, query, query_state)
+        upload.upload(preview, upload, shown).then(run_query, query, outputs).then(asked, query, query_state)
         upload.clear(lambda: None, None, shown)
         gallery.select(remember, None, selected)
-        more_button.click(more, [hits_state, selected], outputs)
+        more_button.click(more, [hits_state, selected], outputs).then(lambda: None, None, query_state)
+        why_button.click(why, [hits_state, selected, query_state], [why_map, why_note], concurrency_limit=1)
     return page
 
 
