@@ -70,7 +70,8 @@ def shared(tmp_path_factory, model):
             server.upload(sorted(folder.rglob("*.dcm")))
             from_pacs = dicomweb_build(model, server, root / "pacs_index")
             assert from_pacs.exit_code == 0, from_pacs.output
-            from_folder = build(model, root / "folder_index", "--input", str(folder))
+            # --keep-paths: the comparison reads each row's UIDs from its file (no DICOM path is stored without it)
+            from_folder = build(model, root / "folder_index", "--input", str(folder), "--keep-paths")
             assert from_folder.exit_code == 0, from_folder.output
             yield server, folder, root, from_pacs.output
         finally:
@@ -248,7 +249,11 @@ def test_embed_from_dicomweb_equals_embed_from_the_folder(shared, model, tmp_pat
     pacs_ids = json.loads((tmp_path / "pacs.ids.json").read_text())["ids"]
     folder_ids = json.loads((tmp_path / "dir.ids.json").read_text())["ids"]
     pacs_vectors = dict(zip((hit_uids(path_of[i]).instance for i in pacs_ids), np.load(tmp_path / "pacs.npy")))
-    folder_vectors = dict(zip((hit_uids(folder / i).instance for i in folder_ids), np.load(tmp_path / "dir.npy")))
+    from fuselip_med.data.phi import Pseudonyms, instance_key
+
+    keys = Pseudonyms(json.loads((tmp_path / "dir.ids.json").read_text())["salt"])  # folder DICOM rows: keys
+    file_of = {instance_key(keys, path): path for path in folder.rglob("*") if path.is_file()}
+    folder_vectors = dict(zip((hit_uids(file_of[i]).instance for i in folder_ids), np.load(tmp_path / "dir.npy")))
     assert len(pacs_vectors) == 4  # the CT series (3) and CT_small
     for uid, vector in pacs_vectors.items():
         np.testing.assert_allclose(vector, folder_vectors[uid], atol=1e-6)

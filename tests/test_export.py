@@ -146,6 +146,9 @@ def indexes(exported):
     root, model_dir, _, _, _ = exported
     folder = make_folder(root / "images", patterned=True)
     for runtime, model in (("pytorch", model_dir), ("onnx", root / "fp32")):
+        if runtime == "onnx":  # the same salt, so the DICOM row has the same instance key in both indexes
+            (root / "index_onnx" / ".work").mkdir(parents=True, exist_ok=True)
+            (root / "index_onnx" / ".work" / "salt").write_text(open_index(root / "index_pytorch").manifest["salt"])
         result = runner.invoke(app, ["index", "build", "--runtime", runtime, "--model", str(model), "--input",
                                      str(folder), "--out", str(root / f"index_{runtime}"), "--device", "cpu"])
         assert result.exit_code == 0, result.output

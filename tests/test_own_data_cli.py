@@ -25,6 +25,8 @@ def fake_model(monkeypatch):
     model = HashModel()
     monkeypatch.setattr("fuselip_med.cli.common.load_inference_model",
                         lambda name, device, base=None: (model, None, None))
+    monkeypatch.setattr("fuselip_med.export.runtime.load_for_runtime",  # embed's loader since the ONNX runtime
+                        lambda name, runtime="pytorch", device=None, base=None: (model, None))
     return model
 
 
@@ -59,10 +61,14 @@ def test_uncaptioned_folder_with_scanner_dicom_names_embeds_every_image(tmp_path
     result, text = embed("--input", str(folder), "--out", str(out), "--kind", "image")
     assert result.exit_code == 0, result.output
     assert np.load(out).shape == (7, 16)
-    assert sorted(ids_of(out)) == sorted(["photo0.png", "photo1.png", "photo2.png", "IM000001", "slice.IMA",
-                                          "scan.dicom", "ok.dcm"])
-    assert [(r["id"], r["reason"]) for r in skipped_rows(out)] == [("README.txt", "not an image")]
-    assert "1 not an image (e.g. README.txt)" in text
+    from fuselip_med.data.phi import is_instance_key
+
+    ids = ids_of(out)  # DICOM files (found by content, whatever their names) under salted instance keys
+    assert sorted(i for i in ids if not is_instance_key(i)) == ["photo0.png", "photo1.png", "photo2.png"]
+    assert sum(map(is_instance_key, ids)) == 4
+    skipped = [(r["id"][:5], r["source"], r["reason"]) for r in skipped_rows(out)]
+    assert skipped == [("file-", "input", "not an image")]  # beside DICOM: named by a key, not its path
+    assert "1 not an image (e.g. file-" in text
 
     result, text = embed("--input", str(folder), "--out", str(tmp_path / "pairs.npy"), "--kind", "pair")
     assert result.exit_code == 1 and "error:" in text and "7 missing caption" in text  # names the rows lacking one

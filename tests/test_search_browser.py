@@ -134,3 +134,70 @@ def test_search_page_in_headless_chromium(server):
             response = page.request.get(f"{url}/gradio_api/file={path}")
             assert response.status in (403, 404), (path, response.status)
         browser.close()
+
+
+def serve_index(root: Path, index: Path):
+    """Start `serve` on ``index`` in a subprocess; (url, process, log file)."""
+    port = free_port()
+    log = open(root / f"serve_{index.name}.log", "w")
+    process = subprocess.Popen([sys.executable, "-m", "fuselip_med.cli", "serve", "--index", str(index),
+                                "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=root,
+                               env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return url, process, log
+        except OSError:
+            if process.poll() is not None or time.time() > deadline:
+                process.kill()
+                pytest.fail(f"serve did not come up: {Path(log.name).read_text()[-2000:]}")
+            time.sleep(0.5)
+
+
+def test_series_page_shows_study_series_and_best_slice(tmp_path):
+    """A series index over a two-study export: a slice upload answers with its series first, labelled
+    study / series / best slice (that slice), with the index's own thumbnail of that slice."""
+    import json
+
+    import pydicom
+    import torch
+    from playwright.sync_api import expect, sync_playwright
+
+    from fuselip_med.data.phi import Pseudonyms
+    from tests.study_helpers import ct_series
+
+    ct_series(tmp_path / "export" / "A", n=5, study_uid="1.7.1", series_uid="1.7.1.1")
+    bright = ct_series(tmp_path / "export" / "B", n=5, z0=15.0, study_uid="1.7.2", series_uid="1.7.2.1")
+    torch.manual_seed(0)
+    save_pretrained(FuseLIP(FuseLIPConfig.from_size("tiny")).eval(), tmp_path / "tiny")
+    built = CliRunner().invoke(app, ["index", "build", "-m", str(tmp_path / "tiny"), "-i", str(tmp_path / "export"),
+                                     "--unit", "series", "--slices", "3", "-o", str(tmp_path / "series_index"),
+                                     "--device", "cpu"])
+    assert built.exit_code == 0, built.output
+    keys = Pseudonyms(json.loads((tmp_path / "series_index" / "manifest.json").read_text())["salt"])
+    query = tmp_path / "query.dcm"  # the page takes .dcm uploads; the slice itself is named IM1000xx
+    shutil.copy(bright["files"][25.0], query)
+    url, process, log = serve_index(tmp_path, tmp_path / "series_index")
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium(), headless=True, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1280, "height": 860})
+            page.goto(url)
+            expect(page.locator("body")).to_contain_text("2 series")
+            page.locator("#query-image input[type=file]").set_input_files(str(query))
+            expect(page.locator("#status")).to_contain_text("image: 2 results", timeout=60_000)
+            first = captions(page)[0]
+            slice_key = keys.key(pydicom.dcmread(query).SOPInstanceUID, "sl-")
+            assert first.startswith("1 · ") and first.endswith(
+                f"study {keys.key('1.7.2', 'st-')} / series {keys.key('1.7.2.1', 'se-')} / slice {slice_key}"), first
+            rendered = page.locator("#results img").first
+            expect(rendered).to_have_js_property("complete", True)
+            assert rendered.evaluate("img => img.naturalWidth") > 0
+            assert "1.7.2" not in page.content()
+            browser.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()

@@ -41,16 +41,21 @@ def test_build_reports_and_writes_the_index(built):
     root, folder, model = built
     index = open_index(root / "index")
     assert len(index) == 5 and index.model.name == str(model) and index.dim == 64
-    assert sorted(index.meta["id"]) == ["blue.png", "ct.dcm", "green.png", "red.png", "yellow.png"]
+    assert sorted(index.meta["id"][index.meta["source"] != "dicom"]) == ["blue.png", "green.png", "red.png",
+                                                                         "yellow.png"]
+    sc_row = int(index.meta.index[index.meta["source"] == "dicom"][0])
+    assert index.row_thumbnail_path(sc_row) is None  # secondary capture: burned-in risk, no thumbnail
 
 
 def test_search_by_image_finds_the_same_image_first(built):
     root, folder, _ = built
+    meta = open_index(root / "index").meta
     for name in ("ct.dcm", "green.png", "yellow.png"):
         result = run_search(root, "--image", str(folder / name), "-k", "3", "--json")
         assert result.exit_code == 0, result.output
         hits = json.loads(result.output)
-        assert len(hits) == 3 and hits[0]["id"] == name and hits[0]["score"] == pytest.approx(1.0, abs=2e-3)
+        expected = meta["id"][meta["source"] == "dicom"].iloc[0] if name == "ct.dcm" else name  # DICOM: its key
+        assert len(hits) == 3 and hits[0]["id"] == expected and hits[0]["score"] == pytest.approx(1.0, abs=2e-3)
 
 
 def test_search_by_text_and_by_image_with_instruction(built):
@@ -95,6 +100,8 @@ def test_accelerate_launch_two_processes_builds_the_single_process_index(built, 
     root, folder, model = built
     repo = Path(__file__).parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    (tmp_path / "two" / ".work").mkdir(parents=True)  # the single index's salt: the same DICOM instance keys
+    (tmp_path / "two" / ".work" / "salt").write_text(open_index(root / "index").manifest["salt"])
     completed = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
          "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fuselip_med.cli", "index", "build", "-m",
@@ -107,3 +114,100 @@ def test_accelerate_launch_two_processes_builds_the_single_process_index(built, 
     two = open_index(tmp_path / "two")
     assert two.manifest["generation"] == single.manifest["generation"]
     assert two.meta.drop(columns="mtime_ns").equals(single.meta.drop(columns="mtime_ns"))
+
+
+PATIENT = "Doe_Jane_QZXPATIENT"
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory, built):
+    """A folder whose DICOM file sits in a patient-named folder (with a stray note that is no image) and whose
+    PNGs sit elsewhere; embedded with the tiny model of ``built``."""
+    from tests.search_helpers import write_png
+    from tests.study_helpers import ct_series
+
+    root = tmp_path_factory.mktemp("pacs_image_unit")
+    patient = root / "export" / PATIENT
+    ct = ct_series(patient, n=1)["files"][0.0]  # CT Image Storage: no burned-in risk, so a thumbnail
+    (patient / "notes.rtf").write_text("no image")
+    (root / "export" / "pngs").mkdir()
+    write_png(root / "export" / "pngs" / "red.png", (220, 20, 20))
+    return root, ct, built[2]
+
+
+def _written_with_patient(root) -> list[str]:
+    return [str(p) for p in root.rglob("*") if p.is_file() and PATIENT.encode() in p.read_bytes()]
+
+
+def test_index_build_image_unit_keys_dicom_rows_and_matches_them_by_content(pacs):
+    from fuselip_med.data.phi import is_instance_key
+
+    root, ct, model = pacs
+    build = ["index", "build", "-m", str(model), "-i", str(root / "export"), "-o", str(root / "index"),
+             "--device", "cpu"]
+    first = runner.invoke(app, build)
+    assert first.exit_code == 0, first.output
+    index = open_index(root / "index")
+    dicom = index.meta[index.meta["source"] == "dicom"]
+    assert len(dicom) == 1 and is_instance_key(dicom.iloc[0]["id"]) and dicom.iloc[0]["path"] is None
+    assert index.row_thumbnail_path(int(dicom.index[0])).is_file()  # the index's own thumbnail
+    png = index.meta[index.meta["id"] == "pngs/red.png"].iloc[0]  # PNG rows keep their paths
+    assert png["path"] == str(root / "export" / "pngs" / "red.png")
+    assert index.manifest["salt"] and index.manifest["privacy"]["keep_paths"] is False
+    found = runner.invoke(app, ["search", "--index", str(root / "index"), "--image", str(ct), "--json"])
+    assert found.exit_code == 0, found.output
+    hit = json.loads(found.output)[0]
+    assert hit["id"] == dicom.iloc[0]["id"] and hit["path"] is None and PATIENT not in found.output
+    assert PATIENT not in first.output and _written_with_patient(root / "index") == []
+    again = runner.invoke(app, build)  # no path stored: the rebuild matches the file by its content hash
+    assert again.exit_code == 0 and "embedded 0 images" in " ".join(again.output.split()), again.output
+    assert sorted(open_index(root / "index").meta["id"]) == sorted(index.meta["id"])
+
+
+def test_index_build_keep_paths_stores_them_and_the_page_shows_keys(pacs):
+    from fuselip_med.search.app import public_record
+    from fuselip_med.search.query import hits
+
+    root, ct, model = pacs
+    result = runner.invoke(app, ["index", "build", "-m", str(model), "-i", str(root / "export"), "-o",
+                                 str(root / "kept"), "--device", "cpu", "--keep-paths"])
+    assert result.exit_code == 0, result.output
+    index = open_index(root / "kept")
+    row = int(index.meta.index[index.meta["source"] == "dicom"][0])
+    assert index.meta.iloc[row]["path"] == str(ct)
+    hit = hits(index, [1.0], [row])[0]
+    assert public_record(hit, show_paths=False)["path"] is None
+    assert public_record(hit, show_paths=True)["path"] == str(ct)
+
+
+def test_embed_image_unit_keys_dicom_rows_and_keeps_the_salt(pacs):
+    import pyarrow.parquet as pq
+
+    from fuselip_med.data.phi import is_instance_key
+
+    root, ct, model = pacs
+    out = root / "embed" / "images.npy"
+    runs, written = [], []
+    for _ in range(2):
+        runs.append(runner.invoke(app, ["embed", "-m", str(model), "-i", str(root / "export"), "-o", str(out),
+                                        "--device", "cpu", "--num-workers", "0"]))
+        assert runs[-1].exit_code == 0, runs[-1].output
+        written.append(json.loads(out.with_suffix(".ids.json").read_text()))
+    assert written[0]["ids"] == written[1]["ids"]  # the re-run reused the salt kept in .ids.json: same keys
+    ids = written[1]
+    keyed = [i for i in ids["ids"] if i != "pngs/red.png"]
+    assert len(ids["ids"]) == 2 and len(keyed) == 1 and is_instance_key(keyed[0]) and ids["salt"]
+    skipped = out.with_name("images.skipped.csv").read_text()
+    assert "not an image" in skipped and "file-" in skipped  # the stray note named by a key
+    parquet = root / "embed" / "images.parquet"
+    kept = root / "embed" / "kept.parquet"
+    for target, extra in ((parquet, []), (kept, ["--keep-paths"])):
+        result = runner.invoke(app, ["embed", "-m", str(model), "-i", str(root / "export"), "-o", str(target),
+                                     "--device", "cpu", "--num-workers", "0", *extra])
+        assert result.exit_code == 0, result.output
+    table = pq.read_table(parquet).to_pydict()
+    assert table["id"] != ids["ids"] and "pngs/red.png" in table["id"]  # one salt per output
+    assert [image for name, image in zip(table["id"], table["image"]) if name != "pngs/red.png"] == [None]
+    assert str(ct) in pq.read_table(kept).to_pydict()["image"]
+    assert all(PATIENT not in r.output for r in runs) and sorted(_written_with_patient(root / "embed")) == [
+        str(kept), str(kept.with_name("kept.skipped.csv"))]  # only the --keep-paths output names paths

@@ -129,8 +129,37 @@ def _local_or_hub(model: str) -> str:
     return str(Path(model).expanduser().resolve()) if os.path.isdir(os.path.expanduser(model)) else model
 
 
+def deidentify(
+    src: Path = typer.Argument(..., help="A DICOM file or a folder of DICOM files (searched recursively)."),
+    out: Path = typer.Argument(..., help="Empty folder for the copies, written as <study>/<series>/<instance>.dcm "
+                               "under their new UIDs."),
+    seed: Optional[str] = typer.Option(None, "--seed", envvar="FUSELIP_DEID_SEED", help="Secret seed that makes "
+                                       "the replacements repeatable across runs (default: random; also "
+                                       "FUSELIP_DEID_SEED)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a folder that is not empty."),
+) -> None:
+    """De-identified copies of DICOM files under the DICOM Basic Application Level Confidentiality Profile
+    (PS3.15 Annex E): dicognito replaces UIDs (consistently: series stay series), names, IDs and dates; every
+    other Annex E attribute is emptied or removed, private tags removed. Pixel data is untouched: burned-in
+    text is not removed.
+
+    Examples:\n
+      fuselip-med data deidentify pacs_export/ deidentified/\n
+      FUSELIP_DEID_SEED=... fuselip-med data deidentify new_batch/ deidentified_batch2/
+    """
+    from fuselip_med.data.deidentify import deidentify_folder
+
+    report = deidentify_folder(src, out, seed=seed, overwrite=overwrite)
+    console = Console()
+    console.print(f"Wrote {report.written} de-identified DICOM files to {out}.", markup=False, highlight=False)
+    if report.skips.total:
+        console.print(f"Not copied: {report.skips.summary()}", style="yellow", markup=False, highlight=False)
+
+
 def register(app: typer.Typer) -> None:
-    """Add the ``data`` group (``demo``, ``synth-vqa``, ``cache-codes``, ``radcrepe``) to the ``fuselip-med`` app."""
+    """Add the ``data`` group (``demo``, ``synth-vqa``, ``cache-codes``, ``radcrepe``, ``deidentify``) to the
+    ``fuselip-med`` app."""
+    data_app.command("deidentify")(deidentify)
     data_app.command("demo")(demo)
     data_app.command("synth-vqa")(synth_vqa)
     data_app.command("cache-codes")(cache_codes)

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from fuselip_med.cli import common
 from fuselip_med.cli.common import BASE_HELP, MODEL_HELP
 from fuselip_med.cli.options import (
     CAPTION_COLUMN,
@@ -30,6 +31,7 @@ from fuselip_med.cli.options import (
     dicomweb_options,
     table_options,
 )
+from fuselip_med.cli.units import KEEP_PATHS, PLANE, RENDER, SLICES, UNIT, WINDOW
 from fuselip_med.errors import InputError, UsageError
 from fuselip_med.option_names import command_line_style
 
@@ -67,8 +69,21 @@ def embed(
     max_concurrent: int = DW_MAX_CONCURRENT,
     retries: int = DW_RETRIES,
     runtime: str = RUNTIME,
+    unit: str = UNIT,
+    slices: int = SLICES,
+    render: str = RENDER,
+    window: Optional[str] = WINDOW,
+    plane: str = PLANE,
+    keep_paths: bool = KEEP_PATHS,
 ) -> None:
     """Embed images, texts or image+text pairs for search, batched, with progress; every row not embedded is named.
+
+    With --unit series or study, --input is a folder (searched recursively), a DICOMDIR, a NIfTI file or a CSV
+    listing them: DICOM is grouped into series by its UIDs, each series embedded through --slices sampled slices,
+    and rows carry salted series/study keys (no paths, no UIDs); slice vectors go beside the output.
+
+    With the default --unit image, DICOM files are named by salted instance keys (no paths unless --keep-paths;
+    the salt stays in the output, so a re-run gives the same keys); PNG/JPEG rows keep their paths as ids.
 
     With --dicomweb the images are the instances of the series QIDO-RS finds, fetched (WADO-RS) into
     <out stem>.dicomweb/ beside --out and reused by the next run; ids are salted instance keys, not UIDs.
@@ -79,11 +94,30 @@ def embed(
       fuselip-med embed -m runs/rocov2/final -i train.tsv --path-column filepath --caption-column title \\\n
         --kind pair -o pairs.npy\n
       fuselip-med embed -m runs/rocov2/final -i export.csv --encoding cp1252 --image-root /data/pacs -o scans.npy\n
+      fuselip-med embed -m runs/rocov2/final -i pacs_export/ --unit series --slices 16 -o series.npy\n
+      fuselip-med embed -m runs/rocov2/final -i ct_rate/valid/ --unit study --render multi -o studies.parquet\n
       fuselip-med embed -m runs/rocov2/final --dicomweb https://pacs/dicom-web --user alice --modality CT -o ct.npy\n
       fuselip-med embed --runtime onnx -m exports/rocov2-int8 -i my_images/ -o image_embeddings.npy
     """
+    if unit != "image":
+        if dicomweb is not None or input is None:
+            raise UsageError(f"--unit {unit} reads --input (a folder, DICOMDIR, NIfTI or CSV); --dicomweb embeds "
+                             "images.")
+        _embed_units(model, input, out, unit, slices, render, window, plane, batch_size, device, base)
+        return
+    from fuselip_med.cli.units import privacy_options
+    from fuselip_med.data.phi import Pseudonyms
     from fuselip_med.data.skips import SkipReport
-    from fuselip_med.embed import KINDS, embed_rows, open_input, rows_from_source, skipped_csv_path, write_embeddings
+    from fuselip_med.embed import (
+        KINDS,
+        embed_rows,
+        open_input,
+        pseudonymize_rows,
+        rows_from_source,
+        skipped_csv_path,
+        stored_salt,
+        write_embeddings,
+    )
     from fuselip_med.export.runtime import load_for_runtime
     from fuselip_med.io import check_writable
 
@@ -110,12 +144,17 @@ def embed(
         else:
             source = open_input(input, kind, **options)  # type: ignore[arg-type]
     skips = SkipReport.merged([source.skipped])
-    rows = rows_from_source(source, kind, skips)  # type: ignore[arg-type]
+    privacy = privacy_options(keep_paths, False, False)
+    salt = stored_salt(out)
+    pseudonyms = Pseudonyms(salt) if salt else Pseudonyms.fresh()
+    rows = pseudonymize_rows(rows_from_source(source, kind, skips), pseudonyms, privacy,  # type: ignore[arg-type]
+                             skips, rename=dicomweb is None)  # DICOMweb rows already carry their salted keys
     if not rows:
         raise InputError(f"{input or 'the DICOMweb server'}: no row to embed ({skips.summary()}).")
     fuselip, _ = load_for_runtime(model, runtime, device, base=base)
     matrix, kept, _ = embed_rows(fuselip, rows, batch_size=batch_size, num_workers=num_workers, skips=skips)
-    written = write_embeddings(out, matrix, kept, model)
+    keyed = dicomweb is None and any(row.dicom for row in kept)  # keys of our salt (DICOMweb: the cache's)
+    written = write_embeddings(out, matrix, kept, model, pseudonyms.salt if keyed else None, privacy)
     skips.kept = len(kept)
     skipped_csv = skips.write_csv(skipped_csv_path(out))
     console.print(f"Embedded {len(kept)} {kind} rows -> {', '.join(map(str, written))} (dim {matrix.shape[1]}).",
@@ -123,6 +162,35 @@ def embed(
     if skips.total:
         console.print(f"Skipped rows: {skips.summary()}; full list in {skipped_csv}.", style="yellow", markup=False,
                       highlight=False)
+
+
+def _embed_units(model: str, input: Path, out: Path, unit: str, slices: int, render: str, window: Optional[str],
+                 plane: str, batch_size: int, device: Optional[str], base: Optional[str]) -> None:
+    """``embed --unit series|study``: series vectors (or study vectors) keyed by salted keys."""
+    from fuselip_med.cli.units import check_unit, read_units, unit_options
+    from fuselip_med.data.phi import Pseudonyms
+    from fuselip_med.data.skips import SkipReport
+    from fuselip_med.embed import skipped_csv_path, stored_salt, write_unit_embeddings
+
+    check_unit(unit)
+    options = unit_options(slices, render, window)
+    if out.suffix not in (".npy", ".parquet"):
+        raise UsageError(f"--out {out}: use a .npy or .parquet file name.")
+    salt = stored_salt(out)
+    pseudonyms = Pseudonyms(salt) if salt else Pseudonyms.fresh()
+    skips = SkipReport()
+    fuselip, _, _ = common.load_inference_model(model, device, base)
+    rows = read_units(fuselip, input, unit, options, pseudonyms=pseudonyms, plane=plane, batch_size=batch_size,
+                      skips=skips)
+    if not rows:
+        raise InputError(f"{input}: no series could be embedded ({skips.summary()}).")
+    written = write_unit_embeddings(out, rows, model, unit, pseudonyms.salt, options.describe())
+    skipped_csv = skips.write_csv(skipped_csv_path(out))
+    console.print(f"Embedded {len(rows)} {unit} rows from {skips.kept} series -> {', '.join(map(str, written))} "
+                  f"(dim {rows[0].vector.shape[-1]}).", markup=False, highlight=False)
+    if skips.total or skips.hints:
+        console.print(f"Series problems: {skips.summary()}; full list in {skipped_csv}.", style="yellow",
+                      markup=False, highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -23,6 +23,7 @@ from fuselip_med.cli.options import (
     RUNTIME,
     dicomweb_options,
 )
+from fuselip_med.cli.units import ALLOW_BURNED_IN, KEEP_PATHS, PLANE, RENDER, SHOW_PATHS, SLICES, UNIT, WINDOW
 from fuselip_med.errors import MissingExtraError, UsageError
 
 __all__ = ["register"]
@@ -58,17 +59,31 @@ def index_build(
     hnsw_m: int = typer.Option(32, help="HNSW links per node."),
     ef_search: int = typer.Option(128, help="HNSW search beam width."),
     batch_size: int = typer.Option(32, help="Embedding batch size."),
-    chunk_size: int = typer.Option(256, help="Images per resumable chunk (a killed build redoes one chunk at most)."),
+    chunk_size: int = typer.Option(256, help="Images per resumable chunk (a killed build redoes one chunk at most; "
+                                   "--unit series/study: chunk-size / slices series per chunk)."),
     rebuild: bool = typer.Option(False, help="Replace an index built with another model instead of refusing."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: this process's Accelerate device)."),
     runtime: str = RUNTIME,
+    unit: str = UNIT,
+    slices: int = SLICES,
+    render: str = RENDER,
+    window: Optional[str] = WINDOW,
+    plane: str = PLANE,
+    keep_paths: bool = KEEP_PATHS,
+    show_paths: bool = SHOW_PATHS,
+    allow_burned_in: bool = ALLOW_BURNED_IN,
 ) -> None:
     """Embed a folder (or any dataset `embed` reads) into a search index; re-run to update it incrementally.
 
     Only new or changed images (by content hash) are embedded, deleted ones are dropped; a killed build
     resumes where it stopped. Under `accelerate launch` each process embeds its share. With --dicomweb the
     series found by QIDO-RS are fetched (WADO-RS) into <out>/.dicomweb; a rebuild fetches only instances not
-    fetched yet (by SOP Instance UID) and drops those deleted on the server.
+    fetched yet (by SOP Instance UID) and drops those deleted on the server. DICOM files are rows
+    under salted instance keys with the index's own thumbnails; their paths are stored only with --keep-paths.
+
+    With --unit series or study, --input is a PACS export folder, a DICOMDIR, NIfTI files or a CSV listing them;
+    rows are series (or studies) under salted keys, each with its sampled slices' vectors and thumbnails, so
+    `search` answers study / series / best slice. No DICOM path is stored unless --keep-paths.
 
     Examples:\n
       fuselip-med index build -m runs/rocov2/final -i my_images/ -o my_index\n
@@ -76,21 +91,34 @@ def index_build(
         --dicomweb https://pacs/dicom-web --user alice --modality CT --study-date 20240101-20241231 -o ct_index\n
       fuselip-med index build -m runs/rocov2/final -i ROCOv2_data --adapter rocov2 --split test -o rocov2_index\n
       accelerate launch --num_processes 4 -m fuselip_med.cli index build -m chs20/FuseLIP-S-CC3M-MM -i pacs/ -o idx\n
+      fuselip-med index build -m runs/rocov2/final -i pacs_export/ --unit series --slices 16 -o series_index\n
+      fuselip-med index build -m runs/rocov2/final -i ct_rate/ --unit study --render multi -o study_index\n
       fuselip-med index build --runtime onnx -m exports/rocov2-int8 -i my_images/ -o my_index
     """
+    if unit != "image":
+        if dicomweb is not None or input is None:
+            raise UsageError(f"--unit {unit} reads --input (a folder, DICOMDIR, NIfTI or CSV); --dicomweb indexes "
+                             "images.")
+        _build_unit_index(model, input, out, unit, slices, render, window, plane, batch_size, device, rebuild,
+                          keep_paths, show_paths, allow_burned_in, chunk_size, runtime)
+        return
     import torch
     from accelerate import PartialState
     from rich.console import Console
 
+    from fuselip_med.cli.units import privacy_options
+    from fuselip_med.data.phi import Pseudonyms
     from fuselip_med.export.runtime import load_for_runtime
     from fuselip_med.io import check_writable
-    from fuselip_med.search.index import IndexSettings, build_index, list_entries
+    from fuselip_med.search.index import IndexSettings, build_index, index_salt, list_entries
 
     if (input is None) == (dicomweb is None):
         raise UsageError("give --input (a folder, table or dataset) or --dicomweb URL, not both.")
     check_writable(out)  # before any work: OutputError naming the folder
     settings = IndexSettings(index_type=index_type, exact_max=exact_max, nlist=nlist, nprobe=nprobe,  # type: ignore[arg-type]
                              hnsw_m=hnsw_m, ef_search=ef_search, batch_size=batch_size, chunk_size=chunk_size)
+    privacy = privacy_options(keep_paths, show_paths, allow_burned_in)
+    pseudonyms = Pseudonyms(index_salt(out, rebuild))
     state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())  # CPU: several gloo processes
     fetched = None
     if dicomweb is not None:
@@ -101,11 +129,12 @@ def index_build(
                                    max_concurrent=max_concurrent, retries=retries)
         entries, listed_skips, fetched = dicomweb_entries(dicomweb, out, limit=limit, process=state, **options)
     else:
-        entries, listed_skips = list_entries(input, adapter=adapter, split=split)
+        entries, listed_skips = list_entries(input, adapter=adapter, split=split, pseudonyms=pseudonyms)
     fuselip, model_id = load_for_runtime(model, runtime, device or state.device)
     console = Console()
     report = build_index(out, entries, fuselip, model_id, settings,
-                         rebuild=rebuild, accelerator=state if state.num_processes > 1 else None)
+                         rebuild=rebuild, accelerator=state if state.num_processes > 1 else None,
+                         salt=pseudonyms.salt if dicomweb is None else None, privacy=privacy)
     if not state.is_main_process:
         return
     if fetched is not None:
@@ -126,6 +155,42 @@ def index_build(
     if skipped:
         console.print("[yellow]Skipped while listing:[/] " + ", ".join(f"{r}: {n}" for r, n in sorted(skipped.items())),
                       highlight=False)
+
+
+def _build_unit_index(model: str, input: Path, out: Path, unit: str, slices: int, render: str,
+                      window: Optional[str], plane: str, batch_size: int, device: Optional[str], rebuild: bool,
+                      keep_paths: bool, show_paths: bool, allow_burned_in: bool, chunk_size: int,
+                      runtime: str) -> None:
+    """``index build --unit series|study`` (one process): unchanged series reuse their slice vectors, a killed
+    build resumes (``search.index.build_unit_index``)."""
+    from rich.console import Console
+
+    from fuselip_med.cli.units import check_unit, privacy_options, unit_options
+    from fuselip_med.data.phi import Pseudonyms
+    from fuselip_med.data.skips import SkipReport
+    from fuselip_med.data.studies import find_series
+    from fuselip_med.export.runtime import load_for_runtime
+    from fuselip_med.io import check_writable
+    from fuselip_med.search.index import IndexSettings, build_unit_index, index_salt
+
+    check_unit(unit)
+    options = unit_options(slices, render, window)
+    privacy = privacy_options(keep_paths, show_paths, allow_burned_in)
+    settings = IndexSettings(batch_size=batch_size, chunk_size=chunk_size)
+    check_writable(out)  # before any work (the salt of a first build is kept in it at once)
+    pseudonyms = Pseudonyms(index_salt(out, rebuild))
+    fuselip, model_id = load_for_runtime(model, runtime, device or "cpu")
+    skips = SkipReport()
+    series = find_series(input, pseudonyms, skips, plane=plane)  # type: ignore[arg-type]
+    report = build_unit_index(out, series, fuselip, model_id, unit, pseudonyms.salt,
+                              options, settings, privacy=privacy, skips=skips, rebuild=rebuild, progress=True)
+    console = Console()
+    console.print(f"Index {out} {'up to date' if report.up_to_date else 'written'}: {report.n_rows} {unit} rows from "
+                  f"{skips.kept} series, {report.n_slices} slices; embedded {report.embedded_images} series "
+                  f"(+{report.embedded_elsewhere} from an interrupted run), reused {report.reused_images}, "
+                  f"removed {report.removed}.", highlight=False)
+    if skips.total or skips.hints:
+        console.print(f"Series problems: {skips.summary()}", style="yellow", markup=False, highlight=False)
 
 
 def search(
@@ -184,6 +249,14 @@ def search(
         print(json.dumps([hit.to_dict() for hit in hits], indent=1))
         return
     table = Table(title=f"{len(hits)} results from {index}")
+    if hits and hits[0].unit != "image":
+        for column in ("rank", "score", "study", "series", "best slice", "slice score"):
+            table.add_column(column, overflow="fold")
+        for hit in hits:
+            table.add_row(str(hit.rank), f"{hit.score:.4f}", hit.study or "", hit.series or "", hit.best_slice or "",
+                          f"{hit.slice_score:.4f}" if hit.slice_score is not None else "")
+        Console().print(table)
+        return
     for column in ("rank", "score", "id", "path", "caption"):
         table.add_column(column, justify="right" if column in ("rank", "score") else "left",
                          overflow="fold")  # ids and paths wrap whole instead of being cut

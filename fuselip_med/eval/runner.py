@@ -21,7 +21,7 @@ from . import classification as cls
 from .embedding import Embedder
 from .report import EvalReport, TaskResult, now_iso, package_version, write_report
 from .tasks import TASKS, get_task, missing_roles, runner_of
-from .tasks.context import EvalContext, EvalOptions, describe
+from .tasks.context import EvalContext, EvalOptions, describe_data
 
 __all__ = ["TASKS", "run_evaluation", "check_tasks"]
 
@@ -169,7 +169,7 @@ def run_evaluation(
                 results[f"{name} (leaked excluded)"] = res
     report = EvalReport(
         model=model_id or str(getattr(model, "name_or_path", None) or type(model).__name__),
-        data={k: describe(v) for k, v in data.items()},
+        data={k: describe_data(k, v) for k, v in data.items()},
         tasks=results,
         created=now_iso(),
         fuselip_med_version=package_version(),

@@ -16,7 +16,12 @@ __all__ = ["Hit", "check_model", "encode_query", "hits", "load_index_model", "mo
 
 @dataclass(frozen=True)
 class Hit:
-    """One result: rank (1 = best), cosine score, metadata row and the item's id, path, caption, source."""
+    """One result: rank (1 = best), cosine score, metadata row and the item's id, path, caption, source.
+
+    In a series or study index (``unit``) the hit also names its ``study`` and ``series`` keys and the
+    ``best_slice`` (the slice key closest to the query, ``slice_score`` its cosine score, ``slice_row`` its row
+    in the slice table, whose stored thumbnail the page shows). Keys are salted hashes; no UID, no path
+    unless the index was built with --keep-paths."""
 
     rank: int
     score: float
@@ -25,6 +30,12 @@ class Hit:
     path: str | None
     caption: str | None
     source: str
+    unit: str = "image"
+    study: str | None = None
+    series: str | None = None
+    best_slice: str | None = None
+    slice_score: float | None = None
+    slice_row: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,16 +87,23 @@ def encode_query(model, *, text: str | None = None, image: Any = None, decode_op
     return table.lookup([item.key])[0].numpy().astype(np.float32)
 
 
-def hits(index: SearchIndex, scores: np.ndarray, rows: np.ndarray) -> list[Hit]:
-    """Hits for one query's ``scores`` [k] and ``rows`` [k] (rows < 0, i.e. missing, are dropped)."""
+def hits(index: SearchIndex, scores: np.ndarray, rows: np.ndarray, query: np.ndarray | None = None) -> list[Hit]:
+    """Hits for one query's ``scores`` [k] and ``rows`` [k] (rows < 0, i.e. missing, are dropped); with the
+    ``query`` vector [D], hits of a series/study index name their best-matching slice."""
     meta = index.meta
     out = []
     for score, row in zip(scores, rows):
         if row < 0:
             continue
         record = meta.iloc[int(row)]
+        best = index.best_slice(int(row), query) if query is not None else None
+        detail = {}
+        if best is not None:
+            slice_record = index.slices.iloc[best[0]]
+            detail = {"study": str(slice_record["study"]), "series": str(slice_record["series"]),
+                      "best_slice": str(slice_record["slice"]), "slice_score": best[1], "slice_row": best[0]}
         out.append(Hit(len(out) + 1, float(score), int(row), str(record["id"]), record["path"],
-                       record["caption"], str(record["source"])))
+                       record["caption"], str(record["source"]), index.unit, **detail))
     return out
 
 
@@ -97,7 +115,7 @@ def search(index: SearchIndex, model, *, text: str | None = None, image: Any = N
         raise ValueError(f"k must be >= 1, got {k}")
     query = encode_query(model, text=text, image=image, decode_options=decode_options)
     scores, rows = index.search(query[None], k, target=target)
-    return hits(index, scores[0], rows[0])
+    return hits(index, scores[0], rows[0], query)
 
 
 def more_like_this(index: SearchIndex, id: str, k: int = 10) -> list[Hit]:
@@ -107,4 +125,4 @@ def more_like_this(index: SearchIndex, id: str, k: int = 10) -> list[Hit]:
     query = np.asarray(index.image_vectors[row], dtype=np.float32)
     scores, rows = index.search(query[None], k + 1)
     keep = rows[0] != row
-    return hits(index, scores[0][keep][:k], rows[0][keep][:k])
+    return hits(index, scores[0][keep][:k], rows[0][keep][:k], query)

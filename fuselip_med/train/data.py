@@ -28,7 +28,14 @@ def _demo_path() -> str:
     return str(demo_dataset_path())
 
 
-BUILTIN_DATA = {"builtin:demo": _demo_path}  # dataset paths that name data the package generates itself
+def _volume_demo_path() -> str:
+    from fuselip_med.data.adapters.volumes import volume_demo_path
+
+    return str(volume_demo_path())
+
+
+# dataset paths that name data the package generates itself
+BUILTIN_DATA = {"builtin:demo": _demo_path, "builtin:ct_rate_demo": _volume_demo_path}
 
 
 class DataSetupError(UserError, ValueError):

@@ -28,7 +28,8 @@ from .. import classification as cls
 from ..embedding import Embedder, EmbedItem, sample_image_key
 from . import ROLES, role_of_key
 
-__all__ = ["DataEntry", "EvalOptions", "EvalContext", "ImageCaption", "resolve_data", "describe", "open_source",
+__all__ = ["DataEntry", "EvalOptions", "EvalContext", "ImageCaption", "resolve_data", "describe", "describe_data",
+           "open_source",
            "check_coverage", "named_skips", "skip_fields"]
 
 _SPLIT_OF_ROLE = {"test": "test", "valid": "valid", "labelled": "test", "train": "train"}
@@ -116,6 +117,17 @@ def _check_adapter(name: str, key: str) -> None:
     if name not in known:
         raise UsageError(f"data key {key!r} is neither a data role ({', '.join(ROLES)}) nor a dataset adapter "
                          f"({', '.join(known)}); write ROLE=PATH, ADAPTER=PATH or ROLE:ADAPTER=PATH")
+
+
+#: Roles whose paths are not written into reports: PACS exports name folders after patients (data/phi.py).
+UNWRITTEN_PATH_ROLES = ("volumes", "series_keys", "series_labels", "series_reports")
+
+
+def describe_data(key: str, value: Any) -> str:
+    """``describe(value)``, except for series inputs: their paths are not written (``UNWRITTEN_PATH_ROLES``)."""
+    if role_of_key(key.partition(":")[0]) in UNWRITTEN_PATH_ROLES and _is_path(value):
+        return "series input (path not written)"
+    return describe(value)
 
 
 def describe(value: Any) -> str:

@@ -1,0 +1,110 @@
+"""``fuselip-med data deidentify IN OUT``: de-identified copies of the DICOM files under IN, pixel data untouched.
+
+Two steps per file, one ``dicognito.anonymizer.Anonymizer`` for the whole run (so UIDs, names and IDs are
+remapped consistently: the slices of one series stay one series, its studies one study):
+
+1. dicognito replaces UIDs (new ones, consistent within the run), person names, IDs, institution and address
+   attributes with dummies and shifts dates; it sets PatientIdentityRemoved = YES and records the method;
+2. every PS3.15 Annex E attribute (``data.phi``) that dicognito did not replace with a dummy (descriptions,
+   comments, dates, ...) is emptied where Annex E allows Z (Type 2 attributes) and removed otherwise; private
+   tags are removed.
+
+Output files are named by their new UIDs (``OUT/<study>/<series>/<instance>.dcm``): input file and folder names
+(often patient names in PACS exports) are not copied. Pixel data is not inspected: burned-in text stays (flag:
+``phi.burned_in_risk``). Files that are not DICOM are counted, not copied. Writes are atomic.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from fuselip_med.data.phi import Pseudonyms, emptied_not_removed, is_annex_e
+from fuselip_med.data.skips import SkipReport
+from fuselip_med.errors import InputError, OutputExistsError
+from fuselip_med.io import atomic_write
+
+__all__ = ["DeidentifyReport", "deidentify_dataset", "deidentify_folder"]
+
+_DATES = ("DA", "DT", "TM")
+
+
+@dataclass
+class DeidentifyReport:
+    """How many files were written and which were not (``skips``: salted file keys and reasons)."""
+
+    written: int
+    skips: SkipReport
+
+
+def _annex_e_elements(ds):
+    """(data set, element) for every Annex E element, nested sequences included, outermost first."""
+    for element in list(ds):
+        if is_annex_e(element.tag):
+            yield ds, element
+        if element.VR == "SQ" and element.value is not None:
+            for item in element.value:
+                yield from _annex_e_elements(item)
+
+
+def deidentify_dataset(ds, anonymizer) -> None:
+    """De-identify one pydicom data set in place (see the module docstring); pixel data is left as it is."""
+    before = {(id(d), e.tag): repr(e.value) for d, e in _annex_e_elements(ds)}
+    anonymizer.anonymize(ds)
+    for dataset, element in list(_annex_e_elements(ds)):
+        if element.tag not in dataset:  # inside a sequence removed a moment ago
+            continue
+        original = before.get((id(dataset), element.tag))
+        if original is None:
+            continue  # added by dicognito (PatientIdentityRemoved, DeidentificationMethod)
+        if element.VR == "UI" or (repr(element.value) != original and element.VR not in _DATES):
+            continue  # a consistent new UID, or a dummy name / ID from dicognito
+        if emptied_not_removed(element.tag):
+            dataset[element.tag].value = [] if element.VR == "SQ" else ""
+        else:
+            del dataset[element.tag]
+    ds.remove_private_tags()
+
+
+def deidentify_folder(src: str | os.PathLike, dst: str | os.PathLike, *, seed: str | None = None,
+                      overwrite: bool = False) -> DeidentifyReport:
+    """De-identified copies of every DICOM file under ``src`` (recursively) into ``dst``.
+
+    ``seed``: makes dicognito's replacements repeatable across runs (keep it secret; default: random). Raises
+    ``InputError`` when ``src`` has no DICOM file and ``OutputExistsError`` when ``dst`` is not empty (unless
+    ``overwrite``).
+    """
+    import pydicom
+    from dicognito.anonymizer import Anonymizer
+
+    from fuselip_med.data.images import image_kind
+
+    src, dst = Path(src), Path(dst)
+    if not src.exists():
+        raise InputError(f"{src}: no such file or folder.")
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        raise OutputExistsError(f"{dst} is not empty; choose an empty folder or pass --overwrite.")
+    files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
+    anonymizer = Anonymizer(seed=seed)
+    keys = Pseudonyms.fresh()
+    skips = SkipReport()
+    skips.unit = "files"
+    written = 0
+    for path in files:
+        if image_kind(path) != "dicom":
+            skips.add(keys.key(os.fspath(path), "file-"), "input", "not a DICOM image")
+            continue
+        try:
+            ds = pydicom.dcmread(path, force=True)
+        except Exception as error:  # a damaged file fails the parser in many ways
+            skips.add(keys.key(os.fspath(path), "file-"), "input", "unreadable DICOM", type(error).__name__)
+            continue
+        deidentify_dataset(ds, anonymizer)
+        target = dst / str(ds.get("StudyInstanceUID", "study")) / str(ds.get("SeriesInstanceUID", "series")) / \
+            f"{ds.SOPInstanceUID}.dcm"
+        atomic_write(target, lambda tmp, ds=ds: ds.save_as(tmp, enforce_file_format=True))
+        written += 1
+    skips.kept = written
+    if not written:
+        raise InputError(f"{src}: no DICOM file to de-identify ({skips.summary()}).")
+    return DeidentifyReport(written, skips)
