@@ -10,7 +10,7 @@ tomllib = pytest.importorskip("tomllib")
 ROOT = Path(__file__).resolve().parents[1]
 IMPORT_NAMES = {"Pillow": "PIL", "pyyaml": "yaml", "pylibjpeg-libjpeg": "libjpeg", "pylibjpeg-openjpeg": "openjpeg",
                 "opencv-python-headless": "cv2", "faiss-cpu": "faiss", "scikit-learn": "sklearn",
-                "dicomweb-client": "dicomweb_client"}
+                "dicomweb-client": "dicomweb_client", "dicom-anonymizer": "dicomanonymizer"}
 USED_WITHOUT_IMPORT = {
     "pylibjpeg": "pydicom's decoder plugin for JPEG/JPEG-LS/JPEG 2000 DICOM (found by pydicom at decode time)",
     "libjpeg": "pylibjpeg's JPEG and JPEG-LS backend",

@@ -118,6 +118,33 @@ def test_dicomweb_build_equals_the_folder_build(shared):
             assert not any(uid.encode() in path.read_bytes() for uid in real_uids), path
 
 
+def series_vectors(index_dir: Path, series_uids) -> dict[str, np.ndarray]:
+    """{SeriesInstanceUID: [D] float32 series vector} of a series index (keys = the index's salted series keys)."""
+    from fuselip_med.data.phi import Pseudonyms
+
+    index = open_index(index_dir)
+    keys = Pseudonyms(index.manifest["salt"])
+    row_of = {str(i): r for r, i in enumerate(index.meta["id"])}
+    return {uid: np.asarray(index.image_vectors[row_of[keys.key(uid, "se-")]], dtype=np.float32)
+            for uid in series_uids if keys.key(uid, "se-") in row_of}
+
+
+def test_series_index_from_dicomweb_equals_the_folder_series_index(shared, model, tmp_path):
+    from pydicom import dcmread
+
+    server, folder = shared[:2]
+    from_pacs = dicomweb_build(model, server, tmp_path / "pacs", "--unit", "series", "--slices", "2")
+    assert from_pacs.exit_code == 0, from_pacs.output
+    from_folder = build(model, tmp_path / "folder", "--input", str(folder), "--unit", "series", "--slices", "2")
+    assert from_folder.exit_code == 0, from_folder.output
+    uids = {dcmread(p).SeriesInstanceUID for p in folder.rglob("*.dcm")}
+    pacs_vectors, folder_vectors = series_vectors(tmp_path / "pacs", uids), series_vectors(tmp_path / "folder", uids)
+    assert sorted(pacs_vectors) == sorted(folder_vectors) and len(pacs_vectors) >= 2  # the CT and the MR series
+    assert len(open_index(tmp_path / "pacs")) == len(open_index(tmp_path / "folder"))
+    for uid, vector in pacs_vectors.items():
+        np.testing.assert_allclose(vector, folder_vectors[uid], atol=1e-6)
+
+
 def test_filters_pick_the_series(shared, model, tmp_path):
     server = shared[0]
     result = dicomweb_build(model, server, tmp_path / "mr", "--modality", "MR", "--study-date", "20230101-20231231")

@@ -95,10 +95,13 @@ def index_build(
       fuselip-med index build -m runs/rocov2/final -i ct_rate/ --unit study --render multi -o study_index\n
       fuselip-med index build --runtime onnx -m exports/rocov2-int8 -i my_images/ -o my_index
     """
+    if (input is None) == (dicomweb is None):
+        raise UsageError("give --input (a folder, table or dataset) or --dicomweb URL, not both.")
     if unit != "image":
-        if dicomweb is not None or input is None:
-            raise UsageError(f"--unit {unit} reads --input (a folder, DICOMDIR, NIfTI or CSV); --dicomweb indexes "
-                             "images.")
+        if dicomweb is not None:  # the fetched instances are an export folder like any other (grouped by UIDs)
+            input = _fetch_for_units(dicomweb, out, limit, dicomweb_options(
+                user=user, ca_bundle=ca_bundle, insecure=insecure, modality=modality, study_date=study_date,
+                study_description=study_description, max_concurrent=max_concurrent, retries=retries))
         _build_unit_index(model, input, out, unit, slices, render, window, plane, batch_size, device, rebuild,
                           keep_paths, show_paths, allow_burned_in, chunk_size, runtime)
         return
@@ -112,8 +115,6 @@ def index_build(
     from fuselip_med.io import check_writable
     from fuselip_med.search.index import IndexSettings, build_index, index_salt, list_entries
 
-    if (input is None) == (dicomweb is None):
-        raise UsageError("give --input (a folder, table or dataset) or --dicomweb URL, not both.")
     check_writable(out)  # before any work: OutputError naming the folder
     settings = IndexSettings(index_type=index_type, exact_max=exact_max, nlist=nlist, nprobe=nprobe,  # type: ignore[arg-type]
                              hnsw_m=hnsw_m, ef_search=ef_search, batch_size=batch_size, chunk_size=chunk_size)
@@ -155,6 +156,22 @@ def index_build(
     if skipped:
         console.print("[yellow]Skipped while listing:[/] " + ", ".join(f"{r}: {n}" for r, n in sorted(skipped.items())),
                       highlight=False)
+
+
+def _fetch_for_units(url: str, out: Path, limit: Optional[int], options: dict) -> Path:
+    """Sync the index's DICOMweb cache (by SOP Instance UID: only new instances are fetched, deleted ones dropped)
+    and return its folder of fetched instances, which the series reader reads like an export folder."""
+    from rich.console import Console
+
+    from fuselip_med.data.adapters.dicomweb import INDEX_CACHE
+    from fuselip_med.io import check_writable
+    from fuselip_med.search.pacs import dicomweb_entries
+
+    check_writable(out)
+    entries, _, fetched = dicomweb_entries(url, out, limit=limit, **options)
+    Console().print(f"DICOMweb: {fetched.series} series, {len(entries)} instances; fetched {fetched.fetched}, "
+                    f"dropped {fetched.dropped}.", highlight=False)
+    return out / INDEX_CACHE / "objects"
 
 
 def _build_unit_index(model: str, input: Path, out: Path, unit: str, slices: int, render: str,
