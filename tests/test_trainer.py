@@ -248,24 +248,30 @@ def test_non_finite_loss_skips_then_stops_and_keeps_the_last_checkpoint(tmp_path
     assert load_model(tmp_path / "run" / "checkpoints" / "step_000003")[0] is not None
 
 
-def test_interrupt_writes_a_checkpoint_and_resume_finishes(tmp_path, demo_data, monkeypatch):
+def interrupt_at_third_step(monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) in the third step's learning-rate update; returns the function that undoes it."""
     from fuselip_med.train import trainer as trainer_module
 
     calls = {"n": 0}
     original = trainer_module.set_learning_rate
 
-    def interrupt_at_third_step(optimizer, lr):
+    def interrupt(optimizer, lr):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
         original(optimizer, lr)
 
-    monkeypatch.setattr(trainer_module, "set_learning_rate", interrupt_at_third_step)
+    monkeypatch.setattr(trainer_module, "set_learning_rate", interrupt)
+    return lambda: monkeypatch.setattr(trainer_module, "set_learning_rate", original)
+
+
+def test_interrupt_writes_a_checkpoint_and_resume_finishes(tmp_path, demo_data, monkeypatch):
+    restore = interrupt_at_third_step(monkeypatch)
     recipe = recipe_dict(tmp_path / "run", demo_data, train={"steps": 5}, checkpoint={"every_steps": 10})
     result = run(recipe)
     assert result.interrupted and result.final_dir is None
     assert [p.name for p in checkpointing.list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_000002"]
-    monkeypatch.setattr(trainer_module, "set_learning_rate", original)
+    restore()
     result = run(recipe, resume="latest")
     assert result.steps == 5 and not result.interrupted and (result.final_dir / "model.safetensors").exists()
 
@@ -316,22 +322,11 @@ def test_gradient_accumulation_consumes_accum_batches_per_step(tmp_path, demo_da
 def test_resume_with_a_larger_batch_continues_the_epoch_in_samples(tmp_path, demo_data, monkeypatch):
     """Batch 8 for two steps (16 of 40 samples), resumed with batch 16: the 24 samples left make one full batch of
     16 (the short rest is dropped, as drop_last does in an uninterrupted run), so the run ends at step 3."""
-    from fuselip_med.train import trainer as trainer_module
-
-    calls = {"n": 0}
-    original = trainer_module.set_learning_rate
-
-    def interrupt_at_third_step(optimizer, lr):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        original(optimizer, lr)
-
-    monkeypatch.setattr(trainer_module, "set_learning_rate", interrupt_at_third_step)
+    restore = interrupt_at_third_step(monkeypatch)
     recipe = recipe_dict(tmp_path / "run", demo_data, checkpoint={"every_steps": 10})
     recipe["train"] = {**recipe["train"], "steps": None, "epochs": 1}
     assert run(recipe).interrupted
-    monkeypatch.setattr(trainer_module, "set_learning_rate", original)
+    restore()
     state = json.loads((tmp_path / "run" / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
     assert state["sampler"] == {"seed": 0, "epoch": 0, "samples_done": 16, "segments": [[8, 2]]}
     recipe["train"]["batch_size"] = 16
