@@ -85,7 +85,7 @@ def test_a_second_index_build_is_refused_naming_the_first_and_nothing_is_lost(tm
 
 
 CACHE = """
-import sys
+import sys, time
 from pathlib import Path
 import numpy as np
 import torch
@@ -108,7 +108,11 @@ spec = spec_for(titok)
 for path in sorted((root / f"img{seed}").glob("*.png")):
     images[row_key(content_hash(path), spec)] = (content_hash(path), path)
 say = lambda message: print(message, flush=True)
-cache = ensure_code_cache(root / "cache", spec, images, titok.encode, images_per_batch=1, say=say)
+def slow_encode(pixels):  # slow enough that the test pauses the first build mid-way on any machine
+    time.sleep(0.5)
+    return titok.encode(pixels)
+
+cache = ensure_code_cache(root / "cache", spec, images, slow_encode, images_per_batch=1, say=say)
 print("cached", sum(key in cache for key in images), "of", len(images))
 """
 
