@@ -97,11 +97,12 @@ def index_build(
     """
     if (input is None) == (dicomweb is None):
         raise UsageError("give --input (a folder, table or dataset) or --dicomweb URL, not both.")
+    options = dicomweb_options(user=user, ca_bundle=ca_bundle, insecure=insecure, modality=modality,
+                               study_date=study_date, study_description=study_description,
+                               max_concurrent=max_concurrent, retries=retries)
     if unit != "image":
         if dicomweb is not None:  # the fetched instances are an export folder like any other (grouped by UIDs)
-            input = _fetch_for_units(dicomweb, out, limit, dicomweb_options(
-                user=user, ca_bundle=ca_bundle, insecure=insecure, modality=modality, study_date=study_date,
-                study_description=study_description, max_concurrent=max_concurrent, retries=retries))
+            input = _fetch_for_units(dicomweb, out, limit, options)
         _build_unit_index(model, input, out, unit, slices, render, window, plane, batch_size, device, rebuild,
                           keep_paths, show_paths, allow_burned_in, chunk_size, runtime)
         return
@@ -125,9 +126,6 @@ def index_build(
     if dicomweb is not None:
         from fuselip_med.search.pacs import dicomweb_entries
 
-        options = dicomweb_options(user=user, ca_bundle=ca_bundle, insecure=insecure, modality=modality,
-                                   study_date=study_date, study_description=study_description,
-                                   max_concurrent=max_concurrent, retries=retries)
         entries, listed_skips, fetched = dicomweb_entries(dicomweb, out, limit=limit, process=state, **options)
     else:
         entries, listed_skips = list_entries(input, adapter=adapter, split=split, pseudonyms=pseudonyms)
@@ -139,8 +137,7 @@ def index_build(
     if not state.is_main_process:
         return
     if fetched is not None:
-        console.print(f"DICOMweb: {fetched.series} series, {len(entries)} instances; fetched {fetched.fetched}, "
-                      f"dropped {fetched.dropped}.", highlight=False)
+        console.print(_sync_line(fetched, len(entries)), highlight=False)
     if report.repaired:
         console.print(f"[yellow]Repaired:[/] {report.repaired}; rebuilt from the images.", highlight=False)
     state_word = "up to date" if report.up_to_date else "written"
@@ -169,9 +166,14 @@ def _fetch_for_units(url: str, out: Path, limit: Optional[int], options: dict) -
 
     check_writable(out)
     entries, _, fetched = dicomweb_entries(url, out, limit=limit, **options)
-    Console().print(f"DICOMweb: {fetched.series} series, {len(entries)} instances; fetched {fetched.fetched}, "
-                    f"dropped {fetched.dropped}.", highlight=False)
+    Console().print(_sync_line(fetched, len(entries)), highlight=False)
     return out / INDEX_CACHE / "objects"
+
+
+def _sync_line(fetched, n_instances: int) -> str:
+    """The one-line account of a DICOMweb sync (``data.adapters.dicomweb.SyncReport``)."""
+    return (f"DICOMweb: {fetched.series} series, {n_instances} instances; fetched {fetched.fetched}, "
+            f"dropped {fetched.dropped}.")
 
 
 def _build_unit_index(model: str, input: Path, out: Path, unit: str, slices: int, render: str,
