@@ -51,14 +51,16 @@ def holder_of(target: str | os.PathLike) -> str:
 
 
 @contextmanager
-def writer_lock(target: str | os.PathLike, what: str, *, wait: bool = False,
-                say: Callable[[str], None] = print) -> Iterator[Path]:
+def writer_lock(target: str | os.PathLike, what: str, *, wait: bool = False, wait_timeout_s: float | None = None,
+                advice: str = "write elsewhere", say: Callable[[str], None] = print) -> Iterator[Path]:
     """Hold the writer lock of ``target`` (a folder or a file) for the block; yields the lock file's path.
 
     ``what`` names the writer in messages (``index build``). Held by a live process: with ``wait`` say so once
-    (naming the holder) and wait for it; without, raise ``FolderBusyError`` naming the holder. The parent
-    folder is created and proved writable first (``io.OutputError`` naming it otherwise). A process that takes
-    the lock again while holding it blocks: take it once, at the outermost writer.
+    (naming the holder) and wait for it, at most ``wait_timeout_s`` seconds (None: as long as it takes);
+    without ``wait``, or when the wait runs out, raise ``FolderBusyError`` naming the holder and ending with
+    ``advice``. The parent folder is created and proved writable first (``io.OutputError`` naming it
+    otherwise). A process that takes the lock again while holding it blocks: take it once, at the outermost
+    writer.
     """
     from filelock import FileLock, Timeout
 
@@ -71,9 +73,15 @@ def writer_lock(target: str | os.PathLike, what: str, *, wait: bool = False,
         holder = holder_of(target)
         if not wait:
             raise FolderBusyError(f"{target} is being written by {holder}; wait for that {what} to finish (or stop "
-                                  f"it), or write elsewhere.") from None
-        say(f"{target} is being written by {holder}; waiting for it to finish...")
-        handle.acquire()
+                                  f"it), or {advice}.") from None
+        limit = "" if wait_timeout_s is None else f" (at most {wait_timeout_s / 60:g} min)"
+        say(f"{target} is being written by {holder}; waiting for it to finish{limit}...")
+        try:
+            handle.acquire(timeout=-1 if wait_timeout_s is None else wait_timeout_s)
+        except Timeout:
+            raise FolderBusyError(f"{target} is still being written by {holder_of(target)} after "
+                                  f"{wait_timeout_s / 60:g} min of waiting; let that {what} finish (or stop it), "
+                                  f"or {advice}.") from None
     try:
         atomic_write_json(_holder_path(lock), {"pid": os.getpid(), "host": socket.gethostname(),
                                                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200]

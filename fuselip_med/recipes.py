@@ -130,11 +130,23 @@ class TrainSection(Section):
     # minutes a process waits in a collective (barrier, all-reduce) before the job fails; NCCL's default of 10
     # is shorter than rank 0 merging a large code cache or writing a checkpoint (torch.distributed timeout)
     dist_timeout_min: float = Field(60.0, gt=0)
+    # minutes the main process waits for another training's code cache build (train.code_cache shared) before
+    # it stops with one line naming that build; the other processes wait at a barrier meanwhile, so it must be
+    # shorter than dist_timeout_min
+    code_cache_wait_min: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")
     def _length_given(self) -> "TrainSection":
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("give exactly one of train.steps or train.epochs")
+        return self
+
+    @model_validator(mode="after")
+    def _cache_wait_within_timeout(self) -> "TrainSection":
+        if self.code_cache_wait_min >= self.dist_timeout_min:
+            raise ValueError(f"train.code_cache_wait_min ({self.code_cache_wait_min:g}) must be shorter than "
+                             f"train.dist_timeout_min ({self.dist_timeout_min:g}): the other processes wait at a "
+                             "barrier while the main one waits for the code cache")
         return self
 
 

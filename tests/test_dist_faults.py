@@ -180,3 +180,63 @@ def test_evaluation_embeddings_are_shared_across_processes(tmp_path):
     assert len(parts[0]["embedded_here"]) == 4 and len(parts[1]["embedded_here"]) == 3
     for part in parts:
         assert torch.equal(part["embeddings"][[part["keys"].index(k) for k in single.keys]], single.embeddings)
+
+
+def _fake_spec():
+    from fuselip_med.data.images import DecodeOptions
+    from fuselip_med.data.token_cache import ViewSpec
+
+    return ViewSpec(DecodeOptions(), 3, "fake codes")
+
+
+def _fake_codes(pixels: torch.Tensor) -> torch.Tensor:
+    """Deterministic code ids ``[n, 128]`` from pixels (a stand-in for TiTok)."""
+    return (pixels.flatten(1)[:, :128] * 4000).long()
+
+
+def _cache_worker(rank: int, port: int, folder: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from fuselip_med.data import token_cache
+    from fuselip_med.train.image_codes import ensure_code_cache
+    from tests.test_token_cache import images_of, write_images
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    appended: list[int] = []
+    original = token_cache.CodeCache.append
+
+    def counted(cache, keys, codes):
+        appended.append(len(keys))
+        original(cache, keys, codes)
+
+    token_cache.CodeCache.append = counted
+    spec = _fake_spec()
+    images = images_of(write_images(Path(folder) / "img", 6), spec)
+    cache = ensure_code_cache(Path(folder) / "cache", spec, images, _fake_codes, rank=rank, world=2,
+                              barrier=dist.barrier, images_per_batch=1)
+    torch.save({"appended": appended, "codes": {key: cache.get(key, 1) for key in images}}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_the_code_cache_build_gives_each_process_an_equal_share_and_merges_nothing(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from fuselip_med.train.image_codes import ensure_code_cache
+    from tests.test_token_cache import images_of, write_images
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_cache_worker, args=(port, str(tmp_path), str(tmp_path / "result")), nprocs=2)
+    results = [torch.load(tmp_path / f"result.{rank}") for rank in range(2)]
+    # each process appended its 3 images, one chunk each, and nothing else (before: rank 0 copied all 6 again)
+    assert [result["appended"] for result in results] == [[1, 1, 1], [1, 1, 1]]
+    spec = _fake_spec()
+    alone = ensure_code_cache(tmp_path / "alone", spec, images_of(write_images(tmp_path / "img", 6), spec),
+                              _fake_codes)
+    for result in results:
+        assert len(result["codes"]) == 6
+        assert all(torch.equal(codes, alone.get(key, 1)) for key, codes in result["codes"].items())

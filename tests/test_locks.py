@@ -118,7 +118,7 @@ print("cached", sum(key in cache for key in images), "of", len(images))
 
 
 def test_a_second_code_cache_build_waits_and_both_keep_their_rows(tmp_path):
-    from fuselip_med.data.token_cache import CodeCache
+    from fuselip_med.data.token_cache import ShardedCodeCache
 
     first = start(CACHE, tmp_path, 1)
     part = tmp_path / "cache" / "views3" / "parts" / "rank0" / "index.jsonl"
@@ -135,7 +135,7 @@ def test_a_second_code_cache_build_waits_and_both_keep_their_rows(tmp_path):
     assert code1 == 0 and "cached 4 of 4" in text1, err1[-2000:]
     assert code2 == 0 and "cached 4 of 4" in text2, err2[-2000:]
     assert f"process {first.pid} " in text2 and "waiting" in text2  # the second said whom it waited for
-    assert len(CodeCache(tmp_path / "cache" / "views3", 3, writable=False)) == 8
+    assert len(ShardedCodeCache(tmp_path / "cache" / "views3", 3)) == 8
 
 
 HOLD = """
@@ -202,3 +202,32 @@ def test_the_lock_of_a_killed_process_is_taken_over(tmp_path):
     holder.wait(timeout=30)
     with writer_lock(target, "index build") as lock:
         assert lock.exists()
+
+
+def test_a_second_code_cache_build_waits_at_most_code_cache_wait_min_then_names_the_holder(tmp_path):
+    from fuselip_med.core.titok import TiTokConfig, TiTokTokenizer
+    from fuselip_med.recipes import recipe_from_dict
+    from fuselip_med.train.image_codes import ensure_code_cache
+    from tests.test_token_cache import images_of, spec_for, write_images
+
+    titok = TiTokTokenizer(TiTokConfig.tiny()).eval()
+    spec = spec_for(titok)
+    holder = held(tmp_path / "cache" / f"views{spec.views}")  # another build holds the cache
+    messages: list[str] = []
+    try:
+        start_time = time.monotonic()
+        with pytest.raises(FolderBusyError) as raised:
+            ensure_code_cache(tmp_path / "cache", spec, images_of(write_images(tmp_path / "img", 1), spec),
+                              titok.encode, say=messages.append, wait_min=0.02)
+        waited = time.monotonic() - start_time
+    finally:
+        os.kill(holder.pid, signal.SIGCONT)
+        holder.wait(timeout=30)
+    assert 1.0 <= waited < 30
+    assert f"process {holder.pid} " in str(raised.value) and "after 0.02 min of waiting" in str(raised.value)
+    assert "train.code_cache_wait_min" in str(raised.value)
+    assert len(messages) == 1 and "at most 0.02 min" in messages[0]
+    base = {"name": "t", "data": {"train": [{"name": "rocov2", "path": "x"}]}}
+    assert recipe_from_dict({**base, "train": {"steps": 1}}).train.code_cache_wait_min == 30
+    with pytest.raises(ValueError, match="code_cache_wait_min"):
+        recipe_from_dict({**base, "train": {"steps": 1, "code_cache_wait_min": 60}})

@@ -132,7 +132,8 @@ def test_a_damaged_cache_is_reported_and_rebuilt(tmp_path, titok):
     images = images_of(paths, spec)
     reference = ensure_code_cache(tmp_path / "cache", spec, images, titok.encode)
     expected = {key: reference.get(key, 0) for key in images}
-    codes_file = tmp_path / "cache" / "views3" / CODES_FILE
+    shard = tmp_path / "cache" / "views3" / "parts" / "rank0"  # the one process's shard
+    codes_file = shard / CODES_FILE
     raw = bytearray(codes_file.read_bytes())
     raw[reference.row_bytes + 10] ^= 0xFF  # one flipped byte in the second row
     codes_file.write_bytes(bytes(raw))
@@ -142,7 +143,7 @@ def test_a_damaged_cache_is_reported_and_rebuilt(tmp_path, titok):
     assert counting.images == VIEWS + 1
     assert all(torch.equal(cache.get(key, 0), expected[key]) for key in images)
 
-    (tmp_path / "cache" / "views3" / INDEX_FILE).write_bytes(b"\x00garbage")
+    (shard / INDEX_FILE).write_bytes(b"\x00garbage")
     messages, counting.images = [], 0
     cache = ensure_code_cache(tmp_path / "cache", spec, images, counting, say=messages.append)
     assert any("no readable header; rebuilding it" in m for m in messages)
@@ -200,7 +201,7 @@ def test_a_build_killed_midway_resumes_where_it_stopped(tmp_path, titok):
     assert counting.images == 3 * (VIEWS + 1) and len(cache) == 5
     fresh = ensure_code_cache(tmp_path / "fresh", spec, images, titok.encode)
     assert all(torch.equal(cache.get(k, v), fresh.get(k, v)) for k in images for v in range(VIEWS + 1))
-    assert not (tmp_path / "cache" / "views3" / "parts").exists()
+    assert part.count + 3 == CodeCache(part.directory, VIEWS, writable=False).count  # appended, never copied
 
 
 

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from fuselip_med.data.images import DecodeOptions, ImageDecodeError, decode_image
 from fuselip_med.data.schema import SIDES, Sample, Side
-from fuselip_med.data.token_cache import CodeCache, ViewSpec, decode_view, draw_view
+from fuselip_med.data.token_cache import ShardedCodeCache, ViewSpec, decode_view, draw_view
 
 if TYPE_CHECKING:
     from fuselip_med.data.adapters import SampleSource
@@ -122,7 +122,7 @@ class ImageViews:
 
     spec: ViewSpec
     entries: list[tuple[tuple[str, str] | None, tuple[str, str] | None]]
-    cache: CodeCache | None = None
+    cache: ShardedCodeCache | None = None
 
 
 class SampleDataset(Dataset):

@@ -5,12 +5,17 @@ image, the codes of ``K`` random resized crops (the training augmentation, each 
 by the image's content hash and the view number) and of the plain resized view (view ``K``). Training then
 draws a view per (seed, epoch, sample) and reads its 128 ids instead of decoding pixels and running TiTok.
 
-A cache is a directory (one per K):
+A cache is a directory (one per K) of shards, each a ``CodeCache``: the directory itself (caches merged by
+earlier versions) and ``parts/rank<r>``, the rows process ``r`` of a build tokenized. Every process appends only
+to its own shard and nothing is merged afterwards, so no process waits while another copies rows; readers
+(``ShardedCodeCache``) look a key up in every shard. A shard holds
 
     codes.u16     uint16 rows of shape [K + 1, 128], read through a memory map ([N, K + 1, 128])
     index.jsonl   a header line {"version", "views", "tokens"}, then one line per committed chunk
                   {"start": first row, "keys": [...], "crc": [crc32 of each row]}
-    files.json    {absolute path: [size, mtime_ns, content hash]}: saves re-hashing unchanged files
+
+and the cache directory ``files.json`` ({absolute path: [size, mtime_ns, content hash]}: saves re-hashing
+unchanged files).
 
 A row's key is ``<content hash>|<preprocessing+tokenizer fingerprint>`` (``row_key``): an edited image (new
 content hash), another image size, window, crop range or tokenizer gives new keys, so exactly the entries
@@ -25,7 +30,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,14 +280,6 @@ class CodeCache:
             return None
         return torch.from_numpy(self.codes[row, view].astype(np.int64))
 
-    def merge(self, other: CodeCache, chunk: int = 1024) -> int:
-        """Append the rows of ``other`` (same K) that this cache lacks; returns how many were added."""
-        keys = [key for key, _ in sorted(other.rows.items(), key=lambda item: item[1]) if key not in self.rows]
-        for start in range(0, len(keys), chunk):
-            part = keys[start:start + chunk]
-            self.append(part, np.asarray(other.codes[[other.rows[key] for key in part]]))
-        return len(keys)
-
 
 def load_file_memo(directory: Path) -> dict[str, list]:
     """The cache's {path: [size, mtime_ns, hash]} memo ({} when absent or unreadable)."""
@@ -359,14 +355,42 @@ def tokenize_views(
     return failed
 
 
-def merge_parts(cache: CodeCache, say: Callable[[str], None] = print) -> int:
-    """Fold every process's part cache (``parts/rank*``) into ``cache`` and delete the parts."""
-    parts_dir = cache.directory / PARTS_DIR
-    added = 0
-    if parts_dir.is_dir():
-        for part_dir in sorted(parts_dir.iterdir()):
-            part = CodeCache(part_dir, cache.views, cache.tokens, say=say)
-            added += cache.merge(part)
-            shutil.rmtree(part_dir)
-        shutil.rmtree(parts_dir, ignore_errors=True)
-    return added
+class ShardedCodeCache:
+    """Read-only view of a cache directory's shards (module docstring): the directory's own rows, then each
+    ``parts/rank*`` shard in name order; a key found in several shards is read from the first. Same reading
+    surface as ``CodeCache`` (``get``, ``in``, ``len``, ``row_bytes``, ``count``, ``directory``); picklable."""
+
+    def __init__(self, directory: str | os.PathLike[str], views: int, tokens: int = 128, *,
+                 say: Callable[[str], None] = print):
+        self.directory = Path(directory)
+        self.views, self.tokens = views, tokens
+        parts = self.directory / PARTS_DIR
+        folders = [self.directory, *(sorted(p for p in parts.iterdir() if p.is_dir()) if parts.is_dir() else [])]
+        self.shards = [CodeCache(folder, views, tokens, writable=False, say=say) for folder in folders]
+        self.rows: dict[str, tuple[int, int]] = {}
+        for number, shard in enumerate(self.shards):
+            for key, row in shard.rows.items():
+                self.rows.setdefault(key, (number, row))
+
+    @property
+    def row_bytes(self) -> int:
+        return (self.views + 1) * self.tokens * 2
+
+    @property
+    def count(self) -> int:
+        """Rows in the shards' codes files (including superseded or damaged ones)."""
+        return sum(shard.count for shard in self.shards)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.rows
+
+    def get(self, key: str, view: int) -> torch.Tensor | None:
+        """The 128 code ids (int64 ``[128]``) of one view of a cached image, or None when it is not cached."""
+        found = self.rows.get(key)
+        if found is None:
+            return None
+        shard, row = found
+        return torch.from_numpy(self.shards[shard].codes[row, view].astype(np.int64))

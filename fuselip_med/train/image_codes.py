@@ -10,8 +10,9 @@ codes would have to be cached per (image, transform, parameters) instance: the i
 epoch from continuous ranges and pools, so caching them would need K views of every possible instance;
 they are tokenized on the fly instead (their share of a step's TiTok work is the task's mixture weight).
 
-Under ``accelerate launch`` every process tokenizes its share of the missing images into its own part
-cache and the main process merges the parts; a killed build resumes from its committed chunks.
+Under ``accelerate launch`` every process tokenizes an equal share of the missing images (by count) into its
+own shard of the cache, which stays where it is (nothing is merged), so the processes meet at the closing
+barrier as soon as the slowest share is done; a killed build resumes from its committed chunks.
 """
 from __future__ import annotations
 
@@ -27,10 +28,10 @@ from fuselip_med.data.token_cache import (
     PARTS_DIR,
     CodeCache,
     SampleImage,
+    ShardedCodeCache,
     ViewSpec,
     content_hash,
     load_file_memo,
-    merge_parts,
     row_key,
     save_file_memo,
     titok_fingerprint,
@@ -86,54 +87,58 @@ def view_entries(dataset: SampleDataset, spec: ViewSpec, memo: dict[str, list],
 def ensure_code_cache(directory: Path, spec: ViewSpec, images: dict[str, tuple[str, Any]],
                       tokenize: Callable, *, tokens: int = 128, rank: int = 0, world: int = 1,
                       barrier: Callable[[], None] = lambda: None, say: Callable[[str], None] = print,
-                      num_workers: int = 0, images_per_batch: int = 16, progress: bool = False) -> CodeCache:
+                      num_workers: int = 0, images_per_batch: int = 16, progress: bool = False,
+                      wait_min: float | None = None) -> ShardedCodeCache:
     """The cache under ``directory/views<K>`` holding every image of ``images`` ({key: (content, image)})
-    that decodes; missing rows are tokenized (this process's share, ``images_per_batch`` images of K + 1 views
-    per committed chunk) and merged by rank 0. ``tokenize``: pixels ``[n, 3, S, S]`` -> ids ``[n, 128]``.
+    that decodes; missing rows are tokenized, this process's share (every ``world``-th) into its own shard
+    ``parts/rank<rank>``, ``images_per_batch`` images of K + 1 views per committed chunk. ``tokenize``: pixels
+    ``[n, 3, S, S]`` -> ids ``[n, 128]``.
 
     Rank 0 holds the cache's writer lock (``locks.writer_lock``) throughout: another training sharing the cache
-    waits for it (saying whose lock it waits on) and then tokenizes only what the first one did not add."""
+    waits for it (saying whose lock it waits on) at most ``wait_min`` minutes (``train.code_cache_wait_min``;
+    None: no limit), then tokenizes only what the first one did not add. Raises ``FolderBusyError`` naming the
+    holder when the wait runs out."""
     from contextlib import nullcontext
 
     from fuselip_med.locks import writer_lock
 
     root = directory / f"views{spec.views}"
-    with writer_lock(root, "code cache build", wait=True, say=say) if rank == 0 else nullcontext():
+    timeout = None if wait_min is None else wait_min * 60
+    locked = writer_lock(root, "code cache build", wait=True, wait_timeout_s=timeout, say=say,
+                         advice="raise train.code_cache_wait_min, or give this run its own train.code_cache")
+    with locked if rank == 0 else nullcontext():
         return _ensure_code_cache(root, spec, images, tokenize, tokens, rank, world, barrier, say, num_workers,
                                   images_per_batch, progress)
 
 
 def _ensure_code_cache(root: Path, spec: ViewSpec, images: dict[str, tuple[str, Any]], tokenize: Callable,
                        tokens: int, rank: int, world: int, barrier: Callable[[], None], say: Callable[[str], None],
-                       num_workers: int, images_per_batch: int, progress: bool) -> CodeCache:
+                       num_workers: int, images_per_batch: int, progress: bool) -> ShardedCodeCache:
     """``ensure_code_cache``'s work, under the lock."""
-    if rank == 0:
-        merge_parts(CodeCache(root, spec.views, tokens, say=say), say)  # leftovers of a killed build
-    barrier()
-    present = CodeCache(root, spec.views, tokens, writable=False, say=lambda message: None)
+    barrier()  # rank 0 holds the lock: no other build writes the shards now
+    present = ShardedCodeCache(root, spec.views, tokens, say=lambda message: None)
     missing = [(key, content, image) for key, (content, image) in images.items() if key not in present]
     mine = missing[rank::world]
     if rank == 0 and missing:
         say(f"Caching image codes: {len(missing):,} of {len(images):,} images ({spec.views} views + plain) "
             f"into {root}.")
-    part = CodeCache(root / PARTS_DIR / f"rank{rank}", spec.views, tokens, say=say)
     columns = (TextColumn("[bold]codes"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with new_progress(*columns, enabled=bool(progress and rank == 0 and mine)) as bar:
-        task = bar.add_task("codes", total=len(mine))
-        failed = tokenize_views(part, mine, spec, tokenize, num_workers=num_workers,
-                                images_per_batch=images_per_batch, on_batch=lambda n: bar.advance(task, n))
+    failed = []
+    if mine:
+        part = CodeCache(root / PARTS_DIR / f"rank{rank}", spec.views, tokens, say=say)
+        with new_progress(*columns, enabled=bool(progress and rank == 0)) as bar:
+            task = bar.add_task("codes", total=len(mine))
+            failed = tokenize_views(part, mine, spec, tokenize, num_workers=num_workers,
+                                    images_per_batch=images_per_batch, on_batch=lambda n: bar.advance(task, n))
     for key, reason in failed[:3]:
         say(f"code cache: image {key.split('|')[0][:12]}... not cached ({reason}); it is decoded when drawn.")
     barrier()
-    if rank == 0:
-        merge_parts(CodeCache(root, spec.views, tokens, say=say), say)
-    barrier()
-    return CodeCache(root, spec.views, tokens, writable=False, say=say)
+    return ShardedCodeCache(root, spec.views, tokens, say=say)
 
 
 def attach_image_codes(data: Any, recipe: Recipe, coder: Any | None, *, rank: int = 0, world: int = 1,
                        barrier: Callable[[], None] = lambda: None,
-                       say: Callable[[str], None] = print) -> CodeCache | None:
+                       say: Callable[[str], None] = print) -> ShardedCodeCache | None:
     """Give the direct datasets of ``data`` (a ``TrainData``) their ``ImageViews`` per ``train.image_codes``;
     in ``cache`` mode build what the cache lacks first with ``coder`` (the objective's ``image_coder``: a FuseLIP;
     None for a late-fusion baseline, which gets the same views as pixels). Returns the cache (None without one)."""
@@ -154,7 +159,8 @@ def attach_image_codes(data: Any, recipe: Recipe, coder: Any | None, *, rank: in
     if mode == "cache":
         cache = ensure_code_cache(directory, spec, images, coder.image_codes,
                                   tokens=coder.config.num_image_tokens, rank=rank, world=world, barrier=barrier,
-                                  say=say, num_workers=recipe.data.num_workers, progress=recipe.logging.progress)
+                                  say=say, num_workers=recipe.data.num_workers, progress=recipe.logging.progress,
+                                  wait_min=recipe.train.code_cache_wait_min)
         if rank == 0:
             save_file_memo(directory, memo)
     for (_, dataset), dataset_entries in zip(direct, entries):
@@ -162,7 +168,7 @@ def attach_image_codes(data: Any, recipe: Recipe, coder: Any | None, *, rank: in
     return cache
 
 
-def cache_codes_for_recipe(recipe: Recipe, say: Callable[[str], None] = print) -> CodeCache:
+def cache_codes_for_recipe(recipe: Recipe, say: Callable[[str], None] = print) -> ShardedCodeCache:
     """``fuselip-med data cache-codes``: build the code cache of a recipe's training images without training
     (every process of ``accelerate launch`` tokenizes a share). Raises ``DataSetupError`` for missing data."""
     import torch
