@@ -85,7 +85,8 @@ def test_cached_ids_equal_the_on_the_fly_ids_of_the_same_view(tmp_path, titok):
     messages = []
     cache = ensure_code_cache(tmp_path / "cache", spec, images, titok.encode, say=messages.append)
     assert len(cache) == 3 and "Caching image codes: 3 of 3 images" in messages[0]
-    assert cache.codes.dtype == np.uint16 and cache.codes.shape == (3, VIEWS + 1, 128)
+    shard = cache.shards[1]  # parts/rank0 (the cache folder itself holds no rows)
+    assert len(cache.shards) == 2 and shard.codes.dtype == np.uint16 and shard.codes.shape == (3, VIEWS + 1, 128)
     for key, (content, path) in images.items():
         for view in range(VIEWS + 1):
             pixels = decode_view(path, spec.decode, content, view, VIEWS)
