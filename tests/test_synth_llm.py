@@ -163,3 +163,33 @@ def test_sigkill_resume_and_two_processes_write_the_one_process_file(tiny_llm, t
 
 def env_path() -> str:
     return os.environ.get("PYTHONPATH", "")
+
+
+@pytest.mark.parametrize("minutes", [None, 90])
+def test_the_synthesis_process_group_gets_the_training_timeout(monkeypatch, minutes):
+    """Under ``accelerate launch`` (2 processes) the process group synthesis creates waits ``train.dist_timeout_min``
+    (60) or ``--dist-timeout-min`` at a barrier, not NCCL's 10-minute default (issue 25, fault 1)."""
+    from datetime import timedelta
+
+    import torch.distributed
+    from accelerate import PartialState
+
+    from fuselip_med.data.synth.llm import process_state
+
+    created = []
+
+    def record(*args, **kwargs):
+        created.append(kwargs)
+        raise RuntimeError("recorded")
+
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999", "OMP_NUM_THREADS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.distributed, "init_process_group", record)
+    PartialState._reset_state()
+    try:
+        with pytest.raises(RuntimeError, match="recorded"):
+            process_state(minutes)
+    finally:
+        PartialState._reset_state()
+    assert created[0]["timeout"] == timedelta(minutes=minutes or 60)

@@ -86,6 +86,9 @@ def synth_vqa(
     max_pairs: int = typer.Option(4, help="LLM: question-answer pairs asked per caption."),
     seed: int = typer.Option(0, help="LLM: sampling seed (the same seed writes the same file)."),
     dtype: str = typer.Option("auto", help="LLM: auto (bf16 on GPUs that support it), bf16, fp16 or fp32."),
+    dist_timeout_min: Optional[float] = typer.Option(None, help="LLM under accelerate launch: minutes a process "
+                                                     "waits at a barrier for the others (default 60, as "
+                                                     "train.dist_timeout_min)."),
 ) -> None:
     """Write ROCOv2-VQA style question-answer pairs from captions (rules or an LLM), resumably.
 
@@ -106,12 +109,14 @@ def synth_vqa(
                         ("max_new_tokens", max_new_tokens), ("max_pairs", max_pairs)):
         if value < 1:
             raise InputError(f"{flag(name)} {value}: give a positive number.")
+    if dist_timeout_min is not None and dist_timeout_min <= 0:
+        raise InputError(f"{flag('dist_timeout_min')} {dist_timeout_min:g}: give a positive number of minutes.")
     config = LLMConfig(model=_local_or_hub(model), revision=revision, batch_size=batch_size, chunk_size=chunk_size,
                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                        max_retries=max(0, max_retries), max_pairs=max_pairs, seed=seed, dtype=dtype)
     with command_line_style():
         report = run_synth_vqa(input, out, generator, adapter=adapter, split=split, limit=limit, config=config,
-                               console=console)
+                               console=console, dist_timeout_min=dist_timeout_min)
     if report is None:
         return
     table = Table(title=f"{report.generator} QA from {report.n_captions} captions -> {report.out}")

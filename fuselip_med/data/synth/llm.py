@@ -328,13 +328,23 @@ def _check_manifest(parts: Path, fingerprint: dict[str, Any]) -> None:
                              f"rerun with the same input and options, or delete {parts} to start over.")
 
 
-def process_state():
+def process_state(timeout_min: float | None = None):
     """Accelerate's process state; ``cpu=True`` without CUDA lets ``accelerate launch --multi_gpu`` (torchrun) run
-    several gloo processes on a CPU machine (Accelerate's own ``--cpu`` launcher needs MPI for that)."""
+    several gloo processes on a CPU machine (Accelerate's own ``--cpu`` launcher needs MPI for that).
+
+    The first call creates the process group, with ``timeout_min`` minutes for a collective (None: the training
+    default, ``train.dist_timeout_min``'s 60): processes that finish their chunks early wait at the closing
+    barrier for the others' last chunk, longer than NCCL's 10-minute default for a large model. Later calls
+    return the same state (their ``timeout_min`` is not used)."""
+    from datetime import timedelta
+
     import torch
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    from fuselip_med.recipes import TrainSection
+
+    minutes = TrainSection.model_fields["dist_timeout_min"].default if timeout_min is None else timeout_min
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(minutes=minutes))
 
 
 def synthesize_llm(rows: Sequence[CaptionRow], out: str | os.PathLike, config: LLMConfig, *,

@@ -29,9 +29,10 @@ def stats_path(out: Path) -> Path:
 
 def run_synth_vqa(input: str, out: Path, generator: str = "rules", *, adapter: str | None = None,
                   split: str = "train", limit: int | None = None, config: LLMConfig | None = None,
-                  console: Console | None = None) -> SynthReport | None:
+                  console: Console | None = None, dist_timeout_min: float | None = None) -> SynthReport | None:
     """Read captions from ``input`` with the adapters, write QA records to ``out`` and the counts to
     ``<out>.stats.json``; returns the report (None on non-main processes of a multi-process LLM run).
+    ``dist_timeout_min``: the process group's collective timeout of an LLM run (``llm.process_state``).
 
     Raises ``SynthError`` (bad generator or model, changed resume settings), ``DatasetEmptyError`` /
     ``DatasetNotFoundError`` (nothing to read at ``input``) or ``KeyError`` (unknown adapter).
@@ -40,7 +41,7 @@ def run_synth_vqa(input: str, out: Path, generator: str = "rules", *, adapter: s
         raise SynthError(f"{advise_option('generator', repr(generator))}: choose rules or llm.")
     if out.suffix != ".jsonl":
         raise SynthError(f"{advise_option('out', str(out))}: give a .jsonl file name.")
-    main = generator == "rules" or process_state().is_main_process
+    main = generator == "rules" or process_state(dist_timeout_min).is_main_process
     with writer_lock(out, "data synth-vqa") if main else nullcontext():  # FolderBusyError while another writes
         return _synth(input, out, generator, adapter, split, limit, config, console)
 
