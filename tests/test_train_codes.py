@@ -57,8 +57,8 @@ def test_cache_codes_command_builds_ahead_and_training_reuses_it(tmp_path, demo_
     command = [sys.executable, "-m", "fuselip_med.cli", "data", "cache-codes", "--recipe", str(recipe_file)]
     completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
-    assert "40 images" in completed.stdout and (tmp_path / "cache" / "views4" / "codes.u16").stat().st_size == \
-        40 * 5 * 128 * 2
+    shard = tmp_path / "cache" / "views4" / "parts" / "rank0"  # the one process's shard
+    assert "40 images" in completed.stdout and (shard / "codes.u16").stat().st_size == 40 * 5 * 128 * 2
     recipe["train"]["image_codes"] = "cache"
     run(recipe)
     assert "Caching image codes" not in capsys.readouterr().out

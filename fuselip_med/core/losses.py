@@ -99,13 +99,30 @@ def mask_tokens(
     sot can be masked; pad/eot/[MASK]/id max_text_token+1 never are; no random or kept replacement (the
     reference's ``rand_repl_probability`` is 0). Returns (masked ids, labels), both ``[b, L]`` int64.
     """
+    chosen = mask_candidates(input_ids, masking, generator, row_offset=row_offset, global_rows=global_rows,
+                             context_length=context_length)
+    return input_ids.masked_fill(chosen, masking.mask_token_id), input_ids.masked_fill(~chosen, IGNORE_INDEX)
+
+
+def mask_candidates(
+    input_ids: torch.Tensor,
+    masking: MaskingConfig,
+    generator: torch.Generator,
+    *,
+    row_offset: int = 0,
+    global_rows: int | None = None,
+    context_length: int | None = None,
+) -> torch.Tensor:
+    """``mask_tokens``'s choice: bool ``[b, L]``, True where the Bernoulli(p) draw hits an id that is not in
+    ``masking.never_mask`` (same arguments, same draws). The training step calls it on ids whose image codes
+    are still a placeholder, then drops the positions whose real code is a never-masked id where the codes are
+    (``train.objective``), so the result equals ``mask_tokens`` on the real ids."""
     rows, length = input_ids.shape
     total = rows if global_rows is None else global_rows
     width = length if context_length is None else context_length
     draws = torch.rand(total, width, generator=generator)[row_offset: row_offset + rows, :length]
     never = torch.tensor(masking.never_mask, device=input_ids.device)
-    chosen = (draws.to(input_ids.device) < masking.probability) & ~torch.isin(input_ids, never)
-    return input_ids.masked_fill(chosen, masking.mask_token_id), input_ids.masked_fill(~chosen, IGNORE_INDEX)
+    return (draws.to(input_ids.device) < masking.probability) & ~torch.isin(input_ids, never)
 
 
 def masked_token_loss(

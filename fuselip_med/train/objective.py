@@ -5,11 +5,14 @@ only). Both have the same surface: ``prepare(batch, step)`` on the host, ``forwa
 ``base_model`` (the model under a PEFT wrapper), ``image_coder`` (the frozen TiTok model or None) and
 ``configure_model(model, train)`` (the arch's training switches).
 
-A step has two halves. ``prepare`` runs on the host: it joins text ids and image codes (cached, or from
-the frozen TiTok for rows that came as pixels) into joint-vocabulary ids, draws the MMM masks and lists the
-masked positions, all as CPU tensors that then travel to the device in one go. ``forward`` runs on the
-device and needs no host round trip: encoder, gather of the masked states, losses. The objective is an
-``nn.Module`` so that Accelerate/DDP wraps it and gradient synchronisation sees the whole forward.
+A step has two halves. ``prepare`` builds on the host everything that does not depend on code values: the
+joint-vocabulary ids with a placeholder where the image codes go, the MMM draws and the candidate positions
+(``mask_candidates``). The codes are then written in where they are, with no host round trip: cached codes on
+the host (the whole step then travels to the device in one go), codes from the frozen TiTok for rows that came
+as pixels on the device (the host ids follow them there); the candidates whose real code is never masked (image
+code 0) keep their id and get the ignore label, so the result equals masking the finished ids. ``forward`` runs
+on the device and needs no host round trip either: encoder, gather of the masked states, losses. The objective
+is an ``nn.Module`` so that Accelerate/DDP wraps it and gradient synchronisation sees the whole forward.
 
 Masking draws come from a generator seeded by (seed, micro-batch number) over the *global* batch, and each
 rank takes its rows, so one process and P processes on the same global batch mask the same tokens.
@@ -31,8 +34,8 @@ from fuselip_med.core.losses import (
     IGNORE_INDEX,
     LossOutput,
     MaskingConfig,
+    mask_candidates,
     mask_seed,
-    mask_tokens,
     masked_token_loss,
     sigmoid_loss,
 )
@@ -43,8 +46,9 @@ from fuselip_med.errors import InputError
 
 @dataclass
 class SideInputs:
-    """One side of a prepared step: ids ``[b, L]`` int64 ([MASK] applied), masked flat positions
-    (row·L + column) ``[m]`` int64 and the original ids there ``[m]`` int64."""
+    """One side of a prepared step: ids ``[b, L]`` int64 ([MASK] applied), the flat positions (row·L + column)
+    drawn for MMM ``[m]`` int64 and the original ids there ``[m]`` int64 (``IGNORE_INDEX`` where the id may not
+    be masked: image code 0, known only where the codes are; those keep their id)."""
 
     ids: torch.Tensor
     masked_at: torch.Tensor
@@ -57,7 +61,7 @@ class StepInputs:
 
     query: SideInputs
     target: SideInputs
-    masked: torch.Tensor          # [2] int64: this rank's masked tokens (query, target)
+    masked: torch.Tensor          # [2] int64: this rank's masked tokens (query, target), where the ids are built
     rank_rows: list[int]          # every rank's row count, in rank order
     step: int                     # the global micro-batch number the masks were drawn for
 
@@ -105,10 +109,10 @@ def pad_to_multiple(ids: torch.Tensor, multiple: int, limit: int) -> torch.Tenso
 
 
 def _move(tensor: torch.Tensor | None, device: torch.device | str, non_blocking: bool) -> torch.Tensor | None:
-    """``tensor`` on ``device``; pinned first for a non-blocking copy to CUDA."""
+    """``tensor`` on ``device``; a host tensor is pinned first for a non-blocking copy to CUDA."""
     if tensor is None:
         return None
-    if torch.device(device).type == "cuda" and non_blocking:
+    if torch.device(device).type == "cuda" and non_blocking and tensor.device.type == "cpu":
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=non_blocking)
 
@@ -156,48 +160,75 @@ class EarlyFusionObjective(nn.Module):
 
     # ---- host half -------------------------------------------------------------------------------------
     def side_codes(self, batch: Batch, side: Side) -> torch.Tensor | None:
-        """TiTok code ids ``[n_image_rows, 128]`` int64 (CPU) of one side: cached rows as given, pixel rows
-        through the frozen tokenizer on the model's device; None when no row of the side has an image."""
+        """TiTok code ids ``[n_image_rows, 128]`` int64 of one side, where they are: on the host when every image
+        row came as cached codes, else on the tokenizer's device (pixel rows through the frozen TiTok, cached rows
+        copied in); None when no row of the side has an image. Reads no code value on the host."""
         rows = batch.side(side)
         if not bool(rows.has_image.any()):
             return None
-        fuselip = self.base_model
+        if rows.pixels is None:
+            return rows.image_ids.to(torch.long)
+        computed = self.base_model.image_codes(rows.pixels).to(torch.long)
+        if rows.image_ids is None:
+            return computed
         from_cache = rows.has_codes[rows.has_image]
-        codes = torch.empty(int(rows.has_image.sum()), fuselip.config.num_image_tokens, dtype=torch.long)
-        if rows.image_ids is not None:
-            codes[from_cache] = rows.image_ids.to(torch.long)
-        if rows.pixels is not None:
-            codes[~from_cache] = fuselip.image_codes(rows.pixels).cpu()
-        return codes
+        codes = torch.empty(len(from_cache), computed.shape[1], dtype=torch.long, device=computed.device)
+        place = from_cache.nonzero().squeeze(1).to(computed.device, non_blocking=True)
+        codes.index_copy_(0, place, rows.image_ids.to(computed.device, torch.long, non_blocking=True))
+        others = (~from_cache).nonzero().squeeze(1).to(computed.device, non_blocking=True)
+        return codes.index_copy_(0, others, computed)
 
-    def side_ids(self, batch: Batch, side: Side) -> torch.Tensor:
-        """Joint-vocabulary ids ``[b, L]`` int64 (CPU) of one side; every row carries its text row ("" ->
-        [sot, eot]) as in the reference training, so image rows are fused. L is padded to a multiple of 8."""
+    def host_ids(self, batch: Batch, side: Side) -> torch.Tensor:
+        """Joint-vocabulary ids ``[b, L]`` int64 (CPU) of one side with the placeholder code 1 at every image
+        code position (``fill_codes`` writes the real ones); every row carries its text row ("" -> [sot, eot])
+        as in the reference training, so image rows are fused. L is padded to a multiple of 8 and does not
+        depend on the codes (an image row's length is 128 codes + its text)."""
         rows = batch.side(side)
         has_text = torch.ones_like(rows.has_image, dtype=torch.bool)
-        ids = self.base_model.build_input_ids(rows.text_ids, self.side_codes(batch, side), rows.has_image, has_text,
-                                              device="cpu")
+        placeholder = torch.ones(int(rows.has_image.sum()), self.base_model.config.num_image_tokens,
+                                 dtype=torch.long)
+        ids = self.base_model.build_input_ids(rows.text_ids, placeholder, rows.has_image, has_text, device="cpu")
         return pad_to_multiple(ids, PAD_MULTIPLE, self.base_model.config.context_length)
 
+    def fill_codes(self, ids: torch.Tensor, has_image: torch.Tensor, codes: torch.Tensor | None,
+                   candidates: torch.Tensor, device: torch.device) -> tuple[SideInputs, torch.Tensor]:
+        """One side's ``SideInputs`` on ``device`` and its masked-token count (int64 scalar there): host ``ids``
+        ``[b, L]`` with the real ``codes`` ``[n_image_rows, 128]`` written in (on their device), then [MASK]
+        at the ``candidates`` (bool ``[b, L]``, host) whose real id is maskable. Only copies to ``device`` and
+        device ops: nothing waits for the device."""
+        config = self.base_model.config
+        ids = ids.to(device, non_blocking=True)
+        if codes is not None:
+            image_rows = has_image.nonzero().squeeze(1).to(device, non_blocking=True)
+            ids[image_rows, :config.num_image_tokens] = codes + config.image_offset
+        masked_at = candidates.flatten().nonzero().squeeze(1).to(device, non_blocking=True)
+        flat = ids.view(-1)
+        originals = flat.index_select(0, masked_at)
+        keep = torch.isin(originals, torch.tensor(self.masking.never_mask, device=device))
+        flat.index_copy_(0, masked_at, originals.masked_fill(~keep, self.masking.mask_token_id))
+        return SideInputs(ids, masked_at, originals.masked_fill(keep, IGNORE_INDEX)), (~keep).sum()
+
     def prepare(self, batch: Batch, step: int) -> StepInputs:
-        """Host half of a step for a CPU ``batch`` at global micro-batch number ``step`` (see module doc)."""
+        """Host half of a step for a CPU ``batch`` at global micro-batch number ``step`` (see module doc); the
+        inputs are on the host for cached codes, on TiTok's device when some image came as pixels."""
         rank_rows = rows_per_rank(len(batch))
         rank, _ = rank_and_world()
         offset, total = sum(rank_rows[:rank]), sum(rank_rows)
+        codes = [self.side_codes(batch, side) for side in SIDES]
+        device = next((c.device for c in codes if c is not None and c.device.type != "cpu"), torch.device("cpu"))
         sides, counts = [], []
         for number, side in enumerate(SIDES):
-            ids = self.side_ids(batch, side)
+            ids = self.host_ids(batch, side)
             if self.masking.probability > 0:
                 generator = torch.Generator().manual_seed(mask_seed(self.seed, step, number))
-                ids, labels = mask_tokens(ids, self.masking, generator, row_offset=offset, global_rows=total,
-                                          context_length=self.base_model.config.context_length)
+                candidates = mask_candidates(ids, self.masking, generator, row_offset=offset, global_rows=total,
+                                             context_length=self.base_model.config.context_length)
             else:
-                labels = torch.full_like(ids, IGNORE_INDEX)
-            labels = labels.flatten()
-            masked_at = (labels != IGNORE_INDEX).nonzero().squeeze(1)
-            sides.append(SideInputs(ids, masked_at, labels[masked_at]))
-            counts.append(masked_at.numel())
-        return StepInputs(sides[0], sides[1], torch.tensor(counts, dtype=torch.long), rank_rows, step)
+                candidates = torch.zeros_like(ids, dtype=torch.bool)
+            inputs, count = self.fill_codes(ids, batch.side(side).has_image, codes[number], candidates, device)
+            sides.append(inputs)
+            counts.append(count)
+        return StepInputs(sides[0], sides[1], torch.stack(counts), rank_rows, step)
 
     # ---- device half -----------------------------------------------------------------------------------
     def forward(self, inputs: StepInputs) -> LossOutput:
