@@ -151,3 +151,21 @@ def test_the_device_half_of_a_step_never_reads_a_tensor_on_the_host(tmp_path, de
         monkeypatch.undo()
     assert reads == [] and trainer.step == 2 and len(trainer.pending) == 2
     assert [step for step, *_ in trainer.flush()] == [1, 2]
+
+
+def test_evaluation_during_training_reads_the_eval_images_codes_from_the_cache(tmp_path, demo_data, monkeypatch):
+    """With a code cache, the eval set's images are cached with the training images and evaluation during training
+    runs no TiTok on them (issue 25, fault 5); the metrics equal evaluating from pixels."""
+    recipe = codes_recipe(tmp_path / "run", demo_data, "cache", tmp_path / "cache", steps=1)
+    recipe["eval"]["at_end"] = True
+    trainer = Trainer(recipe_from_dict(recipe))
+    trainer.setup()
+    assert len(trainer.eval_codes) == 16  # every test image of the demo data (the eval set)
+    tokenizer = trainer.base_model.image_tokenizer
+    encode, tokenized = tokenizer.encode, []
+    monkeypatch.setattr(tokenizer, "encode", lambda pixels: tokenized.append(len(pixels)) or encode(pixels))
+    cached = trainer.evaluate("cached")
+    assert tokenized == [] and cached
+    trainer.eval_codes = {}
+    from_pixels = trainer.evaluate("pixels")
+    assert sum(tokenized) == 16 and cached == pytest.approx(from_pixels, abs=1e-6)

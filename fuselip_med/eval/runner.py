@@ -102,6 +102,7 @@ def run_evaluation(
     leak_cosine: float = 0.95,
     exclude_leaked: bool = False,
     distributed: bool = False,
+    image_codes: Mapping[str, Any] | None = None,
 ) -> dict:
     """Run ``tasks`` on ``data`` with ``model`` (anything with ``encode(images=, texts=)``) and write
     ``metrics.json``, ``report.md`` and ``plots/`` under ``out_dir``. Returns the metrics.json content.
@@ -126,6 +127,8 @@ def run_evaluation(
     tasks ran, score the tasks over role ``test`` again without the leaked rows (``"<task> (leaked excluded)"``).
     ``distributed``: every process of a ``torch.distributed`` job calls this with the same arguments; each
     embeds its share of every input (``Embedder(shard=True)``), all compute the metrics, process 0 writes.
+    ``image_codes``: {``image_key``: TiTok code ids int64 ``[128]``} of images whose codes are known (training's
+    code cache, of the ``decode_options`` view); those images are neither decoded nor tokenized.
     """
     from .findings import THRESHOLD_RULES, UNCERTAIN_POLICIES
 
@@ -137,7 +140,8 @@ def run_evaluation(
     if device is not None and hasattr(model, "to"):
         model = model.to(device)
     embedder = Embedder(model, batch_size=batch_size, num_workers=num_workers, decode=decode,
-                        decode_options=decode_options, on_error=on_error, progress=progress, shard=distributed)
+                        decode_options=decode_options, on_error=on_error, progress=progress, shard=distributed,
+                        image_codes=dict(image_codes or {}))
     opts = EvalOptions(seed=seed, pool_size=pool_size, n_pools=n_pools, chunk_size=chunk_size,
                        decode_options=decode_options, concept_top_k=concept_top_k, concept_field=concept_field,
                        concept_templates=tuple(concept_templates), modality_classes=tuple(modality_classes),

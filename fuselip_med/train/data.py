@@ -116,6 +116,12 @@ def decode_options(recipe: Recipe) -> DecodeOptions:
     return DecodeOptions(image_size=recipe.data.image_size, window=recipe.data.window)
 
 
+def build_eval_sources(recipe: Recipe) -> dict[str, SampleSource]:
+    """{name: source} of the recipe's ``data.eval`` entries (name: the entry's ``id``, else ``<name>_<split>``).
+    Raises what ``build_source`` raises for missing data."""
+    return {spec.id or f"{spec.name}_{spec.split}": build_source(recipe, spec) for spec in recipe.data.eval}
+
+
 def build_train_data(recipe: Recipe, tokenizer: Any, rank: int = 0, world: int = 1,
                      pin_memory: bool = False) -> TrainData:
     """Sources -> SampleDatasets (random resized crop) -> mixture -> grouped global batches -> this rank's loader."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, NamedTuple
 
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
@@ -64,9 +64,15 @@ def view_entries(dataset: SampleDataset, spec: ViewSpec, memo: dict[str, list],
                  images: dict[str, tuple[str, SampleImage]]) -> list:
     """Per index and side, (content hash, row key) of a dataset's images; fills ``images`` with one
     reference per new key. Unreadable files get None (decoded as usual, then skipped with their reason)."""
+    return source_entries(dataset.source, spec, memo, images)
+
+
+def source_entries(source: Any, spec: ViewSpec, memo: dict[str, list],
+                   images: dict[str, tuple[str, SampleImage]]) -> list:
+    """``view_entries`` of a ``SampleSource`` (training or evaluation data)."""
     entries = []
-    for index in range(len(dataset)):
-        sample = dataset.source[index]
+    for index in range(len(source)):
+        sample = source[index]
         row = []
         for side in SIDES:
             image = sample.side(side).image
@@ -78,10 +84,31 @@ def view_entries(dataset: SampleDataset, spec: ViewSpec, memo: dict[str, list],
                     content = None
                 if content is not None:
                     entry = (content, row_key(content, spec))
-                    images.setdefault(entry[1], (content, SampleImage(dataset.source, index, side)))
+                    images.setdefault(entry[1], (content, SampleImage(source, index, side)))
             row.append(entry)
         entries.append(tuple(row))
     return entries
+
+
+def evaluates(recipe: Recipe) -> bool:
+    """Whether training evaluates at all (``eval.at_start``, ``eval.at_end`` or ``eval.every_steps``, with data)."""
+    return bool(recipe.data.eval) and bool(recipe.eval.at_start or recipe.eval.at_end or recipe.eval.every_steps)
+
+
+def eval_image_keys(sources: Mapping[str, Any], spec: ViewSpec, memo: dict[str, list],
+                    images: dict[str, tuple[str, SampleImage]]) -> dict[str, str]:
+    """{evaluation image key (``eval.embedding.image_key``): cache row key} of every image of the eval
+    ``sources`` ({name: SampleSource}); fills ``images`` like ``view_entries``, so a cache build covers them."""
+    from fuselip_med.eval.embedding import image_key
+
+    keys: dict[str, str] = {}
+    for source in sources.values():
+        for index, row in enumerate(source_entries(source, spec, memo, images)):
+            sample = source[index]
+            for side, entry in zip(SIDES, row):
+                if entry is not None:
+                    keys[image_key(sample.side(side).image)] = entry[1]
+    return keys
 
 
 def ensure_code_cache(directory: Path, spec: ViewSpec, images: dict[str, tuple[str, Any]],
@@ -136,15 +163,26 @@ def _ensure_code_cache(root: Path, spec: ViewSpec, images: dict[str, tuple[str, 
     return ShardedCodeCache(root, spec.views, tokens, say=say)
 
 
+class AttachedCodes(NamedTuple):
+    """What ``attach_image_codes`` set up: the cache (None without one) and the plain-view codes of the
+    evaluation images ({``image_key``: int64 ``[128]``}, for ``Embedder(image_codes=...)``; empty without a
+    cache or evaluation)."""
+
+    cache: ShardedCodeCache | None
+    eval_codes: dict[str, Any]
+
+
 def attach_image_codes(data: Any, recipe: Recipe, coder: Any | None, *, rank: int = 0, world: int = 1,
-                       barrier: Callable[[], None] = lambda: None,
-                       say: Callable[[str], None] = print) -> ShardedCodeCache | None:
+                       barrier: Callable[[], None] = lambda: None, say: Callable[[str], None] = print,
+                       eval_sources: Mapping[str, Any] | None = None) -> AttachedCodes:
     """Give the direct datasets of ``data`` (a ``TrainData``) their ``ImageViews`` per ``train.image_codes``;
     in ``cache`` mode build what the cache lacks first with ``coder`` (the objective's ``image_coder``: a FuseLIP;
-    None for a late-fusion baseline, which gets the same views as pixels). Returns the cache (None without one)."""
+    None for a late-fusion baseline, which gets the same views as pixels). ``eval_sources`` ({name:
+    SampleSource}, used when the recipe evaluates): their images are cached too (every row holds K + 1 views)
+    and their plain views' codes returned, so evaluation during training runs no TiTok on them."""
     mode = recipe.train.image_codes
     if mode == "pixels":
-        return None
+        return AttachedCodes(None, {})
     if mode == "cache" and coder is None:  # a late-fusion baseline: no TiTok, reads pixels
         say(f"train.image_codes: cache needs FuseLIP's TiTok codes; the {recipe.model.arch} baseline decodes the "
             "same seeded views from pixels instead (pixel_views).")
@@ -155,17 +193,19 @@ def attach_image_codes(data: Any, recipe: Recipe, coder: Any | None, *, rank: in
     images: dict[str, tuple[str, Any]] = {}
     direct = [(named, dataset) for named, dataset in zip(data.sources, data.mixture.datasets) if not named.task]
     entries = [view_entries(dataset, spec, memo, images) for _, dataset in direct]
-    cache = None
+    cache, eval_codes = None, {}
     if mode == "cache":
+        eval_keys = eval_image_keys(eval_sources or {}, spec, memo, images) if evaluates(recipe) else {}
         cache = ensure_code_cache(directory, spec, images, coder.image_codes,
                                   tokens=coder.config.num_image_tokens, rank=rank, world=world, barrier=barrier,
                                   say=say, num_workers=recipe.data.num_workers, progress=recipe.logging.progress,
                                   wait_min=recipe.train.code_cache_wait_min)
+        eval_codes = {key: cache.get(row, spec.views) for key, row in eval_keys.items() if row in cache}
         if rank == 0:
             save_file_memo(directory, memo)
     for (_, dataset), dataset_entries in zip(direct, entries):
         dataset.views = ImageViews(spec, dataset_entries, cache)
-    return cache
+    return AttachedCodes(cache, eval_codes)
 
 
 def cache_codes_for_recipe(recipe: Recipe, say: Callable[[str], None] = print) -> ShardedCodeCache:
@@ -176,7 +216,7 @@ def cache_codes_for_recipe(recipe: Recipe, say: Callable[[str], None] = print) -
 
     from fuselip_med.core.loading import build_model
     from fuselip_med.core.text_tokenizer import TextTokenizer
-    from fuselip_med.train.data import DataSetupError, build_train_data
+    from fuselip_med.train.data import DataSetupError, build_eval_sources, build_train_data
 
     if recipe.model.arch != "fuselip":
         raise DataSetupError(f"data cache-codes stores FuseLIP's TiTok codes; model.arch {recipe.model.arch} reads "
@@ -184,10 +224,12 @@ def cache_codes_for_recipe(recipe: Recipe, say: Callable[[str], None] = print) -
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     cached = recipe.model_copy(update={"train": recipe.train.model_copy(update={"image_codes": "cache"})})
     data = build_train_data(cached, TextTokenizer(), accelerator.process_index, accelerator.num_processes)
+    eval_sources = build_eval_sources(recipe)
     fuselip = build_model(recipe.model.size, init=recipe.model.init).to(accelerator.device).eval()
     cache = attach_image_codes(data, cached, fuselip, rank=accelerator.process_index,
                                world=accelerator.num_processes, barrier=accelerator.wait_for_everyone,
-                               say=say if accelerator.is_main_process else lambda message: None)
+                               say=say if accelerator.is_main_process else lambda message: None,
+                               eval_sources=eval_sources).cache
     if accelerator.is_main_process:
         say(f"Code cache {cache.directory}: {len(cache):,} images, {cache.row_bytes * cache.count / 2**20:.1f} MiB.")
     return cache

@@ -38,7 +38,7 @@ from fuselip_med.eval.report import flatten_metrics
 from fuselip_med.recipes import Recipe, recipe_to_yaml
 from fuselip_med.train import checkpointing as ckpt
 from fuselip_med.train.console import TrainConsole, plan_rows
-from fuselip_med.train.data import DataSetupError, build_source, build_train_data
+from fuselip_med.train.data import DataSetupError, build_eval_sources, build_train_data, decode_options
 from fuselip_med.train.image_codes import attach_image_codes
 from fuselip_med.train.model_card import write_model_card
 from fuselip_med.train.objective import Objective, create_objective, objective_class
@@ -98,8 +98,7 @@ class Trainer:
         try:
             self.data = build_train_data(recipe, _tokenizer(), acc.process_index, acc.num_processes,
                                          pin_memory=acc.device.type == "cuda")
-            self.eval_data = {spec.id or f"{spec.name}_{spec.split}": build_source(recipe, spec)
-                              for spec in recipe.data.eval}
+            self.eval_data = build_eval_sources(recipe)
         except (DatasetEmptyError, FileNotFoundError) as error:
             raise DataSetupError(str(error)) from None
         self.resume_from = self._resume_path()
@@ -115,8 +114,9 @@ class Trainer:
         self.titok_autocast = torch.autocast(acc.device.type, dtype=torch.bfloat16,
                                              enabled=recipe.train.precision == "bf16")
         coder = acc.unwrap_model(self.objective).image_coder
-        attach_image_codes(self.data, recipe, coder, rank=acc.process_index, world=acc.num_processes,
-                           barrier=acc.wait_for_everyone, say=self.out.say)
+        self.eval_codes = attach_image_codes(self.data, recipe, coder, rank=acc.process_index,
+                                             world=acc.num_processes, barrier=acc.wait_for_everyone,
+                                             say=self.out.say, eval_sources=self.eval_data).eval_codes
         per_epoch, train = self.data.sampler.batches_per_epoch(), recipe.train
         self.total_steps = train.steps or max(1, math.ceil(train.epochs * per_epoch / train.grad_accum))
         self.schedule = WarmupCosine(train.lr, train.warmup_steps, self.total_steps, train.min_lr)
@@ -310,6 +310,7 @@ class Trainer:
             model, eval_recipe.tasks, self.eval_data, self.run_dir / "eval" / tag, seed=self.recipe.train.seed,
             pool_size=eval_recipe.pool_size, n_pools=eval_recipe.n_pools, batch_size=eval_recipe.batch_size,
             progress=False, model_id=f"{self.recipe.name}@{self.step}", distributed=True,
+            decode_options=decode_options(self.recipe), image_codes=self.eval_codes,
         )
         model.train(was_training)
         metrics = flatten_metrics(report)
