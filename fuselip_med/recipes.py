@@ -115,6 +115,8 @@ class TrainSection(Section):
     warmup_steps: int = Field(0, ge=0)
     min_lr: float = Field(0.0, ge=0)
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    # under bf16 training TiTok runs in bf16 too (~97% of its codes equal fp32's, README); true keeps it in fp32
+    titok_fp32: bool = False
     grad_clip: Optional[float] = Field(1.0, gt=0)
     seed: int = 0
     mlm_probability: float = Field(0.1, ge=0, lt=1)

@@ -3,6 +3,7 @@ multiple of 8 (exactly), DataLoader workers that persist across epochs."""
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 from fuselip_med.core.fuselip import FuseLIP, FuseLIPConfig
@@ -162,3 +163,23 @@ def test_codes_from_titok_never_come_to_the_host(monkeypatch):
     inputs = objective.prepare(mixed_batch(model), 0)
     assert {inputs.query.ids.device.type, inputs.target.ids.device.type, inputs.masked.device.type} == {"meta"}
     assert inputs.to("meta").query.ids.device.type == "meta"
+
+
+@pytest.mark.parametrize("titok_fp32", [False, True])
+def test_titok_runs_in_bf16_under_bf16_training_unless_titok_fp32(tmp_path, titok_fp32):
+    from fuselip_med.train.trainer import Trainer
+
+    data_dir = write_demo_dataset(tmp_path / "rocov2", n_train=8, n_valid=0, n_test=0, n_dicom=0)
+    recipe = recipe_dict(tmp_path / "run", data_dir, data={"eval": []},
+                         train={"steps": 1, "batch_size": 4, "precision": "bf16", "titok_fp32": titok_fp32},
+                         checkpoint={"every_steps": None})
+    trainer = Trainer(recipe_from_dict(recipe))
+    trainer.setup()
+    tokenizer = trainer.base_model.image_tokenizer
+    encode, autocast = tokenizer.encode, []
+    tokenizer.encode = lambda pixels: autocast.append(torch.is_autocast_enabled("cpu")) or encode(pixels)
+    trainer.iterator = iter(trainer.data.loader)
+    with trainer.out.progress() as trainer.bar:
+        trainer.bar_task = trainer.bar.add_task("train", total=1, loss=0.0, lr=0.0, rate=0.0)
+        trainer.train_step()
+    assert autocast and set(autocast) == {not titok_fp32}

@@ -112,7 +112,7 @@ class Trainer:
         self.objective, self.optimizer = acc.prepare(*self._build_objective())
         self.trainable = [p for p in self.objective.parameters() if p.requires_grad]
         self.titok_autocast = torch.autocast(acc.device.type, dtype=torch.bfloat16,
-                                             enabled=recipe.train.precision == "bf16")
+                                             enabled=recipe.train.precision == "bf16" and not recipe.train.titok_fp32)
         coder = acc.unwrap_model(self.objective).image_coder
         self.eval_codes = attach_image_codes(self.data, recipe, coder, rank=acc.process_index,
                                              world=acc.num_processes, barrier=acc.wait_for_everyone,
@@ -224,7 +224,7 @@ class Trainer:
         totals = torch.zeros(3, device=acc.device)
         for micro in range(train.grad_accum):
             batch = self._next_batch()
-            with self.titok_autocast:  # TiTok in bf16 under bf16 training (README: code agreement with fp32)
+            with self.titok_autocast:  # TiTok in bf16 under bf16 training unless train.titok_fp32 (README)
                 inputs = unwrapped.prepare(batch, self.step * train.grad_accum + micro)
             inputs = inputs.to(acc.device, non_blocking=True)
             with acc.accumulate(self.objective), acc.autocast():
