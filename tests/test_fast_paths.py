@@ -183,3 +183,20 @@ def test_titok_runs_in_bf16_under_bf16_training_unless_titok_fp32(tmp_path, tito
         trainer.bar_task = trainer.bar.add_task("train", total=1, loss=0.0, lr=0.0, rate=0.0)
         trainer.train_step()
     assert autocast and set(autocast) == {not titok_fp32}
+
+
+def test_ids_cut_from_wider_rows_get_their_codes_and_masks():
+    """``build_input_ids`` cuts its context-length rows to the longest one: a non-contiguous view when no
+    padding follows (the length already a multiple of 8); codes and masks are written into it all the same."""
+    torch.manual_seed(0)
+    model = FuseLIP(FuseLIPConfig.from_size("tiny")).eval()
+    objective = EarlyFusionObjective(model, MaskingConfig.for_model(model.config, probability=0.5))
+    wide = torch.full((2, 200), 7, dtype=torch.long)
+    cut = wide[:, :136]
+    has_image, codes = torch.tensor([True, False]), torch.arange(128)[None] % 5
+    candidates = torch.rand(2, 136, generator=torch.Generator().manual_seed(1)) < 0.5
+    got, count = objective.fill_codes(cut, has_image, codes, candidates, torch.device("cpu"))
+    expected, expected_count = objective.fill_codes(cut.contiguous(), has_image, codes, candidates,
+                                                    torch.device("cpu"))
+    assert not cut.is_contiguous() and torch.equal(got.ids, expected.ids) and torch.equal(count, expected_count)
+    assert int((got.ids == model.config.mask_token_id).sum()) == int(count) > 0

@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-from fuselip_med.data.dataset import ImageViews, SampleDataset
+from fuselip_med.data.dataset import ImageViews
 from fuselip_med.data.schema import SIDES
 from fuselip_med.data.token_cache import (
     PARTS_DIR,
@@ -60,16 +60,11 @@ def view_spec(recipe: Recipe, coder: Any | None) -> ViewSpec:
     return ViewSpec(decode_options(recipe), recipe.train.code_views, tokenizer_id)
 
 
-def view_entries(dataset: SampleDataset, spec: ViewSpec, memo: dict[str, list],
-                 images: dict[str, tuple[str, SampleImage]]) -> list:
-    """Per index and side, (content hash, row key) of a dataset's images; fills ``images`` with one
-    reference per new key. Unreadable files get None (decoded as usual, then skipped with their reason)."""
-    return source_entries(dataset.source, spec, memo, images)
-
-
 def source_entries(source: Any, spec: ViewSpec, memo: dict[str, list],
                    images: dict[str, tuple[str, SampleImage]]) -> list:
-    """``view_entries`` of a ``SampleSource`` (training or evaluation data)."""
+    """Per index and side, (content hash, row key) of the images of a ``SampleSource`` (training or evaluation
+    data); fills ``images`` with one reference per new key. Unreadable files get None (decoded as usual, then
+    skipped with their reason)."""
     entries = []
     for index in range(len(source)):
         sample = source[index]
@@ -98,7 +93,7 @@ def evaluates(recipe: Recipe) -> bool:
 def eval_image_keys(sources: Mapping[str, Any], spec: ViewSpec, memo: dict[str, list],
                     images: dict[str, tuple[str, SampleImage]]) -> dict[str, str]:
     """{evaluation image key (``eval.embedding.image_key``): cache row key} of every image of the eval
-    ``sources`` ({name: SampleSource}); fills ``images`` like ``view_entries``, so a cache build covers them."""
+    ``sources`` ({name: SampleSource}); fills ``images`` like ``source_entries``, so a cache build covers them."""
     from fuselip_med.eval.embedding import image_key
 
     keys: dict[str, str] = {}
@@ -192,7 +187,7 @@ def attach_image_codes(data: Any, recipe: Recipe, coder: Any | None, *, rank: in
     memo = load_file_memo(directory)
     images: dict[str, tuple[str, Any]] = {}
     direct = [(named, dataset) for named, dataset in zip(data.sources, data.mixture.datasets) if not named.task]
-    entries = [view_entries(dataset, spec, memo, images) for _, dataset in direct]
+    entries = [source_entries(dataset.source, spec, memo, images) for _, dataset in direct]
     cache, eval_codes = None, {}
     if mode == "cache":
         eval_keys = eval_image_keys(eval_sources or {}, spec, memo, images) if evaluates(recipe) else {}

@@ -197,7 +197,7 @@ class EarlyFusionObjective(nn.Module):
         at the ``candidates`` (bool ``[b, L]``, host) whose real id is maskable. Only copies to ``device`` and
         device ops: nothing waits for the device."""
         config = self.base_model.config
-        ids = ids.to(device, non_blocking=True)
+        ids = ids.to(device, non_blocking=True).contiguous()  # a cut of the context-length rows: written flat
         if codes is not None:
             image_rows = has_image.nonzero().squeeze(1).to(device, non_blocking=True)
             ids[image_rows, :config.num_image_tokens] = codes + config.image_offset
