@@ -199,7 +199,7 @@ def _cache_worker(rank: int, port: int, folder: str, out: str) -> None:
 
     from fuselip_med.data import token_cache
     from fuselip_med.train.image_codes import ensure_code_cache
-    from tests.test_token_cache import images_of, write_images
+    from tests.test_token_cache import images_of
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -212,7 +212,7 @@ def _cache_worker(rank: int, port: int, folder: str, out: str) -> None:
 
     token_cache.CodeCache.append = counted
     spec = _fake_spec()
-    images = images_of(write_images(Path(folder) / "img", 6), spec)
+    images = images_of(sorted((Path(folder) / "img").glob("*.png")), spec)
     cache = ensure_code_cache(Path(folder) / "cache", spec, images, _fake_codes, rank=rank, world=2,
                               barrier=dist.barrier, images_per_batch=1)
     torch.save({"appended": appended, "codes": {key: cache.get(key, 1) for key in images}}, f"{out}.{rank}")
@@ -230,13 +230,13 @@ def test_the_code_cache_build_gives_each_process_an_equal_share_and_merges_nothi
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    paths = write_images(tmp_path / "img", 6)  # once, before the processes read them
     mp.spawn(_cache_worker, args=(port, str(tmp_path), str(tmp_path / "result")), nprocs=2)
     results = [torch.load(tmp_path / f"result.{rank}") for rank in range(2)]
     # each process appended its 3 images, one chunk each, and nothing else (before: rank 0 copied all 6 again)
     assert [result["appended"] for result in results] == [[1, 1, 1], [1, 1, 1]]
     spec = _fake_spec()
-    alone = ensure_code_cache(tmp_path / "alone", spec, images_of(write_images(tmp_path / "img", 6), spec),
-                              _fake_codes)
+    alone = ensure_code_cache(tmp_path / "alone", spec, images_of(paths, spec), _fake_codes)
     for result in results:
         assert len(result["codes"]) == 6
         assert all(torch.equal(codes, alone.get(key, 1)) for key, codes in result["codes"].items())
