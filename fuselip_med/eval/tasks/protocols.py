@@ -111,7 +111,7 @@ def _five_by_200(ctx: EvalContext, role: str, task: str, name: str) -> dict:
     o = ctx.opts
     default, own = fnd.read_prompts(o.prompts) if o.prompts else fnd.default_prompts()
     sets = fnd.prompts_for(FIVE_CLASSES, default, own)
-    from ..embedding import EmbedItem
+    from fuselip_med.inference.items import EmbedItem
 
     items = [EmbedItem(image=str(p)) for p in images]
     texts = [EmbedItem(text=t) for s in sets.values() for t in s.positive]

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from fuselip_med.data.skips import SkipReport
+from fuselip_med.inference.items import EmbedItem
 
-from ..embedding import EmbedItem
 from .context import EvalContext
 
 __all__ = ["KEY_COLUMNS", "REPORT_COLUMNS", "read_keyed_table", "run_retrieval", "run_zero_shot"]

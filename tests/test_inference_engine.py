@@ -4,7 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fuselip_med.eval.embedding import Embedder, EmbeddingTable, EmbedItem, embed_items, image_key
+from fuselip_med.inference.engine import Embedder, embed_items
+from fuselip_med.inference.items import EmbedItem, image_key
+from fuselip_med.inference.table import EmbeddingTable
 from tests.test_eval_fakes import HashModel
 
 
