@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Hashable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -24,26 +25,26 @@ from fuselip_med.inference.items import EmbedItem
 from fuselip_med.inference.table import EmbeddingTable
 from fuselip_med.progress import progress_bar
 
-__all__ = ["Embedder", "embed_items"]
+__all__ = ["Embedder", "decoded_images", "embed_items"]
 
 log = logging.getLogger(__name__)
 
 
-class _ItemImages:
-    """The images of ``items`` as a SampleSource: item ``i`` is the query side of sample ``str(i)``."""
+class _Images:
+    """Image inputs as a SampleSource: image ``i`` is the query side of sample ``str(i)``."""
 
     name = "inference"
 
-    def __init__(self, items: Sequence[EmbedItem]):
-        self.items = items
+    def __init__(self, images: Sequence[Any]):
+        self.images = images
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.images)
 
     def __getitem__(self, index: int):
         from fuselip_med.data.schema import Sample
 
-        return Sample(id=str(index), source=self.name, query_image=self.items[index].image)
+        return Sample(id=str(index), source=self.name, query_image=self.images[index])
 
 
 def _collate(decoded: list) -> tuple[list[int], list[torch.Tensor | None], list]:
@@ -57,6 +58,25 @@ def _collate(decoded: list) -> tuple[list[int], list[torch.Tensor | None], list]
         pixels.append(None if bad else item.query.pixels)
         skipped.append(item if bad else None)
     return positions, pixels, skipped
+
+
+def decoded_images(images: Sequence[Any], *, batch_size: int = 64, num_workers: int = 0, decode_options=None,
+                   decode: Callable | None = None, pin_memory: bool = False) -> Iterator[tuple[int, Any, Any]]:
+    """``(position, pixels, skipped)`` per image, in input order: ``pixels`` ``[3, S, S]`` float32 (None when the
+    image was skipped), ``skipped`` the data layer's ``SkippedSample`` (reason, detail, ``error``) or None.
+
+    Images are decoded by ``data.dataset.SampleDataset`` (query side only) in ``num_workers`` DataLoader workers,
+    ``batch_size`` at a time: ``data.images.decode_image`` with ``decode_options`` (default ``DecodeOptions()``),
+    or ``decode`` (a callable image -> pixels raising ``ImageDecodeError`` for a bad image). Other exceptions
+    are bugs and propagate."""
+    from fuselip_med.data.dataset import SampleDataset
+    from fuselip_med.data.images import DecodeOptions
+
+    dataset = SampleDataset(_Images(images), decode_options or DecodeOptions(), sides=("query",), decoder=decode)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=usable_workers(num_workers),
+                        collate_fn=_collate, pin_memory=pin_memory)
+    for positions, pixels, skipped in loader:
+        yield from zip(positions, pixels, skipped)
 
 
 def _model_device(model) -> torch.device:
@@ -149,16 +169,6 @@ class Embedder:
         if to_decode:
             yield from self._decoded_batches(to_decode, failed)
 
-    def _loader(self, items: list[EmbedItem]) -> DataLoader:
-        """The data layer's ``SampleDataset`` over the items' images (query side only), in item order."""
-        from fuselip_med.data.dataset import SampleDataset
-        from fuselip_med.data.images import DecodeOptions
-
-        dataset = SampleDataset(_ItemImages(items), self.decode_options or DecodeOptions(), sides=("query",),
-                                decoder=self.decode)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                          collate_fn=_collate, pin_memory=self.device.type == "cuda")
-
     def _decoded_batches(self, items: list[EmbedItem], failed: dict) -> Iterator[tuple[list[EmbedItem], torch.Tensor]]:
         from fuselip_med.data.images import ImageDecodeError
 
@@ -171,20 +181,21 @@ class Embedder:
             pending.clear()
             return group, self._call_model(images=px, texts=texts)
 
-        for positions, pixels, skipped in self._loader(items):
-            for i, px, skip in zip(positions, pixels, skipped):
-                it = items[i]
-                if skip is not None:
-                    if self.on_error == "raise":
-                        raise skip.error or ImageDecodeError(skip.reason, str(it.image_key), skip.detail)
-                    failed[it.key] = skip.reason
-                    log.warning("skipping image %s: %s", it.image_key, skip.reason)
-                    continue
-                if pending and pending[0][0].kind != it.kind:
-                    yield flush()
-                pending.append((it, px))
-                if len(pending) == self.batch_size:
-                    yield flush()
+        for i, px, skip in decoded_images([it.image for it in items], batch_size=self.batch_size,
+                                          num_workers=self.num_workers, decode_options=self.decode_options,
+                                          decode=self.decode, pin_memory=self.device.type == "cuda"):
+            it = items[i]
+            if skip is not None:
+                if self.on_error == "raise":
+                    raise skip.error or ImageDecodeError(skip.reason, str(it.image_key), skip.detail)
+                failed[it.key] = skip.reason
+                log.warning("skipping image %s: %s", it.image_key, skip.reason)
+                continue
+            if pending and pending[0][0].kind != it.kind:
+                yield flush()
+            pending.append((it, px))
+            if len(pending) == self.batch_size:
+                yield flush()
         if pending:
             yield flush()
 
