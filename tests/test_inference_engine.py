@@ -143,3 +143,124 @@ def test_with_the_real_fuselip_encode_contract():
                               model.encode(images=px[1][None], texts=["rotate 90"]),
                               model.encode(images=px[2][None], texts=[""])])
     assert torch.allclose(table.lookup(it.key for it in items), expected, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ one engine
+def _png(path, rgb):
+    Image.new("RGB", (24, 16), rgb).save(path)
+    return path
+
+
+def _captioned_folder(root):
+    """Two PNGs and one file that is no PNG, each with a caption sidecar (the folder adapter's layout)."""
+    root.mkdir()
+    _png(root / "a.png", (200, 10, 10))
+    _png(root / "b.png", (10, 200, 10))
+    (root / "bad.png").write_bytes(b"not a png at all")
+    for name in ("a.png", "b.png", "bad.png"):
+        (root / f"{name}.txt").write_text(f"caption of {name}")
+    return root
+
+
+def test_an_undecodable_image_is_the_same_named_skip_in_embed_index_build_and_eval(tmp_path):
+    """embed, index build and eval name the bad file by its id with the reason training's SampleDataset gives."""
+    from fuselip_med.data.adapters import get_adapter
+    from fuselip_med.data.dataset import SampleDataset
+    from fuselip_med.data.skips import SkipReport
+    from fuselip_med.embed import embed_rows, open_input, rows_from_source
+    from fuselip_med.eval.tasks.context import EvalContext, EvalOptions
+    from fuselip_med.search.index import build_index, list_entries
+    from tests.search_helpers import PlantedEncoder
+
+    folder = _captioned_folder(tmp_path / "data")
+    source = get_adapter("folder")(str(folder), split="train")
+    training = [SampleDataset(source)[i] for i in range(len(source))]
+    expected = {item.id: item.reason for item in training if hasattr(item, "reason")}
+    assert set(expected) == {"bad.png"} and expected["bad.png"]
+
+    embed_skips = SkipReport()
+    _, kept, _ = embed_rows(HashModel(), rows_from_source(open_input(folder, "image"), "image"), progress=False,
+                            skips=embed_skips)
+    index_report = build_index(tmp_path / "index", list_entries(folder)[0], PlantedEncoder(),
+                               PlantedEncoder.model_id, progress=False)
+    ctx = EvalContext({"test": folder}, Embedder(HashModel(), progress=False), EvalOptions())
+    ctx.embed_image_caption("test")
+    eval_skips = ctx.skip_report()
+
+    for report in (embed_skips, index_report.skips, eval_skips):
+        assert isinstance(report, SkipReport)
+        assert [(e.id, e.reason) for e in report.entries] == [("bad.png", expected["bad.png"])]
+    assert [r.id for r in kept] == ["a.png", "b.png"] and index_report.n_rows == 2
+    assert index_report.skipped == {"bad.png": expected["bad.png"]}
+
+
+def test_one_content_hash_image_keys_are_the_index_hashes(tmp_path):
+    """No SHA-1 is left anywhere; ``content_hash`` has one definition; an image's key from its bytes is the
+    content hash the search index stores for the file holding those bytes."""
+    import re
+    from pathlib import Path
+
+    import fuselip_med
+    from fuselip_med.data.hashing import content_hash
+    from fuselip_med.search.index import build_index, list_entries, open_index
+    from tests.search_helpers import PlantedEncoder
+
+    root = Path(fuselip_med.__file__).parent.parent
+    sources = [p for folder in ("fuselip_med", "tests", "benchmarks", "data_tools")
+               for p in (root / folder).rglob("*.py")]
+    weak = [str(p) for p in sources if re.search(r"hashlib\.(sha1|new\(.sha1)", p.read_text(encoding="utf-8"))]
+    assert weak == []
+    definitions = [p for p in sources if re.search(r"^def content_hash\(", p.read_text(encoding="utf-8"), re.M)]
+    assert [p.relative_to(root).as_posix() for p in definitions] == ["fuselip_med/data/hashing.py"]
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    data = _png(folder / "a.png", (1, 2, 3)).read_bytes()
+    build_index(tmp_path / "index", list_entries(folder)[0], PlantedEncoder(), PlantedEncoder.model_id,
+                progress=False)
+    stored = open_index(tmp_path / "index").meta["content_hash"].tolist()
+    assert stored == [image_key(data)] == [content_hash(folder / "a.png")] == [content_hash(data)]
+    assert EmbedItem(image=data).key == ("image", stored[0])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_default_decoding_gives_the_data_layers_pixels(tmp_path, num_workers):
+    """Paths, bytes and PIL images decode to exactly ``decode_image``'s pixels, with or without workers."""
+    from fuselip_med.data.images import decode_image
+    from tests.test_eval_fakes import _pixels_key
+
+    paths = [_png(tmp_path / f"{i}.png", (40 * i, 10, 200 - 40 * i)) for i in range(3)]
+    inputs = [paths[0], paths[1].read_bytes(), Image.open(paths[2]).convert("RGB")]
+    model = HashModel()
+    table = embed_items(model, [EmbedItem(image=x) for x in inputs], batch_size=2, num_workers=num_workers,
+                        progress=False)
+    expected = torch.stack([model.row_vector(_pixels_key(decode_image(x)), None) for x in inputs])
+    assert torch.allclose(table.lookup(EmbedItem(image=x).key for x in inputs), expected)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_on_error_raise_gives_the_decoders_error_naming_the_file(tmp_path, num_workers):
+    from fuselip_med.data.images import ImageDecodeError
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png at all")
+    with pytest.raises(ImageDecodeError, match="bad.png") as caught:
+        embed_items(HashModel(), [EmbedItem(image=_png(tmp_path / "ok.png", (1, 2, 3))), EmbedItem(image=bad)],
+                    num_workers=num_workers, on_error="raise", progress=False)
+    assert caught.value.reason
+
+
+def test_export_gate_reference_set_skips_through_the_engine(tmp_path):
+    """The export gate's reference set is decoded by the same loop: the bad file is skipped with its reason."""
+    from fuselip_med.data.dataset import SampleDataset
+    from fuselip_med.export.gate import folder_reference
+
+    folder = _captioned_folder(tmp_path / "data")
+    reference = folder_reference(folder, image_size=32)
+    assert reference.ids == ["a.png", "b.png"] and reference.pixels.shape == (2, 3, 32, 32)
+    from fuselip_med.data.adapters import get_adapter
+
+    source = get_adapter("folder")(str(folder), split="train")
+    reason = next(item.reason for item in map(SampleDataset(source).__getitem__, range(len(source)))
+                  if hasattr(item, "reason"))
+    assert reference.skipped == {"bad.png": reason}
