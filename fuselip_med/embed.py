@@ -178,7 +178,8 @@ def stored_salt(path: str | os.PathLike) -> str | None:
 
 def write_unit_embeddings(path: str | os.PathLike, rows, model_id: str, unit: str, salt: str,
                           settings: dict) -> list[Path]:
-    """Series/study vectors (``units.UnitRow``) written atomically, keyed by salted keys only (no paths, no UIDs):
+    """Series/study vectors (``inference.units.UnitRow``) written atomically, keyed by salted keys only (no paths,
+    no UIDs):
 
     ``.npy``: [N, D] float32 unit vectors, ``<stem>.slices.npy`` [S, D] float32 slice vectors, ``<stem>.ids.json``
     {model, unit, settings, salt, ids [N], studies [N], slices: {ids [S], series [S], rows [S]}} (``rows``: the

@@ -5,8 +5,9 @@ task embed through it.
   input is named (``image_key``: a path, or the one content hash of ``data.hashing``).
 * ``table``: :class:`EmbeddingTable`, the unit-length vectors of unique inputs and the reason of each that failed.
 * ``engine``: :class:`Embedder` / ``embed_items``: unique inputs once, homogeneous batches, images decoded by
-  the data layer's ``SampleDataset`` in DataLoader workers (a bad image is a ``SkippedSample`` with its reason,
-  as in training), shared across processes with ``shard=True``.
+  the data layer's ``SampleDataset`` in DataLoader workers (``decoded_images``; a bad image is a
+  ``SkippedSample`` with its reason, as in training), shared across processes with ``shard=True``.
+* ``units``: series and study vectors pooled from the engine's slice vectors.
 
 The names below are imported on first use, so that importing the package does not import torch.
 """

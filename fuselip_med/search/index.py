@@ -834,9 +834,9 @@ def series_digest(series, unit_settings: dict) -> str:
 def _embed_series_chunk(model, kind: str, keys: list[str], source: dict[str, Any], settings: IndexSettings,
                         path: Path, *, options, out: Path, privacy: PrivacyOptions) -> None:
     """Embed the series of one chunk (``source``: {digest: Series}) through their sampled slices
-    (``units.embed_series``), write their thumbnails under ``thumbs/`` (``<slice key>.png``; none at burned-in
+    (``inference.units.embed_series``), write their thumbnails under ``thumbs/`` (``<slice key>.png``; none at burned-in
     risk unless ``privacy.allow_burned_in``) and the chunk (one key ``<digest>#<n>#<slice key>`` per slice)."""
-    from fuselip_med.units import embed_series
+    from fuselip_med.inference.units import embed_series
 
     slice_keys, vectors, failed = [], [], []
     for digest in keys:
@@ -874,7 +874,7 @@ def build_unit_index(out: str | os.PathLike, series: Sequence, model, model_id: 
                      privacy: PrivacyOptions = PrivacyOptions(), skips=None, rebuild: bool = False,
                      progress: bool = False) -> BuildReport:
     """Build or update a series or study index at ``out`` from ``series`` (``data.studies.Series``, keyed by
-    ``salt``), each embedded through its sampled slices (``options``: ``units.UnitOptions``).
+    ``salt``), each embedded through its sampled slices (``options``: ``inference.units.UnitOptions``).
 
     Incremental and resumable as ``build_index`` is, with the series as the item: a series is known by
     ``series_digest`` (content hashes of its instances + unit settings); an unchanged series reuses its stored
@@ -890,8 +890,8 @@ def build_unit_index(out: str | os.PathLike, series: Sequence, model, model_id: 
     ``skips`` (``data.skips.SkipReport``) by its key. Raises ``SearchIndexError`` when ``out`` holds an index
     of another model or unit (``rebuild`` replaces it) or when no series could be embedded.
     """
+    from fuselip_med.inference.units import UnitOptions
     from fuselip_med.locks import writer_lock
-    from fuselip_med.units import UnitOptions
 
     out = Path(out)
     check_writable(out)  # before any work: OutputError naming the folder
@@ -911,7 +911,7 @@ def _build_units(out: Path, series: Sequence, model, model_id: ModelId, unit: st
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from fuselip_med.units import SeriesEmbedding, pool, unit_rows
+    from fuselip_med.inference.units import SeriesEmbedding, pool, unit_rows
 
     report = BuildReport()
     previous = None if rebuild else _load_previous(out, report)
