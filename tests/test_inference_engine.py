@@ -264,3 +264,39 @@ def test_export_gate_reference_set_skips_through_the_engine(tmp_path):
     reason = next(item.reason for item in map(SampleDataset(source).__getitem__, range(len(source)))
                   if hasattr(item, "reason"))
     assert reference.skipped == {"bad.png": reason}
+
+
+def test_sample_dataset_decodes_the_sides_asked_for_with_an_evaluation_decoder():
+    """The engine's use of the data layer: query side only, a custom decoder whose ImageDecodeError is a skip."""
+    from fuselip_med.data.dataset import DecodedSample, SampleDataset, SkippedSample
+    from fuselip_med.data.images import ImageDecodeError
+    from fuselip_med.data.schema import Sample
+
+    class Source:
+        name = "one-sided"
+        samples = [Sample(id="ok", source="one-sided", query_image=_img(0)),
+                   Sample(id="bad", source="one-sided", query_image=_img(1))]
+
+        def __len__(self):
+            return len(self.samples)
+
+        def __getitem__(self, index):
+            return self.samples[index]
+
+    def decoder(image):
+        if torch.equal(image, _img(1)):
+            raise ImageDecodeError("corrupt", "bad.png")
+        return image.numpy()  # array-likes are turned into float32 tensors
+
+    both = SampleDataset(Source(), decoder=decoder)
+    assert isinstance(both[0], SkippedSample) and both[0].reason == "empty caption"  # no target side
+    query = SampleDataset(Source(), sides=("query",), decoder=decoder)
+    ok, bad = query[0], query[1]
+    assert isinstance(ok, DecodedSample) and torch.equal(ok.query.pixels, _img(0))
+    assert ok.query.pixels.dtype == torch.float32
+    assert not ok.target.has_image and ok.target.text is None
+    assert isinstance(bad, SkippedSample) and bad.reason == "corrupt" and isinstance(bad.error, ImageDecodeError)
+    with pytest.raises(ValueError, match="train=False"):
+        SampleDataset(Source(), train=True, decoder=decoder)
+    with pytest.raises(ValueError, match="sides"):
+        SampleDataset(Source(), sides=("left",))
