@@ -27,6 +27,7 @@ from fuselip_med.inference.engine import Embedder
 from fuselip_med.inference.items import EmbedItem, sample_image_key
 
 from .. import classification as cls
+from ..tgit import TgitRows
 from . import ROLES, role_of_key
 
 __all__ = ["DataEntry", "EvalOptions", "EvalContext", "ImageCaption", "resolve_data", "describe", "describe_data",
@@ -80,7 +81,7 @@ class EvalOptions:
     out_dir: str | None = None          # where tasks write their row lists (protocol IDs, leakage.csv)
     phash_distance: int = 8             # leakage: pHash Hamming distance counted as a near-duplicate
     leak_cosine: float = 0.95           # leakage: image-embedding cosine counted as a near-duplicate
-    tgit_rows: str | None = None
+    tgit_rows: TgitRows | None = None  # read once by run_evaluation
 
 
 def _is_path(value: Any) -> bool:
