@@ -273,12 +273,12 @@ def test_sample_dataset_decodes_the_sides_asked_for_with_an_evaluation_decoder()
     """The engine's use of the data layer: query side only, a custom decoder whose ImageDecodeError is a skip."""
     from fuselip_med.data.dataset import DecodedSample, SampleDataset, SkippedSample
     from fuselip_med.data.images import ImageDecodeError
-    from fuselip_med.data.schema import Sample
+    from fuselip_med.data.schema import Sample, SampleSide
 
     class Source:
         name = "one-sided"
-        samples = [Sample(id="ok", source="one-sided", query_image=_img(0)),
-                   Sample(id="bad", source="one-sided", query_image=_img(1))]
+        samples = [Sample(id="ok", source="one-sided", query=SampleSide(image=_img(0))),
+                   Sample(id="bad", source="one-sided", query=SampleSide(image=_img(1)))]
 
         def __len__(self):
             return len(self.samples)

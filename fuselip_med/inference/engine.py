@@ -42,9 +42,9 @@ class _Images:
         return len(self.images)
 
     def __getitem__(self, index: int):
-        from fuselip_med.data.schema import Sample
+        from fuselip_med.data.schema import Sample, SampleSide
 
-        return Sample(id=str(index), source=self.name, query_image=self.images[index])
+        return Sample(id=str(index), source=self.name, query=SampleSide(image=self.images[index]))
 
 
 def _collate(decoded: list) -> tuple[list[int], list[torch.Tensor | None], list]:
