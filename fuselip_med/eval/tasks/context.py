@@ -26,6 +26,7 @@ from fuselip_med.errors import InputError, UsageError
 
 from .. import classification as cls
 from ..embedding import Embedder, EmbedItem, sample_image_key
+from ..tgit import TgitRows
 from . import ROLES, role_of_key
 
 __all__ = ["DataEntry", "EvalOptions", "EvalContext", "ImageCaption", "resolve_data", "describe", "describe_data",
@@ -79,7 +80,7 @@ class EvalOptions:
     out_dir: str | None = None          # where tasks write their row lists (protocol IDs, leakage.csv)
     phash_distance: int = 8             # leakage: pHash Hamming distance counted as a near-duplicate
     leak_cosine: float = 0.95           # leakage: image-embedding cosine counted as a near-duplicate
-    tgit_rows: str | None = None
+    tgit_rows: TgitRows | None = None  # read once by run_evaluation
 
 
 def _is_path(value: Any) -> bool:
@@ -167,8 +168,8 @@ def _image_caption(source) -> ImageCaption:
     out.skipped.extend(getattr(source, "skipped", None))  # rows the adapter could not use, named
     for i in range(len(source)):
         s = source[i]
-        image = s.query_image if s.query_image is not None else s.target_image
-        caption = s.target_text if s.target_text else s.query_text
+        image = s.query.image if s.query.image is not None else s.target.image
+        caption = s.target.text if s.target.text else s.query.text
         if image is None or not caption:
             out.skipped.add(s.id, out.name, "no image" if image is None else "no caption")
             continue
