@@ -189,6 +189,8 @@ def test_map_maximum_lands_on_the_region_the_similarity_depends_on(fill, top, le
     flat = torch.full_like(pixels, 0.4)  # the same image without its finding
     game = pointing_game(model, explainer, [Case(pixels, "a textured finding", without=flat)], [mask])
     assert game.value == 1.0 and game.passed and "the finding raises the similarity in 1 of 1 images" in game.detail
+    unseen = pointing_game(model, explainer, [Case(pixels, "a textured finding", without=pixels)], [mask])
+    assert "raises the similarity in 0 of 1 images (median gain +0.0000)" in unseen.detail
     elsewhere = np.roll(mask, (128, 96), axis=(0, 1))
     assert pointing_game(model, explainer, [Case(pixels, "x")], [elsewhere]).value == 0
 
