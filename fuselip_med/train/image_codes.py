@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
 from fuselip_med.data.dataset import ImageViews
+from fuselip_med.data.hashing import content_hash
 from fuselip_med.data.schema import SIDES
 from fuselip_med.data.token_cache import (
     PARTS_DIR,
@@ -30,7 +31,6 @@ from fuselip_med.data.token_cache import (
     SampleImage,
     ShardedCodeCache,
     ViewSpec,
-    content_hash,
     load_file_memo,
     row_key,
     save_file_memo,
