@@ -92,9 +92,9 @@ def evaluates(recipe: Recipe) -> bool:
 
 def eval_image_keys(sources: Mapping[str, Any], spec: ViewSpec, memo: dict[str, list],
                     images: dict[str, tuple[str, SampleImage]]) -> dict[str, str]:
-    """{evaluation image key (``eval.embedding.image_key``): cache row key} of every image of the eval
+    """{evaluation image key (``inference.items.sample_image_key``): cache row key} of every image of the eval
     ``sources`` ({name: SampleSource}); fills ``images`` like ``source_entries``, so a cache build covers them."""
-    from fuselip_med.eval.embedding import image_key
+    from fuselip_med.inference.items import sample_image_key
 
     keys: dict[str, str] = {}
     for source in sources.values():
@@ -102,7 +102,7 @@ def eval_image_keys(sources: Mapping[str, Any], spec: ViewSpec, memo: dict[str, 
             sample = source[index]
             for side, entry in zip(SIDES, row):
                 if entry is not None:
-                    keys[image_key(sample.side(side).image)] = entry[1]
+                    keys[sample_image_key(sample, sample.side(side).image)] = entry[1]
     return keys
 
 
@@ -160,7 +160,7 @@ def _ensure_code_cache(root: Path, spec: ViewSpec, images: dict[str, tuple[str, 
 
 class AttachedCodes(NamedTuple):
     """What ``attach_image_codes`` set up: the cache (None without one) and the plain-view codes of the
-    evaluation images ({``image_key``: int64 ``[128]``}, for ``Embedder(image_codes=...)``; empty without a
+    evaluation images ({``sample_image_key``: int64 ``[128]``}, for ``Embedder(image_codes=...)``; empty without a
     cache or evaluation)."""
 
     cache: ShardedCodeCache | None
