@@ -305,6 +305,9 @@ def gated_export(model, out: str | os.PathLike, reference: ReferenceSet, *, sour
     tolerances = tolerances or Tolerances.for_precision(precision)
     _check_out(out)
     int8 = int8 or Int8Settings()
+    if int8.titok_fp32_blocks > model.config.titok.layers:
+        raise ExportSetupError(f"--titok-fp32-blocks {int8.titok_fp32_blocks}: this TiTok has "
+                               f"{model.config.titok.layers} blocks.")
     static = precision == "int8" and int8.mode == "static"
     calibration = (calibration or reference) if static else None
     staging = temp_directory(out)

@@ -36,7 +36,8 @@ from fuselip_med.io import atomic_write_json
 if TYPE_CHECKING:
     from fuselip_med.export.quantize import CalibrationInputs, Int8Settings
 
-__all__ = ["EXPORT_CONFIG", "ENCODER_GRAPH", "FORMAT", "PRECISIONS", "TITOK_GRAPH", "export_graphs", "write_export"]
+__all__ = ["EXPORT_CONFIG", "ENCODER_GRAPH", "FORMAT", "PRECISIONS", "TITOK_GRAPH", "export_graphs", "graph_signatures",
+           "write_export"]
 
 FORMAT = "fuselip_med-onnx"
 FORMAT_VERSION = 1
@@ -108,7 +109,12 @@ def export_graphs(model: FuseLIP, directory: str | os.PathLike) -> dict[str, dic
     length = Dim("length", min=2, max=cfg.context_length)
     _export(_EmbeddingGraph(model), ids, directory / ENCODER_GRAPH, "input_ids", "embeddings",
             {0: batch, 1: length})
-    n = cfg.num_image_tokens
+    return graph_signatures(cfg)
+
+
+def graph_signatures(cfg: FuseLIPConfig) -> dict[str, dict[str, Any]]:
+    """The graphs' files and input/output descriptions for config.json."""
+    size, n = cfg.titok.image_size, cfg.num_image_tokens
     return {
         "titok": {"file": TITOK_GRAPH, "inputs": {"pixels": f"[B, 3, {size}, {size}] float32 in [0, 1]"},
                   "outputs": {"codes": f"[B, {n}] int64 in [0, {cfg.codebook_size})"}},
@@ -120,12 +126,14 @@ def export_graphs(model: FuseLIP, directory: str | os.PathLike) -> dict[str, dic
 
 def write_export(model: FuseLIP, directory: str | os.PathLike, *, precision: Precision = "fp32",
                  int8: "Int8Settings | None" = None, calibration: "CalibrationInputs | None" = None,
-                 source: dict[str, str] | None = None) -> dict[str, Any]:
+                 source: dict[str, str] | None = None, traced: str | os.PathLike | None = None) -> dict[str, Any]:
     """Write a complete export (graphs, tokenizer files, config.json) of ``model`` into ``directory``.
 
     ``int8``: how to quantize when ``precision`` is int8 (default ``Int8Settings()``: dynamic, both graphs);
     ``calibration``: the feeds static quantization calibrates on. ``source``: what the export was made from
-    (``{"name": ..., "fingerprint": ...}``), recorded in config.json. Returns the config.json content.
+    (``{"name": ..., "fingerprint": ...}``), recorded in config.json. ``traced``: a folder holding this model's
+    fp32 ``titok.onnx`` and ``encoder.onnx`` (an earlier fp32 export), copied instead of tracing again (the
+    benchmark quantizes one trace several ways). Returns the config.json content.
     ``ValueError`` for an unknown precision, an int8 setting that does not fit, or static mode without calibration.
     """
     import onnxruntime
@@ -137,7 +145,13 @@ def write_export(model: FuseLIP, directory: str | os.PathLike, *, precision: Pre
     if not isinstance(getattr(model, "config", None), FuseLIPConfig):
         raise ValueError(f"only FuseLIP (early fusion) models export to ONNX, not {type(model).__name__}")
     directory = Path(directory)
-    graphs = export_graphs(model, directory)
+    if traced is None:
+        graphs = export_graphs(model, directory)
+    else:
+        directory.mkdir(parents=True, exist_ok=True)
+        for name in (TITOK_GRAPH, ENCODER_GRAPH):
+            shutil.copyfile(Path(traced) / name, directory / name)
+        graphs = graph_signatures(model.config)
     quantized = quantize_int8(directory, int8 or Int8Settings(), calibration) if precision == "int8" else None
     shutil.copyfile(DEFAULT_BPE_PATH, directory / BPE_FILE)
     shutil.copyfile(Path(DEFAULT_BPE_PATH).with_name(BPE_LICENSE), directory / BPE_LICENSE)

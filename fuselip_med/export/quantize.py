@@ -29,6 +29,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from fuselip_med.errors import UserError
 from fuselip_med.vocab import PAD_TOKEN_ID
 
 __all__ = ["CALIBRATION_METHODS", "DYNAMIC_OPS", "INT8_MODES", "INT8_SCOPES", "STATIC_OPS", "CalibrationInputs",
@@ -45,7 +46,7 @@ TITOK_MATMULS_PER_BLOCK = 6
 attention @ v, output projection, MLP in, MLP out (``core.titok._Block``)."""
 
 
-class Int8SettingsError(ValueError):
+class Int8SettingsError(UserError, ValueError):
     """An int8 setting that does not exist or does not fit the model (message names it)."""
 
 
@@ -61,13 +62,12 @@ class Int8Settings:
     titok_fp32_blocks: int = 0
 
     def __post_init__(self) -> None:
-        for name, allowed in (("mode", INT8_MODES), ("scope", INT8_SCOPES),
-                              ("calibration_method", CALIBRATION_METHODS)):
+        for name, option, allowed in (("mode", "--int8-mode", INT8_MODES), ("scope", "--int8-scope", INT8_SCOPES),
+                                      ("calibration_method", "--calibration-method", CALIBRATION_METHODS)):
             if getattr(self, name) not in allowed:
-                raise Int8SettingsError(f"int8 {name.replace('_', ' ')} {getattr(self, name)!r}: choose one of "
-                                        f"{', '.join(allowed)}")
+                raise Int8SettingsError(f"{option} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
         if self.titok_fp32_blocks < 0:
-            raise Int8SettingsError(f"TiTok fp32 blocks {self.titok_fp32_blocks}: give 0 or more")
+            raise Int8SettingsError(f"--titok-fp32-blocks {self.titok_fp32_blocks}: give 0 or more")
 
     def graphs(self) -> list[str]:
         from fuselip_med.export.onnx import ENCODER_GRAPH, TITOK_GRAPH
@@ -115,7 +115,7 @@ def titok_block_matmuls(graph_path: str | os.PathLike, last_blocks: int) -> list
                if node.op_type == "MatMul"]
     blocks = len(matmuls) // TITOK_MATMULS_PER_BLOCK
     if len(matmuls) % TITOK_MATMULS_PER_BLOCK or last_blocks > blocks:
-        raise Int8SettingsError(f"TiTok fp32 blocks {last_blocks}: the TiTok graph has {blocks} blocks "
+        raise Int8SettingsError(f"--titok-fp32-blocks {last_blocks}: the TiTok graph has {blocks} blocks "
                                 f"({len(matmuls)} MatMuls)")
     return matmuls[len(matmuls) - last_blocks * TITOK_MATMULS_PER_BLOCK:] if last_blocks else []
 
