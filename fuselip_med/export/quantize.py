@@ -139,7 +139,7 @@ def _no_preprocessing_advice(record: logging.LogRecord) -> bool:
     """Drop the quantizers' root-logger advice to run ``quant_pre_process`` first: its symbolic shape inference
     fails on the graphs of the dynamo exporter (onnxruntime 1.32, ``TypeError`` in a MatMul shape), so it is not
     run."""
-    return not record.getMessage().startswith("Please consider to run pre-processing")
+    return not record.getMessage().startswith(("Please consider to run pre-processing", "Please consider pre-processing"))
 
 
 def quantize_int8(directory: str | os.PathLike, settings: Int8Settings = Int8Settings(),
