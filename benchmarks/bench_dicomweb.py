@@ -49,7 +49,8 @@ def main() -> None:
         DicomwebServer,
         sync_instances,
     )
-    from fuselip_med.search.index import IndexEntry, IndexSettings, ModelId, build_index, list_entries
+    from fuselip_med.data.phi import Pseudonyms
+    from fuselip_med.search.index import IndexEntry, IndexSettings, ModelId, build_index, index_salt, list_entries
     from tests.dicom_series import write_series
     from tests.orthanc import start_orthanc
 
@@ -72,8 +73,9 @@ def main() -> None:
             pacs = DicomwebServer(server.dicomweb, user=server.user)
 
             start = time.perf_counter()
-            entries, _ = list_entries(folder)
-            build_index(tmp / "disk_index", entries, model, model_id, settings, progress=False)
+            salt = index_salt(tmp / "disk_index")
+            entries, _ = list_entries(folder, pseudonyms=Pseudonyms(salt))
+            build_index(tmp / "disk_index", entries, model, model_id, settings, progress=False, salt=salt)
             rows.append(("disk: index build over the folder", n, time.perf_counter() - start))
 
             for concurrent in (1, 4):

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fuselip_med.data.phi import PrivacyOptions
 from fuselip_med.search.index import ModelId
 from tests.test_images import write_ct as write_stored_ct
 
@@ -31,6 +32,10 @@ def write_ct(path: Path, hu: float = 40.0, size: int = 32, window=(400.0, 40.0))
     stored = np.full((size, size), hu + 1024, dtype=np.int16)
     stored[: size // 2] = -1000 + 1024
     return write_stored_ct(path, stored, window=window)
+
+
+# make_folder holds ct.dcm; the tests that list it by path opt in to storing DICOM paths, as a user must
+KEEP_PATHS = PrivacyOptions(keep_paths=True)
 
 
 def make_folder(root: Path, patterned: bool = False) -> Path:

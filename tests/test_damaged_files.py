@@ -12,11 +12,11 @@ from typer.testing import CliRunner
 from fuselip_med.cli import app
 from fuselip_med.search.index import IndexDamagedError, IndexSettings, ModelId, build_index, list_entries, open_index
 from fuselip_med.search.query import check_model
-from tests.search_helpers import PlantedEncoder, make_folder
+from tests.search_helpers import KEEP_PATHS, PlantedEncoder, make_folder
 
 
 def build(folder: Path, out: Path):
-    entries, _ = list_entries(folder)
+    entries, _ = list_entries(folder, privacy=KEEP_PATHS)
     encoder = PlantedEncoder()
     return build_index(out, entries, encoder, encoder.model_id, IndexSettings(), progress=False)
 

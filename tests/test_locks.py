@@ -45,14 +45,14 @@ def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
 BUILD = """
 import sys, time
 from fuselip_med.search.index import IndexSettings, build_index, list_entries
-from tests.search_helpers import PlantedEncoder
+from tests.search_helpers import KEEP_PATHS, PlantedEncoder
 
 class Slow(PlantedEncoder):
     def encode(self, **kw):
         time.sleep(0.2)
         return super().encode(**kw)
 
-entries, _ = list_entries(sys.argv[1])
+entries, _ = list_entries(sys.argv[1], privacy=KEEP_PATHS)
 try:
     report = build_index(sys.argv[2], entries, Slow(), Slow.model_id, IndexSettings(chunk_size=1, batch_size=1),
                          progress=False)

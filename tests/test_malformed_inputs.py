@@ -9,7 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 from fuselip_med.cli import app
-from tests.search_helpers import PlantedEncoder, make_folder
+from tests.search_helpers import KEEP_PATHS, PlantedEncoder, make_folder
 
 
 def commands(group=None, path=()):
@@ -57,7 +57,7 @@ def inputs(tmp_path_factory):
     latin.write_bytes(f"path,caption\n{folder / 'red.png'},épanchement pleural\n".encode("latin-1"))
     from fuselip_med.search.index import IndexSettings, build_index, list_entries
 
-    entries, _ = list_entries(folder)
+    entries, _ = list_entries(folder, privacy=KEEP_PATHS)
     encoder = PlantedEncoder()
     build_index(root / "index", entries, encoder, encoder.model_id, IndexSettings(), progress=False)
 

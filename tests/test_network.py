@@ -73,3 +73,26 @@ def test_bad_network_settings_are_one_line(monkeypatch):
     monkeypatch.setenv(network.TIMEOUT_ENV, "soon")
     with pytest.raises(network.UserError, match=network.TIMEOUT_ENV):
         network.network_settings()
+
+
+@pytest.mark.timeout(120)
+def test_a_dataset_from_a_silent_endpoint_ends_in_one_line_naming_it(silent_endpoint, tmp_path, monkeypatch):
+    """``datasets`` downloads through huggingface_hub's client: without the timeout this hung for good, with the
+    timeout alone it took 396 s (``datasets`` retries each file with its own backoff)."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", silent_endpoint)
+    monkeypatch.setattr(datasets.config, "HUB_DATASETS_URL",
+                        silent_endpoint + "/datasets/{repo_id}/resolve/{revision}/{path}")
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        silent_endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    from fuselip_med.data.adapters import get_adapter
+
+    start = time.perf_counter()
+    with pytest.raises(network.NetworkError) as error:
+        get_adapter("rocov2")("eltorio/ROCOv2-radiology", split="train", cache_dir=str(tmp_path / "cache"))
+    assert silent_endpoint in str(error.value)
+    assert "did not answer while loading ROCOv2 eltorio/ROCOv2-radiology" in str(error.value)
+    assert time.perf_counter() - start < 60

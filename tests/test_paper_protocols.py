@@ -169,3 +169,17 @@ def test_eval_cli_reads_tgit_rows_before_any_work(tmp_path):
     result = CliRunner().invoke(cli.app, ["eval", "-m", "tiny", "-t", "tgit", "-d", f"tgit:cc={tmp_path}",
                                           "--tgit-rows", str(bad)])
     assert result.exit_code == 2 and "more than once" in result.output and "Traceback" not in result.output
+
+
+def test_tgit_rows_are_read_once_for_all_tasks(tmp_path, monkeypatch):
+    import fuselip_med.eval.tgit as tgit
+
+    csv = write_cc_csv(tmp_path / "cc3m", 6, missing=set())
+    (tmp_path / "rows.txt").write_text("5\n1\n")
+    reads = []
+    real = tgit.read_row_list
+    monkeypatch.setattr(tgit, "read_row_list", lambda spec: reads.append(spec) or real(spec))
+    out = run_evaluation(PlantedModel(), ["tgit", "tgit-unique"], {"tgit:cc": str(csv)}, tmp_path / "o",
+                         progress=False, tgit_rows=str(tmp_path / "rows.txt"))
+    assert len(reads) == 1
+    assert out["tasks"]["tgit"]["n_images"] == out["tasks"]["tgit-unique"]["n_images"] == 2

@@ -177,8 +177,7 @@ def test_series_page_shows_study_series_and_best_slice(tmp_path):
                                      "--device", "cpu"])
     assert built.exit_code == 0, built.output
     keys = Pseudonyms(json.loads((tmp_path / "series_index" / "manifest.json").read_text())["salt"])
-    query = tmp_path / "query.dcm"  # the page takes .dcm uploads; the slice itself is named IM1000xx
-    shutil.copy(bright["files"][25.0], query)
+    query = bright["files"][25.0]  # named IM1000xx, no extension, as PACS exports write them
     url, process, log = serve_index(tmp_path, tmp_path / "series_index")
     try:
         with sync_playwright() as playwright:

@@ -24,13 +24,13 @@ from fuselip_med.search.index import (
     open_index,
 )
 from fuselip_med.search.query import check_model, more_like_this, search
-from tests.search_helpers import PlantedEncoder, make_folder, write_png
+from tests.search_helpers import KEEP_PATHS, PlantedEncoder, make_folder, write_png
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def build(folder: Path, out: Path, **settings) -> object:
-    entries, _ = list_entries(folder)
+    entries, _ = list_entries(folder, privacy=KEEP_PATHS)
     encoder = PlantedEncoder()
     return build_index(out, entries, encoder, encoder.model_id, IndexSettings(**settings), progress=False)
 
@@ -101,14 +101,14 @@ KILLABLE = """
 import sys, time
 sys.path.insert(0, {root!r})
 from fuselip_med.search.index import IndexSettings, build_index, list_entries
-from tests.search_helpers import PlantedEncoder
+from tests.search_helpers import KEEP_PATHS, PlantedEncoder
 
 class Slow(PlantedEncoder):
     def encode(self, **kw):
         time.sleep(0.4)
         return super().encode(**kw)
 
-entries, _ = list_entries({folder!r})
+entries, _ = list_entries({folder!r}, privacy=KEEP_PATHS)
 build_index({out!r}, entries, Slow(), Slow.model_id, IndexSettings(chunk_size=1, batch_size=1), progress=False)
 """
 
@@ -146,7 +146,7 @@ def test_two_processes_embed_their_shards_and_the_main_one_merges(folder, tmp_pa
         def wait_for_everyone(self):
             barrier.wait()
 
-    entries, _ = list_entries(folder)
+    entries, _ = list_entries(folder, privacy=KEEP_PATHS)
     encoder, settings, out = PlantedEncoder(), IndexSettings(chunk_size=2), tmp_path / "sharded"
     reports = {}
 
@@ -172,7 +172,7 @@ def test_model_mismatch_is_refused(folder, tmp_path):
     other = ModelId("other", "0123456789abcdef")
     with pytest.raises(SearchIndexError, match="built with model planted@.*rebuild"):
         check_model(index, other)
-    entries, _ = list_entries(folder)
+    entries, _ = list_entries(folder, privacy=KEEP_PATHS)
     with pytest.raises(SearchIndexError, match="--rebuild"):
         build_index(tmp_path / "index", entries, PlantedEncoder(), other, progress=False)
     report = build_index(tmp_path / "index", entries, PlantedEncoder(), other, rebuild=True, progress=False)
@@ -220,3 +220,20 @@ def test_auto_index_type_switches_at_the_threshold():
     with pytest.raises(ValueError, match="index type"):
         IndexSettings(index_type="lsh")  # type: ignore[arg-type]
 
+
+
+def test_listing_dicom_without_pseudonyms_is_refused_so_no_path_is_stored(tmp_path):
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    from fuselip_med.data.phi import Pseudonyms, new_salt
+    from fuselip_med.errors import UsageError
+
+    folder = tmp_path / "DOE^JOHN_1950"  # PACS exports name folders after patients
+    folder.mkdir()
+    shutil.copy(get_testdata_file("CT_small.dcm"), folder / "img.dcm")
+    with pytest.raises(UsageError, match="pseudonyms"):
+        list_entries(folder)
+    entries, _ = list_entries(folder, pseudonyms=Pseudonyms(new_salt()))
+    assert [e.dicom for e in entries] == [True] and "DOE" not in entries[0].id and "img" not in entries[0].id

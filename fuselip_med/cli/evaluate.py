@@ -87,7 +87,7 @@ def eval_command(
     from fuselip_med.eval.runner import check_tasks, run_evaluation
     from fuselip_med.eval.suite import missing_subsets
     from fuselip_med.eval.tasks.zero_shot import read_labels, read_templates
-    from fuselip_med.eval.tgit import read_row_list
+    from fuselip_med.eval.tgit import TgitRows
     from fuselip_med.io import check_writable
 
     options = table_options(path_column=path_column, caption_column=caption_column, id_column=id_column, sep=sep,
@@ -101,9 +101,8 @@ def eval_command(
         data_map = {**suite_map, **data_map}
     elif data_root is not None:
         data_map = {**suite_data(suite or "paper", data_root, chosen), **data_map}
-    tgit_rows = tgit_rows or ("official" if suite == "paper" else None)
-    if tgit_rows is not None:
-        read_row_list(tgit_rows)
+    tgit_spec = tgit_rows or ("official" if suite == "paper" else None)
+    rows = TgitRows.of(tgit_spec) if tgit_spec is not None else None  # a bad file fails before the model loads
     if check_leakage is not None:
         key, path = leakage_data(check_leakage)
         data_map[key] = path
@@ -118,7 +117,7 @@ def eval_command(
     eval_options = dict(seed=seed, pool_size=pool_size, n_pools=n_pools, batch_size=batch_size,
                         num_workers=num_workers, labels=class_names, templates=prompt_templates,
                         label_field=label_column, allow_partial=allow_partial, source_options=options,
-                        tgit_rows=tgit_rows, prompts=prompts, uncertain=uncertain, threshold_rule=threshold_rule,
+                        tgit_rows=rows, prompts=prompts, uncertain=uncertain, threshold_rule=threshold_rule,
                         n_boot=bootstrap, phash_distance=phash_distance, leak_cosine=leak_cosine,
                         exclude_leaked=exclude_leaked)
     if len(model) > 1:

@@ -22,6 +22,7 @@ from .embedding import Embedder
 from .report import EvalReport, TaskResult, now_iso, package_version, write_report
 from .tasks import TASKS, get_task, missing_roles, runner_of
 from .tasks.context import EvalContext, EvalOptions, describe_data
+from .tgit import TgitRows
 
 __all__ = ["TASKS", "run_evaluation", "check_tasks"]
 
@@ -90,7 +91,7 @@ def run_evaluation(
     label_field: str = "label",
     mmeb_subsets: Sequence[str] | None = None,
     vg_images: int = 100,
-    tgit_rows: str | None = None,
+    tgit_rows: str | os.PathLike | TgitRows | None = None,
     on_error: str = "skip",
     allow_partial: bool = False,
     source_options: Mapping[str, Any] | None = None,
@@ -111,7 +112,8 @@ def run_evaluation(
     images that fail to decode out and counts them per task under ``skipped``. ``labels``/``templates``/
     ``label_field``: the zero-shot task's classes, prompt templates (``{c}`` = class name) and label key.
     ``mmeb_subsets``: evaluate only these MMEB subsets; ``vg_images``: images of the VG-Crop evaluation.
-    ``tgit_rows``: ``"official"`` or a file listing the source rows TGIT uses (default: the first ``tgit_images``).
+    ``tgit_rows``: ``"official"``, a file listing the source rows TGIT uses, or a ``TgitRows`` already read (default:
+    the first ``tgit_images``); read once, before any embedding.
     Raises ``ValueError`` for an unknown task or missing data before any embedding.
 
     Image-caption tasks record ``n_listed`` (rows the data listed), ``n_evaluated`` and ``skipped`` (reason ->
@@ -134,6 +136,7 @@ def run_evaluation(
                          f"{', '.join(THRESHOLD_RULES)} and n_boot >= 1; got {uncertain!r}, {threshold_rule!r}, "
                          f"{n_boot}")
     tasks = check_tasks(tasks, data)
+    rows = TgitRows.of(tgit_rows) if tgit_rows is not None else None
     if device is not None and hasattr(model, "to"):
         model = model.to(device)
     embedder = Embedder(model, batch_size=batch_size, num_workers=num_workers, decode=decode,
@@ -145,7 +148,7 @@ def run_evaluation(
                        labels=tuple(labels) if labels is not None else None,
                        templates=tuple(templates) if templates is not None else None, label_field=label_field,
                        mmeb_subsets=tuple(mmeb_subsets) if mmeb_subsets is not None else None, vg_images=vg_images,
-                       tgit_rows=tgit_rows,
+                       tgit_rows=rows,
                        prompts=os.fspath(prompts) if prompts is not None else None, uncertain=uncertain,
                        threshold_rule=threshold_rule, n_boot=n_boot, out_dir=os.fspath(out_dir),
                        phash_distance=phash_distance, leak_cosine=leak_cosine)

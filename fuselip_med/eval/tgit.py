@@ -29,6 +29,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,22 @@ def evaluate_tgit_pools(embedder: Embedder, pools: Mapping[str, Sequence[Any]]) 
     out = summarize_tgit(correct)
     out["n_pools_scored"] = int(sum(len(v) for v in correct.values()))
     return out
+
+
+@dataclass(frozen=True)
+class TgitRows:
+    """The TGIT source rows, read once where the user names them (the CLI or ``run_evaluation``): ``rows`` the
+    0-based CSV rows in order, ``source`` what named them (``"official"`` or the file's path)."""
+
+    source: str
+    rows: tuple[int, ...]
+
+    @classmethod
+    def of(cls, spec: str | os.PathLike | TgitRows) -> TgitRows:
+        """``spec`` itself when already read, else ``read_row_list(spec)``; raises its ``UsageError``."""
+        if isinstance(spec, TgitRows):
+            return spec
+        return cls(os.fspath(spec), tuple(read_row_list(spec)))
 
 
 def read_row_list(spec: str | os.PathLike) -> list[int]:

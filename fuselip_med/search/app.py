@@ -28,7 +28,6 @@ from fuselip_med.search.query import Hit, more_like_this, search  # noqa: E402
 
 __all__ = ["build_app", "public_record", "results_table", "serve", "thumbnail"]
 
-UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".dcm", ".dicom"]
 CSS = "#status th:nth-child(-n+2), #status td:nth-child(-n+2) { white-space: nowrap; }"
 
 
@@ -197,7 +196,7 @@ def build_app(index: SearchIndex, model, k: int = 12, viewer_url: str | None = N
             with gr.Column(scale=1, min_width=280):
                 text = gr.Textbox(label="Search text", placeholder="CT with a left pleural effusion",
                                   elem_id="query-text")
-                upload = gr.File(label="Query image (PNG, JPEG or DICOM)", file_types=UPLOAD_TYPES, type="filepath",
+                upload = gr.File(label="Query image (PNG, JPEG or DICOM)", type="filepath",
                                  elem_id="query-image")
                 shown = gr.Image(label="Query image", interactive=False, height=180, elem_id="query-preview")
                 instruction = gr.Textbox(label="Instruction (optional, fused with the image)",

@@ -227,16 +227,17 @@ class IndexEntry:
 
 
 def list_entries(input: str | os.PathLike, adapter: str = "folder", split: str = "train",
-                 pseudonyms: Pseudonyms | None = None,
+                 pseudonyms: Pseudonyms | None = None, privacy: PrivacyOptions = PrivacyOptions(),
                  **adapter_options: Any) -> tuple[list[IndexEntry], collections.Counter]:
     """The images (with their captions where present) a dataset adapter lists, as ``embed`` reads them.
 
     ``adapter``: a registered adapter name (``folder``/``csv`` for folders incl. DICOM and CSV/TSV tables,
     ``rocov2``, ...). With ``pseudonyms``, DICOM files are marked (no path written, own thumbnail; source
     ``dicom``) and, where ids are paths (``folder``/``csv``), named by salted instance keys
-    (``embed.pseudonymize_rows``). Returns (entries sorted by id, skip counts by
-    reason incl. the adapter's own). Raises ``DatasetEmptyError``/``FileNotFoundError`` from the adapter and
-    ``KeyError`` for an unknown adapter.
+    (``embed.pseudonymize_rows``). Without ``pseudonyms``, a folder/CSV listing DICOM files is refused
+    (``UsageError``: their paths would be the ids, and stored; PS3.15 Annex E) unless ``privacy.keep_paths``
+    asks for exactly that. Returns (entries sorted by id, skip counts by reason incl. the adapter's own). Raises
+    ``DatasetEmptyError``/``FileNotFoundError`` from the adapter and ``KeyError`` for an unknown adapter.
     """
     from fuselip_med.data.adapters import get_adapter
     from fuselip_med.data.skips import SkipReport
@@ -251,6 +252,13 @@ def list_entries(input: str | os.PathLike, adapter: str = "folder", split: str =
     rows = rows_from_source(source, "image")
     for row in rows:
         row.text = captions.get(row.id) or None
+    if pseudonyms is None and not privacy.keep_paths and adapter in ("folder", "csv"):
+        from fuselip_med.data.images import is_dicom
+
+        if any(isinstance(row.image, (str, os.PathLike)) and is_dicom(row.image) for row in rows):
+            raise UsageError(f"{input} holds DICOM files: pass pseudonyms=Pseudonyms(index_salt(out)) (and that "
+                             "salt to build_index) so they are named by salted instance keys, not by their paths "
+                             "(PACS exports name folders after patients), or privacy=PrivacyOptions(keep_paths=True)")
     if pseudonyms is not None:
         duplicates = SkipReport()
         rows = pseudonymize_rows(rows, pseudonyms, skips=duplicates, rename=adapter in ("folder", "csv"))

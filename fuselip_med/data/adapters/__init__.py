@@ -34,6 +34,7 @@ __all__ = [
     "clean_caption",
     "csv_rows",
     "get_adapter",
+    "load_hub_dataset",
     "register_adapter",
 ]
 
@@ -52,6 +53,32 @@ class BadRowError(UserError, ValueError):
     def __init__(self, message: str, reason: str):
         super().__init__(message)
         self.reason = reason
+
+
+def load_hub_dataset(hub_id: str, split: str, name: str, how_to_get: str, **kwargs):
+    """``datasets.load_dataset(hub_id, split=split, **kwargs)`` with the Hub timeout of ``core.network``.
+
+    ``datasets`` downloads through huggingface_hub's client, whose default timeout is None: a silent endpoint hung
+    the load for good. The dataset's Hub entry is asked for first through ``hub_call`` (timeout, bounded retry;
+    the timed client stays installed for the download), so a silent endpoint ends after those tries instead of
+    after ``datasets``' own backoff on each of its files (measured: 396 s at a 0.5 s timeout). Skipped offline
+    (``HF_HUB_OFFLINE``), where a cached copy may still load. Raises ``NetworkError`` naming the endpoint when it
+    does not answer, and ``DatasetNotFoundError`` (``name`` and ``how_to_get`` in its one sentence, the cause
+    chained) when the id is unknown, offline or not accessible."""
+    import datasets
+    from huggingface_hub import HfApi
+
+    from ...core.network import NetworkError, hub_call
+
+    try:
+        if not datasets.config.HF_HUB_OFFLINE:  # offline, a cached copy may still load
+            hub_call(f"loading {name} {hub_id}", lambda: HfApi().dataset_info(hub_id, revision=kwargs.get("revision")))
+        return datasets.load_dataset(hub_id, split=split, **kwargs)  # hub_call left the client's timeout in place
+    except NetworkError:
+        raise
+    except Exception as exc:  # offline, unknown id, no access: one sentence for the user, the cause chained
+        raise DatasetNotFoundError(f"could not load {name} from the Hugging Face hub id {hub_id!r} "
+                                   f"({type(exc).__name__}: {exc}); {how_to_get}.") from exc
 
 
 @runtime_checkable

@@ -17,6 +17,7 @@ from . import (
     DatasetNotFoundError,
     check_index,
     clean_caption,
+    load_hub_dataset,
     register_adapter,
     require_nonempty,
     skip_or_raise,
@@ -140,11 +141,7 @@ def _load(text: str, split: str, cache_dir: str | None, revision: str | None):
             raise DatasetNotFoundError(f"HQ-Edit path {text} does not exist: {HOW_TO_GET}.")
         if revision is not None:
             kwargs["revision"] = revision
-        try:
-            dataset = datasets.load_dataset(hub_id, split=split, **kwargs)
-        except Exception as exc:  # offline, unknown id, no access: one sentence for the user, the cause chained
-            raise DatasetNotFoundError(f"could not load HQ-Edit from the Hugging Face hub id {hub_id!r} "
-                                       f"({type(exc).__name__}: {exc}); {HOW_TO_GET}.") from exc
+        dataset = load_hub_dataset(hub_id, split, "HQ-Edit", HOW_TO_GET, **kwargs)
     missing = sorted(set(TEXT_COLUMNS + IMAGE_COLUMNS) - set(dataset.column_names))
     if missing:
         raise DatasetEmptyError(f"{text} ({split}) lacks the HQ-Edit columns {missing} (has {dataset.column_names}).")

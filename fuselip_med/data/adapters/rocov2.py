@@ -24,6 +24,7 @@ from . import (
     csv_rows,
     has_undecodable,
     image_files,
+    load_hub_dataset,
     pair_sample,
     register_adapter,
     require_nonempty,
@@ -320,12 +321,7 @@ def _load_hf(*, split: str, where: str, files: list[str] | None = None, hub_id: 
     else:
         if revision is not None:
             kwargs["revision"] = revision
-        try:
-            dataset = datasets.load_dataset(hub_id, split=hf_split, **kwargs)
-        except Exception as exc:  # offline, unknown id, no access: one sentence for the user, the cause chained
-            raise DatasetNotFoundError(
-                f"could not load ROCOv2 from the Hugging Face hub id {hub_id!r} ({type(exc).__name__}: {exc}); "
-                f"{how_to_get()}.") from exc
+        dataset = load_hub_dataset(hub_id, hf_split, "ROCOv2", how_to_get(), **kwargs)
     missing = {"image", "image_id", "caption"} - set(dataset.column_names)
     if missing:
         raise DatasetEmptyError(

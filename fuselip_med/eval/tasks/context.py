@@ -26,6 +26,7 @@ from fuselip_med.errors import InputError, UsageError
 
 from .. import classification as cls
 from ..embedding import Embedder, EmbedItem, sample_image_key
+from ..tgit import TgitRows
 from . import ROLES, role_of_key
 
 __all__ = ["DataEntry", "EvalOptions", "EvalContext", "ImageCaption", "resolve_data", "describe", "describe_data",
@@ -79,7 +80,7 @@ class EvalOptions:
     out_dir: str | None = None          # where tasks write their row lists (protocol IDs, leakage.csv)
     phash_distance: int = 8             # leakage: pHash Hamming distance counted as a near-duplicate
     leak_cosine: float = 0.95           # leakage: image-embedding cosine counted as a near-duplicate
-    tgit_rows: str | None = None
+    tgit_rows: TgitRows | None = None  # read once by run_evaluation
 
 
 def _is_path(value: Any) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..tgit import evaluate_tgit_pools, evaluate_tgit_source, read_row_list
+from ..tgit import evaluate_tgit_pools, evaluate_tgit_source
 from .context import EvalContext
 
 __all__ = ["run_tgit", "run_tgit_unique", "run_tgit_med"]
@@ -27,11 +27,11 @@ def _run(ctx: EvalContext, family: str, flip_eval: str) -> dict:
         res = evaluate_tgit_pools(ctx.embedder.fresh(), value)
         res.update(seed=None, protocol="ready-made pools")
         return res
-    rows = read_row_list(o.tgit_rows) if o.tgit_rows is not None else None
+    rows = list(o.tgit_rows.rows) if o.tgit_rows is not None else None
     res = evaluate_tgit_source(ctx.embedder, ctx.source(role), family=family, n_images=o.tgit_images,
                                seed=o.seed, decode=o.decode_options, flip_eval=flip_eval, rows=rows)
     res["n"] = res["n_images"]
-    rows_text = f"rows listed in {o.tgit_rows}" if rows is not None else f"the first {o.tgit_images} images"
+    rows_text = f"rows listed in {o.tgit_rows.source}" if rows is not None else f"the first {o.tgit_images} images"
     res["protocol"] = (f"{PROTOCOLS[flip_eval]}; {rows_text}" if family == "tgit" else rows_text)
     return res
 
