@@ -9,7 +9,9 @@ ONNX fp32 and quantized to int8 in each ``--int8`` setting (``export.quantize``)
 - texts/s: ``encode(texts=...)`` on captions of the bundled demo (about 25 ids each);
 
 PyTorch fp32 with ``torch.set_num_threads(--threads)``, ONNX Runtime with ``intra_op_num_threads = --threads``.
-Each figure is the best of ``--repeats`` timed passes after one warm-up pass. The gate's figures (code agreement,
+Each figure is the best of ``--repeats`` timed passes after one warm-up pass; the passes are interleaved (pass 1
+of every runtime, then pass 2 of every runtime, ...) so that a change of load from other jobs during the run
+hits every row alike. The gate's figures (code agreement,
 cosine min per row kind, R@1 change) come from ``export.gate.measure`` on ``--reference-size`` demo images (+ 2
 DICOMs), judged with each precision's default tolerances; static settings calibrate on the first
 ``--calibration-size`` of them, as ``fuselip-med export`` does. Goal (issue 27): int8 >= 2.5x PyTorch fp32
@@ -33,15 +35,11 @@ import torch
 DEFAULT_INT8 = ("dynamic:all", "static:all", "dynamic:encoder", "static:encoder")
 
 
-def best_seconds(fn, repeats: int) -> float:
-    """The fastest of ``repeats`` timed calls after one warm-up call."""
+def seconds(fn) -> float:
+    """Wall-clock seconds of one call."""
+    start = time.perf_counter()
     fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return time.perf_counter() - start
 
 
 def int8_settings(text: str, calibration_method: str):
@@ -67,7 +65,7 @@ def main() -> None:
     parser.add_argument("--model", help="a checkpoint instead of random weights (its size wins over --size)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8, help="images (and texts x4) per timed call")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes after the warm-up pass")
     parser.add_argument("--reference-size", type=int, default=48, help="demo images for the gate's figures")
     parser.add_argument("--int8", nargs="+", default=list(DEFAULT_INT8), help="int8 settings MODE:SCOPE[:N]")
     parser.add_argument("--calibration-method", default="minmax", help="minmax, entropy or percentile")
@@ -97,16 +95,7 @@ def main() -> None:
     expected = outputs(model, reference)
     calibration = None
 
-    rows = []
-
-    def timed(label: str, runner, figures=None, tolerances=None) -> None:
-        with torch.no_grad():
-            image_s = best_seconds(lambda: runner.encode(images=pixels), args.repeats)
-            text_s = best_seconds(lambda: runner.encode(texts=texts), args.repeats)
-        rows.append((label, len(pixels) / image_s, len(texts) / text_s, figures, tolerances))
-        print(f"timed {label}", flush=True)
-
-    timed("PyTorch fp32", model)
+    runners = [("PyTorch fp32", model, None, None)]
     with tempfile.TemporaryDirectory() as tmp:
         traced = Path(tmp) / "fp32"
         start = time.perf_counter()
@@ -120,10 +109,22 @@ def main() -> None:
             folder = Path(tmp) / str(index)
             start = time.perf_counter()
             write_export(model, folder, precision=precision, int8=setting, calibration=calibration, traced=traced)
-            print(f"{label}: written in {time.perf_counter() - start:.0f} s", flush=True)
             runner = OnnxFuseLIP(folder, threads=args.threads)
             figures = measure(model, runner, reference, expected=expected)
-            timed(label, runner, figures, Tolerances.for_precision(precision))
+            print(f"{label}: written and measured in {time.perf_counter() - start:.0f} s", flush=True)
+            runners.append((label, runner, figures, Tolerances.for_precision(precision)))
+        image_s = {label: float("inf") for label, *_ in runners}
+        text_s = dict(image_s)
+        with torch.no_grad():
+            for repeat in range(args.repeats + 1):  # pass 0 warms up
+                for label, runner, _, _ in runners:
+                    images = seconds(lambda: runner.encode(images=pixels))
+                    captions = seconds(lambda: runner.encode(texts=texts))
+                    if repeat:
+                        image_s[label], text_s[label] = min(image_s[label], images), min(text_s[label], captions)
+                print(f"timing pass {repeat} done", flush=True)
+    rows = [(label, len(pixels) / image_s[label], len(texts) / text_s[label], figures, tolerances)
+            for label, _, figures, tolerances in runners]
 
     base_images, base_texts = rows[0][1], rows[0][2]
     print(f"\n{name}, {args.threads} threads, batch {len(pixels)} images / {len(texts)} texts, gate on "
