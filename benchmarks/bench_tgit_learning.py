@@ -46,7 +46,7 @@ def heldout_pools(recipe, per_kind: int | None = None) -> dict[str, list[list[TG
             if per_kind is not None and len(pools.get(task.item_kind(group[0]), [])) >= per_kind:
                 continue
             samples = [task[i] for i in group]
-            pool = [TGITPair(s.query_text, s.query_image, s.target_image, s.meta["kind"], s.meta["params"])
+            pool = [TGITPair(s.query.text, s.query.image, s.target.image, s.meta["kind"], s.meta["params"])
                     for s in samples]
             pools.setdefault(pool[0].kind, []).append(pool)
     return pools

@@ -56,8 +56,8 @@ def rows_from_source(source: SampleSource, kind: Kind, skips: SkipReport | None 
     rows = []
     for index in range(len(source)):
         sample = source[index]
-        image = sample.query_image if sample.query_image is not None else sample.target_image
-        text = sample.target_text if sample.target_text is not None else sample.query_text
+        image = sample.query.image if sample.query.image is not None else sample.target.image
+        text = sample.target.text if sample.target.text is not None else sample.query.text
         lacking = ("missing image" if kind != "text" and image is None else
                    "missing caption" if kind != "image" and not text else None)
         if lacking is not None:

@@ -36,4 +36,4 @@ def test_a_tgit_task_builds_on_a_base_from_the_registry(tmp_path):
     base = get_adapter("folder")(str(tmp_path), split="train")
     task = get_adapter("tgit")(base, split="train")
     assert len(base) == 4 and type(task).__name__ == "TGITTask" and task.family.name == "tgit"
-    assert len(task) >= 1 and task[0].target_text is not None
+    assert len(task) >= 1 and task[0].target.text is not None

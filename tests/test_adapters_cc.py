@@ -65,10 +65,10 @@ def test_csv_pairs_paths_and_skips(tmp_path):
                                "padded caption", "the same image again"]
     assert dict(source.skipped) == {"empty caption": 1, "missing image": 1}
     sample = source[0]
-    assert sample.query_image == str(table.parent / "images" / "000000001.jpg") and sample.query_text is None
-    assert sample.target_text == "a dog, running on grass" and sample.target_image is None
+    assert sample.query.image == str(table.parent / "images" / "000000001.jpg") and sample.query.text is None
+    assert sample.target.text == "a dog, running on grass" and sample.target.image is None
     assert sample.source == "cc" and sample.group_key == "cc/000000001"
-    assert [number_of(source[i].query_image) for i in range(len(source))] == [1, 2, 3, 6, 7, 1]
+    assert [number_of(source[i].query.image) for i in range(len(source))] == [1, 2, 3, 6, 7, 1]
     assert source.groups() == [[i] for i in range(len(source))]
     assert len(cc(table, limit=2)) == 2
 
@@ -149,11 +149,11 @@ def test_shards_index_offsets_and_count_damage(tmp_path):
                                "caption 11"]
     assert dict(source.skipped) == {"missing caption": 1, "empty caption": 1, "non-utf8 text": 1,
                                     "missing image": 1, "truncated member": 1, "corrupt shard": 2}
-    images = [source[i].query_image for i in range(len(source))]
+    images = [source[i].query.image for i in range(len(source))]
     assert all(isinstance(image, bytes) for image in images)
     assert images[1].startswith(b"\x89PNG")
     assert [number_of(images[i]) for i in (0, 1, 3, 4, 5)] == [0, 1, 7, 10, 11]
-    assert source[4].target_text == "caption 10" and source[4].meta["shard"].endswith("cc3m-train-0001.tar")
+    assert source[4].target.text == "caption 10" and source[4].meta["shard"].endswith("cc3m-train-0001.tar")
 
     # the folder form picks the split's shards; limit stops early
     assert cc(root, split="validation").ids == ["000000100"]
@@ -203,7 +203,7 @@ def test_shards_read_lazily_in_dataloader_workers(tmp_path):
     root = write_shards(tmp_path / "cc3m-wds")
     source = cc(str(root / "cc3m-train-{0000..0001}.tar"))
     clone = pickle.loads(pickle.dumps(source))
-    assert clone[3].query_image == source[3].query_image
+    assert clone[3].query.image == source[3].query.image
     dataset = SampleDataset(source, DecodeOptions(image_size=32))
     loader = DataLoader(dataset, batch_size=None, num_workers=1)
     items = list(loader)
@@ -226,9 +226,9 @@ def test_sampler_and_tgit_task_on_top(tmp_path):
     kinds = [task.item_kind(i) for i in range(len(task))]
     assert "identity" in kinds and len(set(kinds)) > 1
     sample = task[kinds.index("identity")]
-    assert sample.target_text in source.captions and isinstance(sample.query_image, bytes)
+    assert sample.target.text in source.captions and isinstance(sample.query.image, bytes)
     pair = task[kinds.index(next(k for k in kinds if k != "identity"))]  # rendered from the lazily read bytes
-    assert pair.query_text and pair.target_image is not None
+    assert pair.query.text and pair.target.image is not None
 
 
 def test_expand_braces():

@@ -50,13 +50,13 @@ def test_csv_relative_absolute_labels_and_skips(table, tmp_path):
     assert len(source) == 4
     assert dict(source.skipped) == {"missing image": 1, "empty caption": 1, "bad csv row": 1}
     first, second, third, fourth = (source[i] for i in range(4))
-    assert first.target_text == "CT of the chest, axial." and pixel(first.query_image) == 10
-    assert Path(first.query_image) == table / "images" / "a.png"
+    assert first.target.text == "CT of the chest, axial." and pixel(first.query.image) == 10
+    assert Path(first.query.image) == table / "images" / "a.png"
     assert first.meta["labels"] == ["nodule", "mass"] and first.meta["label"] == "nodule"
     assert first.meta["modality"] == "CT" and first.meta["split"] == "train"
-    assert second.query_image == str(tmp_path / "elsewhere" / "c.png") and pixel(second.query_image) == 30
+    assert second.query.image == str(tmp_path / "elsewhere" / "c.png") and pixel(second.query.image) == 30
     assert second.meta["labels"] == ["effusion"] and second.meta["label"] is None
-    assert third.target_text == "Line one line two" and pixel(third.query_image) == 40
+    assert third.target.text == "Line one line two" and pixel(third.query.image) == 40
     assert third.meta["labels"] == ["fracture"]
     assert source.modality_labels() == ["CT", "MRI", "X-ray", "ultrasound"]
     assert [s.id for s in (first, second, third, fourth)] == [
@@ -67,7 +67,7 @@ def test_csv_relative_absolute_labels_and_skips(table, tmp_path):
 
 def test_folder_with_split_table_and_limit(table):
     source = folder(table, "train", limit=2, image_root=str(table.parent / "elsewhere"))
-    assert len(source) == 2 and source[1].target_text == "Absolute path caption."
+    assert len(source) == 2 and source[1].target.text == "Absolute path caption."
     with pytest.raises(IndexError):
         source[2]
 
@@ -94,7 +94,7 @@ def test_tsv_with_id_group_and_image_root(tmp_path):
                    "s3\tx.png\tthird\t\n")
     source = folder(tsv, image_root=str(root), pair_mode="caption_to_image")
     assert [source[i].id for i in range(3)] == ["s1", "s2", "s3"]
-    assert source[0].query_text == "first, with comma" and pixel(source[0].target_image) == 1
+    assert source[0].query.text == "first, with comma" and pixel(source[0].target.image) == 1
     assert source[0].group == source[1].group == "g" and source[2].group is None
     assert source.groups() == [[0, 1], [2]]
 
@@ -105,7 +105,7 @@ def test_custom_column_names(tmp_path):
     with pytest.raises(DatasetEmptyError, match="path_column"):
         folder(tmp_path / "t.csv")
     source = folder(tmp_path / "t.csv", path_column="filepath", caption_column="title")
-    assert source[0].target_text == "A title."
+    assert source[0].target.text == "A title."
 
 
 def test_sidecar_folder(tmp_path):
@@ -122,9 +122,9 @@ def test_sidecar_folder(tmp_path):
     (root / "readme.md").write_text("ignored")
     source = get_adapter("folder")(path=str(root), split="train")
     assert [source[i].id for i in range(len(source))] == ["a.jpg", "b.png", "sub/c.png"]
-    assert [source[i].target_text for i in range(3)] == ["Caption of a.", "Caption of b (the fork's naming).",
+    assert [source[i].target.text for i in range(3)] == ["Caption of a.", "Caption of b (the fork's naming).",
                                                          "Caption of c."]
-    assert [pixel(source[i].query_image) for i in range(3)] == [11, 22, 33]
+    assert [pixel(source[i].query.image) for i in range(3)] == [11, 22, 33]
     assert dict(source.skipped) == {"missing caption": 1, "empty caption": 1, "not an image": 1}
     assert [e.id for e in source.skipped.entries if e.reason == "not an image"] == ["readme.md"]
     assert source.modality_labels() == [None, None, None]
@@ -137,8 +137,8 @@ def test_split_subfolder(tmp_path):
     (tmp_path / "train" / "t.txt").write_text("train image")
     write_image(tmp_path / "valid" / "v.png", 2)
     (tmp_path / "valid" / "v.txt").write_text("valid image")
-    assert folder(tmp_path, "valid")[0].target_text == "valid image"
-    assert folder(tmp_path, "train")[0].target_text == "train image"
+    assert folder(tmp_path, "valid")[0].target.text == "valid image"
+    assert folder(tmp_path, "train")[0].target.text == "train image"
 
 
 def test_missing_and_empty(tmp_path):
@@ -175,7 +175,7 @@ def test_symlink_loops_fifos_directories_and_unreadable_files_are_named(tmp_path
     os.symlink(tmp_path, root / "linked_dir")  # a folder link (here: a loop back up) is named, not walked
     (root / "t.csv").write_text("path\ngood.png\nloop_a.png\npipe.png\nfolder.png\nlocked.png\n")
     source = folder(root / "t.csv", require_caption=False)
-    assert [source[i].id for i in range(len(source))] == ["good.png"] and source[0].target_text is None
+    assert [source[i].id for i in range(len(source))] == ["good.png"] and source[0].target.text is None
     assert [(e.id, e.reason) for e in source.skipped.entries] == [
         ("loop_a.png", "symlink loop"), ("pipe.png", "not a file"), ("folder.png", "not a file"),
         ("locked.png", "unreadable file")]
@@ -190,15 +190,15 @@ def test_bom_separator_detection_and_encoding_option(tmp_path):
     write_image(tmp_path / "a.png", 1)
     (tmp_path / "bom.csv").write_bytes("\ufeffid,path,caption\nx,a.png,caf\u00e9 au lait\n".encode("utf-8"))
     source = folder(tmp_path / "bom.csv")
-    assert source[0].id == "x" and source[0].target_text == "caf\u00e9 au lait"
+    assert source[0].id == "x" and source[0].target.text == "caf\u00e9 au lait"
     (tmp_path / "tabs.txt.tsv").write_text("path\tcaption\na.png\tcomma, inside\n")
-    assert folder(tmp_path / "tabs.txt.tsv")[0].target_text == "comma, inside"
+    assert folder(tmp_path / "tabs.txt.tsv")[0].target.text == "comma, inside"
     (tmp_path / "latin.csv").write_bytes("path,caption\na.png,\u00e9t\u00e9\n".encode("latin-1"))
     broken = folder(tmp_path / "latin.csv", require_caption=False)
-    assert broken[0].target_text is None and not broken.skipped  # an image-only read keeps the row
+    assert broken[0].target.text is None and not broken.skipped  # an image-only read keeps the row
     with pytest.raises(DatasetEmptyError, match=r"they look like cp1252: try encoding=cp1252"):
         folder(tmp_path / "latin.csv")
-    assert folder(tmp_path / "latin.csv", encoding="latin-1")[0].target_text == "\u00e9t\u00e9"
+    assert folder(tmp_path / "latin.csv", encoding="latin-1")[0].target.text == "\u00e9t\u00e9"
     with pytest.raises(LookupError, match="unknown text encoding 'klingon'"):
         folder(tmp_path / "latin.csv", encoding="klingon")
     with pytest.raises(ValueError, match="sep"):
@@ -210,7 +210,7 @@ def test_captions_optional_for_image_only_folders(tmp_path):
     write_image(tmp_path / "b.png", 2)
     (tmp_path / "b.txt").write_bytes("r\u00f6ntgen".encode("latin-1"))
     images = folder(tmp_path, require_caption=False)
-    assert [(images[i].id, images[i].target_text) for i in range(2)] == [("a.png", None), ("b.png", None)]
+    assert [(images[i].id, images[i].target.text) for i in range(2)] == [("a.png", None), ("b.png", None)]
     assert not images.skipped
     with pytest.raises(DatasetEmptyError, match=r"1 missing caption \(e.g. a.png\); 1 non-utf8 text \(e.g. b.png\)"):
         folder(tmp_path)

@@ -63,17 +63,17 @@ def test_three_samples_per_row_and_groups(hq, tmp_path):
     n = 3
     for i, k in enumerate(source.rows):
         forward, inverse, with_text = source[i], source[n + i], source[2 * n + i]
-        assert forward.query_text == f"make it {k}" and forward.target_text is None
-        assert (level_of(forward.query_image), level_of(forward.target_image)) == (2 * k, 2 * k + 1)
-        assert inverse.query_text == f"undo {k}" and inverse.target_text is None
-        assert (level_of(inverse.query_image), level_of(inverse.target_image)) == (2 * k + 1, 2 * k)
-        assert with_text.query_text == f"make it {k}"
-        assert (level_of(with_text.query_image), level_of(with_text.target_image)) == (2 * k, 2 * k + 1)
+        assert forward.query.text == f"make it {k}" and forward.target.text is None
+        assert (level_of(forward.query.image), level_of(forward.target.image)) == (2 * k, 2 * k + 1)
+        assert inverse.query.text == f"undo {k}" and inverse.target.text is None
+        assert (level_of(inverse.query.image), level_of(inverse.target.image)) == (2 * k + 1, 2 * k)
+        assert with_text.query.text == f"make it {k}"
+        assert (level_of(with_text.query.image), level_of(with_text.target.image)) == (2 * k, 2 * k + 1)
         assert forward.group_key == inverse.group_key != with_text.group_key
         assert (forward.id, inverse.id, with_text.id) == (f"{k}/edit", f"{k}/inverse", f"{k}/edit_text")
-    assert [source[2 * n + i].target_text for i in range(n)] == ["output text 0", "output text 2", None]
+    assert [source[2 * n + i].target.text for i in range(n)] == ["output text 0", "output text 2", None]
     assert source.groups() == [[0, 3], [1, 4], [2, 5], [6], [7], [8]]
-    assert isinstance(source[0].query_image, bytes) and source[0].query_image.startswith(b"\x89PNG")
+    assert isinstance(source[0].query.image, bytes) and source[0].query.image.startswith(b"\x89PNG")
 
     owner = {i: g for g, members in enumerate(source.groups()) for i in members}
     for batch in GroupedBatchSampler(source.groups(), 3, seed=0):
@@ -81,7 +81,7 @@ def test_three_samples_per_row_and_groups(hq, tmp_path):
             assert set(source.groups()[g]) <= set(batch)
 
     clone = pickle.loads(pickle.dumps(source))
-    assert clone[4].query_image == source[4].query_image
+    assert clone[4].query.image == source[4].query.image
     limited = hq_edit(hq, limit=1, cache_dir=str(tmp_path / "hf_cache"))
     assert limited.rows == [0] and len(limited) == 3 and limited.groups() == [[0, 1], [2]]
 

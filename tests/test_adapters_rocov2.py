@@ -21,7 +21,7 @@ from fuselip_med.data.adapters import (
     register_adapter,
 )
 from fuselip_med.data.adapters.rocov2 import ROCOV2_MANUAL_CUI_NAMES, ROCOV2_MODALITIES, RocoV2Source, rocov2
-from fuselip_med.data.schema import Sample
+from fuselip_med.data.schema import Sample, SampleSide
 
 CT, MRI, XRAY, US = "C0040405", "C0024485", "C1306645", "C0041618"
 CHEST, PA = "C0817096", "C1996865"
@@ -153,7 +153,7 @@ def test_official_train_counts_captions_concepts(official):
     assert source.layout == "official"
     assert source.image_ids == [f"ROCOv2_2023_train_{n:06d}" for n in (1, 2, 5, 10, 17, 20, 23)]
     assert dict(source.skipped) == {"empty caption": 1, "missing image": 1, "bad csv row": 1, "duplicate id": 1}
-    captions = {s.id: s.target_text for s in (source[i] for i in range(len(source)))}
+    captions = {s.id: s.target.text for s in (source[i] for i in range(len(source)))}
     assert captions["ROCOv2_2023_train_000001"] == "Axial CT of the chest, showing a nodule."
     assert captions["ROCOv2_2023_train_000002"] == "Chest X-ray with the \u201ctarget\u201d sign \u2013 PA view."
     assert captions["ROCOv2_2023_train_000005"] == "MRI of the brain with a second line"
@@ -176,12 +176,12 @@ def test_official_images_belong_to_their_captions(official):
     source = rocov2(official, "train")
     for i in range(len(source)):
         sample = source[i]
-        assert sample.query_text is None and sample.target_image is None
-        assert isinstance(sample.query_image, str) and Path(sample.query_image).stem == sample.id
-        if sample.query_image.endswith(".dcm"):
+        assert sample.query.text is None and sample.target.image is None
+        assert isinstance(sample.query.image, str) and Path(sample.query.image).stem == sample.id
+        if sample.query.image.endswith(".dcm"):
             continue
-        assert decode_id(sample.query_image) == number_of(sample.id)
-    assert source[5].query_image.endswith(".png") and source[6].query_image.endswith(".dcm")
+        assert decode_id(sample.query.image) == number_of(sample.id)
+    assert source[5].query.image.endswith(".png") and source[6].query.image.endswith(".dcm")
 
 
 def test_official_flattened_folder_and_validation_alias(official):
@@ -189,15 +189,15 @@ def test_official_flattened_folder_and_validation_alias(official):
         source = rocov2(official, name)
         assert source.split == "valid" and len(source) == len(VALID_IDS)
         for i, n in enumerate(VALID_IDS):
-            assert source[i].target_text == f"Valid caption {n}."
-            assert Path(source[i].query_image).parent == official / "valid"
-            assert decode_id(source[i].query_image) == n
+            assert source[i].target.text == f"Valid caption {n}."
+            assert Path(source[i].query.image).parent == official / "valid"
+            assert decode_id(source[i].query.image) == n
         assert source.modality_labels() == ["CT"] * 3
 
 
 def test_official_test_split_crlf_and_missing_manual_row(official):
     source = rocov2(official, "test")
-    assert [s.target_text for s in (source[0], source[1])] == ["Test caption 2.", "Test caption 7."]
+    assert [s.target.text for s in (source[0], source[1])] == ["Test caption 2.", "Test caption 7."]
     assert source.modality_labels() == ["MRI", None]
     assert source[1].meta["concepts"] == [] and source[1].meta["concepts_manual"] == []
 
@@ -214,9 +214,9 @@ def test_limit_is_first_n_after_filtering(official):
 def test_caption_to_image_pairs(official):
     source = rocov2(official, "train", pair_mode="caption_to_image")
     sample = source[0]
-    assert sample.query_image is None and sample.target_text is None
-    assert sample.query_text == "Axial CT of the chest, showing a nodule."
-    assert decode_id(sample.target_image) == 1
+    assert sample.query.image is None and sample.target.text is None
+    assert sample.query.text == "Axial CT of the chest, showing a nodule."
+    assert decode_id(sample.target.image) == 1
     with pytest.raises(ValueError, match="pair_mode"):
         rocov2(official, "train", pair_mode="image_to_image")
 
@@ -315,14 +315,14 @@ def test_hf_train_dedup_captions_concepts(hf, tmp_path):
     assert source.image_ids == ["ROCOv2_2023_train_000001", "ROCOv2_2023_train_000004", "ROCOv2_2023_train_000006",
                                 "ROCOv2_2023_train_000011"]
     assert dict(source.skipped) == {"duplicate id": 2, "empty caption": 1}
-    assert source[1].target_text == "X-ray caption, with a newline."
+    assert source[1].target.text == "X-ray caption, with a newline."
     assert source[1].meta["concepts"] == [XRAY, CHEST, PA] == source[1].meta["concepts_manual"]
     assert source[1].meta["concept_names"] == ["Plain x-ray", "Chest", "Postero-Anterior"]
     assert source[2].meta["concepts"] == [] and source[2].meta["modality"] is None  # ["nan"]
     assert source.modality_labels() == ["CT", "X-ray", None, "ultrasound"]
     assert source.cui_names == ROCOV2_MANUAL_CUI_NAMES
     for i in range(len(source)):
-        image = source[i].query_image
+        image = source[i].query.image
         assert isinstance(image, bytes) and image.startswith(b"\x89PNG")
         assert decode_id(image) == number_of(source[i].id)
 
@@ -332,9 +332,9 @@ def test_hf_validation_alias_limit_and_pickle(hf, tmp_path):
     valid = rocov2(hf, "valid", cache_dir=cache)
     assert valid.image_ids == ["ROCOv2_2023_valid_000002"] and valid.modality_labels() == ["MRI"]
     test = rocov2(hf, "test", limit=1, cache_dir=cache)
-    assert len(test) == 1 and decode_id(test[0].query_image) == 3
+    assert len(test) == 1 and decode_id(test[0].query.image) == 3
     clone = pickle.loads(pickle.dumps(test))  # DataLoader workers receive the source pickled
-    assert clone[0].id == test[0].id and clone[0].query_image == test[0].query_image
+    assert clone[0].id == test[0].id and clone[0].query.image == test[0].query.image
 
 
 def test_hf_strict_names_row(hf, tmp_path):
@@ -396,7 +396,7 @@ def test_modality_table():
 
 
 def test_list_source_groups():
-    samples = [Sample(id=str(i), source="s", query_text=f"q{i}", group=g)
+    samples = [Sample(id=str(i), source="s", query=SampleSide(text=f"q{i}"), group=g)
                for i, g in enumerate(["a", None, "a", "b", None])]
     source = ListSource(samples, name="mine")
     assert isinstance(source, SampleSource) and len(source) == 5 and source[2].id == "2"

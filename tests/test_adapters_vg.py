@@ -89,19 +89,19 @@ def test_crop_train_keeps_every_region_in_groups_of_four(vg):
     assert dict(source.filtered) == {"incomplete group": 2}
     assert source.groups() == [[0, 1, 2, 3], [4, 5, 6, 7]]
     first, fifth = source[0], source[4]
-    assert first.query_text == "a big box" and first.target_text is None and fifth.query_text == "spaced phrase"
-    assert first.query_image == str(vg / "images" / "1.jpg")
-    assert source[5].query_image == str(vg / "VG_100K_2" / "2.jpg")
+    assert first.query.text == "a big box" and first.target.text is None and fifth.query.text == "spaced phrase"
+    assert first.query.image == str(vg / "images" / "1.jpg")
+    assert source[5].query.image == str(vg / "VG_100K_2" / "2.jpg")
     assert first.group_key == source[3].group_key != fifth.group_key
     assert first.meta["box"] == (0, 0, 100, 80) and first.id == "1/11"
     for i in (0, 3, 6):  # the crop is (x, y, x + w, y + h) of the original image
         sample = source[i]
         x, y, w, h = sample.meta["box"]
-        expected = load_image(sample.query_image).crop((x, y, x + w, y + h))
-        assert isinstance(sample.target_image, Image.Image) and sample.target_image.size == (w, h)
-        assert np.array_equal(np.asarray(sample.target_image), np.asarray(expected))
+        expected = load_image(sample.query.image).crop((x, y, x + w, y + h))
+        assert isinstance(sample.target.image, Image.Image) and sample.target.image.size == (w, h)
+        assert np.array_equal(np.asarray(sample.target.image), np.asarray(expected))
     clone = pickle.loads(pickle.dumps(source))
-    assert clone[1].query_text == "a tiny thing"
+    assert clone[1].query.text == "a tiny thing"
 
 
 def test_crop_eval_filters_small_and_overlapping_regions(vg):
@@ -133,11 +133,11 @@ def test_vqa_answers_lose_the_period(vg):
     source = get_adapter("vg_vqa")(path=str(vg), split="all")
     assert isinstance(source, VGVQASource) and source.name == "vg_vqa/all"
     assert ids(source) == [101, 102, 104, 201]  # 202, 203 form the incomplete last group
-    assert [source[i].target_text for i in range(4)] == ["Red", "Two dogs", "At night", "answer 1"]
+    assert [source[i].target.text for i in range(4)] == ["Red", "Two dogs", "At night", "answer 1"]
     assert dict(source.skipped) == {"empty answer": 1, "missing image": 1, "bad qa": 1}
     sample = source[0]
-    assert sample.query_text == "What colour is the box?" and sample.target_image is None
-    assert sample.query_image == str(vg / "images" / "1.jpg") and sample.id == "1/101"
+    assert sample.query.text == "What colour is the box?" and sample.target.image is None
+    assert sample.query.image == str(vg / "images" / "1.jpg") and sample.id == "1/101"
     assert source.groups() == [[0, 1, 2, 3]]
     assert ids(vg_vqa(vg, "all", group_size=2)) == [101, 102, 104, 201, 202, 203]
 

@@ -38,17 +38,17 @@ def test_question_image_to_answer_text(tmp_path):
     table = write_vqa(tmp_path / "cc3m_vqa")
     source = get_adapter("cc3m_vqa")(path=str(table), split="train")
     assert isinstance(source, VQASource) and source.name == "cc3m_vqa/train"
-    assert [source[i].target_text for i in range(len(source))] == ["A red square.", "None", "NA", "null"]
+    assert [source[i].target.text for i in range(len(source))] == ["A red square.", "None", "NA", "null"]
     assert dict(source.skipped) == {"empty answer": 1, "empty question": 1, "missing image": 1}
     sample = source[0]
-    assert sample.query_text == "What is shown, mostly?" and sample.target_image is None
-    assert sample.query_image == str(table.parent / "images" / "000000001.jpg")
+    assert sample.query.text == "What is shown, mostly?" and sample.target.image is None
+    assert sample.query.image == str(table.parent / "images" / "000000001.jpg")
     assert sample.source == "cc3m_vqa" and sample.id == "000000001/1"
-    assert source[1].id == "000000001/2" and source[3].query_image.endswith("000000003.jpg")
+    assert source[1].id == "000000001/2" and source[3].query.image.endswith("000000003.jpg")
     assert source.groups() == [[0], [1], [2], [3]]
-    assert [s.target_text for s in (cc3m_vqa(table, limit=2)[i] for i in range(2))] == ["A red square.", "None"]
+    assert [s.target.text for s in (cc3m_vqa(table, limit=2)[i] for i in range(2))] == ["A red square.", "None"]
     clone = pickle.loads(pickle.dumps(source))
-    assert clone[2].target_text == "NA"
+    assert clone[2].target.text == "NA"
 
 
 def test_strict_and_errors(tmp_path):

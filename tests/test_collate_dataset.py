@@ -14,7 +14,7 @@ from fuselip_med.data.collate import Batch, Collator, SkipCounter, collate_sampl
 from fuselip_med.data.dataset import DecodedSample, MixtureDataset, SampleDataset, SkippedSample
 from fuselip_med.data.images import DecodeOptions, ImageDecodeError, decode_image
 from fuselip_med.data.sampling import GroupedBatchSampler, mixture_group_weights
-from fuselip_med.data.schema import Sample
+from fuselip_med.data.schema import Sample, SampleSide
 
 SIZE = 32
 OPTIONS = DecodeOptions(image_size=SIZE)
@@ -49,26 +49,27 @@ def corrupted_set(tmp_path):
 
     samples = []
     for i, path in enumerate(good):  # image -> caption; groups of 1-3 as hard negatives
-        samples.append(Sample(id=f"g{i}", source="fixture", query_image=path, target_text=f"caption {i}",
-                              group=f"grp{i // 3}" if i < 6 else None))
-    samples.append(Sample(id="txt2img", source="fixture", query_text="a chest x-ray", target_image=good[0]))
+        samples.append(Sample(id=f"g{i}", source="fixture", query=SampleSide(image=path),
+                              target=SampleSide(text=f"caption {i}"), group=f"grp{i // 3}" if i < 6 else None))
+    samples.append(Sample(id="txt2img", source="fixture", query=SampleSide(text="a chest x-ray"),
+                          target=SampleSide(image=good[0])))
     good_ids = [s.id for s in samples]
 
-    def bad(id, **kw):
-        samples.append(Sample(id=id, source="fixture", **kw))
+    def bad(id, image, caption):  # image -> caption, as a CSV adapter builds it
+        samples.append(Sample(id=id, source="fixture", query=SampleSide(image=image), target=SampleSide(text=caption)))
 
-    bad("truncated", query_image=str(truncated), target_text="cut short")
-    bad("zero", query_image=str(empty), target_text="zero bytes")
-    bad("noise", query_image=str(noise), target_text="random bytes")
-    bad("missing", query_image=str(missing), target_text="row naming a missing file")  # as a CSV adapter builds
-    bad("empty_caption", query_image=good[1], target_text="   ")
-    bad("latin1", query_image=good[2], target_text="caf\xe9 ".encode("latin-1"))
+    bad("truncated", str(truncated), "cut short")
+    bad("zero", str(empty), "zero bytes")
+    bad("noise", str(noise), "random bytes")
+    bad("missing", str(missing), "row naming a missing file")  # as a CSV adapter builds
+    bad("empty_caption", good[1], "   ")
+    bad("latin1", good[2], "caf\xe9 ".encode("latin-1"))
     expected = {}
     for sample in samples[len(good_ids):]:
         try:
-            decode_image(sample.query_image, OPTIONS)
+            decode_image(sample.query.image, OPTIONS)
         except ImageDecodeError as error:
-            expected[sample.id] = (error.reason, sample.query_image)
+            expected[sample.id] = (error.reason, sample.query.image)
     expected["empty_caption"] = ("empty caption", "fixture/empty_caption")
     expected["latin1"] = ("non-UTF-8 text", "fixture/latin1")
     return samples, good_ids, expected
@@ -123,11 +124,14 @@ def test_strict_mode_raises_naming_the_file(corrupted_set):
 def test_decoded_sample_fields_and_text_checks(tmp_path):
     png = write_png(tmp_path / "a.png", 0)
     samples = [
-        Sample(id="it", source="s", query_image=png, query_text="left lung", target_text="nodule", meta={"k": 1}),
-        Sample(id="surrogate", source="s", query_image=png, target_text="bad \udcff text"),
-        Sample(id="no_target", source="s", query_image=png),
-        Sample(id="utf8_bytes", source="s", query_image=png, target_text="caf\xe9".encode("utf-8")),
-        Sample(id="image_only_with_blank_text", source="s", query_image=png, query_text=" ", target_image=png),
+        Sample(id="it", source="s", query=SampleSide(image=png, text="left lung"), target=SampleSide(text="nodule"),
+               meta={"k": 1}),
+        Sample(id="surrogate", source="s", query=SampleSide(image=png), target=SampleSide(text="bad \udcff text")),
+        Sample(id="no_target", source="s", query=SampleSide(image=png)),
+        Sample(id="utf8_bytes", source="s", query=SampleSide(image=png),
+               target=SampleSide(text="caf\xe9".encode("utf-8"))),
+        Sample(id="image_only_with_blank_text", source="s", query=SampleSide(image=png, text=" "),
+               target=SampleSide(image=png)),
     ]
     dataset = SampleDataset(ListSource(samples), OPTIONS)
     item = dataset[0]
@@ -143,8 +147,8 @@ def test_decoded_sample_fields_and_text_checks(tmp_path):
 
 
 def test_train_crops_are_reproducible_across_worker_counts_and_vary_by_epoch(tmp_path, tokenizer):
-    samples = [Sample(id=str(i), source="s", query_image=write_png(tmp_path / f"{i}.png", i, size=(50, 40)),
-                      target_text="x") for i in range(8)]
+    samples = [Sample(id=str(i), source="s", query=SampleSide(image=write_png(tmp_path / f"{i}.png", i, size=(50, 40))),
+                      target=SampleSide(text="x")) for i in range(8)]
 
     def run(num_workers, epoch, persistent=False):
         dataset = SampleDataset(ListSource(samples), OPTIONS, train=True, seed=7)
@@ -157,7 +161,7 @@ def test_train_crops_are_reproducible_across_worker_counts_and_vary_by_epoch(tmp
     assert torch.equal(single, run(2, 0)[0])
     epoch1, _ = run(0, 1)
     assert not torch.equal(single, epoch1)
-    assert not torch.equal(single, torch.stack([decode_image(s.query_image, OPTIONS) for s in samples]))
+    assert not torch.equal(single, torch.stack([decode_image(s.query.image, OPTIONS) for s in samples]))
     # persistent workers see set_epoch (the epoch lives in shared memory)
     first, (dataset, loader) = run(2, 0, persistent=True)
     dataset.set_epoch(1)
@@ -167,10 +171,13 @@ def test_train_crops_are_reproducible_across_worker_counts_and_vary_by_epoch(tmp
 def test_collator_mixed_rows_shapes_masks_and_pickling(tmp_path, tokenizer):
     png = write_png(tmp_path / "a.png", 0)
     dataset = SampleDataset(ListSource([
-        Sample(id="image_only", source="s", query_image=png, target_image=png),
-        Sample(id="text_only", source="s", query_text="pleural effusion", target_text="chest x-ray"),
-        Sample(id="image_text", source="s", query_image=png, query_text="rotate 90 degrees", target_image=png),
-        Sample(id="img2txt", source="t", query_image=png, target_text="axial ct of the abdomen"),
+        Sample(id="image_only", source="s", query=SampleSide(image=png), target=SampleSide(image=png)),
+        Sample(id="text_only", source="s", query=SampleSide(text="pleural effusion"),
+               target=SampleSide(text="chest x-ray")),
+        Sample(id="image_text", source="s", query=SampleSide(image=png, text="rotate 90 degrees"),
+               target=SampleSide(image=png)),
+        Sample(id="img2txt", source="t", query=SampleSide(image=png),
+               target=SampleSide(text="axial ct of the abdomen")),
     ]), OPTIONS)
     items = [dataset[i] for i in range(4)] + [SkippedSample("bad", "s", "missing file", "", "/x.png")]
     collator = Collator(tokenizer)
@@ -208,7 +215,8 @@ def test_collator_mixed_rows_shapes_masks_and_pickling(tmp_path, tokenizer):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_batch_pin_memory_and_to_cuda(tmp_path, tokenizer):
     png = write_png(tmp_path / "a.png", 0)
-    dataset = SampleDataset(ListSource([Sample(id="a", source="s", query_image=png, target_text="x")]), OPTIONS)
+    dataset = SampleDataset(ListSource([Sample(id="a", source="s", query=SampleSide(image=png),
+                                               target=SampleSide(text="x"))]), OPTIONS)
     loader = DataLoader(dataset, batch_size=1, collate_fn=Collator(tokenizer), pin_memory=True)
     batch = next(iter(loader))
     assert batch.query.pixels.is_pinned() and batch.query.text_ids.is_pinned()
@@ -220,7 +228,7 @@ def test_mixture_dataset_offsets_groups_and_weights(tmp_path):
     png = write_png(tmp_path / "a.png", 0)
 
     def source(name, n, group_size):
-        return ListSource([Sample(id=str(i), source=name, query_image=png, target_text="t",
+        return ListSource([Sample(id=str(i), source=name, query=SampleSide(image=png), target=SampleSide(text="t"),
                                   group=str(i // group_size)) for i in range(n)], name=name)
 
     a = SampleDataset(source("a", 6, 2), OPTIONS)

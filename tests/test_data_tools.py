@@ -152,7 +152,7 @@ def test_download_output_reads_with_the_rocov2_adapter(mirror: Path, tmp_path: P
     for index, row in enumerate(rows):
         sample = source[index]
         assert sample.meta["image_id"] == row["image_id"]
-        assert Path(sample.query_image).read_bytes() == row["image"]["bytes"]
+        assert Path(sample.query.image).read_bytes() == row["image"]["bytes"]
         assert sample.meta["concepts_manual"] == [c for c in row["cui"] if c != "nan"]
 
 

@@ -62,8 +62,8 @@ def test_rocov2_adapter_reads_it(small):
         dicoms = 0
         for i in range(len(source)):
             sample = source[i]
-            caption, modality = sample.target_text, labels[i]
-            if sample.query_image.endswith(".dcm"):
+            caption, modality = sample.target.text, labels[i]
+            if sample.query.image.endswith(".dcm"):
                 dicoms += 1
                 assert modality in ("CT", "MRI")
                 continue
@@ -72,7 +72,7 @@ def test_rocov2_adapter_reads_it(small):
             assert re.search(r"\b(left|right)\b", caption), caption
             assert sample.meta["concepts"][0] == demo.MODALITY_CUIS[modality]
             assert all(c in demo.CUI_NAMES for c in sample.meta["concepts"])
-            with Image.open(sample.query_image) as image:
+            with Image.open(sample.query.image) as image:
                 assert image.format == "JPEG" and image.size == (256, 256) and image.mode == "L"
         assert dicoms == n_dicom
         assert marker["splits"][split]["images"] == len(source)
@@ -83,10 +83,10 @@ def test_dicom_samples_decode(small):
     import pydicom
 
     source = rocov2(small, "test")
-    dicoms = [source[i] for i in range(len(source)) if source[i].query_image.endswith(".dcm")]
+    dicoms = [source[i] for i in range(len(source)) if source[i].query.image.endswith(".dcm")]
     assert len(dicoms) == 2
     for sample in dicoms:
-        dataset = pydicom.dcmread(sample.query_image)
+        dataset = pydicom.dcmread(sample.query.image)
         assert dataset.pixel_array.ndim == 2
         assert {"CT": "CT", "MR": "MRI"}[dataset.Modality] == sample.meta["modality"]
 

@@ -363,6 +363,6 @@ def test_the_adapter_serves_recipes(shared, tmp_path):
     source = get_adapter("dicomweb")(server.dicomweb, limit=None, cache=str(tmp_path / "cache"), user=server.user,
                                      modality="CT", progress=False)
     assert len(source) == 4 and len(source.groups()) == 2  # the CT series (3 slices, one group) and CT_small
-    assert all(Path(source[i].query_image).is_file() for i in range(len(source)))
+    assert all(Path(source[i].query.image).is_file() for i in range(len(source)))
     with pytest.raises(TypeError, match="unknown option"):
         get_adapter("dicomweb")(server.dicomweb, cache=str(tmp_path / "c2"), password="never")

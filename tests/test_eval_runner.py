@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from fuselip_med.data.images import ImageDecodeError
-from fuselip_med.data.schema import Sample
+from fuselip_med.data.schema import Sample, SampleSide
 from fuselip_med.data.transforms.tgit import TGITPair
 from fuselip_med.eval.runner import TASKS, run_evaluation
 from tests.test_eval_fakes import CLASSES, ConceptModel, HashModel, class_image
@@ -41,12 +41,13 @@ def _split(name, n, offset, broken=False):
     for i in range(n):
         c = CLASSES[i % len(CLASSES)]
         caption = f"{c} study number {i + offset}" if i % 5 else "same caption"  # duplicates
-        samples.append(Sample(id=f"{name}{i}", source="rocov2", query_image=class_image(i % 6, i + offset),
-                              target_text=caption,
+        samples.append(Sample(id=f"{name}{i}", source="rocov2", query=SampleSide(image=class_image(i % 6, i + offset)),
+                              target=SampleSide(text=caption),
                               meta={"modality": c if i != 1 else None, "image_id": f"{name}{i}",
                                     "concepts": [CUIS[c]] + (["C7"] if i % 2 else [])}))
     if broken:
-        samples.append(Sample(id="broken", source="rocov2", query_image=BROKEN, target_text="broken",
+        samples.append(Sample(id="broken", source="rocov2", query=SampleSide(image=BROKEN),
+                              target=SampleSide(text="broken"),
                               meta={"modality": "CT", "concepts": []}))
     names = {cui: c for c, cui in CUIS.items()} | {"C7": "noise finding"}
     return ListSource(samples, f"fake/{name}", names)
@@ -59,8 +60,9 @@ def _tgit_pools():
 
 
 def _composed():
-    return ListSource([Sample(id=f"c{i}", source="edit", query_image=class_image(1, 200 + i), query_text="edit it",
-                              target_image=class_image(2, 300 + i)) for i in range(7)], "fake/composed")
+    return ListSource([Sample(id=f"c{i}", source="edit",
+                              query=SampleSide(image=class_image(1, 200 + i), text="edit it"),
+                              target=SampleSide(image=class_image(2, 300 + i))) for i in range(7)], "fake/composed")
 
 
 def test_all_tasks_once_each_input(tmp_path):

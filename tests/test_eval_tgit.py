@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fuselip_med.data.schema import Sample
+from fuselip_med.data.schema import Sample, SampleSide
 from fuselip_med.data.transforms.tgit import TGITPair
 from fuselip_med.eval.embedding import Embedder
 from fuselip_med.eval.tgit import evaluate_tgit_pools, evaluate_tgit_source, pool_items, score_pools, summarize_tgit
@@ -71,12 +71,13 @@ class ListSource:
 
 
 def _source(tmp_path, n=3):
-    samples = [Sample(id="none", source="t", target_text="caption only")]
+    samples = [Sample(id="none", source="t", target=SampleSide(text="caption only"))]
     for i in range(n):
         path = tmp_path / f"{i}.png"
         arr = np.random.default_rng(i).integers(0, 256, (24, 32, 3), dtype=np.uint8)
         Image.fromarray(arr).save(path)
-        samples.append(Sample(id=f"s{i}", source="t", query_image=str(path), target_text=f"caption {i}"))
+        samples.append(Sample(id=f"s{i}", source="t", query=SampleSide(image=str(path)),
+                              target=SampleSide(text=f"caption {i}")))
     return ListSource(samples)
 
 

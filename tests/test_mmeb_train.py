@@ -38,10 +38,10 @@ def test_adapter_cleans_texts_like_the_reference(tmp_path):
     source = get_adapter("mmeb")(str(root), split="original", subsets=["ImageNet_1K", "VisDial"], per_subset=4)
     assert len(source) == 8
     first, dialogue = source[0], source[4]
-    assert first.query_text == "" and first.query_image.endswith("images/ImageNet_1K/Train/image_0.jpg")
-    assert first.target_text == "a photo of a class 0" and first.target_image is None
-    assert dialogue.query_text == "Q: what? A: 0" and dialogue.query_image is None
-    assert dialogue.target_text == "" and dialogue.target_image.endswith("VisDial/Train/image_0.jpg")
+    assert first.query.text == "" and first.query.image.endswith("images/ImageNet_1K/Train/image_0.jpg")
+    assert first.target.text == "a photo of a class 0" and first.target.image is None
+    assert dialogue.query.text == "Q: what? A: 0" and dialogue.query.image is None
+    assert dialogue.target.text == "" and dialogue.target.image.endswith("VisDial/Train/image_0.jpg")
     with pytest.raises(DatasetNotFoundError, match="OK-VQA"):
         get_adapter("mmeb")(str(root))  # the default 20 subsets are not all there
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fuselip_med.data.adapters import BadRowError, DatasetNotFoundError, get_adapter
-from fuselip_med.data.schema import Sample
+from fuselip_med.data.schema import Sample, SampleSide
 from fuselip_med.eval.embedding import Embedder
 from fuselip_med.eval.runner import TASKS, run_evaluation
 from fuselip_med.eval.vqa import evaluate_vqa_retrieval
@@ -45,12 +45,12 @@ def test_jsonl_records_groups_and_skips(tmp_path):
     assert dict(source.skipped) == {"bad json line": 1, "empty answer": 1, "missing image": 1}
     assert source.groups() == [[0, 1], [2, 3], [4], [5]]
     first = source[0]
-    assert (first.query_image, first.query_text, first.target_text, first.target_image) == (
+    assert (first.query.image, first.query.text, first.target.text, first.target.image) == (
         str(tmp_path / image), "Question 0?", "answer 0", None)
     assert first.group == source[1].group != source[2].group and first.meta["qtype"] == "side"
-    assert source[5].query_image.endswith("ROCOv2_2023_train_000007.jpg") and source[5].target_text == "X-ray"
+    assert source[5].query.image.endswith("ROCOv2_2023_train_000007.jpg") and source[5].target.text == "X-ray"
     only = get_adapter("rocov2_vqa")(str(file), images=str(tmp_path / "rocov2"), qtypes=["modality"])
-    assert [s.target_text for s in only] == ["X-ray"]
+    assert [s.target.text for s in only] == ["X-ray"]
     with pytest.raises(BadRowError, match="line 7: bad json line"):
         get_adapter("rocov2_vqa")(str(file), images=str(tmp_path / "rocov2"), strict=True)
     with pytest.raises(DatasetNotFoundError, match="synth-vqa"):
@@ -60,12 +60,12 @@ def test_jsonl_records_groups_and_skips(tmp_path):
 def test_rules_on_the_fly_from_a_rocov2_folder(tmp_path):
     write_rocov2(tmp_path / "rocov2")
     source = get_adapter("rocov2_vqa")(str(tmp_path / "rocov2"), split="train")
-    assert [(s.meta["qtype"], s.target_text) for s in source] == [
+    assert [(s.meta["qtype"], s.target.text) for s in source] == [
         ("modality", "CT"), ("plane", "axial"), ("abnormality", "cyst"), ("side", "left"),
         ("location", "left kidney"), ("size", "2 cm"), ("modality", "X-ray"), ("region", "chest"),
         ("projection", "AP")]
     assert source.groups() == [[0, 1, 2, 3], [4, 5], [6, 7, 8]]  # groups of up to 4 questions per image
-    assert all(Path(s.query_image).is_file() for s in source)
+    assert all(Path(s.query.image).is_file() for s in source)
 
 
 ANSWERS = ["CT", "MRI", "left", "right upper lobe", "5 mm"]
@@ -89,9 +89,11 @@ def vqa_samples() -> list[Sample]:
     # (the answer the image "shows", the recorded answer): the last two disagree, so they rank the answer lower
     cases = [(0, "CT"), (1, "MRI"), (2, "left"), (3, "right upper lobe"), (4, "5 mm"), (0, "ct"), (2, "MRI"),
              (4, "left")]
-    return [Sample(id=f"s{i}", source="rocov2_vqa", query_image=torch.full((3, 4, 4), shown / 10),
-                   query_text=f"question {i}?", target_text=answer, meta={"qtype": "side" if i % 2 else "modality"})
-            for i, (shown, answer) in enumerate(cases)] + [Sample(id="x", source="rocov2", target_text="no image")]
+    return [Sample(id=f"s{i}", source="rocov2_vqa",
+                   query=SampleSide(image=torch.full((3, 4, 4), shown / 10), text=f"question {i}?"),
+                   target=SampleSide(text=answer), meta={"qtype": "side" if i % 2 else "modality"})
+            for i, (shown, answer) in enumerate(cases)] + [
+        Sample(id="x", source="rocov2", target=SampleSide(text="no image"))]
 
 
 def test_vqa_retrieval_scores_the_answer_pool():
@@ -144,5 +146,5 @@ def test_parquet_mirror_records_find_their_images_by_id(tmp_path):
         ("000011", "ultrasound", None)]
     assert report.skipped_rows == {"duplicate id": 2, "empty caption": 1}
     source = get_adapter("rocov2_vqa")(str(out), images=str(mirror))
-    assert [decode_id(s.query_image) for s in source] == [number_of(r["id"]) for r in lines]
+    assert [decode_id(s.query.image) for s in source] == [number_of(r["id"]) for r in lines]
     assert source.groups() == [[0], [1, 2, 3], [4]]

@@ -9,7 +9,7 @@ from fuselip_med.core.image_preprocess import pil_to_tensor
 from fuselip_med.data.adapters import BadRowError, DatasetEmptyError, ListSource, get_adapter
 from fuselip_med.data.dataset import SampleDataset, SkippedSample
 from fuselip_med.data.sampling import GroupedBatchSampler
-from fuselip_med.data.schema import Sample
+from fuselip_med.data.schema import Sample, SampleSide
 from fuselip_med.data.transforms.tasks import TGITTask, eval_pools, get_family, split_of
 from fuselip_med.data.transforms.tgit import PAPER
 
@@ -21,14 +21,15 @@ def make_base(tmp_path, n=12, name="toy"):
         size = (200 + 8 * i, 160 + 4 * i)
         path = tmp_path / f"img{i}.png"
         Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB").save(path)
-        samples.append(Sample(id=f"s{i}", source=name, query_image=str(path), target_text=f"caption {i}"))
+        samples.append(Sample(id=f"s{i}", source=name, query=SampleSide(image=str(path)),
+                              target=SampleSide(text=f"caption {i}")))
     return ListSource(samples, name=name)
 
 
 def paths_only_base(n, name="many"):
     """A large base whose images are never decoded (layout tests only)."""
-    return ListSource([Sample(id=f"id{i}", source=name, query_image=f"/nonexistent/{i}.png",
-                              target_text="c") for i in range(n)], name=name)
+    return ListSource([Sample(id=f"id{i}", source=name, query=SampleSide(image=f"/nonexistent/{i}.png"),
+                              target=SampleSide(text="c")) for i in range(n)], name=name)
 
 
 def check_groups(task, decode=True):
@@ -82,15 +83,15 @@ def test_train_samples_groups_and_identity(tmp_path):
     for group in groups:
         sample = task[group[0]]
         if sample.meta["kind"] == "identity":
-            assert sample.query_text is None and sample.target_image is None
-            assert sample.target_text.startswith("caption ") and sample.query_image.endswith(".png")
+            assert sample.query.text is None and sample.target.image is None
+            assert sample.target.text.startswith("caption ") and sample.query.image.endswith(".png")
             assert sample.group is None
             continue
         assert sample.group == f"toy/{sample.meta['base_id']}/tgit/{sample.meta['kind']}"
-        assert sample.target_text is None and sample.query_text
+        assert sample.target.text is None and sample.query.text
         assert sample.meta["preprocessed"] is True
-        assert sample.query_image.size == (256, 256) and sample.query_image.mode == "RGB"
-        prompts = [task[i].query_text for i in group]
+        assert sample.query.image.size == (256, 256) and sample.query.image.mode == "RGB"
+        prompts = [task[i].query.text for i in group]
         if sample.meta["kind"] != "flip":  # the training flip pairs repeat a prompt in the inverse direction
             assert len(set(prompts)) == len(prompts)
 
@@ -104,36 +105,36 @@ def test_same_index_same_sample(tmp_path):
         a[i], b[j]
     for i in order:
         x, y = a[i], b[i]
-        assert (x.id, x.query_text, x.group, x.meta["params"]) == (y.id, y.query_text, y.group, y.meta["params"])
-        assert np.array_equal(np.asarray(x.query_image), np.asarray(y.query_image))
-        assert np.array_equal(np.asarray(x.target_image), np.asarray(y.target_image))
+        assert (x.id, x.query.text, x.group, x.meta["params"]) == (y.id, y.query.text, y.group, y.meta["params"])
+        assert np.array_equal(np.asarray(x.query.image), np.asarray(y.query.image))
+        assert np.array_equal(np.asarray(x.target.image), np.asarray(y.target.image))
     other = TGITTask(base, split="train", seed=4, identity_fraction=0.0, eval_fraction=0.0)
     assert [other.item_kind(i) for i in range(len(other))] != [a.item_kind(i) for i in order] or \
-        [other[i].query_text for i in range(len(other))] != [a[i].query_text for i in order]
+        [other[i].query.text for i in range(len(other))] != [a[i].query.text for i in order]
 
 
 def test_crop_source_is_the_squashed_image(tmp_path):
     base = make_base(tmp_path, n=3)
     task = TGITTask(base, ["randomcrop"], split="eval", eval_fraction=1.0)
     sample = task[0]
-    original = Image.open(base[0].query_image)
+    original = Image.open(base[0].query.image)
     squashed = original.resize((256, 256), Image.BICUBIC).convert("RGB")
-    assert np.array_equal(np.asarray(sample.query_image), np.asarray(squashed))
+    assert np.array_equal(np.asarray(sample.query.image), np.asarray(squashed))
 
 
 def test_train_base_preprocessing_is_the_reference(tmp_path):
     base = make_base(tmp_path, n=4)
 
     def squashed(sample):
-        return np.asarray(Image.open(base[int(sample.meta["base_id"][1:])].query_image)
+        return np.asarray(Image.open(base[int(sample.meta["base_id"][1:])].query.image)
                           .resize((256, 256), Image.BICUBIC).convert("RGB"))
 
     crops = TGITTask(base, ["randomcrop"], split="train", eval_fraction=0.0, identity_fraction=0.0)
-    assert all(np.array_equal(np.asarray(crops[g[0]].query_image), squashed(crops[g[0]])) for g in crops.groups())
+    assert all(np.array_equal(np.asarray(crops[g[0]].query.image), squashed(crops[g[0]])) for g in crops.groups())
     rotations = TGITTask(base, ["rotate"], split="train", eval_fraction=0.0, identity_fraction=0.0)
     sources = [rotations[g[0]] for g in rotations.groups()]  # a random resized crop (scale 0.9-1.0)
-    assert all(s.query_image.size == (256, 256) for s in sources)
-    assert not all(np.array_equal(np.asarray(s.query_image), squashed(s)) for s in sources)
+    assert all(s.query.image.size == (256, 256) for s in sources)
+    assert not all(np.array_equal(np.asarray(s.query.image), squashed(s)) for s in sources)
 
 
 def test_eval_split_pools(tmp_path):
@@ -147,7 +148,7 @@ def test_eval_split_pools(tmp_path):
         kind = samples[0].meta["kind"]
         assert len(group) == expected[kind] == samples[0].meta["pool_size"]
         assert [s.meta["slot"] for s in samples] == list(range(len(group)))
-        assert len({s.query_text for s in samples}) == len(group)
+        assert len({s.query.text for s in samples}) == len(group)
         assert all(s.meta["split"] == "eval" for s in samples)
     reference = TGITTask(base, ["flip"], split="eval", eval_fraction=1.0, flip_eval="reference")
     assert all(len(g) == 4 for g in reference.groups())
@@ -158,15 +159,16 @@ def test_medical_task_with_hu_and_8bit_sources(tmp_path):
     hu = rng.uniform(-1000, 1500, (300, 240)).astype(np.float32)
     gray = tmp_path / "xray.png"
     Image.fromarray(rng.integers(0, 256, (180, 220), dtype=np.uint8), "L").save(gray)
-    base = ListSource([Sample(id="ct", source="med", query_image=hu, target_text="axial CT"),
-                       Sample(id="xr", source="med", query_image=str(gray), target_text="chest x-ray")], "med")
+    base = ListSource([Sample(id="ct", source="med", query=SampleSide(image=hu), target=SampleSide(text="axial CT")),
+                       Sample(id="xr", source="med", query=SampleSide(image=str(gray)),
+                              target=SampleSide(text="chest x-ray"))], "med")
     task = TGITTask(base, "tgit_med", split="eval", eval_fraction=1.0)
     groups = check_groups(task)
     assert len(groups) == 2 * 7
     for group in groups:
         samples = [task[i] for i in group]
-        assert all(s.query_image.mode == "L" and s.query_image.size == (256, 256) for s in samples)
-        assert len({s.query_text for s in samples}) == len(samples)
+        assert all(s.query.image.mode == "L" and s.query.image.size == (256, 256) for s in samples)
+        assert len({s.query.text for s in samples}) == len(samples)
         if samples[0].meta["kind"] == "med_window":
             named = [s for s in samples if "window" in s.meta["params"]]
             assert len(named) == (5 if samples[0].meta["base_id"] == "ct" else 0)
@@ -187,7 +189,8 @@ def test_registry_skips_and_errors(tmp_path):
     with pytest.raises(ValueError, match="split"):
         TGITTask(base, split="valid")
 
-    textonly = ListSource(list(base.samples) + [Sample(id="t", source="toy", query_text="q", target_text="a")])
+    textonly = ListSource(list(base.samples) + [Sample(id="t", source="toy", query=SampleSide(text="q"),
+                                                       target=SampleSide(text="a"))])
     lenient = TGITTask(textonly, split="eval", eval_fraction=1.0)
     assert lenient.skipped == {"no image": 1}
     with pytest.raises(BadRowError):
@@ -219,13 +222,13 @@ def test_dataset_decodes_rendered_images_unchanged(tmp_path):
     task = TGITTask(base, "tgit_med", split="eval", eval_fraction=1.0)
     item = SampleDataset(task)[0]
     sample = task[0]
-    assert item.query.text == sample.query_text and item.target.text is None
+    assert item.query.text == sample.query.text and item.target.text is None
     assert item.group == sample.group
-    assert torch_equal(item.query.pixels, pil_to_tensor(sample.query_image))
-    assert torch_equal(item.target.pixels, pil_to_tensor(sample.target_image))
+    assert torch_equal(item.query.pixels, pil_to_tensor(sample.query.image))
+    assert torch_equal(item.target.pixels, pil_to_tensor(sample.target.image))
 
-    broken = ListSource([Sample(id="gone", source="toy", query_image=str(tmp_path / "missing.png"),
-                                target_text="c")], "toy")
+    broken = ListSource([Sample(id="gone", source="toy", query=SampleSide(image=str(tmp_path / "missing.png")),
+                                target=SampleSide(text="c"))], "toy")
     skipped = SampleDataset(TGITTask(broken, split="eval", eval_fraction=1.0))[0]
     assert isinstance(skipped, SkippedSample) and skipped.reason == "missing file"
 
@@ -236,7 +239,7 @@ def torch_equal(a, b):
 
 @pytest.mark.parametrize("family", ["tgit", "tgit_med"])
 def test_eval_pools_function(tmp_path, family):
-    path = make_base(tmp_path, n=1)[0].query_image
+    path = make_base(tmp_path, n=1)[0].query.image
     pools = eval_pools(path, family, np.random.default_rng(0))
     again = eval_pools(path, family, np.random.default_rng(0))
     assert list(pools) == list(get_family(family).kinds)
@@ -253,4 +256,4 @@ def test_training_dataset_does_not_crop_rendered_pairs_again(tmp_path):
     index = next(i for i in range(len(task)) if task[i].meta.get("preprocessed"))
     sample = task[index]
     item = SampleDataset(task, train=True)[index]
-    assert torch_equal(item.target.pixels, pil_to_tensor(sample.target_image))
+    assert torch_equal(item.target.pixels, pil_to_tensor(sample.target.image))

@@ -22,9 +22,9 @@ def test_volumes_adapter_pairs_sampled_slices_with_reports(tmp_path):
     source = get_adapter("volumes")(str(folder), slices=3, rendering="multi")
     assert len(source) == 4 * 3 and [len(g) for g in source.groups()] == [3, 3, 3, 3]
     sample = source[0]
-    assert sample.target_text == "A solid pulmonary nodule is seen. Lung nodule."
+    assert sample.target.text == "A solid pulmonary nodule is seen. Lung nodule."
     assert sample.group == "volumes/demo_0_a_1.nii.gz" and sample.id == "demo_0_a_1.nii.gz#0"
-    assert isinstance(sample.query_image, np.ndarray) and sample.query_image.shape == (16, 16, 3)
+    assert isinstance(sample.query.image, np.ndarray) and sample.query.image.shape == (16, 16, 3)
     assert dict(source.skipped) == {"no series": 1}
 
 

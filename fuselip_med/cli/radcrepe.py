@@ -37,8 +37,8 @@ def radcrepe(
         with progress_bar(n, "reading captions") as bar:
             for i in range(n):
                 s = source[i]
-                image = s.query_image if s.query_image is not None else s.target_image
-                caption = s.target_text or s.query_text
+                image = s.query.image if s.query.image is not None else s.target.image
+                caption = s.target.text or s.query.text
                 bar.set(i + 1)
                 if image is not None and caption:
                     yield s.id, image, caption

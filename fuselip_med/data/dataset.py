@@ -47,7 +47,7 @@ class DecodedSide:
 class DecodedSample:
     """One item ready for the collator: texts as str (None = absent), images as (3, S, S) float tensors.
 
-    With a code cache, an image side may come as its 128 TiTok ids (``*_image_ids``, int64) instead of pixels.
+    With a code cache, an image side may come as its 128 TiTok ids (``DecodedSide.image_ids``, int64) instead of pixels.
     """
 
     id: str

@@ -24,15 +24,18 @@ SIDES: tuple[Side, Side] = ("query", "target")
 
 @dataclass(frozen=True)
 class SampleSide:
-    """One side of a ``Sample``: an optional image (undecoded) and an optional text."""
+    """One side of a ``Sample``: an optional image (undecoded, see ``ImageInput``) and an optional text.
 
-    image: ImageInput | None
-    text: str | None
+    Decoding turns it into a ``data.dataset.DecodedSide`` and collation into a ``data.collate.BatchSide``.
+    """
+
+    image: ImageInput | None = None
+    text: str | None = None
 
 
 @dataclass
 class Sample:
-    """A training/eval item: query (left) side and target (right) side, each an optional image and text.
+    """A training/eval item: a ``query`` (left) side and a ``target`` (right) side, each an optional image and text.
 
     A missing text (None) is encoded as the empty string, i.e. [sot, eot], as in the reference. ``group``
     ties hard negatives together: the sampler keeps every sample with the same group key in one batch.
@@ -41,22 +44,10 @@ class Sample:
 
     id: str
     source: str
-    query_image: ImageInput | None = None
-    query_text: str | None = None
-    target_image: ImageInput | None = None
-    target_text: str | None = None
+    query: SampleSide = field(default_factory=SampleSide)
+    target: SampleSide = field(default_factory=SampleSide)
     group: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def query(self) -> SampleSide:
-        """The query (left) side: its image and text."""
-        return SampleSide(self.query_image, self.query_text)
-
-    @property
-    def target(self) -> SampleSide:
-        """The target (right) side: its image and text."""
-        return SampleSide(self.target_image, self.target_text)
 
     def side(self, name: Side) -> SampleSide:
         """The ``query`` or ``target`` side."""

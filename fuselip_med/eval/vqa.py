@@ -33,7 +33,7 @@ def evaluate_vqa_retrieval(model_or_embedder: Any, samples: Sequence[Any], *, ba
     """Score (query image + question -> answer text) samples against the pool of their distinct answers.
 
     ``model_or_embedder``: anything with ``encode(images=, texts=)`` or an ``Embedder`` (reusing its cache).
-    ``samples``: ``Sample``s with ``query_image``, ``query_text`` (question) and ``target_text`` (answer);
+    ``samples``: ``Sample``s with ``query.image``, ``query.text`` (question) and ``target.text`` (answer);
     others are counted under ``skipped``. Returns ``{"metrics": {vqa_R@1/5/10, vqa_mean_rank, vqa_median_rank,
     accuracy (= vqa_R@1), chance_R@1}, "per_qtype": {qtype: {"R@1", "n"}} (from ``meta["qtype"]``), "n",
     "pool_size" (distinct answers), "skipped"}``. Raises ``ValueError`` when no sample is usable.
@@ -43,12 +43,12 @@ def evaluate_vqa_retrieval(model_or_embedder: Any, samples: Sequence[Any], *, ba
     skipped: collections.Counter[str] = collections.Counter()
     queries, answers, qtypes = [], [], []
     for sample in samples:
-        if sample.query_image is None or not sample.query_text or not sample.target_text:
+        if sample.query.image is None or not sample.query.text or not sample.target.text:
             skipped["not an (image + question -> answer) sample"] += 1
             continue
-        queries.append(EmbedItem(image=sample.query_image, text=sample.query_text,
-                                 image_key=sample_image_key(sample, sample.query_image)))
-        answers.append(sample.target_text.strip())
+        queries.append(EmbedItem(image=sample.query.image, text=sample.query.text,
+                                 image_key=sample_image_key(sample, sample.query.image)))
+        answers.append(sample.target.text.strip())
         qtypes.append(sample.meta.get("qtype") or "")
     if not queries:
         raise ValueError("no (image + question -> answer) sample to evaluate VQA retrieval on")

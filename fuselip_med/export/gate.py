@@ -125,8 +125,8 @@ def demo_reference(n: int = 200, image_size: int = 256, seed: int = 0) -> Refere
         root = write_demo_dataset(Path(tmp) / "demo", seed=seed, n_train=0, n_valid=0, n_test=n)
         source = get_adapter("rocov2")(str(root), split="test")
         samples = [source[i] for i in range(len(source))]
-        return _decoded([s.id for s in samples], [s.query_image for s in samples],
-                        [s.target_text for s in samples], f"the bundled demo (seed {seed}, {n} images)", image_size)
+        return _decoded([s.id for s in samples], [s.query.image for s in samples],
+                        [s.target.text for s in samples], f"the bundled demo (seed {seed}, {n} images)", image_size)
 
 
 def folder_reference(path: str | os.PathLike, image_size: int = 256, limit: int | None = None) -> ReferenceSet:

@@ -20,7 +20,7 @@ from typing import Protocol, runtime_checkable
 
 from ...errors import UnknownNameError, UserError
 from ...option_names import advise_option
-from ..schema import Sample
+from ..schema import Sample, SampleSide
 from ..skips import SkipReport
 
 __all__ = [
@@ -132,8 +132,10 @@ def pair_sample(pair_mode: str, *, id: str, source: str, image, caption: str, me
                 group: str | None = None) -> Sample:
     """An image-caption ``Sample``: image -> caption (``image_to_caption``) or caption -> image."""
     if pair_mode == "image_to_caption":
-        return Sample(id=id, source=source, query_image=image, target_text=caption, group=group, meta=meta)
-    return Sample(id=id, source=source, query_text=caption, target_image=image, group=group, meta=meta)
+        return Sample(id=id, source=source, query=SampleSide(image=image), target=SampleSide(text=caption),
+                      group=group, meta=meta)
+    return Sample(id=id, source=source, query=SampleSide(text=caption), target=SampleSide(image=image), group=group,
+                  meta=meta)
 
 
 def check_index(index: int, n: int) -> int:

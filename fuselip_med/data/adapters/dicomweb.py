@@ -42,7 +42,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from ...errors import UserError
 from ...io import atomic_write_bytes, atomic_write_json
-from ..schema import Sample
+from ..schema import Sample, SampleSide
 from . import ListSource, register_adapter
 
 __all__ = [
@@ -432,7 +432,7 @@ def dicomweb(path: str, split: str = "train", limit: int | None = None, strict: 
     ``cache``: the local folder the instances are fetched into (required; reused across runs). ``limit``: at most
     this many series. ``options``: ``DicomwebOptions`` fields (user, ca_bundle, insecure, modality, study_date,
     study_description, max_concurrent, retries). One sample per instance: ``id`` = the salted instance key,
-    ``query_image`` = the cached file, ``group`` = the salted series key (hard negatives stay in one series).
+    ``query.image`` = the cached file, ``group`` = the salted series key (hard negatives stay in one series).
     ``split`` and ``strict`` are accepted for the adapter interface; a server has no splits. Raises
     ``DicomwebError``/``DicomwebAuthError`` and ``TypeError`` for an unknown option.
     """
@@ -449,5 +449,5 @@ def dicomweb(path: str, split: str = "train", limit: int | None = None, strict: 
 
 def instance_samples(instances: Sequence[CachedInstance]) -> list[Sample]:
     """One image ``Sample`` per cached instance (id = instance key, group = series key)."""
-    return [Sample(id=i.key, source="dicomweb", query_image=str(i.path), group=i.series,
+    return [Sample(id=i.key, source="dicomweb", query=SampleSide(image=str(i.path)), group=i.series,
                    meta={"series": i.series, "study": i.study, "path": str(i.path)}) for i in instances]

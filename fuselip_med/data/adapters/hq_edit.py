@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..schema import Sample
+from ..schema import Sample, SampleSide
 from ..skips import SkipReport
 from . import (
     DatasetEmptyError,
@@ -66,8 +66,8 @@ class HQEditSource:
             target_text = self._texts["output"][i] or None
         meta = {"split": self.split, "row": row, "kind": KINDS[block], "input": self._texts["input"][i],
                 "output": self._texts["output"][i]}
-        return Sample(id=f"{row}/{KINDS[block]}", source="hq_edit", query_image=source_image, query_text=text,
-                      target_image=target_image, target_text=target_text,
+        return Sample(id=f"{row}/{KINDS[block]}", source="hq_edit", query=SampleSide(image=source_image, text=text),
+                      target=SampleSide(image=target_image, text=target_text),
                       group=f"{self.name}/{row}" if block < 2 else None, meta=meta)
 
     def groups(self) -> list[list[int]]:

@@ -19,7 +19,7 @@ import os
 import re
 from pathlib import Path
 
-from ..schema import Sample
+from ..schema import Sample, SampleSide
 from . import DatasetNotFoundError, check_index, register_adapter, require_nonempty, skip_or_raise, take
 
 __all__ = ["TRAIN_SUBSETS", "HATEFUL_PROMPT", "INSTRUCTIONS", "CANDIDATE_PREFIX", "clean_text", "MMEBTrainSource",
@@ -111,10 +111,11 @@ class MMEBTrainSource:
 
     def __getitem__(self, index: int) -> Sample:
         subset, number, row = self._rows[check_index(index, len(self))]
-        return Sample(id=f"{subset}/{number}", source="mmeb", query_image=self._image(row.get("qry_image_path")),
-                      query_text=clean_text(row.get("qry"), subset, candidate=False),
-                      target_image=self._image(row.get("pos_image_path")),
-                      target_text=clean_text(row.get("pos_text"), subset, candidate=True), meta={"subset": subset})
+        query = SampleSide(image=self._image(row.get("qry_image_path")),
+                           text=clean_text(row.get("qry"), subset, candidate=False))
+        target = SampleSide(image=self._image(row.get("pos_image_path")),
+                            text=clean_text(row.get("pos_text"), subset, candidate=True))
+        return Sample(id=f"{subset}/{number}", source="mmeb", query=query, target=target, meta={"subset": subset})
 
     def groups(self) -> list[list[int]]:
         return [[i] for i in range(len(self))]

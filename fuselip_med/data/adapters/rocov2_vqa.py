@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..schema import Sample
+from ..schema import Sample, SampleSide
 from . import (
     DatasetNotFoundError,
     check_index,
@@ -55,9 +55,9 @@ class RocoV2VQASource:
         index = check_index(index, len(self))
         image_id, image, question, answer, qtype = self._records[index]
         if image is None:
-            image = self._image_source[self._image_index[image_id]].query_image
-        return Sample(id=f"{image_id}/{index}", source="rocov2_vqa", query_image=image, query_text=question,
-                      target_text=answer, group=f"rocov2_vqa/{self._group_of[index]}",
+            image = self._image_source[self._image_index[image_id]].query.image
+        return Sample(id=f"{image_id}/{index}", source="rocov2_vqa", query=SampleSide(image=image, text=question),
+                      target=SampleSide(text=answer), group=f"rocov2_vqa/{self._group_of[index]}",
                       meta={"split": self.split, "image_id": image_id, "qtype": qtype})
 
     def groups(self) -> list[list[int]]:
@@ -100,7 +100,7 @@ def rocov2_vqa(path: str | os.PathLike, split: str = "train", limit: int | None 
     source = _rocov2(text, split)
     records = []
     for i, image_id in enumerate(source.image_ids):
-        image = source[i].query_image if source.layout == "official" else None  # parquet bytes: read when indexed
+        image = source[i].query.image if source.layout == "official" else None  # parquet bytes: read when indexed
         for qtype, question, answer in rules_qa(source.captions[i], source.manual_concepts(i), image_id):
             if wanted is None or qtype in wanted:
                 records.append((image_id, image, question, answer, qtype))

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..images import load_image
-from ..schema import Sample
+from ..schema import Sample, SampleSide
 from ..skips import SkipReport
 from . import (
     DatasetNotFoundError,
@@ -172,8 +172,9 @@ class VGCropSource(_GroupedSource):
         region_id = self._columns["item_id"][index]
         crop = load_image(path).crop((x, y, x + w, y + h))
         meta.update(region_id=region_id, box=(x, y, w, h))
-        return Sample(id=f"{image_id}/{region_id}", source=self.kind, query_image=path,
-                      query_text=self._columns["text"][index], target_image=crop, group=group, meta=meta)
+        return Sample(id=f"{image_id}/{region_id}", source=self.kind,
+                      query=SampleSide(image=path, text=self._columns["text"][index]), target=SampleSide(image=crop),
+                      group=group, meta=meta)
 
 
 class VGVQASource(_GroupedSource):
@@ -186,9 +187,9 @@ class VGVQASource(_GroupedSource):
         image_id, path, group, meta = self._common(index)
         qa_id = self._columns["item_id"][index]
         meta["qa_id"] = qa_id
-        return Sample(id=f"{image_id}/{qa_id}", source=self.kind, query_image=path,
-                      query_text=self._columns["text"][index], target_text=self._columns["answer"][index],
-                      group=group, meta=meta)
+        return Sample(id=f"{image_id}/{qa_id}", source=self.kind,
+                      query=SampleSide(image=path, text=self._columns["text"][index]),
+                      target=SampleSide(text=self._columns["answer"][index]), group=group, meta=meta)
 
 
 def _number(value: Any) -> float | None:

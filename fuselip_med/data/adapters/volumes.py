@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..schema import Sample
+from ..schema import Sample, SampleSide
 from ..skips import SkipReport
 from . import DatasetNotFoundError, check_index, register_adapter, require_nonempty
 
@@ -48,7 +48,8 @@ class VolumeSource:
 
         index = check_index(index, len(self))
         series_key, ref, report = self._records[index]
-        return Sample(id=ref.key, source="volumes", query_image=render_slice(ref, self.rendering), target_text=report,
+        return Sample(id=ref.key, source="volumes", query=SampleSide(image=render_slice(ref, self.rendering)),
+                      target=SampleSide(text=report),
                       group=f"volumes/{series_key}", meta={"series": series_key, "split": self.split,
                                                             "image_id": ref.key})
 

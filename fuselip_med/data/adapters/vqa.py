@@ -6,7 +6,7 @@ import collections
 import os
 from pathlib import Path, PurePosixPath
 
-from ..schema import Sample
+from ..schema import Sample, SampleSide
 from ..skips import SkipReport
 from . import (
     DatasetNotFoundError,
@@ -40,7 +40,8 @@ class VQASource:
 
     def __getitem__(self, index: int) -> Sample:
         sample_id, image, question, answer = self._records[check_index(index, len(self))]
-        return Sample(id=sample_id, source="cc3m_vqa", query_image=image, query_text=question, target_text=answer,
+        return Sample(id=sample_id, source="cc3m_vqa", query=SampleSide(image=image, text=question),
+                      target=SampleSide(text=answer),
                       meta={"split": self.split, "path": image})
 
     def groups(self) -> list[list[int]]:

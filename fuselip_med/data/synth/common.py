@@ -119,8 +119,8 @@ def read_caption_rows(path: str | os.PathLike, *, adapter: str | None = None, sp
         return rows, dict(source.skipped)
     for i in range(len(source)):
         sample = source[i]
-        image = sample.query_image if sample.query_image is not None else sample.target_image
-        caption = sample.target_text if sample.target_text else sample.query_text
+        image = sample.query.image if sample.query.image is not None else sample.target.image
+        caption = sample.target.text if sample.target.text else sample.query.text
         if not caption:
             continue
         concepts = tuple(manual(i)) if manual is not None else ()

@@ -31,7 +31,7 @@ from fuselip_med.data.adapters import (
     take,
 )
 from fuselip_med.data.images import DecodeOptions, load_image
-from fuselip_med.data.schema import Sample
+from fuselip_med.data.schema import Sample, SampleSide
 from fuselip_med.data.transforms.tgit import TGITFamily, TGITPair, paper_transforms
 
 SPLITS = ("train", "eval")
@@ -72,9 +72,9 @@ def split_of(sample_id: str, eval_fraction: float) -> str:
 
 def image_and_caption(sample: Sample) -> tuple[Any, str | None]:
     """The base sample's image (query side first) and its caption (the text of the other side)."""
-    if sample.query_image is not None:
-        return sample.query_image, sample.target_text if sample.target_text else sample.query_text
-    return sample.target_image, sample.query_text if sample.query_text else sample.target_text
+    if sample.query.image is not None:
+        return sample.query.image, sample.target.text if sample.target.text else sample.query.text
+    return sample.target.image, sample.query.text if sample.query.text else sample.target.text
 
 
 def _squash(image: Image.Image, size: int) -> Image.Image:
@@ -202,10 +202,8 @@ class TGITTask:
         return Sample(
             id=f"{base_sample.id}/{self.family.name}/{pair.kind}/{slot}",
             source=self.name,
-            query_image=pair.source_image,
-            query_text=pair.prompt,
-            target_image=pair.target_image,
-            target_text=None,
+            query=SampleSide(image=pair.source_image, text=pair.prompt),
+            target=SampleSide(image=pair.target_image),
             group=f"{base_sample.source}/{base_sample.id}/{self.family.name}/{pair.kind}",
             meta=meta,
         )
@@ -216,8 +214,8 @@ class TGITTask:
         return Sample(
             id=f"{base_sample.id}/{self.family.name}/{IDENTITY}",
             source=self.name,
-            query_image=image,
-            target_text=caption,
+            query=SampleSide(image=image),
+            target=SampleSide(text=caption),
             meta={**base_sample.meta, "task": self.family.name, "kind": IDENTITY, "base_id": base_sample.id,
                   "split": self.split},
         )

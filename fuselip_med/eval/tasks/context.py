@@ -168,8 +168,8 @@ def _image_caption(source) -> ImageCaption:
     out.skipped.extend(getattr(source, "skipped", None))  # rows the adapter could not use, named
     for i in range(len(source)):
         s = source[i]
-        image = s.query_image if s.query_image is not None else s.target_image
-        caption = s.target_text if s.target_text else s.query_text
+        image = s.query.image if s.query.image is not None else s.target.image
+        caption = s.target.text if s.target.text else s.query.text
         if image is None or not caption:
             out.skipped.add(s.id, out.name, "no image" if image is None else "no caption")
             continue

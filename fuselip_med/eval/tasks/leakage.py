@@ -33,7 +33,7 @@ def _items(ctx: EvalContext, role: str, skips: SkipReport) -> list[tuple[str, ob
     out = []
     for i in range(len(source)):
         s = source[i]
-        image = s.query_image if s.query_image is not None else s.target_image
+        image = s.query.image if s.query.image is not None else s.target.image
         if image is None:
             skips.add(s.id, role, "no image")
             continue

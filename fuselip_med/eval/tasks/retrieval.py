@@ -30,11 +30,11 @@ def run_composed(ctx: EvalContext) -> dict:
     queries, targets, skipped = [], [], Counter()
     for i in range(len(source)):
         s = source[i]
-        if s.query_image is None or s.query_text is None or s.target_image is None:
+        if s.query.image is None or s.query.text is None or s.target.image is None:
             skipped["not an (image + text -> image) sample"] += 1
             continue
-        queries.append(EmbedItem(image=s.query_image, text=s.query_text))
-        targets.append(EmbedItem(image=s.target_image))
+        queries.append(EmbedItem(image=s.query.image, text=s.query.text))
+        targets.append(EmbedItem(image=s.target.image))
     if not queries:
         raise ValueError(f"{describe(source)} has no sample with query image, query text and target image")
     table = ctx.embedder.embed(queries + targets, desc="embedding composed")

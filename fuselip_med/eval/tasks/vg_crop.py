@@ -57,9 +57,9 @@ def image_groups(source, *, min_regions: int, n_images: int, close_last: bool) -
 def _score(ctx: EvalContext, images: list[list], protocol: str) -> dict:
     pools, answers = [], []
     for regions in images:
-        crops = [EmbedItem(image=s.target_image, text="") for s in regions]
+        crops = [EmbedItem(image=s.target.image, text="") for s in regions]
         for k, s in enumerate(regions):
-            query = EmbedItem(image=s.query_image, text=s.query_text, image_key=sample_image_key(s, s.query_image))
+            query = EmbedItem(image=s.query.image, text=s.query.text, image_key=sample_image_key(s, s.query.image))
             pools.append((query, crops))
             answers.append(k)
     skipped: Counter = Counter()

@@ -98,7 +98,7 @@ def run(ctx: EvalContext) -> dict:
     items, labels, skipped = [], [], Counter()
     for i in range(len(source)):
         s = source[i]
-        image = s.query_image if s.query_image is not None else s.target_image
+        image = s.query.image if s.query.image is not None else s.target.image
         label = _single_label(s.meta, o.label_field)
         if image is None:
             skipped["no image"] += 1
