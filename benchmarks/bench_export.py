@@ -84,7 +84,7 @@ def main() -> None:
         from fuselip_med.core.loading import load_model
 
         model, _, _ = load_model(args.model, "cpu")
-        name = f"{args.model} (FuseLIP-{model.config.size})"
+        name = f"{args.model} (FuseLIP-{model.config.transformer_size})"
     else:
         torch.manual_seed(0)
         model = FuseLIP(FuseLIPConfig.from_size(args.size)).eval()
