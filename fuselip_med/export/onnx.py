@@ -152,7 +152,8 @@ def write_export(model: FuseLIP, directory: str | os.PathLike, *, precision: Pre
         for name in (TITOK_GRAPH, ENCODER_GRAPH):
             shutil.copyfile(Path(traced) / name, directory / name)
         graphs = graph_signatures(model.config)
-    quantized = quantize_int8(directory, int8 or Int8Settings(), calibration) if precision == "int8" else None
+    quantized = (quantize_int8(directory / TITOK_GRAPH, directory / ENCODER_GRAPH, int8 or Int8Settings(), calibration)
+                 if precision == "int8" else None)
     shutil.copyfile(DEFAULT_BPE_PATH, directory / BPE_FILE)
     shutil.copyfile(Path(DEFAULT_BPE_PATH).with_name(BPE_LICENSE), directory / BPE_LICENSE)
     config = {

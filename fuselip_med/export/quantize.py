@@ -70,11 +70,6 @@ class Int8Settings:
         if self.titok_fp32_blocks < 0:
             raise Int8SettingsError(f"--titok-fp32-blocks {self.titok_fp32_blocks}: give 0 or more")
 
-    def graphs(self) -> list[str]:
-        from fuselip_med.export.onnx import ENCODER_GRAPH, TITOK_GRAPH
-
-        return [ENCODER_GRAPH] if self.scope == "encoder" else [TITOK_GRAPH, ENCODER_GRAPH]
-
 
 @dataclass
 class CalibrationInputs:
@@ -144,31 +139,32 @@ def _no_preprocessing_advice(record: logging.LogRecord) -> bool:
                                                "Please consider pre-processing"))
 
 
-def quantize_int8(directory: str | os.PathLike, settings: Int8Settings = Int8Settings(),
-                  calibration: CalibrationInputs | None = None) -> dict[str, Any]:
-    """Quantize the graphs of ``settings.scope`` in export ``directory`` to int8 in place; returns the settings
-    for config.json. ``Int8SettingsError`` for static mode without ``calibration`` or too many fp32 blocks."""
+def quantize_int8(titok_graph: str | os.PathLike, encoder_graph: str | os.PathLike,
+                  settings: Int8Settings = Int8Settings(), calibration: CalibrationInputs | None = None
+                  ) -> dict[str, Any]:
+    """Quantize an export's graphs (the TiTok graph only with scope ``all``) to int8 in place; returns the
+    settings for config.json. ``Int8SettingsError`` for static mode without ``calibration`` or too many fp32
+    blocks."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
-
-    from fuselip_med.export.onnx import TITOK_GRAPH
 
     if settings.mode == "static" and calibration is None:
         raise Int8SettingsError("static int8 quantization needs a calibration set")
-    directory = Path(directory)
-    excluded = titok_block_matmuls(directory / TITOK_GRAPH, settings.titok_fp32_blocks)
+    titok_graph, encoder_graph = Path(titok_graph), Path(encoder_graph)
+    graphs = [encoder_graph] if settings.scope == "encoder" else [titok_graph, encoder_graph]
+    excluded = titok_block_matmuls(titok_graph, settings.titok_fp32_blocks)
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[settings.calibration_method]
     root = logging.getLogger()
     root.addFilter(_no_preprocessing_advice)
     try:
-        for name in settings.graphs():
-            source, target = directory / name, directory / f".{name}.int8"
-            exclude = excluded if name == TITOK_GRAPH else []
+        for source in graphs:
+            target = source.with_name(f".{source.name}.int8")
+            exclude = excluded if source == titok_graph else []
             if settings.mode == "dynamic":
                 quantize_dynamic(source, target, weight_type=QuantType.QInt8, op_types_to_quantize=list(DYNAMIC_OPS),
                                  nodes_to_exclude=exclude)
             else:
-                feeds = calibration.titok if name == TITOK_GRAPH else calibration.encoder
+                feeds = calibration.titok if source == titok_graph else calibration.encoder
                 with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
                         quantize_static(source, target, _feed_reader(feeds), quant_format=QuantFormat.QDQ,
                                     op_types_to_quantize=list(STATIC_OPS), per_channel=True,
@@ -180,7 +176,8 @@ def quantize_int8(directory: str | os.PathLike, settings: Int8Settings = Int8Set
         root.removeFilter(_no_preprocessing_advice)
     recorded = {"method": f"onnxruntime.quantization.quantize_{settings.mode}", **asdict(settings),
                 "op_types": list(DYNAMIC_OPS if settings.mode == "dynamic" else STATIC_OPS),
-                "weight_type": "QInt8", "quantized_graphs": settings.graphs(), "titok_fp32_matmuls": excluded}
+                "weight_type": "QInt8", "quantized_graphs": [graph.name for graph in graphs],
+                "titok_fp32_matmuls": excluded}
     if settings.mode == "static":
         recorded.update(format="QDQ", per_channel=True, activation_type="QUInt8", matmul_const_b_only=True,
                         calibration_images=calibration.n_images)
