@@ -25,8 +25,8 @@ import torch
 from rich.console import Console
 
 from fuselip_med.core.loading import load_model
-from fuselip_med.eval.embedding import Embedder
 from fuselip_med.eval.tgit import pool_items, score_pools
+from fuselip_med.inference.engine import Embedder
 from fuselip_med.recipes import load_recipe
 from fuselip_med.train.trainer import Trainer
 

@@ -1,6 +1,6 @@
-"""Series embedding speed and memory: series/s and peak memory of ``units.embed_series`` on CT series written here
-with pydicom (CT Image Storage, int16, ``--px`` square slices), ``--sampled`` (16) slices per series, for series
-of 100, 300 and 600 slices, tiny and S FuseLIP (random weights: speed does not depend on them) on the CPU.
+"""Series embedding speed and memory: series/s and peak memory of ``inference.units.embed_series`` on CT series
+written here with pydicom (CT Image Storage, int16, ``--px`` square slices), ``--sampled`` (16) slices per series,
+for series of 100, 300 and 600 slices, tiny and S FuseLIP (random weights: speed does not depend on them) on the CPU.
 
 Each (size, slice count) runs in its own process, so the peak resident set (``ru_maxrss``) belongs to that run
 alone; ``numpy peak`` is the tracemalloc peak during the embedding (headers, sampled pixels, renderings; torch's
@@ -58,7 +58,7 @@ def measure(size: str, folder: str, sampled: int, repeats: int) -> dict:
     from fuselip_med.core.fuselip import FuseLIP, FuseLIPConfig
     from fuselip_med.data.phi import Pseudonyms
     from fuselip_med.data.studies import find_series
-    from fuselip_med.units import UnitOptions, embed_series
+    from fuselip_med.inference.units import UnitOptions, embed_series
 
     torch.manual_seed(0)
     model = FuseLIP(FuseLIPConfig.from_size(size)).eval()

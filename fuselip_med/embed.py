@@ -21,7 +21,8 @@ from fuselip_med.data.adapters import SampleSource, get_adapter
 from fuselip_med.data.phi import PrivacyOptions, Pseudonyms, instance_key
 from fuselip_med.data.skips import SkipReport
 from fuselip_med.errors import UsageError
-from fuselip_med.eval.embedding import EmbedItem, embed_items
+from fuselip_med.inference.engine import embed_items
+from fuselip_med.inference.items import EmbedItem
 from fuselip_med.io import atomic_write, atomic_write_bytes, atomic_write_json
 
 Kind = Literal["image", "text", "pair"]
@@ -100,20 +101,20 @@ def pseudonymize_rows(rows: list[EmbedRow], pseudonyms: Pseudonyms, privacy: Pri
 def embed_rows(model, rows: list[EmbedRow], *, batch_size: int = 64, num_workers: int = 0, device=None,
                progress: bool = True, skips: SkipReport | None = None) -> tuple[np.ndarray, list[EmbedRow], dict]:
     """(embeddings [N, D] float32 (L2-normalised) of the rows that worked, those rows, {id: reason} of the rows
-    whose image failed to decode); failures are also named in ``skips`` (source: the image)."""
+    whose image failed to decode); failures are also named in ``skips`` (source: the image; ``input`` for
+    DICOM), with the inference engine's reason (``EmbeddingTable.name_skip``)."""
     items = [EmbedItem(image=r.image, text=r.text) for r in rows]
     table = embed_items(model, items, batch_size=batch_size, num_workers=num_workers, device=device,
                         progress=progress)
+    skips = skips if skips is not None else SkipReport()
     kept, vectors, failed = [], [], {}
     for row, item in zip(rows, items):
-        if item.key in table:
+        source = row.image if isinstance(row.image, (str, os.PathLike)) and not row.dicom else "input"
+        if table.name_skip(skips, item.key, row.id, source):
+            failed[row.id] = skips.entries[-1].reason
+        else:
             kept.append(row)
             vectors.append(int(table.index_of([item.key])[0]))
-        else:
-            failed[row.id] = table.failed.get(item.key, "not embedded")
-            if skips is not None:
-                source = row.image if isinstance(row.image, (str, os.PathLike)) and not row.dicom else "input"
-                skips.add(row.id, source, failed[row.id])
     matrix = table.embeddings[vectors].numpy() if vectors else np.zeros((0, table.dim), dtype=np.float32)
     return matrix.astype(np.float32), kept, failed
 
@@ -177,7 +178,8 @@ def stored_salt(path: str | os.PathLike) -> str | None:
 
 def write_unit_embeddings(path: str | os.PathLike, rows, model_id: str, unit: str, salt: str,
                           settings: dict) -> list[Path]:
-    """Series/study vectors (``units.UnitRow``) written atomically, keyed by salted keys only (no paths, no UIDs):
+    """Series/study vectors (``inference.units.UnitRow``) written atomically, keyed by salted keys only (no paths,
+    no UIDs):
 
     ``.npy``: [N, D] float32 unit vectors, ``<stem>.slices.npy`` [S, D] float32 slice vectors, ``<stem>.ids.json``
     {model, unit, settings, salt, ids [N], studies [N], slices: {ids [S], series [S], rows [S]}} (``rows``: the

@@ -151,7 +151,8 @@ class CountingModel(torch.nn.Module):
 def _embed_worker(rank: int, port: int, texts: list[str], out: str) -> None:
     import torch.distributed as dist
 
-    from fuselip_med.eval.embedding import Embedder, EmbedItem
+    from fuselip_med.inference.engine import Embedder
+    from fuselip_med.inference.items import EmbedItem
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -167,7 +168,8 @@ def test_evaluation_embeddings_are_shared_across_processes(tmp_path):
 
     import torch.multiprocessing as mp
 
-    from fuselip_med.eval.embedding import Embedder, EmbedItem
+    from fuselip_med.inference.engine import Embedder
+    from fuselip_med.inference.items import EmbedItem
 
     texts = [f"finding number {i}" for i in range(7)]
     with socket.socket() as sock:

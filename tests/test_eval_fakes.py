@@ -12,6 +12,8 @@ from collections import Counter
 
 import torch
 
+from fuselip_med.data.hashing import content_hash
+
 
 def _unit(seed_text: str, dim: int) -> torch.Tensor:
     seed = int(hashlib.sha256(seed_text.encode()).hexdigest()[:15], 16)
@@ -20,7 +22,7 @@ def _unit(seed_text: str, dim: int) -> torch.Tensor:
 
 
 def _pixels_key(px: torch.Tensor) -> str:
-    return hashlib.sha1(px.detach().cpu().to(torch.float32).contiguous().numpy().tobytes()).hexdigest()
+    return content_hash(px.detach().to(torch.float32))
 
 
 class HashModel(torch.nn.Module):

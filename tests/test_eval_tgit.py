@@ -6,8 +6,8 @@ from PIL import Image
 
 from fuselip_med.data.schema import Sample, SampleSide
 from fuselip_med.data.transforms.tgit import TGITPair
-from fuselip_med.eval.embedding import Embedder
 from fuselip_med.eval.tgit import evaluate_tgit_pools, evaluate_tgit_source, pool_items, score_pools, summarize_tgit
+from fuselip_med.inference.engine import Embedder
 from tests.test_eval_fakes import HashModel, _unit
 
 

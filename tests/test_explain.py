@@ -3,6 +3,7 @@ are computed once, the sanity checks' arithmetic, the planted demo findings, and
 and one-line errors. The sanity checks on the trained demo model are in test_explain_demo.py (slow)."""
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -154,6 +155,46 @@ def test_spearman_and_pointing_game_arithmetic():
     assert "a random cell: 0.016" in hit.detail  # 1 of 64 cells
 
 
+class RegionTexture(torch.nn.Module):
+    """A model whose image-text similarity depends only on the texture (pixel standard deviation) of one region:
+    the answer a map must give is known."""
+
+    def __init__(self, rows: slice, cols: slice):
+        super().__init__()
+        self.rows, self.cols = rows, cols
+        self.unused = torch.nn.Parameter(torch.zeros(1))  # gives the model a device
+
+    def encode(self, images=None, texts=None):
+        if images is None:
+            return torch.tensor([[0.0, 1.0]]).repeat(len(texts), 1)
+        texture = images[:, :, self.rows, self.cols].flatten(1).std(dim=1)
+        return torch.nn.functional.normalize(torch.stack([torch.ones_like(texture), 10 * texture], dim=1), dim=1)
+
+
+@pytest.mark.parametrize("fill", ["blur", "mean"])
+@pytest.mark.parametrize("top,left", [(70, 170), (170, 70), (8, 230)])
+def test_map_maximum_lands_on_the_region_the_similarity_depends_on(fill, top, left):
+    # a checkerboard "finding" at rows top..top+20, columns left..left+12 (row 2, column 5 of the 8x8 grid for the
+    # first; its transpose for the second): a map with rows and columns swapped, the wrong sign, or a mask resized
+    # the wrong way round points elsewhere
+    pixels = torch.full((3, 256, 256), 0.4)
+    checker = ((torch.arange(20)[:, None] + torch.arange(12)[None]) % 2).float()
+    pixels[:, top:top + 20, left:left + 12] = 0.2 + 0.6 * checker
+    mask = np.zeros((256, 256), bool)
+    mask[top:top + 20, left:left + 12] = True
+    model = RegionTexture(slice(top, top + 20), slice(left, left + 12))
+    explainer = OcclusionExplainer(grid=8, fill=fill, batch_size=64)  # one sweep, scored three times
+    result = explainer(model, pixels, "a textured finding")
+    assert result.max_cell == (top // 32, left // 32) and result.drops.max() > 0.1
+    flat = torch.full_like(pixels, 0.4)  # the same image without its finding
+    game = pointing_game(model, explainer, [Case(pixels, "a textured finding", without=flat)], [mask])
+    assert game.value == 1.0 and game.passed and "the finding raises the similarity in 1 of 1 images" in game.detail
+    unseen = pointing_game(model, explainer, [Case(pixels, "a textured finding", without=pixels)], [mask])
+    assert "raises the similarity in 0 of 1 images (median gain +0.0000)" in unseen.detail
+    elsewhere = np.roll(mask, (128, 96), axis=(0, 1))
+    assert pointing_game(model, explainer, [Case(pixels, "x")], [elsewhere]).value == 0
+
+
 def test_planted_findings_are_the_demo_test_images(tmp_path):
     data = write_demo_dataset(tmp_path / "demo", n_train=0, n_valid=0, n_test=3, n_dicom=0)
     files = sorted((data / "test_images" / "test").glob("*.jpg"))
@@ -163,6 +204,9 @@ def test_planted_findings_are_the_demo_test_images(tmp_path):
     assert [captions[f.stem].strip('"') for f in files] == [p.caption for p in planted]
     for item in planted:
         assert item.mask.shape == (256, 256) and 20 < item.mask.sum() < 0.1 * item.mask.size
+        without = np.asarray(Image.open(io.BytesIO(item.jpeg_without)), np.int16)
+        with_finding = np.asarray(Image.open(io.BytesIO(item.jpeg)), np.int16)
+        assert np.abs(with_finding - without)[item.mask].mean() > 3 * np.abs(with_finding - without)[~item.mask].mean()
 
 
 @pytest.fixture(scope="module")

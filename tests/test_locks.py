@@ -91,7 +91,8 @@ import numpy as np
 import torch
 from PIL import Image
 from fuselip_med.core.titok import TiTokConfig, TiTokTokenizer
-from fuselip_med.data.token_cache import content_hash, row_key
+from fuselip_med.data.hashing import content_hash
+from fuselip_med.data.token_cache import row_key
 from fuselip_med.train.image_codes import ensure_code_cache
 from tests.test_token_cache import spec_for
 

@@ -13,9 +13,9 @@ import torch
 
 from fuselip_med.data.adapters import BadRowError, DatasetNotFoundError, get_adapter
 from fuselip_med.data.schema import Sample, SampleSide
-from fuselip_med.eval.embedding import Embedder
 from fuselip_med.eval.runner import TASKS, run_evaluation
 from fuselip_med.eval.vqa import evaluate_vqa_retrieval
+from fuselip_med.inference.engine import Embedder
 from tests.test_eval_fakes import _unit
 from tests.test_synth_rules import write_rocov2
 

@@ -16,9 +16,9 @@ from fuselip_med.core.fuselip import FuseLIP, FuseLIPConfig
 from fuselip_med.core.pretrained import save_pretrained
 from fuselip_med.data.phi import PrivacyOptions, Pseudonyms
 from fuselip_med.data.studies import find_series
+from fuselip_med.inference.units import UnitOptions
 from fuselip_med.search.index import ModelId, build_unit_index, open_index
 from fuselip_med.search.query import search
-from fuselip_med.units import UnitOptions
 from tests.study_helpers import ct_series
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -15,13 +15,13 @@ from PIL import Image
 from fuselip_med.core.image_preprocess import ImagePreprocess
 from fuselip_med.core.titok import TiTokConfig, TiTokTokenizer
 from fuselip_med.data import token_cache
+from fuselip_med.data.hashing import content_hash
 from fuselip_med.data.images import DecodeOptions, decode_image
 from fuselip_med.data.token_cache import (
     CODES_FILE,
     INDEX_FILE,
     CodeCache,
     ViewSpec,
-    content_hash,
     decode_view,
     draw_view,
     row_key,

@@ -17,7 +17,7 @@ from fuselip_med.core.pretrained import save_pretrained
 from fuselip_med.data.images import decode_image
 from fuselip_med.data.phi import Pseudonyms
 from fuselip_med.data.studies import find_series
-from fuselip_med.units import UnitOptions, embed_series, pool, pool_studies
+from fuselip_med.inference.units import UnitOptions, embed_series, pool, pool_studies
 from tests.study_helpers import ct_series
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

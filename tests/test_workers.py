@@ -35,6 +35,6 @@ def test_usable_cores_follows_the_affinity_mask(monkeypatch):
 
 
 def test_the_embedder_caps_its_workers(two_cores):
-    from fuselip_med.eval.embedding import Embedder
+    from fuselip_med.inference.engine import Embedder
 
     assert Embedder(object(), num_workers=8, device="cpu").num_workers == 2

@@ -36,7 +36,7 @@ ALLOW_BURNED_IN: bool = typer.Option(False, "--allow-burned-in", help="Keep thum
 def unit_options(slices: int, render: str, window: Optional[str]):
     """The typed ``units.UnitOptions`` for the command-line values (``UsageError`` naming a bad value)."""
     from fuselip_med.data.volumes import Rendering
-    from fuselip_med.units import UnitOptions
+    from fuselip_med.inference.units import UnitOptions
 
     try:
         return UnitOptions(slices=slices, rendering=Rendering.parse(render, window))
@@ -58,7 +58,7 @@ def read_units(model, input: Path, unit: str, options, *, pseudonyms, plane: str
     """List the series under ``input`` (``data.studies.find_series``) and embed them: ``units.UnitRow``s of
     ``unit`` (series or study). Raises ``StudiesError`` when ``input`` holds no usable series."""
     from fuselip_med.data.studies import find_series
-    from fuselip_med.units import embed_series, unit_rows
+    from fuselip_med.inference.units import embed_series, unit_rows
 
     series = find_series(input, pseudonyms, skips, plane=plane)  # type: ignore[arg-type]
     embedded = embed_series(model, series, options, batch_size=batch_size, skips=skips, progress=True)

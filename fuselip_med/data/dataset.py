@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -64,13 +64,15 @@ class DecodedSample:
 
 @dataclass
 class SkippedSample:
-    """An item that could not be used; ``path`` is the offending file when the problem was a file."""
+    """An item that could not be used; ``path`` is the offending file when the problem was a file; ``error`` the
+    decoder's ``ImageDecodeError`` when the problem was an image (for callers that raise instead of skipping)."""
 
     id: str
     source: str
     reason: str
     detail: str
     path: str | None = None
+    error: ImageDecodeError | None = field(default=None, repr=False, compare=False)
 
     @property
     def label(self) -> str:
@@ -107,6 +109,13 @@ def _check_text(text: Any, side: str) -> str | None:
     return text
 
 
+def _as_pixels(decoded: Any) -> torch.Tensor:
+    """A custom decoder's output (tensor or array-like) as a float32 tensor."""
+    if not isinstance(decoded, torch.Tensor):
+        decoded = torch.as_tensor(np.asarray(decoded))
+    return decoded.to(torch.float32)
+
+
 def _path_of(image: Any) -> str | None:
     return os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
 
@@ -132,6 +141,11 @@ class SampleDataset(Dataset):
     (seed, epoch, index); call ``set_epoch`` before each epoch. The epoch lives in shared memory, so
     persistent DataLoader workers see the new value too. ``views`` (training only) restricts the crops to
     the K seeded views of each image and, when it holds a code cache, serves their code ids instead.
+
+    ``sides``: the sides decoded and checked; the others come back empty (the inference engine decodes the
+    query side only). ``decoder``: evaluation only, a callable image input -> ``[3, S, S]`` pixels used in place
+    of ``decode_image`` with ``decode`` (an evaluation's own preprocessing); it signals a bad image by raising
+    ``ImageDecodeError``, which is a named skip like any other.
     """
 
     def __init__(
@@ -142,15 +156,23 @@ class SampleDataset(Dataset):
         strict: bool = False,
         seed: int = 0,
         views: ImageViews | None = None,
+        sides: Sequence[Side] = SIDES,
+        decoder: Callable[[Any], Any] | None = None,
     ):
         if views is not None and not train:
             raise ValueError("image views are training augmentations; use them with train=True")
+        if decoder is not None and train:
+            raise ValueError("a custom decoder replaces the evaluation preprocessing; use it with train=False")
+        if not sides or any(side not in SIDES for side in sides):
+            raise ValueError(f"sides must name query and/or target, got {tuple(sides)!r}")
         self.source = source
         self.decode = decode
         self.train = train
         self.strict = strict
         self.seed = seed
         self.views = views
+        self.sides = tuple(sides)
+        self.decoder = decoder
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     @property
@@ -178,29 +200,34 @@ class SampleDataset(Dataset):
         except (_BadSample, ImageDecodeError, UnicodeDecodeError) as error:
             sample_id = str(sample.id) if sample is not None else str(index)
             source = str(sample.source) if sample is not None else self.name
+            cause = None
             if isinstance(error, _BadSample):
                 reason, detail, path = error.reason, error.detail, error.path
+                cause = error.__cause__ if isinstance(error.__cause__, ImageDecodeError) else None
             elif isinstance(error, ImageDecodeError):
                 reason, detail = error.reason, str(error)
                 path = getattr(error, "source", None) or None
+                cause = error
             else:
                 reason, detail, path = "non-UTF-8 text", str(error), None
             if self.strict:
                 where = f"file {path}" if path else f"sample {sample_id!r} of {source}"
                 raise ValueError(f"{where}: {reason} ({detail}); fix or remove it, or run without strict") from error
-            return SkippedSample(sample_id, source, reason, detail, path if isinstance(path, str) else None)
+            return SkippedSample(sample_id, source, reason, detail, path if isinstance(path, str) else None, cause)
 
     def _decode(self, sample: Sample, index: int) -> DecodedSample:
-        texts = {side: _check_text(sample.side(side).text, side) for side in SIDES}
-        for side in SIDES:
+        texts = {side: _check_text(sample.side(side).text, side) for side in self.sides}
+        for side in self.sides:
             text = texts[side]
             if sample.side(side).image is None and (text is None or not text.strip()):
                 raise _BadSample("empty caption", f"{side} side has neither an image nor text")
         generator = None
         if self.train:
             generator = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
-        out: dict[str, DecodedSide] = {}
+        out: dict[str, DecodedSide] = {side: DecodedSide(None) for side in SIDES}
         for number, side in enumerate(SIDES):
+            if side not in self.sides:
+                continue
             image = sample.side(side).image
             pixels = ids = None
             entry = self.views.entries[index][number] if self.views is not None else None
@@ -211,6 +238,8 @@ class SampleDataset(Dataset):
                     ids = self.views.cache.get(key, view) if self.views.cache is not None else None
                     if ids is None:
                         pixels = decode_view(image, self.decode, content, view, self.views.spec.views)
+                elif image is not None and self.decoder is not None:
+                    pixels = _as_pixels(self.decoder(image))
                 elif image is not None:
                     # Images a task already rendered at the final size (TGIT) get no second random crop.
                     augment = self.train and not sample.meta.get("preprocessed", False)

@@ -575,22 +575,25 @@ FINDING_CHANGE = 8  # grey levels: a pixel belongs to the finding when removing 
 class PlantedFinding:
     """One demo image with its finding's place: ``jpeg`` as the dataset stores it, ``mask`` bool (256, 256) of the
     pixels the finding changes (its own, and the edema, displaced fragment or acoustic shadow it brings), the
-    study and its caption."""
+    study and its caption; ``jpeg_without`` the same image drawn without its finding (the same random values, the
+    finding shrunk to nothing), which shows whether a model's similarity depends on the finding at all."""
 
     study: Study
     caption: str
     jpeg: bytes
     mask: np.ndarray
+    jpeg_without: bytes
 
 
-def _finding_mask(s: Study, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(image uint8, finding mask): the study rendered as ``render_study`` does and again from the same random
-    state with the finding shrunk to nothing; the mask holds the pixels that differ by ``FINDING_CHANGE`` or more
-    (the renderers draw the same number of random values whatever the finding's extent)."""
+def _finding_mask(s: Study, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image uint8, the image without its finding uint8, finding mask): the study rendered as ``render_study``
+    does and again from the same random state with the finding shrunk to nothing; the mask holds the pixels that
+    differ by ``FINDING_CHANGE`` or more (the renderers draw the same number of random values whatever the
+    finding's extent)."""
     twin = copy.deepcopy(rng)
     image = render_study(s, rng)
     without = render_study(dataclasses.replace(s, extent_px=1e-3), twin)
-    return image, np.abs(image.astype(np.int16) - without.astype(np.int16)) >= FINDING_CHANGE
+    return image, without, np.abs(image.astype(np.int16) - without.astype(np.int16)) >= FINDING_CHANGE
 
 
 def planted_findings(n: int, seed: int = 0, split: str = "test") -> list[PlantedFinding]:
@@ -601,8 +604,8 @@ def planted_findings(n: int, seed: int = 0, split: str = "test") -> list[Planted
     for i in range(n):
         rng = np.random.default_rng([seed, index, 1, i])  # the per-image stream of _write_split
         study = _draw_study(rng)
-        image, mask = _finding_mask(study, rng)
-        out.append(PlantedFinding(study, _caption(study), _jpeg(image), mask))
+        image, without, mask = _finding_mask(study, rng)
+        out.append(PlantedFinding(study, _caption(study), _jpeg(image), mask, _jpeg(without)))
     return out
 
 

@@ -154,7 +154,7 @@ def instance_key(pseudonyms: Pseudonyms, path) -> str | None:
     except (OSError, ValueError, InvalidDicomError):
         uid = ""
     if not uid:
-        from fuselip_med.data.token_cache import content_hash
+        from fuselip_med.data.hashing import content_hash
 
         uid = "sha256:" + content_hash(path)
     return pseudonyms.key(uid, INSTANCE_PREFIX)

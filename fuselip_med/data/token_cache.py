@@ -81,35 +81,6 @@ def titok_fingerprint(name: str, tokenizer: torch.nn.Module) -> str:
     return f"{name}@{digest.hexdigest()[:12]}"
 
 
-def content_hash(image: Any, file_memo: dict[str, list] | None = None) -> str:
-    """SHA-256 (hex) of an image's content: a file's bytes, encoded bytes, or a decoded array's dtype, shape
-    and values. ``file_memo`` ({path: [size, mtime_ns, hash]}) skips re-reading files whose stat is unchanged.
-    Raises ``OSError`` for an unreadable file."""
-    if isinstance(image, (str, os.PathLike)):
-        path = os.path.abspath(os.fspath(image))
-        stat = os.stat(path)
-        known = None if file_memo is None else file_memo.get(path)
-        if known is not None and known[0] == stat.st_size and known[1] == stat.st_mtime_ns:
-            return known[2]
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        if file_memo is not None:
-            file_memo[path] = [stat.st_size, stat.st_mtime_ns, digest.hexdigest()]
-        return digest.hexdigest()
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        return hashlib.sha256(image).hexdigest()
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    if hasattr(image, "tobytes") and hasattr(image, "mode"):  # PIL image
-        head = f"pil:{image.mode}:{image.size}".encode()
-        return hashlib.sha256(head + image.tobytes()).hexdigest()
-    array = np.ascontiguousarray(image)
-    head = f"array:{array.dtype.str}:{array.shape}".encode()
-    return hashlib.sha256(head + array.tobytes()).hexdigest()
-
-
 def view_generator(content: str, view: int) -> torch.Generator:
     """The crop generator of augmented view ``view`` of the image whose content hash is ``content``."""
     seed = int(hashlib.sha256(f"{content}:{view}".encode()).hexdigest()[:15], 16)

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["TASKS", "run_evaluation", "EmbedItem", "Embedder", "EmbeddingTable", "embed_items",
-           "evaluate_retrieval", "rank_targets"]
+__all__ = ["TASKS", "run_evaluation", "evaluate_retrieval", "rank_targets"]
 
-_HOMES = {"TASKS": "runner", "run_evaluation": "runner", "EmbedItem": "embedding", "Embedder": "embedding",
-          "EmbeddingTable": "embedding", "embed_items": "embedding", "evaluate_retrieval": "retrieval",
+_HOMES = {"TASKS": "runner", "run_evaluation": "runner", "evaluate_retrieval": "retrieval",
           "rank_targets": "similarity"}
 
 

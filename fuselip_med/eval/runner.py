@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from fuselip_med.errors import UsageError
+from fuselip_med.inference.engine import Embedder
 
 from . import classification as cls
-from .embedding import Embedder
 from .report import EvalReport, TaskResult, now_iso, package_version, write_report
 from .tasks import TASKS, get_task, missing_roles, runner_of
 from .tasks.context import EvalContext, EvalOptions, describe_data

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from fuselip_med.errors import UsageError
-
-from .embedding import Embedder, EmbedItem
+from fuselip_med.inference.engine import Embedder
+from fuselip_med.inference.items import EmbedItem
 
 __all__ = ["pool_items", "score_pools", "summarize_tgit", "evaluate_tgit_pools", "iter_source_pools",
            "evaluate_tgit_source", "OFFICIAL_ROWS", "read_row_list", "source_positions"]

@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .embedding import Embedder, EmbedItem, sample_image_key
+from fuselip_med.inference.engine import Embedder
+from fuselip_med.inference.items import EmbedItem, sample_image_key
+
 from .retrieval import rank_metrics
 
 __all__ = ["evaluate_vqa_retrieval", "VQAItem", "closed_options", "evaluate_choice_vqa"]

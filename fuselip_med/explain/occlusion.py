@@ -27,7 +27,6 @@ The target and the unoccluded image are embedded once per map.
 """
 from __future__ import annotations
 
-import hashlib
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from fuselip_med.data.hashing import content_hash
 from fuselip_med.errors import UserError
 
 __all__ = ["FILLS", "GRIDS", "UNITS", "ExplainError", "OcclusionExplainer", "OcclusionMap", "OcclusionSweep",
@@ -296,7 +296,7 @@ class OcclusionExplainer:
         target = target_embedding(model, text, query_image)
         pixels = image.detach().to("cpu", torch.float32).contiguous()
         encoder = _image_encoder(model)
-        key = f"{hashlib.sha256(pixels.numpy().tobytes()).hexdigest()}/{tuple(pixels.shape)}"
+        key = content_hash(pixels)  # dtype and shape included
         sweep = self._sweeps.get(key)
         if sweep is not None and sweep.encoder is not encoder:
             sweep = None

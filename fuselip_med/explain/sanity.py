@@ -10,6 +10,9 @@ the occlusion maps of ``explain.occlusion`` (or any explainer with the same call
   finding the generator placed in a known region (``data.demo.planted_findings``), scored against their captions,
   the cell of the largest drop touches the finding in at least ``POINTING_MIN_SHARE`` of the images, and at least
   ``POINTING_MIN_LIFT`` times the share a uniformly random cell gets (the mean share of cells the finding touches).
+  Its line also says whether the model sees the finding at all: in how many images the similarity to the text is
+  higher with the finding than for the same image drawn without it. A model whose similarity does not depend on
+  the finding cannot pass, whatever the map; a correct map of such a model points elsewhere.
 
 Spearman's rho is scipy's ``spearmanr`` over the ``grid * grid`` cells; a constant map has no ranks and counts as
 rho = 0 (it shares no ordering with any map). For several images the median rho is compared. The sign counts
@@ -30,8 +33,8 @@ import numpy as np
 import torch
 
 __all__ = ["MAX_RHO", "POINTING_MIN_LIFT", "POINTING_MIN_SHARE", "UNRELATED_TEXTS", "Case", "CheckResult",
-           "Explainer", "model_randomisation", "pointing_game", "randomized_copy", "run_sanity", "spearman",
-           "text_randomisation", "unrelated_text"]
+           "Explainer", "finding_gain", "model_randomisation", "planted_cases", "pointing_game", "randomized_copy",
+           "run_sanity", "spearman", "text_randomisation", "unrelated_text"]
 
 MAX_RHO = 0.5  # Spearman rho below this: "differs" (at most a weak agreement in the ranking of the cells)
 POINTING_MIN_SHARE = 0.5  # the map's maximum on the finding in at least half of the planted images
@@ -51,11 +54,12 @@ Explainer = Callable[..., object]  # (model, image [3,S,S], text, *, query_image
 @dataclass(frozen=True)
 class Case:
     """One map to check: the model-input ``image`` ``[3, S, S]`` float32 in [0, 1], the ``text`` (or instruction,
-    with ``query_image``)."""
+    with ``query_image``); for a planted finding, ``without``: the same image drawn without it."""
 
     image: torch.Tensor
     text: str
     query_image: torch.Tensor | None = None
+    without: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -152,15 +156,16 @@ def text_randomisation(model, explainer: Explainer, cases: Sequence[Case]) -> Ch
 
 def planted_cases(n_images: int, seed: int = 0, image_size: int = 256) -> tuple[list[Case], list[np.ndarray]]:
     """(cases, finding masks ``[S, S]`` bool): the first ``n_images`` test images of the demo dataset written with
-    ``seed`` (the demo recipe's is 0) with their captions, decoded as the model sees them, and where their finding
-    lies."""
+    ``seed`` (the demo recipe's is 0) with their captions, decoded as the model sees them (and each drawn without
+    its finding, ``Case.without``), and where their finding lies."""
     from fuselip_med.data.demo import planted_findings
     from fuselip_med.data.images import DecodeOptions, decode_image
 
     options = DecodeOptions(image_size=image_size)
     cases, masks = [], []
     for item in planted_findings(n_images, seed=seed):
-        cases.append(Case(decode_image(item.jpeg, options), item.caption))
+        cases.append(Case(decode_image(item.jpeg, options), item.caption,
+                          without=decode_image(item.jpeg_without, options)))
         masks.append(_resize_mask(item.mask, image_size))
     return cases, masks
 
@@ -179,9 +184,24 @@ def _touched_cells(mask: np.ndarray, grid: int) -> np.ndarray:
     return mask[:cell * grid, :cell * grid].reshape(grid, cell, grid, cell).any(axis=(1, 3))
 
 
+def finding_gain(model, case: Case) -> float:
+    """cos(image, target) - cos(image without its finding, target) for a planted ``case`` (``case.without`` set):
+    how much the finding itself raises the model's similarity to the text (target as in ``explain.occlusion``)."""
+    from fuselip_med.explain.occlusion import target_embedding
+
+    target = target_embedding(model, case.text, case.query_image)
+    device = target.device
+    with torch.no_grad():
+        images = torch.stack([case.image, case.without]).to(device, torch.float32)
+        with_finding, without = model.encode(images=images).float()
+    return float((with_finding - without) @ target)
+
+
 def pointing_game(model, explainer: Explainer, cases: Sequence[Case], masks: Sequence[np.ndarray]) -> CheckResult:
     """Share of ``cases`` whose map's largest-drop cell touches the finding (``masks``); passes when the share is at
-    least ``POINTING_MIN_SHARE`` and ``POINTING_MIN_LIFT`` times the random-cell share."""
+    least ``POINTING_MIN_SHARE`` and ``POINTING_MIN_LIFT`` times the random-cell share. When every case carries its
+    image ``without`` the finding, the detail also gives ``finding_gain``: in how many images the finding raises the
+    similarity, and the median gain."""
     hits, chance = [], []
     for case, mask in zip(cases, masks):
         drops = np.asarray(explainer(model, case.image, case.text, query_image=case.query_image).drops)
@@ -191,9 +211,13 @@ def pointing_game(model, explainer: Explainer, cases: Sequence[Case], masks: Seq
         chance.append(float(touched.mean()))
     share, random_share = float(np.mean(hits)), float(np.mean(chance))
     passed = share >= POINTING_MIN_SHARE and share >= POINTING_MIN_LIFT * random_share
-    return CheckResult("pointing game", share, POINTING_MIN_SHARE, False, passed,
-                       f"map maximum on the planted finding in {sum(hits)} of {len(hits)} demo images; a random "
-                       f"cell: {random_share:.3f} (needs >= {POINTING_MIN_LIFT:g}x that)")
+    detail = (f"map maximum on the planted finding in {sum(hits)} of {len(hits)} demo images; a random cell: "
+              f"{random_share:.3f} (needs >= {POINTING_MIN_LIFT:g}x that)")
+    if cases and all(case.without is not None for case in cases):
+        gains = [finding_gain(model, case) for case in cases]
+        detail += (f"; the finding raises the similarity in {sum(g > 0 for g in gains)} of {len(gains)} images "
+                   f"(median gain {float(np.median(gains)):+.4f})")
+    return CheckResult("pointing game", share, POINTING_MIN_SHARE, False, passed, detail)
 
 
 def run_sanity(model, explainer: Explainer, cases: Sequence[Case], n_planted: int = 16,

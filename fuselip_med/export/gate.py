@@ -95,18 +95,17 @@ class ReferenceSet:
 
 
 def _decoded(ids: list[str], images: list[Any], texts: list[str], source: str, image_size: int) -> ReferenceSet:
-    from fuselip_med.data.images import DecodeOptions, ImageDecodeError, decode_image
+    from fuselip_med.data.images import DecodeOptions
+    from fuselip_med.inference.engine import decoded_images
 
-    options = DecodeOptions(image_size=image_size)
     kept_ids, pixels, kept_texts, skipped = [], [], [], {}
-    for id_, image, text in zip(ids, images, texts):
-        try:
-            pixels.append(decode_image(image, options))
-        except ImageDecodeError as error:
-            skipped[id_] = getattr(error, "reason", None) or str(error)
+    for i, px, skip in decoded_images(images, decode_options=DecodeOptions(image_size=image_size)):
+        if skip is not None:
+            skipped[ids[i]] = skip.reason
             continue
-        kept_ids.append(id_)
-        kept_texts.append(text)
+        pixels.append(px)
+        kept_ids.append(ids[i])
+        kept_texts.append(texts[i])
     if len(kept_ids) < 2:
         raise ExportSetupError(f"the reference set {source} has {len(kept_ids)} usable captioned images; "
                                "the gate needs at least 2 (retrieval compares them).")

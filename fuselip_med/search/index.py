@@ -14,8 +14,9 @@ last, atomically, so a reader never sees a half-written index)::
     caption.<gen>.faiss         FAISS index over the caption vectors (ids = caption rows)
     .work/                      per-chunk embeddings of an unfinished build (removed when it commits)
 
-Build = list inputs (any dataset adapter ``embed`` reads) -> content hashes (sha256 of the file bytes;
-unchanged ``(path, size, mtime_ns)`` reuse the stored hash) -> vectors for hashes the current index already
+Build = list inputs (any dataset adapter ``embed`` reads) -> content hashes (``data.hashing.content_hash``:
+SHA-256 of the file bytes, the inference engine's ``image_key`` of the same bytes; unchanged
+``(path, size, mtime_ns)`` reuse the stored hash) -> vectors for hashes the current index already
 holds are reused, the rest are embedded in fixed chunks -> new generation committed. The chunks are cut from
 the sorted hashes of the whole listing and each is written atomically to ``.work/`` as it finishes, so a build
 killed at any point resumes with the finished chunks and re-embeds the unfinished ones with the same batch
@@ -43,8 +44,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from fuselip_med.data.hashing import content_hash, text_hash
 from fuselip_med.data.phi import PrivacyOptions, Pseudonyms
-from fuselip_med.data.token_cache import content_hash
+from fuselip_med.data.skips import SkipReport
 from fuselip_med.errors import UsageError, UserError
 from fuselip_med.io import (
     atomic_write_bytes,
@@ -58,7 +60,7 @@ from fuselip_med.io import (
 __all__ = [
     "FORMAT_VERSION", "IndexDamagedError", "IndexEntry", "SearchIndexError", "IndexSettings", "ModelId",
     "BuildReport", "SearchIndex",
-    "build_index", "build_unit_index", "content_hash", "list_entries", "make_faiss_index", "model_fingerprint",
+    "build_index", "build_unit_index", "list_entries", "make_faiss_index", "model_fingerprint",
     "index_salt", "open_index", "series_digest", "stored_index_salt",
 ]
 
@@ -240,7 +242,6 @@ def list_entries(input: str | os.PathLike, adapter: str = "folder", split: str =
     ``DatasetEmptyError``/``FileNotFoundError`` from the adapter and ``KeyError`` for an unknown adapter.
     """
     from fuselip_med.data.adapters import get_adapter
-    from fuselip_med.data.skips import SkipReport
     from fuselip_med.embed import pseudonymize_rows, rows_from_source
 
     if adapter in ("folder", "csv"):
@@ -270,10 +271,6 @@ def list_entries(input: str | os.PathLike, adapter: str = "folder", split: str =
             continue
         entries[row.id] = IndexEntry(row.id, row.image, row.text, "dicom" if row.dicom else source.name, row.dicom)
     return [entries[k] for k in sorted(entries)], skipped
-
-
-def _text_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -405,6 +402,10 @@ def open_index(directory: str | os.PathLike) -> SearchIndex:
 class BuildReport:
     """What a build did: counts of rows, reused/embedded vectors, skipped items by id with the reason.
 
+    ``skipped`` ({id: reason}, kept in the manifest) and ``skips`` (the same rows as a ``data.skips.SkipReport``:
+    id, source (the file, or ``input`` for DICOM), reason, as ``embed`` and ``eval`` name theirs) are filled by
+    the main process.
+
     ``embedded_*`` count this process's work; ``embedded_elsewhere`` the new image vectors the main process
     took from chunks written by other processes or by an earlier, interrupted run of the same build. In a
     series/study index the items are series (``embedded_images``, ``reused_images``, ``embedded_elsewhere``
@@ -422,6 +423,7 @@ class BuildReport:
     index_type: str = "flat"
     up_to_date: bool = False
     skipped: dict[str, str] = field(default_factory=dict)
+    skips: SkipReport = field(default_factory=SkipReport)
     repaired: str | None = None  # what was damaged in the previous index (rebuilt from the images)
 
 
@@ -510,7 +512,8 @@ def _read_chunks(work: Path, kind: str) -> tuple[dict[str, np.ndarray], dict[str
 def _embed_chunk(model, kind: str, keys: list[str], source: dict[str, Any], settings: IndexSettings,
                  path: Path) -> None:
     """Embed one chunk (images by content hash, or caption texts) and write it atomically to ``path``."""
-    from fuselip_med.eval.embedding import EmbedItem, embed_items
+    from fuselip_med.inference.engine import embed_items
+    from fuselip_med.inference.items import EmbedItem
 
     if kind == "image":
         items = [EmbedItem.of_image(source[k], key=k) for k in keys]
@@ -611,9 +614,9 @@ def _build(out: Path, entries: Sequence[IndexEntry], model, model_id: ModelId, s
             stored.setdefault(digest, previous.image_vectors[row])
         for row, (caption, crow) in enumerate(zip(previous.meta["caption"], previous.meta["caption_row"])):
             if crow >= 0:
-                stored_captions.setdefault(_text_hash(caption), previous.caption_vectors[crow])
+                stored_captions.setdefault(text_hash(caption), previous.caption_vectors[crow])
     images = {digest: entry.image for entry, digest, _, _ in hashed}
-    texts = {_text_hash(entry.caption): entry.caption for entry, _, _, _ in hashed if entry.caption}
+    texts = {text_hash(entry.caption): entry.caption for entry, _, _, _ in hashed if entry.caption}
 
     bar = _progress(progress and process.is_main)
     with bar:
@@ -635,7 +638,7 @@ def _build(out: Path, entries: Sequence[IndexEntry], model, model_id: ModelId, s
         if digest not in image_vectors:
             skipped[entry.id] = failed_images.get(digest, "not embedded")
             continue
-        caption_key = _text_hash(entry.caption) if entry.caption else None
+        caption_key = text_hash(entry.caption) if entry.caption else None
         has_caption = caption_key is not None and caption_key in caption_vectors
         rows.append({"id": entry.id, "path": privacy.written_path(entry.path, entry.dicom), "caption": entry.caption,
                      "source": entry.source, "content_hash": digest, "model_id": str(model_id), "size": size,
@@ -650,6 +653,11 @@ def _build(out: Path, entries: Sequence[IndexEntry], model, model_id: ModelId, s
         raise SearchIndexError(f"no image of the {len(entries)} listed could be embedded ("
                                + ", ".join(f"{r}: {n}" for r, n in reasons.most_common(3)) + "); nothing was written.")
     report.n_rows, report.n_captions, report.skipped = len(rows), len(caption_rows), skipped
+    listed = {entry.id: entry for entry in entries}
+    for entry_id, reason in skipped.items():
+        entry = listed[entry_id]
+        report.skips.add(entry_id, entry.path if entry.path is not None and not entry.dicom else "input", reason)
+    report.skips.kept = len(rows)
     report.reused_images = sum(1 for _, d, _, _ in hashed if d in stored)
     report.index_type = settings.resolved_type(len(rows))
     if previous is not None:
@@ -817,7 +825,7 @@ def _thumbnail_png(image: np.ndarray) -> bytes:
 def series_digest(series, unit_settings: dict) -> str:
     """sha256 hex of what a series' slice vectors depend on: its salted series/study keys, the unit settings
     (slices, rendering, plane) and the content hash of every instance in slice order (a file's bytes,
-    ``data.token_cache.content_hash``; an in-memory data set by its salted slice key) with its frame and axis.
+    ``data.hashing.content_hash``; an in-memory data set by its salted slice key) with its frame and axis.
     Raises ``OSError`` for an unreadable file."""
     digest = hashlib.sha256(json.dumps([series.key, series.study_key, unit_settings], sort_keys=True).encode())
     hashes: dict[str, str] = {}
@@ -834,10 +842,9 @@ def series_digest(series, unit_settings: dict) -> str:
 def _embed_series_chunk(model, kind: str, keys: list[str], source: dict[str, Any], settings: IndexSettings,
                         path: Path, *, options, out: Path, privacy: PrivacyOptions) -> None:
     """Embed the series of one chunk (``source``: {digest: Series}) through their sampled slices
-    (``units.embed_series``), write their thumbnails under ``thumbs/`` (``<slice key>.png``; none at burned-in
+    (``inference.units.embed_series``), write their thumbnails under ``thumbs/`` (``<slice key>.png``; none at burned-in
     risk unless ``privacy.allow_burned_in``) and the chunk (one key ``<digest>#<n>#<slice key>`` per slice)."""
-    from fuselip_med.data.skips import SkipReport
-    from fuselip_med.units import embed_series
+    from fuselip_med.inference.units import embed_series
 
     slice_keys, vectors, failed = [], [], []
     for digest in keys:
@@ -875,7 +882,7 @@ def build_unit_index(out: str | os.PathLike, series: Sequence, model, model_id: 
                      privacy: PrivacyOptions = PrivacyOptions(), skips=None, rebuild: bool = False,
                      progress: bool = False) -> BuildReport:
     """Build or update a series or study index at ``out`` from ``series`` (``data.studies.Series``, keyed by
-    ``salt``), each embedded through its sampled slices (``options``: ``units.UnitOptions``).
+    ``salt``), each embedded through its sampled slices (``options``: ``inference.units.UnitOptions``).
 
     Incremental and resumable as ``build_index`` is, with the series as the item: a series is known by
     ``series_digest`` (content hashes of its instances + unit settings); an unchanged series reuses its stored
@@ -891,8 +898,8 @@ def build_unit_index(out: str | os.PathLike, series: Sequence, model, model_id: 
     ``skips`` (``data.skips.SkipReport``) by its key. Raises ``SearchIndexError`` when ``out`` holds an index
     of another model or unit (``rebuild`` replaces it) or when no series could be embedded.
     """
+    from fuselip_med.inference.units import UnitOptions
     from fuselip_med.locks import writer_lock
-    from fuselip_med.units import UnitOptions
 
     out = Path(out)
     check_writable(out)  # before any work: OutputError naming the folder
@@ -912,7 +919,7 @@ def _build_units(out: Path, series: Sequence, model, model_id: ModelId, unit: st
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from fuselip_med.units import SeriesEmbedding, pool, unit_rows
+    from fuselip_med.inference.units import SeriesEmbedding, pool, unit_rows
 
     report = BuildReport()
     previous = None if rebuild else _load_previous(out, report)

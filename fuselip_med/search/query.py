@@ -76,7 +76,8 @@ def encode_query(model, *, text: str | None = None, image: Any = None, decode_op
     """[D] float32 unit query vector: ``text`` alone, ``image`` alone (path, bytes, PIL image; DICOM is
     decoded with its window) or both fused into one sequence. Raises ``ValueError`` when both are empty and
     ``ImageDecodeError`` naming the image when it cannot be decoded."""
-    from fuselip_med.eval.embedding import EmbedItem, embed_items
+    from fuselip_med.inference.engine import embed_items
+    from fuselip_med.inference.items import EmbedItem
 
     text = text if text and text.strip() else None
     if text is None and image is None:

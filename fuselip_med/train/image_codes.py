@@ -22,13 +22,13 @@ from typing import Any, Callable
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
 from fuselip_med.data.dataset import ImageViews, SampleDataset
+from fuselip_med.data.hashing import content_hash
 from fuselip_med.data.schema import SIDES
 from fuselip_med.data.token_cache import (
     PARTS_DIR,
     CodeCache,
     SampleImage,
     ViewSpec,
-    content_hash,
     load_file_memo,
     merge_parts,
     row_key,

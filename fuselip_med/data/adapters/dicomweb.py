@@ -42,6 +42,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from ...errors import UserError
 from ...io import atomic_write_bytes, atomic_write_json
+from ..hashing import content_hash
 from ..schema import Sample, SampleSide
 from . import ListSource, register_adapter
 
@@ -351,7 +352,7 @@ def sync_instances(server: DicomwebServer, query: DicomwebQuery, cache: str | os
         dataset = server.call(f"retrieving instance {number + 1} of {len(missing)} with WADO-RS",
                               lambda c: c.retrieve_instance(study, series_uid, sop, media_types=AS_STORED))
         data = _dataset_bytes(dataset)
-        digest = hashlib.sha256(data).hexdigest()
+        digest = content_hash(data)
         target = _object_path(cache, digest)
         if not target.is_file():
             atomic_write_bytes(target, data)

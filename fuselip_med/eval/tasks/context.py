@@ -23,9 +23,10 @@ import torch
 
 from fuselip_med.data.skips import SkipReport
 from fuselip_med.errors import InputError, UsageError
+from fuselip_med.inference.engine import Embedder
+from fuselip_med.inference.items import EmbedItem, sample_image_key
 
 from .. import classification as cls
-from ..embedding import Embedder, EmbedItem, sample_image_key
 from ..tgit import TgitRows
 from . import ROLES, role_of_key
 

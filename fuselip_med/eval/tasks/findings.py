@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from fuselip_med.data.skips import SkipReport
+from fuselip_med.inference.items import EmbedItem
 
 from .. import classification as cls, findings as fnd
-from ..embedding import EmbedItem
 from .context import EvalContext
 from .files import IMAGE_SUFFIXES, check_half, read_table, resolve_image
 

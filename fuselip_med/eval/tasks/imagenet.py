@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ..embedding import EmbedItem
+from fuselip_med.inference.items import EmbedItem
+
 from .context import EvalContext
 
 __all__ = ["imagenet_classes", "imagenet_templates", "list_validation_images", "run"]

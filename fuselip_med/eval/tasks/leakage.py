@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from fuselip_med.data.skips import SkipReport
+from fuselip_med.inference.items import EmbedItem, sample_image_key
 from fuselip_med.io import atomic_write_text
 
-from ..embedding import EmbedItem, sample_image_key
 from ..intervals import binomial_interval
 from ..leakage import LEAKAGE_KINDS, LeakMatch, article_id, cosine_pairs, equal_pairs, hamming_pairs, perceptual_hash
 from .context import EvalContext
@@ -27,7 +27,7 @@ LEAKAGE_CSV_COLUMNS = ("test_id", "train_id", "kind", "value")
 
 def _items(ctx: EvalContext, role: str, skips: SkipReport) -> list[tuple[str, object, str, str | None, str]]:
     """(id, image, embedding key, article ID, content hash) of every sample of ``role`` with a readable image."""
-    from fuselip_med.data.token_cache import content_hash
+    from fuselip_med.data.hashing import content_hash
 
     source = ctx.source(role)
     out = []

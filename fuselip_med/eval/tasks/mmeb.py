@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from fuselip_med.data.adapters.mmeb import clean_text
+from fuselip_med.inference.items import EmbedItem
 
-from ..embedding import EmbedItem
 from ..scoring import pad_candidates, top1_positions
 from .context import EvalContext
 

@@ -15,7 +15,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from ..embedding import EmbedItem
+from fuselip_med.inference.items import EmbedItem
+
 from .context import EvalContext
 from .pools import score_pools
 

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..embedding import EmbedItem
+from fuselip_med.inference.items import EmbedItem
+
 from ..scoring import pad_candidates, top1_positions
 from .context import EvalContext
 

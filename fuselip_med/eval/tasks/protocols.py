@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from fuselip_med.data.skips import SkipReport
+from fuselip_med.inference.items import EmbedItem
 from fuselip_med.io import atomic_write_text
 
 from .. import classification as cls, findings as fnd
@@ -111,15 +112,12 @@ def _five_by_200(ctx: EvalContext, role: str, task: str, name: str) -> dict:
     o = ctx.opts
     default, own = fnd.read_prompts(o.prompts) if o.prompts else fnd.default_prompts()
     sets = fnd.prompts_for(FIVE_CLASSES, default, own)
-    from ..embedding import EmbedItem
-
     items = [EmbedItem(image=str(p)) for p in images]
     texts = [EmbedItem(text=t) for s in sets.values() for t in s.positive]
     table = ctx.embedder.embed(items + texts, desc=f"embedding {name}")
     keep = [i for i, it in enumerate(items) if it.key in table]
     for i, it in enumerate(items):
-        if it.key not in table:
-            skips.add(ids[i], str(images[i]), table.failed.get(it.key, "not decoded"))
+        table.name_skip(skips, it.key, ids[i], str(images[i]), missing="not decoded")
     check_half(name, len(keep), listed, skips, ctx.allow_partial)
     weights = cls.class_weights([table.lookup(("text", t) for t in sets[c].positive) for c in FIVE_CLASSES])
     pred, _ = cls.zero_shot_predict(table.lookup(items[i].key for i in keep), weights)
@@ -191,7 +189,7 @@ def run_rsna(ctx: EvalContext) -> dict:
     kept = set(keep)
     for i in range(len(ids)):
         if i not in kept:
-            skips.add(ids[i], str(images[i]), ctx.embedder.table.failed.get(("image", f"path:{images[i]}"),
+            skips.add(ids[i], str(images[i]), ctx.embedder.table.failed.get(EmbedItem(image=images[i]).key,
                                                                             "not decoded"))
     check_half("RSNA Pneumonia", len(keep), listed, skips, ctx.allow_partial)
     y = np.array([labels[i] for i in keep], dtype=bool)

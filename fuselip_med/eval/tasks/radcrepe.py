@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from fuselip_med.data.skips import SkipReport
+from fuselip_med.inference.items import EmbedItem
 
-from ..embedding import EmbedItem
 from ..intervals import binomial_interval
 from ..radcrepe import EDIT_TYPES, make_edits
 from .context import EvalContext

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from ..embedding import EmbedItem
+from fuselip_med.inference.items import EmbedItem
+
 from ..retrieval import evaluate_retrieval
 from .context import EvalContext, describe
 

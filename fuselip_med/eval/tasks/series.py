@@ -5,7 +5,7 @@ Data roles: ``volumes`` (a folder, DICOMDIR, NIfTI file or CSV of them: ``data.s
 ``series_reports`` (CT-RATE's reports CSV: ``VolumeName``, ``Findings_EN``, ``Impressions_EN``, ...), and
 optionally ``series_keys`` (an ``embed --unit series`` output whose salt keys DICOM series the way the labels do).
 Rows are matched by ``VolumeName`` (the NIfTI file name) or, for DICOM series, by a ``series`` column holding
-salted series keys. Series vectors: ``units.embed_series`` (``--slices`` 16, plain rendering).
+salted series keys. Series vectors: ``inference.units.embed_series`` (``--slices`` 16, plain rendering).
 
 * zero-shot: per abnormality, score = cos(series, "There is {c}.") - cos(series, "There is no {c}.") (the
   positive/negative prompt pair of CT-CLIP's zero-shot evaluation, Hamamci et al. 2024, CT-RATE); AUROC per
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from fuselip_med.data.skips import SkipReport
+from fuselip_med.inference.items import EmbedItem
 
-from ..embedding import EmbedItem
 from .context import EvalContext
 
 __all__ = ["KEY_COLUMNS", "REPORT_COLUMNS", "read_keyed_table", "run_retrieval", "run_zero_shot"]
@@ -53,7 +53,7 @@ def _series_vectors(ctx: EvalContext, skips: SkipReport) -> dict[str, np.ndarray
     from fuselip_med.data.phi import Pseudonyms
     from fuselip_med.data.studies import find_series
     from fuselip_med.embed import stored_salt
-    from fuselip_med.units import embed_series
+    from fuselip_med.inference.units import embed_series
 
     salt = stored_salt(ctx.path("series_keys")) if ctx.has("series_keys") else None
     series = find_series(ctx.path("volumes"), Pseudonyms(salt) if salt else Pseudonyms.fresh(), skips)

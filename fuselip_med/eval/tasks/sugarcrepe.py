@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..embedding import EmbedItem
+from fuselip_med.inference.items import EmbedItem
+
 from .context import EvalContext
 
 __all__ = ["SUBSETS", "score_triples", "run"]

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from ..embedding import EmbedItem, sample_image_key
+from fuselip_med.inference.items import EmbedItem, sample_image_key
+
 from .context import EvalContext
 from .pools import score_pools
 

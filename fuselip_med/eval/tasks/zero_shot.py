@@ -21,9 +21,9 @@ from collections import Counter
 from pathlib import Path
 
 from fuselip_med.errors import InputError, UsageError
+from fuselip_med.inference.items import EmbedItem, sample_image_key
 
 from .. import classification as cls
-from ..embedding import EmbedItem, sample_image_key
 from .context import EvalContext
 
 __all__ = ["MULTI_LABEL", "RADIOLOGY_TEMPLATES", "read_lines", "read_labels", "read_templates", "run"]

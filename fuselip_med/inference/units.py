@@ -2,7 +2,7 @@
 
 * each series: ``slices`` slices sampled evenly along its axis (``data.volumes.sample_slices``), rendered
   (``data.volumes.Rendering``) and embedded by the encoder through the one embedding pass
-  (``eval.embedding.embed_items``);
+  (``inference.engine.embed_items``);
 * series vector = renormalised mean of its L2-normalised slice vectors (``pool``); study vector = the same over
   its series vectors; slice vectors are kept, so search can answer with the best-matching slice.
 
@@ -80,7 +80,8 @@ def embed_series(model, series: Sequence[Series], options: UnitOptions = UnitOpt
     ``skips`` by its series key with the decoder's reason. Returns the embedded series in input order.
     """
     from fuselip_med.data.images import ImageDecodeError
-    from fuselip_med.eval.embedding import EmbedItem, embed_items
+    from fuselip_med.inference.engine import embed_items
+    from fuselip_med.inference.items import EmbedItem
     from fuselip_med.progress import progress_bar
 
     skips = skips if skips is not None else SkipReport()
