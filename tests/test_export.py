@@ -15,7 +15,16 @@ from fuselip_med.core.fuselip import FuseLIP, FuseLIPConfig
 from fuselip_med.core.loading import load_model
 from fuselip_med.core.pretrained import save_pretrained
 from fuselip_med.export import onnx as export_onnx
-from fuselip_med.export.gate import ExportRejected, Tolerances, demo_reference, gated_export
+from fuselip_med.export.gate import (
+    ExportRejected,
+    ExportSetupError,
+    ReferenceSet,
+    Tolerances,
+    demo_reference,
+    gated_export,
+    judge,
+)
+from fuselip_med.export.quantize import Int8Settings, titok_block_matmuls
 from fuselip_med.export.runtime import OnnxFuseLIP, export_fingerprint
 from fuselip_med.search.index import open_index
 from tests.search_helpers import make_folder
@@ -210,7 +219,7 @@ def test_int8_of_both_graphs_breaks_tiny_codes_and_is_rejected_encoder_scope_pas
                      precision="int8")
     assert not (tmp_path / "all").exists()
     result = gated_export(model, tmp_path / "encoder", reference, source={"name": "tiny", "fingerprint": "x"},
-                          precision="int8", int8_scope="encoder", tolerances=Tolerances(None, 0.99, None))
+                          precision="int8", int8=Int8Settings(scope="encoder"), tolerances=Tolerances(None, 0.99, None))
     assert result.report["passed"] and result.report["figures"]["code_agreement"] == 1.0
     assert min(v["min"] for v in result.report["figures"]["cosine"].values()) >= 0.99
     assert json.loads((tmp_path / "encoder" / "config.json").read_text())["int8"]["scope"] == "encoder"
@@ -226,3 +235,80 @@ def test_calibration_folder_is_the_reference_set_and_undecodable_images_are_name
     assert len(reference) == 5 and tuple(reference.pixels.shape) == (5, 3, 256, 256)
     assert "a red square" in reference.texts and list(reference.skipped) == ["broken.png"]
     assert len(folder_reference(folder, limit=3)) <= 3
+
+
+def traced_writer(source_dir):
+    """A ``write_export`` that reuses the fp32 trace in ``source_dir`` (fast); the quantization itself runs."""
+    write_export = export_onnx.write_export
+
+    def write(model, directory, **kwargs):
+        return write_export(model, directory, traced=source_dir, **kwargs)
+
+    return write
+
+
+def test_static_int8_of_the_encoder_passes_and_records_its_calibration(exported, monkeypatch, tmp_path):
+    root, _, model, reference, _ = exported
+    monkeypatch.setattr(export_onnx, "write_export", traced_writer(root / "fp32"))
+    result = gated_export(model, tmp_path / "static", reference, source={"name": "tiny", "fingerprint": "x"},
+                          precision="int8", int8=Int8Settings(mode="static", scope="encoder"), calibration_size=8)
+    figures = result.report["figures"]
+    assert result.report["passed"] and figures["code_agreement"] == 1.0
+    assert min(v["min"] for v in figures["cosine"].values()) >= 0.99
+    assert result.report["calibration"]["n_images"] == 8
+    int8 = json.loads((tmp_path / "static" / "config.json").read_text())["int8"]
+    assert int8["mode"] == "static" and int8["format"] == "QDQ" and int8["calibration_method"] == "minmax"
+    assert int8["quantized_graphs"] == ["encoder.onnx"] and int8["calibration_images"] == 8
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "static" / "encoder.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ: activations really are int8
+
+
+def test_static_int8_calibrated_on_constant_images_is_caught(exported, monkeypatch, tmp_path):
+    """The planted bad calibration: flat grey images with empty captions give activation ranges far narrower
+    than real inputs', so real rows are clipped. Calibrated on the reference images the same setting passes
+    (previous test); calibrated flat, every row kind drifts several times further (measured: cosine min 0.994
+    against 0.999) and an R@1 rank flips, so the default gate rejects it and nothing is written."""
+    root, _, model, reference, _ = exported
+    monkeypatch.setattr(export_onnx, "write_export", traced_writer(root / "fp32"))
+    flat = ReferenceSet(reference.ids, torch.full_like(reference.pixels, 0.5), [""] * len(reference), "flat grey")
+    with pytest.raises(ExportRejected, match="R@1 change") as caught:
+        gated_export(model, tmp_path / "bad", reference, source={"name": "tiny", "fingerprint": "x"},
+                     precision="int8", int8=Int8Settings(mode="static", scope="encoder"), calibration=flat,
+                     calibration_size=8, keep_rejected=True)
+    assert "Nothing was written" in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.rejected"]
+    report = json.loads((tmp_path / "bad.rejected" / "export_report.json").read_text())
+    assert report["calibration"]["source"] == "flat grey"
+    assert min(v["min"] for v in report["figures"]["cosine"].values()) < 0.997
+    assert judge(report["figures"], Tolerances(None, 0.998, None))  # a tighter bound names cosine
+
+
+def test_titok_fp32_blocks_exclude_their_matmuls_from_int8(exported, monkeypatch, tmp_path):
+    """With all of the tiny TiTok's blocks kept fp32 (scope all), only fp32 operations are left in the TiTok
+    graph, so the codes are exact; a block count beyond the model is refused before any work."""
+    root, _, model, reference, _ = exported
+    assert len(titok_block_matmuls(root / "fp32" / "titok.onnx", 2)) == 12
+    assert titok_block_matmuls(root / "fp32" / "titok.onnx", 0) == []
+    monkeypatch.setattr(export_onnx, "write_export", traced_writer(root / "fp32"))
+    result = gated_export(model, tmp_path / "kept", reference, source={"name": "tiny", "fingerprint": "x"},
+                          precision="int8", int8=Int8Settings(titok_fp32_blocks=2),
+                          tolerances=Tolerances(1.0, 0.99, None))
+    assert result.report["figures"]["code_agreement"] == 1.0
+    assert len(json.loads((tmp_path / "kept" / "config.json").read_text())["int8"]["titok_fp32_matmuls"]) == 12
+    with pytest.raises(ExportSetupError, match="has 2 blocks"):
+        gated_export(model, tmp_path / "more", reference, source={"name": "tiny", "fingerprint": "x"},
+                     precision="int8", int8=Int8Settings(titok_fp32_blocks=3))
+
+
+def test_cli_export_refuses_bad_int8_settings_before_work(exported, tmp_path):
+    _, model_dir, _, _, _ = exported
+    for extra, message in ((["--int8-mode", "qat"], "--int8-mode"),
+                           (["--calibration-method", "kl"], "--calibration-method"),
+                           (["--titok-fp32-blocks", "-1"], "--titok-fp32-blocks"),
+                           (["--calibration-size", "0"], "--calibration-size")):
+        result = runner.invoke(app, ["export", "-m", str(model_dir), "--precision", "int8", "--out",
+                                     str(tmp_path / "o"), *extra])
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "o").exists()

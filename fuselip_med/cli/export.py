@@ -16,9 +16,18 @@ def export(
                               "adapter directory (merged into its base first)."),
     out: Path = typer.Option(..., "--out", "-o", help="Export folder (replaced when it holds an earlier export)."),
     format: str = typer.Option("onnx", "--format", help="Export format: onnx."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, or int8 (ONNX Runtime dynamic quantization)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, or int8 (ONNX Runtime quantization)."),
+    int8_mode: str = typer.Option("dynamic", "--int8-mode", help="int8 only: dynamic (activations quantized per "
+                                  "batch at run time) or static (QDQ, per-channel weights, activation ranges "
+                                  "calibrated on the reference images)."),
     int8_scope: str = typer.Option("all", "--int8-scope", help="int8 only: all (both graphs) or encoder (the "
                                    "FuseLIP encoder int8, the TiTok graph fp32 so its codes stay exact)."),
+    titok_fp32_blocks: int = typer.Option(0, "--titok-fp32-blocks", help="int8, scope all: keep TiTok's last N "
+                                          "transformer blocks fp32 (nearest the VQ argmin)."),
+    calibration_method: str = typer.Option("minmax", "--calibration-method", help="static int8: minmax, entropy "
+                                           "or percentile (ONNX Runtime's calibrators)."),
+    calibration_size: int = typer.Option(32, "--calibration-size", help="static int8: images of the reference set "
+                                         "that the activation ranges are calibrated on."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="Reference set for the gate: a folder "
                                                "of images with <image>.txt captions, or a CSV/TSV (path, caption); "
                                                "default: the bundled demo images and captions."),
@@ -51,6 +60,7 @@ def export(
       fuselip-med export -m runs/rocov2/final --precision int8 --out exports/rocov2-int8\n
       fuselip-med export -m runs/rocov2_lora/final --precision int8 --calibration my_pairs.csv --out exports/int8\n
       fuselip-med export -m chs20/FuseLIP-S-CC3M-MM --precision int8 --int8-scope encoder --keep-rejected -o x\n
+      fuselip-med export -m runs/rocov2/final --precision int8 --int8-mode static --calibration-method entropy -o y\n
       fuselip-med search --index my_index --runtime onnx --model exports/rocov2-int8 --text "pleural effusion"
     """
     from fuselip_med.core.loading import load_model
@@ -61,7 +71,8 @@ def export(
         folder_reference,
         gated_export,
     )
-    from fuselip_med.export.onnx import INT8_SCOPES, PRECISIONS
+    from fuselip_med.export.onnx import PRECISIONS
+    from fuselip_med.export.quantize import Int8Settings, Int8SettingsError
     from fuselip_med.export.runtime import require_onnxruntime
     from fuselip_med.progress import progress_bar
     from fuselip_med.search.index import model_fingerprint
@@ -70,8 +81,13 @@ def export(
         raise UsageError(f"--format {format!r}: the one export format is onnx.")
     if precision not in PRECISIONS:
         raise UsageError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}.")
-    if int8_scope not in INT8_SCOPES:
-        raise UsageError(f"--int8-scope {int8_scope!r}: choose one of {', '.join(INT8_SCOPES)}.")
+    try:
+        int8 = Int8Settings(mode=int8_mode, scope=int8_scope, calibration_method=calibration_method,
+                            titok_fp32_blocks=titok_fp32_blocks)
+    except Int8SettingsError as error:
+        raise UsageError(f"{error}.") from None
+    if calibration_size < 1:
+        raise UsageError(f"--calibration-size {calibration_size}: use at least 1 image.")
     if reference_size < 2:
         raise UsageError(f"--reference-size {reference_size}: use at least 2 images.")
     require_onnxruntime()
@@ -88,8 +104,8 @@ def export(
         bar.advance()
         source = {"name": model, "fingerprint": model_fingerprint(fuselip)}
         result = gated_export(fuselip, out, reference, source=source, precision=precision, tolerances=tolerances,
-                              int8_scope=int8_scope, keep_rejected=keep_rejected, batch_size=batch_size,
-                              progress=bar)
+                              int8=int8, calibration_size=calibration_size, keep_rejected=keep_rejected,
+                              batch_size=batch_size, progress=bar)
     figures = result.report["figures"]
     cosine = ", ".join(f"{kind} {v['min']:.6f}" for kind, v in figures["cosine"].items())
     change = figures["retrieval"]["change_points"]

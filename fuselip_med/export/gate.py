@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from fuselip_med.errors import UserError
+from fuselip_med.export.quantize import Int8Settings
 from fuselip_med.io import atomic_write_json, publish_directory, temp_directory
 
 __all__ = ["CARD_NAME", "REPORT_NAME", "ExportRejected", "ExportResult", "Outputs", "ReferenceSet", "Tolerances",
@@ -281,28 +282,40 @@ def _stepper(progress):
 
 
 def gated_export(model, out: str | os.PathLike, reference: ReferenceSet, *, source: dict[str, str],
-                 precision: str = "fp32", tolerances: Tolerances | None = None, int8_scope: str = "all",
-                 keep_rejected: bool = False, batch_size: int = 16, progress=None) -> ExportResult:
+                 precision: str = "fp32", tolerances: Tolerances | None = None, int8: Int8Settings | None = None,
+                 calibration: ReferenceSet | None = None, calibration_size: int = 32, keep_rejected: bool = False,
+                 batch_size: int = 16, progress=None) -> ExportResult:
     """Export ``model`` (PyTorch FuseLIP, LoRA already merged) to ``out`` if it passes the gate on ``reference``.
 
     The export is written to a temp folder beside ``out``, measured (``measure``), judged (``judge``), given its
     ``export_report.json`` and model card, and only then published as ``out`` (atomically, replacing an earlier
     export). A failing export is removed, or published as ``<out>.rejected`` with ``keep_rejected``, and
-    ``ExportRejected`` names the failing figures. Raises ``ExportSetupError`` when ``out`` holds something that
-    is not an export. ``progress``: a ``progress.Bar`` advanced by one at each of the 3 steps (write, measure,
+    ``ExportRejected`` names the failing figures. ``int8``: the quantization settings (int8 precision; default
+    dynamic, both graphs). Static quantization calibrates on the first ``calibration_size`` images of
+    ``calibration`` (default: ``reference`` itself). Raises ``ExportSetupError`` when ``out`` holds something
+    that is not an export. ``progress``: a ``progress.Bar`` advanced by one at each of the 3 steps (write, measure,
     publish).
     """
     from fuselip_med.export.onnx import write_export
+    from fuselip_med.export.quantize import calibration_inputs
     from fuselip_med.export.runtime import OnnxFuseLIP, export_fingerprint
 
     out = Path(out)
     tolerances = tolerances or Tolerances.for_precision(precision)
     _check_out(out)
+    int8 = int8 or Int8Settings()
+    if int8.titok_fp32_blocks > model.config.titok.layers:
+        raise ExportSetupError(f"--titok-fp32-blocks {int8.titok_fp32_blocks}: this TiTok has "
+                               f"{model.config.titok.layers} blocks.")
+    static = precision == "int8" and int8.mode == "static"
+    calibration = (calibration or reference) if static else None
     staging = temp_directory(out)
     try:
         step = _stepper(progress)
         step(f"writing the {precision} graphs")
-        write_export(model, staging, precision=precision, int8_scope=int8_scope, source=source)
+        feeds = (calibration_inputs(model, calibration.pixels[:calibration_size], calibration.texts[:calibration_size])
+                 if calibration is not None else None)
+        write_export(model, staging, precision=precision, int8=int8, calibration=feeds, source=source)
         step(f"measuring the gate on {len(reference)} images")
         candidate = OnnxFuseLIP(staging)
         figures = measure(model, candidate, reference, batch_size=batch_size)
@@ -312,7 +325,10 @@ def gated_export(model, out: str | os.PathLike, reference: ReferenceSet, *, sour
                   "tolerances": asdict(tolerances), "figures": figures, "source": source,
                   "fingerprint": export_fingerprint(staging),
                   "reference": {"source": reference.source, "n_images": len(reference),
-                                "skipped": reference.skipped}}
+                                "skipped": reference.skipped},
+                  "calibration": ({"source": calibration.source,
+                                   "n_images": min(calibration_size, len(calibration))}
+                                  if calibration is not None else None)}
         atomic_write_json(staging / REPORT_NAME, report)
         _write_card(staging, report)
         if not failures:

@@ -1,4 +1,4 @@
-"""Write a FuseLIP model as two ONNX graphs (fp32, or int8 by ONNX Runtime's dynamic quantization).
+"""Write a FuseLIP model as two ONNX graphs (fp32, or int8 by ONNX Runtime's quantization: ``export.quantize``).
 
 An export directory holds::
 
@@ -14,9 +14,8 @@ The encoder graph is ``FuseLIP.encode_ids`` itself: padding (id 0) is masked ins
 L2-normalised ``ln_final`` state at the first eot (reference-facts.md 2.5-2.6). The TiTok graph is
 ``TiTokTokenizer.codes``: encoder, fp32 squared-distance VQ and argmin (reference-facts.md 1.3-1.4).
 
-int8: ``onnxruntime.quantization.quantize_dynamic`` with int8 weights (``QInt8``) for ``MatMul`` and ``Gather``
-(the token embedding); activations are quantized per batch at run time. Convolutions (TiTok's patch embedding and
-``conv_out``) and the VQ distance (an ``Einsum``) stay fp32: the code ids depend on them most directly.
+int8: the fp32 graphs quantized in place by ``export.quantize.quantize_int8`` (dynamic, or static with a
+calibration set).
 """
 from __future__ import annotations
 
@@ -24,7 +23,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -34,8 +33,11 @@ from fuselip_med.core.fuselip import FuseLIP
 from fuselip_med.core.text_tokenizer import DEFAULT_BPE_PATH
 from fuselip_med.io import atomic_write_json
 
-__all__ = ["EXPORT_CONFIG", "ENCODER_GRAPH", "FORMAT", "INT8_OPS", "INT8_SCOPES", "PRECISIONS", "TITOK_GRAPH",
-           "export_graphs", "quantize_int8", "write_export"]
+if TYPE_CHECKING:
+    from fuselip_med.export.quantize import CalibrationInputs, Int8Settings
+
+__all__ = ["EXPORT_CONFIG", "ENCODER_GRAPH", "FORMAT", "PRECISIONS", "TITOK_GRAPH", "export_graphs", "graph_signatures",
+           "write_export"]
 
 FORMAT = "fuselip_med-onnx"
 FORMAT_VERSION = 1
@@ -45,9 +47,6 @@ EXPORT_CONFIG = "config.json"
 BPE_FILE = Path(DEFAULT_BPE_PATH).name
 BPE_LICENSE = "LICENSE-CLIP-BPE.txt"
 PRECISIONS = ("fp32", "int8")
-INT8_SCOPES = ("all", "encoder")
-"""``all``: both graphs int8; ``encoder``: the FuseLIP encoder int8, the TiTok graph fp32 (its codes exact)."""
-INT8_OPS = ("MatMul", "Gather")
 Precision = Literal["fp32", "int8"]
 
 
@@ -110,7 +109,12 @@ def export_graphs(model: FuseLIP, directory: str | os.PathLike) -> dict[str, dic
     length = Dim("length", min=2, max=cfg.context_length)
     _export(_EmbeddingGraph(model), ids, directory / ENCODER_GRAPH, "input_ids", "embeddings",
             {0: batch, 1: length})
-    n = cfg.num_image_tokens
+    return graph_signatures(cfg)
+
+
+def graph_signatures(cfg: FuseLIPConfig) -> dict[str, dict[str, Any]]:
+    """The graphs' files and input/output descriptions for config.json."""
+    size, n = cfg.titok.image_size, cfg.num_image_tokens
     return {
         "titok": {"file": TITOK_GRAPH, "inputs": {"pixels": f"[B, 3, {size}, {size}] float32 in [0, 1]"},
                   "outputs": {"codes": f"[B, {n}] int64 in [0, {cfg.codebook_size})"}},
@@ -120,56 +124,40 @@ def export_graphs(model: FuseLIP, directory: str | os.PathLike) -> dict[str, dic
     }
 
 
-def _no_preprocessing_advice(record: logging.LogRecord) -> bool:
-    """Drop quantize_dynamic's root-logger advice to run ``quant_pre_process`` first: its symbolic shape inference
-    fails on the graphs of the dynamo exporter (onnxruntime 1.32, ``TypeError`` in a MatMul shape), so it is not
-    run."""
-    return not record.getMessage().startswith("Please consider to run pre-processing")
-
-
-def quantize_int8(directory: str | os.PathLike, scope: str = "all") -> dict[str, Any]:
-    """Quantize the graphs of ``scope`` (``INT8_SCOPES``) in ``directory`` to int8 in place (dynamic quantization,
-    int8 weights for ``INT8_OPS``); returns the settings for config.json. ``ValueError`` for an unknown scope."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    if scope not in INT8_SCOPES:
-        raise ValueError(f"int8 scope {scope!r}: choose one of {', '.join(INT8_SCOPES)}")
-    directory = Path(directory)
-    graphs = [ENCODER_GRAPH] if scope == "encoder" else [TITOK_GRAPH, ENCODER_GRAPH]
-    root = logging.getLogger()
-    root.addFilter(_no_preprocessing_advice)
-    try:
-        for name in graphs:
-            source = directory / name
-            target = directory / f".{name}.int8"
-            quantize_dynamic(source, target, weight_type=QuantType.QInt8, op_types_to_quantize=list(INT8_OPS))
-            os.replace(target, source)
-    finally:
-        root.removeFilter(_no_preprocessing_advice)
-    return {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8",
-            "op_types": list(INT8_OPS), "scope": scope, "quantized_graphs": graphs}
-
-
 def write_export(model: FuseLIP, directory: str | os.PathLike, *, precision: Precision = "fp32",
-                 int8_scope: str = "all", source: dict[str, str] | None = None) -> dict[str, Any]:
+                 int8: "Int8Settings | None" = None, calibration: "CalibrationInputs | None" = None,
+                 source: dict[str, str] | None = None, traced: str | os.PathLike | None = None) -> dict[str, Any]:
     """Write a complete export (graphs, tokenizer files, config.json) of ``model`` into ``directory``.
 
-    ``source``: what the export was made from (``{"name": ..., "fingerprint": ...}``), recorded in config.json.
-    Returns the config.json content. ``ValueError`` for an unknown precision or int8 scope.
+    ``int8``: how to quantize when ``precision`` is int8 (default ``Int8Settings()``: dynamic, both graphs);
+    ``calibration``: the feeds static quantization calibrates on. ``source``: what the export was made from
+    (``{"name": ..., "fingerprint": ...}``), recorded in config.json. ``traced``: a folder holding this model's
+    fp32 ``titok.onnx`` and ``encoder.onnx`` (an earlier fp32 export), copied instead of tracing again (the
+    benchmark quantizes one trace several ways). Returns the config.json content.
+    ``ValueError`` for an unknown precision, an int8 setting that does not fit, or static mode without calibration.
     """
     import onnxruntime
+
+    from fuselip_med.export.quantize import Int8Settings, quantize_int8
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if not isinstance(getattr(model, "config", None), FuseLIPConfig):
         raise ValueError(f"only FuseLIP (early fusion) models export to ONNX, not {type(model).__name__}")
     directory = Path(directory)
-    graphs = export_graphs(model, directory)
-    int8 = quantize_int8(directory, int8_scope) if precision == "int8" else None
+    if traced is None:
+        graphs = export_graphs(model, directory)
+    else:
+        directory.mkdir(parents=True, exist_ok=True)
+        for name in (TITOK_GRAPH, ENCODER_GRAPH):
+            shutil.copyfile(Path(traced) / name, directory / name)
+        graphs = graph_signatures(model.config)
+    quantized = (quantize_int8(directory / TITOK_GRAPH, directory / ENCODER_GRAPH, int8 or Int8Settings(), calibration)
+                 if precision == "int8" else None)
     shutil.copyfile(DEFAULT_BPE_PATH, directory / BPE_FILE)
     shutil.copyfile(Path(DEFAULT_BPE_PATH).with_name(BPE_LICENSE), directory / BPE_LICENSE)
     config = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "precision": precision, "int8": int8,
+        "format": FORMAT, "format_version": FORMAT_VERSION, "precision": precision, "int8": quantized,
         "graphs": graphs, "tokenizer": {"bpe": BPE_FILE, "context_length": model.config.context_length,
                                         "mask_token": True},
         "model": model.config.to_dict(), "source": source or {},
