@@ -5,8 +5,9 @@ randomisation on the same model (rho 1.000), and the planted pointing game print
 this model, and the reason is the model, not the map: measured 0 of 16 against 0.055 for a random cell, and the
 finding raises the demo model's similarity to its caption in only 4 of 16 images (median gain -0.0014 against the
 same image drawn without the finding), so the model does not see the finding and a correct map cannot point at it
-(the map itself finds the region a model depends on: tests/test_explain.py). It is a strict xfail that turns red
-once a demo model that sees its findings passes it.
+(the map itself finds the region a model depends on: tests/test_explain.py). Training with hard-negative twins
+(each study and its finding-free twin in one batch) did not change that: 1 to 5 of 16 (README "Why did it
+match?"). It is a strict xfail that turns red once a demo model that sees its findings passes it.
 """
 from __future__ import annotations
 
