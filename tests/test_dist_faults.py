@@ -148,34 +148,23 @@ class CountingModel(torch.nn.Module):
         return torch.stack([torch.tensor([float(len(t)), float(sum(map(ord, t))), 1.0]) for t in texts])
 
 
-def _embed_worker(rank: int, port: int, texts: list[str], out: str) -> None:
-    import torch.distributed as dist
-
+def _embed_worker(rank: int, texts: list[str], out: str) -> None:
     from fuselip_med.inference.engine import Embedder
     from fuselip_med.inference.items import EmbedItem
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
     model = CountingModel()
     table = Embedder(model, batch_size=2, progress=False, shard=True).embed([EmbedItem.of_text(t) for t in texts])
     torch.save({"keys": table.keys, "embeddings": table.embeddings, "embedded_here": model.texts},
                f"{out}.{rank}")
-    dist.destroy_process_group()
 
 
 def test_evaluation_embeddings_are_shared_across_processes(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
     from fuselip_med.inference.engine import Embedder
     from fuselip_med.inference.items import EmbedItem
+    from tests.dist_helpers import spawn_gloo
 
     texts = [f"finding number {i}" for i in range(7)]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_embed_worker, args=(port, texts, str(tmp_path / "table")), nprocs=2)
+    spawn_gloo(_embed_worker, texts, str(tmp_path / "table"))
     single = Embedder(CountingModel(), batch_size=2, progress=False).embed([EmbedItem.of_text(t) for t in texts])
     parts = [torch.load(tmp_path / f"table.{rank}") for rank in range(2)]
     assert sorted(parts[0]["embedded_here"] + parts[1]["embedded_here"]) == sorted(texts)
@@ -196,15 +185,13 @@ def _fake_codes(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels.flatten(1)[:, :128] * 4000).long()
 
 
-def _cache_worker(rank: int, port: int, folder: str, out: str) -> None:
+def _cache_worker(rank: int, folder: str, out: str) -> None:
     import torch.distributed as dist
 
     from fuselip_med.data import token_cache
     from fuselip_med.train.image_codes import ensure_code_cache
     from tests.test_token_cache import images_of
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
     appended: list[int] = []
     original = token_cache.CodeCache.append
 
@@ -218,22 +205,15 @@ def _cache_worker(rank: int, port: int, folder: str, out: str) -> None:
     cache = ensure_code_cache(Path(folder) / "cache", spec, images, _fake_codes, rank=rank, world=2,
                               barrier=dist.barrier, images_per_batch=1)
     torch.save({"appended": appended, "codes": {key: cache.get(key, 1) for key in images}}, f"{out}.{rank}")
-    dist.destroy_process_group()
 
 
 def test_the_code_cache_build_gives_each_process_an_equal_share_and_merges_nothing(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
     from fuselip_med.train.image_codes import ensure_code_cache
+    from tests.dist_helpers import spawn_gloo
     from tests.test_token_cache import images_of, write_images
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     paths = write_images(tmp_path / "img", 6)  # once, before the processes read them
-    mp.spawn(_cache_worker, args=(port, str(tmp_path), str(tmp_path / "result")), nprocs=2)
+    spawn_gloo(_cache_worker, str(tmp_path), str(tmp_path / "result"))
     results = [torch.load(tmp_path / f"result.{rank}") for rank in range(2)]
     # each process appended its 3 images, one chunk each, and nothing else (before: rank 0 copied all 6 again)
     assert [result["appended"] for result in results] == [[1, 1, 1], [1, 1, 1]]

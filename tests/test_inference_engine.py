@@ -305,32 +305,20 @@ def test_sample_dataset_decodes_the_sides_asked_for_with_an_evaluation_decoder()
         SampleDataset(Source(), sides=("left",))
 
 
-def _sharded_worker(rank: int, port: int, paths: list[str], out: str) -> None:
-    import os
-
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _sharded_worker(rank: int, paths: list[str], out: str) -> None:
     table = Embedder(HashModel(), batch_size=2, progress=False, shard=True).embed([EmbedItem(image=p) for p in paths])
     torch.save({"keys": table.keys, "embeddings": table.embeddings, "failed": table.failed}, f"{out}.{rank}")
-    dist.destroy_process_group()
 
 
 def test_sharded_image_embedding_shares_rows_and_skips_across_processes(tmp_path):
     """``shard=True`` (the in-training evaluation): each process decodes its share through SampleDataset; every
     process ends with every row and every named skip of a single-process pass."""
-    import socket
-
-    import torch.multiprocessing as mp
+    from tests.dist_helpers import spawn_gloo
 
     paths = [str(_png(tmp_path / f"{i}.png", (30 * i, 90, 200 - 30 * i))) for i in range(4)]
     (tmp_path / "bad.png").write_bytes(b"not a png at all")
     paths.insert(2, str(tmp_path / "bad.png"))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_sharded_worker, args=(port, paths, str(tmp_path / "table")), nprocs=2)
+    spawn_gloo(_sharded_worker, paths, str(tmp_path / "table"))
     single = embed_items(HashModel(), [EmbedItem(image=p) for p in paths], batch_size=2, progress=False)
     assert len(single) == 4 and list(single.failed) == [EmbedItem(image=paths[2]).key]
     for part in (torch.load(tmp_path / f"table.{rank}") for rank in range(2)):

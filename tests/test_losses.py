@@ -1,16 +1,14 @@
 """Sigmoid loss (single and 2-process gloo) and masked multimodal modelling."""
 import math
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from fuselip_med.core.fuselip import FuseLIPConfig
 from fuselip_med.core.losses import MaskingConfig, mask_seed, mask_tokens, masked_token_loss, sigmoid_loss
+from tests.dist_helpers import spawn_gloo
 
 
 def direct_sigmoid_loss(left, right, log_scale, bias):
@@ -55,34 +53,22 @@ def _loss_and_grads(x_left, x_right, weight, distributed):
     return loss.detach(), [weight.grad, log_scale.grad, bias.grad]
 
 
-def _worker(rank, world, port, out_path, first_rank_rows):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        x_left, x_right, weight = _setup()
-        rows = slice(0, first_rank_rows) if rank == 0 else slice(first_rank_rows, x_left.shape[0])
-        loss, grads = _loss_and_grads(x_left[rows], x_right[rows], weight, distributed=True)
-        for tensor in [loss, *grads]:  # what DDP does: average over ranks
-            dist.all_reduce(tensor)
-            tensor /= world
-        if rank == 0:
-            torch.save({"loss": loss, "grads": grads}, out_path)
-        dist.barrier()  # no rank tears the group down while another still uses it
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)  # skip interpreter teardown, where gloo's threads sometimes abort the process
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _worker(rank, out_path, first_rank_rows):
+    world = 2
+    x_left, x_right, weight = _setup()
+    rows = slice(0, first_rank_rows) if rank == 0 else slice(first_rank_rows, x_left.shape[0])
+    loss, grads = _loss_and_grads(x_left[rows], x_right[rows], weight, distributed=True)
+    for tensor in [loss, *grads]:  # what DDP does: average over ranks
+        dist.all_reduce(tensor)
+        tensor /= world
+    if rank == 0:
+        torch.save({"loss": loss, "grads": grads}, out_path)
 
 
 @pytest.mark.parametrize("first_rank_rows", [4, 3])  # equal shares, and whole groups of unequal size
 def test_two_process_gloo_equals_single_process_global_batch(tmp_path, first_rank_rows):
     out = tmp_path / "dist.pt"
-    mp.spawn(_worker, args=(2, _free_port(), str(out), first_rank_rows), nprocs=2, join=True)
+    spawn_gloo(_worker, str(out), first_rank_rows)
     result = torch.load(out, weights_only=True)
     loss, grads = _loss_and_grads(*_setup(), distributed=False)
     assert torch.allclose(result["loss"], loss, atol=1e-6)
