@@ -63,6 +63,7 @@ def kill(proc: subprocess.Popen) -> None:
             pass
 
 
+@pytest.mark.slow  # several processes: seconds of start-up each (CI runs the slow tests)
 def test_a_global_batch_of_one_under_two_processes_trains(tmp_path, demo_data):
     changes = {"train": {"steps": 3, "batch_size": 1}, "checkpoint": {"every_steps": None}}
     code, output = finish(launch(tmp_path, recipe_dict(tmp_path / "two", demo_data, **changes)), timeout=240)

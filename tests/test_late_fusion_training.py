@@ -89,6 +89,7 @@ def test_resume_continues_a_baseline_exactly(tmp_path, demo_data):
         assert torch.allclose(p, q, atol=1e-5), name
 
 
+@pytest.mark.slow  # several processes: seconds of start-up each (CI runs the slow tests)
 def test_two_processes_give_the_single_process_losses_for_a_baseline(tmp_path, demo_data):
     changes = dict(train={"steps": 3, "batch_size": 12}, checkpoint={"every_steps": None})
     recipe_file = tmp_path / "recipe.yaml"

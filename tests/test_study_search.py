@@ -165,6 +165,7 @@ def test_unit_index_rebuild_reuses_unchanged_series_and_drops_removed_ones(tmp_p
     assert len(list((tmp_path / "index" / "thumbs").glob("*.png"))) == 6  # the removed series' thumbnails gone
 
 
+@pytest.mark.slow  # several processes: seconds of start-up each (CI runs the slow tests)
 def test_killed_unit_index_build_resumes_to_the_same_index(tmp_path):
     import os
     import signal

@@ -17,12 +17,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import nn
 
@@ -43,6 +42,9 @@ from fuselip_med.core.hub import (
 )
 from fuselip_med.core.models import build_from_config
 from fuselip_med.core.pretrained import save_pretrained
+
+if TYPE_CHECKING:  # PEFT is imported where an adapter is built or read (seconds at start-up otherwise)
+    from peft import PeftModel
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -76,6 +78,8 @@ def apply_lora(model: FuseLIP, r: int, alpha: float, dropout: float, targets: li
                train_logit_params: bool = True) -> PeftModel:
     """Wrap ``model`` with LoRA adapters of rank ``r``; only adapters (and optionally the loss scale/bias) train."""
     pattern = model.lora_target_pattern(targets) if hasattr(model, "lora_target_pattern") else target_pattern(targets)
+    from peft import LoraConfig, get_peft_model
+
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern, bias="none")
     peft_model = get_peft_model(model, config)
     base = peft_model.get_base_model()
@@ -87,7 +91,8 @@ def apply_lora(model: FuseLIP, r: int, alpha: float, dropout: float, targets: li
 def base_model_of(model: nn.Module) -> nn.Module:
     """The model under a PEFT wrapper (``model`` itself when it is not wrapped); PEFT injects its layers in place,
     so calling the base runs the adapters."""
-    return model.get_base_model() if isinstance(model, PeftModel) else model
+    peft = sys.modules.get("peft")  # not imported: no adapter can exist in this process
+    return model.get_base_model() if peft is not None and isinstance(model, peft.PeftModel) else model
 
 
 def adapter_parameter_count(peft_model: PeftModel) -> int:
@@ -214,6 +219,9 @@ def load_adapter(directory: str | os.PathLike, device: str | torch.device = "cpu
     Raises ``CheckpointError`` (one line naming the file) for a missing/changed base, a damaged
     ``adapter_model.safetensors`` or an adapter that does not fit the base.
     """
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+
     directory = Path(directory)
     if not is_adapter_dir(directory):
         raise CheckpointError(f"{directory} is not a LoRA adapter folder (no {ADAPTER_CONFIG}).")

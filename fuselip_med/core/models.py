@@ -6,17 +6,27 @@ and ``fuselip-med info`` build through :func:`build_from_config`.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from fuselip_med.core.configs import FuseLIPConfig, LateFusionConfig
 from fuselip_med.core.fuselip import FuseLIP
-from fuselip_med.core.late_fusion import LateFusion
+
+if TYPE_CHECKING:
+    from fuselip_med.core.late_fusion import LateFusion
 
 __all__ = ["build_from_config", "parameter_counts"]
 
+
 def build_from_config(config: FuseLIPConfig | LateFusionConfig) -> FuseLIP | LateFusion:
-    """A freshly initialised model of the config's class."""
-    return LateFusion(config) if isinstance(config, LateFusionConfig) else FuseLIP(config)
+    """A freshly initialised model of the config's class. The baselines' module (which imports the
+    ``transformers`` CLIP vision tower, seconds at start-up) is imported only when a baseline is built."""
+    if isinstance(config, LateFusionConfig):
+        from fuselip_med.core.late_fusion import LateFusion
+
+        return LateFusion(config)
+    return FuseLIP(config)
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
@@ -26,7 +36,7 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     tokenizer, ``text`` is 0 (there is no separate text tower) and ``fusion`` is the one early-fusion encoder
     (joint embeddings, transformer, ``ln_final``, MMM head, logit scale/bias).
     """
-    if isinstance(model, LateFusion):
+    if isinstance(getattr(model, "config", None), LateFusionConfig):
         return model.parameter_counts()
     image = sum(p.numel() for p in model.image_tokenizer.parameters())
     total = sum(p.numel() for p in model.parameters())
