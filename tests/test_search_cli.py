@@ -211,3 +211,32 @@ def test_embed_image_unit_keys_dicom_rows_and_keeps_the_salt(pacs):
     assert str(ct) in pq.read_table(kept).to_pydict()["image"]
     assert all(PATIENT not in r.output for r in runs) and sorted(_written_with_patient(root / "embed")) == [
         str(kept), str(kept.with_name("kept.skipped.csv"))]  # only the --keep-paths output names paths
+
+
+def test_build_summarises_skips_in_one_line_and_names_every_one_in_skipped_csv(built, tmp_path):
+    """An archive with many undecodable files: the console gets one summary line (reasons, counts, a few
+    examples), not a line per file; ``<index>/skipped.csv`` names every one (before: one console line each and no
+    file), and a later clean build leaves an empty list, not the old one."""
+    import csv
+    import shutil
+
+    root, folder, model = built
+    images = tmp_path / "images"
+    shutil.copytree(folder, images)
+    for number in range(12):
+        (images / f"broken{number:02d}.png").write_bytes(b"not a png")
+    result = runner.invoke(app, ["index", "build", "--model", str(model), "--input", str(images), "--out",
+                                 str(tmp_path / "index"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "skipped 12 of 17 images" in output and "skipped.csv" in output
+    assert output.count("broken") == 3  # three examples on the summary line, not one line per file
+    rows = list(csv.DictReader(open(tmp_path / "index" / "skipped.csv", encoding="utf-8")))
+    assert sorted(row["id"] for row in rows) == [f"broken{number:02d}.png" for number in range(12)]
+    assert all(row["reason"] for row in rows)
+    for number in range(12):
+        (images / f"broken{number:02d}.png").unlink()
+    again = runner.invoke(app, ["index", "build", "--model", str(model), "--input", str(images), "--out",
+                                str(tmp_path / "index"), "--device", "cpu"])
+    assert again.exit_code == 0 and "skipped" not in again.output.lower().replace("skipped.csv", "")
+    assert (tmp_path / "index" / "skipped.csv").read_text().splitlines() == ["id,source,reason,detail"]

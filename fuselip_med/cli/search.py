@@ -112,6 +112,7 @@ def index_build(
 
     from fuselip_med.cli.units import privacy_options
     from fuselip_med.data.phi import Pseudonyms
+    from fuselip_med.data.skips import SKIPPED_CSV
     from fuselip_med.export.runtime import load_for_runtime
     from fuselip_med.io import check_writable
     from fuselip_med.search.index import IndexSettings, build_index, index_salt, list_entries
@@ -145,13 +146,11 @@ def index_build(
                   f"captions; embedded {report.embedded_images} images (+{report.embedded_elsewhere} by other "
                   f"processes or an interrupted run) and {report.embedded_captions} captions, "
                   f"reused {report.reused_images}, removed {report.removed}.", highlight=False)
-    skipped = dict(listed_skips)
-    if report.skipped:
-        console.print(f"[yellow]Skipped {len(report.skipped)} images:[/]", highlight=False)
-        for item, reason in sorted(report.skipped.items()):
-            console.print(f"  {item}: {reason}", highlight=False, markup=False)
-    if skipped:
-        console.print("[yellow]Skipped while listing:[/] " + ", ".join(f"{r}: {n}" for r, n in sorted(skipped.items())),
+    skips = report.skips.extend(listed_skips)  # listing skips are counted, not named (e.g. unreadable rows)
+    skips.unit = "images"
+    listed = skips.write_csv(out / SKIPPED_CSV)  # this build's list, also when empty (no stale list is left)
+    if skips.total:
+        console.print(f"{skips.summary()}; the skipped images are named in {listed}.", style="yellow", markup=False,
                       highlight=False)
 
 
@@ -186,7 +185,7 @@ def _build_unit_index(model: str, input: Path, out: Path, unit: str, slices: int
 
     from fuselip_med.cli.units import check_unit, privacy_options, unit_options
     from fuselip_med.data.phi import Pseudonyms
-    from fuselip_med.data.skips import SkipReport
+    from fuselip_med.data.skips import SKIPPED_CSV, SkipReport
     from fuselip_med.data.studies import find_series
     from fuselip_med.export.runtime import load_for_runtime
     from fuselip_med.io import check_writable
@@ -208,8 +207,10 @@ def _build_unit_index(model: str, input: Path, out: Path, unit: str, slices: int
                   f"{skips.kept} series, {report.n_slices} slices; embedded {report.embedded_images} series "
                   f"(+{report.embedded_elsewhere} from an interrupted run), reused {report.reused_images}, "
                   f"removed {report.removed}.", highlight=False)
+    listed = skips.write_csv(out / SKIPPED_CSV)  # this build's list, also when empty (no stale list is left)
     if skips.total or skips.hints:
-        console.print(f"Series problems: {skips.summary()}", style="yellow", markup=False, highlight=False)
+        console.print(f"Series problems: {skips.summary()}; named in {listed}.", style="yellow", markup=False,
+                      highlight=False)
 
 
 def search(

@@ -22,6 +22,8 @@ from fuselip_med.io import atomic_write_bytes
 __all__ = ["SKIPPED_CSV_COLUMNS", "SkipEntry", "SkipReport"]
 
 SKIPPED_CSV_COLUMNS = ("id", "source", "reason", "detail")
+SKIPPED_CSV = "skipped.csv"
+"""The name of the full skip list inside an output folder (an evaluation's, an index's)."""
 
 
 @dataclass(frozen=True)

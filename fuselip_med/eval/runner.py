@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from fuselip_med.data.skips import SKIPPED_CSV
 from fuselip_med.errors import UsageError
 from fuselip_med.inference.engine import Embedder
 
@@ -188,7 +189,7 @@ def run_evaluation(
         if rank_and_world()[0] != 0:
             return out
     write_report(report, Path(out_dir))
-    ctx.skip_report().write_csv(Path(out_dir) / "skipped.csv")
+    ctx.skip_report().write_csv(Path(out_dir) / SKIPPED_CSV)
     from .suite import write_radiology_table, write_suite_table
 
     write_suite_table(out, Path(out_dir))
