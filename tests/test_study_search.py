@@ -208,3 +208,33 @@ def test_killed_unit_index_build_resumes_to_the_same_index(tmp_path):
     assert sorted(p.name for p in (tmp_path / "killed" / "thumbs").iterdir()) == sorted(
         p.name for p in (tmp_path / "whole" / "thumbs").iterdir())
     assert not (tmp_path / "killed" / ".work").exists()
+
+
+def test_key_object_selection_of_series_hits_needs_the_stored_files(tmp_path):
+    """A series index keeps no file (and so no UID) unless built with --keep-paths: --export-kos then stops with one
+    line saying so (before: "no hit is a DICOM instance", as if the hits were not DICOM); with --keep-paths the KOS
+    references each hit series' instance in rank order."""
+    dark, bright = two_studies(tmp_path / "export")
+    torch.manual_seed(0)
+    save_pretrained(FuseLIP(FuseLIPConfig.from_size("tiny")).eval(), tmp_path / "tiny")
+    runner = CliRunner()
+    for name, extra in (("plain", []), ("kept", ["--keep-paths"])):
+        built = runner.invoke(app, ["index", "build", "-m", str(tmp_path / "tiny"), "-i", str(tmp_path / "export"),
+                                    "--unit", "series", "--slices", "3", "-o", str(tmp_path / name), "--device",
+                                    "cpu", *extra])
+        assert built.exit_code == 0, built.output
+    query = bright["files"][25.0]
+    refused = runner.invoke(app, ["search", "--index", str(tmp_path / "plain"), "--image", str(query),
+                                  "--export-kos", str(tmp_path / "plain.dcm")])
+    message = " ".join(refused.output.split())
+    assert refused.exit_code == 1 and message.startswith("error:") and "--keep-paths" in message
+    assert not (tmp_path / "plain.dcm").exists()
+    written = runner.invoke(app, ["search", "--index", str(tmp_path / "kept"), "--image", str(query),
+                                  "--export-kos", str(tmp_path / "kept.dcm")])
+    assert written.exit_code == 0, written.output
+    kos = pydicom.dcmread(tmp_path / "kept.dcm")
+    referenced = [item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for item in kos.ContentSequence
+                  if "ReferencedSOPSequence" in item]
+    uids = [{pydicom.dcmread(path).SOPInstanceUID for path in series["files"].values()} for series in (bright, dark)]
+    assert len(referenced) == 2 and referenced[0] in uids[0] and referenced[1] in uids[1]  # rank order
+    assert kos.StudyInstanceUID == pydicom.dcmread(query).StudyInstanceUID

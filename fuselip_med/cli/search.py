@@ -291,11 +291,16 @@ def _export_kos(hits, text: str | None, image: Path | None, out: Path | None, st
     from rich.console import Console
 
     from fuselip_med.data.adapters.dicomweb import DicomwebOptions, open_server
-    from fuselip_med.search.kos import similar_cases_kos, stow_kos, write_kos
+    from fuselip_med.search.kos import KosError, similar_cases_kos, stow_kos, write_kos
     from fuselip_med.search.pacs import hit_uids
 
-    server = open_server(stow, DicomwebOptions(cache="", **options)) if stow is not None else None
     dicom_hits = [hit.path for hit in hits if hit_uids(hit.path) is not None]
+    unstored = sum(hit.path is None and (hit.source == "dicom" or hit.unit != "image") for hit in hits)
+    if not dicom_hits and unstored:
+        raise KosError(f"--export-kos/--stow: the index holds no file of its {unstored} DICOM hits (it was built "
+                         "without --keep-paths, so it keeps no UID), and a Key Object Selection must name their "
+                         "instances; rebuild the index with --keep-paths to allow it.")
+    server = open_server(stow, DicomwebOptions(cache="", **options)) if stow is not None else None
     query_image = image if image is not None and hit_uids(image) is not None else None
     query = " + ".join(part for part in (f"image {image.name}" if image is not None else None, text) if part)
     document = similar_cases_kos(dicom_hits, query, query_image=query_image)
@@ -305,9 +310,11 @@ def _export_kos(hits, text: str | None, image: Path | None, out: Path | None, st
     if server is not None:
         stow_kos(document, server)
         done.append(f"stored on {server.url}")
-    left_out = len(hits) - len(dicom_hits)
+    left_out = len(hits) - len(dicom_hits) - unstored
+    notes = ([f"{left_out} hits that are not DICOM"] if left_out else []) + (
+        [f"{unstored} DICOM hits without a stored file (indexed without --keep-paths)"] if unstored else [])
     Console(stderr=True).print(f"Key Object Selection of {len(dicom_hits)} hits {' and '.join(done)}"
-                               + (f"; {left_out} hits that are not DICOM left out." if left_out else "."),
+                               + (f"; left out: {', '.join(notes)}." if notes else "."),
                                highlight=False, markup=False, soft_wrap=True)
 
 
