@@ -339,6 +339,33 @@ def test_page_links_dicomweb_hits_to_the_viewer_and_never_shows_a_path(shared):
         assert table.count("[open](") == (3 if linked else 0)
 
 
+
+@pytest.mark.slow  # two processes under accelerate launch: seconds of start-up each
+def test_two_processes_build_the_single_process_index_from_the_server(shared, model, tmp_path):
+    """``accelerate launch --num_processes 2 ... index build --dicomweb``: the main process syncs the cache, the
+    other waits and reads it, both embed their share; the index holds the vectors of the one-process build."""
+    server, _, root, _ = shared
+    repo = Path(__file__).parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo), PASSWORD_ENV: server.password}
+    completed = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fuselip_med.cli", "index", "build", "-m",
+         str(model), "--dicomweb", server.dicomweb, "--user", server.user, "-o", str(tmp_path / "two"),
+         "--chunk-size", "3"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    message = " ".join(completed.stdout.split())
+    import re
+
+    here, elsewhere = map(int, re.search(r"embedded (\d+) images \(\+(\d+) by other processes", message).groups())
+    assert "9 instances; fetched 9" in message and here + elsewhere == 9 and here and elsewhere  # shared work
+    assert server.password not in completed.stdout + completed.stderr
+    two, one = vectors_by_instance(tmp_path / "two"), vectors_by_instance(root / "pacs_index")
+    assert sorted(two) == sorted(one) and len(two) == 9
+    for uid, vector in two.items():
+        np.testing.assert_allclose(vector, one[uid], atol=1e-6)
+
+
 def test_an_undecodable_instance_is_a_named_skip(pacs, model, tmp_path):
     server, _ = pacs
     from pydicom import dcmread
