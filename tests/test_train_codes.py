@@ -170,3 +170,25 @@ def test_evaluation_during_training_reads_the_eval_images_codes_from_the_cache(t
     trainer.eval_codes = {}
     from_pixels = trainer.evaluate("pixels")
     assert sum(tokenized) == 16 and cached == pytest.approx(from_pixels, abs=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["cache", "pixels"])
+def test_titok_codes_are_computed_without_tf32_after_the_trainer_enables_it(tmp_path, demo_data, monkeypatch, mode):
+    """The trainer turns CUDA's TF32 matmuls on for speed; TiTok's float32 codes (the cache build and the
+    on-the-fly path alike) must still be computed with it off, as the reference inference path does (a TF32
+    latent can flip a code at a near-tie), and the trainer's setting is back afterwards. (On this CPU machine the
+    flag changes no number; the test checks the flag TiTok's work sees.)"""
+    from fuselip_med.core.titok import TiTokTokenizer
+
+    seen: list[bool] = []
+    original = TiTokTokenizer.codes
+
+    def recording(self, pixels):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return original(self, pixels)
+
+    monkeypatch.setattr(TiTokTokenizer, "codes", recording)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # restored after the test
+    run(codes_recipe(tmp_path / "run", demo_data, mode, tmp_path / "cache"))
+    assert seen and not any(seen)
+    assert torch.backends.cuda.matmul.allow_tf32  # the trainer's choice for everything else stands

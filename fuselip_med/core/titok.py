@@ -6,6 +6,7 @@ the upstream encoder exactly, including the "legacy" raw reshape of TiTok-S (see
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import OrderedDict
@@ -142,6 +143,17 @@ class _Attention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, n, w))
 
 
+@contextlib.contextmanager
+def _ieee_fp32_matmuls():
+    """CUDA float32 matmuls without TF32 inside the block; the caller's setting is restored after."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 class _Block(nn.Module):
     def __init__(self, width: int, heads: int, mlp_ratio: float):
         super().__init__()
@@ -256,9 +268,15 @@ class TiTokTokenizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels (B, 3, S, S) float in [0, 1] -> code ids (B, num_latent_tokens) int64."""
+        """Pixels (B, 3, S, S) float in [0, 1] -> code ids (B, num_latent_tokens) int64.
+
+        float32 work runs with CUDA's TF32 matmuls off whatever the caller set (training turns them on), as in the
+        reference inference path (reference-facts 1.7: matmul TF32 off, cuDNN TF32 at PyTorch's default): a TF32
+        latent can flip a code at a near-tie, so cached, on-the-fly ``train.titok_fp32`` and inference codes
+        agree. Under a bf16/fp16 autocast the flag has no effect."""
         check_pixels(pixels, self.config.image_size)
-        return self.codes(pixels)
+        with _ieee_fp32_matmuls():
+            return self.codes(pixels)
 
     def codes(self, pixels: torch.Tensor) -> torch.Tensor:
         """``encode`` without the input checks: pixels (B, 3, S, S) float32 in [0, 1] -> (B, T) int64 code ids,
