@@ -38,3 +38,17 @@ def test_a_text_query_files_the_kos_in_the_top_hits_study(tmp_path):
     top = pydicom.dcmread(hits[0])
     assert document.StudyInstanceUID == top.StudyInstanceUID and document.PatientID == top.PatientID
     assert document.ContentSequence[0].TextValue == "Similar cases: pleural effusion"
+
+
+def test_a_failed_stow_says_nothing_was_stored_not_that_fetched_instances_are_kept(tmp_path):
+    """STOW-RS to a server that does not answer ended with the fetch advice "(instances already fetched are kept)",
+    which says nothing about the Key Object Selection that was not stored."""
+    from fuselip_med.data.adapters.dicomweb import DicomwebError, DicomwebOptions, open_server
+    from fuselip_med.search.kos import similar_cases_kos, stow_kos
+    from tests.orthanc import free_port
+
+    document = similar_cases_kos([get_testdata_file("CT_small.dcm")], "effusion")
+    server = open_server(f"http://127.0.0.1:{free_port()}/dicom-web", DicomwebOptions(cache="", retries=1))
+    with pytest.raises(DicomwebError) as raised:
+        stow_kos(document, server)
+    assert "nothing was stored" in str(raised.value) and "fetched" not in str(raised.value)

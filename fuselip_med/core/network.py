@@ -104,8 +104,8 @@ def hub_call(what: str, call: Callable[[], T]) -> T:
             if cause is None:
                 raise
             if attempt == retries:
-                raise NetworkError(f"{_endpoint(cause)} did not answer while {what} ({type(cause).__name__} after "
-                                   f"{timeout:g} s, {retries + 1} tries); check the network or the endpoint "
-                                   f"(HF_ENDPOINT), or raise {TIMEOUT_ENV}") from None
+                raise NetworkError(f"{_endpoint(cause)} did not answer while {what} ({type(cause).__name__}; "
+                                   f"{retries + 1} tries, each with a {timeout:g} s timeout); check the network or the "
+                                   f"endpoint (HF_ENDPOINT), or raise {TIMEOUT_ENV}") from None
             time.sleep(min(2.0 ** attempt, 30.0))
     raise AssertionError("unreachable")

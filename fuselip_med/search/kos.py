@@ -120,4 +120,5 @@ def write_kos(document, path: str | os.PathLike) -> Path:
 def stow_kos(document, server) -> None:
     """Store ``document`` on ``server`` (a ``data.adapters.dicomweb.DicomwebServer``) with STOW-RS (PS3.18 10.5);
     raises ``DicomwebError``/``DicomwebAuthError``."""
-    server.call("storing the Key Object Selection with STOW-RS", lambda client: client.store_instances([document]))
+    server.call("storing the Key Object Selection with STOW-RS", lambda client: client.store_instances([document]),
+                then="nothing was stored; rerun the search with --stow to store it")

@@ -212,8 +212,10 @@ class DicomwebServer:
             self._local.client = client
         return client
 
-    def call(self, what: str, request: Callable[[Any], Any]) -> Any:
-        """``request(client)`` with the retry policy; ``what`` says what is being fetched (for the message).
+    def call(self, what: str, request: Callable[[Any], Any], *,
+             then: str = "rerun the same command to continue (instances already fetched are kept)") -> Any:
+        """``request(client)`` with the retry policy; ``what`` says what is being done and ``then`` what the user
+        can do after the last try failed (for the message).
 
         Raises ``DicomwebAuthError`` on 401/403 (no retry) and ``DicomwebError`` when every try failed.
         """
@@ -242,8 +244,7 @@ class DicomwebServer:
             if attempt < len(delays):
                 log.debug("%s: %s while %s; retrying in %.1f s", self.url, reason, what, delays[attempt])
                 time.sleep(delays[attempt])
-        raise DicomwebError(f"{self.url}: {reason} while {what}, after {self.retry.attempts} tries; rerun the same "
-                            "command to continue (instances already fetched are kept).")
+        raise DicomwebError(f"{self.url}: {reason} while {what}, after {self.retry.attempts} tries; {then}.")
 
 
 @dataclass(frozen=True)
