@@ -3,6 +3,7 @@ evidence lists every referenced instance across studies (PS3.3 C.17.6.2), in the
 from __future__ import annotations
 
 import pydicom
+import pytest
 from pydicom.data import get_testdata_file
 
 from fuselip_med.search.kos import similar_cases_kos, write_kos
