@@ -176,15 +176,27 @@ def _instances(ds, source) -> list[_Instance]:
 
 
 def _read_header(source):
-    """(pydicom Dataset without pixel data, source) or None when ``source`` is not a readable DICOM image."""
+    """pydicom Dataset without pixel data, or None when ``source`` is not a readable DICOM image.
+
+    Only a file that starts like DICOM is parsed: the Part 10 magic (``images.is_dicom``, PS3.10 7.1) or the
+    first tag of a preamble-less data set (``images._starts_like_headless_dicom``, PS3.5 7.1); pydicom is never
+    forced onto other bytes (it would parse a large zero-filled file for minutes)."""
     import pydicom
 
     if isinstance(source, pydicom.Dataset):
         return source
-    from fuselip_med.data.images import is_dicom
+    from fuselip_med.data.images import _starts_like_headless_dicom, is_dicom
 
     try:
-        ds = pydicom.dcmread(os.fspath(source), stop_before_pixels=True, force=not is_dicom(source))
+        with open(source, "rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return None
+    part10 = is_dicom(head)
+    if not (part10 or _starts_like_headless_dicom(head)):
+        return None
+    try:
+        ds = pydicom.dcmread(os.fspath(source), stop_before_pixels=True, force=not part10)
     except Exception:  # arbitrary bytes fail the parser in many ways: then it is not DICOM
         return None
     return ds if "Rows" in ds and "Columns" in ds else None
@@ -337,19 +349,31 @@ def _dicomdir_files(path: Path) -> list[str]:
     return [os.fspath(instance.path) for instance in FileSet(pydicom.dcmread(os.fspath(path)))]
 
 
-def _walk(folder: Path) -> tuple[list[str], list[str]]:
+def _walk(folder: Path, pseudonyms: Pseudonyms, skips: SkipReport) -> tuple[list[str], list[str]]:
     """(DICOM candidate files, NIfTI files) under ``folder``, recursively, sorted; DICOMDIR files are not
     instances (the files they reference are found by the walk itself), nor are the CSV/TSV tables kept beside
-    volumes (reports, labels)."""
+    volumes (reports, labels).
+
+    Every file passes the image unit's path rule (``adapters.folder.check_image_path``, nothing opened): a link
+    resolving outside ``folder``, a symlink loop, a dangling link or a non-regular file (FIFO, socket, device)
+    is named in ``skips`` (``outside image root``, ``symlink loop``, ``missing image``, ``not a file``) by a
+    salted key of its path, never read."""
+    from fuselip_med.data.adapters.folder import check_image_path
+
+    roots = [os.path.realpath(folder)]
     candidates, volumes = [], []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
         for filename in sorted(filenames):
             path = os.path.join(dirpath, filename)
-            if is_nifti(filename):
+            if _is_dicomdir(Path(filename)) or filename.startswith(".") or filename.lower().endswith((".csv", ".tsv")):
+                continue
+            problem = check_image_path(path, roots)
+            if problem is not None:
+                skips.add(pseudonyms.key(path, "file-"), "input", problem[0])
+            elif is_nifti(filename):
                 volumes.append(path)
-            elif not (_is_dicomdir(Path(filename)) or filename.startswith(".")
-                      or filename.lower().endswith((".csv", ".tsv"))):
+            else:
                 candidates.append(path)
     return candidates, volumes
 
@@ -383,7 +407,7 @@ def find_series(input: str | os.PathLike, pseudonyms: Pseudonyms, skips: SkipRep
     volumes: list[str] = []
     for target in targets:
         if target.is_dir():
-            found, nifti = _walk(target)
+            found, nifti = _walk(target, pseudonyms, skips)
             dicom += found
             volumes += nifti
         elif _is_dicomdir(target):
