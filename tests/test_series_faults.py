@@ -59,3 +59,55 @@ def test_links_out_of_the_folder_loops_dangling_links_and_zero_files_are_named(t
                                "not a DICOM image": 1}
     assert not any("passwd" in e.id or "elsewhere" in e.id or e.detail for e in skips.entries
                    if e.reason != "not a DICOM image")
+
+
+def _multiframe(path, declared: int, groups: int, stored: int = 4):
+    """An Enhanced CT object whose NumberOfFrames, per-frame functional groups and stored frames may disagree."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = EnhancedCTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "CT"
+    ds.Rows = ds.Columns = 16
+    ds.NumberOfFrames, ds.SamplesPerPixel, ds.PhotometricInterpretation = declared, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.PixelData = (np.arange(stored * 16 * 16) % 1000).astype("<i2").tobytes()
+    frames = []
+    for i in range(groups):
+        group, position, orientation = Dataset(), Dataset(), Dataset()
+        position.ImagePositionPatient = [0.0, 0.0, float(i)]
+        orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        group.PlanePositionSequence, group.PlaneOrientationSequence = Sequence([position]), Sequence([orientation])
+        frames.append(group)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.mark.timeout(30)
+def test_declared_frames_the_pixel_data_cannot_hold_are_refused_at_once(tmp_path):
+    """A 9 KB file declaring a million frames is ``truncated image`` before any per-frame record is made; per-frame
+    groups that do not match the frames are ``frame count mismatch``; a consistent object still splits."""
+    import tracemalloc
+
+    from fuselip_med.data.studies import read_series
+
+    _multiframe(tmp_path / "bomb.dcm", 1_000_000, 0)
+    _multiframe(tmp_path / "more.dcm", 4, 8)
+    _multiframe(tmp_path / "fewer.dcm", 4, 3)
+    _multiframe(tmp_path / "ok.dcm", 4, 4)
+    skips = SkipReport()
+    tracemalloc.start()
+    [series] = read_series(sorted(tmp_path.iterdir()), KEYS, skips)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(series) == 4 and peak < 20e6
+    assert _reasons(skips) == {"truncated image": 1, "frame count mismatch": 2}
+    bomb = next(e for e in skips.entries if e.reason == "truncated image")
+    held = (tmp_path / "bomb.dcm").stat().st_size // (16 * 16 * 2)  # the file size bounds the pixel data
+    assert bomb.detail == f"1000000 frame(s) declared, the pixel data holds at most {held}"

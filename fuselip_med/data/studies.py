@@ -141,8 +141,55 @@ def _int_or_none(value) -> int | None:
         return None
 
 
+class _Unusable(Exception):
+    """One data set cannot give slices: ``reason`` (the skip report's key) and ``detail``."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(reason, detail)
+        self.reason, self.detail = reason, detail
+
+
+#: Bytes of the smallest encapsulated frame: one Item tag + length (PS3.5 A.4), so an encapsulated Pixel Data
+#: element of n bytes holds at most n // 8 frames.
+_ITEM_HEADER_BYTES = 8
+
+
+def _frames_held(ds, source) -> int | None:
+    """The most frames the Pixel Data of ``ds`` can hold, from its byte length (an in-memory data set) or the
+    file size (an upper bound: the header is read without pixels); None when unknown.
+
+    Native: bytes // (Rows x Columns x SamplesPerPixel x BitsAllocated / 8) (PS3.5 8.1.1); encapsulated:
+    bytes // 8, one Item header per frame at least (PS3.5 A.4)."""
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            size = os.path.getsize(source)
+        except OSError:
+            return None
+    elif "PixelData" in ds:
+        size = len(ds.PixelData or b"")
+    else:
+        return None
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and syntax.is_encapsulated:
+        return size // _ITEM_HEADER_BYTES
+    bits = (_int_or_none(ds.get("Rows")) or 0) * (_int_or_none(ds.get("Columns")) or 0) \
+        * (_int_or_none(ds.get("SamplesPerPixel")) or 1) * (_int_or_none(ds.get("BitsAllocated")) or 0)
+    return size * 8 // bits if bits > 0 else None
+
+
 def _instances(ds, source) -> list[_Instance]:
-    """The frames of one data set as ``_Instance`` records (one for a single-frame image)."""
+    """The frames of one data set as ``_Instance`` records (one for a single-frame image).
+
+    Raises ``_Unusable`` before any record is made when the declared frames do not fit the pixel data
+    (``truncated image``: a 9 KB file declaring a million frames) or the Per-Frame Functional Groups Sequence
+    does not have one item per frame (``frame count mismatch``, PS3.3 C.7.6.16)."""
+    declared = max(_int_or_none(ds.get("NumberOfFrames")) or 1, 1)
+    held = _frames_held(ds, source)
+    if held is not None and declared > held:
+        raise _Unusable("truncated image", f"{declared} frame(s) declared, the pixel data holds at most {held}")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame and len(per_frame) != declared:
+        raise _Unusable("frame count mismatch", f"{len(per_frame)} per-frame functional groups for {declared} frame(s)")
     image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
     common = dict(source=source, study_uid=str(ds.get("StudyInstanceUID", "")),
                   series_uid=str(ds.get("SeriesInstanceUID", "")), sop_uid=str(ds.get("SOPInstanceUID", "")),
@@ -150,7 +197,6 @@ def _instances(ds, source) -> list[_Instance]:
                                                                     int(ds.get("Columns") or 0)),
                   instance_number=_int_or_none(ds.get("InstanceNumber")), localizer="LOCALIZER" in image_type,
                   burned_in=burned_in_risk(ds))
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if per_frame:
         shared = ds.get("SharedFunctionalGroupsSequence")
         out = []
@@ -167,12 +213,11 @@ def _instances(ds, source) -> list[_Instance]:
             out.append(_Instance(frame=index, position=position, orientation=orientation, pixel_spacing=spacing,
                                  **common))
         return out
-    n_frames = _int_or_none(ds.get("NumberOfFrames")) or 1
-    return [_Instance(frame=index if n_frames > 1 else None,
+    return [_Instance(frame=index if declared > 1 else None,
                       position=_floats(ds.get("ImagePositionPatient"), 3),
                       orientation=_floats(ds.get("ImageOrientationPatient"), 6),
                       pixel_spacing=_floats(ds.get("PixelSpacing"), 2), **common)
-            for index in range(n_frames)]
+            for index in range(declared)]
 
 
 def _read_header(source):
@@ -275,13 +320,20 @@ def _build(instances: list[_Instance], pseudonyms: Pseudonyms, skips: SkipReport
                   any(i.burned_in for _, i in kept), notes)
 
 
+def _file_key(source, ds) -> str:
+    """What a skipped instance is named by (salted): its path, or its SOP Instance UID when held in memory."""
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else str(ds.get("SOPInstanceUID", ""))
+
+
 def read_series(inputs: Iterable, pseudonyms: Pseudonyms, skips: SkipReport | None = None) -> list[Series]:
     """DICOM instances -> series, grouped by (StudyInstanceUID, SeriesInstanceUID), ordered along the normal.
 
     ``inputs``: file paths (DICOM by content, any name) or pydicom ``Dataset``s (with pixel data, e.g. read from
     a network source). Files that are not DICOM images are counted in ``skips`` (reason ``not a DICOM image``,
-    named by a salted key of the path). Returns the usable series sorted by (study key, series key); every
-    problem is named in ``skips`` per series key.
+    named by a salted key of the path), as are instances whose declared frames the pixel data cannot hold
+    (``truncated image``) or whose per-frame groups do not match their frames (``frame count mismatch``).
+    Returns the usable series sorted by (study key, series key); every problem is named in ``skips`` per
+    series key.
     """
     skips = skips if skips is not None else SkipReport()
     groups: dict[tuple[str, str], list[_Instance]] = {}
@@ -290,7 +342,13 @@ def read_series(inputs: Iterable, pseudonyms: Pseudonyms, skips: SkipReport | No
         if ds is None:
             skips.add(pseudonyms.key(os.fspath(source), "file-"), "input", "not a DICOM image")
             continue
-        for instance in _instances(ds, source):
+        try:
+            instances = _instances(ds, source)
+        except _Unusable as problem:
+            where = f"series {pseudonyms.key(str(ds.get('SeriesInstanceUID', '')), 'se-')}"
+            skips.add(pseudonyms.key(_file_key(source, ds), "file-"), where, problem.reason, problem.detail)
+            continue
+        for instance in instances:
             groups.setdefault((instance.study_uid, instance.series_uid), []).append(instance)
     out = [s for s in (_build(group, pseudonyms, skips) for group in groups.values()) if s is not None]
     return sorted(out, key=lambda s: (s.study_key, s.key))
