@@ -111,3 +111,58 @@ def test_declared_frames_the_pixel_data_cannot_hold_are_refused_at_once(tmp_path
     bomb = next(e for e in skips.entries if e.reason == "truncated image")
     held = (tmp_path / "bomb.dcm").stat().st_size // (16 * 16 * 2)  # the file size bounds the pixel data
     assert bomb.detail == f"1000000 frame(s) declared, the pixel data holds at most {held}"
+
+
+def test_nifti_slices_are_read_one_at_a_time_and_match_monai_ras(tmp_path):
+    """Only the sampled slice is read (peak memory ~ one slice, not the 64 MB float32 volume), and every slice
+    equals MONAI's LoadImage + Orientation("RAS") of the whole volume, for a permuted and flipped affine."""
+    import tracemalloc
+
+    import nibabel
+    import numpy as np
+    from monai.transforms import LoadImage, Orientation
+
+    from fuselip_med.data.volumes import read_nifti_slice, render_slice, sample_slices
+
+    big = tmp_path / "big.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(np.zeros((400, 400, 100), np.uint8), np.eye(4)), str(big))
+    [series] = find_series(big, KEYS)
+    refs = sample_slices(series, 4)
+    tracemalloc.start()
+    for ref in refs:
+        render_slice(ref)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8e6, peak  # a 400 x 400 slice is 0.64 MB as float32; the volume 64 MB
+
+    data = np.random.default_rng(1).integers(-1000, 1000, (5, 4, 6)).astype(np.int16)
+    # voxel axis k -> -x, i -> y, j -> -z
+    affine = np.array([[0, 0, -2.0, 10], [1.5, 0, 0, -3], [0, -1.0, 0, 7], [0, 0, 0, 1]])
+    oblique = tmp_path / "oblique.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(data, affine), str(oblique))
+    volume = LoadImage(image_only=True, ensure_channel_first=True, reader="NibabelReader")(str(oblique))
+    ras = np.asarray(Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(volume))[0]
+    for axis in range(3):
+        for index in range(ras.shape[axis]):
+            assert np.array_equal(read_nifti_slice(str(oblique), axis, index), np.take(ras, index, axis=axis))
+
+
+def test_nifti_header_claiming_too_many_voxels_is_a_named_skip(tmp_path):
+    """A 352-byte header claiming 30000^3 voxels is ``volume too large`` (was MemoryError, then IndexError)."""
+    import nibabel
+    import numpy as np
+
+    from fuselip_med.data.studies import MAX_NIFTI_VOXELS
+
+    header = nibabel.Nifti1Header()
+    header.set_data_dtype(np.uint8)
+    header.set_data_shape((30000, 30000, 30000))
+    header.set_sform(np.eye(4), code=1)
+    with open(tmp_path / "huge.nii", "wb") as handle:
+        header.write_to(handle)
+    nibabel.save(nibabel.Nifti1Image(np.zeros((4, 4, 3), np.int16), np.eye(4)), str(tmp_path / "ok.nii"))
+    skips = SkipReport()
+    [series] = find_series(tmp_path, KEYS, skips)
+    assert series.key == "ok.nii"
+    assert _reasons(skips) == {"volume too large": 1}
+    assert skips.entries[0].detail.startswith(f"shape (30000, 30000, 30000): over {MAX_NIFTI_VOXELS} voxels")

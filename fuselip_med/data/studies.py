@@ -37,8 +37,8 @@ from fuselip_med.data.skips import SkipReport
 from fuselip_med.errors import InputError
 
 __all__ = [
-    "GAP_FACTOR", "NIFTI_SUFFIXES", "PLANES", "Series", "SliceRef", "StudiesError", "find_series", "is_nifti",
-    "nifti_series", "read_series",
+    "GAP_FACTOR", "MAX_NIFTI_SLICE_VOXELS", "MAX_NIFTI_VOXELS", "NIFTI_SUFFIXES", "PLANES", "Series", "SliceRef",
+    "StudiesError", "find_series", "is_nifti", "nifti_series", "read_series",
 ]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -51,6 +51,11 @@ TOLERANCE = 1e-3
 #: Plane -> RAS axis index (after MONAI's Orientation("RAS")): sagittal slices stack along x, coronal along y,
 #: axial along z.
 PLANES = {"sagittal": 0, "coronal": 1, "axial": 2}
+#: The most voxels a NIfTI volume may declare (2**30, 4 GiB as float32; a CT-RATE chest CT of 512 x 512 x ~300 has
+#: 8e7) and one slice of it (2**26: 8192 x 8192); a header claiming more is ``volume too large``. Slices are read
+#: one at a time, so memory holds one slice; the limits bound the time a (compressed) volume may cost.
+MAX_NIFTI_VOXELS = 2**30
+MAX_NIFTI_SLICE_VOXELS = 2**26
 Plane = Literal["acquisition", "axial", "coronal", "sagittal"]
 
 
@@ -364,8 +369,9 @@ def nifti_series(path: str | os.PathLike, plane: Plane = "acquisition",
     """A NIfTI volume as a series of slices along ``plane`` (``acquisition``: the RAS axis nearest the file's
     third voxel axis; else axial/coronal/sagittal for isotropic volumes), read from the header only (nibabel).
 
-    The key is the file name (CT-RATE's ``VolumeName``). A broken header or a volume that is not 3-D is named in
-    ``skips`` (reasons ``broken NIfTI header``, ``not a 3-D volume``) and gives None.
+    The key is the file name (CT-RATE's ``VolumeName``). A broken header, a volume that is not 3-D or one over
+    ``MAX_NIFTI_VOXELS`` / ``MAX_NIFTI_SLICE_VOXELS`` is named in ``skips`` (reasons ``broken NIfTI header``,
+    ``not a 3-D volume``, ``volume too large``) and gives None.
     """
     import nibabel
 
@@ -388,6 +394,11 @@ def nifti_series(path: str | os.PathLike, plane: Plane = "acquisition",
     axis = int(ornt[2, 0]) if plane == "acquisition" else PLANES[plane]
     voxel_axis = int(np.flatnonzero(ornt[:, 0] == axis)[0])
     count, step = shape[voxel_axis], float(zooms[voxel_axis])
+    voxels = int(np.prod(shape, dtype=object))
+    if voxels > MAX_NIFTI_VOXELS or voxels // count > MAX_NIFTI_SLICE_VOXELS:
+        skips.add(name, "input", "volume too large",
+                  f"shape {shape}: over {MAX_NIFTI_VOXELS} voxels or {MAX_NIFTI_SLICE_VOXELS} per slice")
+        return None
     if count < 2:
         skips.add(name, "input", "single-slice series", f"{count} slice along the chosen axis")
         return None
