@@ -166,3 +166,30 @@ def test_nifti_header_claiming_too_many_voxels_is_a_named_skip(tmp_path):
     assert series.key == "ok.nii"
     assert _reasons(skips) == {"volume too large": 1}
     assert skips.entries[0].detail.startswith(f"shape (30000, 30000, 30000): over {MAX_NIFTI_VOXELS} voxels")
+
+
+def test_index_build_and_search_on_a_nifti_volume(tmp_path):
+    """NIfTI slice keys are ``<volume>#<i>``: the unit index keeps them whole (was ValueError on the chunk keys)
+    and search answers with the volume and its brightest slice."""
+    import nibabel
+    import numpy as np
+
+    from fuselip_med.data.volumes import Rendering
+    from fuselip_med.inference.units import UnitOptions
+    from fuselip_med.search.index import ModelId, build_unit_index, open_index
+    from fuselip_med.search.query import search
+    from tests.test_study_search import BrightnessEncoder
+
+    data = np.zeros((8, 8, 5), np.int16)
+    for k in range(5):
+        data[:4, :, k] = 100 * k  # half of each slice brighter slice by slice (window 0..500 HU)
+    nibabel.save(nibabel.Nifti1Image(data, np.eye(4)), str(tmp_path / "vol.nii.gz"))
+    keys = Pseudonyms.fresh()
+    model = BrightnessEncoder()
+    build_unit_index(tmp_path / "index", find_series(tmp_path / "vol.nii.gz", keys), model, ModelId("planted", "p1"),
+                     "series", keys.salt, UnitOptions(slices=5, rendering=Rendering(window=(500.0, 250.0))))
+    index = open_index(tmp_path / "index")
+    assert list(index.slices["slice"]) == [f"vol.nii.gz#{k}" for k in range(5)]
+    [top] = search(index, model, text="bright", k=1)
+    assert top.series == "vol.nii.gz" and top.best_slice == "vol.nii.gz#4"
+    assert index.thumbnail_path(top.slice_row).is_file()

@@ -944,7 +944,7 @@ def _build_units(out: Path, series: Sequence, model, model_id: ModelId, unit: st
     chunk_vectors, failed = _read_chunks(work, "series")
     fresh: dict[str, list[tuple[str, str, np.ndarray]]] = {}
     for key, vector in sorted(chunk_vectors.items()):
-        digest, number, slice_key = key.split("#")
+        digest, number, slice_key = key.split("#", 2)  # a NIfTI slice key holds its own '#': <volume>#<i>
         fresh.setdefault(digest, []).append((slice_key, number, vector))
     embedded, digests = [], {}
     for digest, item in listed.items():
