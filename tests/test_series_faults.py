@@ -193,3 +193,39 @@ def test_index_build_and_search_on_a_nifti_volume(tmp_path):
     [top] = search(index, model, text="bright", k=1)
     assert top.series == "vol.nii.gz" and top.best_slice == "vol.nii.gz#4"
     assert index.thumbnail_path(top.slice_row).is_file()
+
+
+def test_singular_affine_and_all_nan_volume_are_named_skips(tmp_path):
+    """A zero sform (sform_code 1) is ``broken NIfTI header`` (was ValueError: NaN to integer); a volume with no
+    finite voxel is ``no finite voxels`` (was a normal-looking vector); NaN slices of a partly-NaN volume are
+    left out of its pool, the rest embedded."""
+    import struct
+
+    import nibabel
+    import numpy as np
+
+    from fuselip_med.inference.units import UnitOptions, embed_series
+    from tests.test_study_search import BrightnessEncoder
+
+    singular = tmp_path / "singular.nii"
+    image = nibabel.Nifti1Image(np.ones((4, 4, 3), np.float32), np.eye(4))
+    image.header.set_qform(None, code=0)
+    nibabel.save(image, str(singular))
+    raw = bytearray(singular.read_bytes())
+    struct.pack_into("<12f", raw, 280, *[0.0] * 12)  # srow_x/y/z (NIfTI-1 header offsets 280..327)
+    struct.pack_into("<h", raw, 254, 1)  # sform_code 1
+    singular.write_bytes(bytes(raw))
+    nan = np.full((4, 4, 3), np.nan, np.float32)
+    nibabel.save(nibabel.Nifti1Image(nan, np.eye(4)), str(tmp_path / "nan.nii.gz"))
+    partly = np.random.default_rng(0).random((4, 4, 3)).astype(np.float32)
+    partly[:, :, 0] = np.nan
+    nibabel.save(nibabel.Nifti1Image(partly, np.eye(4)), str(tmp_path / "partly.nii.gz"))
+
+    skips = SkipReport()
+    found = find_series(tmp_path, KEYS, skips)
+    assert [s.key for s in found] == ["nan.nii.gz", "partly.nii.gz"]
+    assert [(e.id, e.reason) for e in skips.entries] == [("singular.nii", "broken NIfTI header")]
+    embedded = embed_series(BrightnessEncoder(), found, UnitOptions(slices=3), skips=skips, progress=False)
+    assert [(e.id, e.reason) for e in skips.entries[1:]] == [("nan.nii.gz", "no finite voxels")]
+    [partial] = embedded
+    assert partial.slice_keys == ["partly.nii.gz#1", "partly.nii.gz#2"] and np.isfinite(partial.vector).all()

@@ -391,6 +391,9 @@ def nifti_series(path: str | os.PathLike, plane: Plane = "acquisition",
         skips.add(name, "input", "not a 3-D volume", f"shape {shape}")
         return None
     ornt = nibabel.orientations.io_orientation(affine)  # voxel axis i -> RAS axis ornt[i, 0]
+    if not np.isfinite(ornt).all():  # a zero or NaN sform/qform: no axis maps to RAS
+        skips.add(name, "input", "broken NIfTI header", "singular or non-finite affine (sform/qform)")
+        return None
     axis = int(ornt[2, 0]) if plane == "acquisition" else PLANES[plane]
     voxel_axis = int(np.flatnonzero(ornt[:, 0] == axis)[0])
     count, step = shape[voxel_axis], float(zooms[voxel_axis])

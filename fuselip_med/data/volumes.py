@@ -19,14 +19,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fuselip_med.data.images import DecodeOptions, apply_window, dicom_modality_values, load_image
+from fuselip_med.data.images import DecodeOptions, ImageDecodeError, apply_window, dicom_modality_values, load_image
 from fuselip_med.data.studies import Series, SliceRef
 from fuselip_med.vocab import WINDOW_PRESETS
 
-__all__ = ["DEFAULT_WINDOWS", "Rendering", "read_nifti_slice", "render_slice", "sample_slices", "sampled_indices",
-           "slice_values"]
+__all__ = ["DEFAULT_WINDOWS", "NO_FINITE_VOXELS", "Rendering", "read_nifti_slice", "render_slice", "sample_slices",
+           "sampled_indices", "slice_values"]
 
 DEFAULT_WINDOWS = ("lung", "mediastinum", "bone")
+#: The reason a NIfTI slice (or a series whose sampled slices are all such) is left out: no voxel is finite.
+NO_FINITE_VOXELS = "no finite voxels"
 
 
 def sampled_indices(n_total: int, n: int) -> np.ndarray:
@@ -107,8 +109,6 @@ def read_nifti_slice(path: str, axis: int, index: int) -> np.ndarray:
     when the file cannot be read (truncated, corrupt)."""
     import nibabel.orientations as orientations
 
-    from fuselip_med.data.images import ImageDecodeError
-
     try:
         image = _nifti_image(path)
         ornt = orientations.io_orientation(image.affine)  # voxel axis i -> RAS axis ornt[i, 0], flipped if -1
@@ -134,11 +134,14 @@ def _dicom_source(source):
 
 def _nifti_slice(ref: SliceRef) -> np.ndarray:
     plane = read_nifti_slice(os.fspath(ref.source), ref.axis, ref.frame)  # [a, b]: the two other RAS axes
+    if not np.isfinite(plane).any():
+        raise ImageDecodeError(NO_FINITE_VOXELS, ref.key, "every voxel of the slice is NaN or infinite")
     return np.ascontiguousarray(plane.T[::-1, ::-1])   # rows: superior/anterior up; columns: patient right left
 
 
 def slice_values(ref: SliceRef) -> np.ndarray:
-    """The slice's values in modality units (HU for CT): float32 [H, W]. Raises ``ImageDecodeError``."""
+    """The slice's values in modality units (HU for CT): float32 [H, W]. Raises ``ImageDecodeError`` (for a NIfTI
+    slice without one finite voxel: reason ``NO_FINITE_VOXELS``)."""
     if ref.axis is not None:
         return _nifti_slice(ref)
     return dicom_modality_values(_dicom_source(ref.source), frame=ref.frame)
