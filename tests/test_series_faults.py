@@ -4,6 +4,7 @@ headers and DICOMDIRs. Each must be a named skip (or one error line), fast, with
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -229,3 +230,32 @@ def test_singular_affine_and_all_nan_volume_are_named_skips(tmp_path):
     assert [(e.id, e.reason) for e in skips.entries[1:]] == [("nan.nii.gz", "no finite voxels")]
     [partial] = embedded
     assert partial.slice_keys == ["partly.nii.gz#1", "partly.nii.gz#2"] and np.isfinite(partial.vector).all()
+
+
+def test_damaged_dicomdir_is_one_error_and_missing_files_are_counted_quietly(tmp_path):
+    """Junk or truncated DICOMDIR: one ``StudiesError`` naming it (was InvalidDicomError / KeyError). A DICOMDIR
+    whose files are gone: each a ``missing file`` skip, no pydicom warning (they print the paths)."""
+    import shutil
+    import warnings
+
+    from pydicom.data import get_testdata_file
+
+    from fuselip_med.data.studies import StudiesError
+
+    source = Path(get_testdata_file("DICOMDIR"))
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "DICOMDIR").write_bytes(b"\x00" * 128 + b"DICM" + b"junk" * 50)
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "DICOMDIR").write_bytes(source.read_bytes()[:3000])
+    for name in ("junk", "cut"):
+        with pytest.raises(StudiesError, match=f"^{tmp_path / name / 'DICOMDIR'}: not a readable DICOMDIR"):
+            find_series(tmp_path / name / "DICOMDIR", KEYS)
+    (tmp_path / "alone" / "Doe_John").mkdir(parents=True)
+    shutil.copy(source, tmp_path / "alone" / "Doe_John" / "DICOMDIR")
+    skips = SkipReport()
+    with warnings.catch_warnings(record=True) as shown, pytest.raises(StudiesError, match="no usable series"):
+        warnings.simplefilter("always")
+        find_series(tmp_path / "alone" / "Doe_John" / "DICOMDIR", KEYS, skips)
+    assert set(_reasons(skips)) == {"missing file"} and skips.total > 20
+    assert not shown
+    assert not any("Doe_John" in e.id + e.source + e.detail for e in skips.entries)

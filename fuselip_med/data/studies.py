@@ -413,12 +413,44 @@ def _is_dicomdir(path: Path) -> bool:
     return path.name.upper() == "DICOMDIR"
 
 
-def _dicomdir_files(path: Path) -> list[str]:
-    """The instance files a DICOMDIR (PS3.10 File-set) references."""
+def _dicomdir_files(path: Path, pseudonyms: Pseudonyms, skips: SkipReport) -> list[str]:
+    """The instance files a DICOMDIR (PS3.10 File-set) references, read with pydicom's ``FileSet``.
+
+    A referenced file that is absent is named in ``skips`` (``missing file``, by a salted key of its path; pydicom's
+    per-file warnings, which print the paths, are silenced); one whose link leaves the DICOMDIR's folder, or that
+    is not a regular file, gets the image unit's reason (``adapters.folder.check_image_path``). Raises
+    ``StudiesError`` naming ``path`` when it is not a readable DICOMDIR (junk, truncated records)."""
+    import warnings
+
     import pydicom
     from pydicom.fileset import FileSet
 
-    return [os.fspath(instance.path) for instance in FileSet(pydicom.dcmread(os.fspath(path)))]
+    from fuselip_med.data.adapters.folder import check_image_path
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "The referenced SOP Instance ... does not exist: <path>"
+            ds = pydicom.dcmread(os.fspath(path))
+            found = {os.path.abspath(instance.path) for instance in FileSet(ds)}
+    except Exception as error:  # pydicom fails a damaged DICOMDIR in many ways (InvalidDicomError, KeyError, ...)
+        detail = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise StudiesError(f"{path}: not a readable DICOMDIR ({detail}).") from None
+    folder = path.parent.resolve()
+    for record in ds.get("DirectoryRecordSequence") or []:
+        file_id = record.get("ReferencedFileID")  # PS3.3 F.3.2.2: path components below the DICOMDIR's folder
+        if file_id is None:
+            continue
+        file = os.path.abspath(os.path.join(folder, *([file_id] if isinstance(file_id, str) else list(file_id))))
+        if file not in found:  # FileSet leaves out the instances whose file does not exist
+            skips.add(pseudonyms.key(file, "file-"), "DICOMDIR", "missing file")
+    out = []
+    for file in sorted(found):
+        problem = check_image_path(file, [os.fspath(folder)])
+        if problem is not None:
+            skips.add(pseudonyms.key(file, "file-"), "DICOMDIR", problem[0])
+        else:
+            out.append(file)
+    return out
 
 
 def _walk(folder: Path, pseudonyms: Pseudonyms, skips: SkipReport) -> tuple[list[str], list[str]]:
@@ -483,7 +515,7 @@ def find_series(input: str | os.PathLike, pseudonyms: Pseudonyms, skips: SkipRep
             dicom += found
             volumes += nifti
         elif _is_dicomdir(target):
-            dicom += _dicomdir_files(target)
+            dicom += _dicomdir_files(target, pseudonyms, skips)
         elif is_nifti(target):
             volumes.append(os.fspath(target))
         elif target.is_file():
