@@ -259,3 +259,35 @@ def test_damaged_dicomdir_is_one_error_and_missing_files_are_counted_quietly(tmp
     assert set(_reasons(skips)) == {"missing file"} and skips.total > 20
     assert not shown
     assert not any("Doe_John" in e.id + e.source + e.detail for e in skips.entries)
+
+
+def test_nothing_embedded_names_the_series_and_reasons_and_writes_the_list(tmp_path):
+    """A series whose sampled slice is truncated: ``index build`` and ``embed`` end with one error line giving the
+    reasons with example keys (``SkipReport.summary()``) and the skipped.csv they wrote (was a bare 'no series
+    could be embedded; nothing was written.')."""
+    import csv
+
+    import torch
+    from typer.testing import CliRunner
+
+    from fuselip_med.cli import app
+    from fuselip_med.core.fuselip import FuseLIP, FuseLIPConfig
+    from fuselip_med.core.pretrained import save_pretrained
+    from tests.study_helpers import ct_slice
+
+    made = ct_series(tmp_path / "exam", n=3, study_uid="1.7.1", series_uid="1.7.1.1")
+    ct_slice(made["files"][0.0], 0.0, study_uid="1.7.1", series_uid="1.7.1.1", instance_number=3, truncate=True)
+    torch.manual_seed(0)
+    save_pretrained(FuseLIP(FuseLIPConfig.from_size("tiny")).eval(), tmp_path / "tiny")
+    runner = CliRunner()
+    common = ["-m", str(tmp_path / "tiny"), "-i", str(tmp_path / "exam"), "--unit", "series", "--slices", "2",
+              "--device", "cpu"]
+    built = runner.invoke(app, ["index", "build", *common, "-o", str(tmp_path / "index")])
+    embedded = runner.invoke(app, ["embed", *common, "-o", str(tmp_path / "vectors.npy")])
+    for result, listed in ((built, tmp_path / "index" / "skipped.csv"), (embedded, tmp_path / "vectors.skipped.csv")):
+        text = "".join(result.output.split())  # rich wraps the line anywhere
+        assert result.exit_code == 1 and "Traceback" not in text, result.output
+        [row] = list(csv.DictReader(listed.open()))
+        assert row["id"].startswith("se-") and row["reason"] == "truncated image"
+        assert f"noseriescouldbeembedded(skipped1of1series:1truncatedimage(e.g.{row['id']}))" in text
+        assert f"namedin{listed}" in text
