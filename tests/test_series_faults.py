@@ -291,3 +291,34 @@ def test_nothing_embedded_names_the_series_and_reasons_and_writes_the_list(tmp_p
         assert row["id"].startswith("se-") and row["reason"] == "truncated image"
         assert f"noseriescouldbeembedded(skipped1of1series:1truncatedimage(e.g.{row['id']}))" in text
         assert f"namedin{listed}" in text
+
+
+def test_summary_counts_series_apart_from_slices_and_files_and_keeps_hints(tmp_path):
+    """ONE series with a duplicate position and a gap is 1 skipped series plus slices left out (was 'skipped 2 of
+    2 series'); files that are not DICOM are not series; the InstanceNumber note shows when nothing is skipped."""
+    import pydicom
+
+    from tests.study_helpers import ct_slice
+
+    made = ct_series(tmp_path / "dupgap", n=6, study_uid="1.8.1", series_uid="1.8.1.1")
+    ct_slice(tmp_path / "dupgap" / "COPY", 2.5, study_uid="1.8.1", series_uid="1.8.1.1", instance_number=40)
+    os.remove(made["files"][5.0])  # 0, 2.5, 7.5, ...: a gap
+    (tmp_path / "dupgap" / "notes.txt").write_text("not DICOM")
+    skips = SkipReport()
+    with pytest.raises(Exception, match="no usable series"):
+        find_series(tmp_path / "dupgap", KEYS, skips)
+    key = KEYS.key("1.8.1.1", "se-")
+    file_key = KEYS.key(os.fspath(tmp_path / "dupgap" / "notes.txt"), "file-")
+    assert skips.summary() == (f"skipped 1 of 1 series: 1 gap in slice spacing (e.g. {key}); files left out: 1 not "
+                               f"a DICOM image (e.g. {file_key}); slices left out: 1 duplicate slice position "
+                               f"(e.g. {key})")
+
+    ct_series(tmp_path / "noipp", n=3, series_uid="1.8.2.1")
+    for path in (tmp_path / "noipp").iterdir():
+        ds = pydicom.dcmread(path)
+        del ds.ImagePositionPatient
+        ds.save_as(path)
+    skips = SkipReport()
+    find_series(tmp_path / "noipp", KEYS, skips)
+    assert skips.summary() == (f"no series skipped (1 kept). series {KEYS.key('1.8.2.1', 'se-')}: ordered by "
+                               "InstanceNumber: a slice lacks ImagePositionPatient/ImageOrientationPatient")

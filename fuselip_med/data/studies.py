@@ -276,7 +276,8 @@ def _build(instances: list[_Instance], pseudonyms: Pseudonyms, skips: SkipReport
     localizers = [i for i in instances if i.localizer]
     volume = [i for i in instances if not i.localizer]
     if localizers:
-        skips.add(key, where, "localizer left out", f"{len(localizers)} localizer image(s) (ImageType LOCALIZER)")
+        skips.add(key, where, "localizer left out", f"{len(localizers)} localizer image(s) (ImageType LOCALIZER)",
+                  part="slices")
     if not volume:
         return None
     if len(volume) == 1:
@@ -308,7 +309,8 @@ def _build(instances: list[_Instance], pseudonyms: Pseudonyms, skips: SkipReport
             continue
         kept.append((position, instance))
     if duplicates:
-        skips.add(key, where, "duplicate slice position", f"{duplicates} slice(s) at an occupied position left out")
+        skips.add(key, where, "duplicate slice position", f"{duplicates} slice(s) at an occupied position left out",
+                  part="slices")
     if len(kept) == 1:
         skips.add(key, where, "single-slice series", "one distinct position cannot become a volume")
         return None
@@ -345,13 +347,14 @@ def read_series(inputs: Iterable, pseudonyms: Pseudonyms, skips: SkipReport | No
     for source in inputs:
         ds = _read_header(source)
         if ds is None:
-            skips.add(pseudonyms.key(os.fspath(source), "file-"), "input", "not a DICOM image")
+            skips.add(pseudonyms.key(os.fspath(source), "file-"), "input", "not a DICOM image", part="files")
             continue
         try:
             instances = _instances(ds, source)
         except _Unusable as problem:
             where = f"series {pseudonyms.key(str(ds.get('SeriesInstanceUID', '')), 'se-')}"
-            skips.add(pseudonyms.key(_file_key(source, ds), "file-"), where, problem.reason, problem.detail)
+            skips.add(pseudonyms.key(_file_key(source, ds), "file-"), where, problem.reason, problem.detail,
+                      part="files")
             continue
         for instance in instances:
             groups.setdefault((instance.study_uid, instance.series_uid), []).append(instance)
@@ -442,12 +445,12 @@ def _dicomdir_files(path: Path, pseudonyms: Pseudonyms, skips: SkipReport) -> li
             continue
         file = os.path.abspath(os.path.join(folder, *([file_id] if isinstance(file_id, str) else list(file_id))))
         if file not in found:  # FileSet leaves out the instances whose file does not exist
-            skips.add(pseudonyms.key(file, "file-"), "DICOMDIR", "missing file")
+            skips.add(pseudonyms.key(file, "file-"), "DICOMDIR", "missing file", part="files")
     out = []
     for file in sorted(found):
         problem = check_image_path(file, [os.fspath(folder)])
         if problem is not None:
-            skips.add(pseudonyms.key(file, "file-"), "DICOMDIR", problem[0])
+            skips.add(pseudonyms.key(file, "file-"), "DICOMDIR", problem[0], part="files")
         else:
             out.append(file)
     return out
@@ -474,7 +477,7 @@ def _walk(folder: Path, pseudonyms: Pseudonyms, skips: SkipReport) -> tuple[list
                 continue
             problem = check_image_path(path, roots)
             if problem is not None:
-                skips.add(pseudonyms.key(path, "file-"), "input", problem[0])
+                skips.add(pseudonyms.key(path, "file-"), "input", problem[0], part="files")
             elif is_nifti(filename):
                 volumes.append(path)
             else:
@@ -521,7 +524,7 @@ def find_series(input: str | os.PathLike, pseudonyms: Pseudonyms, skips: SkipRep
         elif target.is_file():
             dicom.append(os.fspath(target))
         else:
-            skips.add(pseudonyms.key(os.fspath(target), "file-"), "input", "missing file")
+            skips.add(pseudonyms.key(os.fspath(target), "file-"), "input", "missing file", part="files")
     series = read_series(dict.fromkeys(dicom), pseudonyms, skips)
     series += [s for s in (nifti_series(v, plane, skips) for v in dict.fromkeys(volumes)) if s is not None]
     if not series:
