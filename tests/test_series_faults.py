@@ -322,3 +322,26 @@ def test_summary_counts_series_apart_from_slices_and_files_and_keeps_hints(tmp_p
     find_series(tmp_path / "noipp", KEYS, skips)
     assert skips.summary() == (f"no series skipped (1 kept). series {KEYS.key('1.8.2.1', 'se-')}: ordered by "
                                "InstanceNumber: a slice lacks ImagePositionPatient/ImageOrientationPatient")
+
+
+def test_duplicate_sop_instance_uid_keeps_one_slice_and_names_the_other(tmp_path):
+    """Two files with one SOP Instance UID but other pixels/positions would share a slice key and a thumbnail file:
+    the first (in walk order) is kept, the other is ``duplicate SOP Instance UID``; an identical copy likewise."""
+    import shutil
+
+    import pydicom
+
+    made = ct_series(tmp_path / "exam", n=4, study_uid="1.9.1", series_uid="1.9.1.1")
+    first, second = (made["files"][z] for z in (0.0, 5.0))
+    ds = pydicom.dcmread(second)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.dcmread(first).SOPInstanceUID
+    ds.save_as(second)
+    shutil.copy(made["files"][7.5], tmp_path / "exam" / "ZZCOPY")
+    skips = SkipReport()
+    [series] = find_series(tmp_path, KEYS, skips)
+    kept = sorted([first, second])[0]
+    assert len(series) == 3 and len({s.key for s in series.slices}) == 3
+    assert kept in [Path(s.source) for s in series.slices]
+    assert [(e.id, e.reason, e.part) for e in skips.entries] == [
+        (KEYS.key("1.9.1.1", "se-"), "duplicate SOP Instance UID", "slices")]
+    assert skips.entries[0].detail.startswith("2 slice(s)")

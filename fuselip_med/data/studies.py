@@ -10,7 +10,8 @@ DICOM (PS3.3 C.7.6.2 Image Plane module):
 * enhanced multi-frame objects (PS3.3 C.7.6.16) are split into frames through their per-frame functional groups
   (Plane Position / Plane Orientation / Pixel Measures, per frame or shared);
 * what is wrong is named per series in the ``SkipReport``: localizer images (ImageType value LOCALIZER) are left
-  out of the volume, duplicate slice positions keep one slice, and a series with a gap in the slice spacing,
+  out of the volume, duplicate SOP Instance UIDs (PS3.3 C.12.1.1.1: unique per instance) and duplicate slice
+  positions keep one slice, and a series with a gap in the slice spacing,
   mixed orientations or pixel spacings, or a single slice is skipped.
 
 NIfTI (``.nii``, ``.nii.gz``): the header is read here (nibabel) for the slice count along the chosen axis;
@@ -273,6 +274,12 @@ def _build(instances: list[_Instance], pseudonyms: Pseudonyms, skips: SkipReport
     key = pseudonyms.key(first.series_uid, "se-")
     study = pseudonyms.key(first.study_uid, "st-")
     where = f"study {study}"
+    unique = {(i.sop_uid, i.frame): i for i in reversed(instances)}  # the first instance of each UID (+ frame)
+    if len(unique) < len(instances):
+        skips.add(key, where, "duplicate SOP Instance UID",
+                  f"{len(instances) - len(unique)} slice(s) whose SOP Instance UID (+ frame) another slice has left "
+                  "out, the first file kept", part="slices")
+        instances = [i for i in instances if unique[(i.sop_uid, i.frame)] is i]
     localizers = [i for i in instances if i.localizer]
     volume = [i for i in instances if not i.localizer]
     if localizers:
