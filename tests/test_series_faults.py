@@ -345,3 +345,26 @@ def test_duplicate_sop_instance_uid_keeps_one_slice_and_names_the_other(tmp_path
     assert [(e.id, e.reason, e.part) for e in skips.entries] == [
         (KEYS.key("1.9.1.1", "se-"), "duplicate SOP Instance UID", "slices")]
     assert skips.entries[0].detail.startswith("2 slice(s)")
+
+
+NIFTI_RUN = """
+import nibabel, numpy as np, sys
+from fuselip_med.data.phi import Pseudonyms
+from fuselip_med.data.studies import find_series
+from fuselip_med.data.volumes import render_slice
+nibabel.save(nibabel.Nifti1Image(np.arange(60, dtype=np.int16).reshape(3, 4, 5), np.eye(4)), sys.argv[1])
+[series] = find_series(sys.argv[1], Pseudonyms.fresh())
+print(sorted({render_slice(ref).shape for ref in series.slices}))
+"""
+
+
+def test_reading_a_nifti_series_prints_nothing_but_its_result(tmp_path):
+    """No ``nvImageCodec is not available`` line and no raw MONAI UserWarning on a NIfTI run (a fresh process:
+    the noise came once per process, from MONAI's reader registration)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", NIFTI_RUN, os.fspath(tmp_path / "v.nii.gz")], capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert (done.stdout, done.stderr) == ("[(4, 3)]\n", "")
