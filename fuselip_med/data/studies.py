@@ -277,8 +277,8 @@ def _build(instances: list[_Instance], pseudonyms: Pseudonyms, skips: SkipReport
     unique = {(i.sop_uid, i.frame): i for i in reversed(instances)}  # the first instance of each UID (+ frame)
     if len(unique) < len(instances):
         skips.add(key, where, "duplicate SOP Instance UID",
-                  f"{len(instances) - len(unique)} slice(s) whose SOP Instance UID (+ frame) another slice has left "
-                  "out, the first file kept", part="slices")
+                  f"{len(instances) - len(unique)} slice(s) left out: their SOP Instance UID (+ frame) is an earlier "
+                  "file's", part="slices")
         instances = [i for i in instances if unique[(i.sop_uid, i.frame)] is i]
     localizers = [i for i in instances if i.localizer]
     volume = [i for i in instances if not i.localizer]
@@ -443,7 +443,7 @@ def _dicomdir_files(path: Path, pseudonyms: Pseudonyms, skips: SkipReport) -> li
             ds = pydicom.dcmread(os.fspath(path))
             found = {os.path.abspath(instance.path) for instance in FileSet(ds)}
     except Exception as error:  # pydicom fails a damaged DICOMDIR in many ways (InvalidDicomError, KeyError, ...)
-        detail = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        detail = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" if str(error) else type(error).__name__
         raise StudiesError(f"{path}: not a readable DICOMDIR ({detail}).") from None
     folder = path.parent.resolve()
     for record in ds.get("DirectoryRecordSequence") or []:
