@@ -471,13 +471,17 @@ def _walk(folder: Path, pseudonyms: Pseudonyms, skips: SkipReport) -> tuple[list
     Every file passes the image unit's path rule (``adapters.folder.check_image_path``, nothing opened): a link
     resolving outside ``folder``, a symlink loop, a dangling link or a non-regular file (FIFO, socket, device)
     is named in ``skips`` (``outside image root``, ``symlink loop``, ``missing image``, ``not a file``) by a
-    salted key of its path, never read."""
+    salted key of its path, never read; a linked folder is not followed (``symlinked folder``), as in the
+    image unit."""
     from fuselip_med.data.adapters.folder import check_image_path
 
     roots = [os.path.realpath(folder)]
     candidates, volumes = [], []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
+        for linked in [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:  # os.walk skips them
+            skips.add(pseudonyms.key(os.path.join(dirpath, linked), "file-"), "input", "symlinked folder",
+                      "not followed", part="files")
         for filename in sorted(filenames):
             path = os.path.join(dirpath, filename)
             if _is_dicomdir(Path(filename)) or filename.startswith(".") or filename.lower().endswith((".csv", ".tsv")):
