@@ -368,3 +368,18 @@ def test_reading_a_nifti_series_prints_nothing_but_its_result(tmp_path):
                           text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr
     assert (done.stdout, done.stderr) == ("[(4, 3)]\n", "")
+
+
+def test_two_nifti_files_of_one_name_keep_one_series_key(tmp_path):
+    """NIfTI series are keyed by file name (CT-RATE's VolumeName): a second ``v.nii.gz`` in another folder would
+    repeat the series and slice keys (and thumbnail files), so it is named ``duplicate volume name``."""
+    import nibabel
+    import numpy as np
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        nibabel.save(nibabel.Nifti1Image(np.zeros((4, 4, 3), np.int16), np.eye(4)), str(tmp_path / folder / "v.nii.gz"))
+    skips = SkipReport()
+    [series] = find_series(tmp_path, KEYS, skips)
+    assert series.slices[0].source == os.fspath(tmp_path / "a" / "v.nii.gz")
+    assert [(e.id, e.reason) for e in skips.entries] == [("v.nii.gz", "duplicate volume name")]

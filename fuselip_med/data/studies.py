@@ -513,7 +513,8 @@ def find_series(input: str | os.PathLike, pseudonyms: Pseudonyms, skips: SkipRep
     CSV/TSV whose ``path_column`` lists any of those (relative to the table's folder).
 
     Returns the series sorted by (study key, series key). Raises ``StudiesError`` naming ``input`` when it does
-    not exist or holds no usable series (the skip counts in the message); skipped series are named in ``skips``.
+    not exist or holds no usable series (the skip counts in the message); skipped series are named in ``skips``
+    (a second NIfTI file of an already-read name: ``duplicate volume name``, as its key would repeat).
     """
     skips = skips if skips is not None else SkipReport()
     skips.unit = "series"
@@ -537,7 +538,14 @@ def find_series(input: str | os.PathLike, pseudonyms: Pseudonyms, skips: SkipRep
         else:
             skips.add(pseudonyms.key(os.fspath(target), "file-"), "input", "missing file", part="files")
     series = read_series(dict.fromkeys(dicom), pseudonyms, skips)
-    series += [s for s in (nifti_series(v, plane, skips) for v in dict.fromkeys(volumes)) if s is not None]
+    names: set[str] = set()
+    for volume in dict.fromkeys(volumes):
+        found = nifti_series(volume, plane, skips)
+        if found is not None and found.key in names:  # the key is the file name: one series per name
+            skips.add(found.key, "input", "duplicate volume name", "another NIfTI file of this name was read first")
+        elif found is not None:
+            names.add(found.key)
+            series.append(found)
     if not series:
         raise StudiesError(f"{root}: no usable series ({skips.summary()}).")
     skips.kept = len(series)
