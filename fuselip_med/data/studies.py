@@ -164,8 +164,8 @@ def _frames_held(ds, source) -> int | None:
     """The most frames the Pixel Data of ``ds`` can hold, from its byte length (an in-memory data set) or the
     file size (an upper bound: the header is read without pixels); None when unknown.
 
-    Native: bytes // (Rows x Columns x SamplesPerPixel x BitsAllocated / 8) (PS3.5 8.1.1); encapsulated:
-    bytes // 8, one Item header per frame at least (PS3.5 A.4)."""
+    Native: bytes // (Rows x Columns x SamplesPerPixel x BitsAllocated / 8) (PS3.5 8.1.1); encapsulated (or no
+    Transfer Syntax UID known): bytes // 8, one Item header per frame at least (PS3.5 A.4)."""
     if isinstance(source, (str, os.PathLike)):
         try:
             size = os.path.getsize(source)
@@ -176,7 +176,7 @@ def _frames_held(ds, source) -> int | None:
     else:
         return None
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if syntax is not None and syntax.is_encapsulated:
+    if syntax is None or syntax.is_encapsulated:  # unknown syntax: the bound that holds for both
         return size // _ITEM_HEADER_BYTES
     bits = (_int_or_none(ds.get("Rows")) or 0) * (_int_or_none(ds.get("Columns")) or 0) \
         * (_int_or_none(ds.get("SamplesPerPixel")) or 1) * (_int_or_none(ds.get("BitsAllocated")) or 0)
