@@ -322,6 +322,10 @@ def test_summary_counts_series_apart_from_slices_and_files_and_keeps_hints(tmp_p
     find_series(tmp_path / "noipp", KEYS, skips)
     assert skips.summary() == (f"no series skipped (1 kept). series {KEYS.key('1.8.2.1', 'se-')}: ordered by "
                                "InstanceNumber: a slice lacks ImagePositionPatient/ImageOrientationPatient")
+    only_files = SkipReport()
+    only_files.unit = "series"
+    only_files.add("file-1", "input", "not a file", part="files")
+    assert only_files.summary() == "no series found; files left out: 1 not a file (e.g. file-1)"
 
 
 def test_duplicate_sop_instance_uid_keeps_one_slice_and_names_the_other(tmp_path):

@@ -137,8 +137,10 @@ class SkipReport(collections.Counter):
                              for reason, count in counts.most_common())
 
         skipped = sum(units.values())
-        head = (f"skipped {skipped} of {skipped + self.kept} {self.unit}: {listed(units)}" if skipped
-                else f"no {self.unit} skipped ({self.kept} kept)")
+        if skipped:
+            head = f"skipped {skipped} of {skipped + self.kept} {self.unit}: {listed(units)}"
+        else:
+            head = f"no {self.unit} found" if parts and not self.kept else f"no {self.unit} skipped ({self.kept} kept)"
         tail = "".join(f"; {part} left out: {listed(counts)}" for part, counts in parts.items())
         return head + tail + "".join(f". {text}" for text in self.hints)
 
