@@ -387,3 +387,23 @@ def test_two_nifti_files_of_one_name_keep_one_series_key(tmp_path):
     [series] = find_series(tmp_path, KEYS, skips)
     assert series.slices[0].source == os.fspath(tmp_path / "a" / "v.nii.gz")
     assert [(e.id, e.reason) for e in skips.entries] == [("v.nii.gz", "duplicate volume name")]
+
+
+def test_multi_window_rendering_of_nan_voxels_is_black_without_a_cast_warning(tmp_path):
+    """NaN voxels of a NIfTI slice rendered ``multi`` become 0 in every channel (was NaN cast to uint8: undefined
+    values and a RuntimeWarning printed mid-run)."""
+    import warnings
+
+    import nibabel
+    import numpy as np
+
+    from fuselip_med.data.volumes import Rendering, render_slice
+
+    data = np.full((4, 4, 3), 40.0, np.float32)
+    data[0, 0, :] = np.nan
+    nibabel.save(nibabel.Nifti1Image(data, np.eye(4)), str(tmp_path / "v.nii.gz"))
+    [series] = find_series(tmp_path / "v.nii.gz", KEYS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image = render_slice(series.slices[1], Rendering.parse("multi"))
+    assert image.shape == (4, 4, 3) and (image[3, 3] == 0).all() and (image[0, 0] > 0).all()

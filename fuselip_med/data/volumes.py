@@ -156,7 +156,8 @@ def render_slice(ref: SliceRef, rendering: Rendering = Rendering()) -> np.ndarra
     if rendering.mode == "multi":
         values = slice_values(ref)
         channels = [apply_window(values, *WINDOW_PRESETS[name]) for name in rendering.windows]
-        return np.rint(np.stack(channels, axis=-1) * 255.0).astype(np.uint8)
+        unit = np.nan_to_num(np.stack(channels, axis=-1), nan=0.0)  # NaN voxels black, as min-max makes them
+        return np.rint(unit * 255.0).astype(np.uint8)
     if ref.axis is None:
         image = load_image(_dicom_source(ref.source), DecodeOptions(window=rendering.window, frame=ref.frame))
         return np.asarray(image)
