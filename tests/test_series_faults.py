@@ -292,6 +292,18 @@ def test_nothing_embedded_names_the_series_and_reasons_and_writes_the_list(tmp_p
         assert f"noseriescouldbeembedded(skipped1of1series:1truncatedimage(e.g.{row['id']}))" in text
         assert f"namedin{listed}" in text
 
+    (tmp_path / "nothing").mkdir()  # no usable series at all: the list is written too
+    (tmp_path / "nothing" / "notes.txt").write_text("not DICOM")
+    common[3] = str(tmp_path / "nothing")
+    built = runner.invoke(app, ["index", "build", *common, "-o", str(tmp_path / "index2")])
+    embedded = runner.invoke(app, ["embed", *common, "-o", str(tmp_path / "v2.npy")])
+    for result, listed in ((built, tmp_path / "index2" / "skipped.csv"), (embedded, tmp_path / "v2.skipped.csv")):
+        text = "".join(result.output.split())
+        assert result.exit_code == 1 and "Traceback" not in text, result.output
+        [row] = list(csv.DictReader(listed.open()))
+        assert row["reason"] == "not a DICOM image"
+        assert f"nousableseries(noseriesfound;filesleftout:1notaDICOMimage(e.g.{row['id']})).Namedin{listed}." in text
+
 
 def test_summary_counts_series_apart_from_slices_and_files_and_keeps_hints(tmp_path):
     """ONE series with a duplicate position and a gap is 1 skipped series plus slices left out (was 'skipped 2 of

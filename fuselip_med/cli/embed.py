@@ -181,7 +181,7 @@ def _embed_units(model: str, input: Path, out: Path, unit: str, slices: int, ren
     skips = SkipReport()
     fuselip, _, _ = common.load_inference_model(model, device, base)
     rows = read_units(fuselip, input, unit, options, pseudonyms=pseudonyms, plane=plane, batch_size=batch_size,
-                      skips=skips)
+                      skips=skips, listed=skipped_csv_path(out))
     skipped_csv = skips.write_csv(skipped_csv_path(out))
     if not rows:
         raise InputError(f"{input}: no series could be embedded ({skips.summary()}); the series are named in "
