@@ -240,3 +240,23 @@ def test_build_summarises_skips_in_one_line_and_names_every_one_in_skipped_csv(b
                                 str(tmp_path / "index"), "--device", "cpu"])
     assert again.exit_code == 0 and "skipped" not in again.output.lower().replace("skipped.csv", "")
     assert (tmp_path / "index" / "skipped.csv").read_text().splitlines() == ["id,source,reason,detail"]
+
+
+def test_hits_without_a_caption_print_and_give_strict_json(built, tmp_path):
+    """An indexed image without a caption made the README's own `search --text` fail (rich could not render NaN)
+    and `--json` print `NaN` (not JSON); a blank query was a traceback."""
+    import shutil
+
+    root, folder, model = built
+    images = tmp_path / "images"
+    shutil.copytree(folder, images)
+    (images / "red.png.txt").unlink()  # red.png now has no caption
+    assert runner.invoke(app, ["index", "build", "--model", str(model), "--input", str(images), "--out",
+                               str(tmp_path / "index"), "--device", "cpu"]).exit_code == 0
+    table = runner.invoke(app, ["search", "--index", str(tmp_path / "index"), "--text", "red", "-k", "5"])
+    assert table.exit_code == 0, table.output
+    as_json = runner.invoke(app, ["search", "--index", str(tmp_path / "index"), "--text", "red", "-k", "5", "--json"])
+    hits = json.loads(as_json.stdout, parse_constant=lambda name: pytest.fail(f"non-standard JSON {name}"))
+    assert [h["caption"] for h in hits if h["id"] == "red.png"] == [None]
+    blank = runner.invoke(app, ["search", "--index", str(tmp_path / "index"), "--text", "   "])
+    assert blank.exit_code == 2 and blank.output.startswith("error:") and "Traceback" not in blank.output
