@@ -183,3 +183,15 @@ def test_finetune_with_a_corrupt_init_reports_it_in_one_line(corrupt_safetensors
     result = runner.invoke(app, ["finetune", "--recipe", str(recipe)])
     assert result.exit_code == 1, result.output
     one_error_line(result.output, "model.safetensors", "damaged")
+
+
+def test_a_file_that_is_no_checkpoint_never_repeats_torchs_advice_to_load_unsafely(tmp_path):
+    """`info photo.jpg` quoted torch's "Re-running torch.load with weights_only set to False will likely
+    succeed ..." (advice to execute the file) and ended with '..'."""
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.jpg")
+    result = runner.invoke(app, ["info", str(tmp_path / "photo.jpg")])
+    message = " ".join(result.output.split())
+    assert result.exit_code == 1 and message.startswith("error:") and "photo.jpg" in message
+    assert "weights_only set to" not in message and "False" not in message and ".." not in message

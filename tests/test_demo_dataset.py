@@ -174,3 +174,20 @@ def test_default_dataset_counts(tmp_path):
     assert counts == {"train": 484, "valid": 96, "test": 98}
     labels = rocov2(out, "train").modality_labels()
     assert {label: labels.count(label) for label in set(labels)}.keys() == {"CT", "MRI", "X-ray", "ultrasound"}
+
+
+def test_the_demo_command_reports_what_each_split_holds(tmp_path):
+    """`data demo` printed the synthetic counts only ("test 96 images") while the test split holds 98 (2 real
+    DICOM files): the line now gives each split's total as written."""
+    from typer.testing import CliRunner
+
+    from fuselip_med.cli import app
+
+    result = CliRunner().invoke(app, ["data", "demo", "--out", str(tmp_path / "d"), "--n-train", "4", "--n-valid",
+                                      "2", "--n-test", "3"])
+    assert result.exit_code == 0, result.output
+    written = demo.demo_split_counts(tmp_path / "d")
+    line = " ".join(result.output.split())
+    for split in ("train", "valid", "test"):
+        assert f"{split} {written[split]['images']}" in line
+    assert written["test"]["images"] == 3 + written["test"]["dicom"]

@@ -25,9 +25,9 @@ data_app = typer.Typer(help="Prepare datasets (the bundled demo dataset, cached 
 def demo(
     out: Path = typer.Option(..., "--out", "-o", help="Directory to write the dataset into."),
     seed: int = typer.Option(0, help="Random seed; the same seed writes the same bytes."),
-    n_train: int = typer.Option(480, help="Training images."),
-    n_valid: int = typer.Option(96, help="Validation images."),
-    n_test: int = typer.Option(96, help="Test images."),
+    n_train: int = typer.Option(480, help="Synthetic training images (real DICOM files come on top)."),
+    n_valid: int = typer.Option(96, help="Synthetic validation images (real DICOM files come on top)."),
+    n_test: int = typer.Option(96, help="Synthetic test images (real DICOM files come on top)."),
     n_dicom: int = typer.Option(6, help="Real DICOM files from pydicom's test data to include."),
     overwrite: bool = typer.Option(False, help="Replace an existing demo dataset at --out."),
 ) -> None:
@@ -36,14 +36,17 @@ def demo(
     Example:\n
       fuselip-med data demo --out demo_data
     """
-    from fuselip_med.data.demo import write_demo_dataset
+    from fuselip_med.data.demo import demo_split_counts, write_demo_dataset
     from fuselip_med.io import check_writable
 
     check_writable(out.parent)  # before any work: OutputError naming the folder
 
     path = write_demo_dataset(out, seed=seed, n_train=n_train, n_valid=n_valid, n_test=n_test, n_dicom=n_dicom,
                               overwrite=overwrite)
-    Console().print(f"Demo dataset written to {path} (train {n_train}, valid {n_valid}, test {n_test} images).")
+    written = demo_split_counts(path)
+    counts = ", ".join(f"{split} {c['images']}" + (f" ({c['dicom']} of them DICOM)" if c["dicom"] else "")
+                       for split in ("train", "valid", "test") if (c := written.get(split)))
+    Console().print(f"Demo dataset written to {path} ({counts} images).")
 
 
 def cache_codes(

@@ -119,9 +119,12 @@ def read_torch_weights(path: Path) -> Any:
                 "not contain (allowed: tensors, argparse.Namespace, numpy scalars); re-save it with torch.save of "
                 "the state dict."
             ) from None
+        detail = first_line(error).rstrip(".")
+        if "weights_only" in detail:  # torch's own text, which advises loading unsafely: never repeated
+            detail = "not a weights file"
         raise CheckpointError(
-            f"Could not read {plain_text(str(path))} with torch.load(weights_only=True): "
-            f"{plain_text(first_line(error))}. The file is damaged or is not a PyTorch checkpoint."
+            f"Could not read {plain_text(str(path))} with torch.load(weights_only=True) ({plain_text(detail)}); "
+            "the file is damaged or is not a PyTorch checkpoint."
         ) from error
 
 

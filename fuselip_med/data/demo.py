@@ -22,8 +22,8 @@ from fuselip_med.errors import InputError, OutputExistsError
 from fuselip_med.io import atomic_directory
 from fuselip_med.vocab import MODALITY_CUIS, ROCOV2_MANUAL_CUI_NAMES
 
-__all__ = ["DEMO_DICOM_FILES", "DicomEntry", "PlantedFinding", "Study", "demo_dataset_path", "planted_findings",
-           "render_study", "write_demo_dataset"]
+__all__ = ["DEMO_DICOM_FILES", "DicomEntry", "PlantedFinding", "Study", "demo_dataset_path", "demo_split_counts",
+           "planted_findings", "render_study", "write_demo_dataset"]
 
 DEMO_FORMAT_VERSION = 1
 MARKER_NAME = ".fuselip_med_demo.json"
@@ -631,6 +631,13 @@ def _read_marker(out: Path) -> dict | None:
         return json.loads((out / MARKER_NAME).read_text())
     except (OSError, ValueError):
         return None
+
+
+def demo_split_counts(out: str | os.PathLike) -> dict[str, dict[str, int]]:
+    """{split: {"images": all its images, "dicom": how many of them are real DICOM files}} of the demo dataset
+    written at ``out`` (its marker file; empty when there is none)."""
+    marker = _read_marker(Path(out))
+    return dict(marker.get("splits", {})) if marker else {}
 
 
 def _dicom_sources(n_dicom: int) -> list[tuple[Path, DicomEntry]]:
