@@ -181,11 +181,12 @@ def _embed_units(model: str, input: Path, out: Path, unit: str, slices: int, ren
     skips = SkipReport()
     fuselip, _, _ = common.load_inference_model(model, device, base)
     rows = read_units(fuselip, input, unit, options, pseudonyms=pseudonyms, plane=plane, batch_size=batch_size,
-                      skips=skips)
-    if not rows:
-        raise InputError(f"{input}: no series could be embedded ({skips.summary()}).")
-    written = write_unit_embeddings(out, rows, model, unit, pseudonyms.salt, options.describe())
+                      skips=skips, listed=skipped_csv_path(out))
     skipped_csv = skips.write_csv(skipped_csv_path(out))
+    if not rows:
+        raise InputError(f"{input}: no series could be embedded ({skips.summary()}); the series are named in "
+                         f"{skipped_csv}.")
+    written = write_unit_embeddings(out, rows, model, unit, pseudonyms.salt, options.describe())
     console.print(f"Embedded {len(rows)} {unit} rows from {skips.kept} series -> {', '.join(map(str, written))} "
                   f"(dim {rows[0].vector.shape[-1]}).", markup=False, highlight=False)
     if skips.total or skips.hints:

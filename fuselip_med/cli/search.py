@@ -183,10 +183,9 @@ def _build_unit_index(model: str, input: Path, out: Path, unit: str, slices: int
     build resumes (``search.index.build_unit_index``)."""
     from rich.console import Console
 
-    from fuselip_med.cli.units import check_unit, privacy_options, unit_options
+    from fuselip_med.cli.units import check_unit, list_series, privacy_options, unit_options
     from fuselip_med.data.phi import Pseudonyms
     from fuselip_med.data.skips import SKIPPED_CSV, SkipReport
-    from fuselip_med.data.studies import find_series
     from fuselip_med.export.runtime import load_for_runtime
     from fuselip_med.io import check_writable
     from fuselip_med.search.index import IndexSettings, build_unit_index, index_salt
@@ -199,7 +198,7 @@ def _build_unit_index(model: str, input: Path, out: Path, unit: str, slices: int
     pseudonyms = Pseudonyms(index_salt(out, rebuild))
     fuselip, model_id = load_for_runtime(model, runtime, device or "cpu")
     skips = SkipReport()
-    series = find_series(input, pseudonyms, skips, plane=plane)  # type: ignore[arg-type]
+    series = list_series(input, pseudonyms, skips, plane=plane, listed=out / SKIPPED_CSV)
     report = build_unit_index(out, series, fuselip, model_id, unit, pseudonyms.salt,
                               options, settings, privacy=privacy, skips=skips, rebuild=rebuild, progress=True)
     console = Console()

@@ -12,7 +12,7 @@ import typer
 from fuselip_med.errors import UsageError
 
 __all__ = ["ALLOW_BURNED_IN", "KEEP_PATHS", "PLANE", "RENDER", "SHOW_PATHS", "SLICES", "UNIT", "WINDOW",
-           "UNITS", "check_unit", "privacy_options", "read_units", "unit_options"]
+           "UNITS", "check_unit", "list_series", "privacy_options", "read_units", "unit_options"]
 
 UNITS = ("image", "series", "study")  # what one vector stands for (--unit)
 
@@ -54,13 +54,26 @@ def privacy_options(keep_paths: bool, show_paths: bool, allow_burned_in: bool):
         raise UsageError(str(error)) from None
 
 
-def read_units(model, input: Path, unit: str, options, *, pseudonyms, plane: str, batch_size: int, skips):
-    """List the series under ``input`` (``data.studies.find_series``) and embed them: ``units.UnitRow``s of
-    ``unit`` (series or study). Raises ``StudiesError`` when ``input`` holds no usable series."""
-    from fuselip_med.data.studies import find_series
+def list_series(input: Path, pseudonyms, skips, *, plane: str, listed: Path) -> list:
+    """The series under ``input`` (``data.studies.find_series``). When it holds no usable series, the skip list
+    is written to ``listed`` (skipped.csv) and the ``StudiesError`` (one line: reasons with example keys) names it."""
+    from fuselip_med.data.studies import StudiesError, find_series
+
+    try:
+        return find_series(input, pseudonyms, skips, plane=plane)  # type: ignore[arg-type]
+    except StudiesError as error:
+        if not skips.entries:
+            raise
+        raise StudiesError(f"{error} Named in {skips.write_csv(listed)}.") from None
+
+
+def read_units(model, input: Path, unit: str, options, *, pseudonyms, plane: str, batch_size: int, skips,
+               listed: Path):
+    """List the series under ``input`` (``list_series``) and embed them: ``units.UnitRow``s of ``unit`` (series or
+    study). Raises ``StudiesError`` when ``input`` holds no usable series (the skip list written to ``listed``)."""
     from fuselip_med.inference.units import embed_series, unit_rows
 
-    series = find_series(input, pseudonyms, skips, plane=plane)  # type: ignore[arg-type]
+    series = list_series(input, pseudonyms, skips, plane=plane, listed=listed)
     embedded = embed_series(model, series, options, batch_size=batch_size, skips=skips, progress=True)
     skips.kept = len(embedded)
     return unit_rows(embedded, unit) if embedded else []

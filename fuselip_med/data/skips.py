@@ -29,12 +29,15 @@ SKIPPED_CSV = "skipped.csv"
 @dataclass(frozen=True)
 class SkipEntry:
     """One row not used: ``id`` (the row's ID, or ``line N`` / the file when it has none), ``source`` (the file
-    and line, or the dataset), ``reason`` (short, the key counts are kept under) and an optional ``detail``."""
+    and line, or the dataset), ``reason`` (short, the key counts are kept under) and an optional ``detail``.
+    ``part``: empty when a whole unit (row, series) is skipped; else what was left out instead, in the plural
+    (``slices`` of a series, ``files`` of an input), which the summary does not count as skipped units."""
 
     id: str
     source: str
     reason: str
     detail: str = ""
+    part: str = ""
 
 
 class SkipReport(collections.Counter):
@@ -59,10 +62,11 @@ class SkipReport(collections.Counter):
     def __reduce__(self):  # Counter's own drops the entries (DataLoader workers pickle sources)
         return type(self), (dict(self),), dict(self.__dict__)
 
-    def add(self, id: object, source: object, reason: str, detail: str = "") -> None:
-        """Record one skipped row under ``reason``."""
+    def add(self, id: object, source: object, reason: str, detail: str = "", *, part: str = "") -> None:
+        """Record one skipped row under ``reason``; with ``part`` (plural: ``slices``, ``files``) a part of a unit
+        or of the input left out, not a unit (``id`` may then name the unit it belongs to)."""
         self[reason] += 1
-        self.entries.append(SkipEntry(str(id), str(source), reason, detail))
+        self.entries.append(SkipEntry(str(id), str(source), reason, detail, part))
 
     def hint(self, text: str) -> None:
         """Attach advice shown after the summary (e.g. the encoding a table looks like); kept once."""
@@ -75,7 +79,7 @@ class SkipReport(collections.Counter):
             return self
         if isinstance(other, SkipReport):
             for entry in other.entries:
-                self.add(entry.id, entry.source, entry.reason, entry.detail)
+                self.add(entry.id, entry.source, entry.reason, entry.detail, part=entry.part)
             unnamed = collections.Counter(other) - collections.Counter(e.reason for e in other.entries)
             for text in other.hints:
                 self.hint(text)
@@ -117,14 +121,28 @@ class SkipReport(collections.Counter):
         return out
 
     def summary(self) -> str:
-        """One line: ``skipped 4 of 5 rows: 3 missing image (e.g. a, b, c); 1 empty caption (e.g. d)``."""
-        if not self.total:
-            return f"no {self.unit} skipped ({self.kept} kept)"
+        """One line: ``skipped 4 of 5 rows: 3 missing image (e.g. a, b, c); 1 empty caption (e.g. d)``, then the
+        parts left out (``slices left out: 1 duplicate slice position (e.g. se-…)``), then the hints. Only
+        entries without ``part`` (and unnamed counts) are skipped units."""
         examples = self.examples
-        parts = [f"{count} {reason}" + (f" (e.g. {', '.join(examples[reason])})" if examples.get(reason) else "")
-                 for reason, count in self.most_common()]
-        hints = "".join(f". {text}" for text in self.hints)
-        return f"skipped {self.total} of {self.total + self.kept} {self.unit}: " + "; ".join(parts) + hints
+        parts: dict[str, collections.Counter] = {}
+        for entry in self.entries:
+            if entry.part:
+                parts.setdefault(entry.part, collections.Counter())[entry.reason] += 1
+        units = self.counts - sum(parts.values(), collections.Counter())
+
+        def listed(counts: collections.Counter) -> str:
+            return "; ".join(f"{count} {reason}" + (f" (e.g. {', '.join(examples[reason])})"
+                                                    if examples.get(reason) else "")
+                             for reason, count in counts.most_common())
+
+        skipped = sum(units.values())
+        if skipped:
+            head = f"skipped {skipped} of {skipped + self.kept} {self.unit}: {listed(units)}"
+        else:
+            head = f"no {self.unit} found" if parts and not self.kept else f"no {self.unit} skipped ({self.kept} kept)"
+        tail = "".join(f"; {part} left out: {listed(counts)}" for part, counts in parts.items())
+        return head + tail + "".join(f". {text}" for text in self.hints)
 
     def csv_text(self) -> str:
         """The entries as CSV text with the header ``id,source,reason,detail``."""

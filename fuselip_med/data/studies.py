@@ -10,7 +10,8 @@ DICOM (PS3.3 C.7.6.2 Image Plane module):
 * enhanced multi-frame objects (PS3.3 C.7.6.16) are split into frames through their per-frame functional groups
   (Plane Position / Plane Orientation / Pixel Measures, per frame or shared);
 * what is wrong is named per series in the ``SkipReport``: localizer images (ImageType value LOCALIZER) are left
-  out of the volume, duplicate slice positions keep one slice, and a series with a gap in the slice spacing,
+  out of the volume, duplicate SOP Instance UIDs (PS3.3 C.12.1.1.1: unique per instance) and duplicate slice
+  positions keep one slice, and a series with a gap in the slice spacing,
   mixed orientations or pixel spacings, or a single slice is skipped.
 
 NIfTI (``.nii``, ``.nii.gz``): the header is read here (nibabel) for the slice count along the chosen axis;
@@ -37,8 +38,8 @@ from fuselip_med.data.skips import SkipReport
 from fuselip_med.errors import InputError
 
 __all__ = [
-    "GAP_FACTOR", "NIFTI_SUFFIXES", "PLANES", "Series", "SliceRef", "StudiesError", "find_series", "is_nifti",
-    "nifti_series", "read_series",
+    "GAP_FACTOR", "MAX_NIFTI_SLICE_VOXELS", "MAX_NIFTI_VOXELS", "NIFTI_SUFFIXES", "PLANES", "Series", "SliceRef",
+    "StudiesError", "find_series", "is_nifti", "nifti_series", "read_series",
 ]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -51,6 +52,11 @@ TOLERANCE = 1e-3
 #: Plane -> RAS axis index (after MONAI's Orientation("RAS")): sagittal slices stack along x, coronal along y,
 #: axial along z.
 PLANES = {"sagittal": 0, "coronal": 1, "axial": 2}
+#: The most voxels a NIfTI volume may declare (2**30, 4 GiB as float32; a CT-RATE chest CT of 512 x 512 x ~300 has
+#: 8e7) and one slice of it (2**26: 8192 x 8192); a header claiming more is ``volume too large``. Slices are read
+#: one at a time, so memory holds one slice; the limits bound the time a (compressed) volume may cost.
+MAX_NIFTI_VOXELS = 2**30
+MAX_NIFTI_SLICE_VOXELS = 2**26
 Plane = Literal["acquisition", "axial", "coronal", "sagittal"]
 
 
@@ -141,8 +147,55 @@ def _int_or_none(value) -> int | None:
         return None
 
 
+class _Unusable(Exception):
+    """One data set cannot give slices: ``reason`` (the skip report's key) and ``detail``."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(reason, detail)
+        self.reason, self.detail = reason, detail
+
+
+#: Bytes of the smallest encapsulated frame: one Item tag + length (PS3.5 A.4), so an encapsulated Pixel Data
+#: element of n bytes holds at most n // 8 frames.
+_ITEM_HEADER_BYTES = 8
+
+
+def _frames_held(ds, source) -> int | None:
+    """The most frames the Pixel Data of ``ds`` can hold, from its byte length (an in-memory data set) or the
+    file size (an upper bound: the header is read without pixels); None when unknown.
+
+    Native: bytes // (Rows x Columns x SamplesPerPixel x BitsAllocated / 8) (PS3.5 8.1.1); encapsulated (or no
+    Transfer Syntax UID known): bytes // 8, one Item header per frame at least (PS3.5 A.4)."""
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            size = os.path.getsize(source)
+        except OSError:
+            return None
+    elif "PixelData" in ds:
+        size = len(ds.PixelData or b"")
+    else:
+        return None
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or syntax.is_encapsulated:  # unknown syntax: the bound that holds for both
+        return size // _ITEM_HEADER_BYTES
+    bits = (_int_or_none(ds.get("Rows")) or 0) * (_int_or_none(ds.get("Columns")) or 0) \
+        * (_int_or_none(ds.get("SamplesPerPixel")) or 1) * (_int_or_none(ds.get("BitsAllocated")) or 0)
+    return size * 8 // bits if bits > 0 else None
+
+
 def _instances(ds, source) -> list[_Instance]:
-    """The frames of one data set as ``_Instance`` records (one for a single-frame image)."""
+    """The frames of one data set as ``_Instance`` records (one for a single-frame image).
+
+    Raises ``_Unusable`` before any record is made when the declared frames do not fit the pixel data
+    (``truncated image``: a 9 KB file declaring a million frames) or the Per-Frame Functional Groups Sequence
+    does not have one item per frame (``frame count mismatch``, PS3.3 C.7.6.16)."""
+    declared = max(_int_or_none(ds.get("NumberOfFrames")) or 1, 1)
+    held = _frames_held(ds, source)
+    if held is not None and declared > held:
+        raise _Unusable("truncated image", f"{declared} frame(s) declared, the pixel data holds at most {held}")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame and len(per_frame) != declared:
+        raise _Unusable("frame count mismatch", f"{len(per_frame)} per-frame functional groups for {declared} frame(s)")
     image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
     common = dict(source=source, study_uid=str(ds.get("StudyInstanceUID", "")),
                   series_uid=str(ds.get("SeriesInstanceUID", "")), sop_uid=str(ds.get("SOPInstanceUID", "")),
@@ -150,7 +203,6 @@ def _instances(ds, source) -> list[_Instance]:
                                                                     int(ds.get("Columns") or 0)),
                   instance_number=_int_or_none(ds.get("InstanceNumber")), localizer="LOCALIZER" in image_type,
                   burned_in=burned_in_risk(ds))
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if per_frame:
         shared = ds.get("SharedFunctionalGroupsSequence")
         out = []
@@ -167,24 +219,35 @@ def _instances(ds, source) -> list[_Instance]:
             out.append(_Instance(frame=index, position=position, orientation=orientation, pixel_spacing=spacing,
                                  **common))
         return out
-    n_frames = _int_or_none(ds.get("NumberOfFrames")) or 1
-    return [_Instance(frame=index if n_frames > 1 else None,
+    return [_Instance(frame=index if declared > 1 else None,
                       position=_floats(ds.get("ImagePositionPatient"), 3),
                       orientation=_floats(ds.get("ImageOrientationPatient"), 6),
                       pixel_spacing=_floats(ds.get("PixelSpacing"), 2), **common)
-            for index in range(n_frames)]
+            for index in range(declared)]
 
 
 def _read_header(source):
-    """(pydicom Dataset without pixel data, source) or None when ``source`` is not a readable DICOM image."""
+    """pydicom Dataset without pixel data, or None when ``source`` is not a readable DICOM image.
+
+    Only a file that starts like DICOM is parsed: the Part 10 magic (``images.is_dicom``, PS3.10 7.1) or the
+    first tag of a preamble-less data set (``images._starts_like_headless_dicom``, PS3.5 7.1); pydicom is never
+    forced onto other bytes (it would parse a large zero-filled file for minutes)."""
     import pydicom
 
     if isinstance(source, pydicom.Dataset):
         return source
-    from fuselip_med.data.images import is_dicom
+    from fuselip_med.data.images import _starts_like_headless_dicom, is_dicom
 
     try:
-        ds = pydicom.dcmread(os.fspath(source), stop_before_pixels=True, force=not is_dicom(source))
+        with open(source, "rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return None
+    part10 = is_dicom(head)
+    if not (part10 or _starts_like_headless_dicom(head)):
+        return None
+    try:
+        ds = pydicom.dcmread(os.fspath(source), stop_before_pixels=True, force=not part10)
     except Exception:  # arbitrary bytes fail the parser in many ways: then it is not DICOM
         return None
     return ds if "Rows" in ds and "Columns" in ds else None
@@ -211,10 +274,17 @@ def _build(instances: list[_Instance], pseudonyms: Pseudonyms, skips: SkipReport
     key = pseudonyms.key(first.series_uid, "se-")
     study = pseudonyms.key(first.study_uid, "st-")
     where = f"study {study}"
+    unique = {(i.sop_uid, i.frame): i for i in reversed(instances)}  # the first instance of each UID (+ frame)
+    if len(unique) < len(instances):
+        skips.add(key, where, "duplicate SOP Instance UID",
+                  f"{len(instances) - len(unique)} slice(s) left out: their SOP Instance UID (+ frame) is an earlier "
+                  "file's", part="slices")
+        instances = [i for i in instances if unique[(i.sop_uid, i.frame)] is i]
     localizers = [i for i in instances if i.localizer]
     volume = [i for i in instances if not i.localizer]
     if localizers:
-        skips.add(key, where, "localizer left out", f"{len(localizers)} localizer image(s) (ImageType LOCALIZER)")
+        skips.add(key, where, "localizer left out", f"{len(localizers)} localizer image(s) (ImageType LOCALIZER)",
+                  part="slices")
     if not volume:
         return None
     if len(volume) == 1:
@@ -246,7 +316,8 @@ def _build(instances: list[_Instance], pseudonyms: Pseudonyms, skips: SkipReport
             continue
         kept.append((position, instance))
     if duplicates:
-        skips.add(key, where, "duplicate slice position", f"{duplicates} slice(s) at an occupied position left out")
+        skips.add(key, where, "duplicate slice position", f"{duplicates} slice(s) at an occupied position left out",
+                  part="slices")
     if len(kept) == 1:
         skips.add(key, where, "single-slice series", "one distinct position cannot become a volume")
         return None
@@ -263,22 +334,36 @@ def _build(instances: list[_Instance], pseudonyms: Pseudonyms, skips: SkipReport
                   any(i.burned_in for _, i in kept), notes)
 
 
+def _file_key(source, ds) -> str:
+    """What a skipped instance is named by (salted): its path, or its SOP Instance UID when held in memory."""
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else str(ds.get("SOPInstanceUID", ""))
+
+
 def read_series(inputs: Iterable, pseudonyms: Pseudonyms, skips: SkipReport | None = None) -> list[Series]:
     """DICOM instances -> series, grouped by (StudyInstanceUID, SeriesInstanceUID), ordered along the normal.
 
     ``inputs``: file paths (DICOM by content, any name) or pydicom ``Dataset``s (with pixel data, e.g. read from
     a network source). Files that are not DICOM images are counted in ``skips`` (reason ``not a DICOM image``,
-    named by a salted key of the path). Returns the usable series sorted by (study key, series key); every
-    problem is named in ``skips`` per series key.
+    named by a salted key of the path), as are instances whose declared frames the pixel data cannot hold
+    (``truncated image``) or whose per-frame groups do not match their frames (``frame count mismatch``).
+    Returns the usable series sorted by (study key, series key); every problem is named in ``skips`` per
+    series key.
     """
     skips = skips if skips is not None else SkipReport()
     groups: dict[tuple[str, str], list[_Instance]] = {}
     for source in inputs:
         ds = _read_header(source)
         if ds is None:
-            skips.add(pseudonyms.key(os.fspath(source), "file-"), "input", "not a DICOM image")
+            skips.add(pseudonyms.key(os.fspath(source), "file-"), "input", "not a DICOM image", part="files")
             continue
-        for instance in _instances(ds, source):
+        try:
+            instances = _instances(ds, source)
+        except _Unusable as problem:
+            where = f"series {pseudonyms.key(str(ds.get('SeriesInstanceUID', '')), 'se-')}"
+            skips.add(pseudonyms.key(_file_key(source, ds), "file-"), where, problem.reason, problem.detail,
+                      part="files")
+            continue
+        for instance in instances:
             groups.setdefault((instance.study_uid, instance.series_uid), []).append(instance)
     out = [s for s in (_build(group, pseudonyms, skips) for group in groups.values()) if s is not None]
     return sorted(out, key=lambda s: (s.study_key, s.key))
@@ -294,8 +379,9 @@ def nifti_series(path: str | os.PathLike, plane: Plane = "acquisition",
     """A NIfTI volume as a series of slices along ``plane`` (``acquisition``: the RAS axis nearest the file's
     third voxel axis; else axial/coronal/sagittal for isotropic volumes), read from the header only (nibabel).
 
-    The key is the file name (CT-RATE's ``VolumeName``). A broken header or a volume that is not 3-D is named in
-    ``skips`` (reasons ``broken NIfTI header``, ``not a 3-D volume``) and gives None.
+    The key is the file name (CT-RATE's ``VolumeName``). A broken header, a volume that is not 3-D or one over
+    ``MAX_NIFTI_VOXELS`` / ``MAX_NIFTI_SLICE_VOXELS`` is named in ``skips`` (reasons ``broken NIfTI header``,
+    ``not a 3-D volume``, ``volume too large``) and gives None.
     """
     import nibabel
 
@@ -315,9 +401,17 @@ def nifti_series(path: str | os.PathLike, plane: Plane = "acquisition",
         skips.add(name, "input", "not a 3-D volume", f"shape {shape}")
         return None
     ornt = nibabel.orientations.io_orientation(affine)  # voxel axis i -> RAS axis ornt[i, 0]
+    if not np.isfinite(ornt).all():  # a zero or NaN sform/qform: no axis maps to RAS
+        skips.add(name, "input", "broken NIfTI header", "singular or non-finite affine (sform/qform)")
+        return None
     axis = int(ornt[2, 0]) if plane == "acquisition" else PLANES[plane]
     voxel_axis = int(np.flatnonzero(ornt[:, 0] == axis)[0])
     count, step = shape[voxel_axis], float(zooms[voxel_axis])
+    voxels = int(np.prod(shape, dtype=object))
+    if voxels > MAX_NIFTI_VOXELS or voxels // count > MAX_NIFTI_SLICE_VOXELS:
+        skips.add(name, "input", "volume too large",
+                  f"shape {shape}: over {MAX_NIFTI_VOXELS} voxels or {MAX_NIFTI_SLICE_VOXELS} per slice")
+        return None
     if count < 2:
         skips.add(name, "input", "single-slice series", f"{count} slice along the chosen axis")
         return None
@@ -329,27 +423,75 @@ def _is_dicomdir(path: Path) -> bool:
     return path.name.upper() == "DICOMDIR"
 
 
-def _dicomdir_files(path: Path) -> list[str]:
-    """The instance files a DICOMDIR (PS3.10 File-set) references."""
+def _dicomdir_files(path: Path, pseudonyms: Pseudonyms, skips: SkipReport) -> list[str]:
+    """The instance files a DICOMDIR (PS3.10 File-set) references, read with pydicom's ``FileSet``.
+
+    A referenced file that is absent is named in ``skips`` (``missing file``, by a salted key of its path; pydicom's
+    per-file warnings, which print the paths, are silenced); one whose link leaves the DICOMDIR's folder, or that
+    is not a regular file, gets the image unit's reason (``adapters.folder.check_image_path``). Raises
+    ``StudiesError`` naming ``path`` when it is not a readable DICOMDIR (junk, truncated records)."""
+    import warnings
+
     import pydicom
     from pydicom.fileset import FileSet
 
-    return [os.fspath(instance.path) for instance in FileSet(pydicom.dcmread(os.fspath(path)))]
+    from fuselip_med.data.adapters.folder import check_image_path
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "The referenced SOP Instance ... does not exist: <path>"
+            ds = pydicom.dcmread(os.fspath(path))
+            found = {os.path.abspath(instance.path) for instance in FileSet(ds)}
+    except Exception as error:  # pydicom fails a damaged DICOMDIR in many ways (InvalidDicomError, KeyError, ...)
+        detail = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" if str(error) else type(error).__name__
+        raise StudiesError(f"{path}: not a readable DICOMDIR ({detail}).") from None
+    folder = path.parent.resolve()
+    for record in ds.get("DirectoryRecordSequence") or []:
+        file_id = record.get("ReferencedFileID")  # PS3.3 F.3.2.2: path components below the DICOMDIR's folder
+        if file_id is None:
+            continue
+        file = os.path.abspath(os.path.join(folder, *([file_id] if isinstance(file_id, str) else list(file_id))))
+        if file not in found:  # FileSet leaves out the instances whose file does not exist
+            skips.add(pseudonyms.key(file, "file-"), "DICOMDIR", "missing file", part="files")
+    out = []
+    for file in sorted(found):
+        problem = check_image_path(file, [os.fspath(folder)])
+        if problem is not None:
+            skips.add(pseudonyms.key(file, "file-"), "DICOMDIR", problem[0], part="files")
+        else:
+            out.append(file)
+    return out
 
 
-def _walk(folder: Path) -> tuple[list[str], list[str]]:
+def _walk(folder: Path, pseudonyms: Pseudonyms, skips: SkipReport) -> tuple[list[str], list[str]]:
     """(DICOM candidate files, NIfTI files) under ``folder``, recursively, sorted; DICOMDIR files are not
     instances (the files they reference are found by the walk itself), nor are the CSV/TSV tables kept beside
-    volumes (reports, labels)."""
+    volumes (reports, labels).
+
+    Every file passes the image unit's path rule (``adapters.folder.check_image_path``, nothing opened): a link
+    resolving outside ``folder``, a symlink loop, a dangling link or a non-regular file (FIFO, socket, device)
+    is named in ``skips`` (``outside image root``, ``symlink loop``, ``missing image``, ``not a file``) by a
+    salted key of its path, never read; a linked folder is not followed (``symlinked folder``), as in the
+    image unit."""
+    from fuselip_med.data.adapters.folder import check_image_path
+
+    roots = [os.path.realpath(folder)]
     candidates, volumes = [], []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
+        for linked in [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:  # os.walk skips them
+            skips.add(pseudonyms.key(os.path.join(dirpath, linked), "file-"), "input", "symlinked folder",
+                      "not followed", part="files")
         for filename in sorted(filenames):
             path = os.path.join(dirpath, filename)
-            if is_nifti(filename):
+            if _is_dicomdir(Path(filename)) or filename.startswith(".") or filename.lower().endswith((".csv", ".tsv")):
+                continue
+            problem = check_image_path(path, roots)
+            if problem is not None:
+                skips.add(pseudonyms.key(path, "file-"), "input", problem[0], part="files")
+            elif is_nifti(filename):
                 volumes.append(path)
-            elif not (_is_dicomdir(Path(filename)) or filename.startswith(".")
-                      or filename.lower().endswith((".csv", ".tsv"))):
+            else:
                 candidates.append(path)
     return candidates, volumes
 
@@ -371,7 +513,8 @@ def find_series(input: str | os.PathLike, pseudonyms: Pseudonyms, skips: SkipRep
     CSV/TSV whose ``path_column`` lists any of those (relative to the table's folder).
 
     Returns the series sorted by (study key, series key). Raises ``StudiesError`` naming ``input`` when it does
-    not exist or holds no usable series (the skip counts in the message); skipped series are named in ``skips``.
+    not exist or holds no usable series (the skip counts in the message); skipped series are named in ``skips``
+    (a second NIfTI file of an already-read name: ``duplicate volume name``, as its key would repeat).
     """
     skips = skips if skips is not None else SkipReport()
     skips.unit = "series"
@@ -383,19 +526,26 @@ def find_series(input: str | os.PathLike, pseudonyms: Pseudonyms, skips: SkipRep
     volumes: list[str] = []
     for target in targets:
         if target.is_dir():
-            found, nifti = _walk(target)
+            found, nifti = _walk(target, pseudonyms, skips)
             dicom += found
             volumes += nifti
         elif _is_dicomdir(target):
-            dicom += _dicomdir_files(target)
+            dicom += _dicomdir_files(target, pseudonyms, skips)
         elif is_nifti(target):
             volumes.append(os.fspath(target))
         elif target.is_file():
             dicom.append(os.fspath(target))
         else:
-            skips.add(pseudonyms.key(os.fspath(target), "file-"), "input", "missing file")
+            skips.add(pseudonyms.key(os.fspath(target), "file-"), "input", "missing file", part="files")
     series = read_series(dict.fromkeys(dicom), pseudonyms, skips)
-    series += [s for s in (nifti_series(v, plane, skips) for v in dict.fromkeys(volumes)) if s is not None]
+    names: set[str] = set()
+    for volume in dict.fromkeys(volumes):
+        found = nifti_series(volume, plane, skips)
+        if found is not None and found.key in names:  # the key is the file name: one series per name
+            skips.add(found.key, "input", "duplicate volume name", "another NIfTI file of this name was read first")
+        elif found is not None:
+            names.add(found.key)
+            series.append(found)
     if not series:
         raise StudiesError(f"{root}: no usable series ({skips.summary()}).")
     skips.kept = len(series)

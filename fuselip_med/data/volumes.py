@@ -2,14 +2,13 @@
 
 * ``sample_slices``: N slices spread evenly over the series (first and last included), so a 600-slice series
   costs what a 100-slice one does: only sampled slices are ever read.
-* Values: DICOM through ``images.dicom_modality_values`` (modality LUT: HU for CT); NIfTI read with MONAI
-  (``LoadImage`` + ``Orientation("RAS")``), values as stored (HU for CT-RATE; scl_slope/scl_inter applied by
-  nibabel), slices shown in radiological convention (patient right on the image's left, anterior/superior up).
+* Values: DICOM through ``images.dicom_modality_values`` (modality LUT: HU for CT); NIfTI one slice at a time
+  through nibabel's proxy (``read_nifti_slice``: only sampled slices are read) brought to RAS as MONAI's
+  ``Orientation("RAS")`` does, values as stored (HU for CT-RATE; scl_slope/scl_inter applied by nibabel), slices
+  shown in radiological convention (patient right on the image's left, anterior/superior up).
 * ``Rendering``: ``plain`` (the file's own window / VOI LUT for DICOM, a named or (width, level) window when
   given, else min-max) or ``multi`` (three CT windows as the three channels; default lung / mediastinum / bone,
   ``vocab.WINDOW_PRESETS``, as in multi-window CT inputs for 2-D CNNs, e.g. Lee et al., Nat. Biomed. Eng. 2019).
-
-MONAI is imported only inside ``read_nifti``.
 """
 from __future__ import annotations
 
@@ -20,14 +19,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fuselip_med.data.images import DecodeOptions, apply_window, dicom_modality_values, load_image
+from fuselip_med.data.images import DecodeOptions, ImageDecodeError, apply_window, dicom_modality_values, load_image
 from fuselip_med.data.studies import Series, SliceRef
 from fuselip_med.vocab import WINDOW_PRESETS
 
-__all__ = ["DEFAULT_WINDOWS", "Rendering", "read_nifti", "render_slice", "sample_slices", "sampled_indices",
-           "slice_values"]
+__all__ = ["DEFAULT_WINDOWS", "NO_FINITE_VOXELS", "Rendering", "read_nifti_slice", "render_slice", "sample_slices",
+           "sampled_indices", "slice_values"]
 
 DEFAULT_WINDOWS = ("lung", "mediastinum", "bone")
+#: The reason a NIfTI slice (or a series whose sampled slices are all such) is left out: no voxel is finite.
+NO_FINITE_VOXELS = "no finite voxels"
 
 
 def sampled_indices(n_total: int, n: int) -> np.ndarray:
@@ -83,22 +84,43 @@ class Rendering:
         return f"multi:{','.join(self.windows)}" if self.mode == "multi" else f"plain:{self.window or 'file'}"
 
 
-@functools.lru_cache(maxsize=1)
-def read_nifti(path: str) -> np.ndarray:
-    """A NIfTI volume read with MONAI (``LoadImage`` + ``Orientation("RAS")``): float32 [X, Y, Z] in stored
-    units (HU for CT). The last volume read is cached (slices of one series are rendered one after another).
-    Raises ``ImageDecodeError`` (reason ``broken NIfTI``) when the file cannot be read."""
-    from monai.transforms import LoadImage, Orientation
+def _first_line(error: BaseException) -> str:
+    """The first line of an error's message (at most 200 characters), or its type name when the message is empty
+    (``MemoryError()``)."""
+    return (str(error).splitlines() or [type(error).__name__])[0][:200]
 
-    from fuselip_med.data.images import ImageDecodeError
+
+@functools.lru_cache(maxsize=1)
+def _nifti_image(path: str):
+    """The nibabel image of ``path`` (header and affine read, voxels left on disk behind ``dataobj``); the last
+    one is kept, as the slices of one series are read one after another."""
+    import nibabel
+
+    return nibabel.load(path)
+
+
+def read_nifti_slice(path: str, axis: int, index: int) -> np.ndarray:
+    """Slice ``index`` along RAS axis ``axis`` of a NIfTI volume: float32 [a, b] over the two other RAS axes (in
+    increasing RAS order, each increasing), values as stored (HU for CT; scl_slope/scl_inter applied by nibabel).
+
+    Only that slice is read (nibabel ``dataobj`` proxy slicing): memory holds one slice, whatever the volume's
+    size. The voxel axes are brought to RAS with nibabel's ``io_orientation`` / ``apply_orientation``, the rule
+    MONAI's ``Orientation("RAS")`` applies to a whole volume. Raises ``ImageDecodeError`` (reason ``broken NIfTI``)
+    when the file cannot be read (truncated, corrupt)."""
+    import nibabel.orientations as orientations
 
     try:
-        volume = LoadImage(image_only=True, ensure_channel_first=True, reader="NibabelReader")(path)
-        volume = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(volume)
-    except Exception as error:  # MONAI wraps nibabel's many error types in RuntimeError/ValueError/OSError
-        raise ImageDecodeError("broken NIfTI", os.path.basename(path), str(error).splitlines()[0][:200]) from error
-    array = np.asarray(volume.numpy() if hasattr(volume, "numpy") else volume, dtype=np.float32)
-    return array[0] if array.ndim == 4 else array
+        image = _nifti_image(path)
+        ornt = orientations.io_orientation(image.affine)  # voxel axis i -> RAS axis ornt[i, 0], flipped if -1
+        voxel_axis = int(np.flatnonzero(ornt[:, 0] == axis)[0])
+        stored = image.shape[voxel_axis] - 1 - index if ornt[voxel_axis, 1] < 0 else index
+        where = [slice(None)] * 3
+        where[voxel_axis] = slice(stored, stored + 1)
+        slab = np.asarray(image.dataobj[tuple(where)], dtype=np.float32)
+    except Exception as error:  # nibabel raises many types for damaged files (EOFError, zlib.error, OSError, ...)
+        raise ImageDecodeError("broken NIfTI", os.path.basename(path), _first_line(error)) from error
+    slab = slab.reshape(slab.shape[:3])  # trailing length-1 axes (a [X, Y, Z, 1] file)
+    return np.take(orientations.apply_orientation(slab, ornt), 0, axis=axis)
 
 
 def _dicom_source(source):
@@ -111,13 +133,15 @@ def _dicom_source(source):
 
 
 def _nifti_slice(ref: SliceRef) -> np.ndarray:
-    volume = read_nifti(os.fspath(ref.source))
-    plane = np.take(volume, ref.frame, axis=ref.axis)  # [a, b]: the two other RAS axes, increasing
+    plane = read_nifti_slice(os.fspath(ref.source), ref.axis, ref.frame)  # [a, b]: the two other RAS axes
+    if not np.isfinite(plane).any():
+        raise ImageDecodeError(NO_FINITE_VOXELS, ref.key, "every voxel of the slice is NaN or infinite")
     return np.ascontiguousarray(plane.T[::-1, ::-1])   # rows: superior/anterior up; columns: patient right left
 
 
 def slice_values(ref: SliceRef) -> np.ndarray:
-    """The slice's values in modality units (HU for CT): float32 [H, W]. Raises ``ImageDecodeError``."""
+    """The slice's values in modality units (HU for CT): float32 [H, W]. Raises ``ImageDecodeError`` (for a NIfTI
+    slice without one finite voxel: reason ``NO_FINITE_VOXELS``)."""
     if ref.axis is not None:
         return _nifti_slice(ref)
     return dicom_modality_values(_dicom_source(ref.source), frame=ref.frame)
@@ -132,7 +156,8 @@ def render_slice(ref: SliceRef, rendering: Rendering = Rendering()) -> np.ndarra
     if rendering.mode == "multi":
         values = slice_values(ref)
         channels = [apply_window(values, *WINDOW_PRESETS[name]) for name in rendering.windows]
-        return np.rint(np.stack(channels, axis=-1) * 255.0).astype(np.uint8)
+        unit = np.nan_to_num(np.stack(channels, axis=-1), nan=0.0)  # NaN voxels black, as min-max makes them
+        return np.rint(unit * 255.0).astype(np.uint8)
     if ref.axis is None:
         image = load_image(_dicom_source(ref.source), DecodeOptions(window=rendering.window, frame=ref.frame))
         return np.asarray(image)

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fuselip_med.data.skips import SkipReport
-from fuselip_med.data.studies import Series
-from fuselip_med.data.volumes import Rendering, render_slice, sample_slices
+from fuselip_med.data.studies import Series, SliceRef
+from fuselip_med.data.volumes import NO_FINITE_VOXELS, Rendering, render_slice, sample_slices
 
 __all__ = ["SeriesEmbedding", "StudyEmbedding", "UnitOptions", "UnitRow", "embed_series", "pool",
            "pool_studies", "unit_rows"]
@@ -71,13 +71,34 @@ class StudyEmbedding:
     vector: np.ndarray
 
 
+def _render_sampled(series: Series, options: UnitOptions) -> tuple[list[SliceRef], list[np.ndarray]]:
+    """The sampled slices of ``series`` and their renderings; slices without a finite voxel (NaN padding of a NIfTI
+    volume) are left out. Raises ``ImageDecodeError``: the first unreadable slice, or ``NO_FINITE_VOXELS`` when
+    no sampled slice is left."""
+    from fuselip_med.data.images import ImageDecodeError
+
+    refs, images = [], []
+    for ref in sample_slices(series, options.slices):
+        try:
+            images.append(render_slice(ref, options.rendering))
+        except ImageDecodeError as error:
+            if error.reason != NO_FINITE_VOXELS:
+                raise
+            continue
+        refs.append(ref)
+    if not refs:
+        raise ImageDecodeError(NO_FINITE_VOXELS, series.key, "no sampled slice holds a finite voxel")
+    return refs, images
+
+
 def embed_series(model, series: Sequence[Series], options: UnitOptions = UnitOptions(), *, batch_size: int = 16,
                  skips: SkipReport | None = None, keep_images: bool = False,
                  progress: bool = True) -> list[SeriesEmbedding]:
     """Embed each series through its sampled slices (``model``: FuseLIP's ``encode(images=...)`` surface).
 
     A series whose sampled slice cannot be read (truncated, corrupt, unsupported) is left out and named in
-    ``skips`` by its series key with the decoder's reason. Returns the embedded series in input order.
+    ``skips`` by its series key with the decoder's reason; sampled slices without a finite voxel are left out
+    of the pool, and a series with none other is named ``no finite voxels``. Returns the embedded series in input order.
     """
     from fuselip_med.data.images import ImageDecodeError
     from fuselip_med.inference.engine import embed_items
@@ -88,11 +109,11 @@ def embed_series(model, series: Sequence[Series], options: UnitOptions = UnitOpt
     out = []
     with progress_bar(len(series), "embedding series", enabled=progress, transient=True) as bar:
         for done, item in enumerate(series, start=1):
-            refs = sample_slices(item, options.slices)
             try:
-                images = [render_slice(ref, options.rendering) for ref in refs]
+                refs, images = _render_sampled(item, options)
             except ImageDecodeError as error:
-                skips.add(item.key, f"study {item.study_key}", error.reason, "a sampled slice could not be read")
+                skips.add(item.key, f"study {item.study_key}", error.reason, error.detail or "a sampled slice "
+                          "could not be read")
                 bar.set(done)
                 continue
             items = [EmbedItem.of_image(image, key=ref.key) for image, ref in zip(images, refs)]

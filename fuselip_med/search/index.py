@@ -46,7 +46,7 @@ import numpy as np
 
 from fuselip_med.data.hashing import content_hash, text_hash
 from fuselip_med.data.phi import PrivacyOptions, Pseudonyms
-from fuselip_med.data.skips import SkipReport
+from fuselip_med.data.skips import SKIPPED_CSV, SkipReport
 from fuselip_med.errors import UsageError, UserError
 from fuselip_med.io import (
     atomic_write_bytes,
@@ -896,7 +896,8 @@ def build_unit_index(out: str | os.PathLike, series: Sequence, model, model_id: 
     index's own PNGs under ``thumbs/``. The first file of a row is stored only when ``privacy.keep_paths``. The
     salt is kept in the manifest (same keys on rebuild). A series that cannot be embedded is named in
     ``skips`` (``data.skips.SkipReport``) by its key. Raises ``SearchIndexError`` when ``out`` holds an index
-    of another model or unit (``rebuild`` replaces it) or when no series could be embedded.
+    of another model or unit (``rebuild`` replaces it) or when no series could be embedded (the message gives
+    ``skips.summary()``: reasons with example keys; the full list is written to ``out/skipped.csv``).
     """
     from fuselip_med.inference.units import UnitOptions
     from fuselip_med.locks import writer_lock
@@ -944,7 +945,7 @@ def _build_units(out: Path, series: Sequence, model, model_id: ModelId, unit: st
     chunk_vectors, failed = _read_chunks(work, "series")
     fresh: dict[str, list[tuple[str, str, np.ndarray]]] = {}
     for key, vector in sorted(chunk_vectors.items()):
-        digest, number, slice_key = key.split("#")
+        digest, number, slice_key = key.split("#", 2)  # a NIfTI slice key holds its own '#': <volume>#<i>
         fresh.setdefault(digest, []).append((slice_key, number, vector))
     embedded, digests = [], {}
     for digest, item in listed.items():
@@ -964,7 +965,11 @@ def _build_units(out: Path, series: Sequence, model, model_id: ModelId, unit: st
     if skips is not None:
         skips.kept = len(embedded)
     if not embedded:
-        raise SearchIndexError(f"no {unit} could be embedded; nothing was written.")
+        if skips is None:
+            raise SearchIndexError(f"no {unit} could be embedded; no index was written.")
+        listed = skips.write_csv(out / SKIPPED_CSV)
+        raise SearchIndexError(f"no {unit} could be embedded ({skips.summary()}); no index was written; the series "
+                               f"are named in {listed}.")
     rows = unit_rows(embedded, unit)
     first = {}
     for item in embedded:
