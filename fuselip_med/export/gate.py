@@ -131,12 +131,26 @@ def demo_reference(n: int = 200, image_size: int = 256, seed: int = 0) -> Refere
 def folder_reference(path: str | os.PathLike, image_size: int = 256, limit: int | None = None) -> ReferenceSet:
     """The captioned images of a folder (``<image>.txt`` captions) or CSV/TSV, read as ``embed --kind pair``
     reads them; the first ``limit`` rows when given. Images that do not decode are left out and named in
-    ``skipped``. Raises the adapter's errors for a missing or empty input, ``ExportSetupError`` with < 2 images."""
-    from fuselip_med.embed import open_input, rows_from_source
+    ``skipped`` by the rule of ``embed`` / ``index build`` (``embed.pseudonymize_rows``; PS3.15 Annex E: PACS
+    exports name folders after patients): a DICOM file by its salted instance key (``im-`` + 20 hex), and when
+    the set holds DICOM every other file by a salted ``file-`` key; a set without DICOM keeps relative paths.
+    The salt is fresh and not stored: the keys count and tell files apart, they name no patient. A second file
+    of one SOP Instance is skipped as ``duplicate instance``. Raises the adapter's errors for a missing or empty
+    input, ``ExportSetupError`` with < 2 images."""
+    from fuselip_med.data.phi import Pseudonyms
+    from fuselip_med.data.skips import SkipReport
+    from fuselip_med.embed import open_input, pseudonymize_rows, rows_from_source
 
-    rows = rows_from_source(open_input(path, "pair"), "pair")[:limit]
-    return _decoded([r.id for r in rows], [r.image for r in rows], [r.text or "" for r in rows], str(path),
-                    image_size)
+    pseudonyms, duplicates = Pseudonyms.fresh(), SkipReport()
+    rows = pseudonymize_rows(rows_from_source(open_input(path, "pair"), "pair")[:limit], pseudonyms,
+                             skips=duplicates)
+    reference = _decoded([r.id for r in rows], [r.image for r in rows], [r.text or "" for r in rows], str(path),
+                         image_size)
+    dicom_ids = {r.id for r in rows if r.dicom}
+    reference.skipped = {(id if not dicom_ids or id in dicom_ids else pseudonyms.key(id, "file-")): reason
+                         for id, reason in reference.skipped.items()}
+    reference.skipped.update((entry.id, entry.reason) for entry in duplicates.entries)
+    return reference
 
 
 # ------------------------------------------------------------------------------------------------ figures
