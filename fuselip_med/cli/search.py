@@ -226,7 +226,10 @@ def search(
     runtime: Optional[str] = QUERY_RUNTIME,
     export_kos: Optional[Path] = typer.Option(None, "--export-kos", help="Write the DICOM hits as a Key Object "
                                               "Selection document (\"Similar cases\", in the query's study) to this "
-                                              ".dcm file. It carries the real UIDs and patient module."),
+                                              ".dcm file. It carries the real UIDs and patient module. An "
+                                              "existing file is refused unless --force; the query image always."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --export-kos file (never the query "
+                               "image)."),
     stow: Optional[str] = typer.Option(None, "--stow", help="Store that Key Object Selection on this DICOMweb root "
                                        "with STOW-RS (credentials as for --dicomweb)."),
     user: Optional[str] = DW_USER,
@@ -242,7 +245,8 @@ def search(
       fuselip-med search --index my_index --image study.dcm --text "the same study, lateral view" --json\n
       fuselip-med search --index my_onnx_index --runtime onnx --model exports/rocov2-int8 --text "effusion"\n
       fuselip-med search --index ct_index --image query.dcm -k 5 --export-kos similar.dcm \\
-        --stow https://pacs/dicom-web --user alice
+        --stow https://pacs/dicom-web --user alice\n
+      fuselip-med search --index ct_index --image query.dcm --export-kos similar.dcm --force
     """
     from rich.console import Console
     from rich.table import Table
@@ -258,6 +262,10 @@ def search(
         raise UsageError(f"--target {target!r}: choose image or caption.")
     if image is not None and not image.is_file():
         raise UsageError(f"--image {image}: no such file.")
+    if export_kos is not None:
+        from fuselip_med.search.kos import check_kos_target
+
+        check_kos_target(export_kos, image, force)
     opened = open_index(index)
     fuselip, _ = load_index_model(opened, model, runtime=runtime)
     hits = run_search(opened, fuselip, text=text, image=image, k=k, target=target)
