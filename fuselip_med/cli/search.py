@@ -129,7 +129,8 @@ def index_build(
 
         entries, listed_skips, fetched = dicomweb_entries(dicomweb, out, limit=limit, process=state, **options)
     else:
-        entries, listed_skips = list_entries(input, adapter=adapter, split=split, pseudonyms=pseudonyms)
+        entries, listed_skips = list_entries(input, adapter=adapter, split=split, pseudonyms=pseudonyms,
+                                             privacy=privacy)
     fuselip, model_id = load_for_runtime(model, runtime, device or state.device)
     console = Console()
     report = build_index(out, entries, fuselip, model_id, settings,
@@ -146,7 +147,7 @@ def index_build(
                   f"captions; embedded {report.embedded_images} images (+{report.embedded_elsewhere} by other "
                   f"processes or an interrupted run) and {report.embedded_captions} captions, "
                   f"reused {report.reused_images}, removed {report.removed}.", highlight=False)
-    skips = report.skips.extend(listed_skips)  # listing skips are counted, not named (e.g. unreadable rows)
+    skips = report.skips.extend(listed_skips)
     skips.unit = "images"
     listed = skips.write_csv(out / SKIPPED_CSV)  # this build's list, also when empty (no stale list is left)
     if skips.total:

@@ -230,7 +230,7 @@ class IndexEntry:
 
 def list_entries(input: str | os.PathLike, adapter: str = "folder", split: str = "train",
                  pseudonyms: Pseudonyms | None = None, privacy: PrivacyOptions = PrivacyOptions(),
-                 **adapter_options: Any) -> tuple[list[IndexEntry], collections.Counter]:
+                 **adapter_options: Any) -> tuple[list[IndexEntry], SkipReport]:
     """The images (with their captions where present) a dataset adapter lists, as ``embed`` reads them.
 
     ``adapter``: a registered adapter name (``folder``/``csv`` for folders incl. DICOM and CSV/TSV tables,
@@ -238,7 +238,8 @@ def list_entries(input: str | os.PathLike, adapter: str = "folder", split: str =
     ``dicom``) and, where ids are paths (``folder``/``csv``), named by salted instance keys
     (``embed.pseudonymize_rows``). Without ``pseudonyms``, a folder/CSV listing DICOM files is refused
     (``UsageError``: their paths would be the ids, and stored; PS3.15 Annex E) unless ``privacy.keep_paths``
-    asks for exactly that. Returns (entries sorted by id, skip counts by reason incl. the adapter's own). Raises
+    asks for exactly that. Returns (entries sorted by id, a ``SkipReport`` naming the adapter's skips too; with
+    DICOM found and paths not kept, skips named by path get salted ``file-`` keys as in ``embed``). Raises
     ``DatasetEmptyError``/``FileNotFoundError`` from the adapter and ``KeyError`` for an unknown adapter.
     """
     from fuselip_med.data.adapters import get_adapter
@@ -249,7 +250,7 @@ def list_entries(input: str | os.PathLike, adapter: str = "folder", split: str =
         adapter_options.setdefault("require_caption", False)  # captions are optional: the second text index
     source = get_adapter(adapter)(str(input), split=split, **adapter_options)
     captions = {row.id: row.text for row in rows_from_source(source, "text")}
-    skipped: collections.Counter = collections.Counter(getattr(source, "skipped", {}))
+    skipped = SkipReport.merged([getattr(source, "skipped", None)])
     rows = rows_from_source(source, "image")
     for row in rows:
         row.text = captions.get(row.id) or None
@@ -261,13 +262,11 @@ def list_entries(input: str | os.PathLike, adapter: str = "folder", split: str =
                              "salt to build_index) so they are named by salted instance keys, not by their paths "
                              "(PACS exports name folders after patients), or privacy=PrivacyOptions(keep_paths=True)")
     if pseudonyms is not None:
-        duplicates = SkipReport()
-        rows = pseudonymize_rows(rows, pseudonyms, skips=duplicates, rename=adapter in ("folder", "csv"))
-        skipped.update(duplicates.counts)
+        rows = pseudonymize_rows(rows, pseudonyms, privacy, skips=skipped, rename=adapter in ("folder", "csv"))
     entries: dict[str, IndexEntry] = {}
     for row in rows:
         if row.id in entries:
-            skipped["duplicate id"] += 1
+            skipped.add(row.id, source.name, "duplicate id")
             continue
         entries[row.id] = IndexEntry(row.id, row.image, row.text, "dicom" if row.dicom else source.name, row.dicom)
     return [entries[k] for k in sorted(entries)], skipped
