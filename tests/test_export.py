@@ -54,8 +54,9 @@ def copying_writer(source_dir, perturb: bool):
     import onnx
     from onnx import numpy_helper
 
-    def write(model, directory, **_):
-        shutil.copytree(source_dir, directory, dirs_exist_ok=True)
+    def write(model, directory, **_):  # what write_export writes: no gate report or card
+        shutil.copytree(source_dir, directory, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("export_report.json", "README.md"))
         if perturb:
             path = directory / export_onnx.TITOK_GRAPH
             graph = onnx.load(str(path))
@@ -148,6 +149,48 @@ def test_cli_export_refuses_bad_settings_before_work(exported, tmp_path):
                                  "--reference-size", "2"])
     assert result.exit_code == 1 and "not an ONNX export" in result.output
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+
+
+def test_damaged_export_folders_are_one_error_line_naming_the_file(exported, tmp_path):
+    """--runtime onnx on a damaged export: a truncated graph, a folder with only config.json, the TiTok graph
+    copied over the encoder (with and without the gate's report), config.json without its fields, and a graph
+    changed after the gate (its sha256 no longer the recorded one): one `error:` line naming the file, exit 1
+    (before: InvalidProtobuf / FileNotFoundError / ValueError tracebacks)."""
+    root, _, _, _, _ = exported
+    folder = make_folder(tmp_path / "images")
+    good = root / "fp32"
+    assert "encoder.onnx" in json.loads((good / "export_report.json").read_text())["graphs"]
+    cases = {}
+
+    def copy(name):
+        shutil.copytree(good, tmp_path / name)
+        return tmp_path / name
+
+    truncated = copy("truncated")
+    (truncated / "encoder.onnx").write_bytes((good / "encoder.onnx").read_bytes()[:5000])
+    (truncated / "export_report.json").unlink()  # no recorded sha256: ONNX Runtime's own refusal is named
+    cases[truncated] = "encoder.onnx is not a readable ONNX graph"
+    config_only = tmp_path / "config_only"
+    config_only.mkdir()
+    shutil.copy(good / "config.json", config_only / "config.json")
+    cases[config_only] = "bpe_simple_vocab_16e6.txt.gz is missing"
+    swapped = copy("swapped")
+    shutil.copy(good / "titok.onnx", swapped / "encoder.onnx")
+    cases[swapped] = "encoder.onnx changed since the export passed its quality gate"
+    swapped_unrecorded = copy("swapped_unrecorded")
+    shutil.copy(good / "titok.onnx", swapped_unrecorded / "encoder.onnx")
+    (swapped_unrecorded / "export_report.json").unlink()
+    cases[swapped_unrecorded] = "encoder.onnx takes pixels, not input_ids"
+    empty_fields = copy("empty_fields")
+    (empty_fields / "config.json").write_text(json.dumps({"format": "fuselip_med-onnx"}))
+    cases[empty_fields] = "config.json is damaged"
+    for export, words in cases.items():
+        result = runner.invoke(app, ["embed", "--runtime", "onnx", "-m", str(export), "-i", str(folder), "-o",
+                                     str(tmp_path / "e.npy")])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error:"), result.output
+        assert words in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "e.npy").exists()
 
 
 @pytest.fixture(scope="module")

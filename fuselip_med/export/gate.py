@@ -30,13 +30,13 @@ from typing import Any
 import torch
 
 from fuselip_med.errors import UserError
+from fuselip_med.export.onnx import REPORT_NAME
 from fuselip_med.export.quantize import Int8Settings
 from fuselip_med.io import atomic_write_json, publish_directory, temp_directory
 
 __all__ = ["CARD_NAME", "REPORT_NAME", "ExportRejected", "ExportResult", "Outputs", "ReferenceSet", "Tolerances",
            "demo_reference", "folder_reference", "gated_export", "judge", "measure", "outputs"]
 
-REPORT_NAME = "export_report.json"
 CARD_NAME = "README.md"
 REJECTED_SUFFIX = ".rejected"
 ROW_KINDS = ("image", "text", "image+text")
@@ -312,7 +312,7 @@ def gated_export(model, out: str | os.PathLike, reference: ReferenceSet, *, sour
     """
     from fuselip_med.export.onnx import write_export
     from fuselip_med.export.quantize import calibration_inputs
-    from fuselip_med.export.runtime import OnnxFuseLIP, export_fingerprint
+    from fuselip_med.export.runtime import OnnxFuseLIP, graph_digests
 
     out = Path(out)
     tolerances = tolerances or Tolerances.for_precision(precision)
@@ -337,7 +337,7 @@ def gated_export(model, out: str | os.PathLike, reference: ReferenceSet, *, sour
         failures = judge(figures, tolerances)
         report = {"passed": not failures, "failures": failures, "precision": precision,
                   "tolerances": asdict(tolerances), "figures": figures, "source": source,
-                  "fingerprint": export_fingerprint(staging),
+                  "fingerprint": candidate.fingerprint, "graphs": graph_digests(staging)[1],
                   "reference": {"source": reference.source, "n_images": len(reference),
                                 "skipped": reference.skipped},
                   "calibration": ({"source": calibration.source,
