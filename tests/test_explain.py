@@ -256,6 +256,7 @@ def test_explain_command_overlays_a_dicom_through_its_window(tiny_dir, tmp_path)
     (["--text", "   "], "--text is empty"),
     (["--grid", "12"], "--grid 12: choose one of 8, 16"),
     (["--fill", "zeros"], "--fill 'zeros'"),
+    (["--frame", "-1"], "--frame -1: give a frame number, 0 or more"),  # was a ValueError traceback
 ])
 def test_explain_command_bad_options_are_one_line(tiny_dir, tmp_path, args, message):
     scan = tmp_path / "scan.png"

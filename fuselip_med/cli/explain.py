@@ -70,6 +70,8 @@ def explain(
         raise UsageError(f"--sanity-images {sanity_images}: give 0 or more.")
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: give 1 or more.")
+    if frame is not None and frame < 0:
+        raise UsageError(f"--frame {frame}: give a frame number, 0 or more (0 is the first frame).")
     _run(model, image, text, out, query_image, grid, fill, frame, batch_size, sanity, sanity_images, device, base)
 
 
