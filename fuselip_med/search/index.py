@@ -405,7 +405,8 @@ class BuildReport:
     id, source (the file, or ``input`` for DICOM), reason, as ``embed`` and ``eval`` name theirs) are filled by
     the main process.
 
-    ``embedded_*`` count this process's work; ``embedded_elsewhere`` the new image vectors the main process
+    ``embedded_*`` count the vectors this process made (an image that failed to decode is not counted: it is in
+    ``skipped``); ``embedded_elsewhere`` the new image vectors the main process
     took from chunks written by other processes or by an earlier, interrupted run of the same build. In a
     series/study index the items are series (``embedded_images``, ``reused_images``, ``embedded_elsewhere``
     count series) and ``n_slices`` counts the slices kept.
@@ -509,8 +510,9 @@ def _read_chunks(work: Path, kind: str) -> tuple[dict[str, np.ndarray], dict[str
 
 
 def _embed_chunk(model, kind: str, keys: list[str], source: dict[str, Any], settings: IndexSettings,
-                 path: Path) -> None:
-    """Embed one chunk (images by content hash, or caption texts) and write it atomically to ``path``."""
+                 path: Path) -> int:
+    """Embed one chunk (images by content hash, or caption texts) and write it atomically to ``path``; returns
+    how many of ``keys`` got a vector (the others are recorded as failed)."""
     from fuselip_med.inference.engine import embed_items
     from fuselip_med.inference.items import EmbedItem
 
@@ -523,6 +525,7 @@ def _embed_chunk(model, kind: str, keys: list[str], source: dict[str, Any], sett
     vectors = table.lookup([key for _, key in done]).numpy() if done else np.zeros((0, 0), np.float32)
     failed = [(k, str(table.failed.get(it.key, "not embedded"))) for k, it in zip(keys, items) if it.key not in table]
     _write_chunk(path, [k for k, _ in done], vectors, failed)
+    return len(done)
 
 
 def _write_chunk(path: Path, keys: list[str], vectors: np.ndarray, failed: list[tuple[str, str]]) -> None:
@@ -617,17 +620,24 @@ def _build(out: Path, entries: Sequence[IndexEntry], model, model_id: ModelId, s
     images = {digest: entry.image for entry, digest, _, _ in hashed}
     texts = {text_hash(entry.caption): entry.caption for entry, _, _, _ in hashed if entry.caption}
 
+    embedded: collections.Counter = collections.Counter()  # vectors this process made, per kind (not failures)
+
+    def embed_and_count(model, kind, keys, source, settings, path) -> None:
+        embedded[kind] += _embed_chunk(model, kind, keys, source, settings, path)
+
     bar = _progress(progress and process.is_main)
     with bar:
-        report.embedded_images = _embed_missing(model, "image", list(images), set(stored), images, settings, work,
-                                                process, bar)
-        report.embedded_captions = _embed_missing(model, "caption", list(texts), set(stored_captions), texts,
-                                                  settings, work, process, bar)
+        _embed_missing(model, "image", list(images), set(stored), images, settings, work, process, bar,
+                       embed_and_count)
+        _embed_missing(model, "caption", list(texts), set(stored_captions), texts, settings, work, process, bar,
+                       embed_and_count)
+    report.embedded_images, report.embedded_captions = embedded["image"], embedded["caption"]
     process.barrier()
     if not process.is_main:
         return report
 
     new_images, failed_images = _read_chunks(work, "image")
+    # this process's vectors are among the new ones, so the rest (other processes, an interrupted run) is >= 0
     report.embedded_elsewhere = sum(1 for k in new_images if k in images and k not in stored) - report.embedded_images
     new_captions, _ = _read_chunks(work, "caption")
     image_vectors = {**stored, **new_images}
