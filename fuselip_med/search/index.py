@@ -520,7 +520,8 @@ def _embed_chunk(model, kind: str, keys: list[str], source: dict[str, Any], sett
         items = [EmbedItem.of_image(source[k], key=k) for k in keys]
     else:
         items = [EmbedItem.of_text(source[k]) for k in keys]
-    table = embed_items(model, items, batch_size=settings.batch_size, progress=False)
+    table = embed_items(model, items, batch_size=settings.batch_size, progress=False,
+                        warn_skips=False)  # failures go to the chunk, then skipped.csv and the summary line
     done = [(k, it.key) for k, it in zip(keys, items) if it.key in table]
     vectors = table.lookup([key for _, key in done]).numpy() if done else np.zeros((0, 0), np.float32)
     failed = [(k, str(table.failed.get(it.key, "not embedded"))) for k, it in zip(keys, items) if it.key not in table]
