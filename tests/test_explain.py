@@ -267,6 +267,30 @@ def test_explain_command_bad_options_are_one_line(tiny_dir, tmp_path, args, mess
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
 
 
+def test_a_fifo_or_folder_as_image_is_not_a_regular_file_in_explain_and_search(tiny_dir, tmp_path):
+    """explain --image/--query-image and search --image on a FIFO or a folder: one usage line saying "not a regular
+    file" (before: explain "empty file; the file has zero bytes", search "no such file"), checked before any
+    model or index is opened."""
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    scan = tmp_path / "scan.png"
+    Image.new("L", (64, 64), 90).save(scan)
+    runner = CliRunner()
+    explain_args = ["explain", "-m", str(tiny_dir), "--text", TEXT, "-o", str(tmp_path / "m.png")]
+    for args, flag in (([*explain_args, "--image", str(fifo)], "--image"),
+                       ([*explain_args, "--image", str(scan), "--query-image", str(tmp_path)], "--query-image"),
+                       (["search", "--index", str(tmp_path / "none"), "--image", str(fifo)], "--image")):
+        result = runner.invoke(app, args)
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1, result.output
+        assert f"{flag} " in lines[0] and "not a regular file" in lines[0], lines[0]
+    missing = runner.invoke(app, [*explain_args, "--image", str(tmp_path / "gone.png")])
+    assert missing.exit_code == 2 and "no such file" in missing.output
+    assert not (tmp_path / "m.png").exists()
+
+
 def test_explain_command_bad_images_are_one_line(tiny_dir, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")

@@ -72,6 +72,9 @@ def explain(
         raise UsageError(f"--batch-size {batch_size}: give 1 or more.")
     if frame is not None and frame < 0:
         raise UsageError(f"--frame {frame}: give a frame number, 0 or more (0 is the first frame).")
+    for path, flag in ((image, "--image"), (query_image, "--query-image")):
+        if path is not None:
+            common.check_image_file(path, flag)
     _run(model, image, text, out, query_image, grid, fill, frame, batch_size, sanity, sanity_images, device, base)
 
 

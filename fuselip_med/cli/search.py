@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from fuselip_med.cli.common import check_image_file
 from fuselip_med.cli.options import (
     DICOMWEB,
     DW_CA_BUNDLE,
@@ -261,8 +262,8 @@ def search(
         raise UsageError(f"-k {k}: ask for at least one result.")
     if target not in ("image", "caption"):
         raise UsageError(f"--target {target!r}: choose image or caption.")
-    if image is not None and not image.is_file():
-        raise UsageError(f"--image {image}: no such file.")
+    if image is not None:
+        check_image_file(image, "--image")
     if export_kos is not None:
         from fuselip_med.search.kos import check_kos_target
 
