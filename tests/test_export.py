@@ -149,6 +149,23 @@ def test_cli_export_refuses_bad_settings_before_work(exported, tmp_path):
                                  "--reference-size", "2"])
     assert result.exit_code == 1 and "not an ONNX export" in result.output
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+    # checked before the model loads: a model that does not exist is not even looked at
+    result = runner.invoke(app, ["export", "-m", str(tmp_path / "no_model"), "--out", str(tmp_path / "busy")])
+    assert result.exit_code == 1 and "not an ONNX export" in result.output, result.output
+
+
+def test_cli_export_of_a_model_whose_config_is_empty_is_one_line_naming_config_json(exported, tmp_path):
+    """config.json `{}` names no architecture: one error line naming it (before: FuseLIP-S assumed, then a
+    many-hundred-key mismatch report of the weights)."""
+    _, model_dir, _, _, _ = exported
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    (model / "config.json").write_text("{}")
+    result = runner.invoke(app, ["export", "-m", str(model), "--out", str(tmp_path / "out")])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert f"{model / 'config.json'} is not a valid FuseLIPConfig: it names no architecture" in " ".join(lines)
+    assert not (tmp_path / "out").exists()
 
 
 def test_damaged_export_folders_are_one_error_line_naming_the_file(exported, tmp_path):

@@ -35,7 +35,7 @@ from fuselip_med.export.quantize import Int8Settings
 from fuselip_med.io import atomic_write_json, publish_directory, temp_directory
 
 __all__ = ["CARD_NAME", "REPORT_NAME", "ExportRejected", "ExportResult", "Outputs", "ReferenceSet", "Tolerances",
-           "demo_reference", "folder_reference", "gated_export", "judge", "measure", "outputs"]
+           "check_out", "demo_reference", "folder_reference", "gated_export", "judge", "measure", "outputs"]
 
 CARD_NAME = "README.md"
 REJECTED_SUFFIX = ".rejected"
@@ -273,9 +273,12 @@ class ExportResult:
     report: dict[str, Any]
 
 
-def _check_out(out: Path) -> None:
+def check_out(out: str | os.PathLike) -> None:
+    """Raise ``ExportSetupError`` when ``out`` exists and is neither an export (replaced) nor an empty folder;
+    the CLI calls it before loading the model, ``gated_export`` again before writing."""
     from fuselip_med.export.runtime import is_export_dir
 
+    out = Path(out)
     if out.exists() and not (out.is_dir() and (is_export_dir(out) or not any(out.iterdir()))):
         raise ExportSetupError(f"--out {out} exists and is not an ONNX export: choose a new or empty folder.")
 
@@ -316,7 +319,7 @@ def gated_export(model, out: str | os.PathLike, reference: ReferenceSet, *, sour
 
     out = Path(out)
     tolerances = tolerances or Tolerances.for_precision(precision)
-    _check_out(out)
+    check_out(out)
     int8 = int8 or Int8Settings()
     if int8.titok_fp32_blocks > model.config.titok.layers:
         raise ExportSetupError(f"--titok-fp32-blocks {int8.titok_fp32_blocks}: this TiTok has "
