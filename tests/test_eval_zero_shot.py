@@ -147,3 +147,25 @@ def test_a_labels_column_scores_single_label_rows_and_names_multi_label_ones(tmp
         assert task["classes"] == CLASSES
         assert task["skipped"] == {"several labels (a multi-label row: the findings task scores each label)": 1}
         assert "findings task" in result.output
+
+
+def test_rows_whose_image_is_missing_are_named_counted_and_held_to_the_half_rule(tmp_path, use_planted):
+    """A CSV listing images that do not exist: before, the missing rows vanished (n 2 of 5 listed, skipped {} and
+    an empty skipped.csv) and the accuracy looked like a full run. Now the half rule refuses the run naming them,
+    and with --allow-partial every missing row is in metrics.json and skipped.csv."""
+    rows = ["path,label", f"{solid_image(tmp_path / 'n.png', (10, 0, 0)).name},nodule",
+            f"{solid_image(tmp_path / 'e.png', (20, 0, 0)).name},effusion",
+            "gone1.png,nodule", "gone2.png,effusion", "gone3.png,fracture"]
+    (tmp_path / "table.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "labels.txt").write_text("\n".join(CLASSES) + "\n")
+    command = ["eval", "-m", "planted", "--data", f"csv={tmp_path / 'table.csv'}", "--labels",
+               str(tmp_path / "labels.txt"), "--num-workers", "0"]
+    refused = CliRunner().invoke(cli.app, [*command, "--out", str(tmp_path / "refused")])
+    message = " ".join(refused.output.split())
+    assert refused.exit_code == 1 and "only 2 of the 5 rows" in message and "gone1.png" in message
+    partial = CliRunner().invoke(cli.app, [*command, "--out", str(tmp_path / "out"), "--allow-partial"])
+    assert partial.exit_code == 0, partial.output
+    task = json.loads((tmp_path / "out" / "metrics.json").read_text())["tasks"]["zero-shot"]
+    assert (task["n_listed"], task["n_evaluated"], task["skipped"]) == (5, 2, {"missing image": 3})
+    named = (tmp_path / "out" / "skipped.csv").read_text()
+    assert all(f"gone{k}.png" in named for k in (1, 2, 3))

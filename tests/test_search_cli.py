@@ -269,3 +269,23 @@ def test_a_file_name_that_is_not_utf8_is_one_named_skip_in_index_build_and_embed
     for listed in (tmp_path / "index" / "skipped.csv", tmp_path / "e.skipped.csv"):
         rows = list(csv.DictReader(open(listed, encoding="utf-8")))
         assert [(row["id"], row["reason"]) for row in rows] == [("\\xe9t\\xe9.png", "file name is not valid UTF-8")]
+
+
+def test_hits_without_a_caption_print_and_give_strict_json(built, tmp_path):
+    """An indexed image without a caption made the README's own `search --text` fail (rich could not render NaN)
+    and `--json` print `NaN` (not JSON); a blank query was a traceback."""
+    import shutil
+
+    root, folder, model = built
+    images = tmp_path / "images"
+    shutil.copytree(folder, images)
+    (images / "red.png.txt").unlink()  # red.png now has no caption
+    assert runner.invoke(app, ["index", "build", "--model", str(model), "--input", str(images), "--out",
+                               str(tmp_path / "index"), "--device", "cpu"]).exit_code == 0
+    table = runner.invoke(app, ["search", "--index", str(tmp_path / "index"), "--text", "red", "-k", "5"])
+    assert table.exit_code == 0, table.output
+    as_json = runner.invoke(app, ["search", "--index", str(tmp_path / "index"), "--text", "red", "-k", "5", "--json"])
+    hits = json.loads(as_json.stdout, parse_constant=lambda name: pytest.fail(f"non-standard JSON {name}"))
+    assert [h["caption"] for h in hits if h["id"] == "red.png"] == [None]
+    blank = runner.invoke(app, ["search", "--index", str(tmp_path / "index"), "--text", "   "])
+    assert blank.exit_code == 2 and blank.output.startswith("error:") and "Traceback" not in blank.output

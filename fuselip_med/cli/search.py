@@ -256,7 +256,7 @@ def search(
     from fuselip_med.search.index import open_index
     from fuselip_med.search.query import load_index_model, search as run_search
 
-    if not text and image is None:
+    if not (text and text.strip()) and image is None:
         raise UsageError("give --text, --image, or both (--image with --text is an image + instruction query).")
     if k < 1:
         raise UsageError(f"-k {k}: ask for at least one result.")

@@ -302,7 +302,7 @@ class SearchIndex:
         import pandas as pd
 
         self.meta = pd.read_parquet(self.directory / files["meta"])
-        for column in ("path", "thumbnail"):  # no stored value reads as None, not NaN
+        for column in ("path", "caption", "thumbnail"):  # no stored value reads as None, not NaN
             if column in self.meta.columns:
                 self.meta[column] = self.meta[column].astype(object).where(self.meta[column].notna(), None)
         self.image_vectors = np.load(self.directory / files["image_vectors"], mmap_mode="r")

@@ -189,15 +189,9 @@ def check_coverage(ic: ImageCaption, n_evaluated: int, allow_partial: bool, fail
     """Refuse (ValueError naming the skipped IDs and reasons) to evaluate fewer than half of the listed rows,
     unless ``allow_partial``: e.g. caption IDs that do not match the image file names. ``failed``: embedding
     key -> reason of the images that did not decode."""
-    if allow_partial or 2 * n_evaluated >= ic.n_listed:
-        return
-    from fuselip_med.option_names import advise_option
+    from .files import check_half
 
-    skips = named_skips(ic, failed or {})
-    skips.kept = n_evaluated
-    raise InputError(f"only {n_evaluated} of the {ic.n_listed} rows listed by {ic.name} can be evaluated "
-                     f"({skips.summary()}); fix the data, or pass {advise_option('allow_partial', None)} "
-                     "to evaluate the rest.")
+    check_half(ic.name, n_evaluated, ic.n_listed, named_skips(ic, failed or {}), allow_partial)
 
 
 def named_skips(ic: ImageCaption, failed: Mapping) -> SkipReport:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fuselip_med.data.skips import SkipReport
+from fuselip_med.errors import InputError
 
 __all__ = ["IMAGE_SUFFIXES", "resolve_image", "check_half", "read_table"]
 
@@ -40,14 +41,14 @@ def resolve_image(table: str | os.PathLike, name: str, *, folders: Sequence[str]
 
 
 def check_half(name: str, n_evaluated: int, n_listed: int, skips: SkipReport, allow_partial: bool) -> None:
-    """``ValueError`` (naming the reasons and example IDs) when fewer than half of the ``n_listed`` rows of ``name``
-    are evaluable and ``allow_partial`` is False."""
+    """``InputError`` (naming the reasons and example IDs) when fewer than half of the ``n_listed`` rows of ``name``
+    are evaluable and ``allow_partial`` is False: the one half rule of every evaluation task."""
     if allow_partial or 2 * n_evaluated >= n_listed:
         return
     from fuselip_med.data.adapters import advise_option
 
     skips.kept = n_evaluated
-    raise ValueError(f"only {n_evaluated} of the {n_listed} rows listed by {name} can be evaluated "
+    raise InputError(f"only {n_evaluated} of the {n_listed} rows listed by {name} can be evaluated "
                      f"({skips.summary()}); fix the data, or pass {advise_option('allow_partial', None)} "
                      "to evaluate the rest.")
 

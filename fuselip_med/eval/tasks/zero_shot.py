@@ -20,11 +20,13 @@ import os
 from collections import Counter
 from pathlib import Path
 
+from fuselip_med.data.skips import SkipReport
 from fuselip_med.errors import InputError, UsageError
 from fuselip_med.inference.items import EmbedItem, sample_image_key
 
 from .. import classification as cls
 from .context import EvalContext
+from .files import check_half
 
 __all__ = ["MULTI_LABEL", "RADIOLOGY_TEMPLATES", "read_lines", "read_labels", "read_templates", "run"]
 
@@ -95,37 +97,42 @@ def run(ctx: EvalContext) -> dict:
     o = ctx.opts
     source = ctx.source("labelled")
     name = getattr(source, "name", "labelled data")
-    items, labels, skipped = [], [], Counter()
+    skipped = SkipReport.merged([getattr(source, "skipped", None)])  # rows the adapter could not use, named
+    items, labels, ids = [], [], []
     for i in range(len(source)):
         s = source[i]
         image = s.query.image if s.query.image is not None else s.target.image
         label = _single_label(s.meta, o.label_field)
-        if image is None:
-            skipped["no image"] += 1
-        elif label is MULTI_LABEL:
-            skipped[MULTI_LABEL] += 1
-        elif label is None:
-            skipped["no label"] += 1
-        else:
-            items.append(EmbedItem(image=image, image_key=sample_image_key(s, image)))
-            labels.append(label)
+        reason = ("no image" if image is None else MULTI_LABEL if label is MULTI_LABEL
+                  else "no label" if label is None else None)
+        if reason is not None:
+            skipped.add(s.id, name, reason)
+            continue
+        items.append(EmbedItem(image=image, image_key=sample_image_key(s, image)))
+        labels.append(label)
+        ids.append(str(s.id))
+    ctx.add_skips(skipped)  # every row not scored is named in skipped.csv
     if not items:
         raise InputError(f"{name} has no image with a label in meta[{o.label_field!r}] (give a label column or one "
                          f"folder per class)")
     classes = list(o.labels) if o.labels is not None else sorted(set(labels))
     known = {c: k for k, c in enumerate(classes)}
     rows = [r for r, lab in enumerate(labels) if lab in known]
-    if len(rows) < len(labels):
-        skipped["label not in --labels"] += len(labels) - len(rows)
+    for r, label in enumerate(labels):
+        if label not in known:
+            skipped.add(ids[r], name, "label not in --labels", label)
     if not rows:
         raise InputError(f"none of the labels of {name} ({', '.join(sorted(set(labels))[:5])}, ...) is in the "
                          f"class list ({', '.join(classes[:5])}, ...)")
+    n_listed = len(items) + skipped.total
+    check_half(name, len(rows), n_listed, skipped, ctx.allow_partial)  # before any embedding
     templates = list(o.templates) if o.templates is not None else list(RADIOLOGY_TEMPLATES)
     table = ctx.embedder.embed([items[r] for r in rows], desc=f"embedding {name}")
     scored = [r for r in rows if items[r].key in table]
     for r in rows:
         if items[r].key in table.failed:
-            skipped[table.failed[items[r].key]] += 1
+            skipped.add(ids[r], items[r].image_key, table.failed[items[r].key])
+    check_half(name, len(scored), n_listed, skipped, ctx.allow_partial)
     if not scored:
         raise InputError(f"no image of {name} could be decoded")
     weights = ctx.class_weights(classes, templates)
@@ -134,4 +141,5 @@ def run(ctx: EvalContext) -> dict:
     m["chance_accuracy"] = 1.0 / len(classes)
     return {"metrics": {k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "chance_accuracy")},
             "per_class": m["per_class"], "confusion_matrix": m["confusion_matrix"], "n": len(scored),
-            "classes": classes, "templates": templates, "skipped": dict(skipped)}
+            "n_listed": n_listed, "n_evaluated": len(scored), "classes": classes, "templates": templates,
+            "skipped": skipped.by_reason(), "skip_examples": skipped.examples}
