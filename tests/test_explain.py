@@ -291,6 +291,24 @@ def test_a_fifo_or_folder_as_image_is_not_a_regular_file_in_explain_and_search(t
     assert not (tmp_path / "m.png").exists()
 
 
+def test_explain_out_that_would_replace_an_input_image_is_refused(tiny_dir, tmp_path):
+    """-o the input image itself (or a sibling .npy/.json the map is written to): one usage line, the image kept
+    (before: the overlay replaced the scan)."""
+    scan = tmp_path / "scan.png"
+    Image.new("L", (64, 64), 90).save(scan)
+    before = scan.read_bytes()
+    query = tmp_path / "query.json"  # not an image, but an input the grid's .json would replace
+    query.write_bytes(before)
+    runner = CliRunner()
+    base = ["explain", "-m", str(tiny_dir), "--text", TEXT, "--image", str(scan)]
+    for extra, flag in ((["-o", str(scan)], "--image"),
+                        (["-o", str(tmp_path / "query.png"), "--query-image", str(query)], "--query-image")):
+        result = runner.invoke(app, [*base, *extra])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and f"would replace {flag}" in lines[0], result.output
+    assert scan.read_bytes() == before and query.read_bytes() == before
+
+
 def test_explain_command_bad_images_are_one_line(tiny_dir, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")

@@ -41,12 +41,14 @@ def check_kos_target(path: str | os.PathLike, query_image: str | os.PathLike | N
     """Refuse, before any search work, a KOS target that would destroy data: a folder, the query image itself
     (even with ``force``), or any other existing file unless ``force`` (it would be replaced). Raises
     ``KosError`` naming the target."""
+    from fuselip_med.io import same_file
+
     path = Path(path)
     if path.is_dir():
         raise KosError(f"--export-kos {path} is a folder; name the .dcm file to write.")
     if not path.exists():
         return
-    if query_image is not None and Path(query_image).exists() and os.path.samefile(path, query_image):
+    if query_image is not None and same_file(path, query_image):
         raise KosError(f"--export-kos {path} is the query image; name another file (--force never replaces it).")
     if not force:
         raise KosError(f"--export-kos {path} exists; name a new file, or pass --force to replace it.")
