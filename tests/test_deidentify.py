@@ -55,3 +55,20 @@ def test_deidentify_refuses_a_non_empty_output_and_an_input_without_dicom(tmp_pa
     assert result.exit_code == 1 and "no DICOM file to de-identify" in result.output
     result = runner.invoke(app, ["data", "deidentify", str(tmp_path / "in"), str(tmp_path / "busy")])
     assert result.exit_code == 1 and "is not empty" in result.output
+
+
+def test_damaged_files_are_named_skips_and_the_rest_is_written(tmp_path):
+    """A file with a DICM preamble and garbage after it was a traceback (no SOPInstanceUID); a file cut in half was
+    'de-identified' and written as if whole. Both are now named skips (by key, never by path) and the whole file is
+    written."""
+    made = ct_series(tmp_path / "in" / "Doe_John", n=2, canary="QZXCANARY")
+    whole = made["files"][0.0].read_bytes()
+    (tmp_path / "in" / "Doe_John" / "cut.dcm").write_bytes(whole[: len(whole) - 200])
+    (tmp_path / "in" / "Doe_John" / "junk.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"garbage" * 20)
+    result = CliRunner().invoke(app, ["data", "deidentify", str(tmp_path / "in"), str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "Wrote 2 de-identified DICOM files" in output and "truncated image" in output
+    assert "corrupt image" in output or "unreadable DICOM" in output
+    assert "Doe_John" not in output and "cut.dcm" not in output and "junk.dcm" not in output
+    assert len(list((tmp_path / "out").rglob("*.dcm"))) == 2

@@ -169,3 +169,18 @@ def test_rows_whose_image_is_missing_are_named_counted_and_held_to_the_half_rule
     assert (task["n_listed"], task["n_evaluated"], task["skipped"]) == (5, 2, {"missing image": 3})
     named = (tmp_path / "out" / "skipped.csv").read_text()
     assert all(f"gone{k}.png" in named for k in (1, 2, 3))
+
+
+def test_a_task_whose_data_lacks_what_it_needs_is_one_error_line(tmp_path, use_planted):
+    """`eval --data folder=DIR` (the default tasks include rocov2-modality) on captioned images without a
+    modality label was a ValueError traceback; the tasks' data errors are InputErrors (still ValueErrors)."""
+    (tmp_path / "imgs").mkdir()
+    for k, rgb in enumerate(((10, 0, 0), (20, 0, 0))):
+        solid_image(tmp_path / "imgs" / f"i{k}.png", rgb)
+        (tmp_path / "imgs" / f"i{k}.png.txt").write_text("a chest radiograph")
+    result = CliRunner().invoke(cli.app, ["eval", "-m", "planted", "--data", f"folder={tmp_path / 'imgs'}",
+                                          "--tasks", "rocov2-modality", "--out", str(tmp_path / "out"),
+                                          "--num-workers", "0"])
+    assert result.exit_code == 1, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert "Traceback" not in result.output and last.startswith("error:") and "modality label" in last

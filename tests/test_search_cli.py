@@ -289,3 +289,20 @@ def test_hits_without_a_caption_print_and_give_strict_json(built, tmp_path):
     assert [h["caption"] for h in hits if h["id"] == "red.png"] == [None]
     blank = runner.invoke(app, ["search", "--index", str(tmp_path / "index"), "--text", "   "])
     assert blank.exit_code == 2 and blank.output.startswith("error:") and "Traceback" not in blank.output
+
+
+def test_an_image_file_given_as_input_is_one_line_that_quotes_none_of_its_header(built, tmp_path):
+    """`-i scan.dcm` was read as a CSV, and the error quoted its 'columns': binary header text with the SOP
+    Instance UID. Now one line says to give the folder (index build and embed alike)."""
+    import pydicom
+
+    root, folder, model = built
+    uid = pydicom.dcmread(folder / "ct.dcm").SOPInstanceUID
+    for command in (["index", "build", "--model", str(model), "--input", str(folder / "ct.dcm"), "--out",
+                     str(tmp_path / "index")],
+                    ["embed", "--model", str(model), "--input", str(folder / "ct.dcm"), "--out",
+                     str(tmp_path / "e.npy")]):
+        result = runner.invoke(app, [*command, "--device", "cpu"])
+        message = " ".join(result.output.split())
+        assert result.exit_code == 1 and message.startswith("error:") and "not a table" in message
+        assert uid not in result.output

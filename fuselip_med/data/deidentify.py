@@ -94,17 +94,39 @@ def deidentify_folder(src: str | os.PathLike, dst: str | os.PathLike, *, seed: s
         if image_kind(path) != "dicom":
             skips.add(keys.key(os.fspath(path), "file-"), "input", "not a DICOM image")
             continue
+        key = keys.key(os.fspath(path), "file-")
+        damage = _damage(path)
+        if damage is not None:  # a cut or corrupt file is not copied as if it were whole
+            skips.add(key, "input", damage)
+            continue
         try:
             ds = pydicom.dcmread(path, force=True)
-        except Exception as error:  # a damaged file fails the parser in many ways
-            skips.add(keys.key(os.fspath(path), "file-"), "input", "unreadable DICOM", type(error).__name__)
+            if "SOPInstanceUID" not in ds:
+                skips.add(key, "input", "no SOP Instance UID")
+                continue
+            deidentify_dataset(ds, anonymizer)
+            sop_instance_uid = str(ds.SOPInstanceUID)
+        except Exception as error:  # a damaged file fails the parser (and the anonymizer) in many ways
+            skips.add(key, "input", "unreadable DICOM", type(error).__name__)
             continue
-        deidentify_dataset(ds, anonymizer)
         target = dst / str(ds.get("StudyInstanceUID", "study")) / str(ds.get("SeriesInstanceUID", "series")) / \
-            f"{ds.SOPInstanceUID}.dcm"
+            f"{sop_instance_uid}.dcm"
         atomic_write(target, lambda tmp, ds=ds: ds.save_as(tmp, enforce_file_format=True))
         written += 1
     skips.kept = written
     if not written:
         raise InputError(f"{src}: no DICOM file to de-identify ({skips.summary()}).")
     return DeidentifyReport(written, skips)
+
+
+def _damage(path: Path) -> str | None:
+    """``truncated image`` or ``corrupt image`` for a DICOM file cut short or damaged (as ``data.images.decode_image``
+    names them everywhere in the toolkit), None otherwise: an object without pixel data (a structured report, a
+    KOS) or with a compression no decoder here reads is de-identified from its header as usual."""
+    from fuselip_med.data.images import ImageDecodeError, decode_image
+
+    try:
+        decode_image(path)
+    except ImageDecodeError as error:
+        return error.reason if error.reason in ("truncated image", "corrupt image") else None
+    return None

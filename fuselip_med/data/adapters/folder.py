@@ -125,6 +125,9 @@ def folder(path: str | os.PathLike, split: str = "train", limit: int | None = No
     root = Path(os.fspath(path)).expanduser()
     if not root.exists():
         raise DatasetNotFoundError(f"image-caption data path {root} does not exist: {HOW_TO_USE}.")
+    if root.is_file() and _is_image(str(root), root.name):  # read as a table, its header would be quoted
+        raise InputError(f"{root} is an image, not a table of images: give the folder that holds it (or a CSV/TSV "
+                         "listing it).")
     roots = _allowed_roots(root if root.is_dir() else root.parent, image_root)
     table = root if root.is_file() else _split_table(root, split)
     skipped = SkipReport()

@@ -15,6 +15,8 @@ import importlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from fuselip_med.errors import UsageError
+
 __all__ = ["EvalTask", "Role", "ROLES", "TABLE", "TASKS", "SUITES", "get_task", "missing_roles", "role_of_key",
            "tasks_help", "runner_of"]
 
@@ -168,7 +170,7 @@ SUITES: dict[str, tuple[str, ...]] = {
 def get_task(name: str) -> EvalTask:
     """The task named ``name``; ``ValueError`` listing the known tasks otherwise."""
     if name not in _BY_NAME:
-        raise ValueError(f"unknown evaluation task {name!r}: choose from {', '.join(TASKS)}")
+        raise UsageError(f"unknown evaluation task {name!r}: choose from {', '.join(TASKS)}")
     return _BY_NAME[name]
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from fuselip_med.errors import InputError
+
 from .. import classification as cls
 from .context import EvalContext
 
@@ -24,7 +26,7 @@ def run(ctx: EvalContext) -> dict:
     valid = ctx.image_caption("valid")
     top = cls.top_concepts((m.get(field_name) or [] for m in valid.meta), k)
     if not top:
-        raise ValueError(f"no sample of {valid.name} has concepts in meta[{field_name!r}]")
+        raise InputError(f"no sample of {valid.name} has concepts in meta[{field_name!r}]")
     concepts = [c for c, _ in top]
     names = {**ctx.image_caption("test").cui_names, **valid.cui_names}
     weights = ctx.class_weights([names.get(c, c) for c in concepts], o.concept_templates)

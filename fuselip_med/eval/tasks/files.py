@@ -60,8 +60,8 @@ def read_table(path: str | os.PathLike, what: str):
 
     file = Path(path).expanduser()
     if not file.is_file():
-        raise ValueError(f"{what}: {file} is not a file")
+        raise InputError(f"{what}: {file} is not a file")
     try:
         return pd.read_csv(file, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise ValueError(f"{what}: cannot read {file} as CSV ({error})") from None
+        raise InputError(f"{what}: cannot read {file} as CSV ({error})") from None

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from fuselip_med.data.skips import SkipReport
+from fuselip_med.errors import InputError
 from fuselip_med.inference.items import EmbedItem
 
 from .. import classification as cls, findings as fnd
@@ -62,7 +63,7 @@ def _finding_columns(frame, names: list[str] | None) -> list[str]:
     if names is not None:
         missing = [n for n in names if n not in frame.columns]
         if missing:
-            raise ValueError(f"finding column(s) {', '.join(map(repr, missing))} are not in the table (columns: "
+            raise InputError(f"finding column(s) {', '.join(map(repr, missing))} are not in the table (columns: "
                              f"{', '.join(frame.columns)})")
         return list(names)
     out = []
@@ -98,7 +99,7 @@ def read_findings_table(path: str | os.PathLike, names: list[str] | None = None)
     frame = read_table(path, "findings table")
     column = next((c for c in _PATH_COLUMNS if c in frame.columns), None)
     if column is None:
-        raise ValueError(f"{path}: no image column (one of {', '.join(_PATH_COLUMNS)})")
+        raise InputError(f"{path}: no image column (one of {', '.join(_PATH_COLUMNS)})")
     if "labels" in frame.columns:
         lists = [[x.strip() for x in v.split(";") if x.strip()] for v in frame["labels"].tolist()]
         findings = names or sorted({x for xs in lists for x in xs})
@@ -115,7 +116,7 @@ def read_findings_table(path: str | os.PathLike, names: list[str] | None = None)
                 except fnd.LabelValueError as error:
                     bad[i] = bad[i] or f"column {f!r}: {error}"
     if not findings:
-        raise ValueError(f"{path}: no finding column (cells 1 / 0 / -1 / blank) and no 'labels' column")
+        raise InputError(f"{path}: no finding column (cells 1 / 0 / -1 / blank) and no 'labels' column")
     out = FindingsTable(name=Path(path).name, names=list(findings), n_listed=len(frame))
     rows: dict[str, int] = {}
     kept_labels: list[np.ndarray] = []

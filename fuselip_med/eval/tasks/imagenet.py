@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from fuselip_med.errors import InputError
 from fuselip_med.inference.items import EmbedItem
 
 from .context import EvalContext
@@ -61,7 +62,7 @@ def list_validation_images(root: str | Path) -> list[tuple[str, str]]:
         for folder in sorted(p for p in val.iterdir() if p.is_dir() and p.name.startswith("n")):
             out.extend((str(f), folder.name) for f in sorted(folder.iterdir()) if f.suffix.lower() in _IMAGE_SUFFIXES)
     if not out:
-        raise ValueError(f"no ImageNet validation image under {base}: expected val/<wnid>/*.JPEG or a val/ folder "
+        raise InputError(f"no ImageNet validation image under {base}: expected val/<wnid>/*.JPEG or a val/ folder "
                          f"with LOC_val_solution.csv")
     return sorted(out)
 
@@ -85,7 +86,7 @@ def run(ctx: EvalContext) -> dict:
         if it.key in table.failed:
             skipped[table.failed[it.key]] += 1
     if not keep:
-        raise ValueError("no ImageNet validation image could be decoded")
+        raise InputError("no ImageNet validation image could be decoded")
     weights = ctx.class_weights([name for _, name in classes], imagenet_templates())
     scores = table.lookup(items[i].key for i in keep) @ weights.T
     top5 = scores.topk(5, dim=1).indices

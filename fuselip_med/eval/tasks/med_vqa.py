@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fuselip_med.data.skips import SkipReport
+from fuselip_med.errors import InputError
 
 from ..vqa import VQAItem, closed_options, evaluate_choice_vqa
 from .context import EvalContext
@@ -45,11 +46,11 @@ def _json_list(path: Path, what: str) -> list:
     try:
         content = json.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
-        raise ValueError(f"{what}: {path} does not exist") from None
+        raise InputError(f"{what}: {path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{what}: {path} is not JSON ({error})") from None
+        raise InputError(f"{what}: {path} is not JSON ({error})") from None
     if not isinstance(content, list):
-        raise ValueError(f"{what}: {path} must hold a JSON list of questions")
+        raise InputError(f"{what}: {path} must hold a JSON list of questions")
     return content
 
 
@@ -63,7 +64,7 @@ def _first(base: Path, names: tuple[str, ...], what: str) -> Path:
     for name in names:
         if (base / name).exists():
             return base / name
-    raise ValueError(f"{what}: none of {', '.join(names)} in {base}")
+    raise InputError(f"{what}: none of {', '.join(names)} in {base}")
 
 
 def read_vqa_rad(path: str | os.PathLike) -> tuple[list[VQAItem], SkipReport, int]:
@@ -114,7 +115,7 @@ def read_pathvqa(path: str | os.PathLike, split: str = "test") -> tuple[list[VQA
     shards = [*base.glob(f"data/{split}-*.parquet"), *base.glob(f"{split}-*.parquet")] if base.is_dir() else []
     files = [base] if base.is_file() else sorted(shards)
     if not files:
-        raise ValueError(f"PathVQA: no {split}-*.parquet under {base} (or {base}/data)")
+        raise InputError(f"PathVQA: no {split}-*.parquet under {base} (or {base}/data)")
     items, skips, listed = [], SkipReport(), 0
     for file in files:
         for n, row in enumerate(pq.read_table(file, columns=["image", "question", "answer"]).to_pylist()):
@@ -139,7 +140,7 @@ def read_pmc_vqa(path: str | os.PathLike) -> tuple[list[VQAItem], SkipReport, in
     fields = ("Figure_path", "Question", "Answer", "Choice A", "Choice B", "Choice C", "Choice D", "Answer_label")
     absent = [f for f in fields if f not in frame.columns]
     if absent:
-        raise ValueError(f"PMC-VQA: {file} lacks the column(s) {', '.join(absent)}")
+        raise InputError(f"PMC-VQA: {file} lacks the column(s) {', '.join(absent)}")
     items, skips = [], SkipReport()
     for n, row in enumerate(frame.to_dict("records")):
         rid = f"{row['Figure_path'] or 'row'}:{n}"

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from fuselip_med.data.adapters.mmeb import clean_text
+from fuselip_med.errors import InputError
 from fuselip_med.inference.items import EmbedItem
 
 from ..scoring import pad_candidates, top1_positions
@@ -154,7 +155,7 @@ def run(ctx: EvalContext) -> dict:
     wanted = list(ctx.opts.mmeb_subsets) if ctx.opts.mmeb_subsets else [s for s in SUBSETS if s in found]
     missing = [s for s in wanted if s not in found]
     if missing or not wanted:
-        raise ValueError(f"MMEB folder {root} has no data for {', '.join(missing) or 'any subset'}: download "
+        raise InputError(f"MMEB folder {root} has no data for {', '.join(missing) or 'any subset'}: download "
                          f"TIGER-Lab/MMEB-eval there (one folder per subset) and extract images.zip into "
                          f"{root / 'eval_images'}")
     per_subset: dict[str, dict] = {}
@@ -167,12 +168,12 @@ def run(ctx: EvalContext) -> dict:
             continue
         base = _image_base(root, rows)
         if base is None:
-            raise ValueError(f"MMEB subset {subset}: its images are not under {root / 'eval_images'}, "
+            raise InputError(f"MMEB subset {subset}: its images are not under {root / 'eval_images'}, "
                              f"{root / 'images'} or {root}; extract images.zip there")
         per_subset[subset] = _evaluate_subset(ctx, subset, rows, base)
     scored = {s: r["precision_at_1"] for s, r in per_subset.items() if r["n"]}
     if not scored:
-        raise ValueError(f"no MMEB query under {root} could be scored")
+        raise InputError(f"no MMEB query under {root} could be scored")
     metrics, coverage = {}, {"Overall": [len(scored), len(SUBSETS)]}
     for category, subsets in CATEGORIES.items():
         values = [scored[s] for s in subsets if s in scored]

@@ -2,6 +2,8 @@
 modalities (labels from ``meta["modality"]``; class weights as in reference section 6.3)."""
 from __future__ import annotations
 
+from fuselip_med.errors import InputError
+
 from .. import classification as cls
 from .context import EvalContext
 
@@ -16,7 +18,7 @@ def run(ctx: EvalContext) -> dict:
     labels = [cls.normalize_modality(ic.meta[i].get("modality"), classes) for i in keep]
     rows = [r for r, lab in enumerate(labels) if lab is not None]
     if not rows:
-        raise ValueError(f"no sample of {ic.name} has a modality label in meta['modality']")
+        raise InputError(f"no sample of {ic.name} has a modality label in meta['modality']")
     # Zero-shot over the modalities that occur in the data, so that chance is 1 / (number of classes).
     classes = [c for c in classes if c in {labels[r] for r in rows}]
     weights = ctx.class_weights(classes, o.modality_templates)

@@ -15,6 +15,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from fuselip_med.errors import InputError
 from fuselip_med.inference.items import EmbedItem
 
 from .context import EvalContext
@@ -36,7 +37,7 @@ def read_task_file(path: str | Path) -> tuple[list[dict], Path]:
     folder = next((d for d in (file.parent / subset, file.parent / "images", file.parent) if d.is_dir()
                    and samples and (d / samples[0]["query_img"]).is_file()), None)
     if folder is None:
-        raise ValueError(f"the Open Images images of {file} are not in {file.parent / subset} (nor images/ beside it)")
+        raise InputError(f"the Open Images images of {file} are not in {file.parent / subset} (nor images/ beside it)")
     return samples, folder
 
 
@@ -64,7 +65,7 @@ def _run(ctx: EvalContext, role: str) -> dict:
             pools.append((EmbedItem(image=str(folder / s["query_img"]), text=s["query_target"]), crops))
         results.extend(score_pools(ctx, pools, f"embedding {role}", skipped).tolist())
     if not results:
-        raise ValueError(f"no {role} sample could be scored")
+        raise InputError(f"no {role} sample could be scored")
     n_candidates = sorted({len(s["retrieval_samples"]) for s in samples})
     return {"metrics": {"accuracy": sum(results) / len(results)}, "n": len(results), "skipped": dict(skipped),
             "n_candidates": n_candidates, "seed": None}

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from fuselip_med.data.skips import SkipReport
+from fuselip_med.errors import InputError
 from fuselip_med.inference.items import EmbedItem
 from fuselip_med.io import atomic_write_text
 
@@ -81,7 +82,7 @@ def read_five_by_200(path: str, name: str) -> tuple[list[str], list[Path], list[
     column = next((c for c in ("Path", "path", "imgpath") if c in frame.columns), None)
     absent = [c for c in FIVE_CLASSES if c not in frame.columns]
     if column is None or absent:
-        raise ValueError(f"{name}: {path} needs a Path column and the class columns {', '.join(FIVE_CLASSES)} "
+        raise InputError(f"{name}: {path} needs a Path column and the class columns {', '.join(FIVE_CLASSES)} "
                          f"(missing: {', '.join(absent) or 'Path'})")
     ids, images, labels, skips = [], [], [], SkipReport()
     for i, row in enumerate(frame.to_dict("records")):
@@ -151,7 +152,7 @@ def read_rsna(path: str) -> tuple[list[str], list[Path], list[int], SkipReport, 
         file = file / "stage_2_train_labels.csv"
     frame = read_table(file, "RSNA Pneumonia")
     if not {"patientId", "Target"} <= set(frame.columns):
-        raise ValueError(f"RSNA Pneumonia: {file} needs the columns patientId and Target")
+        raise InputError(f"RSNA Pneumonia: {file} needs the columns patientId and Target")
     target: dict[str, int | None] = {}
     skips = SkipReport()
     for i, row in enumerate(frame.to_dict("records")):

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fuselip_med.data.skips import SkipReport
+from fuselip_med.errors import InputError
 from fuselip_med.inference.items import EmbedItem
 
 from ..intervals import binomial_interval
@@ -26,7 +27,7 @@ __all__ = ["run"]
 def _from_folder(root: Path) -> dict[str, dict]:
     present = {kind: root / f"{kind}.json" for kind in EDIT_TYPES if (root / f"{kind}.json").is_file()}
     if not present:
-        raise ValueError(f"no RadCrepe file ({', '.join(f'{k}.json' for k in EDIT_TYPES)}) in {root}; write the set "
+        raise InputError(f"no RadCrepe file ({', '.join(f'{k}.json' for k in EDIT_TYPES)}) in {root}; write the set "
                          "with `fuselip-med data radcrepe`")
     return {kind: json.loads(path.read_text(encoding="utf-8")) for kind, path in present.items()}
 
@@ -63,7 +64,7 @@ def run(ctx: EvalContext) -> dict:
     ctx.add_skips(skips)
     scored = {k: v for k, v in per_edit.items() if v["n"]}
     if not scored:
-        raise ValueError(f"no RadCrepe item could be scored ({origin})")
+        raise InputError(f"no RadCrepe item could be scored ({origin})")
     metrics = {f"{k}_accuracy": v["accuracy"] for k, v in scored.items()}
     metrics["mean_accuracy"] = float(np.mean([v["accuracy"] for v in scored.values()]))
     metrics["chance"] = 0.5

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from fuselip_med.errors import InputError
 from fuselip_med.inference.items import EmbedItem
 
 from ..retrieval import evaluate_retrieval
@@ -37,7 +38,7 @@ def run_composed(ctx: EvalContext) -> dict:
         queries.append(EmbedItem(image=s.query.image, text=s.query.text))
         targets.append(EmbedItem(image=s.target.image))
     if not queries:
-        raise ValueError(f"{describe(source)} has no sample with query image, query text and target image")
+        raise InputError(f"{describe(source)} has no sample with query image, query text and target image")
     table = ctx.embedder.embed(queries + targets, desc="embedding composed")
     keep = [i for i in range(len(queries)) if queries[i].key in table and targets[i].key in table]
     for it in queries + targets:

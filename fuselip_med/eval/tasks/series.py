@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from fuselip_med.data.skips import SkipReport
+from fuselip_med.errors import InputError
 from fuselip_med.inference.items import EmbedItem
 
 from .context import EvalContext
@@ -38,13 +39,13 @@ def read_keyed_table(path: str, what: str) -> tuple[str, list[dict[str, str]]]:
     """(key column, rows) of a CSV keyed by ``VolumeName`` or ``series``; ``ValueError`` naming the file."""
     file = Path(path)
     if not file.is_file():
-        raise ValueError(f"{what} file {file} does not exist")
+        raise InputError(f"{what} file {file} does not exist")
     with open(file, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
         key = next((c for c in KEY_COLUMNS if c in columns), None)
         if key is None:
-            raise ValueError(f"{what} file {file} has no VolumeName or series column (columns: {', '.join(columns)})")
+            raise InputError(f"{what} file {file} has no VolumeName or series column (columns: {', '.join(columns)})")
         return key, [row for row in reader if row.get(key)]
 
 
@@ -69,7 +70,7 @@ def _match(rows: list[dict], key: str, vectors: dict, skips: SkipReport, what: s
         else:
             skips.add(row[key], what, "no series for this row")
     if not kept:
-        raise ValueError(f"no {what} row matches a series of the volumes ({skips.summary()})")
+        raise InputError(f"no {what} row matches a series of the volumes ({skips.summary()})")
     return kept
 
 
@@ -112,7 +113,7 @@ def run_retrieval(ctx: EvalContext) -> dict:
     key, rows = read_keyed_table(ctx.path("series_reports"), "reports")
     missing = [c for c in REPORT_COLUMNS if c not in rows[0]] if rows else list(REPORT_COLUMNS)
     if len(missing) == len(REPORT_COLUMNS):
-        raise ValueError(f"reports file {ctx.path('series_reports')} has neither {' nor '.join(REPORT_COLUMNS)}")
+        raise InputError(f"reports file {ctx.path('series_reports')} has neither {' nor '.join(REPORT_COLUMNS)}")
     vectors = _series_vectors(ctx, skips)
     rows = _match(rows, key, vectors, skips, "reports")
     texts = [" ".join((r.get(c) or "").strip() for c in REPORT_COLUMNS).strip() for r in rows]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fuselip_med.errors import InputError
 from fuselip_med.inference.items import EmbedItem
 
 from .context import EvalContext
@@ -47,7 +48,7 @@ def _image_root(root: Path) -> Path:
     for candidate in (root / "val2017", root / "images", root / "images" / "val2017", root):
         if candidate.is_dir() and (any(candidate.glob("*.jpg")) or any(candidate.glob("*.png"))):
             return candidate
-    raise ValueError(f"no COCO val2017 images under {root}: put them in {root / 'val2017'}")
+    raise InputError(f"no COCO val2017 images under {root}: put them in {root / 'val2017'}")
 
 
 def score_triples(ctx: EvalContext, entries: dict, images: Path, desc: str,
@@ -97,7 +98,7 @@ def run(ctx: EvalContext) -> dict:
     present = [s for s in SUBSETS if files[s] is not None]
     missing = {s: _absent_reason(root, s) for s in SUBSETS if files[s] is None}
     if not present:
-        raise ValueError(f"no SugarCrepe subset file ({', '.join(f'{s}.json' for s in SUBSETS)}) in {root}")
+        raise InputError(f"no SugarCrepe subset file ({', '.join(f'{s}.json' for s in SUBSETS)}) in {root}")
     images = _image_root(root)
     per_subset: dict[str, dict] = {}
     for subset in present:
@@ -108,7 +109,7 @@ def run(ctx: EvalContext) -> dict:
                 f"{n} {why}" for why, n in per_subset[subset]["skipped"].items()) + ")"
     acc = {s: r["accuracy"] for s, r in per_subset.items() if r["n"]}
     if not acc:
-        raise ValueError(f"no SugarCrepe image under {images} could be decoded")
+        raise InputError(f"no SugarCrepe image under {images} could be decoded")
     metrics = {f"{s}_accuracy": v for s, v in acc.items()}
     coverage = {"mean_accuracy": [len(acc), len(SUBSETS)]}
     for group in ("replace", "swap", "add"):

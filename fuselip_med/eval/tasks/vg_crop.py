@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from fuselip_med.errors import InputError
 from fuselip_med.inference.items import EmbedItem, sample_image_key
 
 from .context import EvalContext
@@ -66,7 +67,7 @@ def _score(ctx: EvalContext, images: list[list], protocol: str) -> dict:
     skipped: Counter = Counter()
     correct = score_pools(ctx, pools, "embedding VG-Crop", skipped, answers)
     if not len(correct):
-        raise ValueError("no VG-Crop pool could be scored")
+        raise InputError("no VG-Crop pool could be scored")
     single = sum(1 for regions in images if len(regions) == 1)
     return {"metrics": {"accuracy": float(correct.mean())}, "n": int(len(correct)), "n_images": len(images),
             "n_single_region_images": single, "n_correct": int(correct.sum()), "protocol": protocol,
@@ -78,7 +79,7 @@ def run(ctx: EvalContext) -> dict:
     source = ctx.source("vg_crop", group_size=1)
     images = image_groups(source, min_regions=1, n_images=ctx.opts.vg_images, close_last=False)
     if not images:
-        raise ValueError(f"no Visual Genome test image under {ctx.path('vg_crop')} keeps a region after the "
+        raise InputError(f"no Visual Genome test image under {ctx.path('vg_crop')} keeps a region after the "
                          "filters (the official loop never scores the file's last image)")
     return _score(ctx, images, PROTOCOL_OFFICIAL)
 
@@ -88,5 +89,5 @@ def run_multi(ctx: EvalContext) -> dict:
     source = ctx.source("vg_crop", group_size=1)
     images = image_groups(source, min_regions=2, n_images=ctx.opts.vg_images, close_last=True)
     if not images:
-        raise ValueError(f"no Visual Genome test image under {ctx.path('vg_crop')} has two or more regions")
+        raise InputError(f"no Visual Genome test image under {ctx.path('vg_crop')} has two or more regions")
     return _score(ctx, images, PROTOCOL_MULTI)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from fuselip_med.data.skips import SkipReport
+from fuselip_med.errors import InputError
 
 from ..vqa import evaluate_vqa_retrieval
 from .context import EvalContext
@@ -26,6 +27,6 @@ def run(ctx: EvalContext) -> dict:
     result["n_listed"] = len(source) + adapter_skips.total
     result["n_evaluated"] = result["n"]
     if not ctx.allow_partial and 2 * result["n_evaluated"] < result["n_listed"]:
-        raise ValueError(f"only {result['n_evaluated']} of the {result['n_listed']} VQA rows of {source.name} can "
+        raise InputError(f"only {result['n_evaluated']} of the {result['n_listed']} VQA rows of {source.name} can "
                          f"be evaluated (skipped: {result['skipped']}); fix the data, or pass --allow-partial.")
     return result
