@@ -105,7 +105,7 @@ def embed_rows(model, rows: list[EmbedRow], *, batch_size: int = 64, num_workers
     DICOM), with the inference engine's reason (``EmbeddingTable.name_skip``)."""
     items = [EmbedItem(image=r.image, text=r.text) for r in rows]
     table = embed_items(model, items, batch_size=batch_size, num_workers=num_workers, device=device,
-                        progress=progress)
+                        progress=progress, warn_skips=False)  # named in skips, by row id
     skips = skips if skips is not None else SkipReport()
     kept, vectors, failed = [], [], {}
     for row, item in zip(rows, items):

@@ -38,6 +38,7 @@ __all__ = [
     "file_record",
     "publish_directory",
     "remove_temp_files",
+    "same_file",
     "temp_directory",
 ]
 
@@ -98,6 +99,15 @@ def check_writable(folder: str | os.PathLike) -> Path:
         raise OutputError(error.errno, f"cannot write to {folder} ({error.strerror or error}); choose another output "
                                        "location or fix its permissions") from None
     return folder
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when ``a`` and ``b`` both exist and are one file (``os.path.samefile``: through symlinks, hard links
+    and other spellings of the path): an output that would replace an input."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _fsync_directory(directory: Path) -> None:

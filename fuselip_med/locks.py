@@ -5,15 +5,16 @@ The lock is an OS file lock (``filelock``: ``fcntl.flock`` on POSIX, ``msvcrt.lo
 file ``.<name>.lock`` of the folder or file written (a sibling, so a run directory can be renamed aside while
 locked). The kernel drops the lock when its process dies, however it dies, so a lock of a dead process never
 blocks anyone (stale locks recover by themselves). Beside it, ``.<name>.lock.holder`` says who holds it (pid,
-host, command, start time), written by the holder after it has the lock; a second writer either waits (the code
-cache: the other writer's rows are then reused) or refuses with one line naming the holder (``FolderBusyError``).
+host, the writer's name such as ``index build``, start time; never the command line, whose input paths may name
+patients: PS3.15 Annex E), written by the holder after it has the lock and removed before it lets go; a second
+writer either waits (the code cache: the other writer's rows are then reused) or refuses with one line naming the
+holder (``FolderBusyError``).
 """
 from __future__ import annotations
 
 import json
 import os
 import socket
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -82,10 +83,11 @@ def writer_lock(target: str | os.PathLike, what: str, *, wait: bool = False, wai
             raise FolderBusyError(f"{target} is still being written by {holder_of(target)} after "
                                   f"{wait_timeout_s / 60:g} min of waiting; let that {what} finish (or stop it), "
                                   f"or {advice}.") from None
+    holder = _holder_path(lock)
     try:
-        atomic_write_json(_holder_path(lock), {"pid": os.getpid(), "host": socket.gethostname(),
-                                               "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200]
-                                               or what, "since": time.time()}, indent=None)
+        atomic_write_json(holder, {"pid": os.getpid(), "host": socket.gethostname(), "command": what,
+                                   "since": time.time()}, indent=None)
         yield lock
     finally:
+        holder.unlink(missing_ok=True)  # while still held: a next holder's file is never removed
         handle.release()

@@ -256,6 +256,7 @@ def test_explain_command_overlays_a_dicom_through_its_window(tiny_dir, tmp_path)
     (["--text", "   "], "--text is empty"),
     (["--grid", "12"], "--grid 12: choose one of 8, 16"),
     (["--fill", "zeros"], "--fill 'zeros'"),
+    (["--frame", "-1"], "--frame -1: give a frame number, 0 or more"),  # was a ValueError traceback
 ])
 def test_explain_command_bad_options_are_one_line(tiny_dir, tmp_path, args, message):
     scan = tmp_path / "scan.png"
@@ -264,6 +265,48 @@ def test_explain_command_bad_options_are_one_line(tiny_dir, tmp_path, args, mess
     result = CliRunner().invoke(app, base + args)
     assert result.exit_code == 2 and message in result.output
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_a_fifo_or_folder_as_image_is_not_a_regular_file_in_explain_and_search(tiny_dir, tmp_path):
+    """explain --image/--query-image and search --image on a FIFO or a folder: one usage line saying "not a regular
+    file" (before: explain "empty file; the file has zero bytes", search "no such file"), checked before any
+    model or index is opened."""
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    scan = tmp_path / "scan.png"
+    Image.new("L", (64, 64), 90).save(scan)
+    runner = CliRunner()
+    explain_args = ["explain", "-m", str(tiny_dir), "--text", TEXT, "-o", str(tmp_path / "m.png")]
+    for args, flag in (([*explain_args, "--image", str(fifo)], "--image"),
+                       ([*explain_args, "--image", str(scan), "--query-image", str(tmp_path)], "--query-image"),
+                       (["search", "--index", str(tmp_path / "none"), "--image", str(fifo)], "--image")):
+        result = runner.invoke(app, args)
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1, result.output
+        assert f"{flag} " in lines[0] and "not a regular file" in lines[0], lines[0]
+    missing = runner.invoke(app, [*explain_args, "--image", str(tmp_path / "gone.png")])
+    assert missing.exit_code == 2 and "no such file" in missing.output
+    assert not (tmp_path / "m.png").exists()
+
+
+def test_explain_out_that_would_replace_an_input_image_is_refused(tiny_dir, tmp_path):
+    """-o the input image itself (or a sibling .npy/.json the map is written to): one usage line, the image kept
+    (before: the overlay replaced the scan)."""
+    scan = tmp_path / "scan.png"
+    Image.new("L", (64, 64), 90).save(scan)
+    before = scan.read_bytes()
+    query = tmp_path / "query.json"  # not an image, but an input the grid's .json would replace
+    query.write_bytes(before)
+    runner = CliRunner()
+    base = ["explain", "-m", str(tiny_dir), "--text", TEXT, "--image", str(scan)]
+    for extra, flag in ((["-o", str(scan)], "--image"),
+                        (["-o", str(tmp_path / "query.png"), "--query-image", str(query)], "--query-image")):
+        result = runner.invoke(app, [*base, *extra])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and f"would replace {flag}" in lines[0], result.output
+    assert scan.read_bytes() == before and query.read_bytes() == before
 
 
 def test_explain_command_bad_images_are_one_line(tiny_dir, tmp_path):

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import numpy as np
+import pydicom
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -53,8 +54,9 @@ def copying_writer(source_dir, perturb: bool):
     import onnx
     from onnx import numpy_helper
 
-    def write(model, directory, **_):
-        shutil.copytree(source_dir, directory, dirs_exist_ok=True)
+    def write(model, directory, **_):  # what write_export writes: no gate report or card
+        shutil.copytree(source_dir, directory, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("export_report.json", "README.md"))
         if perturb:
             path = directory / export_onnx.TITOK_GRAPH
             graph = onnx.load(str(path))
@@ -147,6 +149,65 @@ def test_cli_export_refuses_bad_settings_before_work(exported, tmp_path):
                                  "--reference-size", "2"])
     assert result.exit_code == 1 and "not an ONNX export" in result.output
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+    # checked before the model loads: a model that does not exist is not even looked at
+    result = runner.invoke(app, ["export", "-m", str(tmp_path / "no_model"), "--out", str(tmp_path / "busy")])
+    assert result.exit_code == 1 and "not an ONNX export" in result.output, result.output
+
+
+def test_cli_export_of_a_model_whose_config_is_empty_is_one_line_naming_config_json(exported, tmp_path):
+    """config.json `{}` names no architecture: one error line naming it (before: FuseLIP-S assumed, then a
+    many-hundred-key mismatch report of the weights)."""
+    _, model_dir, _, _, _ = exported
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    (model / "config.json").write_text("{}")
+    result = runner.invoke(app, ["export", "-m", str(model), "--out", str(tmp_path / "out")])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert f"{model / 'config.json'} is not a valid FuseLIPConfig: it names no architecture" in " ".join(lines)
+    assert not (tmp_path / "out").exists()
+
+
+def test_damaged_export_folders_are_one_error_line_naming_the_file(exported, tmp_path):
+    """--runtime onnx on a damaged export: a truncated graph, a folder with only config.json, the TiTok graph
+    copied over the encoder (with and without the gate's report), config.json without its fields, and a graph
+    changed after the gate (its sha256 no longer the recorded one): one `error:` line naming the file, exit 1
+    (before: InvalidProtobuf / FileNotFoundError / ValueError tracebacks)."""
+    root, _, _, _, _ = exported
+    folder = make_folder(tmp_path / "images")
+    good = root / "fp32"
+    assert "encoder.onnx" in json.loads((good / "export_report.json").read_text())["graphs"]
+    cases = {}
+
+    def copy(name):
+        shutil.copytree(good, tmp_path / name)
+        return tmp_path / name
+
+    truncated = copy("truncated")
+    (truncated / "encoder.onnx").write_bytes((good / "encoder.onnx").read_bytes()[:5000])
+    (truncated / "export_report.json").unlink()  # no recorded sha256: ONNX Runtime's own refusal is named
+    cases[truncated] = "encoder.onnx is not a readable ONNX graph"
+    config_only = tmp_path / "config_only"
+    config_only.mkdir()
+    shutil.copy(good / "config.json", config_only / "config.json")
+    cases[config_only] = "bpe_simple_vocab_16e6.txt.gz is missing"
+    swapped = copy("swapped")
+    shutil.copy(good / "titok.onnx", swapped / "encoder.onnx")
+    cases[swapped] = "encoder.onnx changed since the export passed its quality gate"
+    swapped_unrecorded = copy("swapped_unrecorded")
+    shutil.copy(good / "titok.onnx", swapped_unrecorded / "encoder.onnx")
+    (swapped_unrecorded / "export_report.json").unlink()
+    cases[swapped_unrecorded] = "encoder.onnx takes pixels, not input_ids"
+    empty_fields = copy("empty_fields")
+    (empty_fields / "config.json").write_text(json.dumps({"format": "fuselip_med-onnx"}))
+    cases[empty_fields] = "config.json is damaged"
+    for export, words in cases.items():
+        result = runner.invoke(app, ["embed", "--runtime", "onnx", "-m", str(export), "-i", str(folder), "-o",
+                                     str(tmp_path / "e.npy")])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error:"), result.output
+        assert words in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "e.npy").exists()
 
 
 @pytest.fixture(scope="module")
@@ -233,8 +294,39 @@ def test_calibration_folder_is_the_reference_set_and_undecodable_images_are_name
     (folder / "broken.png.txt").write_text("a broken file")
     reference = folder_reference(folder)
     assert len(reference) == 5 and tuple(reference.pixels.shape) == (5, 3, 256, 256)
-    assert "a red square" in reference.texts and list(reference.skipped) == ["broken.png"]
+    assert "a red square" in reference.texts
+    # the folder holds DICOM (ct.dcm), so a skipped file is named by a salted key, as embed names it
+    assert list(reference.skipped.values()) == ["corrupt image"]
+    assert all(key.startswith("file-") for key in reference.skipped)
     assert len(folder_reference(folder, limit=3)) <= 3
+    (folder / "ct.dcm").unlink()
+    assert list(folder_reference(folder).skipped) == ["broken.png"]  # no DICOM: relative paths, as embed keeps
+
+
+def test_cli_export_writes_no_path_of_a_calibration_file(exported, monkeypatch, tmp_path):
+    """A PACS export names folders and files after patients: export_report.json, the model card and config.json
+    name the folder the user typed and skipped files by salted keys, never a path inside the folder."""
+    root, model_dir, _, _, _ = exported
+    monkeypatch.setattr(export_onnx, "write_export", copying_writer(root / "fp32", perturb=False))
+    patient = make_folder(tmp_path / "calib" / "Doe_John")
+    other = pydicom.dcmread(patient / "ct.dcm")
+    other.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.77"
+    other.save_as(patient / "Doe_John_bad.dcm")
+    (patient / "Doe_John_bad.dcm").write_bytes((patient / "Doe_John_bad.dcm").read_bytes()[:-300])
+    (patient / "Doe_John_bad.dcm.txt").write_text("a truncated slice")
+    (patient / "Doe_John_broken.png").write_bytes(b"not a png")
+    (patient / "Doe_John_broken.png.txt").write_text("a broken file")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["export", "-m", str(model_dir), "--out", str(out), "--calibration",
+                                 str(tmp_path / "calib")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["reference"]["source"] == str(tmp_path / "calib") and report["reference"]["n_images"] == 5
+    assert sorted(report["reference"]["skipped"].values()) == ["corrupt image", "truncated image"]
+    assert sorted(key[:3] for key in report["reference"]["skipped"]) == ["fil", "im-"]
+    for written in out.iterdir():
+        if written.suffix in (".json", ".md"):
+            assert "Doe_John" not in written.read_text(), written.name
 
 
 def traced_writer(source_dir):

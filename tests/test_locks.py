@@ -232,3 +232,22 @@ def test_a_second_code_cache_build_waits_at_most_code_cache_wait_min_then_names_
     assert recipe_from_dict({**base, "train": {"steps": 1}}).train.code_cache_wait_min == 30
     with pytest.raises(ValueError, match="code_cache_wait_min"):
         recipe_from_dict({**base, "train": {"steps": 1, "code_cache_wait_min": 60}})
+
+
+def test_the_holder_file_names_the_writer_not_the_command_line_and_goes_with_the_lock(tmp_path, monkeypatch):
+    """The command line names inputs (``/data/Doe_John/PID12345``): the holder file keeps pid, host, the writer's
+    name and start time only, and is removed when the lock is released."""
+    import json
+
+    from fuselip_med.locks import holder_of, lock_path
+
+    monkeypatch.setattr(sys, "argv", ["fuselip-med", "index", "build", "-i", "/data/Doe_John/PID12345", "-o", "x"])
+    target = tmp_path / "index"
+    holder_file = lock_path(target).with_name(lock_path(target).name + ".holder")
+    with writer_lock(target, "index build"):
+        text = holder_file.read_text()
+        assert "Doe_John" not in text and "PID12345" not in text
+        assert set(json.loads(text)) == {"pid", "host", "command", "since"}
+        assert holder_of(target).startswith(f"process {os.getpid()} on ") and "(index build) since" in holder_of(target)
+    assert not holder_file.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".index.lock"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from typer.testing import CliRunner
@@ -240,6 +241,34 @@ def test_build_summarises_skips_in_one_line_and_names_every_one_in_skipped_csv(b
                                 str(tmp_path / "index"), "--device", "cpu"])
     assert again.exit_code == 0 and "skipped" not in again.output.lower().replace("skipped.csv", "")
     assert (tmp_path / "index" / "skipped.csv").read_text().splitlines() == ["id,source,reason,detail"]
+
+
+def test_a_file_name_that_is_not_utf8_is_one_named_skip_in_index_build_and_embed(built, tmp_path):
+    """POSIX file names are bytes: ``b'\\xe9t\\xe9.png'`` cannot be stored as UTF-8 text (parquet, JSON). Both
+    commands skip it as "file name is not valid UTF-8", named with its bytes escaped (before: index build ended in a
+    UnicodeEncodeError traceback, embed wrote the lone surrogates into ids.json)."""
+    import csv
+
+    from tests.search_helpers import write_png
+
+    root, _, model = built
+    images = tmp_path / "images"
+    images.mkdir()
+    write_png(images / "ok.png", (200, 10, 10))
+    write_png(images / "other.png", (10, 200, 10))
+    write_png(images / os.fsdecode(b"\xe9t\xe9.png"), (10, 10, 200))
+    built_index = runner.invoke(app, ["index", "build", "--model", str(model), "--input", str(images), "--out",
+                                      str(tmp_path / "index"), "--device", "cpu"])
+    assert built_index.exit_code == 0 and built_index.exception is None, built_index.output
+    assert sorted(open_index(tmp_path / "index").meta["id"]) == ["ok.png", "other.png"]
+    assert not (tmp_path / "index" / ".work").exists()
+    embedded = runner.invoke(app, ["embed", "--model", str(model), "--input", str(images), "--out",
+                                   str(tmp_path / "e.npy"), "--device", "cpu"])
+    assert embedded.exit_code == 0 and embedded.exception is None, embedded.output
+    assert json.loads((tmp_path / "e.ids.json").read_text(encoding="utf-8"))["ids"] == ["ok.png", "other.png"]
+    for listed in (tmp_path / "index" / "skipped.csv", tmp_path / "e.skipped.csv"):
+        rows = list(csv.DictReader(open(listed, encoding="utf-8")))
+        assert [(row["id"], row["reason"]) for row in rows] == [("\\xe9t\\xe9.png", "file name is not valid UTF-8")]
 
 
 def test_hits_without_a_caption_print_and_give_strict_json(built, tmp_path):

@@ -97,6 +97,33 @@ def test_incremental_add_remove_and_change_equal_a_fresh_build(folder, tmp_path)
     assert again.up_to_date and again.embedded_images == 0
 
 
+def test_images_that_fail_are_not_counted_as_embedded_here_or_elsewhere(folder, tmp_path):
+    """5 good images and 2 that do not decode: "embedded 5 (+0 elsewhere)", the 2 named as skipped (before:
+    the failures counted as embedded and "+-2 by other processes or an interrupted run")."""
+    for name in ("broken.png", "empty.png"):
+        (folder / name).write_bytes(b"not a png" if name == "broken.png" else b"")
+    report = build(folder, tmp_path / "index", chunk_size=2)
+    assert (report.embedded_images, report.embedded_elsewhere, report.n_rows) == (5, 0, 5)
+    assert sorted(report.skipped) == ["broken.png", "empty.png"]
+
+
+def test_index_build_and_embed_name_failed_images_without_a_warning_per_image(folder, tmp_path, caplog):
+    """The callers that name skips (skip summary + skipped.csv, by row id) get no console warning per image
+    keyed by its unsalted content hash; the engine's line stays at debug level."""
+    import logging
+
+    from fuselip_med.embed import EmbedRow, embed_rows
+
+    (folder / "broken.png").write_bytes(b"not a png")
+    with caplog.at_level(logging.DEBUG, logger="fuselip_med"):
+        report = build(folder, tmp_path / "index")
+        _, _, failed = embed_rows(PlantedEncoder(), [EmbedRow("broken.png", str(folder / "broken.png"), None)],
+                                  progress=False)
+    assert sorted(report.skipped) == ["broken.png"] and list(failed) == ["broken.png"]
+    skipping = [record for record in caplog.records if "skipping image" in record.getMessage()]
+    assert len(skipping) == 2 and {record.levelno for record in skipping} == {logging.DEBUG}
+
+
 KILLABLE = """
 import sys, time
 sys.path.insert(0, {root!r})

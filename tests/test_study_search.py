@@ -238,3 +238,28 @@ def test_key_object_selection_of_series_hits_needs_the_stored_files(tmp_path):
     uids = [{pydicom.dcmread(path).SOPInstanceUID for path in series["files"].values()} for series in (bright, dark)]
     assert len(referenced) == 2 and referenced[0] in uids[0] and referenced[1] in uids[1]  # rank order
     assert kos.StudyInstanceUID == pydicom.dcmread(query).StudyInstanceUID
+    again = ["search", "--index", str(tmp_path / "kept"), "--image", str(query), "--export-kos"]
+    replaced = runner.invoke(app, [*again, str(tmp_path / "kept.dcm"), "--force"])  # --force replaces a file
+    assert replaced.exit_code == 0, replaced.output
+    assert pydicom.dcmread(tmp_path / "kept.dcm").SOPInstanceUID != kos.SOPInstanceUID
+
+
+def test_export_kos_refuses_an_existing_file_a_folder_and_the_query_image_before_searching(tmp_path):
+    """--export-kos onto an existing file (a model's weights, the query image) or a folder: one error line and the
+    file unchanged; checked before the index is opened (here there is none). --force never replaces the query."""
+    from tests.search_helpers import write_ct
+
+    query = write_ct(tmp_path / "query.dcm")
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights")
+    before = query.read_bytes()
+    runner = CliRunner()
+    for target, extra, words in ((weights, [], "--force"), (query, [], "query image"),
+                                 (query, ["--force"], "query image"), (tmp_path, [], "folder"),
+                                 (tmp_path, ["--force"], "folder")):
+        result = runner.invoke(app, ["search", "--index", str(tmp_path / "no_index"), "--image", str(query),
+                                     "--export-kos", str(target), *extra])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error:"), result.output
+        assert words in lines[0], lines[0]
+    assert weights.read_bytes() == b"weights" and query.read_bytes() == before

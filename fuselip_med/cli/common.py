@@ -1,7 +1,11 @@
-"""What several command groups share: option help texts and loading a model for inference on a chosen device."""
+"""What several command groups share: option help texts, the check of an input image option, and loading a model
+for inference on a chosen device."""
 from __future__ import annotations
 
+import os
 from typing import Optional
+
+from fuselip_med.errors import UsageError
 
 BASE_HELP = "For a LoRA adapter: its base model (hub id or path), replacing the recorded one (moved or copied base)."
 MODEL_HELP = "Checkpoint: hub id, local directory, .pt file or LoRA adapter directory."
@@ -17,3 +21,13 @@ def load_inference_model(model: str, device: Optional[str], base: Optional[str] 
     from fuselip_med.core.loading import load_model
 
     return load_model(model, device or ("cuda" if torch.cuda.is_available() else "cpu"), base=base)
+
+
+def check_image_file(path: os.PathLike | str, flag: str) -> None:
+    """Raise ``UsageError`` (one line, exit 2) when the image named by option ``flag`` does not exist or is not a
+    regular file (a folder, FIFO, socket or device: reading a FIFO would block or look empty); symlinks are
+    followed. Nothing is opened."""
+    if not os.path.exists(path):
+        raise UsageError(f"{flag} {path}: no such file.")
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag} {path}: not a regular file (a folder, FIFO or device); give an image file.")

@@ -10,6 +10,7 @@ import typer
 
 from fuselip_med.cli import common
 from fuselip_med.errors import UsageError, UserError
+from fuselip_med.io import same_file
 
 __all__ = ["register"]
 
@@ -70,6 +71,15 @@ def explain(
         raise UsageError(f"--sanity-images {sanity_images}: give 0 or more.")
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: give 1 or more.")
+    if frame is not None and frame < 0:
+        raise UsageError(f"--frame {frame}: give a frame number, 0 or more (0 is the first frame).")
+    inputs = [(path, flag) for path, flag in ((image, "--image"), (query_image, "--query-image")) if path is not None]
+    for path, flag in inputs:
+        common.check_image_file(path, flag)
+    for written in (out, out.with_suffix(".npy"), out.with_suffix(".json")):
+        for path, flag in inputs:
+            if same_file(written, path):
+                raise UsageError(f"--out {out}: {written} would replace {flag} {path}; name another file.")
     _run(model, image, text, out, query_image, grid, fill, frame, batch_size, sanity, sanity_images, device, base)
 
 

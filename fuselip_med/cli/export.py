@@ -67,6 +67,7 @@ def export(
     from fuselip_med.export.gate import (
         ExportSetupError,
         Tolerances,
+        check_out,
         demo_reference,
         folder_reference,
         gated_export,
@@ -91,6 +92,7 @@ def export(
     if reference_size < 2:
         raise UsageError(f"--reference-size {reference_size}: use at least 2 images.")
     require_onnxruntime()
+    check_out(out)  # before the model loads (seconds): a folder that is not an export is refused at once
     tolerances = Tolerances.for_precision(precision, min_code_agreement=min_code_agreement, min_cosine=min_cosine,
                                           max_r1_change=max_r1_change)
     fuselip, _, _ = load_model(model, "cpu", base=base)

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from fuselip_med.cli.common import check_image_file
 from fuselip_med.cli.options import (
     DICOMWEB,
     DW_CA_BUNDLE,
@@ -129,7 +130,8 @@ def index_build(
 
         entries, listed_skips, fetched = dicomweb_entries(dicomweb, out, limit=limit, process=state, **options)
     else:
-        entries, listed_skips = list_entries(input, adapter=adapter, split=split, pseudonyms=pseudonyms)
+        entries, listed_skips = list_entries(input, adapter=adapter, split=split, pseudonyms=pseudonyms,
+                                             privacy=privacy)
     fuselip, model_id = load_for_runtime(model, runtime, device or state.device)
     console = Console()
     report = build_index(out, entries, fuselip, model_id, settings,
@@ -146,7 +148,7 @@ def index_build(
                   f"captions; embedded {report.embedded_images} images (+{report.embedded_elsewhere} by other "
                   f"processes or an interrupted run) and {report.embedded_captions} captions, "
                   f"reused {report.reused_images}, removed {report.removed}.", highlight=False)
-    skips = report.skips.extend(listed_skips)  # listing skips are counted, not named (e.g. unreadable rows)
+    skips = report.skips.extend(listed_skips)
     skips.unit = "images"
     listed = skips.write_csv(out / SKIPPED_CSV)  # this build's list, also when empty (no stale list is left)
     if skips.total:
@@ -225,7 +227,10 @@ def search(
     runtime: Optional[str] = QUERY_RUNTIME,
     export_kos: Optional[Path] = typer.Option(None, "--export-kos", help="Write the DICOM hits as a Key Object "
                                               "Selection document (\"Similar cases\", in the query's study) to this "
-                                              ".dcm file. It carries the real UIDs and patient module."),
+                                              ".dcm file. It carries the real UIDs and patient module. An "
+                                              "existing file is refused unless --force; the query image always."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --export-kos file (never the query "
+                               "image)."),
     stow: Optional[str] = typer.Option(None, "--stow", help="Store that Key Object Selection on this DICOMweb root "
                                        "with STOW-RS (credentials as for --dicomweb)."),
     user: Optional[str] = DW_USER,
@@ -241,7 +246,8 @@ def search(
       fuselip-med search --index my_index --image study.dcm --text "the same study, lateral view" --json\n
       fuselip-med search --index my_onnx_index --runtime onnx --model exports/rocov2-int8 --text "effusion"\n
       fuselip-med search --index ct_index --image query.dcm -k 5 --export-kos similar.dcm \\
-        --stow https://pacs/dicom-web --user alice
+        --stow https://pacs/dicom-web --user alice\n
+      fuselip-med search --index ct_index --image query.dcm --export-kos similar.dcm --force
     """
     from rich.console import Console
     from rich.table import Table
@@ -255,8 +261,12 @@ def search(
         raise UsageError(f"-k {k}: ask for at least one result.")
     if target not in ("image", "caption"):
         raise UsageError(f"--target {target!r}: choose image or caption.")
-    if image is not None and not image.is_file():
-        raise UsageError(f"--image {image}: no such file.")
+    if image is not None:
+        check_image_file(image, "--image")
+    if export_kos is not None:
+        from fuselip_med.search.kos import check_kos_target
+
+        check_kos_target(export_kos, image, force)
     opened = open_index(index)
     fuselip, _ = load_index_model(opened, model, runtime=runtime)
     hits = run_search(opened, fuselip, text=text, image=image, k=k, target=target)

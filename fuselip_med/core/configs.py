@@ -101,7 +101,11 @@ class FuseLIPConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FuseLIPConfig":
-        """Read our config.json or the released one (which recomputes the architecture from its size)."""
+        """Read our config.json or the released one (which recomputes the architecture from its size); one that
+        names no architecture (neither ``transformer_size`` nor width/heads/layers, e.g. ``{}``) is a
+        ``ValueError`` rather than a silent default size (reference-facts.md 3.1: both layouts carry it)."""
+        if "transformer_size" not in data and not {"width", "heads", "layers"} <= data.keys():
+            raise ValueError("it names no architecture (no transformer_size, nor width, heads and layers)")
         size = data.get("transformer_size", "small")
         titok_data = data.get("titok")
         titok = (

@@ -30,13 +30,13 @@ from typing import Any
 import torch
 
 from fuselip_med.errors import UserError
+from fuselip_med.export.onnx import REPORT_NAME
 from fuselip_med.export.quantize import Int8Settings
 from fuselip_med.io import atomic_write_json, publish_directory, temp_directory
 
 __all__ = ["CARD_NAME", "REPORT_NAME", "ExportRejected", "ExportResult", "Outputs", "ReferenceSet", "Tolerances",
-           "demo_reference", "folder_reference", "gated_export", "judge", "measure", "outputs"]
+           "check_out", "demo_reference", "folder_reference", "gated_export", "judge", "measure", "outputs"]
 
-REPORT_NAME = "export_report.json"
 CARD_NAME = "README.md"
 REJECTED_SUFFIX = ".rejected"
 ROW_KINDS = ("image", "text", "image+text")
@@ -131,12 +131,26 @@ def demo_reference(n: int = 200, image_size: int = 256, seed: int = 0) -> Refere
 def folder_reference(path: str | os.PathLike, image_size: int = 256, limit: int | None = None) -> ReferenceSet:
     """The captioned images of a folder (``<image>.txt`` captions) or CSV/TSV, read as ``embed --kind pair``
     reads them; the first ``limit`` rows when given. Images that do not decode are left out and named in
-    ``skipped``. Raises the adapter's errors for a missing or empty input, ``ExportSetupError`` with < 2 images."""
-    from fuselip_med.embed import open_input, rows_from_source
+    ``skipped`` by the rule of ``embed`` / ``index build`` (``embed.pseudonymize_rows``; PS3.15 Annex E: PACS
+    exports name folders after patients): a DICOM file by its salted instance key (``im-`` + 20 hex), and when
+    the set holds DICOM every other file by a salted ``file-`` key; a set without DICOM keeps relative paths.
+    The salt is fresh and not stored: the keys count and tell files apart, they name no patient. A second file
+    of one SOP Instance is skipped as ``duplicate instance``. Raises the adapter's errors for a missing or empty
+    input, ``ExportSetupError`` with < 2 images."""
+    from fuselip_med.data.phi import Pseudonyms
+    from fuselip_med.data.skips import SkipReport
+    from fuselip_med.embed import open_input, pseudonymize_rows, rows_from_source
 
-    rows = rows_from_source(open_input(path, "pair"), "pair")[:limit]
-    return _decoded([r.id for r in rows], [r.image for r in rows], [r.text or "" for r in rows], str(path),
-                    image_size)
+    pseudonyms, duplicates = Pseudonyms.fresh(), SkipReport()
+    rows = pseudonymize_rows(rows_from_source(open_input(path, "pair"), "pair")[:limit], pseudonyms,
+                             skips=duplicates)
+    reference = _decoded([r.id for r in rows], [r.image for r in rows], [r.text or "" for r in rows], str(path),
+                         image_size)
+    dicom_ids = {r.id for r in rows if r.dicom}
+    reference.skipped = {(id if not dicom_ids or id in dicom_ids else pseudonyms.key(id, "file-")): reason
+                         for id, reason in reference.skipped.items()}
+    reference.skipped.update((entry.id, entry.reason) for entry in duplicates.entries)
+    return reference
 
 
 # ------------------------------------------------------------------------------------------------ figures
@@ -259,9 +273,12 @@ class ExportResult:
     report: dict[str, Any]
 
 
-def _check_out(out: Path) -> None:
+def check_out(out: str | os.PathLike) -> None:
+    """Raise ``ExportSetupError`` when ``out`` exists and is neither an export (replaced) nor an empty folder;
+    the CLI calls it before loading the model, ``gated_export`` again before writing."""
     from fuselip_med.export.runtime import is_export_dir
 
+    out = Path(out)
     if out.exists() and not (out.is_dir() and (is_export_dir(out) or not any(out.iterdir()))):
         raise ExportSetupError(f"--out {out} exists and is not an ONNX export: choose a new or empty folder.")
 
@@ -298,11 +315,11 @@ def gated_export(model, out: str | os.PathLike, reference: ReferenceSet, *, sour
     """
     from fuselip_med.export.onnx import write_export
     from fuselip_med.export.quantize import calibration_inputs
-    from fuselip_med.export.runtime import OnnxFuseLIP, export_fingerprint
+    from fuselip_med.export.runtime import OnnxFuseLIP, graph_digests
 
     out = Path(out)
     tolerances = tolerances or Tolerances.for_precision(precision)
-    _check_out(out)
+    check_out(out)
     int8 = int8 or Int8Settings()
     if int8.titok_fp32_blocks > model.config.titok.layers:
         raise ExportSetupError(f"--titok-fp32-blocks {int8.titok_fp32_blocks}: this TiTok has "
@@ -323,7 +340,7 @@ def gated_export(model, out: str | os.PathLike, reference: ReferenceSet, *, sour
         failures = judge(figures, tolerances)
         report = {"passed": not failures, "failures": failures, "precision": precision,
                   "tolerances": asdict(tolerances), "figures": figures, "source": source,
-                  "fingerprint": export_fingerprint(staging),
+                  "fingerprint": candidate.fingerprint, "graphs": graph_digests(staging)[1],
                   "reference": {"source": reference.source, "n_images": len(reference),
                                 "skipped": reference.skipped},
                   "calibration": ({"source": calibration.source,

@@ -36,14 +36,16 @@ from fuselip_med.io import atomic_write_json
 if TYPE_CHECKING:
     from fuselip_med.export.quantize import CalibrationInputs, Int8Settings
 
-__all__ = ["EXPORT_CONFIG", "ENCODER_GRAPH", "FORMAT", "PRECISIONS", "TITOK_GRAPH", "export_graphs", "graph_signatures",
-           "write_export"]
+__all__ = ["EXPORT_CONFIG", "ENCODER_GRAPH", "FORMAT", "PRECISIONS", "REPORT_NAME", "TITOK_GRAPH", "export_graphs",
+           "graph_signatures", "write_export"]
 
 FORMAT = "fuselip_med-onnx"
 FORMAT_VERSION = 1
 TITOK_GRAPH = "titok.onnx"
 ENCODER_GRAPH = "encoder.onnx"
 EXPORT_CONFIG = "config.json"
+#: The quality gate's report (``export.gate``), which records each graph's sha256 (``graphs``).
+REPORT_NAME = "export_report.json"
 BPE_FILE = Path(DEFAULT_BPE_PATH).name
 BPE_LICENSE = "LICENSE-CLIP-BPE.txt"
 PRECISIONS = ("fp32", "int8")

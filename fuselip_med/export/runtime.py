@@ -21,16 +21,21 @@ from fuselip_med.core.fuselip import JointInputs
 from fuselip_med.core.text_tokenizer import TextTokenizer
 from fuselip_med.core.titok import check_pixels
 from fuselip_med.errors import UserError
-from fuselip_med.export.onnx import ENCODER_GRAPH, EXPORT_CONFIG, FORMAT, TITOK_GRAPH
+from fuselip_med.export.onnx import ENCODER_GRAPH, EXPORT_CONFIG, FORMAT, REPORT_NAME, TITOK_GRAPH
 
-__all__ = ["RUNTIMES", "ExportNotFoundError", "OnnxFuseLIP", "RuntimeChoiceError", "export_fingerprint",
-           "is_export_dir", "load_for_runtime", "require_onnxruntime"]
+__all__ = ["RUNTIMES", "ExportDamagedError", "ExportNotFoundError", "OnnxFuseLIP", "RuntimeChoiceError",
+           "export_fingerprint", "graph_digests", "is_export_dir", "load_for_runtime", "require_onnxruntime"]
 
 RUNTIMES = ("pytorch", "onnx")
 
 
 class ExportNotFoundError(UserError, ValueError):
     """``--runtime onnx`` was given a path that is not an export written by ``fuselip-med export``."""
+
+
+class ExportDamagedError(UserError, ValueError):
+    """An export folder whose config.json, tokenizer file or graph is missing, unreadable, or changed since the
+    quality gate recorded it (the message names the file)."""
 
 
 class RuntimeChoiceError(UserError, ValueError):
@@ -56,33 +61,101 @@ def is_export_dir(path: str | os.PathLike) -> bool:
         return False
 
 
-def export_fingerprint(directory: str | os.PathLike) -> str:
-    """sha256 hex digest of an export's graphs (both ``.onnx`` files, in a fixed order): two exports with the same
-    bytes get the same fingerprint, a changed weight gives another."""
-    digest = hashlib.sha256()
+def graph_digests(directory: str | os.PathLike) -> tuple[str, dict[str, str]]:
+    """(the export fingerprint, {graph file: sha256 hex of its bytes}) of an export's two graphs, read once.
+
+    The fingerprint is sha256 over each graph's name and bytes in a fixed order (titok, encoder): two exports with
+    the same bytes get the same fingerprint, a changed weight gives another. Raises ``OSError`` for a missing or
+    unreadable graph."""
+    combined, each = hashlib.sha256(), {}
     for name in (TITOK_GRAPH, ENCODER_GRAPH):
-        digest.update(name.encode())
+        combined.update(name.encode())
+        own = hashlib.sha256()
         with open(Path(directory) / name, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+                combined.update(block)
+                own.update(block)
+        each[name] = own.hexdigest()
+    return combined.hexdigest(), each
 
 
-def _session(path: Path, threads: int | None):
+def export_fingerprint(directory: str | os.PathLike) -> str:
+    """sha256 hex digest of an export's graphs (``graph_digests``' fingerprint)."""
+    return graph_digests(directory)[0]
+
+
+def _onnxruntime_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions ONNX Runtime raises for a graph it cannot load (its C++ status codes as Python classes)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return tuple(getattr(state, name) for name in ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf",
+                                                   "NoModel", "NoSuchFile", "NotImplemented", "RuntimeException")
+                 if hasattr(state, name))
+
+
+def _session(path: Path, threads: int | None, input_name: str):
+    """An ONNX Runtime CPU session of the graph at ``path``, whose one input must be ``input_name``; raises
+    ``ExportDamagedError`` naming the file when it does not load or takes another input."""
     ort = require_onnxruntime()
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3  # errors only: no notes about unused initializers
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except _onnxruntime_errors() as error:
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise ExportDamagedError(f"{path} is not a readable ONNX graph ({reason}); write the export again with "
+                                 "`fuselip-med export`.") from None
+    inputs = [node.name for node in session.get_inputs()]
+    if inputs != [input_name]:
+        raise ExportDamagedError(f"{path} takes {', '.join(inputs) or 'no input'}, not {input_name}: it is not the "
+                                 f"{path.name} of an export; write the export again with `fuselip-med export`.")
+    return session
+
+
+def _export_config(directory: Path) -> dict[str, Any]:
+    """config.json of an export with the fields the runtime reads checked; ``ExportDamagedError`` naming it."""
+    path = directory / EXPORT_CONFIG
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        FuseLIPConfig.from_dict(config["model"])
+        tokenizer = config["tokenizer"]
+        missing = [f"tokenizer.{key}" for key in ("bpe", "context_length", "mask_token") if key not in tokenizer]
+        missing += [key for key in ("precision",) if key not in config]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        missing = [f"{type(error).__name__}: {error}"]
+    if missing:
+        raise ExportDamagedError(f"{path} is damaged ({', '.join(missing)} missing or unreadable); write the export "
+                                 "again with `fuselip-med export`.")
+    return config
+
+
+def _check_recorded_digests(directory: Path, digests: dict[str, str]) -> None:
+    """Compare the graphs with the sha256 the quality gate recorded (``export_report.json`` ``graphs``; an
+    export without a report is not checked); ``ExportDamagedError`` names each changed graph."""
+    try:
+        recorded = json.loads((directory / REPORT_NAME).read_text(encoding="utf-8")).get("graphs")
+    except (OSError, ValueError, AttributeError):
+        return
+    if not isinstance(recorded, dict):
+        return
+    changed = [name for name, digest in digests.items() if recorded.get(name) not in (None, digest)]
+    if changed:
+        raise ExportDamagedError(f"{', '.join(str(directory / name) for name in changed)} changed since the export "
+                                 f"passed its quality gate (sha256 differs from {REPORT_NAME}); write the export "
+                                 "again with `fuselip-med export`.")
 
 
 class OnnxFuseLIP(JointInputs):
     """A FuseLIP export (``fuselip-med export``) run with ONNX Runtime; ``encode`` as ``FuseLIP.encode``.
 
     ``threads``: ONNX Runtime intra-op threads (default: its own choice, one per physical core).
-    Raises ``ExportNotFoundError`` when ``directory`` is not an export.
+    ``fingerprint``: ``export_fingerprint`` of the graphs, read at load. Raises ``ExportNotFoundError`` when
+    ``directory`` is not an export, ``ExportDamagedError`` naming the file when its config.json, BPE file or a
+    graph is missing or unreadable, a graph is not the one its name says, or a graph's sha256 differs from the one
+    the quality gate recorded (export_report.json).
     """
 
     def __init__(self, directory: str | os.PathLike, threads: int | None = None):
@@ -90,15 +163,21 @@ class OnnxFuseLIP(JointInputs):
         if not is_export_dir(self.directory):
             raise ExportNotFoundError(f"{self.directory} is not an ONNX export (no config.json of format {FORMAT}); "
                                       "write one with `fuselip-med export -m MODEL --out DIR`.")
-        self.export_config: dict[str, Any] = json.loads((self.directory / EXPORT_CONFIG).read_text())
+        self.export_config: dict[str, Any] = _export_config(self.directory)
         self.config = FuseLIPConfig.from_dict(self.export_config["model"])
         tokenizer = self.export_config["tokenizer"]
+        needed = [self.directory / name for name in (tokenizer["bpe"], TITOK_GRAPH, ENCODER_GRAPH)]
+        for path in needed:
+            if not path.is_file():
+                raise ExportDamagedError(f"{path} is missing from the export; write the export again with "
+                                         "`fuselip-med export`.")
+        self.fingerprint, digests = graph_digests(self.directory)
+        _check_recorded_digests(self.directory, digests)
         self.tokenizer = TextTokenizer(context_length=tokenizer["context_length"],
-                                       add_mask_token=tokenizer["mask_token"],
-                                       bpe_path=self.directory / tokenizer["bpe"])
+                                       add_mask_token=tokenizer["mask_token"], bpe_path=needed[0])
         self.device = torch.device("cpu")
-        self._titok = _session(self.directory / TITOK_GRAPH, threads)
-        self._encoder = _session(self.directory / ENCODER_GRAPH, threads)
+        self._titok = _session(self.directory / TITOK_GRAPH, threads, "pixels")
+        self._encoder = _session(self.directory / ENCODER_GRAPH, threads, "input_ids")
 
     @property
     def precision(self) -> str:
@@ -159,7 +238,7 @@ def load_for_runtime(name: str | os.PathLike, runtime: str = "pytorch", device: 
             raise RuntimeChoiceError("--base applies to LoRA adapters; an ONNX export already holds the merged "
                                      "weights.")
         model = OnnxFuseLIP(name)
-        return model, ModelId(str(name), export_fingerprint(name), "onnx")
+        return model, ModelId(str(name), model.fingerprint, "onnx")
     from fuselip_med.core.loading import load_model
 
     model, _, _ = load_model(name, device or ("cuda" if torch.cuda.is_available() else "cpu"), base=base)

@@ -93,6 +93,8 @@ class Embedder:
     ``decode_image`` with ``decode_options`` (an evaluation's own preprocessing; it signals a bad image by
     raising ``ImageDecodeError``). ``on_error``: ``"skip"`` records images that fail to decode in
     ``table.failed`` (their reason) and leaves them out; ``"raise"`` raises the ``ImageDecodeError``.
+    ``warn_skips``: log each skipped image as a warning (keyed by its content hash); ``False`` when the caller
+    names the failures itself from ``table.failed`` (a skip summary and skipped.csv), which logs them at debug.
     ``image_codes``: optional mapping image key -> precomputed TiTok code ids (``[128]`` int64); images found
     there skip decoding and are passed to the model as ``image_ids``. ``shard``: under several processes
     (``torch.distributed``) each embeds every world-th new item and the rows are exchanged, so every process
@@ -103,7 +105,7 @@ class Embedder:
     def __init__(self, model, *, batch_size: int = 64, num_workers: int = 0, device=None,
                  decode: Callable | None = None, decode_options=None, on_error: str = "skip",
                  progress: bool = True, image_codes: dict[str, torch.Tensor] | None = None,
-                 shard: bool = False):
+                 shard: bool = False, warn_skips: bool = True):
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
         if batch_size < 1:
@@ -118,6 +120,7 @@ class Embedder:
         self.progress = progress
         self.image_codes = image_codes or {}
         self.shard = shard
+        self.warn_skips = warn_skips
         self.table = EmbeddingTable.empty()
 
     def fresh(self) -> Embedder:
@@ -189,7 +192,8 @@ class Embedder:
                 if self.on_error == "raise":
                     raise skip.error or ImageDecodeError(skip.reason, str(it.image_key), skip.detail)
                 failed[it.key] = skip.reason
-                log.warning("skipping image %s: %s", it.image_key, skip.reason)
+                log.log(logging.WARNING if self.warn_skips else logging.DEBUG, "skipping image %s: %s",
+                        it.image_key, skip.reason)
                 continue
             if pending and pending[0][0].kind != it.kind:
                 yield flush()
@@ -243,10 +247,10 @@ def _embed_here(emb: Embedder, items: list[EmbedItem], desc: str) -> EmbeddingTa
 
 def embed_items(model, items: Sequence[EmbedItem], *, batch_size: int = 64, num_workers: int = 0,
                 device=None, decode: Callable | None = None, decode_options=None, on_error: str = "skip",
-                progress: bool = True, image_codes: dict | None = None) -> EmbeddingTable:
+                progress: bool = True, image_codes: dict | None = None, warn_skips: bool = True) -> EmbeddingTable:
     """Embed each unique item once; returns the :class:`EmbeddingTable` (look rows up by ``item.key``).
 
     Arguments as :class:`Embedder`'s; raises ``ImageDecodeError`` with ``on_error="raise"``."""
     return Embedder(model, batch_size=batch_size, num_workers=num_workers, device=device, decode=decode,
                     decode_options=decode_options, on_error=on_error, progress=progress,
-                    image_codes=image_codes).embed(items)
+                    image_codes=image_codes, warn_skips=warn_skips).embed(items)

@@ -230,7 +230,7 @@ class IndexEntry:
 
 def list_entries(input: str | os.PathLike, adapter: str = "folder", split: str = "train",
                  pseudonyms: Pseudonyms | None = None, privacy: PrivacyOptions = PrivacyOptions(),
-                 **adapter_options: Any) -> tuple[list[IndexEntry], collections.Counter]:
+                 **adapter_options: Any) -> tuple[list[IndexEntry], SkipReport]:
     """The images (with their captions where present) a dataset adapter lists, as ``embed`` reads them.
 
     ``adapter``: a registered adapter name (``folder``/``csv`` for folders incl. DICOM and CSV/TSV tables,
@@ -238,7 +238,8 @@ def list_entries(input: str | os.PathLike, adapter: str = "folder", split: str =
     ``dicom``) and, where ids are paths (``folder``/``csv``), named by salted instance keys
     (``embed.pseudonymize_rows``). Without ``pseudonyms``, a folder/CSV listing DICOM files is refused
     (``UsageError``: their paths would be the ids, and stored; PS3.15 Annex E) unless ``privacy.keep_paths``
-    asks for exactly that. Returns (entries sorted by id, skip counts by reason incl. the adapter's own). Raises
+    asks for exactly that. Returns (entries sorted by id, a ``SkipReport`` naming the adapter's skips too; with
+    DICOM found and paths not kept, skips named by path get salted ``file-`` keys as in ``embed``). Raises
     ``DatasetEmptyError``/``FileNotFoundError`` from the adapter and ``KeyError`` for an unknown adapter.
     """
     from fuselip_med.data.adapters import get_adapter
@@ -249,7 +250,7 @@ def list_entries(input: str | os.PathLike, adapter: str = "folder", split: str =
         adapter_options.setdefault("require_caption", False)  # captions are optional: the second text index
     source = get_adapter(adapter)(str(input), split=split, **adapter_options)
     captions = {row.id: row.text for row in rows_from_source(source, "text")}
-    skipped: collections.Counter = collections.Counter(getattr(source, "skipped", {}))
+    skipped = SkipReport.merged([getattr(source, "skipped", None)])
     rows = rows_from_source(source, "image")
     for row in rows:
         row.text = captions.get(row.id) or None
@@ -261,13 +262,11 @@ def list_entries(input: str | os.PathLike, adapter: str = "folder", split: str =
                              "salt to build_index) so they are named by salted instance keys, not by their paths "
                              "(PACS exports name folders after patients), or privacy=PrivacyOptions(keep_paths=True)")
     if pseudonyms is not None:
-        duplicates = SkipReport()
-        rows = pseudonymize_rows(rows, pseudonyms, skips=duplicates, rename=adapter in ("folder", "csv"))
-        skipped.update(duplicates.counts)
+        rows = pseudonymize_rows(rows, pseudonyms, privacy, skips=skipped, rename=adapter in ("folder", "csv"))
     entries: dict[str, IndexEntry] = {}
     for row in rows:
         if row.id in entries:
-            skipped["duplicate id"] += 1
+            skipped.add(row.id, source.name, "duplicate id")
             continue
         entries[row.id] = IndexEntry(row.id, row.image, row.text, "dicom" if row.dicom else source.name, row.dicom)
     return [entries[k] for k in sorted(entries)], skipped
@@ -406,7 +405,8 @@ class BuildReport:
     id, source (the file, or ``input`` for DICOM), reason, as ``embed`` and ``eval`` name theirs) are filled by
     the main process.
 
-    ``embedded_*`` count this process's work; ``embedded_elsewhere`` the new image vectors the main process
+    ``embedded_*`` count the vectors this process made (an image that failed to decode is not counted: it is in
+    ``skipped``); ``embedded_elsewhere`` the new image vectors the main process
     took from chunks written by other processes or by an earlier, interrupted run of the same build. In a
     series/study index the items are series (``embedded_images``, ``reused_images``, ``embedded_elsewhere``
     count series) and ``n_slices`` counts the slices kept.
@@ -510,8 +510,9 @@ def _read_chunks(work: Path, kind: str) -> tuple[dict[str, np.ndarray], dict[str
 
 
 def _embed_chunk(model, kind: str, keys: list[str], source: dict[str, Any], settings: IndexSettings,
-                 path: Path) -> None:
-    """Embed one chunk (images by content hash, or caption texts) and write it atomically to ``path``."""
+                 path: Path) -> int:
+    """Embed one chunk (images by content hash, or caption texts) and write it atomically to ``path``; returns
+    how many of ``keys`` got a vector (the others are recorded as failed)."""
     from fuselip_med.inference.engine import embed_items
     from fuselip_med.inference.items import EmbedItem
 
@@ -519,11 +520,13 @@ def _embed_chunk(model, kind: str, keys: list[str], source: dict[str, Any], sett
         items = [EmbedItem.of_image(source[k], key=k) for k in keys]
     else:
         items = [EmbedItem.of_text(source[k]) for k in keys]
-    table = embed_items(model, items, batch_size=settings.batch_size, progress=False)
+    table = embed_items(model, items, batch_size=settings.batch_size, progress=False,
+                        warn_skips=False)  # failures go to the chunk, then skipped.csv and the summary line
     done = [(k, it.key) for k, it in zip(keys, items) if it.key in table]
     vectors = table.lookup([key for _, key in done]).numpy() if done else np.zeros((0, 0), np.float32)
     failed = [(k, str(table.failed.get(it.key, "not embedded"))) for k, it in zip(keys, items) if it.key not in table]
     _write_chunk(path, [k for k, _ in done], vectors, failed)
+    return len(done)
 
 
 def _write_chunk(path: Path, keys: list[str], vectors: np.ndarray, failed: list[tuple[str, str]]) -> None:
@@ -618,17 +621,24 @@ def _build(out: Path, entries: Sequence[IndexEntry], model, model_id: ModelId, s
     images = {digest: entry.image for entry, digest, _, _ in hashed}
     texts = {text_hash(entry.caption): entry.caption for entry, _, _, _ in hashed if entry.caption}
 
+    embedded: collections.Counter = collections.Counter()  # vectors this process made, per kind (not failures)
+
+    def embed_and_count(model, kind, keys, source, settings, path) -> None:
+        embedded[kind] += _embed_chunk(model, kind, keys, source, settings, path)
+
     bar = _progress(progress and process.is_main)
     with bar:
-        report.embedded_images = _embed_missing(model, "image", list(images), set(stored), images, settings, work,
-                                                process, bar)
-        report.embedded_captions = _embed_missing(model, "caption", list(texts), set(stored_captions), texts,
-                                                  settings, work, process, bar)
+        _embed_missing(model, "image", list(images), set(stored), images, settings, work, process, bar,
+                       embed_and_count)
+        _embed_missing(model, "caption", list(texts), set(stored_captions), texts, settings, work, process, bar,
+                       embed_and_count)
+    report.embedded_images, report.embedded_captions = embedded["image"], embedded["caption"]
     process.barrier()
     if not process.is_main:
         return report
 
     new_images, failed_images = _read_chunks(work, "image")
+    # this process's vectors are among the new ones, so the rest (other processes, an interrupted run) is >= 0
     report.embedded_elsewhere = sum(1 for k in new_images if k in images and k not in stored) - report.embedded_images
     new_captions, _ = _read_chunks(work, "caption")
     image_vectors = {**stored, **new_images}

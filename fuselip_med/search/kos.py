@@ -23,7 +23,7 @@ from pathlib import Path
 
 from fuselip_med.errors import UserError
 
-__all__ = ["KosError", "SIMILAR_CASES", "similar_cases_kos", "stow_kos", "write_kos"]
+__all__ = ["KosError", "SIMILAR_CASES", "check_kos_target", "similar_cases_kos", "stow_kos", "write_kos"]
 
 SIMILAR_CASES = "Similar cases"
 # Patient and study attributes highdicom copies from the first evidence item (highdicom.ko.sop).
@@ -32,7 +32,26 @@ _INHERITED = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "Acc
 
 
 class KosError(UserError, ValueError):
-    """No hit is a DICOM instance (nothing a KOS could reference), or the query image cannot be read."""
+    """No hit is a DICOM instance (nothing a KOS could reference), the query image cannot be read, or the file to
+    write is a folder, the query image or (without ``force``) an existing file."""
+
+
+def check_kos_target(path: str | os.PathLike, query_image: str | os.PathLike | None = None,
+                     force: bool = False) -> None:
+    """Refuse, before any search work, a KOS target that would destroy data: a folder, the query image itself
+    (even with ``force``), or any other existing file unless ``force`` (it would be replaced). Raises
+    ``KosError`` naming the target."""
+    from fuselip_med.io import same_file
+
+    path = Path(path)
+    if path.is_dir():
+        raise KosError(f"--export-kos {path} is a folder; name the .dcm file to write.")
+    if not path.exists():
+        return
+    if query_image is not None and same_file(path, query_image):
+        raise KosError(f"--export-kos {path} is the query image; name another file (--force never replaces it).")
+    if not force:
+        raise KosError(f"--export-kos {path} exists; name a new file, or pass --force to replace it.")
 
 
 def _header(path: str | os.PathLike):

@@ -37,7 +37,11 @@ from . import (
     undecodable_reason,
 )
 
-__all__ = ["FolderSource", "check_image_path", "folder", "normalize_modality"]
+__all__ = ["NON_UTF8_NAME", "FolderSource", "check_image_path", "folder", "normalize_modality"]
+
+#: The skip reason of a file whose name is not valid UTF-8 (POSIX names are bytes): ``embed`` and ``index build``
+#: store ids and paths as UTF-8 text (JSON, parquet), so such a file is skipped, named with its bytes escaped.
+NON_UTF8_NAME = "file name is not valid UTF-8"
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom", ".ima")
 _SEP_NAMES = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";"}
@@ -306,6 +310,12 @@ def _resolve(written: str, image_root: Path | None, folder: Path) -> str:
 # ----------------------------------------------------------------------------------------- sidecar folders
 
 
+def _escaped(name: str) -> str:
+    """A file name as UTF-8 text with its undecodable bytes written ``\\xe9`` (``os.fsencode`` +
+    ``backslashreplace``): how a skip names a file whose name is not valid UTF-8."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def _sidecar_names(image: str) -> tuple[str, str]:
     return image + ".txt", os.path.splitext(image)[0] + ".txt"
 
@@ -338,6 +348,9 @@ def _read_sidecars(root: Path, strict: bool, skipped: SkipReport, *, roots: list
         for filename in sorted(filenames):
             path = os.path.join(dirpath, filename)
             rel = Path(path).relative_to(root).as_posix()
+            if has_undecodable(rel):  # ids, paths and thumbnails are stored as UTF-8 text (parquet, JSON)
+                skip_or_raise(skipped, strict, NON_UTF8_NAME, _escaped(path), "rename it", id=_escaped(rel))
+                continue
             problem = check_image_path(path, roots)
             if problem is not None:
                 skip_or_raise(skipped, strict, problem[0], path, problem[1], id=rel)
