@@ -420,3 +420,27 @@ def test_multi_window_rendering_of_nan_voxels_is_black_without_a_cast_warning(tm
         warnings.simplefilter("error")
         image = render_slice(series.slices[1], Rendering.parse("multi"))
     assert image.shape == (4, 4, 3) and (image[3, 3] == 0).all() and (image[0, 0] > 0).all()
+
+
+def test_a_series_that_fails_is_not_counted_as_embedded_here_or_elsewhere(tmp_path):
+    """One good series and one whose sampled slice is truncated: the build said "embedded 2 series (+-1 from an
+    interrupted run)" (the failed series was counted as embedded). Now: embedded 1, +0."""
+    import torch
+    from typer.testing import CliRunner
+
+    from fuselip_med.cli import app
+    from fuselip_med.core.fuselip import FuseLIP, FuseLIPConfig
+    from fuselip_med.core.pretrained import save_pretrained
+    from tests.study_helpers import ct_slice
+
+    ct_series(tmp_path / "exam" / "good", n=3, study_uid="1.8.1", series_uid="1.8.1.1")
+    bad = ct_series(tmp_path / "exam" / "bad", n=3, study_uid="1.8.2", series_uid="1.8.2.1")
+    ct_slice(bad["files"][0.0], 0.0, study_uid="1.8.2", series_uid="1.8.2.1", instance_number=3, truncate=True)
+    torch.manual_seed(0)
+    save_pretrained(FuseLIP(FuseLIPConfig.from_size("tiny")).eval(), tmp_path / "tiny")
+    built = CliRunner().invoke(app, ["index", "build", "-m", str(tmp_path / "tiny"), "-i", str(tmp_path / "exam"),
+                                     "--unit", "series", "--slices", "2", "--device", "cpu", "-o",
+                                     str(tmp_path / "index")])
+    text = " ".join(built.output.split())
+    assert built.exit_code == 0, built.output
+    assert "embedded 1 series (+0 from an interrupted run)" in text and "+-" not in text

@@ -850,10 +850,11 @@ def series_digest(series, unit_settings: dict) -> str:
 
 
 def _embed_series_chunk(model, kind: str, keys: list[str], source: dict[str, Any], settings: IndexSettings,
-                        path: Path, *, options, out: Path, privacy: PrivacyOptions) -> None:
+                        path: Path, *, options, out: Path, privacy: PrivacyOptions) -> int:
     """Embed the series of one chunk (``source``: {digest: Series}) through their sampled slices
     (``inference.units.embed_series``), write their thumbnails under ``thumbs/`` (``<slice key>.png``; none at burned-in
-    risk unless ``privacy.allow_burned_in``) and the chunk (one key ``<digest>#<n>#<slice key>`` per slice)."""
+    risk unless ``privacy.allow_burned_in``) and the chunk (one key ``<digest>#<n>#<slice key>`` per slice); returns
+    how many series were embedded (the failed ones are in the chunk, not counted)."""
     from fuselip_med.inference.units import embed_series
 
     slice_keys, vectors, failed = [], [], []
@@ -873,6 +874,7 @@ def _embed_series_chunk(model, kind: str, keys: list[str], source: dict[str, Any
         vectors.append(done[0].slice_vectors)
     dim = vectors[0].shape[-1] if vectors else 0
     _write_chunk(path, slice_keys, np.concatenate(vectors) if vectors else np.zeros((0, dim)), failed)
+    return len(vectors)
 
 
 def _stored_series(previous: SearchIndex | None, unit: str) -> dict[str, tuple[list[str], np.ndarray]]:
@@ -924,7 +926,6 @@ def _build_units(out: Path, series: Sequence, model, model_id: ModelId, unit: st
                  progress: bool) -> BuildReport:
     """``build_unit_index``'s work, under the lock."""
     import dataclasses
-    import functools
 
     import pandas as pd
     import pyarrow as pa
@@ -948,10 +949,16 @@ def _build_units(out: Path, series: Sequence, model, model_id: ModelId, unit: st
                 skips.add(item.key, f"study {item.study_key}", f"cannot read the file ({error.strerror or error})")
     stored = _stored_series(previous, unit)
     chunking = dataclasses.replace(settings, chunk_size=max(1, settings.chunk_size // options.slices))
-    embed_chunk = functools.partial(_embed_series_chunk, options=options, out=out, privacy=privacy)
+    embedded_here = 0
+
+    def embed_chunk(*args) -> None:  # counts the series embedded, not the ones attempted
+        nonlocal embedded_here
+        embedded_here += _embed_series_chunk(*args, options=options, out=out, privacy=privacy)
+
     with _progress(progress) as bar:
-        report.embedded_images = _embed_missing(model, "series", list(listed), set(stored), listed, chunking, work,
-                                                _Process(), bar, embed_chunk, lambda k: k.split("#", 1)[0])
+        _embed_missing(model, "series", list(listed), set(stored), listed, chunking, work, _Process(), bar,
+                       embed_chunk, lambda k: k.split("#", 1)[0])
+    report.embedded_images = embedded_here
     chunk_vectors, failed = _read_chunks(work, "series")
     fresh: dict[str, list[tuple[str, str, np.ndarray]]] = {}
     for key, vector in sorted(chunk_vectors.items()):
