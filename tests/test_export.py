@@ -119,6 +119,10 @@ def test_perturbed_weights_are_caught_and_nothing_final_is_written(exported, mon
     report = json.loads((tmp_path / "out.rejected" / "export_report.json").read_text())
     assert not report["passed"] and report["figures"]["code_agreement"] < 0.999
     assert "Quality gate: FAILED" in (tmp_path / "out.rejected" / "README.md").read_text()
+    from fuselip_med.export.runtime import ExportRejectedError, OnnxFuseLIP
+
+    with pytest.raises(ExportRejectedError, match="missed its quality gate .*code agreement"):
+        OnnxFuseLIP(tmp_path / "out.rejected")  # kept for inspection: embed/index build/search refuse it
 
 
 def test_cli_export_exits_1_naming_the_failing_figure(exported, monkeypatch, tmp_path):

@@ -38,6 +38,10 @@ class ExportDamagedError(UserError, ValueError):
     quality gate recorded it (the message names the file)."""
 
 
+class ExportRejectedError(UserError, ValueError):
+    """An export whose quality gate failed (``--keep-rejected`` keeps it for inspection, not for use)."""
+
+
 class RuntimeChoiceError(UserError, ValueError):
     """An unknown ``--runtime``, or an option the runtime cannot take."""
 
@@ -132,13 +136,21 @@ def _export_config(directory: Path) -> dict[str, Any]:
     return config
 
 
-def _check_recorded_digests(directory: Path, digests: dict[str, str]) -> None:
-    """Compare the graphs with the sha256 the quality gate recorded (``export_report.json`` ``graphs``; an
-    export without a report is not checked); ``ExportDamagedError`` names each changed graph."""
+def _check_report(directory: Path, digests: dict[str, str]) -> None:
+    """Hold the export to what its quality gate recorded in ``export_report.json`` (an export without a report is
+    not checked): ``ExportRejectedError`` when the gate failed (a ``--keep-rejected`` export is for inspection, not
+    for embedding), ``ExportDamagedError`` naming each graph whose sha256 differs from the recorded ``graphs``."""
     try:
-        recorded = json.loads((directory / REPORT_NAME).read_text(encoding="utf-8")).get("graphs")
-    except (OSError, ValueError, AttributeError):
+        report = json.loads((directory / REPORT_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return
+    if not isinstance(report, dict):
+        return
+    if report.get("passed") is False:
+        failures = "; ".join(map(str, report.get("failures", []))) or "see its report"
+        raise ExportRejectedError(f"{directory} missed its quality gate ({failures}); it was kept for inspection "
+                                  "only: write an export that passes (e.g. another --int8-mode/--int8-scope).")
+    recorded = report.get("graphs")
     if not isinstance(recorded, dict):
         return
     changed = [name for name, digest in digests.items() if recorded.get(name) not in (None, digest)]
@@ -155,7 +167,7 @@ class OnnxFuseLIP(JointInputs):
     ``fingerprint``: ``export_fingerprint`` of the graphs, read at load. Raises ``ExportNotFoundError`` when
     ``directory`` is not an export, ``ExportDamagedError`` naming the file when its config.json, BPE file or a
     graph is missing or unreadable, a graph is not the one its name says, or a graph's sha256 differs from the one
-    the quality gate recorded (export_report.json).
+    the quality gate recorded (export_report.json); ``ExportRejectedError`` for an export that missed its gate.
     """
 
     def __init__(self, directory: str | os.PathLike, threads: int | None = None):
@@ -172,7 +184,7 @@ class OnnxFuseLIP(JointInputs):
                 raise ExportDamagedError(f"{path} is missing from the export; write the export again with "
                                          "`fuselip-med export`.")
         self.fingerprint, digests = graph_digests(self.directory)
-        _check_recorded_digests(self.directory, digests)
+        _check_report(self.directory, digests)
         self.tokenizer = TextTokenizer(context_length=tokenizer["context_length"],
                                        add_mask_token=tokenizer["mask_token"], bpe_path=needed[0])
         self.device = torch.device("cpu")
