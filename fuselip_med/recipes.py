@@ -229,6 +229,15 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
+    def _root_applies_to_some_path(self) -> "Recipe":
+        paths = [spec.path for spec in (*self.data.train, *self.data.eval) if spec.path is not None]
+        if self.data.root is not None and paths and all(str(p).startswith("builtin:") for p in paths):
+            raise ValueError(f"data.root {self.data.root!r} has no effect: this recipe's data are built in "
+                             f"({', '.join(sorted(set(map(str, paths))))}); point data.train/data.eval paths at your "
+                             "data instead (e.g. use the rocov2 recipe with data.root)")
+        return self
+
+    @model_validator(mode="after")
     def _tasks_have_bases(self) -> "Recipe":
         labels = {spec.id or spec.name for spec in self.data.train}
         for task in self.data.tasks:
@@ -331,6 +340,8 @@ def _format_error(source: str, error: ValidationError) -> str:
             messages.append(f"unknown key '{key}'")
         elif item["type"] == "missing":
             messages.append(f"missing key '{key}'")
+        elif not item["loc"]:  # a check across sections: its message names the keys; the input is the recipe
+            messages.append(str(item["msg"]).removeprefix("Value error, "))
         else:
             messages.append(f"'{key}': {item['msg']} (got {item.get('input')!r})")
     return f"{source}: " + "; ".join(messages)

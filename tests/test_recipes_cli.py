@@ -194,3 +194,18 @@ def test_finetune_shipped_recipe_with_steps_override_runs_that_many_steps(tmp_pa
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if "train/loss" in line]
     assert steps == [1, 2, 3]
+
+
+def test_a_data_root_that_no_path_uses_is_one_line_not_a_silent_no_op(tmp_path):
+    """`finetune --recipe rocov2_demo --set data.root=/data` trained on the built-in demo and ignored the root; a
+    check across sections also quoted the whole recipe as its input."""
+    from typer.testing import CliRunner
+
+    from fuselip_med.cli import app
+
+    result = CliRunner().invoke(app, ["finetune", "--recipe", "rocov2_demo", "--set", f"data.root={tmp_path}",
+                                      "--set", f"output.dir={tmp_path / 'run'}"])
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2 and message.startswith("error:") and "data.root" in message  # a usage error
+    assert "has no effect" in message and "'train':" not in message  # the recipe is not dumped
+    assert not (tmp_path / "run").exists()
