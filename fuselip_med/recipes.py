@@ -4,6 +4,7 @@ A recipe is validated once, here, at the edge; errors name the file and the key 
 """
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -230,11 +231,14 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _root_applies_to_some_path(self) -> "Recipe":
+        """A warning (not an error: the Docker entrypoint sets data.root for any recipe) when data.root is set
+        and every data path is built in, so the root is silently unused."""
         paths = [spec.path for spec in (*self.data.train, *self.data.eval) if spec.path is not None]
         if self.data.root is not None and paths and all(str(p).startswith("builtin:") for p in paths):
-            raise ValueError(f"data.root {self.data.root!r} has no effect: this recipe's data are built in "
-                             f"({', '.join(sorted(set(map(str, paths))))}); point data.train/data.eval paths at your "
-                             "data instead (e.g. use the rocov2 recipe with data.root)")
+            logging.getLogger(__name__).warning(
+                "data.root %r has no effect: this recipe's data are built in (%s); point data.train/data.eval paths "
+                "at your data to use it (e.g. the rocov2 recipe with data.root)", self.data.root,
+                ", ".join(sorted(set(map(str, paths)))))
         return self
 
     @model_validator(mode="after")

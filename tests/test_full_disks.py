@@ -52,8 +52,7 @@ COMMANDS = {
     "synth-vqa": lambda out, tmp: ["data", "synth-vqa", "-i", str(tmp / "c.csv"), "-o", str(out / "qa.jsonl")],
     "data demo": lambda out, tmp: ["data", "demo", "-o", str(out / "demo")],
     "merge-lora": lambda out, tmp: ["merge-lora", str(tmp / "adapter"), "-o", str(out / "merged")],
-    "finetune": lambda out, tmp: ["finetune", "-r", "rocov2_demo", "--set", f"output.dir={out / 'run'}",
-                                  "--set", f"data.root={tmp}"],
+    "finetune": lambda out, tmp: ["finetune", "-r", "rocov2_demo", "--set", f"output.dir={out / 'run'}"],
 }
 
 
