@@ -63,6 +63,7 @@ print("rows", report.n_rows)
 """
 
 
+@pytest.mark.slow  # several processes: seconds of start-up each (CI runs the slow tests)
 def test_a_second_index_build_is_refused_naming_the_first_and_nothing_is_lost(tmp_path):
     from fuselip_med.search.index import open_index
 
@@ -118,6 +119,7 @@ print("cached", sum(key in cache for key in images), "of", len(images))
 """
 
 
+@pytest.mark.slow  # several processes: seconds of start-up each (CI runs the slow tests)
 def test_a_second_code_cache_build_waits_and_both_keep_their_rows(tmp_path):
     from fuselip_med.data.token_cache import ShardedCodeCache
 

@@ -169,6 +169,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, dem
     assert not any(p.name.startswith(checkpointing.TMP_PREFIX) for p in checkpoints.iterdir())
 
 
+@pytest.mark.slow  # several processes: seconds of start-up each (CI runs the slow tests)
 def test_two_processes_give_the_single_process_losses(tmp_path, demo_data):
     import yaml
 
