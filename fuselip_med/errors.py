@@ -7,7 +7,8 @@ catch those) and write the message as one sentence naming the input and what to 
 """
 from __future__ import annotations
 
-__all__ = ["InputError", "MissingExtraError", "OutputExistsError", "UnknownNameError", "UsageError", "UserError"]
+__all__ = ["InputError", "MissingExtraError", "OutputExistsError", "UnknownNameError", "UsageError", "UserError",
+           "first_line"]
 
 
 class UserError(Exception):
@@ -41,3 +42,10 @@ class OutputExistsError(UserError, FileExistsError):
 
 class MissingExtraError(UserError, ImportError):
     """An optional dependency a command needs is not installed; the message names the pip extra."""
+
+
+def first_line(error: BaseException, limit: int | None = None) -> str:
+    """The first non-empty line of an exception's message (library errors can span a screen), cut to ``limit``
+    characters when given; the exception's type name when the message is empty (``MemoryError()``)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__)[:limit]

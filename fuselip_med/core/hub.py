@@ -23,7 +23,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from fuselip_med.errors import UserError
+from fuselip_med.errors import UserError, first_line
 from fuselip_med.io import atomic_directory
 
 CONFIG_NAME = "config.json"
@@ -50,12 +50,6 @@ def write_directory_atomically(target: str | os.PathLike, fill: Callable[[Path],
 
 # --------------------------------------------------------------------------------------------------------
 # reading files, every failure a one-line CheckpointError naming the file
-def first_line(error: BaseException) -> str:
-    """The first non-empty line of an exception's message (library errors can span a screen)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
-
-
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from ``path``; a missing, unreadable or non-object file is a ``CheckpointError``."""
     try:

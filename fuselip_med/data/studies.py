@@ -35,7 +35,7 @@ import numpy as np
 
 from fuselip_med.data.phi import Pseudonyms, burned_in_risk
 from fuselip_med.data.skips import SkipReport
-from fuselip_med.errors import InputError
+from fuselip_med.errors import InputError, first_line
 
 __all__ = [
     "GAP_FACTOR", "MAX_NIFTI_SLICE_VOXELS", "MAX_NIFTI_VOXELS", "NIFTI_SUFFIXES", "PLANES", "Series", "SliceRef",
@@ -443,7 +443,7 @@ def _dicomdir_files(path: Path, pseudonyms: Pseudonyms, skips: SkipReport) -> li
             ds = pydicom.dcmread(os.fspath(path))
             found = {os.path.abspath(instance.path) for instance in FileSet(ds)}
     except Exception as error:  # pydicom fails a damaged DICOMDIR in many ways (InvalidDicomError, KeyError, ...)
-        detail = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" if str(error) else type(error).__name__
+        detail = f"{type(error).__name__}: {first_line(error, 200)}" if str(error).strip() else type(error).__name__
         raise StudiesError(f"{path}: not a readable DICOMDIR ({detail}).") from None
     folder = path.parent.resolve()
     for record in ds.get("DirectoryRecordSequence") or []:
