@@ -315,7 +315,7 @@ def gated_export(model, out: str | os.PathLike, reference: ReferenceSet, *, sour
     """
     from fuselip_med.export.onnx import write_export
     from fuselip_med.export.quantize import calibration_inputs
-    from fuselip_med.export.runtime import OnnxFuseLIP, graph_digests
+    from fuselip_med.export.runtime import OnnxFuseLIP
 
     out = Path(out)
     tolerances = tolerances or Tolerances.for_precision(precision)
@@ -340,7 +340,7 @@ def gated_export(model, out: str | os.PathLike, reference: ReferenceSet, *, sour
         failures = judge(figures, tolerances)
         report = {"passed": not failures, "failures": failures, "precision": precision,
                   "tolerances": asdict(tolerances), "figures": figures, "source": source,
-                  "fingerprint": candidate.fingerprint, "graphs": graph_digests(staging)[1],
+                  "fingerprint": candidate.fingerprint, "graphs": candidate.graph_digests,
                   "reference": {"source": reference.source, "n_images": len(reference),
                                 "skipped": reference.skipped},
                   "calibration": ({"source": calibration.source,

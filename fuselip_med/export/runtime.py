@@ -119,12 +119,13 @@ def _session(path: Path, threads: int | None, input_name: str):
     return session
 
 
-def _export_config(directory: Path) -> dict[str, Any]:
-    """config.json of an export with the fields the runtime reads checked; ``ExportDamagedError`` naming it."""
+def _export_config(directory: Path) -> tuple[dict[str, Any], FuseLIPConfig]:
+    """(config.json of an export, its FuseLIP config) with the fields the runtime reads checked;
+    ``ExportDamagedError`` naming the file."""
     path = directory / EXPORT_CONFIG
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-        FuseLIPConfig.from_dict(config["model"])
+        model = FuseLIPConfig.from_dict(config["model"])
         tokenizer = config["tokenizer"]
         missing = [f"tokenizer.{key}" for key in ("bpe", "context_length", "mask_token") if key not in tokenizer]
         missing += [key for key in ("precision",) if key not in config]
@@ -133,7 +134,7 @@ def _export_config(directory: Path) -> dict[str, Any]:
     if missing:
         raise ExportDamagedError(f"{path} is damaged ({', '.join(missing)} missing or unreadable); write the export "
                                  "again with `fuselip-med export`.")
-    return config
+    return config, model
 
 
 def _check_report(directory: Path, digests: dict[str, str]) -> None:
@@ -164,7 +165,8 @@ class OnnxFuseLIP(JointInputs):
     """A FuseLIP export (``fuselip-med export``) run with ONNX Runtime; ``encode`` as ``FuseLIP.encode``.
 
     ``threads``: ONNX Runtime intra-op threads (default: its own choice, one per physical core).
-    ``fingerprint``: ``export_fingerprint`` of the graphs, read at load. Raises ``ExportNotFoundError`` when
+    ``fingerprint``: ``export_fingerprint`` of the graphs and ``graph_digests`` {graph file: sha256}, read once at
+    load. Raises ``ExportNotFoundError`` when
     ``directory`` is not an export, ``ExportDamagedError`` naming the file when its config.json, BPE file or a
     graph is missing or unreadable, a graph is not the one its name says, or a graph's sha256 differs from the one
     the quality gate recorded (export_report.json); ``ExportRejectedError`` for an export that missed its gate.
@@ -175,16 +177,15 @@ class OnnxFuseLIP(JointInputs):
         if not is_export_dir(self.directory):
             raise ExportNotFoundError(f"{self.directory} is not an ONNX export (no config.json of format {FORMAT}); "
                                       "write one with `fuselip-med export -m MODEL --out DIR`.")
-        self.export_config: dict[str, Any] = _export_config(self.directory)
-        self.config = FuseLIPConfig.from_dict(self.export_config["model"])
+        self.export_config, self.config = _export_config(self.directory)
         tokenizer = self.export_config["tokenizer"]
         needed = [self.directory / name for name in (tokenizer["bpe"], TITOK_GRAPH, ENCODER_GRAPH)]
         for path in needed:
             if not path.is_file():
                 raise ExportDamagedError(f"{path} is missing from the export; write the export again with "
                                          "`fuselip-med export`.")
-        self.fingerprint, digests = graph_digests(self.directory)
-        _check_report(self.directory, digests)
+        self.fingerprint, self.graph_digests = graph_digests(self.directory)
+        _check_report(self.directory, self.graph_digests)
         self.tokenizer = TextTokenizer(context_length=tokenizer["context_length"],
                                        add_mask_token=tokenizer["mask_token"], bpe_path=needed[0])
         self.device = torch.device("cpu")
