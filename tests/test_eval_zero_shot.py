@@ -90,6 +90,7 @@ def test_csv_label_column_and_templates_file(tmp_path, use_planted):
     check_metrics(task)
     assert task["templates"] == ["a chest film with {c}", "{c} on CT"]
     assert task["skipped"] == {"label not in --labels": 1}
+    assert (task["n_listed"], task["n_evaluated"]) == (5, 4)  # the skipped row counted once
 
 
 def test_classes_default_to_the_labels_found(tmp_path):

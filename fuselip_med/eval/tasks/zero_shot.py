@@ -112,6 +112,7 @@ def run(ctx: EvalContext) -> dict:
         labels.append(label)
         ids.append(str(s.id))
     ctx.add_skips(skipped)  # every row not scored is named in skipped.csv
+    n_listed = len(items) + skipped.total  # each row once: labelled ones in items, the rest skipped so far
     if not items:
         raise InputError(f"{name} has no image with a label in meta[{o.label_field!r}] (give a label column or one "
                          f"folder per class)")
@@ -124,7 +125,6 @@ def run(ctx: EvalContext) -> dict:
     if not rows:
         raise InputError(f"none of the labels of {name} ({', '.join(sorted(set(labels))[:5])}, ...) is in the "
                          f"class list ({', '.join(classes[:5])}, ...)")
-    n_listed = len(items) + skipped.total
     check_half(name, len(rows), n_listed, skipped, ctx.allow_partial)  # before any embedding
     templates = list(o.templates) if o.templates is not None else list(RADIOLOGY_TEMPLATES)
     table = ctx.embedder.embed([items[r] for r in rows], desc=f"embedding {name}")
