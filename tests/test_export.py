@@ -299,12 +299,12 @@ def test_calibration_folder_is_the_reference_set_and_undecodable_images_are_name
     reference = folder_reference(folder)
     assert len(reference) == 5 and tuple(reference.pixels.shape) == (5, 3, 256, 256)
     assert "a red square" in reference.texts
-    # the folder holds DICOM (ct.dcm), so a skipped file is named by a salted key, as embed names it
+    # a skipped file is named by a salted key, never its path, with DICOM in the folder (ct.dcm) or without
     assert list(reference.skipped.values()) == ["corrupt image"]
     assert all(key.startswith("file-") for key in reference.skipped)
     assert len(folder_reference(folder, limit=3)) <= 3
     (folder / "ct.dcm").unlink()
-    assert list(folder_reference(folder).skipped) == ["broken.png"]  # no DICOM: relative paths, as embed keeps
+    assert [key[:5] for key in folder_reference(folder).skipped] == ["file-"]
 
 
 def test_cli_export_writes_no_path_of_a_calibration_file(exported, monkeypatch, tmp_path):
@@ -328,6 +328,28 @@ def test_cli_export_writes_no_path_of_a_calibration_file(exported, monkeypatch, 
     assert report["reference"]["source"] == str(tmp_path / "calib") and report["reference"]["n_images"] == 5
     assert sorted(report["reference"]["skipped"].values()) == ["corrupt image", "truncated image"]
     assert sorted(key[:3] for key in report["reference"]["skipped"]) == ["fil", "im-"]
+    for written in out.iterdir():
+        if written.suffix in (".json", ".md"):
+            assert "Doe_John" not in written.read_text(), written.name
+
+
+def test_cli_export_names_no_file_of_a_calibration_set_without_dicom(exported, monkeypatch, tmp_path):
+    """PNGs exported from a PACS viewer sit in patient-named folders too: a set without DICOM also names its skipped
+    files by salted ``file-`` keys in the report, never by their path inside the folder."""
+    root, model_dir, _, _, _ = exported
+    monkeypatch.setattr(export_onnx, "write_export", copying_writer(root / "fp32", perturb=False))
+    patient = make_folder(tmp_path / "calib" / "Doe_John")
+    (patient / "ct.dcm").unlink()
+    (patient / "ct.dcm.txt").unlink()
+    (patient / "Doe_John_broken.png").write_bytes(b"not a png")
+    (patient / "Doe_John_broken.png.txt").write_text("a broken file")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["export", "-m", str(model_dir), "--out", str(out), "--calibration",
+                                 str(tmp_path / "calib")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "export_report.json").read_text())
+    assert list(report["reference"]["skipped"].values()) == ["corrupt image"]
+    assert [key[:5] for key in report["reference"]["skipped"]] == ["file-"]
     for written in out.iterdir():
         if written.suffix in (".json", ".md"):
             assert "Doe_John" not in written.read_text(), written.name
