@@ -325,3 +325,26 @@ def test_sharded_image_embedding_shares_rows_and_skips_across_processes(tmp_path
     for part in (torch.load(tmp_path / f"table.{rank}") for rank in range(2)):
         assert part["failed"] == single.failed
         assert torch.equal(part["embeddings"][[part["keys"].index(k) for k in single.keys]], single.embeddings)
+
+
+class _NaNModel(HashModel):
+    """HashModel whose text embeddings are NaN for texts starting with "nan" (a diverged checkpoint)."""
+
+    def encode(self, images=None, texts=None, **kw):
+        out = super().encode(images=images, texts=texts, **kw)
+        if texts is not None and images is None:
+            out[[t.startswith("nan") for t in texts]] = float("nan")
+        return out
+
+
+def test_non_finite_model_embeddings_stop_with_one_named_error():
+    """Before: NaN embeddings went on into scikit-learn ("Input contains NaN" traceback from eval's findings
+    AUROC) or silently into `embed` outputs."""
+    from fuselip_med.errors import UserError
+    from fuselip_med.inference.engine import NonFiniteEmbeddingError
+
+    emb = Embedder(_NaNModel(), batch_size=4, progress=False)
+    assert len(emb.embed([EmbedItem(text="fine")])) == 1
+    with pytest.raises(NonFiniteEmbeddingError, match="NaN or infinite embeddings for 1 of 2 texts") as info:
+        emb.embed([EmbedItem(text="ok"), EmbedItem(text="nan here")])
+    assert isinstance(info.value, UserError) and isinstance(info.value, ValueError)

@@ -21,11 +21,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from fuselip_med.data.workers import usable_workers
+from fuselip_med.errors import InputError
 from fuselip_med.inference.items import EmbedItem
 from fuselip_med.inference.table import EmbeddingTable
 from fuselip_med.progress import progress_bar
 
-__all__ = ["Embedder", "decoded_images", "embed_items"]
+__all__ = ["Embedder", "NonFiniteEmbeddingError", "decoded_images", "embed_items"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,11 @@ def _model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
+class NonFiniteEmbeddingError(InputError):
+    """The model returned a NaN or infinite embedding (a diverged or damaged checkpoint): every metric, index and
+    file built on it would be meaningless (scikit-learn's metrics refuse NaN scores), so embedding stops."""
+
+
 class Embedder:
     """Embeds inputs with ``model.encode`` and remembers them: a key is never embedded twice.
 
@@ -99,7 +105,8 @@ class Embedder:
     there skip decoding and are passed to the model as ``image_ids``. ``shard``: under several processes
     (``torch.distributed``) each embeds every world-th new item and the rows are exchanged, so every process
     holds the whole table; all processes must then embed the same items in the same order. Raises
-    ``ValueError`` for an unknown ``on_error`` or a ``batch_size`` below 1.
+    ``ValueError`` for an unknown ``on_error`` or a ``batch_size`` below 1; embedding raises
+    :class:`NonFiniteEmbeddingError` when the model returns a NaN or infinite embedding.
     """
 
     def __init__(self, model, *, batch_size: int = 64, num_workers: int = 0, device=None,
@@ -150,7 +157,14 @@ class Embedder:
     def _call_model(self, images=None, texts=None, image_ids=None) -> torch.Tensor:
         given = {"images": images, "texts": texts, "image_ids": image_ids}
         out = self.model.encode(**{k: v for k, v in given.items() if v is not None})
-        return torch.nn.functional.normalize(out.detach().to("cpu", torch.float32), dim=-1)
+        out = out.detach().to("cpu", torch.float32)
+        bad = int((~torch.isfinite(out).all(dim=-1)).sum())
+        if bad:
+            kind = "texts" if images is None and image_ids is None else "images"
+            raise NonFiniteEmbeddingError(
+                f"the model gave NaN or infinite embeddings for {bad} of {len(out)} {kind} in a batch: its weights "
+                "are probably diverged or damaged: evaluate an earlier checkpoint step")
+        return torch.nn.functional.normalize(out, dim=-1)
 
     def _batches(self, items: list[EmbedItem], failed: dict) -> Iterator[tuple[list[EmbedItem], torch.Tensor]]:
         """(items, embeddings) per homogeneous batch: texts, then cached codes, then decoded images."""
