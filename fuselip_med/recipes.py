@@ -168,6 +168,9 @@ class EvalSection(Section):
     def _known_tasks(self) -> "EvalSection":
         from fuselip_med.eval.tasks import TASKS
 
+        if not self.tasks:  # the trainer would fail only when it first evaluates, perhaps after the last step
+            raise ValueError("eval.tasks is empty: name at least one task, or remove data.eval to train without "
+                             "evaluation")
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             raise ValueError(f"eval.tasks {unknown} are not evaluation tasks (known: {', '.join(TASKS)})")

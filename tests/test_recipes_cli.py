@@ -209,3 +209,15 @@ def test_a_data_root_that_no_path_uses_is_named_not_silently_ignored(caplog):
         caplog.clear()
         load_recipe(find_recipe("rocov2"), overrides=["data.root=/data"])  # a recipe whose paths use the root
         assert caplog.records == []
+
+
+def test_an_empty_eval_task_list_is_refused_before_training(tmp_path):
+    """Before: `--set eval.tasks=[]` loaded, trained every step, then failed at the final evaluation with
+    "unknown evaluation task(s) []" (no final/ model written)."""
+    from fuselip_med.errors import UsageError
+    from fuselip_med.eval.runner import check_tasks
+
+    with pytest.raises(RecipeError, match="eval.tasks is empty"):
+        load_recipe("rocov2_demo", ["eval.tasks=[]"])
+    with pytest.raises(UsageError, match="no evaluation task given"):
+        check_tasks([], {})

@@ -37,7 +37,9 @@ def check_tasks(tasks: Sequence[str], data: Mapping[str, Any]) -> list[str]:
 
     tasks = list(dict.fromkeys(tasks))
     unknown = [t for t in tasks if t not in TASKS]
-    if unknown or not tasks:
+    if not tasks:
+        raise UsageError(f"no evaluation task given: choose from {', '.join(TASKS)}")
+    if unknown:
         raise UsageError(f"unknown evaluation task(s) {unknown}: choose from {', '.join(TASKS)}")
     roles = resolve_data(data)
     for name in tasks:
