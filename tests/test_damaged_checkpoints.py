@@ -195,3 +195,26 @@ def test_a_file_that_is_no_checkpoint_never_repeats_torchs_advice_to_load_unsafe
     message = " ".join(result.output.split())
     assert result.exit_code == 1 and message.startswith("error:") and "photo.jpg" in message
     assert "weights_only set to" not in message and "False" not in message and ".." not in message
+
+
+def test_a_code_executing_pickle_is_refused_in_one_line_without_torch_warnings(tmp_path):
+    """Before: a pickle.dump'ed (protocol 4) pytorch_model.bin whose object runs os.system was refused, but torch's
+    "Detected pickle protocol 4" UserWarning (two lines of torch source) was printed above the error line."""
+    import pickle
+    import warnings
+
+    marker = tmp_path / "executed"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"state_dict": Payload()}, protocol=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(CheckpointError, match="pytorch_model.bin"):
+            load_model(str(folder))
+    assert not marker.exists()
+    assert [str(w.message) for w in caught] == []

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -103,7 +104,10 @@ def read_torch_weights(path: Path) -> Any:
     and any other pickled object are a one-line ``CheckpointError`` (naming the blocking type, without torch's
     advice to load unsafely)."""
     try:
-        with torch.serialization.safe_globals(_safe_training_globals()):
+        with torch.serialization.safe_globals(_safe_training_globals()), warnings.catch_warnings():
+            # torch warns (two lines of its source on stderr) before refusing a plain pickle of protocol > 2;
+            # the refusal below says what matters in one line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means an unsafe or broken file
         blocked = _GLOBAL_NAME.search(str(error))
