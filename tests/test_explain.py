@@ -324,3 +324,16 @@ def test_explain_command_bad_images_are_one_line(tiny_dir, tmp_path):
     assert not (tmp_path / "m.png").exists()
     with pytest.raises(ExplainError, match="the text is empty"):
         explain(FuseLIP(FuseLIPConfig.from_size("tiny")), torch.zeros(3, 256, 256), "")
+
+
+def test_explain_out_in_an_unwritable_place_is_one_line_before_work(tiny_dir, tmp_path):
+    """Before: -o under a file (or in /proc) computed the whole map, then died with a FileNotFoundError /
+    NotADirectoryError traceback from the atomic write."""
+    scan = tmp_path / "scan.png"
+    Image.new("L", (64, 64), 90).save(scan)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    result = CliRunner().invoke(app, ["explain", "-m", str(tiny_dir), "--text", TEXT, "--image", str(scan),
+                                      "-o", str(blocker / "why.png")])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and f"cannot write to {blocker}" in lines[0], result.output

@@ -10,7 +10,7 @@ import typer
 
 from fuselip_med.cli import common
 from fuselip_med.errors import UsageError, UserError
-from fuselip_med.io import same_file
+from fuselip_med.io import check_writable, same_file
 
 __all__ = ["register"]
 
@@ -80,6 +80,7 @@ def explain(
         for path, flag in inputs:
             if same_file(written, path):
                 raise UsageError(f"--out {out}: {written} would replace {flag} {path}; name another file.")
+    check_writable(out.parent)  # before the model loads and the map is computed: OutputError naming the folder
     _run(model, image, text, out, query_image, grid, fill, frame, batch_size, sanity, sanity_images, device, base)
 
 
