@@ -221,3 +221,19 @@ def test_an_empty_eval_task_list_is_refused_before_training(tmp_path):
         load_recipe("rocov2_demo", ["eval.tasks=[]"])
     with pytest.raises(UsageError, match="no evaluation task given"):
         check_tasks([], {})
+
+
+@pytest.mark.parametrize("command", ["radcrepe", "export", "embed-series"])
+def test_an_output_under_a_file_is_one_line_before_work(command, tmp_path, tiny_model_dir, demo):
+    """Before: `data radcrepe` (NotADirectoryError), `export` (FileExistsError) and `embed --unit series` wrote
+    only after the work and died with a traceback when --out could not be created."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    (tmp_path / "series").mkdir()
+    args = {"radcrepe": ["data", "radcrepe", "--input", str(demo), "--out", str(blocker / "rc")],
+            "export": ["export", "-m", str(tiny_model_dir), "--out", str(blocker / "ex")],
+            "embed-series": ["embed", "-m", str(tiny_model_dir), "-i", str(tmp_path / "series"), "--unit", "series",
+                             "-o", str(blocker / "e.npy")]}[command]
+    result = runner.invoke(app, args)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and "cannot write to" in lines[0], result.output

@@ -171,11 +171,13 @@ def _embed_units(model: str, input: Path, out: Path, unit: str, slices: int, ren
     from fuselip_med.data.phi import Pseudonyms
     from fuselip_med.data.skips import SkipReport
     from fuselip_med.embed import skipped_csv_path, stored_salt, write_unit_embeddings
+    from fuselip_med.io import check_writable
 
     check_unit(unit)
     options = unit_options(slices, render, window)
     if out.suffix not in (".npy", ".parquet"):
         raise UsageError(f"--out {out}: use a .npy or .parquet file name.")
+    check_writable(out.parent)  # before any work: OutputError naming the folder
     salt = stored_salt(out)
     pseudonyms = Pseudonyms(salt) if salt else Pseudonyms.fresh()
     skips = SkipReport()

@@ -75,6 +75,7 @@ def export(
     from fuselip_med.export.onnx import PRECISIONS
     from fuselip_med.export.quantize import Int8Settings, Int8SettingsError
     from fuselip_med.export.runtime import require_onnxruntime
+    from fuselip_med.io import check_writable
     from fuselip_med.progress import progress_bar
     from fuselip_med.search.index import model_fingerprint
 
@@ -93,6 +94,7 @@ def export(
         raise UsageError(f"--reference-size {reference_size}: use at least 2 images.")
     require_onnxruntime()
     check_out(out)  # before the model loads (seconds): a folder that is not an export is refused at once
+    check_writable(out.parent)  # and one that cannot be written: OutputError naming the folder
     tolerances = Tolerances.for_precision(precision, min_code_agreement=min_code_agreement, min_cosine=min_cosine,
                                           max_r1_change=max_r1_change)
     fuselip, _, _ = load_model(model, "cpu", base=base)

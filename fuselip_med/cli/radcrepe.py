@@ -28,8 +28,10 @@ def radcrepe(
     """
     from fuselip_med.data.adapters import get_adapter
     from fuselip_med.eval.radcrepe import write_radcrepe
+    from fuselip_med.io import check_writable
     from fuselip_med.progress import progress_bar
 
+    check_writable(out)  # before the captions are read: OutputError naming the folder
     source = get_adapter(adapter)(path=input, split=split)
     n = len(source) if limit is None else min(limit, len(source))
 
