@@ -141,3 +141,20 @@ def test_pmc_vqa_csv_four_choices(tmp_path):
                          progress=False)["tasks"]["pmc-vqa"]
     assert res["n"] == 2 and res["metrics"] == {"closed_accuracy": 0.5}  # "right" chosen over "left"
     assert res["skipped"] == {"missing image": 1}
+
+
+def test_pmc_vqa_an_answer_label_that_is_not_one_letter_is_a_named_skip(tmp_path):
+    """Before: `label not in "ABCD"` was a substring test, so Answer_label "CD" scored option C as the answer
+    and "AB" option A (a wrong closed accuracy) instead of a skip."""
+    from fuselip_med.eval.tasks.med_vqa import read_pmc_vqa
+
+    (tmp_path / "images").mkdir()
+    solid_image(tmp_path / "images" / "F1.jpg", (70, 0, 0), fmt="PNG")
+    header = "Figure_path,Question,Answer,Choice A,Choice B,Choice C,Choice D,Answer_label\n"
+    rows = ["F1.jpg,Which side?,left,A:right,B:left,C:up,D:down, b \n",
+            "F1.jpg,Which side?,up,A:right,B:left,C:up,D:down,CD\n",
+            "F1.jpg,Which side?,right,A:right,B:left,C:up,D:down,AB\n"]
+    (tmp_path / "test_clean.csv").write_text(header + "".join(rows))
+    items, skips, listed = read_pmc_vqa(tmp_path)
+    assert listed == 3 and [it.answer for it in items] == ["left"]
+    assert skips.by_reason() == {"missing field": 2}

@@ -146,7 +146,7 @@ def read_pmc_vqa(path: str | os.PathLike) -> tuple[list[VQAItem], SkipReport, in
         rid = f"{row['Figure_path'] or 'row'}:{n}"
         gone = _missing(row, fields)
         label = str(row["Answer_label"]).strip().upper()
-        if gone or label not in "ABCD":
+        if gone or label not in ("A", "B", "C", "D"):  # a substring test would take "AB" as A and "CD" as C
             skips.add(rid, f"{file.name}:{n + 2}", "missing field", ", ".join(gone) or f"Answer_label {label!r}")
         elif not (images / row["Figure_path"]).is_file():
             skips.add(rid, f"{file.name}:{n + 2}", "missing image", row["Figure_path"])
