@@ -126,3 +126,17 @@ def test_hub_id_goes_to_datasets(monkeypatch, hq, tmp_path):
     with pytest.raises(DatasetNotFoundError, match="could not load HQ-Edit") as info:
         hq_edit("someone/else", revision="main")
     assert isinstance(info.value.__cause__, ConnectionError) and calls[-1][1]["revision"] == "main"
+
+
+def test_numeric_text_column_is_one_user_error(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.table({"input": ["a"], "input_image": pa.array([{"bytes": png(1), "path": None}], image),
+                             "edit": pa.array([3]), "inverse_edit": ["undo"], "output": ["b"],
+                             "output_image": pa.array([{"bytes": png(2), "path": None}], image)}),
+                   tmp_path / "data" / "train-00000-of-00001.parquet")
+    with pytest.raises(DatasetEmptyError, match="edit is int64, expected string"):
+        hq_edit(tmp_path, cache_dir=str(tmp_path / "cache"))

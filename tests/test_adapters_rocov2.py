@@ -444,3 +444,23 @@ def test_missing_path_advice_names_an_option_of_the_command(tmp_path):
     with command_line_style(), pytest.raises(DatasetNotFoundError) as info:
         rocov2(tmp_path / "absent", "test")
     assert "--data rocov2=ROCOv2_data" in str(info.value) and "--set" not in str(info.value)
+
+
+@pytest.mark.parametrize(("column", "values", "named"), [
+    ("image_id", [1, 2], "image_id is int64"),  # a re-export that turned IDs into numbers
+    ("caption", [1.5, None], "caption is double"),
+    ("cui", ["C0040405", "C0024485"], "cui is string"),  # one string, not a list: would be split into letters
+])
+def test_hf_wrong_column_types_are_one_user_error(tmp_path, column, values, named):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = {"image": pa.array([{"bytes": encode(1, "PNG"), "path": None}] * 2,
+                                 pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+               "image_id": pa.array(["ROCOv2_2023_train_000001", "ROCOv2_2023_train_000002"]),
+               "caption": pa.array(["one", "two"]), "cui": pa.array([[CT], [MRI]])}
+    columns[column] = pa.array(values)
+    (tmp_path / "mirror" / "data").mkdir(parents=True)
+    pq.write_table(pa.table(columns), tmp_path / "mirror" / "data" / "train-00000-of-00001.parquet")
+    with pytest.raises(DatasetEmptyError, match=named):
+        rocov2(tmp_path / "mirror", "train", cache_dir=str(tmp_path / "hf_cache"))

@@ -55,3 +55,14 @@ def test_finetune_recipe_mmeb_trains(tmp_path):
         "logging.progress=false", f"output.dir={tmp_path / 'run'}"])
     result = Trainer(recipe).run()
     assert result.steps == 2 and (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_numeric_text_column_is_one_user_error(tmp_path):
+    from fuselip_med.data.adapters import DatasetEmptyError
+
+    root = write_mmeb_train(tmp_path / "MMEB-train")
+    file = root / "VisDial" / "original-00000-of-00001.parquet"
+    table = pq.read_table(file)
+    pq.write_table(table.set_column(0, "qry", pa.array(range(len(table)))), file)
+    with pytest.raises(DatasetEmptyError, match="qry is int64, expected string"):
+        get_adapter("mmeb")(str(root), split="original", subsets=["VisDial"])

@@ -36,6 +36,7 @@ __all__ = [
     "get_adapter",
     "load_hub_dataset",
     "register_adapter",
+    "require_column_types",
 ]
 
 
@@ -53,6 +54,32 @@ class BadRowError(UserError, ValueError):
     def __init__(self, message: str, reason: str):
         super().__init__(message)
         self.reason = reason
+
+
+def require_column_types(schema, columns: dict[str, str], where: str) -> None:
+    """Raise ``DatasetEmptyError`` naming every present column of ``columns`` (name -> ``"text"`` or
+    ``"text list"``) whose Arrow type in ``schema`` (a ``pyarrow.Schema``) is not that: a parquet file whose
+    ``caption`` holds numbers or whose ``cui`` is one string would otherwise crash mid-read or be misread
+    (``";".join("C0040405")`` splits a string into letters). Null-typed (all-null) columns pass: their rows are
+    skipped as empty. Absent columns are the caller's check."""
+    import pyarrow as pa
+
+    def is_text(kind) -> bool:
+        return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+
+    wrong = []
+    for name, want in columns.items():
+        if name not in schema.names:
+            continue
+        kind = schema.field(name).type
+        ok = (is_text(kind) if want == "text" else
+              pa.types.is_null(kind) or ((pa.types.is_list(kind) or pa.types.is_large_list(kind))
+                                         and is_text(kind.value_type)))
+        if not ok:
+            wrong.append(f"{name} is {kind}, expected {'string' if want == 'text' else 'list<string>'}")
+    if wrong:
+        raise DatasetEmptyError(f"{where}: wrong column types: {'; '.join(wrong)}. Re-export the data with these "
+                                "columns as text.")
 
 
 def load_hub_dataset(hub_id: str, split: str, name: str, how_to_get: str, **kwargs):

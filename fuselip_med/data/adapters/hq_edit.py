@@ -19,6 +19,7 @@ from . import (
     clean_caption,
     load_hub_dataset,
     register_adapter,
+    require_column_types,
     require_nonempty,
     skip_or_raise,
 )
@@ -145,6 +146,7 @@ def _load(text: str, split: str, cache_dir: str | None, revision: str | None):
     missing = sorted(set(TEXT_COLUMNS + IMAGE_COLUMNS) - set(dataset.column_names))
     if missing:
         raise DatasetEmptyError(f"{text} ({split}) lacks the HQ-Edit columns {missing} (has {dataset.column_names}).")
+    require_column_types(dataset.data.schema, dict.fromkeys(TEXT_COLUMNS, "text"), f"{text} ({split})")
     for name in IMAGE_COLUMNS:
         dataset = dataset.cast_column(name, datasets.Image(decode=False))
     return dataset

@@ -20,7 +20,15 @@ import re
 from pathlib import Path
 
 from ..schema import Sample, SampleSide
-from . import DatasetNotFoundError, check_index, register_adapter, require_nonempty, skip_or_raise, take
+from . import (
+    DatasetNotFoundError,
+    check_index,
+    register_adapter,
+    require_column_types,
+    require_nonempty,
+    skip_or_raise,
+    take,
+)
 
 __all__ = ["TRAIN_SUBSETS", "HATEFUL_PROMPT", "INSTRUCTIONS", "CANDIDATE_PREFIX", "clean_text", "MMEBTrainSource",
            "mmeb"]
@@ -68,6 +76,8 @@ INSTRUCTIONS: tuple[str, ...] = (
     "Select the portion of the image that answers the question",
     "Find the document image that can answer the given query:",
 )
+#: The MMEB-train columns the adapter reads, all text (TIGER-Lab/MMEB-train parquet schema).
+_TEXT_COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
 _IMAGE_TOKEN = re.compile(r"<\|image_\d+\|>\s*")
 
 
@@ -151,7 +161,9 @@ def mmeb(path: str | os.PathLike, split: str = "original", limit: int | None = N
     for subset, shards in files.items():
         taken = 0
         for shard in shards:
-            for row in pq.read_table(shard).slice(0, per_subset - taken).to_pylist():
+            table = pq.read_table(shard)
+            require_column_types(table.schema, dict.fromkeys(_TEXT_COLUMNS, "text"), str(shard))
+            for row in table.slice(0, per_subset - taken).to_pylist():
                 if not (row.get("qry") or row.get("qry_image_path")) or not (row.get("pos_text")
                                                                               or row.get("pos_image_path")):
                     skip_or_raise(skipped, strict, "empty sample", f"{shard}, row {taken}")

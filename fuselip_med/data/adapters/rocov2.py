@@ -27,6 +27,7 @@ from . import (
     load_hub_dataset,
     pair_sample,
     register_adapter,
+    require_column_types,
     require_nonempty,
     singleton_groups,
     skip_or_raise,
@@ -326,6 +327,8 @@ def _load_hf(*, split: str, where: str, files: list[str] | None = None, hub_id: 
     if missing:
         raise DatasetEmptyError(
             f"{where} ({hf_split}) lacks the ROCOv2 columns {sorted(missing)} (has {dataset.column_names}).")
+    require_column_types(dataset.data.schema, {"image_id": "text", "caption": "text", "cui": "text list"},
+                         f"{where} ({hf_split})")
     return dataset.cast_column("image", datasets.Image(decode=False))
 
 
