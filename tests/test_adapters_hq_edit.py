@@ -140,3 +140,21 @@ def test_numeric_text_column_is_one_user_error(tmp_path):
                    tmp_path / "data" / "train-00000-of-00001.parquet")
     with pytest.raises(DatasetEmptyError, match="edit is int64, expected string"):
         hq_edit(tmp_path, cache_dir=str(tmp_path / "cache"))
+
+
+def test_path_only_image_outside_the_folder_is_skipped_not_read(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "HQ" / "data").mkdir(parents=True)
+    (tmp_path / "HQ" / "in.png").write_bytes(png(3))
+    (tmp_path / "out.png").write_bytes(png(5))
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    rows = [row(0, input_image={"bytes": None, "path": "in.png"}),
+            row(1, output_image={"bytes": None, "path": str(tmp_path / "out.png")})]
+    pq.write_table(pa.table({name: pa.array([r[name] for r in rows], image if name.endswith("image") else None)
+                             for name in rows[0]}), tmp_path / "HQ" / "data" / "train-00000-of-00001.parquet")
+    source = hq_edit(tmp_path / "HQ", cache_dir=str(tmp_path / "cache"))
+    assert source.rows == [0] and source[0].query.image == str(tmp_path / "HQ" / "in.png")
+    assert level_of(source[0].target.image) == 1
+    assert dict(source.skipped) == {"outside image root": 1}

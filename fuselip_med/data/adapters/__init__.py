@@ -35,6 +35,7 @@ __all__ = [
     "csv_rows",
     "get_adapter",
     "load_hub_dataset",
+    "parquet_image_cells",
     "register_adapter",
     "require_column_types",
 ]
@@ -80,6 +81,33 @@ def require_column_types(schema, columns: dict[str, str], where: str) -> None:
     if wrong:
         raise DatasetEmptyError(f"{where}: wrong column types: {'; '.join(wrong)}. Re-export the data with these "
                                 "columns as text.")
+
+
+def parquet_image_cells(dataset, column: str, folder: str | None) -> list[bool | str | tuple[str, str]]:
+    """Per row of ``dataset`` (a ``datasets.Dataset`` whose ``column`` is an HF ``Image`` struct read with
+    ``decode=False``): True when the cell embeds bytes; the image's path when it holds only a path that resolves
+    (``..`` and symlinks followed) to a readable file inside ``folder`` (the parquet files' folder; None for a hub
+    dataset, where no path is allowed); else ``(reason, detail)``: ``null image`` or the image unit's reason
+    (``folder.check_image_path``: ``outside image root``, ``missing image``, ...). A path cell is joined to
+    ``folder`` (an absolute one stays absolute and must still lie inside it), so a parquet file cannot make
+    training read ``/etc/passwd``. Only the validity bitmaps and path strings are read, never the bytes."""
+    from .folder import check_image_path
+
+    arrow = dataset.select_columns([column]).with_format("arrow")[:].column(column)
+    cells: list[bool | str | tuple[str, str]] = []
+    for chunk in arrow.chunks:
+        children = dict(zip((f.name for f in chunk.type), chunk.flatten()))  # parent nulls and offset applied
+        for has_bytes, path in zip(children["bytes"].is_valid().to_pylist(), children["path"].to_pylist()):
+            if has_bytes:
+                cells.append(True)
+            elif not path:
+                cells.append(("null image", "the image cell holds neither bytes nor a path"))
+            elif folder is None:
+                cells.append(("outside image root", f"{path}: a hub dataset's image must be embedded bytes"))
+            else:
+                resolved = os.path.join(folder, os.path.expanduser(path))
+                cells.append(check_image_path(resolved, [os.path.realpath(folder)]) or resolved)
+    return cells
 
 
 def load_hub_dataset(hub_id: str, split: str, name: str, how_to_get: str, **kwargs):
