@@ -158,3 +158,9 @@ def test_path_only_image_outside_the_folder_is_skipped_not_read(tmp_path):
     assert source.rows == [0] and source[0].query.image == str(tmp_path / "HQ" / "in.png")
     assert level_of(source[0].target.image) == 1
     assert dict(source.skipped) == {"outside image root": 1}
+
+
+def test_damaged_parquet_shard_is_one_user_error(hq, tmp_path):
+    (hq / "data" / "train-00001-of-00002.parquet").write_text("<html>502 Bad Gateway</html>")
+    with pytest.raises(DatasetEmptyError, match="not a readable parquet file"):
+        hq_edit(hq, cache_dir=str(tmp_path / "cache"))

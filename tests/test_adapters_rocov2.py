@@ -489,3 +489,10 @@ def test_hf_path_only_image_cells_stay_inside_the_data_folder(tmp_path):
     assert source.image_ids == ids[:1]
     assert Path(source[0].query.image).resolve() == (root / "images" / "inside.png").resolve()
     assert [e.reason for e in source.skipped.entries] == ["outside image root"] * 3
+
+
+def test_hf_damaged_parquet_shard_is_one_user_error(hf, tmp_path):
+    shard = hf / "data" / "train-00001-of-00002.parquet"
+    shard.write_bytes(shard.read_bytes()[:200])  # a download cut short: no footer
+    with pytest.raises(DatasetEmptyError, match="train-00001-of-00002.parquet is not a readable parquet file"):
+        rocov2(hf, "train", cache_dir=str(tmp_path / "hf_cache"))

@@ -79,3 +79,13 @@ def test_image_path_leaving_the_image_root_is_skipped(tmp_path, written):
     source = get_adapter("mmeb")(str(root), split="original", subsets=["ImageNet_1K"])
     assert len(source) == 1 and source[0].query.image.endswith("image_1.jpg")
     assert dict(source.skipped) == {"outside image root": 1}
+
+
+def test_damaged_parquet_file_is_one_user_error(tmp_path):
+    from fuselip_med.data.adapters import DatasetEmptyError
+
+    root = write_mmeb_train(tmp_path / "MMEB-train", n=2)
+    file = root / "VisDial" / "original-00000-of-00001.parquet"
+    file.write_bytes(file.read_bytes()[:100])
+    with pytest.raises(DatasetEmptyError, match="original-00000-of-00001.parquet is not a readable parquet file"):
+        get_adapter("mmeb")(str(root), split="original", subsets=["ImageNet_1K", "VisDial"])

@@ -31,6 +31,7 @@ __all__ = [
     "ListSource",
     "SampleSource",
     "available_adapters",
+    "check_parquet_files",
     "clean_caption",
     "csv_rows",
     "get_adapter",
@@ -81,6 +82,22 @@ def require_column_types(schema, columns: dict[str, str], where: str) -> None:
     if wrong:
         raise DatasetEmptyError(f"{where}: wrong column types: {'; '.join(wrong)}. Re-export the data with these "
                                 "columns as text.")
+
+
+def check_parquet_files(files: Iterable[str | os.PathLike], what: str) -> None:
+    """Raise ``DatasetEmptyError`` naming the first of ``files`` whose parquet footer cannot be read (a download
+    cut short, an HTML error page saved as ``.parquet``): ``datasets``/pyarrow would otherwise end the run in an
+    ``ArrowInvalid`` traceback. Reads only each footer (the last bytes), not the data; ``what`` names the dataset
+    in the advice."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for file in files:
+        try:
+            pq.ParquetFile(file).metadata
+        except (pa.ArrowException, OSError) as exc:
+            raise DatasetEmptyError(f"{file} is not a readable parquet file ({exc}); download {what} again or "
+                                    "remove the file.") from exc
 
 
 def parquet_image_cells(dataset, column: str, folder: str | None) -> list[bool | str | tuple[str, str]]:

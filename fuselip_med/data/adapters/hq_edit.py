@@ -16,6 +16,7 @@ from . import (
     DatasetEmptyError,
     DatasetNotFoundError,
     check_index,
+    check_parquet_files,
     clean_caption,
     load_hub_dataset,
     parquet_image_cells,
@@ -139,6 +140,7 @@ def _load(text: str, split: str, cache_dir: str | None, revision: str | None):
         files = _parquet_files(local, split)
         if not files:
             raise DatasetNotFoundError(f"{local} holds no HQ-Edit parquet shards: {HOW_TO_GET}.")
+        check_parquet_files(files, "HQ-Edit")
         dataset = datasets.load_dataset("parquet", data_files={split: files}, split=split, **kwargs)
     else:
         hub_id = text.removeprefix("hf://datasets/")

@@ -23,6 +23,7 @@ from ..schema import Sample, SampleSide
 from . import (
     DatasetNotFoundError,
     check_index,
+    check_parquet_files,
     register_adapter,
     require_column_types,
     require_nonempty,
@@ -167,6 +168,7 @@ def mmeb(path: str | os.PathLike, split: str = "original", limit: int | None = N
     if missing:
         raise DatasetNotFoundError(f"MMEB-train at {root} has no {split!r} parquet file for {', '.join(missing)}: "
                                    f"download TIGER-Lab/MMEB-train there (one folder per subset) or pass subsets=.")
+    check_parquet_files((shard for shards in files.values() for shard in shards), "TIGER-Lab/MMEB-train")
     rows: list[tuple[str, int, dict]] = []
     for subset, shards in files.items():
         taken = 0

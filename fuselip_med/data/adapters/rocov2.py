@@ -20,6 +20,7 @@ from . import (
     DatasetNotFoundError,
     check_index,
     check_pair_mode,
+    check_parquet_files,
     clean_caption,
     csv_rows,
     has_undecodable,
@@ -321,6 +322,7 @@ def _load_hf(*, split: str, where: str, files: list[str] | None = None, hub_id: 
         kwargs["cache_dir"] = cache_dir
     hf_split = _HF_SPLITS[split]
     if files is not None:
+        check_parquet_files(files, "ROCOv2")
         dataset = datasets.load_dataset("parquet", data_files={hf_split: files}, split=hf_split, **kwargs)
     else:
         if revision is not None:
