@@ -105,7 +105,7 @@ def test_corrupted_files_through_dataloader_workers(corrupted_set, tokenizer):
     for reason, label in expected.values():
         assert label in counter.examples[reason]
     summary = counter.summary()
-    assert "skipped 6 of 16 samples" in summary and "missing file" in summary and "missing.png" in summary
+    assert "skipped 6 of 16 sample draws" in summary and "missing file" in summary and "missing.png" in summary
     assert counter.as_dict()["by_reason"] == reasons
 
 
@@ -251,4 +251,4 @@ def test_mixture_dataset_offsets_groups_and_weights(tmp_path):
 def test_skip_counter_without_skips():
     counter = SkipCounter()
     counter.update([])
-    assert counter.summary().startswith("no samples skipped") and counter.as_dict()["skipped"] == 0
+    assert counter.summary().startswith("no sample draws skipped") and counter.as_dict()["skipped"] == 0

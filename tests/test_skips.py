@@ -45,4 +45,15 @@ def test_skip_counter_is_a_skip_report():
     counter.update([("a.png", "missing file"), ("src/7", "empty caption")])
     assert isinstance(counter, SkipReport) and counter.total == 2
     assert [(e.id, e.reason) for e in counter.entries] == [("a.png", "missing file"), ("src/7", "empty caption")]
-    assert counter.summary().startswith("skipped 2 of 2 samples")
+    assert counter.summary().startswith("skipped 2 of 2 sample draws")
+
+
+def test_a_bad_sample_drawn_in_two_epochs_is_one_example_of_draws():
+    """Before: training on 2 samples for 2 epochs said "skipped 2 of 4 samples: 2 corrupt image (e.g. c.jpg,
+    c.jpg)": one corrupt file read as two bad samples of four."""
+    counter = SkipCounter()
+    for _ in range(2):  # two epochs
+        counter.update([("own/c.jpg", "corrupt image")])
+        counter.kept += 1
+    assert counter.examples == {"corrupt image": ["own/c.jpg"]}
+    assert counter.summary() == "skipped 2 of 4 sample draws: 2 corrupt image (e.g. own/c.jpg)"

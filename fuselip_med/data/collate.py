@@ -128,9 +128,10 @@ class Collator:
 
 class SkipCounter(SkipReport):
     """The trainer's ``SkipReport``: ``update(batch)`` names the batch's skipped items (``Batch.skipped``: file or
-    source/id, reason) and counts its kept rows."""
+    source/id, reason) and counts its kept rows. It counts draws: a bad sample drawn again in a later epoch counts
+    again, so the summary says "sample draws" (its examples name each sample once)."""
 
-    unit = "samples"
+    unit = "sample draws"
 
     def update(self, batch: Batch | Iterable[tuple[str, str]] | None = None, /, **_: int) -> None:
         if batch is None:  # Counter.__init__ calls update() with nothing

@@ -99,11 +99,11 @@ class SkipReport(collections.Counter):
 
     @property
     def examples(self) -> dict[str, list[str]]:
-        """Per reason, the IDs of its first ``max_examples`` entries."""
+        """Per reason, the first ``max_examples`` distinct IDs of its entries."""
         out: dict[str, list[str]] = {}
         for entry in self.entries:
             ids = out.setdefault(entry.reason, [])
-            if len(ids) < self.max_examples:
+            if len(ids) < self.max_examples and entry.id not in ids:
                 ids.append(entry.id)
         return out
 
