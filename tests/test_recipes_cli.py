@@ -237,3 +237,21 @@ def test_an_output_under_a_file_is_one_line_before_work(command, tmp_path, tiny_
     result = runner.invoke(app, args)
     lines = result.output.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1 and "cannot write to" in lines[0], result.output
+
+
+def test_radcrepe_bad_limit_and_split_are_one_line(tmp_path, demo):
+    """Before: `data radcrepe --limit -1` (or 0) wrote five empty JSON files as if done, and `--split nosuch`
+    was a ValueError traceback from the ROCOv2 adapter (the Visual Genome adapter's alike)."""
+    from fuselip_med.data.adapters.visual_genome import check_split
+    from fuselip_med.errors import UserError
+
+    for extra, code, message in ((["--limit", "-1"], 2, "--limit -1: give 1 or more"),
+                                 (["--limit", "0"], 2, "--limit 0: give 1 or more"),
+                                 (["--split", "nosuch"], 1, "unknown ROCOv2 split 'nosuch'")):
+        out = tmp_path / f"rc{extra[1]}"
+        result = runner.invoke(app, ["data", "radcrepe", "--input", str(demo), "--out", str(out), *extra])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == code and len(lines) == 1 and message in lines[0], result.output
+        assert not list(out.glob("*.json"))
+    with pytest.raises(UserError, match="unknown Visual Genome split"):
+        check_split("nosuch")

@@ -8,6 +8,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from fuselip_med.errors import UsageError
+
 __all__ = ["register", "radcrepe"]
 
 
@@ -31,6 +33,8 @@ def radcrepe(
     from fuselip_med.io import check_writable
     from fuselip_med.progress import progress_bar
 
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit {limit}: give 1 or more (or leave it out to read every caption).")
     check_writable(out)  # before the captions are read: OutputError naming the folder
     source = get_adapter(adapter)(path=input, split=split)
     n = len(source) if limit is None else min(limit, len(source))

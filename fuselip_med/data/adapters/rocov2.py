@@ -12,6 +12,7 @@ from typing import Any
 
 from fuselip_med.vocab import ROCOV2_MANUAL_CUI_NAMES, ROCOV2_MODALITIES
 
+from ...errors import InputError
 from ...option_names import advise_dataset
 from ..schema import Sample
 from ..skips import SkipReport
@@ -61,7 +62,7 @@ def canonical_split(split: str) -> str:
     try:
         return _SPLIT_ALIASES[str(split).lower()]
     except KeyError:
-        raise ValueError(f"unknown ROCOv2 split {split!r}: use one of train, valid (or validation), test") from None
+        raise InputError(f"unknown ROCOv2 split {split!r}: use one of train, valid (or validation), test") from None
 
 
 def parse_cuis(text: str | None) -> tuple[str, ...]:

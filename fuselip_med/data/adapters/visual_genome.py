@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ...errors import InputError
 from ..images import ImageDecodeError, load_image
 from ..schema import Sample, SampleSide
 from ..skips import SkipReport
@@ -45,9 +46,9 @@ HOW_TO_GET = ("download Visual Genome (v1.2: image_data.json, region_description
 
 
 def check_split(split: str) -> str:
-    """``split`` when it is one of ``SPLITS``; raises ``ValueError`` otherwise."""
+    """``split`` when it is one of ``SPLITS``; raises ``InputError`` (a ``ValueError``) otherwise."""
     if split not in SPLITS:
-        raise ValueError(f"unknown Visual Genome split {split!r}: use one of {', '.join(SPLITS)}")
+        raise InputError(f"unknown Visual Genome split {split!r}: use one of {', '.join(SPLITS)}")
     return split
 
 
