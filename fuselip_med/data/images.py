@@ -46,7 +46,7 @@ from pydicom.uid import (
 
 from fuselip_med.core.image_preprocess import ImagePreprocess
 from fuselip_med.data.schema import ImageInput
-from fuselip_med.errors import UserError
+from fuselip_med.errors import UserError, without_paths
 from fuselip_med.vocab import WINDOW_PRESETS
 
 _DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
@@ -84,12 +84,15 @@ def _fallback(label: str, what: str) -> None:
 
 
 class ImageDecodeError(UserError, ValueError):
-    """An image that cannot be decoded. ``reason`` is short and machine-friendly (used to count skips)."""
+    """An image that cannot be decoded. ``reason`` is short and machine-friendly (used to count skips).
+
+    ``detail`` (written to skip reports) never quotes the file's path: the library messages it comes from often do
+    (``errors.without_paths``); the message names ``source`` for the one who asked for that file."""
 
     def __init__(self, reason: str, source: str, detail: str = "") -> None:
         self.reason = reason
         self.source = source
-        self.detail = detail
+        self.detail = without_paths(detail, source) if detail and not source.startswith("<") else detail
         message = f"cannot decode image {source}: {reason}"
         if detail:
             message += f" ({detail})"

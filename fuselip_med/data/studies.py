@@ -35,7 +35,7 @@ import numpy as np
 
 from fuselip_med.data.phi import Pseudonyms, burned_in_risk
 from fuselip_med.data.skips import SkipReport
-from fuselip_med.errors import InputError, first_line
+from fuselip_med.errors import InputError, first_line, without_paths
 
 __all__ = [
     "GAP_FACTOR", "MAX_NIFTI_SLICE_VOXELS", "MAX_NIFTI_VOXELS", "NIFTI_SUFFIXES", "PLANES", "Series", "SliceRef",
@@ -393,7 +393,7 @@ def nifti_series(path: str | os.PathLike, plane: Plane = "acquisition",
         affine = image.affine
         zooms = image.header.get_zooms()
     except Exception as error:  # nibabel raises several types for damaged headers (HeaderDataError, EOFError, ...)
-        skips.add(name, "input", "broken NIfTI header", str(error).splitlines()[0][:200] if str(error) else "")
+        skips.add(name, "input", "broken NIfTI header", without_paths(first_line(error), path)[:200])
         return None
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]

@@ -1,0 +1,55 @@
+"""Identifiers that reached outputs through side doors: library error texts quoting paths whose folders are patient
+names (skip reports, console), file meta information copied into de-identified files."""
+from __future__ import annotations
+
+import nibabel
+import numpy as np
+import pytest
+
+from fuselip_med.data.images import ImageDecodeError
+from fuselip_med.data.phi import Pseudonyms
+from fuselip_med.data.skips import SkipReport
+from fuselip_med.data.studies import find_series
+from fuselip_med.data.volumes import read_nifti_slice
+
+PATIENT_FOLDER = "Doe_John_19230101"
+
+
+def _broken_niftis(folder):
+    folder.mkdir(parents=True)
+    nibabel.save(nibabel.Nifti1Image(np.zeros((4, 4, 3), np.float32), np.eye(4)), folder / "whole.nii.gz")
+    (folder / "cut.nii.gz").write_bytes((folder / "whole.nii.gz").read_bytes()[:20])
+    (folder / "junk.nii").write_bytes(b"x" * 100)
+    (folder / "notgz.nii.gz").write_bytes(b"x" * 400)
+
+
+def test_broken_nifti_header_details_do_not_quote_the_patient_folder(tmp_path):
+    _broken_niftis(tmp_path / "export" / PATIENT_FOLDER)
+    skips = SkipReport()
+    found = find_series(tmp_path / "export", Pseudonyms.fresh(), skips)
+    assert [s.key for s in found] == ["whole.nii.gz"]
+    written = (tmp_path / "skipped.csv")
+    skips.write_csv(written)
+    text = written.read_text()
+    assert text.count("broken NIfTI header") == 3, text
+    assert PATIENT_FOLDER not in text and str(tmp_path) not in text
+
+
+def test_a_nifti_slice_that_cannot_be_read_does_not_quote_its_path(tmp_path):
+    _broken_niftis(tmp_path / PATIENT_FOLDER)
+    path = tmp_path / PATIENT_FOLDER / "whole.nii.gz"
+    path.unlink()  # removed between listing and reading
+    with pytest.raises(ImageDecodeError) as caught:
+        read_nifti_slice(str(path), 2, 0)
+    assert caught.value.reason == "broken NIfTI" and caught.value.detail
+    assert PATIENT_FOLDER not in caught.value.detail
+
+
+def test_decode_error_details_never_carry_the_path_in_any_spelling(tmp_path):
+    folder = tmp_path / PATIENT_FOLDER
+    folder.mkdir()
+    (tmp_path / "link").symlink_to(folder)
+    path = tmp_path / "link" / "IM0001"
+    error = ImageDecodeError("unreadable file", str(path), f"[Errno 13] Permission denied: '{folder / 'IM0001'}'")
+    assert PATIENT_FOLDER not in error.detail and "<file>" in error.detail
+    assert error.__reduce__()[1][2] == error.detail
