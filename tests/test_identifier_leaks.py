@@ -53,3 +53,31 @@ def test_decode_error_details_never_carry_the_path_in_any_spelling(tmp_path):
     error = ImageDecodeError("unreadable file", str(path), f"[Errno 13] Permission denied: '{folder / 'IM0001'}'")
     assert PATIENT_FOLDER not in error.detail and "<file>" in error.detail
     assert error.__reduce__()[1][2] == error.detail
+
+
+def test_deidentified_files_drop_the_source_file_meta_ae_titles_and_private_information(tmp_path):
+    import pydicom
+    from typer.testing import CliRunner
+
+    from fuselip_med.cli import app
+    from tests.study_helpers import ct_series
+
+    made = ct_series(tmp_path / "in", n=2, canary="QZXCANARY")
+    for path in made["files"].values():
+        ds = pydicom.dcmread(path)
+        ds.file_meta.SourceApplicationEntityTitle = "QZXSTATION"
+        ds.file_meta.SendingApplicationEntityTitle = "QZXSENDER"
+        ds.file_meta.ImplementationVersionName = "QZXIMPL"
+        ds.file_meta.PrivateInformationCreatorUID = "1.2.3.4"
+        ds.file_meta.PrivateInformation = b"QZXPRIVATE"
+        ds.save_as(path, enforce_file_format=True)
+    result = CliRunner().invoke(app, ["data", "deidentify", str(tmp_path / "in"), str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    written = sorted((tmp_path / "out").rglob("*.dcm"))
+    assert len(written) == 2
+    for path in written:
+        assert b"QZX" not in path.read_bytes()
+        ds = pydicom.dcmread(path)
+        assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+        assert ds.file_meta.MediaStorageSOPClassUID == ds.SOPClassUID
+        assert ds.pixel_array.shape == (ds.Rows, ds.Columns)

@@ -7,7 +7,7 @@ remapped consistently: the slices of one series stay one series, its studies one
    attributes with dummies and shifts dates; it sets PatientIdentityRemoved = YES and records the method;
 2. every PS3.15 Annex E attribute (``data.phi``) that dicognito did not replace with a dummy (descriptions,
    comments, dates, ...) is emptied where Annex E allows Z (Type 2 attributes) and removed otherwise; private
-   tags are removed.
+   tags are removed; the File Meta Information is written afresh (no sending AE titles, no private information).
 
 Output files are named by their new UIDs (``OUT/<study>/<series>/<instance>.dcm``): input file and folder names
 (often patient names in PACS exports) are not copied. Pixel data is not inspected: burned-in text stays (flag:
@@ -64,6 +64,25 @@ def deidentify_dataset(ds, anonymizer) -> None:
         else:
             del dataset[element.tag]
     ds.remove_private_tags()
+    _rebuild_file_meta(ds)
+
+
+def _rebuild_file_meta(ds) -> None:
+    """File Meta Information (PS3.10 7.1) with only what names the object and its encoding: the source's group 2
+    carries the sending station's AE titles (0002,0016-0018), often named after the hospital, and private
+    information (0002,0100/0102) that Annex E does not list because it is not part of the data set; the
+    implementation class and version are the writer's (pydicom fills them in when the file is saved)."""
+    from pydicom.dataset import FileMetaDataset
+
+    old = getattr(ds, "file_meta", None) or FileMetaDataset()
+    meta = FileMetaDataset()
+    sop_class = ds.get("SOPClassUID") or old.get("MediaStorageSOPClassUID")
+    if sop_class is not None:
+        meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    if "TransferSyntaxUID" in old:
+        meta.TransferSyntaxUID = old.TransferSyntaxUID
+    ds.file_meta = meta
 
 
 def deidentify_folder(src: str | os.PathLike, dst: str | os.PathLike, *, seed: str | None = None,
