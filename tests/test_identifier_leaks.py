@@ -81,3 +81,27 @@ def test_deidentified_files_drop_the_source_file_meta_ae_titles_and_private_info
         assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
         assert ds.file_meta.MediaStorageSOPClassUID == ds.SOPClassUID
         assert ds.pixel_array.shape == (ds.Rows, ds.Columns)
+
+
+@pytest.mark.parametrize(("keyword", "value"), [("ImagePositionPatient", ["0", "0", "NaN"]),
+                                                ("ImagePositionPatient", ["0", "inf", "0"]),
+                                                ("ImageOrientationPatient", ["0", "0", "0", "0", "0", "0"]),
+                                                ("ImageOrientationPatient", ["1", "0", "0", "1", "0", "0"])])
+def test_a_non_finite_position_or_degenerate_orientation_falls_back_to_instance_number(tmp_path, keyword, value):
+    """A NaN position sorted the slices arbitrarily (and hid gaps); zero or parallel cosines put every slice at 0 mm.
+    Either is now a slice without a usable position: the InstanceNumber order, named in the hints."""
+    import pydicom
+    from pydicom.dataelem import DataElement
+
+    from tests.study_helpers import ct_series
+
+    made = ct_series(tmp_path / "series", n=6)
+    broken = made["files"][sorted(made["files"])[2]]
+    ds = pydicom.dcmread(broken)
+    ds[keyword] = DataElement(ds[keyword].tag, "DS", value)
+    ds.save_as(broken)
+    skips = SkipReport()
+    (series,) = find_series(tmp_path / "series", Pseudonyms.fresh(), skips)
+    assert series.ordered_by == "InstanceNumber" and len(series) == 6
+    assert [s.instance_number for s in series.slices] == [1, 2, 3, 4, 5, 6]
+    assert "ordered by InstanceNumber" in skips.summary()

@@ -125,11 +125,13 @@ class _Instance:
 
 
 def _floats(value, n: int) -> tuple[float, ...] | None:
+    """``n`` finite floats from a multi-valued DS attribute, else None: a NaN or infinite position, cosine or
+    spacing (a DS of "NaN" / "inf" parses as a float) would sort slices arbitrarily, so it counts as absent."""
     try:
         out = tuple(float(v) for v in value)
     except (TypeError, ValueError):
         return None
-    return out if len(out) == n else None
+    return out if len(out) == n and all(np.isfinite(out)) else None
 
 
 def _item(sequence, keyword: str):
@@ -213,7 +215,7 @@ def _instances(ds, source) -> list[_Instance]:
                 plane = _item([g], "PlanePositionSequence")
                 position = position or (_floats(plane.get("ImagePositionPatient"), 3) if plane else None)
                 orient = _item([g], "PlaneOrientationSequence")
-                orientation = orientation or (_floats(orient.get("ImageOrientationPatient"), 6) if orient else None)
+                orientation = orientation or (_orientation(orient.get("ImageOrientationPatient")) if orient else None)
                 measures = _item([g], "PixelMeasuresSequence")
                 spacing = spacing or (_floats(measures.get("PixelSpacing"), 2) if measures else None)
             out.append(_Instance(frame=index, position=position, orientation=orientation, pixel_spacing=spacing,
@@ -221,7 +223,7 @@ def _instances(ds, source) -> list[_Instance]:
         return out
     return [_Instance(frame=index if declared > 1 else None,
                       position=_floats(ds.get("ImagePositionPatient"), 3),
-                      orientation=_floats(ds.get("ImageOrientationPatient"), 6),
+                      orientation=_orientation(ds.get("ImageOrientationPatient")),
                       pixel_spacing=_floats(ds.get("PixelSpacing"), 2), **common)
             for index in range(declared)]
 
@@ -256,6 +258,13 @@ def _read_header(source):
 def _normal(orientation: tuple[float, ...]) -> np.ndarray:
     """Slice normal = row cosines x column cosines (PS3.3 C.7.6.2.1.1), float64 [3]."""
     return np.cross(np.asarray(orientation[:3]), np.asarray(orientation[3:]))
+
+
+def _orientation(value) -> tuple[float, ...] | None:
+    """ImageOrientationPatient as 6 finite floats, or None when absent or degenerate (zero or parallel cosines,
+    whose normal is ~0: every slice would project to one position); unit orthogonal cosines give a unit normal."""
+    cosines = _floats(value, 6)
+    return cosines if cosines is not None and np.linalg.norm(_normal(cosines)) > 0.5 else None
 
 
 def _slice_key(pseudonyms: Pseudonyms, instance: _Instance) -> str:
@@ -306,7 +315,7 @@ def _build(instances: list[_Instance], pseudonyms: Pseudonyms, skips: SkipReport
         placed = sorted(((None, i) for i in volume),
                         key=lambda p: (p[1].instance_number is None, p[1].instance_number or 0, p[1].frame or 0))
         ordered_by = "InstanceNumber"
-        notes.append("ordered by InstanceNumber: a slice lacks ImagePositionPatient/ImageOrientationPatient")
+        notes.append("ordered by InstanceNumber: a slice lacks a usable ImagePositionPatient/ImageOrientationPatient")
         skips.hint(f"series {key}: {notes[-1]}")
     kept: list[tuple[float | None, _Instance]] = []
     duplicates = 0
