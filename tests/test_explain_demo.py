@@ -6,7 +6,8 @@ this model, and the reason is the model, not the map: measured 0 of 16 against 0
 finding raises the demo model's similarity to its caption in only 4 of 16 images (median gain -0.0014 against the
 same image drawn without the finding), so the model does not see the finding and a correct map cannot point at it
 (the map itself finds the region a model depends on: tests/test_explain.py). Training with hard-negative twins
-(each study and its finding-free twin in one batch) did not change that: 1 to 5 of 16 (README "Why did it
+(each study and its finding-free twin in one batch) did not change that: 1 to 5 of 16, nor did a finer stand-in
+tokenizer with the twins, without crops, for 1,200 steps or on 3x the studies (1 to 5 of 16; README "Why did it
 match?"). It is a strict xfail that turns red once a demo model that sees its findings passes it.
 """
 from __future__ import annotations

@@ -299,25 +299,31 @@ def test_calibration_folder_is_the_reference_set_and_undecodable_images_are_name
     reference = folder_reference(folder)
     assert len(reference) == 5 and tuple(reference.pixels.shape) == (5, 3, 256, 256)
     assert "a red square" in reference.texts
-    # the folder holds DICOM (ct.dcm), so a skipped file is named by a salted key, as embed names it
+    # a skipped file is named by a salted key, never its path, with DICOM in the folder (ct.dcm) or without
     assert list(reference.skipped.values()) == ["corrupt image"]
     assert all(key.startswith("file-") for key in reference.skipped)
     assert len(folder_reference(folder, limit=3)) <= 3
     (folder / "ct.dcm").unlink()
-    assert list(folder_reference(folder).skipped) == ["broken.png"]  # no DICOM: relative paths, as embed keeps
+    assert [key[:5] for key in folder_reference(folder).skipped] == ["file-"]
 
 
-def test_cli_export_writes_no_path_of_a_calibration_file(exported, monkeypatch, tmp_path):
-    """A PACS export names folders and files after patients: export_report.json, the model card and config.json
-    name the folder the user typed and skipped files by salted keys, never a path inside the folder."""
+@pytest.mark.parametrize("with_dicom", [True, False], ids=["dicom-and-png", "png-only"])
+def test_cli_export_writes_no_path_of_a_calibration_file(exported, monkeypatch, tmp_path, with_dicom):
+    """A PACS export names folders and files after patients (PNGs saved from a viewer too): export_report.json,
+    the model card and config.json name the folder the user typed and skipped files by salted keys (``im-`` for
+    DICOM, ``file-`` for any other file, with or without DICOM in the set), never a path inside the folder."""
     root, model_dir, _, _, _ = exported
     monkeypatch.setattr(export_onnx, "write_export", copying_writer(root / "fp32", perturb=False))
     patient = make_folder(tmp_path / "calib" / "Doe_John")
-    other = pydicom.dcmread(patient / "ct.dcm")
-    other.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.77"
-    other.save_as(patient / "Doe_John_bad.dcm")
-    (patient / "Doe_John_bad.dcm").write_bytes((patient / "Doe_John_bad.dcm").read_bytes()[:-300])
-    (patient / "Doe_John_bad.dcm.txt").write_text("a truncated slice")
+    if with_dicom:
+        other = pydicom.dcmread(patient / "ct.dcm")
+        other.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.77"
+        other.save_as(patient / "Doe_John_bad.dcm")
+        (patient / "Doe_John_bad.dcm").write_bytes((patient / "Doe_John_bad.dcm").read_bytes()[:-300])
+        (patient / "Doe_John_bad.dcm.txt").write_text("a truncated slice")
+    else:
+        (patient / "ct.dcm").unlink()
+        (patient / "ct.dcm.txt").unlink()
     (patient / "Doe_John_broken.png").write_bytes(b"not a png")
     (patient / "Doe_John_broken.png.txt").write_text("a broken file")
     out = tmp_path / "out"
@@ -325,9 +331,10 @@ def test_cli_export_writes_no_path_of_a_calibration_file(exported, monkeypatch, 
                                  str(tmp_path / "calib")])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "export_report.json").read_text())
-    assert report["reference"]["source"] == str(tmp_path / "calib") and report["reference"]["n_images"] == 5
-    assert sorted(report["reference"]["skipped"].values()) == ["corrupt image", "truncated image"]
-    assert sorted(key[:3] for key in report["reference"]["skipped"]) == ["fil", "im-"]
+    assert report["reference"]["source"] == str(tmp_path / "calib")
+    assert report["reference"]["n_images"] == (5 if with_dicom else 4)
+    expected = {"corrupt image": "file-", **({"truncated image": "im-"} if with_dicom else {})}
+    assert {reason: key[:len(expected[reason])] for key, reason in report["reference"]["skipped"].items()} == expected
     for written in out.iterdir():
         if written.suffix in (".json", ".md"):
             assert "Doe_John" not in written.read_text(), written.name

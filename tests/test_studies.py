@@ -145,7 +145,7 @@ def test_nibabel_shipped_nifti_files():
     assert image.dtype == np.uint8 and image.shape == (5, 4)  # [A, R] rows x columns of the axial slice
 
 
-def test_nifti_values_are_read_with_monai_in_ras(tmp_path):
+def test_nifti_values_are_read_in_ras(tmp_path):
     import nibabel
 
     data = nifti_volume(tmp_path / "vol.nii.gz", shape=(6, 5, 4))

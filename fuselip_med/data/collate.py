@@ -37,6 +37,9 @@ class BatchSide:
 
 @dataclass
 class Batch:
+    """A collated batch: both sides' tensors (``BatchSide``), and per row its sample id, hard-negative group key
+    and source name (lists of length B); ``skipped`` names the rows dropped while decoding (id, reason)."""
+
     query: BatchSide
     target: BatchSide
     ids: list[str]
@@ -56,6 +59,7 @@ class Batch:
         return replace(self, query=self.query.map_tensors(fn), target=self.target.map_tensors(fn))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """The same batch with every tensor on ``device``."""
         return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> Batch:

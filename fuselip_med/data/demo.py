@@ -65,6 +65,8 @@ EXTENT_PX = {
 
 
 class DicomEntry(NamedTuple):
+    """One real DICOM file of pydicom's test data in the demo dataset: where it goes and its caption."""
+
     file: str  # a file name in pydicom/data/test_files
     modality: str
     region: str | None

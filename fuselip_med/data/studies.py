@@ -15,7 +15,8 @@ DICOM (PS3.3 C.7.6.2 Image Plane module):
   mixed orientations or pixel spacings, or a single slice is skipped.
 
 NIfTI (``.nii``, ``.nii.gz``): the header is read here (nibabel) for the slice count along the chosen axis;
-pixels are read by ``data/volumes.py`` with MONAI.
+pixels are read by ``data/volumes.py``, one sampled slice at a time, in RAS (nibabel's orientation rule, the one
+MONAI's ``Orientation("RAS")`` applies).
 
 Nothing here holds a patient identifier in what it names: series, studies and slices carry salted keys
 (``phi.Pseudonyms``); skip entries name those keys, never paths. The reader's entry points are plain
@@ -49,7 +50,7 @@ GAP_FACTOR = 1.5
 DUPLICATE_MM = 1e-3
 #: Two direction cosines / pixel spacings that differ by more than this are "mixed".
 TOLERANCE = 1e-3
-#: Plane -> RAS axis index (after MONAI's Orientation("RAS")): sagittal slices stack along x, coronal along y,
+#: Plane -> RAS axis index (voxel axes brought to RAS): sagittal slices stack along x, coronal along y,
 #: axial along z.
 PLANES = {"sagittal": 0, "coronal": 1, "axial": 2}
 #: The most voxels a NIfTI volume may declare (2**30, 4 GiB as float32; a CT-RATE chest CT of 512 x 512 x ~300 has

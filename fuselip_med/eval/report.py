@@ -44,6 +44,9 @@ class TaskResult(BaseModel):
 
 
 class EvalReport(BaseModel):
+    """What ``eval`` writes to ``report.json``: the model, the data each task read, each task's result, when and
+    with which fuselip_med version (unknown keys are refused when a report is read back)."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: str
@@ -54,6 +57,7 @@ class EvalReport(BaseModel):
 
 
 def package_version() -> str:
+    """The installed fuselip_med version (package metadata, else ``fuselip_med.__version__``)."""
     try:
         from importlib.metadata import PackageNotFoundError, version
 
@@ -65,6 +69,7 @@ def package_version() -> str:
 
 
 def now_iso() -> str:
+    """The current UTC time, ISO 8601 to the second."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -169,6 +174,7 @@ def _safe_name(task: str) -> str:
 
 
 def render_markdown(report: EvalReport, plots: Mapping[str, list[str]] | None = None) -> str:
+    """``report.md``: the report's tables as Markdown, with each task's ``plots`` (relative file names) linked."""
     lines = [f"# Evaluation report: {report.model}", "",
              f"- created: {report.created}", f"- fuselip_med version: {report.fuselip_med_version}"]
     for name, desc in report.data.items():

@@ -132,8 +132,9 @@ def folder_reference(path: str | os.PathLike, image_size: int = 256, limit: int 
     """The captioned images of a folder (``<image>.txt`` captions) or CSV/TSV, read as ``embed --kind pair``
     reads them; the first ``limit`` rows when given. Images that do not decode are left out and named in
     ``skipped`` by the rule of ``embed`` / ``index build`` (``embed.pseudonymize_rows``; PS3.15 Annex E: PACS
-    exports name folders after patients): a DICOM file by its salted instance key (``im-`` + 20 hex), and when
-    the set holds DICOM every other file by a salted ``file-`` key; a set without DICOM keeps relative paths.
+    exports name folders after patients): a DICOM file by its salted instance key (``im-`` + 20 hex), every
+    other file by a salted ``file-`` key, with or without DICOM in the set (the report is not the user's index:
+    unlike ``embed`` rows it keeps no relative path).
     The salt is fresh and not stored: the keys count and tell files apart, they name no patient. A second file
     of one SOP Instance is skipped as ``duplicate instance``. Raises the adapter's errors for a missing or empty
     input, ``ExportSetupError`` with < 2 images."""
@@ -147,7 +148,7 @@ def folder_reference(path: str | os.PathLike, image_size: int = 256, limit: int 
     reference = _decoded([r.id for r in rows], [r.image for r in rows], [r.text or "" for r in rows], str(path),
                          image_size)
     dicom_ids = {r.id for r in rows if r.dicom}
-    reference.skipped = {(id if not dicom_ids or id in dicom_ids else pseudonyms.key(id, "file-")): reason
+    reference.skipped = {(id if id in dicom_ids else pseudonyms.key(id, "file-")): reason
                          for id, reason in reference.skipped.items()}
     reference.skipped.update((entry.id, entry.reason) for entry in duplicates.entries)
     return reference

@@ -30,6 +30,7 @@ CHECKSUMS = "checksums.json"
 
 
 def step_dir_name(step: int) -> str:
+    """A checkpoint's folder name, ``step_NNNNNN``."""
     return f"step_{step:06d}"
 
 
@@ -43,6 +44,7 @@ def list_checkpoints(directory: Path) -> list[Path]:
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest complete checkpoint under ``directory`` (what ``--resume`` picks), or None."""
     checkpoints = list_checkpoints(directory)
     return checkpoints[-1] if checkpoints else None
 
@@ -76,6 +78,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
+    """Set this process's torch, Python, NumPy (and CUDA, when present) RNGs from ``rng_state()``'s output."""
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -86,6 +89,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 def temporary_dir(directory: Path, step: int) -> Path:
+    """Where checkpoint ``step`` is written before its atomic rename (``remove_stale_temporaries`` drops it)."""
     return directory / f"{TMP_PREFIX}{step:06d}"
 
 

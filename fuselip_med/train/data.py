@@ -113,6 +113,7 @@ class TrainData:
 
 
 def decode_options(recipe: Recipe) -> DecodeOptions:
+    """How training decodes images: the recipe's ``data.image_size`` (px) and DICOM ``data.window``."""
     return DecodeOptions(image_size=recipe.data.image_size, window=recipe.data.window)
 
 

@@ -123,6 +123,7 @@ PAIR_MODES = ("image_to_caption", "caption_to_image")
 
 
 def check_pair_mode(pair_mode: str, adapter: str) -> str:
+    """``pair_mode`` when it is one of ``PAIR_MODES``; raises ``ValueError`` naming ``adapter`` otherwise."""
     if pair_mode not in PAIR_MODES:
         raise ValueError(f"unknown pair_mode {pair_mode!r} for {adapter}: use one of {', '.join(PAIR_MODES)}")
     return pair_mode

@@ -44,6 +44,7 @@ HOW_TO_GET = ("download Visual Genome (v1.2: image_data.json, region_description
 
 
 def check_split(split: str) -> str:
+    """``split`` when it is one of ``SPLITS``; raises ``ValueError`` otherwise."""
     if split not in SPLITS:
         raise ValueError(f"unknown Visual Genome split {split!r}: use one of {', '.join(SPLITS)}")
     return split

@@ -278,6 +278,8 @@ class TGITFamily:
 
 
 def paper_transforms(flip_eval: str = "unique") -> tuple[TGITTransform, ...]:
+    """The paper's five TGIT transforms (crop, rotate, colour jitter, flip, colourise; reference-facts §4.4) in the
+    reference's order; ``flip_eval`` is ``Flip``'s evaluation mode."""
     return (RandomCrop(), Rotate(), ColorJitterV2(), Flip(eval_mode=flip_eval), ColorizeGrayscale())
 
 

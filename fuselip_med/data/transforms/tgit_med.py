@@ -261,6 +261,7 @@ class NoiseBlur(MedicalTransform):
 
 
 def medical_transforms() -> tuple[TGITTransform, ...]:
+    """TGIT-med's seven radiology transforms (window, flip, rotate, zoom, gamma, downsample, noise/blur)."""
     return (Window(), Flip(), Rotate(), Zoom(), Gamma(), Downsample(), NoiseBlur())
 
 
