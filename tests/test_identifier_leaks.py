@@ -105,3 +105,41 @@ def test_a_non_finite_position_or_degenerate_orientation_falls_back_to_instance_
     assert series.ordered_by == "InstanceNumber" and len(series) == 6
     assert [s.instance_number for s in series.slices] == [1, 2, 3, 4, 5, 6]
     assert "ordered by InstanceNumber" in skips.summary()
+
+
+def _ct_with(tmp_path, **header):
+    import pydicom
+    from pydicom.dataelem import DataElement
+
+    from tests.study_helpers import ct_series
+
+    made = ct_series(tmp_path / "one", n=2)
+    path = made["files"][sorted(made["files"])[0]]
+    ds = pydicom.dcmread(path)
+    for keyword, value in header.items():
+        tag = pydicom.datadict.tag_for_keyword(keyword)
+        ds[tag] = DataElement(tag, "DS", value)
+    ds.save_as(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("header", [{"RescaleSlope": "NaN"}, {"RescaleSlope": "inf"}, {"RescaleIntercept": "NaN"}])
+def test_a_non_finite_rescale_is_a_named_corrupt_image_not_a_blank_one(tmp_path, header):
+    """A NaN slope made every HU NaN: a black tile was embedded (image unit) and a NaN slice rendered black."""
+    from fuselip_med.data.images import dicom_modality_values, load_image
+
+    path = _ct_with(tmp_path, **header)
+    for read in (load_image, dicom_modality_values):
+        with pytest.raises(ImageDecodeError) as caught:
+            read(path)
+        assert caught.value.reason == "corrupt image" and "RescaleSlope/RescaleIntercept" in caught.value.detail
+
+
+def test_a_non_finite_window_falls_back_to_min_max_and_says_so(tmp_path):
+    """A NaN WindowWidth windowed every pixel to 0: a black image, silently."""
+    from fuselip_med.data.images import DecodeFallbackWarning, load_image
+
+    path = _ct_with(tmp_path, WindowCenter="40", WindowWidth="NaN")
+    with pytest.warns(DecodeFallbackWarning, match="not a finite number"):
+        pixels = np.asarray(load_image(path).convert("L"))
+    assert pixels.min() == 0 and pixels.max() == 255
