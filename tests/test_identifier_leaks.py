@@ -143,3 +143,25 @@ def test_a_non_finite_window_falls_back_to_min_max_and_says_so(tmp_path):
     with pytest.warns(DecodeFallbackWarning, match="not a finite number"):
         pixels = np.asarray(load_image(path).convert("L"))
     assert pixels.min() == 0 and pixels.max() == 255
+
+
+def test_deidentify_names_a_second_file_with_an_earlier_sop_instance_uid_instead_of_replacing_its_copy(tmp_path):
+    """The same export twice, or another image with a reused SOP Instance UID: the copies were written to one name,
+    so 'Wrote 7 files' left 3 on disk."""
+    import shutil
+
+    import pydicom
+    from typer.testing import CliRunner
+
+    from fuselip_med.cli import app
+    from tests.study_helpers import ct_series
+
+    made = ct_series(tmp_path / "in" / "a", n=3)
+    shutil.copytree(tmp_path / "in" / "a", tmp_path / "in" / "copy")
+    ds = pydicom.dcmread(sorted(made["files"].values())[0])
+    ds.ImagePositionPatient = [0, 0, 99]
+    ds.save_as(tmp_path / "in" / "clash.dcm")
+    result = CliRunner().invoke(app, ["data", "deidentify", str(tmp_path / "in"), str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "out").rglob("*.dcm"))) == 3
+    assert "Wrote 3 de-identified DICOM files" in result.output and "4 duplicate SOP Instance UID" in result.output

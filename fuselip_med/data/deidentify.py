@@ -11,7 +11,8 @@ remapped consistently: the slices of one series stay one series, its studies one
 
 Output files are named by their new UIDs (``OUT/<study>/<series>/<instance>.dcm``): input file and folder names
 (often patient names in PACS exports) are not copied. Pixel data is not inspected: burned-in text stays (flag:
-``phi.burned_in_risk``). Files that are not DICOM are counted, not copied. Writes are atomic.
+``phi.burned_in_risk``). Files that are not DICOM, and a second file with an earlier file's SOP Instance UID (it
+would replace that file's copy), are counted, not copied. Writes are atomic.
 """
 from __future__ import annotations
 
@@ -109,6 +110,7 @@ def deidentify_folder(src: str | os.PathLike, dst: str | os.PathLike, *, seed: s
     skips = SkipReport()
     skips.unit = "files"
     written = 0
+    targets: set[Path] = set()
     for path in files:
         if image_kind(path) != "dicom":
             skips.add(keys.key(os.fspath(path), "file-"), "input", "not a DICOM image")
@@ -130,6 +132,10 @@ def deidentify_folder(src: str | os.PathLike, dst: str | os.PathLike, *, seed: s
             continue
         target = dst / str(ds.get("StudyInstanceUID", "study")) / str(ds.get("SeriesInstanceUID", "series")) / \
             f"{sop_instance_uid}.dcm"
+        if target in targets:  # PS3.3 C.12.1.1.1: one UID, one instance; a second file would replace the first
+            skips.add(key, "input", "duplicate SOP Instance UID", "an earlier file has the same SOP Instance UID")
+            continue
+        targets.add(target)
         atomic_write(target, lambda tmp, ds=ds: ds.save_as(tmp, enforce_file_format=True))
         written += 1
     skips.kept = written
