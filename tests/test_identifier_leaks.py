@@ -165,3 +165,23 @@ def test_deidentify_names_a_second_file_with_an_earlier_sop_instance_uid_instead
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "out").rglob("*.dcm"))) == 3
     assert "Wrote 3 de-identified DICOM files" in result.output and "4 duplicate SOP Instance UID" in result.output
+
+
+@pytest.mark.parametrize("out", [".", "deid", "..", "IM_single_parent"])
+def test_deidentify_refuses_an_output_that_overlaps_the_input(tmp_path, out):
+    """`data deidentify export export --overwrite` wrote the copies among the identified files (and a folder
+    shared as 'de-identified' still held every original); an output inside the input is read again by the next run."""
+    from typer.testing import CliRunner
+
+    from fuselip_med.cli import app
+    from tests.study_helpers import ct_series
+
+    made = ct_series(tmp_path / "export" / "series", n=2)
+    src = tmp_path / "export" / "series"
+    if out == "IM_single_parent":
+        src, target = sorted(made["files"].values())[0], tmp_path / "export" / "series"
+    else:
+        target = {".": src, "deid": src / "deid", "..": tmp_path / "export"}[out]
+    result = CliRunner().invoke(app, ["data", "deidentify", str(src), str(target), "--overwrite"])
+    assert result.exit_code == 1 and result.output.startswith("error: ") and "outside the input" in result.output
+    assert not list(target.rglob("*/*/*.dcm"))

@@ -91,8 +91,9 @@ def deidentify_folder(src: str | os.PathLike, dst: str | os.PathLike, *, seed: s
     """De-identified copies of every DICOM file under ``src`` (recursively) into ``dst``.
 
     ``seed``: makes dicognito's replacements repeatable across runs (keep it secret; default: random). Raises
-    ``InputError`` when ``src`` has no DICOM file and ``OutputExistsError`` when ``dst`` is not empty (unless
-    ``overwrite``).
+    ``InputError`` when ``src`` has no DICOM file or ``src`` and ``dst`` overlap (one is, or is inside, the other:
+    de-identified copies would sit among identified files, even with ``overwrite``), and ``OutputExistsError``
+    when ``dst`` is not empty (unless ``overwrite``).
     """
     import pydicom
     from dicognito.anonymizer import Anonymizer
@@ -102,6 +103,10 @@ def deidentify_folder(src: str | os.PathLike, dst: str | os.PathLike, *, seed: s
     src, dst = Path(src), Path(dst)
     if not src.exists():
         raise InputError(f"{src}: no such file or folder.")
+    inside = _nested(src, dst)
+    if inside is not None:  # copies among the identified files, or identified files read from the copies' folder
+        raise InputError(f"{dst} and {src}: {inside}; write the de-identified copies to a folder outside the "
+                         "input (and the input outside the output), so that the output holds only de-identified files.")
     if dst.exists() and any(dst.iterdir()) and not overwrite:
         raise OutputExistsError(f"{dst} is not empty; choose an empty folder or pass --overwrite.")
     files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
@@ -142,6 +147,18 @@ def deidentify_folder(src: str | os.PathLike, dst: str | os.PathLike, *, seed: s
     if not written:
         raise InputError(f"{src}: no DICOM file to de-identify ({skips.summary()}).")
     return DeidentifyReport(written, skips)
+
+
+def _nested(src: Path, dst: Path) -> str | None:
+    """How ``dst`` and ``src`` overlap (symlinks resolved), or None when they are apart."""
+    src, dst = src.resolve(), dst.resolve()
+    if dst == src or (src.is_file() and dst == src.parent):
+        return "the output folder is the input"
+    if dst.is_relative_to(src):
+        return "the output folder is inside the input"
+    if src.is_relative_to(dst):
+        return "the input is inside the output folder"
+    return None
 
 
 def _damage(path: Path) -> str | None:
