@@ -185,3 +185,28 @@ def test_deidentify_refuses_an_output_that_overlaps_the_input(tmp_path, out):
     result = CliRunner().invoke(app, ["data", "deidentify", str(src), str(target), "--overwrite"])
     assert result.exit_code == 1 and result.output.startswith("error: ") and "outside the input" in result.output
     assert not list(target.rglob("*/*/*.dcm"))
+
+
+def test_deidentify_shows_progress_over_every_file(tmp_path, monkeypatch):
+    """A PACS export of thousands of files ran without any sign of progress (the CLI's rule for long work)."""
+    from contextlib import contextmanager
+
+    import fuselip_med.data.deidentify as deidentify
+    from tests.study_helpers import ct_series
+
+    ct_series(tmp_path / "in", n=3)
+    (tmp_path / "in" / "notes.txt").write_text("x")
+    seen = []
+
+    class Recorder:
+        def advance(self, n: float = 1) -> None:
+            seen.append(n)
+
+    @contextmanager
+    def recording_bar(total, description, **options):
+        seen.append(("total", total))
+        yield Recorder()
+
+    monkeypatch.setattr(deidentify, "progress_bar", recording_bar)
+    report = deidentify.deidentify_folder(tmp_path / "in", tmp_path / "out")
+    assert report.written == 3 and seen == [("total", 4), 1, 1, 1, 1]

@@ -24,6 +24,7 @@ from fuselip_med.data.phi import Pseudonyms, emptied_not_removed, is_annex_e
 from fuselip_med.data.skips import SkipReport
 from fuselip_med.errors import InputError, OutputExistsError
 from fuselip_med.io import atomic_write
+from fuselip_med.progress import progress_bar
 
 __all__ = ["DeidentifyReport", "deidentify_dataset", "deidentify_folder"]
 
@@ -87,13 +88,14 @@ def _rebuild_file_meta(ds) -> None:
 
 
 def deidentify_folder(src: str | os.PathLike, dst: str | os.PathLike, *, seed: str | None = None,
-                      overwrite: bool = False) -> DeidentifyReport:
+                      overwrite: bool = False, progress: bool = True) -> DeidentifyReport:
     """De-identified copies of every DICOM file under ``src`` (recursively) into ``dst``.
 
     ``seed``: makes dicognito's replacements repeatable across runs (keep it secret; default: random). Raises
     ``InputError`` when ``src`` has no DICOM file or ``src`` and ``dst`` overlap (one is, or is inside, the other:
     de-identified copies would sit among identified files, even with ``overwrite``), and ``OutputExistsError``
-    when ``dst`` is not empty (unless ``overwrite``).
+    when ``dst`` is not empty (unless ``overwrite``). ``progress``: a bar on stderr (``fuselip_med.progress``: only
+    on a terminal, not with ``-q``).
     """
     import pydicom
     from dicognito.anonymizer import Anonymizer
@@ -116,33 +118,35 @@ def deidentify_folder(src: str | os.PathLike, dst: str | os.PathLike, *, seed: s
     skips.unit = "files"
     written = 0
     targets: set[Path] = set()
-    for path in files:
-        if image_kind(path) != "dicom":
-            skips.add(keys.key(os.fspath(path), "file-"), "input", "not a DICOM image")
-            continue
-        key = keys.key(os.fspath(path), "file-")
-        damage = _damage(path)
-        if damage is not None:  # a cut or corrupt file is not copied as if it were whole
-            skips.add(key, "input", damage)
-            continue
-        try:
-            ds = pydicom.dcmread(path, force=True)
-            if "SOPInstanceUID" not in ds:
-                skips.add(key, "input", "no SOP Instance UID")
+    with progress_bar(len(files), "de-identifying", unit="file", enabled=progress) as bar:
+        for path in files:
+            bar.advance()
+            if image_kind(path) != "dicom":
+                skips.add(keys.key(os.fspath(path), "file-"), "input", "not a DICOM image")
                 continue
-            deidentify_dataset(ds, anonymizer)
-            sop_instance_uid = str(ds.SOPInstanceUID)
-        except Exception as error:  # a damaged file fails the parser (and the anonymizer) in many ways
-            skips.add(key, "input", "unreadable DICOM", type(error).__name__)
-            continue
-        target = dst / str(ds.get("StudyInstanceUID", "study")) / str(ds.get("SeriesInstanceUID", "series")) / \
-            f"{sop_instance_uid}.dcm"
-        if target in targets:  # PS3.3 C.12.1.1.1: one UID, one instance; a second file would replace the first
-            skips.add(key, "input", "duplicate SOP Instance UID", "an earlier file has the same SOP Instance UID")
-            continue
-        targets.add(target)
-        atomic_write(target, lambda tmp, ds=ds: ds.save_as(tmp, enforce_file_format=True))
-        written += 1
+            key = keys.key(os.fspath(path), "file-")
+            damage = _damage(path)
+            if damage is not None:  # a cut or corrupt file is not copied as if it were whole
+                skips.add(key, "input", damage)
+                continue
+            try:
+                ds = pydicom.dcmread(path, force=True)
+                if "SOPInstanceUID" not in ds:
+                    skips.add(key, "input", "no SOP Instance UID")
+                    continue
+                deidentify_dataset(ds, anonymizer)
+                sop_instance_uid = str(ds.SOPInstanceUID)
+            except Exception as error:  # a damaged file fails the parser (and the anonymizer) in many ways
+                skips.add(key, "input", "unreadable DICOM", type(error).__name__)
+                continue
+            target = dst / str(ds.get("StudyInstanceUID", "study")) / str(ds.get("SeriesInstanceUID", "series")) / \
+                f"{sop_instance_uid}.dcm"
+            if target in targets:  # PS3.3 C.12.1.1.1: one UID, one instance; a second file would replace the first
+                skips.add(key, "input", "duplicate SOP Instance UID", "an earlier file has the same SOP Instance UID")
+                continue
+            targets.add(target)
+            atomic_write(target, lambda tmp, ds=ds: ds.save_as(tmp, enforce_file_format=True))
+            written += 1
     skips.kept = written
     if not written:
         raise InputError(f"{src}: no DICOM file to de-identify ({skips.summary()}).")
