@@ -210,3 +210,20 @@ def test_deidentify_shows_progress_over_every_file(tmp_path, monkeypatch):
     monkeypatch.setattr(deidentify, "progress_bar", recording_bar)
     report = deidentify.deidentify_folder(tmp_path / "in", tmp_path / "out")
     assert report.written == 3 and seen == [("total", 4), 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("bad", ["s={", "s={study", "s={study!x}", "s={study:{series}}", "s={study:>80}"])
+def test_a_viewer_url_with_unbalanced_braces_or_a_field_format_is_one_error_line(tmp_path, bad):
+    """Unbalanced braces were a traceback of `serve`; a conversion or format spec passed the check and then failed
+    (or changed the UID) when each page link was filled."""
+    from typer.testing import CliRunner
+
+    from fuselip_med.cli import app
+    from fuselip_med.search.pacs import ViewerUrlError, check_viewer_url
+
+    with pytest.raises(ViewerUrlError):
+        check_viewer_url(f"https://pacs.example.org/viewer?{bad}")
+    assert check_viewer_url("https://pacs/v?q={{x}}&s={study}").format(study="1.2") == "https://pacs/v?q={x}&s=1.2"
+    result = CliRunner().invoke(app, ["serve", "--index", str(tmp_path), "--viewer-url",
+                                      f"https://pacs.example.org/viewer?{bad}"])
+    assert result.exit_code == 1 and result.output.startswith("error: --viewer-url"), result.output
