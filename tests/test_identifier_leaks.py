@@ -227,3 +227,22 @@ def test_a_viewer_url_with_unbalanced_braces_or_a_field_format_is_one_error_line
     result = CliRunner().invoke(app, ["serve", "--index", str(tmp_path), "--viewer-url",
                                       f"https://pacs.example.org/viewer?{bad}"])
     assert result.exit_code == 1 and result.output.startswith("error: --viewer-url"), result.output
+
+
+def test_deidentify_rerun_over_an_earlier_output_needs_its_seed_and_then_rewrites_in_place(tmp_path):
+    """An interrupted run rerun with --overwrite (as the message said) and a new random seed wrote every instance
+    again under new UIDs beside the first copies: each instance twice, as two studies."""
+    from typer.testing import CliRunner
+
+    from fuselip_med.cli import app
+    from tests.study_helpers import ct_series
+
+    ct_series(tmp_path / "in", n=3)
+    runner = CliRunner()
+    command = ["data", "deidentify", str(tmp_path / "in"), str(tmp_path / "out")]
+    assert runner.invoke(app, [*command, "--seed", "s3cret"]).exit_code == 0
+    result = runner.invoke(app, [*command, "--overwrite"])
+    assert result.exit_code == 1 and "pass the same --seed" in result.output
+    result = runner.invoke(app, [*command, "--overwrite", "--seed", "s3cret"])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "out").rglob("*.dcm"))) == 3

@@ -94,7 +94,8 @@ def deidentify_folder(src: str | os.PathLike, dst: str | os.PathLike, *, seed: s
     ``seed``: makes dicognito's replacements repeatable across runs (keep it secret; default: random). Raises
     ``InputError`` when ``src`` has no DICOM file or ``src`` and ``dst`` overlap (one is, or is inside, the other:
     de-identified copies would sit among identified files, even with ``overwrite``), and ``OutputExistsError``
-    when ``dst`` is not empty (unless ``overwrite``). ``progress``: a bar on stderr (``fuselip_med.progress``: only
+    when ``dst`` is not empty (unless ``overwrite`` with a ``seed``: the same seed gives the same UIDs, so an
+    interrupted run is finished by rerunning it). ``progress``: a bar on stderr (``fuselip_med.progress``: only
     on a terminal, not with ``-q``).
     """
     import pydicom
@@ -109,8 +110,14 @@ def deidentify_folder(src: str | os.PathLike, dst: str | os.PathLike, *, seed: s
     if inside is not None:  # copies among the identified files, or identified files read from the copies' folder
         raise InputError(f"{dst} and {src}: {inside}; write the de-identified copies to a folder outside the "
                          "input (and the input outside the output), so that the output holds only de-identified files.")
-    if dst.exists() and any(dst.iterdir()) and not overwrite:
-        raise OutputExistsError(f"{dst} is not empty; choose an empty folder or pass --overwrite.")
+    if dst.exists() and any(dst.iterdir()):
+        if not overwrite:
+            raise OutputExistsError(f"{dst} is not empty; choose an empty folder or pass --overwrite (with the "
+                                    "earlier run's --seed).")
+        if seed is None:  # a random seed gives every instance new UIDs: the earlier copies would stay beside them
+            raise OutputExistsError(f"{dst} holds an earlier run's files, and without that run's --seed every file "
+                                    "would be written again under new UIDs next to them (each instance twice, as "
+                                    "another study); pass the same --seed to rewrite them, or choose an empty folder.")
     files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
     anonymizer = Anonymizer(seed=seed)
     keys = Pseudonyms.fresh()
