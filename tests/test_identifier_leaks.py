@@ -246,3 +246,31 @@ def test_deidentify_rerun_over_an_earlier_output_needs_its_seed_and_then_rewrite
     result = runner.invoke(app, [*command, "--overwrite", "--seed", "s3cret"])
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "out").rglob("*.dcm"))) == 3
+
+
+def test_deidentify_leaves_no_annex_e_uid_unchanged():
+    """dicognito keeps some Annex E UIDs as they are (Manufacturer's Device Class UID); the Annex E pass kept every
+    UID on the assumption that dicognito had remapped it."""
+    from dicognito.anonymizer import Anonymizer
+    from pydicom.datadict import dictionary_VR
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import generate_uid
+
+    from fuselip_med.data.deidentify import deidentify_dataset
+    from fuselip_med.data.phi import ANNEX_E_TAGS
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    planted = {}
+    for tag in ANNEX_E_TAGS:
+        try:
+            if dictionary_VR(tag) == "UI":
+                planted[tag] = generate_uid()
+                ds.add_new(tag, "UI", planted[tag])
+        except KeyError:  # retired or unknown to pydicom's dictionary
+            continue
+    assert len(planted) > 50 and 0x0018100B in planted
+    deidentify_dataset(ds, Anonymizer())
+    assert not [hex(tag) for tag, uid in planted.items() if tag in ds and str(ds[tag].value) == uid]
+    assert str(ds.SOPInstanceUID) != planted[0x00080018] and "StudyInstanceUID" in ds

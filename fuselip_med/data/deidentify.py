@@ -59,8 +59,8 @@ def deidentify_dataset(ds, anonymizer) -> None:
         original = before.get((id(dataset), element.tag))
         if original is None:
             continue  # added by dicognito (PatientIdentityRemoved, DeidentificationMethod)
-        if element.VR == "UI" or (repr(element.value) != original and element.VR not in _DATES):
-            continue  # a consistent new UID, or a dummy name / ID from dicognito
+        if repr(element.value) != original and element.VR not in _DATES:
+            continue  # a consistent new UID, or a dummy name / ID from dicognito (a UID it kept goes, as the rest)
         if emptied_not_removed(element.tag):
             dataset[element.tag].value = [] if element.VR == "SQ" else ""
         else:
