@@ -274,3 +274,25 @@ def test_deidentify_leaves_no_annex_e_uid_unchanged():
     deidentify_dataset(ds, Anonymizer())
     assert not [hex(tag) for tag, uid in planted.items() if tag in ds and str(ds[tag].value) == uid]
     assert str(ds.SOPInstanceUID) != planted[0x00080018] and "StudyInstanceUID" in ds
+
+
+def test_a_header_declaring_more_frames_than_any_object_has_is_a_named_skip_without_a_record_per_frame(tmp_path):
+    """An encapsulated object may hold 1 frame per 8 bytes by its size alone: an 8 MB file declaring a million frames
+    cost a record each (1 GB, 40 s) and was kept as a million-slice series."""
+    import time
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from fuselip_med.data.studies import MAX_FRAMES, StudiesError
+
+    ds = pydicom.dcmread(get_testdata_file("JPEG2000.dcm"))
+    ds.PixelData = ds.PixelData + b"\x00" * (8 * (MAX_FRAMES + 8))
+    ds.NumberOfFrames = MAX_FRAMES + 1
+    (tmp_path / "in").mkdir()
+    ds.save_as(tmp_path / "in" / "cine.dcm")
+    skips = SkipReport()
+    started = time.perf_counter()
+    with pytest.raises(StudiesError, match="too many frames"):
+        find_series(tmp_path / "in", Pseudonyms.fresh(), skips)
+    assert time.perf_counter() - started < 5

@@ -39,8 +39,8 @@ from fuselip_med.data.skips import SkipReport
 from fuselip_med.errors import InputError, first_line, without_paths
 
 __all__ = [
-    "GAP_FACTOR", "MAX_NIFTI_SLICE_VOXELS", "MAX_NIFTI_VOXELS", "NIFTI_SUFFIXES", "PLANES", "Series", "SliceRef",
-    "StudiesError", "find_series", "is_nifti", "nifti_series", "read_series",
+    "GAP_FACTOR", "MAX_FRAMES", "MAX_NIFTI_SLICE_VOXELS", "MAX_NIFTI_VOXELS", "NIFTI_SUFFIXES", "PLANES", "Series",
+    "SliceRef", "StudiesError", "find_series", "is_nifti", "nifti_series", "read_series",
 ]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -58,6 +58,10 @@ PLANES = {"sagittal": 0, "coronal": 1, "axial": 2}
 #: one at a time, so memory holds one slice; the limits bound the time a (compressed) volume may cost.
 MAX_NIFTI_VOXELS = 2**30
 MAX_NIFTI_SLICE_VOXELS = 2**26
+#: The most frames one DICOM object may declare (NumberOfFrames, PS3.3 C.7.6.6): an enhanced fMRI of 64 slices x
+#: 300 time points has 19 200; each frame costs a record before any pixel is read, and the bound from the file size
+#: (8 bytes per encapsulated frame, PS3.5 A.4) lets an 8 MB file declare a million frames (1 GB, 40 s).
+MAX_FRAMES = 2**16
 Plane = Literal["acquisition", "axial", "coronal", "sagittal"]
 
 
@@ -190,12 +194,15 @@ def _instances(ds, source) -> list[_Instance]:
     """The frames of one data set as ``_Instance`` records (one for a single-frame image).
 
     Raises ``_Unusable`` before any record is made when the declared frames do not fit the pixel data
-    (``truncated image``: a 9 KB file declaring a million frames) or the Per-Frame Functional Groups Sequence
-    does not have one item per frame (``frame count mismatch``, PS3.3 C.7.6.16)."""
+    (``truncated image``: a 9 KB file declaring a million frames), when they fit but are more than ``MAX_FRAMES``
+    (``too many frames``), or when the Per-Frame Functional Groups Sequence does not have one item per frame
+    (``frame count mismatch``, PS3.3 C.7.6.16)."""
     declared = max(_int_or_none(ds.get("NumberOfFrames")) or 1, 1)
     held = _frames_held(ds, source)
     if held is not None and declared > held:
         raise _Unusable("truncated image", f"{declared} frame(s) declared, the pixel data holds at most {held}")
+    if declared > MAX_FRAMES:
+        raise _Unusable("too many frames", f"{declared} frame(s) declared, more than the {MAX_FRAMES} read per object")
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if per_frame and len(per_frame) != declared:
         raise _Unusable("frame count mismatch", f"{len(per_frame)} per-frame functional groups for {declared} frame(s)")
