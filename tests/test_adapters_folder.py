@@ -205,6 +205,18 @@ def test_bom_separator_detection_and_encoding_option(tmp_path):
         folder(tmp_path / "latin.csv", sep="::")
 
 
+def test_semicolon_csv_from_a_spreadsheet_is_detected(tmp_path):
+    """Excel/LibreOffice in comma-decimal locales save CSV with ';', a BOM and CRLF; its quoted caption may
+    hold a comma and a line break."""
+    write_image(tmp_path / "a.png", 1)
+    write_image(tmp_path / "b.png", 2)
+    (tmp_path / "excel.csv").write_bytes(
+        b'\xef\xbb\xbfpath;caption\r\na.png;size 1,5 cm\r\nb.png;"two\r\nlines"\r\n')
+    source = folder(tmp_path / "excel.csv")
+    assert [(s.id, s.target.text) for s in source] == [("a.png", "size 1,5 cm"), ("b.png", "two lines")]
+    assert not source.skipped
+
+
 def test_captions_optional_for_image_only_folders(tmp_path):
     write_image(tmp_path / "a.png", 1)
     write_image(tmp_path / "b.png", 2)

@@ -126,3 +126,41 @@ def test_hub_id_goes_to_datasets(monkeypatch, hq, tmp_path):
     with pytest.raises(DatasetNotFoundError, match="could not load HQ-Edit") as info:
         hq_edit("someone/else", revision="main")
     assert isinstance(info.value.__cause__, ConnectionError) and calls[-1][1]["revision"] == "main"
+
+
+def test_numeric_text_column_is_one_user_error(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.table({"input": ["a"], "input_image": pa.array([{"bytes": png(1), "path": None}], image),
+                             "edit": pa.array([3]), "inverse_edit": ["undo"], "output": ["b"],
+                             "output_image": pa.array([{"bytes": png(2), "path": None}], image)}),
+                   tmp_path / "data" / "train-00000-of-00001.parquet")
+    with pytest.raises(DatasetEmptyError, match="edit is int64, expected string"):
+        hq_edit(tmp_path, cache_dir=str(tmp_path / "cache"))
+
+
+def test_path_only_image_outside_the_folder_is_skipped_not_read(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "HQ" / "data").mkdir(parents=True)
+    (tmp_path / "HQ" / "in.png").write_bytes(png(3))
+    (tmp_path / "out.png").write_bytes(png(5))
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    rows = [row(0, input_image={"bytes": None, "path": "in.png"}),
+            row(1, output_image={"bytes": None, "path": str(tmp_path / "out.png")})]
+    pq.write_table(pa.table({name: pa.array([r[name] for r in rows], image if name.endswith("image") else None)
+                             for name in rows[0]}), tmp_path / "HQ" / "data" / "train-00000-of-00001.parquet")
+    source = hq_edit(tmp_path / "HQ", cache_dir=str(tmp_path / "cache"))
+    assert source.rows == [0] and source[0].query.image == str(tmp_path / "HQ" / "in.png")
+    assert level_of(source[0].target.image) == 1
+    assert dict(source.skipped) == {"outside image root": 1}
+
+
+def test_damaged_parquet_shard_is_one_user_error(hq, tmp_path):
+    (hq / "data" / "train-00001-of-00002.parquet").write_text("<html>502 Bad Gateway</html>")
+    with pytest.raises(DatasetEmptyError, match="not a readable parquet file"):
+        hq_edit(hq, cache_dir=str(tmp_path / "cache"))

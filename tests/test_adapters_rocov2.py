@@ -444,3 +444,55 @@ def test_missing_path_advice_names_an_option_of_the_command(tmp_path):
     with command_line_style(), pytest.raises(DatasetNotFoundError) as info:
         rocov2(tmp_path / "absent", "test")
     assert "--data rocov2=ROCOv2_data" in str(info.value) and "--set" not in str(info.value)
+
+
+@pytest.mark.parametrize(("column", "values", "named"), [
+    ("image_id", [1, 2], "image_id is int64"),  # a re-export that turned IDs into numbers
+    ("caption", [1.5, None], "caption is double"),
+    ("cui", ["C0040405", "C0024485"], "cui is string"),  # one string, not a list: would be split into letters
+])
+def test_hf_wrong_column_types_are_one_user_error(tmp_path, column, values, named):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = {"image": pa.array([{"bytes": encode(1, "PNG"), "path": None}] * 2,
+                                 pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+               "image_id": pa.array(["ROCOv2_2023_train_000001", "ROCOv2_2023_train_000002"]),
+               "caption": pa.array(["one", "two"]), "cui": pa.array([[CT], [MRI]])}
+    columns[column] = pa.array(values)
+    (tmp_path / "mirror" / "data").mkdir(parents=True)
+    pq.write_table(pa.table(columns), tmp_path / "mirror" / "data" / "train-00000-of-00001.parquet")
+    with pytest.raises(DatasetEmptyError, match=named):
+        rocov2(tmp_path / "mirror", "train", cache_dir=str(tmp_path / "hf_cache"))
+
+
+def test_hf_path_only_image_cells_stay_inside_the_data_folder(tmp_path):
+    """A parquet image cell holding only a path (no bytes) may name a file in the data folder; one naming a file
+    outside it (absolute, ``..``, or a symlink out) is skipped as ``outside image root``, never read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "mirror"
+    (root / "data").mkdir(parents=True)
+    (root / "images").mkdir()
+    (root / "images" / "inside.png").write_bytes(encode(1, "PNG"))
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(encode(2, "PNG"))
+    (root / "images" / "link.png").symlink_to(secret)
+    paths = ["images/inside.png", str(secret), "../secret.png", "images/link.png"]
+    ids = [f"ROCOv2_2023_train_00000{k}" for k in range(1, 5)]
+    pq.write_table(pa.table({
+        "image": pa.array([{"bytes": None, "path": p} for p in paths],
+                          pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+        "image_id": ids, "caption": ["a", "b", "c", "d"]}), root / "data" / "train-00000-of-00001.parquet")
+    source = rocov2(root, "train", cache_dir=str(tmp_path / "hf_cache"))
+    assert source.image_ids == ids[:1]
+    assert Path(source[0].query.image).resolve() == (root / "images" / "inside.png").resolve()
+    assert [e.reason for e in source.skipped.entries] == ["outside image root"] * 3
+
+
+def test_hf_damaged_parquet_shard_is_one_user_error(hf, tmp_path):
+    shard = hf / "data" / "train-00001-of-00002.parquet"
+    shard.write_bytes(shard.read_bytes()[:200])  # a download cut short: no footer
+    with pytest.raises(DatasetEmptyError, match="train-00001-of-00002.parquet is not a readable parquet file"):
+        rocov2(hf, "train", cache_dir=str(tmp_path / "hf_cache"))

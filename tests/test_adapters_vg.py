@@ -181,3 +181,21 @@ def test_strict_and_missing_files(vg, tmp_path):
         vg_crop(tmp_path, "all")
     with pytest.raises(ValueError, match="unknown Visual Genome split 'val'"):
         vg_crop(vg, "val")
+
+
+def test_boxes_beyond_the_image_are_clipped_or_skipped_not_allocated(tmp_path):
+    """Region boxes from a hand-edited or hostile JSON: NaN/Infinity are bad regions at load; a width of 1e9 is cut
+    at the image's edge (not a 1e9-wide black canvas); a box wholly outside the image is a named skip."""
+    root = write_vg(tmp_path / "vg")
+    regions = [{"id": 1, "regions": [region(1, 1, "nan box", 0, 0, float("nan"), 10),
+                                     region(2, 1, "inf box", 0, 0, float("inf"), 10),
+                                     region(3, 1, "huge box", 200, 100, 1e9, 1e9),
+                                     region(4, 1, "outside", 5000, 0, 50, 50)]}]
+    (root / "region_descriptions.json").write_text(json.dumps(regions))
+    source = vg_crop(root, "all", group_size=1)
+    assert dict(source.skipped) == {"bad region": 2}
+    assert source[0].target.image.size == (40, 20)
+    dataset = SampleDataset(source, DecodeOptions(image_size=32))
+    assert isinstance(dataset[0], DecodedSample)
+    skipped = dataset[1]
+    assert isinstance(skipped, SkippedSample) and skipped.reason == "region outside image"

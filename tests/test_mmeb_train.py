@@ -55,3 +55,37 @@ def test_finetune_recipe_mmeb_trains(tmp_path):
         "logging.progress=false", f"output.dir={tmp_path / 'run'}"])
     result = Trainer(recipe).run()
     assert result.steps == 2 and (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_numeric_text_column_is_one_user_error(tmp_path):
+    from fuselip_med.data.adapters import DatasetEmptyError
+
+    root = write_mmeb_train(tmp_path / "MMEB-train")
+    file = root / "VisDial" / "original-00000-of-00001.parquet"
+    table = pq.read_table(file)
+    pq.write_table(table.set_column(0, "qry", pa.array(range(len(table)))), file)
+    with pytest.raises(DatasetEmptyError, match="qry is int64, expected string"):
+        get_adapter("mmeb")(str(root), split="original", subsets=["VisDial"])
+
+
+@pytest.mark.parametrize("written", ["/etc/passwd", "../../etc/passwd", "images/../../secret.jpg", "~/x.jpg",
+                                     "C:\\Windows\\x.jpg"])
+def test_image_path_leaving_the_image_root_is_skipped(tmp_path, written):
+    root = write_mmeb_train(tmp_path / "MMEB-train", n=2)
+    file = root / "ImageNet_1K" / "original-00000-of-00001.parquet"
+    table = pq.read_table(file)
+    pq.write_table(table.set_column(1, "qry_image_path", pa.array([written, "images/ImageNet_1K/Train/image_1.jpg"])),
+                   file)
+    source = get_adapter("mmeb")(str(root), split="original", subsets=["ImageNet_1K"])
+    assert len(source) == 1 and source[0].query.image.endswith("image_1.jpg")
+    assert dict(source.skipped) == {"outside image root": 1}
+
+
+def test_damaged_parquet_file_is_one_user_error(tmp_path):
+    from fuselip_med.data.adapters import DatasetEmptyError
+
+    root = write_mmeb_train(tmp_path / "MMEB-train", n=2)
+    file = root / "VisDial" / "original-00000-of-00001.parquet"
+    file.write_bytes(file.read_bytes()[:100])
+    with pytest.raises(DatasetEmptyError, match="original-00000-of-00001.parquet is not a readable parquet file"):
+        get_adapter("mmeb")(str(root), split="original", subsets=["ImageNet_1K", "VisDial"])

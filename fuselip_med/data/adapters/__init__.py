@@ -31,11 +31,14 @@ __all__ = [
     "ListSource",
     "SampleSource",
     "available_adapters",
+    "check_parquet_files",
     "clean_caption",
     "csv_rows",
     "get_adapter",
     "load_hub_dataset",
+    "parquet_image_cells",
     "register_adapter",
+    "require_column_types",
 ]
 
 
@@ -53,6 +56,75 @@ class BadRowError(UserError, ValueError):
     def __init__(self, message: str, reason: str):
         super().__init__(message)
         self.reason = reason
+
+
+def require_column_types(schema, columns: dict[str, str], where: str) -> None:
+    """Raise ``DatasetEmptyError`` naming every present column of ``columns`` (name -> ``"text"`` or
+    ``"text list"``) whose Arrow type in ``schema`` (a ``pyarrow.Schema``) is not that: a parquet file whose
+    ``caption`` holds numbers or whose ``cui`` is one string would otherwise crash mid-read or be misread
+    (``";".join("C0040405")`` splits a string into letters). Null-typed (all-null) columns pass: their rows are
+    skipped as empty. Absent columns are the caller's check."""
+    import pyarrow as pa
+
+    def is_text(kind) -> bool:
+        return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+
+    wrong = []
+    for name, want in columns.items():
+        if name not in schema.names:
+            continue
+        kind = schema.field(name).type
+        ok = (is_text(kind) if want == "text" else
+              pa.types.is_null(kind) or ((pa.types.is_list(kind) or pa.types.is_large_list(kind))
+                                         and is_text(kind.value_type)))
+        if not ok:
+            wrong.append(f"{name} is {kind}, expected {'string' if want == 'text' else 'list<string>'}")
+    if wrong:
+        raise DatasetEmptyError(f"{where}: wrong column types: {'; '.join(wrong)}. Re-export the data with these "
+                                "columns as text.")
+
+
+def check_parquet_files(files: Iterable[str | os.PathLike], what: str) -> None:
+    """Raise ``DatasetEmptyError`` naming the first of ``files`` whose parquet footer cannot be read (a download
+    cut short, an HTML error page saved as ``.parquet``): ``datasets``/pyarrow would otherwise end the run in an
+    ``ArrowInvalid`` traceback. Reads only each footer (the last bytes), not the data; ``what`` names the dataset
+    in the advice."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for file in files:
+        try:
+            pq.ParquetFile(file).metadata
+        except (pa.ArrowException, OSError) as exc:
+            raise DatasetEmptyError(f"{file} is not a readable parquet file ({exc}); download {what} again or "
+                                    "remove the file.") from exc
+
+
+def parquet_image_cells(dataset, column: str, folder: str | None) -> list[bool | str | tuple[str, str]]:
+    """Per row of ``dataset`` (a ``datasets.Dataset`` whose ``column`` is an HF ``Image`` struct read with
+    ``decode=False``): True when the cell embeds bytes; the image's path when it holds only a path that resolves
+    (``..`` and symlinks followed) to a readable file inside ``folder`` (the parquet files' folder; None for a hub
+    dataset, where no path is allowed); else ``(reason, detail)``: ``null image`` or the image unit's reason
+    (``folder.check_image_path``: ``outside image root``, ``missing image``, ...). A path cell is joined to
+    ``folder`` (an absolute one stays absolute and must still lie inside it), so a parquet file cannot make
+    training read ``/etc/passwd``. Only the validity bitmaps and path strings are read, never the bytes."""
+    from .folder import check_image_path
+
+    arrow = dataset.select_columns([column]).with_format("arrow")[:].column(column)
+    cells: list[bool | str | tuple[str, str]] = []
+    for chunk in arrow.chunks:
+        children = dict(zip((f.name for f in chunk.type), chunk.flatten()))  # parent nulls and offset applied
+        for has_bytes, path in zip(children["bytes"].is_valid().to_pylist(), children["path"].to_pylist()):
+            if has_bytes:
+                cells.append(True)
+            elif not path:
+                cells.append(("null image", "the image cell holds neither bytes nor a path"))
+            elif folder is None:
+                cells.append(("outside image root", f"{path}: a hub dataset's image must be embedded bytes"))
+            else:
+                resolved = os.path.join(folder, os.path.expanduser(path))
+                cells.append(check_image_path(resolved, [os.path.realpath(folder)]) or resolved)
+    return cells
 
 
 def load_hub_dataset(hub_id: str, split: str, name: str, how_to_get: str, **kwargs):

@@ -111,7 +111,8 @@ def folder(path: str | os.PathLike, split: str = "train", limit: int | None = No
 
     Options (the ``embed``/``eval`` commands take them as ``--path-column`` etc.): ``path_column``,
     ``caption_column``, ``id_column`` (default: the path as written), ``sep`` (``,``, ``tab``/``\\t`` or any one
-    character; default: tab when the header has a tab and no comma or the file is ``.tsv``, else comma),
+    character; default: tab when the header has a tab and no comma or the file is ``.tsv``, semicolon when it has
+    a semicolon and neither, else comma),
     ``encoding`` (default UTF-8, a BOM is dropped), ``image_root`` (where relative paths point, tried before the
     table's folder; images may come only from the table's folder and this root). ``require_caption=False`` keeps
     rows without a (decodable) caption, for image-only use and labelled images; their caption is None. In a
@@ -224,8 +225,10 @@ def _separator(sep: str | None, table: Path, encoding: str) -> str:
         return value
     with open(table, encoding=encoding, errors="replace") as handle:
         first = handle.readline()
-    tabbed = table.suffix.lower() in (".tsv", ".tab") or ("\t" in first and "," not in first)
-    return "\t" if tabbed else ","
+    if table.suffix.lower() in (".tsv", ".tab") or ("\t" in first and "," not in first):
+        return "\t"
+    # spreadsheets in locales whose decimal mark is a comma save "CSV" with semicolons (Excel, LibreOffice)
+    return ";" if ";" in first and "," not in first and "\t" not in first else ","
 
 
 def _column(header: list[str], columns: dict[str, int], table: Path, key: str, wanted: str, default: str,

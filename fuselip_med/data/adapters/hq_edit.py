@@ -16,9 +16,12 @@ from . import (
     DatasetEmptyError,
     DatasetNotFoundError,
     check_index,
+    check_parquet_files,
     clean_caption,
     load_hub_dataset,
+    parquet_image_cells,
     register_adapter,
+    require_column_types,
     require_nonempty,
     skip_or_raise,
 )
@@ -39,12 +42,13 @@ class HQEditSource:
     """A lazy, indexable HQ-Edit split of 3N samples (module docstring); groups [i, N+i] and [2N+i]."""
 
     def __init__(self, dataset: Any, rows: list[int], texts: dict[str, list[str]], *, path: str, split: str,
-                 skipped: collections.Counter):
+                 skipped: collections.Counter, paths: dict[tuple[int, str], str] | None = None):
         self.name = f"hq_edit/{split}"
         self.path = path
         self.split = split
         self.skipped: collections.Counter[str] = skipped
         self.rows = rows  # the dataset row of each kept edit
+        self._paths = paths or {}  # (row, image column) -> checked path of a path-only cell (parquet_image_cells)
         self._texts = texts
         self._dataset = dataset.select_columns(list(IMAGE_COLUMNS))
         require_nonempty(len(rows), path, f"HQ-Edit split {split!r}", skipped)
@@ -55,8 +59,8 @@ class HQEditSource:
     def __getitem__(self, index: int) -> Sample:
         block, i = divmod(check_index(index, len(self)), len(self.rows))
         row = self.rows[i]
-        record = self._dataset[row]
-        source_image, target_image = (_image(record["input_image"]), _image(record["output_image"]))
+        record = self._dataset[row]  # one row read: both images' bytes stay encoded (decode=False)
+        source_image, target_image = (self._paths.get((row, name)) or record[name]["bytes"] for name in IMAGE_COLUMNS)
         text = self._texts["edit"][i]
         target_text = None
         if block == 1:
@@ -78,10 +82,6 @@ class HQEditSource:
         return f"HQEditSource(path={self.path!r}, split={self.split!r}, edits={len(self.rows)}, n={len(self)})"
 
 
-def _image(value: dict) -> bytes | str:
-    return value["bytes"] if value.get("bytes") else value["path"]
-
-
 @register_adapter("hq_edit")
 def hq_edit(path: str | os.PathLike = HUB_ID, split: str = "train", limit: int | None = None, strict: bool = False,
             *, cache_dir: str | None = None, revision: str | None = None) -> HQEditSource:
@@ -94,7 +94,10 @@ def hq_edit(path: str | os.PathLike = HUB_ID, split: str = "train", limit: int |
     skipped = SkipReport()
     table = dataset.select_columns(list(TEXT_COLUMNS)).with_format("arrow")[:]
     columns = {name: table.column(name).to_pylist() for name in TEXT_COLUMNS}
-    present = [all(pair) for pair in zip(*(_present(dataset, name) for name in IMAGE_COLUMNS))]
+    local = Path(text).expanduser()
+    folder = str(local if local.is_dir() else local.parent) if local.exists() else None
+    cells = {name: parquet_image_cells(dataset, name, folder) for name in IMAGE_COLUMNS}
+    paths: dict[tuple[int, str], str] = {}
     rows: list[int] = []
     texts: dict[str, list[str]] = {name: [] for name in TEXT_COLUMNS}
     for row in range(len(dataset)):
@@ -105,13 +108,16 @@ def hq_edit(path: str | os.PathLike = HUB_ID, split: str = "train", limit: int |
             skip_or_raise(skipped, strict, "empty edit", f"{where}, row {row}")
         elif not values["inverse_edit"]:
             skip_or_raise(skipped, strict, "empty inverse edit", f"{where}, row {row}")
-        elif not present[row]:
-            skip_or_raise(skipped, strict, "missing image", f"{where}, row {row}")
+        elif problem := next((cells[name][row] for name in IMAGE_COLUMNS if isinstance(cells[name][row], tuple)),
+                             None):
+            reason = "missing image" if problem[0] == "null image" else problem[0]
+            skip_or_raise(skipped, strict, reason, f"{where}, row {row}", problem[1])
         else:
             rows.append(row)
+            paths.update({(row, name): cells[name][row] for name in IMAGE_COLUMNS if isinstance(cells[name][row], str)})
             for name in TEXT_COLUMNS:
                 texts[name].append(values[name])
-    return HQEditSource(dataset, rows, texts, path=text, split=split, skipped=skipped)
+    return HQEditSource(dataset, rows, texts, path=text, split=split, skipped=skipped, paths=paths)
 
 
 def _parquet_files(root: Path, split: str) -> list[str]:
@@ -134,6 +140,7 @@ def _load(text: str, split: str, cache_dir: str | None, revision: str | None):
         files = _parquet_files(local, split)
         if not files:
             raise DatasetNotFoundError(f"{local} holds no HQ-Edit parquet shards: {HOW_TO_GET}.")
+        check_parquet_files(files, "HQ-Edit")
         dataset = datasets.load_dataset("parquet", data_files={split: files}, split=split, **kwargs)
     else:
         hub_id = text.removeprefix("hf://datasets/")
@@ -145,17 +152,9 @@ def _load(text: str, split: str, cache_dir: str | None, revision: str | None):
     missing = sorted(set(TEXT_COLUMNS + IMAGE_COLUMNS) - set(dataset.column_names))
     if missing:
         raise DatasetEmptyError(f"{text} ({split}) lacks the HQ-Edit columns {missing} (has {dataset.column_names}).")
+    require_column_types(dataset.data.schema, dict.fromkeys(TEXT_COLUMNS, "text"), f"{text} ({split})")
     for name in IMAGE_COLUMNS:
         dataset = dataset.cast_column(name, datasets.Image(decode=False))
     return dataset
 
 
-def _present(dataset, column: str) -> list[bool]:
-    """Per row, whether the image struct of ``column`` holds bytes or a path, from the validity bitmaps only."""
-    arrow = dataset.select_columns([column]).with_format("arrow")[:].column(column)
-    present: list[bool] = []
-    for chunk in arrow.chunks:
-        children = dict(zip((f.name for f in chunk.type), chunk.flatten()))  # parent nulls and offset applied
-        present += [b or p for b, p in zip(children["bytes"].is_valid().to_pylist(),
-                                           children["path"].is_valid().to_pylist())]
-    return present

@@ -17,10 +17,19 @@ from __future__ import annotations
 import collections
 import os
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ..schema import Sample, SampleSide
-from . import DatasetNotFoundError, check_index, register_adapter, require_nonempty, skip_or_raise, take
+from . import (
+    DatasetNotFoundError,
+    check_index,
+    check_parquet_files,
+    register_adapter,
+    require_column_types,
+    require_nonempty,
+    skip_or_raise,
+    take,
+)
 
 __all__ = ["TRAIN_SUBSETS", "HATEFUL_PROMPT", "INSTRUCTIONS", "CANDIDATE_PREFIX", "clean_text", "MMEBTrainSource",
            "mmeb"]
@@ -68,6 +77,8 @@ INSTRUCTIONS: tuple[str, ...] = (
     "Select the portion of the image that answers the question",
     "Find the document image that can answer the given query:",
 )
+#: The MMEB-train columns the adapter reads, all text (TIGER-Lab/MMEB-train parquet schema).
+_TEXT_COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
 _IMAGE_TOKEN = re.compile(r"<\|image_\d+\|>\s*")
 
 
@@ -124,12 +135,22 @@ class MMEBTrainSource:
         return f"MMEBTrainSource(path={self.path!r}, split={self.split!r}, n={len(self)})"
 
 
+def _escapes(path: str) -> bool:
+    """Whether an image path written in the parquet would leave the image root (absolute, ``~`` or ``..``): the
+    published paths are relative (``images/ImageNet_1K/Train/x.jpg``), so such a row is refused, not read.
+    A lexical check: stat-ing a million images at load would be slow; the decoder reads only what passes."""
+    parts = PurePosixPath(path.replace("\\", "/")).parts
+    return path.startswith(("/", "~", "\\")) or os.path.isabs(path) or ".." in parts or (
+        bool(parts) and ":" in parts[0])
+
+
 @register_adapter("mmeb")
 def mmeb(path: str | os.PathLike, split: str = "original", limit: int | None = None, strict: bool = False, *,
          subsets: list[str] | tuple[str, ...] = TRAIN_SUBSETS, per_subset: int = 50_000,
          image_root: str | None = None) -> MMEBTrainSource:
     """MMEB-train rows of ``subsets`` (``split`` "train" reads the ``original`` files when there is no train
-    file); rows without query or positive content are skipped ("empty sample"). Raises
+    file); rows without query or positive content are skipped ("empty sample"), rows whose image path is
+    absolute or climbs out with ``..`` too ("outside image root"). Raises
     ``DatasetNotFoundError`` naming the subsets whose files are missing."""
     import pyarrow.parquet as pq
 
@@ -147,14 +168,22 @@ def mmeb(path: str | os.PathLike, split: str = "original", limit: int | None = N
     if missing:
         raise DatasetNotFoundError(f"MMEB-train at {root} has no {split!r} parquet file for {', '.join(missing)}: "
                                    f"download TIGER-Lab/MMEB-train there (one folder per subset) or pass subsets=.")
+    check_parquet_files((shard for shards in files.values() for shard in shards), "TIGER-Lab/MMEB-train")
     rows: list[tuple[str, int, dict]] = []
     for subset, shards in files.items():
         taken = 0
         for shard in shards:
-            for row in pq.read_table(shard).slice(0, per_subset - taken).to_pylist():
+            table = pq.read_table(shard)
+            require_column_types(table.schema, dict.fromkeys(_TEXT_COLUMNS, "text"), str(shard))
+            for row in table.slice(0, per_subset - taken).to_pylist():
+                escaping = next((p for p in (row.get("qry_image_path"), row.get("pos_image_path"))
+                                 if p and _escapes(p)), None)
                 if not (row.get("qry") or row.get("qry_image_path")) or not (row.get("pos_text")
                                                                               or row.get("pos_image_path")):
                     skip_or_raise(skipped, strict, "empty sample", f"{shard}, row {taken}")
+                elif escaping is not None:
+                    skip_or_raise(skipped, strict, "outside image root", f"{shard}, row {taken}",
+                                  f"{escaping}: image paths are relative to the image root, without '..'")
                 else:
                     rows.append((subset, taken, row))
                 taken += 1

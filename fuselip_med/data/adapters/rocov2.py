@@ -20,13 +20,16 @@ from . import (
     DatasetNotFoundError,
     check_index,
     check_pair_mode,
+    check_parquet_files,
     clean_caption,
     csv_rows,
     has_undecodable,
     image_files,
     load_hub_dataset,
     pair_sample,
+    parquet_image_cells,
     register_adapter,
+    require_column_types,
     require_nonempty,
     singleton_groups,
     skip_or_raise,
@@ -80,13 +83,14 @@ def modality_of(*concept_lists: Sequence[str]) -> str | None:
 @dataclass
 class _Rows:
     """What a layout reader hands the source: parallel per-sample lists, already filtered. ``images`` holds
-    paths (official layout) or row numbers into ``dataset`` (the mirror's parquet, read one row at a time)."""
+    paths (official layout, and path-only parquet cells checked by ``parquet_image_cells``) or row numbers into
+    ``dataset`` (the mirror's parquet, whose embedded bytes are read one row at a time)."""
 
     ids: list[str] = field(default_factory=list)
     captions: list[str] = field(default_factory=list)
     concepts: list[tuple[str, ...]] = field(default_factory=list)
     manual: list[tuple[str, ...]] = field(default_factory=list)
-    images: list[str] | list[int] = field(default_factory=list)
+    images: list[str | int] = field(default_factory=list)
     dataset: Any = None
     skipped: SkipReport = field(default_factory=SkipReport)
 
@@ -131,10 +135,10 @@ class RocoV2Source:
                            caption=self.captions[index], meta=meta)
 
     def _image(self, index: int) -> str | bytes:
-        if self._dataset is None:
-            return self._images[index]
-        value = self._dataset[self._images[index]]["image"]  # one row: bytes stay encoded (decode=False)
-        return value["bytes"] if value.get("bytes") else value["path"]
+        image = self._images[index]
+        if isinstance(image, str):
+            return image
+        return self._dataset[image]["image"]["bytes"]  # one row: bytes stay encoded (decode=False)
 
     def groups(self) -> list[list[int]]:
         return singleton_groups(len(self))
@@ -175,14 +179,15 @@ def rocov2(path: str | os.PathLike, split: str = "train", limit: int | None = No
                     f"{local} holds neither the official ROCOv2 files ({split}_captions.csv) nor the Hugging Face "
                     f"parquet shards (data/{_HF_SPLITS[split]}-*.parquet): {how_to_get()}.")
             dataset = _load_hf(files=files, split=split, cache_dir=cache_dir, revision=revision, where=str(local))
-            rows = _read_hf(dataset, split, strict, where=str(local), files=files)
+            rows = _read_hf(dataset, split, strict, where=str(local), files=files,
+                            folder=str(local if local.is_dir() else local.parent))
             layout = "hf"
     else:
         hub_id = text.removeprefix("hf://datasets/")
         if not _HUB_ID.match(hub_id):
             raise DatasetNotFoundError(f"ROCOv2 path {text} does not exist: {how_to_get()}.")
         dataset = _load_hf(hub_id=hub_id, split=split, cache_dir=cache_dir, revision=revision, where=hub_id)
-        rows = _read_hf(dataset, split, strict, where=hub_id)
+        rows = _read_hf(dataset, split, strict, where=hub_id, folder=None)
         layout = "hf"
     # the mirror ships no cui_mapping.csv: its concepts (the manual ones) get the fixed table's names
     cui_names = {**ROCOV2_MANUAL_CUI_NAMES, **_read_cui_mapping(local / "cui_mapping.csv")}
@@ -317,6 +322,7 @@ def _load_hf(*, split: str, where: str, files: list[str] | None = None, hub_id: 
         kwargs["cache_dir"] = cache_dir
     hf_split = _HF_SPLITS[split]
     if files is not None:
+        check_parquet_files(files, "ROCOv2")
         dataset = datasets.load_dataset("parquet", data_files={hf_split: files}, split=hf_split, **kwargs)
     else:
         if revision is not None:
@@ -326,19 +332,9 @@ def _load_hf(*, split: str, where: str, files: list[str] | None = None, hub_id: 
     if missing:
         raise DatasetEmptyError(
             f"{where} ({hf_split}) lacks the ROCOv2 columns {sorted(missing)} (has {dataset.column_names}).")
+    require_column_types(dataset.data.schema, {"image_id": "text", "caption": "text", "cui": "text list"},
+                         f"{where} ({hf_split})")
     return dataset.cast_column("image", datasets.Image(decode=False))
-
-
-def _image_present(dataset) -> list[bool]:
-    """Per row, whether the image struct holds bytes or a path, from the validity bitmaps only."""
-    column = dataset.select_columns(["image"]).with_format("arrow")[:].column("image")
-    present: list[bool] = []
-    for chunk in column.chunks:
-        children = dict(zip((f.name for f in chunk.type), chunk.flatten()))  # parent nulls and offset applied
-        has_bytes = children["bytes"].is_valid().to_pylist()
-        has_path = children["path"].is_valid().to_pylist()
-        present += [b or p for b, p in zip(has_bytes, has_path)]
-    return present
 
 
 def _shard_rows(files: list[str]) -> list[tuple[int, str]]:
@@ -352,7 +348,8 @@ def _shard_rows(files: list[str]) -> list[tuple[int, str]]:
     return starts
 
 
-def _read_hf(dataset, split: str, strict: bool, where: str, files: list[str] | None = None) -> _Rows:
+def _read_hf(dataset, split: str, strict: bool, where: str, files: list[str] | None = None, *,
+             folder: str | None) -> _Rows:
     rows = _Rows()
     skipped = rows.skipped
     columns = ["image_id", "caption"] + (["cui"] if "cui" in dataset.column_names else [])
@@ -360,7 +357,7 @@ def _read_hf(dataset, split: str, strict: bool, where: str, files: list[str] | N
     ids = table.column("image_id").to_pylist()
     captions = table.column("caption").to_pylist()
     cuis = table.column("cui").to_pylist() if "cui" in columns else [None] * len(ids)
-    present = _image_present(dataset)
+    cells = parquet_image_cells(dataset, "image", folder)
     shards = _shard_rows(files) if files else []
     seen: dict[str, str] = {}
     for row, (image_id, caption, cui) in enumerate(zip(ids, captions, cuis)):
@@ -377,13 +374,12 @@ def _read_hf(dataset, split: str, strict: bool, where: str, files: list[str] | N
         if not caption:
             skip_or_raise(skipped, strict, "empty caption", at, image_id, id=image_id)
             continue
-        if not present[row]:
-            skip_or_raise(skipped, strict, "null image", at, "the image cell holds neither bytes nor a path",
-                          id=image_id)
+        if isinstance(cells[row], tuple):
+            skip_or_raise(skipped, strict, cells[row][0], at, cells[row][1], id=image_id)
             continue
         seen[image_id] = at
         manual = parse_cuis(";".join(cui or ()))
-        rows.images.append(row)
+        rows.images.append(cells[row] if isinstance(cells[row], str) else row)
         rows.ids.append(image_id)
         rows.captions.append(caption)
         rows.manual.append(manual)

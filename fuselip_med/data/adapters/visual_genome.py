@@ -10,13 +10,14 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..images import load_image
+from ..images import ImageDecodeError, load_image
 from ..schema import Sample, SampleSide
 from ..skips import SkipReport
 from . import (
@@ -162,7 +163,8 @@ class _GroupedSource:
 
 class VGCropSource(_GroupedSource):
     """VG-Crop items: query = region phrase + full image (a path), target = the crop (x, y, x+w, y+h) as a PIL
-    image, cut in ``__getitem__`` (it decodes the image, so call it in DataLoader workers)."""
+    image, cut in ``__getitem__`` (it decodes the image, so call it in DataLoader workers). The box is clipped to
+    the image; one wholly outside raises ``ImageDecodeError`` ("region outside image", a named skip)."""
 
     kind = "vg_crop"
 
@@ -171,7 +173,14 @@ class VGCropSource(_GroupedSource):
         image_id, path, group, meta = self._common(index)
         x, y, w, h = self._columns["box"][index]
         region_id = self._columns["item_id"][index]
-        crop = load_image(path).crop((x, y, x + w, y + h))
+        image = load_image(path)
+        # the box clipped to the image: a region declared beyond it (width 1e9) would make PIL allocate the whole
+        # black canvas (GBs, or DecompressionBombError); one wholly outside it is a named skip
+        box = (max(x, 0), max(y, 0), min(x + w, image.width), min(y + h, image.height))
+        if box[2] - box[0] < 1 or box[3] - box[1] < 1:
+            raise ImageDecodeError("region outside image", path, f"box {(x, y, w, h)} on a {image.width}x"
+                                   f"{image.height} image")
+        crop = image.crop(box)
         meta.update(region_id=region_id, box=(x, y, w, h))
         return Sample(id=f"{image_id}/{region_id}", source=self.kind,
                       query=SampleSide(image=path, text=self._columns["text"][index]), target=SampleSide(image=crop),
@@ -194,7 +203,9 @@ class VGVQASource(_GroupedSource):
 
 
 def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    """A finite JSON number as float, else None (Python's json reads ``NaN``/``Infinity``: such a box is bad)."""
+    number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return number if number is not None and math.isfinite(number) else None
 
 
 @register_adapter("vg_crop")
