@@ -1,5 +1,8 @@
-"""Identifiers that reached outputs through side doors: library error texts quoting paths whose folders are patient
-names (skip reports, console), file meta information copied into de-identified files."""
+"""Faults found by attacking studies, de-identification, PACS options and the page with hostile, malformed and
+identifying inputs: identifiers in side doors (library error texts quoting patient-named folders, file meta
+information, UIDs dicognito keeps), silent loss in `data deidentify` (duplicate UIDs, reruns, nested folders),
+wrong numbers from non-finite headers (slice order, rescale, window), header bombs (frame counts) and tracebacks
+from option values (DICOMweb URLs, viewer URL templates)."""
 from __future__ import annotations
 
 import nibabel
