@@ -445,14 +445,14 @@ def _dicomdir_files(path: Path, pseudonyms: Pseudonyms, skips: SkipReport) -> li
 
     A referenced file that is absent is named in ``skips`` (``missing file``, by a salted key of its path; pydicom's
     per-file warnings, which print the paths, are silenced); one whose link leaves the DICOMDIR's folder, or that
-    is not a regular file, gets the image unit's reason (``adapters.folder.check_image_path``). Raises
+    is not a regular file, gets the image unit's reason (``adapters.check_image_path``). Raises
     ``StudiesError`` naming ``path`` when it is not a readable DICOMDIR (junk, truncated records)."""
     import warnings
 
     import pydicom
     from pydicom.fileset import FileSet
 
-    from fuselip_med.data.adapters.folder import check_image_path
+    from fuselip_med.data.adapters import check_image_path
 
     try:
         with warnings.catch_warnings():
@@ -485,12 +485,12 @@ def _walk(folder: Path, pseudonyms: Pseudonyms, skips: SkipReport) -> tuple[list
     instances (the files they reference are found by the walk itself), nor are the CSV/TSV tables kept beside
     volumes (reports, labels).
 
-    Every file passes the image unit's path rule (``adapters.folder.check_image_path``, nothing opened): a link
+    Every file passes the image unit's path rule (``adapters.check_image_path``, nothing opened): a link
     resolving outside ``folder``, a symlink loop, a dangling link or a non-regular file (FIFO, socket, device)
     is named in ``skips`` (``outside image root``, ``symlink loop``, ``missing image``, ``not a file``) by a
     salted key of its path, never read; a linked folder is not followed (``symlinked folder``), as in the
     image unit."""
-    from fuselip_med.data.adapters.folder import check_image_path
+    from fuselip_med.data.adapters import check_image_path
 
     roots = [os.path.realpath(folder)]
     candidates, volumes = [], []
