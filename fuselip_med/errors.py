@@ -7,8 +7,10 @@ catch those) and write the message as one sentence naming the input and what to 
 """
 from __future__ import annotations
 
+import os
+
 __all__ = ["InputError", "MissingExtraError", "OutputExistsError", "UnknownNameError", "UsageError", "UserError",
-           "first_line"]
+           "first_line", "without_paths"]
 
 
 class UserError(Exception):
@@ -49,3 +51,17 @@ def first_line(error: BaseException, limit: int | None = None) -> str:
     characters when given; the exception's type name when the message is empty (``MemoryError()``)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return (lines[0] if lines else type(error).__name__)[:limit]
+
+
+def without_paths(text: str, *paths: str | os.PathLike) -> str:
+    """``text`` with every spelling of each path (as given, absolute, symlinks resolved; longest first) replaced by
+    ``<file>``: library errors (nibabel, pydicom, ``OSError``) quote the whole path, whose folders are often patient
+    names in PACS exports (PS3.15 Annex E), so a detail written to a skip report or printed must not carry it."""
+    spellings = set()
+    for path in paths:
+        path = os.fspath(path)
+        if path:
+            spellings.update({path, os.path.abspath(path), os.path.realpath(path)})
+    for spelling in sorted(spellings, key=len, reverse=True):
+        text = text.replace(spelling, "<file>")
+    return text

@@ -33,6 +33,21 @@ def test_a_password_in_the_url_is_refused_without_echoing_it():
     assert "Secret-In-Url" not in str(error.value) and "FUSELIP_MED_DICOMWEB_PASSWORD" in str(error.value)
 
 
+
+@pytest.mark.parametrize("url", ["http://alice:Secret-In-Url@pacs:99999/dicom-web", "http://pacs:abc/dicom-web",
+                                 "http://[::1/dicom-web", "https://alice:Secret-In-Url@pacs:0x50/dicom-web"])
+def test_a_url_urllib_cannot_parse_is_one_error_line_without_the_password(url, tmp_path):
+    from typer.testing import CliRunner
+
+    from fuselip_med.cli import app
+
+    with pytest.raises(DicomwebError, match="give an http\\(s\\) URL") as error:
+        DicomwebServer(url)
+    assert "Secret-In-Url" not in str(error.value)
+    result = CliRunner().invoke(app, ["index", "build", "--dicomweb", url, "-m", "none", "-o", str(tmp_path / "idx")])
+    assert result.exit_code == 1 and result.output.startswith("error: ") and "Traceback" not in result.output
+    assert "Secret-In-Url" not in result.output
+
 def test_a_user_without_a_password_is_a_clear_error():
     with pytest.raises(DicomwebError, match="has no password"):
         DicomwebServer("https://alice@pacs.example.org/dicom-web")

@@ -334,7 +334,7 @@ def test_summary_counts_series_apart_from_slices_and_files_and_keeps_hints(tmp_p
     skips = SkipReport()
     find_series(tmp_path / "noipp", KEYS, skips)
     assert skips.summary() == (f"no series skipped (1 kept). series {KEYS.key('1.8.2.1', 'se-')}: ordered by "
-                               "InstanceNumber: a slice lacks ImagePositionPatient/ImageOrientationPatient")
+                               "InstanceNumber: a slice lacks a usable ImagePositionPatient/ImageOrientationPatient")
     only_files = SkipReport()
     only_files.unit = "series"
     only_files.add("file-1", "input", "not a file", part="files")

@@ -98,7 +98,7 @@ def test_missing_positions_fall_back_to_instance_number_and_say_so(tmp_path):
     assert series.ordered_by == "InstanceNumber"
     assert [s.instance_number for s in series.slices] == [1, 2, 3, 4]
     assert skips.hints == [f"series {series.key}: ordered by InstanceNumber: a slice lacks "
-                           "ImagePositionPatient/ImageOrientationPatient"]
+                           "a usable ImagePositionPatient/ImageOrientationPatient"]
 
 
 def test_enhanced_multiframe_mr_is_split_by_its_per_frame_groups(tmp_path):

@@ -238,6 +238,9 @@ def test_key_object_selection_of_series_hits_needs_the_stored_files(tmp_path):
     uids = [{pydicom.dcmread(path).SOPInstanceUID for path in series["files"].values()} for series in (bright, dark)]
     assert len(referenced) == 2 and referenced[0] in uids[0] and referenced[1] in uids[1]  # rank order
     assert kos.StudyInstanceUID == pydicom.dcmread(query).StudyInstanceUID
+    descriptions = [item.TextValue for item in kos.ContentSequence if "TextValue" in item]
+    assert descriptions == ["Similar cases: query image"]  # never the query file's name (PACS exports name files
+    assert query.name not in str(kos)                       # after patients)
     again = ["search", "--index", str(tmp_path / "kept"), "--image", str(query), "--export-kos"]
     replaced = runner.invoke(app, [*again, str(tmp_path / "kept.dcm"), "--force"])  # --force replaces a file
     assert replaced.exit_code == 0, replaced.output

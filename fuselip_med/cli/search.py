@@ -311,7 +311,7 @@ def _export_kos(hits, text: str | None, image: Path | None, out: Path | None, st
                          "instances; rebuild the index with --keep-paths to allow it.")
     server = open_server(stow, DicomwebOptions(cache="", **options)) if stow is not None else None
     query_image = image if image is not None and hit_uids(image) is not None else None
-    query = " + ".join(part for part in (f"image {image.name}" if image is not None else None, text) if part)
+    query = " + ".join(part for part in ("query image" if image is not None else None, text) if part)  # no file name
     document = similar_cases_kos(dicom_hits, query, query_image=query_image)
     done = []
     if out is not None:

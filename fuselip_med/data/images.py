@@ -32,6 +32,7 @@ import numpy as np
 import pydicom
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pydicom.multival import MultiValue
 from pydicom.pixels import (
     apply_color_lut,
     apply_modality_lut,
@@ -46,7 +47,7 @@ from pydicom.uid import (
 
 from fuselip_med.core.image_preprocess import ImagePreprocess
 from fuselip_med.data.schema import ImageInput
-from fuselip_med.errors import UserError
+from fuselip_med.errors import UserError, without_paths
 from fuselip_med.vocab import WINDOW_PRESETS
 
 _DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
@@ -84,12 +85,15 @@ def _fallback(label: str, what: str) -> None:
 
 
 class ImageDecodeError(UserError, ValueError):
-    """An image that cannot be decoded. ``reason`` is short and machine-friendly (used to count skips)."""
+    """An image that cannot be decoded. ``reason`` is short and machine-friendly (used to count skips).
+
+    ``detail`` (written to skip reports) never quotes the file's path: the library messages it comes from often do
+    (``errors.without_paths``); the message names ``source`` for the one who asked for that file."""
 
     def __init__(self, reason: str, source: str, detail: str = "") -> None:
         self.reason = reason
         self.source = source
-        self.detail = detail
+        self.detail = without_paths(detail, source) if detail and not source.startswith("<") else detail
         message = f"cannot decode image {source}: {reason}"
         if detail:
             message += f" ({detail})"
@@ -320,6 +324,33 @@ def _lift_functional_groups(ds: pydicom.Dataset, index: int) -> None:
                 break
 
 
+def _finite(ds: pydicom.Dataset, *keywords: str) -> bool:
+    """False when a numeric header attribute present in ``ds`` holds a NaN, an infinity or no number at all (a DS
+    of "NaN" / "inf" parses as a float, and one such value turns every pixel it scales into NaN)."""
+    for keyword in keywords:
+        value = ds.get(keyword)
+        if value is None:
+            continue
+        try:
+            numbers = np.asarray([float(v) for v in (value if isinstance(value, (MultiValue, list, tuple))
+                                                     else [value])])
+        except (TypeError, ValueError):
+            return False
+        if not np.isfinite(numbers).all():
+            return False
+    return True
+
+
+def _modality_values(pixels: np.ndarray, ds: pydicom.Dataset, label: str) -> np.ndarray:
+    """Stored values -> modality units (HU for CT) with pydicom's ``apply_modality_lut`` (PS3.3 C.11.1).
+
+    Raises ``ImageDecodeError`` (``corrupt image``) for a RescaleSlope / RescaleIntercept (0028,1053 / 1052) that
+    is not a finite number: every pixel would be NaN or infinite and the image a blank tile."""
+    if "ModalityLUTSequence" not in ds and not _finite(ds, "RescaleSlope", "RescaleIntercept"):
+        raise ImageDecodeError("corrupt image", label, "RescaleSlope/RescaleIntercept is not a finite number")
+    return apply_modality_lut(pixels, ds)
+
+
 def _file_voi(values: np.ndarray, ds: pydicom.Dataset, label: str) -> np.ndarray | None:
     """The file's own VOI LUT / window (pydicom's apply_voi_lut) scaled to [0, 1]; None if it has none or it
     cannot be used (then a ``DecodeFallbackWarning`` names the file)."""
@@ -327,6 +358,9 @@ def _file_voi(values: np.ndarray, ds: pydicom.Dataset, label: str) -> np.ndarray
     has_lut = bool(voi_items) and "LUTDescriptor" in voi_items[0] and "LUTData" in voi_items[0]
     has_window = ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
     if not (has_lut or has_window):
+        return None
+    if not has_lut and not _finite(ds, "WindowCenter", "WindowWidth"):
+        _fallback(label, "ignoring the file's window (not a finite number); using min-max")
         return None
     try:
         if has_lut:
@@ -439,7 +473,7 @@ def _dicom_to_image(ds: pydicom.Dataset, pixels: np.ndarray, index: int, options
         return Image.fromarray(_to_uint8(np.clip(rgb / float(2**bits - 1), 0.0, 1.0)), "RGB")
 
     _lift_functional_groups(ds, index)
-    values = apply_modality_lut(pixels, ds)  # stored values -> HU (or the modality's real-world units)
+    values = _modality_values(pixels, ds, label)  # stored values -> HU (or the modality's real-world units)
     unit = apply_window(values, *window) if window is not None else _file_voi(values, ds, label)
     if unit is None:
         padding = padding_mask(pixels, ds)
@@ -477,7 +511,7 @@ def dicom_modality_values(source: str | os.PathLike | bytes, frame: int | None =
         if rgb is not None:
             return np.asarray(rgb, dtype=np.float32)
         _lift_functional_groups(ds, index)
-        return np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)
+        return np.asarray(_modality_values(pixels, ds, label), dtype=np.float32)
     except (ValueError, TypeError, KeyError, AttributeError, IndexError, NotImplementedError) as exc:
         raise ImageDecodeError("corrupt image", label, f"bad LUT or pixel description: {exc}") from exc
 

@@ -36,11 +36,11 @@ import numpy as np
 
 from fuselip_med.data.phi import Pseudonyms, burned_in_risk
 from fuselip_med.data.skips import SkipReport
-from fuselip_med.errors import InputError, first_line
+from fuselip_med.errors import InputError, first_line, without_paths
 
 __all__ = [
-    "GAP_FACTOR", "MAX_NIFTI_SLICE_VOXELS", "MAX_NIFTI_VOXELS", "NIFTI_SUFFIXES", "PLANES", "Series", "SliceRef",
-    "StudiesError", "find_series", "is_nifti", "nifti_series", "read_series",
+    "GAP_FACTOR", "MAX_FRAMES", "MAX_NIFTI_SLICE_VOXELS", "MAX_NIFTI_VOXELS", "NIFTI_SUFFIXES", "PLANES", "Series",
+    "SliceRef", "StudiesError", "find_series", "is_nifti", "nifti_series", "read_series",
 ]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -58,6 +58,10 @@ PLANES = {"sagittal": 0, "coronal": 1, "axial": 2}
 #: one at a time, so memory holds one slice; the limits bound the time a (compressed) volume may cost.
 MAX_NIFTI_VOXELS = 2**30
 MAX_NIFTI_SLICE_VOXELS = 2**26
+#: The most frames one DICOM object may declare (NumberOfFrames, PS3.3 C.7.6.6): an enhanced fMRI of 64 slices x
+#: 300 time points has 19 200; each frame costs a record before any pixel is read, and the bound from the file size
+#: (8 bytes per encapsulated frame, PS3.5 A.4) lets an 8 MB file declare a million frames (1 GB, 40 s).
+MAX_FRAMES = 2**16
 Plane = Literal["acquisition", "axial", "coronal", "sagittal"]
 
 
@@ -126,11 +130,13 @@ class _Instance:
 
 
 def _floats(value, n: int) -> tuple[float, ...] | None:
+    """``n`` finite floats from a multi-valued DS attribute, else None: a NaN or infinite position, cosine or
+    spacing (a DS of "NaN" / "inf" parses as a float) would sort slices arbitrarily, so it counts as absent."""
     try:
         out = tuple(float(v) for v in value)
     except (TypeError, ValueError):
         return None
-    return out if len(out) == n else None
+    return out if len(out) == n and all(np.isfinite(out)) else None
 
 
 def _item(sequence, keyword: str):
@@ -188,12 +194,15 @@ def _instances(ds, source) -> list[_Instance]:
     """The frames of one data set as ``_Instance`` records (one for a single-frame image).
 
     Raises ``_Unusable`` before any record is made when the declared frames do not fit the pixel data
-    (``truncated image``: a 9 KB file declaring a million frames) or the Per-Frame Functional Groups Sequence
-    does not have one item per frame (``frame count mismatch``, PS3.3 C.7.6.16)."""
+    (``truncated image``: a 9 KB file declaring a million frames), when they fit but are more than ``MAX_FRAMES``
+    (``too many frames``), or when the Per-Frame Functional Groups Sequence does not have one item per frame
+    (``frame count mismatch``, PS3.3 C.7.6.16)."""
     declared = max(_int_or_none(ds.get("NumberOfFrames")) or 1, 1)
     held = _frames_held(ds, source)
     if held is not None and declared > held:
         raise _Unusable("truncated image", f"{declared} frame(s) declared, the pixel data holds at most {held}")
+    if declared > MAX_FRAMES:
+        raise _Unusable("too many frames", f"{declared} frame(s) declared, more than the {MAX_FRAMES} read per object")
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if per_frame and len(per_frame) != declared:
         raise _Unusable("frame count mismatch", f"{len(per_frame)} per-frame functional groups for {declared} frame(s)")
@@ -214,7 +223,7 @@ def _instances(ds, source) -> list[_Instance]:
                 plane = _item([g], "PlanePositionSequence")
                 position = position or (_floats(plane.get("ImagePositionPatient"), 3) if plane else None)
                 orient = _item([g], "PlaneOrientationSequence")
-                orientation = orientation or (_floats(orient.get("ImageOrientationPatient"), 6) if orient else None)
+                orientation = orientation or (_orientation(orient.get("ImageOrientationPatient")) if orient else None)
                 measures = _item([g], "PixelMeasuresSequence")
                 spacing = spacing or (_floats(measures.get("PixelSpacing"), 2) if measures else None)
             out.append(_Instance(frame=index, position=position, orientation=orientation, pixel_spacing=spacing,
@@ -222,7 +231,7 @@ def _instances(ds, source) -> list[_Instance]:
         return out
     return [_Instance(frame=index if declared > 1 else None,
                       position=_floats(ds.get("ImagePositionPatient"), 3),
-                      orientation=_floats(ds.get("ImageOrientationPatient"), 6),
+                      orientation=_orientation(ds.get("ImageOrientationPatient")),
                       pixel_spacing=_floats(ds.get("PixelSpacing"), 2), **common)
             for index in range(declared)]
 
@@ -257,6 +266,13 @@ def _read_header(source):
 def _normal(orientation: tuple[float, ...]) -> np.ndarray:
     """Slice normal = row cosines x column cosines (PS3.3 C.7.6.2.1.1), float64 [3]."""
     return np.cross(np.asarray(orientation[:3]), np.asarray(orientation[3:]))
+
+
+def _orientation(value) -> tuple[float, ...] | None:
+    """ImageOrientationPatient as 6 finite floats, or None when absent or degenerate (zero or parallel cosines,
+    whose normal is ~0: every slice would project to one position); unit orthogonal cosines give a unit normal."""
+    cosines = _floats(value, 6)
+    return cosines if cosines is not None and np.linalg.norm(_normal(cosines)) > 0.5 else None
 
 
 def _slice_key(pseudonyms: Pseudonyms, instance: _Instance) -> str:
@@ -307,7 +323,7 @@ def _build(instances: list[_Instance], pseudonyms: Pseudonyms, skips: SkipReport
         placed = sorted(((None, i) for i in volume),
                         key=lambda p: (p[1].instance_number is None, p[1].instance_number or 0, p[1].frame or 0))
         ordered_by = "InstanceNumber"
-        notes.append("ordered by InstanceNumber: a slice lacks ImagePositionPatient/ImageOrientationPatient")
+        notes.append("ordered by InstanceNumber: a slice lacks a usable ImagePositionPatient/ImageOrientationPatient")
         skips.hint(f"series {key}: {notes[-1]}")
     kept: list[tuple[float | None, _Instance]] = []
     duplicates = 0
@@ -394,7 +410,7 @@ def nifti_series(path: str | os.PathLike, plane: Plane = "acquisition",
         affine = image.affine
         zooms = image.header.get_zooms()
     except Exception as error:  # nibabel raises several types for damaged headers (HeaderDataError, EOFError, ...)
-        skips.add(name, "input", "broken NIfTI header", str(error).splitlines()[0][:200] if str(error) else "")
+        skips.add(name, "input", "broken NIfTI header", without_paths(first_line(error), path)[:200])
         return None
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
@@ -429,14 +445,14 @@ def _dicomdir_files(path: Path, pseudonyms: Pseudonyms, skips: SkipReport) -> li
 
     A referenced file that is absent is named in ``skips`` (``missing file``, by a salted key of its path; pydicom's
     per-file warnings, which print the paths, are silenced); one whose link leaves the DICOMDIR's folder, or that
-    is not a regular file, gets the image unit's reason (``adapters.folder.check_image_path``). Raises
+    is not a regular file, gets the image unit's reason (``adapters.check_image_path``). Raises
     ``StudiesError`` naming ``path`` when it is not a readable DICOMDIR (junk, truncated records)."""
     import warnings
 
     import pydicom
     from pydicom.fileset import FileSet
 
-    from fuselip_med.data.adapters.folder import check_image_path
+    from fuselip_med.data.adapters import check_image_path
 
     try:
         with warnings.catch_warnings():
@@ -469,12 +485,12 @@ def _walk(folder: Path, pseudonyms: Pseudonyms, skips: SkipReport) -> tuple[list
     instances (the files they reference are found by the walk itself), nor are the CSV/TSV tables kept beside
     volumes (reports, labels).
 
-    Every file passes the image unit's path rule (``adapters.folder.check_image_path``, nothing opened): a link
+    Every file passes the image unit's path rule (``adapters.check_image_path``, nothing opened): a link
     resolving outside ``folder``, a symlink loop, a dangling link or a non-regular file (FIFO, socket, device)
     is named in ``skips`` (``outside image root``, ``symlink loop``, ``missing image``, ``not a file``) by a
     salted key of its path, never read; a linked folder is not followed (``symlinked folder``), as in the
     image unit."""
-    from fuselip_med.data.adapters.folder import check_image_path
+    from fuselip_med.data.adapters import check_image_path
 
     roots = [os.path.realpath(folder)]
     candidates, volumes = [], []

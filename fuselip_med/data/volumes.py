@@ -21,7 +21,7 @@ import numpy as np
 
 from fuselip_med.data.images import DecodeOptions, ImageDecodeError, apply_window, dicom_modality_values, load_image
 from fuselip_med.data.studies import Series, SliceRef
-from fuselip_med.errors import first_line
+from fuselip_med.errors import first_line, without_paths
 from fuselip_med.vocab import WINDOW_PRESETS
 
 __all__ = ["DEFAULT_WINDOWS", "NO_FINITE_VOXELS", "Rendering", "read_nifti_slice", "render_slice", "sample_slices",
@@ -113,7 +113,8 @@ def read_nifti_slice(path: str, axis: int, index: int) -> np.ndarray:
         where[voxel_axis] = slice(stored, stored + 1)
         slab = np.asarray(image.dataobj[tuple(where)], dtype=np.float32)
     except Exception as error:  # nibabel raises many types for damaged files (EOFError, zlib.error, OSError, ...)
-        raise ImageDecodeError("broken NIfTI", os.path.basename(path), first_line(error, 200)) from error
+        raise ImageDecodeError("broken NIfTI", os.path.basename(path),
+                              without_paths(first_line(error), path)[:200]) from error
     slab = slab.reshape(slab.shape[:3])  # trailing length-1 axes (a [X, Y, Z, 1] file)
     return np.take(orientations.apply_orientation(slab, ornt), 0, axis=axis)
 

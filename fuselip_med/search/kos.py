@@ -105,9 +105,10 @@ def similar_cases_kos(hit_paths: Sequence[str | os.PathLike], query: str, *,
                       query_image: str | os.PathLike | None = None):
     """A ``highdicom.ko.KeyObjectSelectionDocument`` referencing the DICOM files ``hit_paths`` (in rank order).
 
-    ``query``: the query as text (the instruction, and/or the query image's name); it goes into the Key Object
-    Description. ``query_image``: the query image when it is a DICOM file; its study (and patient) hold the
-    document, else the top hit's do. Raises ``KosError`` when ``hit_paths`` is empty.
+    ``query``: the query as text (the instruction, and/or "query image": never the image's file name, which PACS
+    exports make of patient names); it goes into the Key Object Description. ``query_image``: the query image
+    when it is a DICOM file; its study (and patient) hold the document, else the top hit's do. Raises
+    ``KosError`` when ``hit_paths`` is empty.
     """
     from highdicom.ko import KeyObjectSelection, KeyObjectSelectionDocument
     from pydicom.sr.codedict import codes

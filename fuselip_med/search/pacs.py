@@ -90,12 +90,19 @@ def hit_uids(path: str | os.PathLike | None) -> HitUids | None:
 
 
 def check_viewer_url(template: str) -> str:
-    """``template`` when its fields are among {study}, {series}, {instance}; else ``ViewerUrlError``."""
-    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-    unknown = sorted(fields - set(VIEWER_FIELDS))
+    """``template`` when its fields are among {study}, {series}, {instance}, each plain (no ``!conversion`` or
+    ``:format``, which fail or change a UID when a link is filled) and its braces balanced (``{{`` / ``}}`` for
+    literal ones); else ``ViewerUrlError``."""
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError:  # "Single '{' encountered", "expected '}' before end of string"
+        fields = [("", "", "unbalanced")]
+    unknown = [name for name, spec, conversion in fields if name not in VIEWER_FIELDS or spec or conversion]
     if unknown or not template.startswith(("http://", "https://")):
         raise ViewerUrlError(f"--viewer-url {template!r}: give an http(s) URL whose fields are among "
-                             "{study}, {series}, {instance}, e.g. https://pacs/viewer?StudyInstanceUIDs={study}.")
+                             "{study}, {series}, {instance} (plain, without !conversion or :format; {{ and }} for "
+                             "literal braces), e.g. https://pacs/viewer?StudyInstanceUIDs={study}.")
     return template
 
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 import codecs
 import collections
 import csv
+import errno
 import importlib
 import os
 import pkgutil
 import re
+import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -31,6 +33,7 @@ __all__ = [
     "ListSource",
     "SampleSource",
     "available_adapters",
+    "check_image_path",
     "check_parquet_files",
     "clean_caption",
     "csv_rows",
@@ -100,16 +103,46 @@ def check_parquet_files(files: Iterable[str | os.PathLike], what: str) -> None:
                                     "remove the file.") from exc
 
 
+def _inside(real: str, roots: list[str]) -> bool:
+    return any(os.path.commonpath([real, root]) == root for root in roots)
+
+
+def check_image_path(path: str, roots: list[str]) -> tuple[str, str] | None:
+    """None when ``path`` is a readable regular file whose real location (symlinks and ``..`` resolved) lies in
+    one of ``roots``; else ``(reason, detail)``: ``missing image``, ``symlink loop``, ``outside image root``,
+    ``not a file`` or ``unreadable file``. Never blocks (no file is opened)."""
+    try:
+        real = os.path.realpath(path, strict=True)
+    except FileNotFoundError:
+        return "missing image", path
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symlink loop", path
+        return "unreadable file", f"{path}: {exc.strerror or exc}"
+    if not _inside(real, roots):
+        where = " or ".join(roots)
+        shown = path if real == os.path.abspath(path) else f"{path} resolves to {real},"
+        return "outside image root", (f"{shown} outside {where}; pass "
+                                      f"{advise_option('image_root', 'DIR')} naming the folder it may come from")
+    try:
+        mode = os.stat(real).st_mode
+    except OSError as exc:
+        return "unreadable file", f"{path}: {exc.strerror or exc}"
+    if not stat.S_ISREG(mode):
+        return "not a file", path
+    if not os.access(real, os.R_OK):
+        return "unreadable file", f"{path}: permission denied"
+    return None
+
+
 def parquet_image_cells(dataset, column: str, folder: str | None) -> list[bool | str | tuple[str, str]]:
     """Per row of ``dataset`` (a ``datasets.Dataset`` whose ``column`` is an HF ``Image`` struct read with
     ``decode=False``): True when the cell embeds bytes; the image's path when it holds only a path that resolves
     (``..`` and symlinks followed) to a readable file inside ``folder`` (the parquet files' folder; None for a hub
     dataset, where no path is allowed); else ``(reason, detail)``: ``null image`` or the image unit's reason
-    (``folder.check_image_path``: ``outside image root``, ``missing image``, ...). A path cell is joined to
+    (``check_image_path``: ``outside image root``, ``missing image``, ...). A path cell is joined to
     ``folder`` (an absolute one stays absolute and must still lie inside it), so a parquet file cannot make
     training read ``/etc/passwd``. Only the validity bitmaps and path strings are read, never the bytes."""
-    from .folder import check_image_path
-
     arrow = dataset.select_columns([column]).with_format("arrow")[:].column(column)
     cells: list[bool | str | tuple[str, str]] = []
     for chunk in arrow.chunks:

@@ -131,21 +131,32 @@ class RetryPolicy:
         return [self.backoff_s * 2 ** n for n in range(self.attempts - 1)]
 
 
+def _split(url: str):
+    """``(parts, "host[:port]")`` of an http(s) URL, or None when it has no host or cannot be parsed (a port out of
+    0-65535 or not a number, an unclosed IPv6 bracket: ``urllib.parse`` raises ValueError for those)."""
+    try:
+        parts = urlsplit(url)
+        host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    except ValueError:
+        return None
+    return (parts, host) if parts.hostname else None
+
+
 def _strip_userinfo(url: str) -> tuple[str, str | None, bool]:
     """(URL without user/password, user from the URL, whether the URL carried a password)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    split = _split(url)
+    if split is None or split[0].scheme not in ("http", "https"):
         raise DicomwebError(f"--dicomweb {display_url(url)}: give an http(s) URL of the DICOMweb root, e.g. "
-                            "https://pacs.example.org/dicom-web.")
-    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+                            "https://pacs.example.org/dicom-web (a port from 1 to 65535).")
+    parts, host = split
     return urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", "")), parts.username, parts.password is not None
 
 
 def display_url(url: str) -> str:
-    """``url`` without any user or password (for messages)."""
-    parts = urlsplit(url)
-    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, host, parts.path, "", "")) if host else "the given URL"
+    """``url`` without any user, password, query or fragment (for messages); "the given URL" when it has no host
+    or cannot be parsed."""
+    split = _split(url)
+    return urlunsplit((split[0].scheme, split[1], split[0].path, "", "")) if split else "the given URL"
 
 
 class DicomwebServer:

@@ -7,9 +7,7 @@ are; files that are neither an image nor an image's caption are named in the ski
 resolve (``..`` and symlinks followed) inside the table's folder or ``image_root``; others are refused."""
 from __future__ import annotations
 
-import errno
 import os
-import stat
 from pathlib import Path
 
 from fuselip_med.errors import InputError
@@ -21,6 +19,7 @@ from ..skips import SkipReport
 from . import (
     DatasetEmptyError,
     DatasetNotFoundError,
+    check_image_path,
     check_index,
     check_pair_mode,
     clean_caption,
@@ -180,38 +179,6 @@ def _allowed_roots(folder: Path, image_root: str | None) -> list[str]:
             raise DatasetNotFoundError(f"image_root {given} is not a folder; pass the folder your images are in.")
         roots.append(os.path.realpath(given))
     return roots
-
-
-def _inside(real: str, roots: list[str]) -> bool:
-    return any(os.path.commonpath([real, root]) == root for root in roots)
-
-
-def check_image_path(path: str, roots: list[str]) -> tuple[str, str] | None:
-    """None when ``path`` is a readable regular file whose real location (symlinks and ``..`` resolved) lies in
-    one of ``roots``; else ``(reason, detail)``: ``missing image``, ``symlink loop``, ``outside image root``,
-    ``not a file`` or ``unreadable file``. Never blocks (no file is opened)."""
-    try:
-        real = os.path.realpath(path, strict=True)
-    except FileNotFoundError:
-        return "missing image", path
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            return "symlink loop", path
-        return "unreadable file", f"{path}: {exc.strerror or exc}"
-    if not _inside(real, roots):
-        where = " or ".join(roots)
-        shown = path if real == os.path.abspath(path) else f"{path} resolves to {real},"
-        return "outside image root", (f"{shown} outside {where}; pass "
-                                      f"{advise_option('image_root', 'DIR')} naming the folder it may come from")
-    try:
-        mode = os.stat(real).st_mode
-    except OSError as exc:
-        return "unreadable file", f"{path}: {exc.strerror or exc}"
-    if not stat.S_ISREG(mode):
-        return "not a file", path
-    if not os.access(real, os.R_OK):
-        return "unreadable file", f"{path}: permission denied"
-    return None
 
 
 # ------------------------------------------------------------------------------------------------ tables
