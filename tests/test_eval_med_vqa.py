@@ -129,14 +129,19 @@ def test_pathvqa_parquet(tmp_path):
     assert res["skipped"] == {"missing field": 1}
 
 
-def test_pmc_vqa_csv_four_choices(tmp_path):
-    (tmp_path / "images").mkdir()
-    solid_image(tmp_path / "images" / "PMC1064097_F1.jpg", (70, 0, 0), fmt="PNG")
+def pmc_vqa_folder(root, image: str, rows: list[str]) -> None:
+    """PMC-VQA's layout: ``images/<image>`` (one solid image) and ``test_clean.csv`` with the official columns."""
+    (root / "images").mkdir()
+    solid_image(root / "images" / image, (70, 0, 0), fmt="PNG")
     header = "Figure_path,Question,Answer,Choice A,Choice B,Choice C,Choice D,Answer_label\n"
-    rows = ["PMC1064097_F1.jpg,Is there a fracture?,yes,A:no,B:yes,C:left,D:right,B\n",
-            "PMC1064097_F1.jpg,Which side is the mass on?,left,A:left,B:right,C:yes,D:no,A\n",
-            "PMC9999999_F2.jpg,What organ?,lung,A:lung,B:brain,C:yes,D:no,A\n"]
-    (tmp_path / "test_clean.csv").write_text(header + "".join(rows))
+    (root / "test_clean.csv").write_text(header + "".join(rows))
+
+
+def test_pmc_vqa_csv_four_choices(tmp_path):
+    pmc_vqa_folder(tmp_path, "PMC1064097_F1.jpg",
+                   ["PMC1064097_F1.jpg,Is there a fracture?,yes,A:no,B:yes,C:left,D:right,B\n",
+                    "PMC1064097_F1.jpg,Which side is the mass on?,left,A:left,B:right,C:yes,D:no,A\n",
+                    "PMC9999999_F2.jpg,What organ?,lung,A:lung,B:brain,C:yes,D:no,A\n"])
     res = run_evaluation(planted(), ["pmc-vqa"], {"pmc_vqa": str(tmp_path)}, tmp_path / "out",
                          progress=False)["tasks"]["pmc-vqa"]
     assert res["n"] == 2 and res["metrics"] == {"closed_accuracy": 0.5}  # "right" chosen over "left"
@@ -148,13 +153,9 @@ def test_pmc_vqa_an_answer_label_that_is_not_one_letter_is_a_named_skip(tmp_path
     and "AB" option A (a wrong closed accuracy) instead of a skip."""
     from fuselip_med.eval.tasks.med_vqa import read_pmc_vqa
 
-    (tmp_path / "images").mkdir()
-    solid_image(tmp_path / "images" / "F1.jpg", (70, 0, 0), fmt="PNG")
-    header = "Figure_path,Question,Answer,Choice A,Choice B,Choice C,Choice D,Answer_label\n"
-    rows = ["F1.jpg,Which side?,left,A:right,B:left,C:up,D:down, b \n",
-            "F1.jpg,Which side?,up,A:right,B:left,C:up,D:down,CD\n",
-            "F1.jpg,Which side?,right,A:right,B:left,C:up,D:down,AB\n"]
-    (tmp_path / "test_clean.csv").write_text(header + "".join(rows))
+    pmc_vqa_folder(tmp_path, "F1.jpg", ["F1.jpg,Which side?,left,A:right,B:left,C:up,D:down, b \n",
+                                        "F1.jpg,Which side?,up,A:right,B:left,C:up,D:down,CD\n",
+                                        "F1.jpg,Which side?,right,A:right,B:left,C:up,D:down,AB\n"])
     items, skips, listed = read_pmc_vqa(tmp_path)
     assert listed == 3 and [it.answer for it in items] == ["left"]
     assert skips.by_reason() == {"missing field": 2}
