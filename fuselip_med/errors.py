@@ -48,9 +48,14 @@ class MissingExtraError(UserError, ImportError):
 
 def first_line(error: BaseException, limit: int | None = None) -> str:
     """The first non-empty line of an exception's message (library errors can span a screen), cut to ``limit``
-    characters when given; the exception's type name when the message is empty (``MemoryError()``)."""
+    characters when given; the exception's type name when the message is empty (``MemoryError()``). A first line
+    that only announces its details (ends with ":", as torch's "Error(s) in loading state_dict for X:") is
+    joined with the next one, which says what is wrong."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return (lines[0] if lines else type(error).__name__)[:limit]
+    if not lines:
+        return type(error).__name__[:limit]
+    text = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return text[:limit]
 
 
 def without_paths(text: str, *paths: str | os.PathLike) -> str:

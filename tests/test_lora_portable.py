@@ -147,6 +147,24 @@ def test_damaged_adapter_weights_fail_clearly(lora_run, tmp_path):
         load_adapter(copy)
 
 
+def test_adapter_weights_of_another_shape_name_the_mismatch_in_one_line(lora_run, tmp_path):
+    """torch's load_state_dict error opens with a bare header ("Error(s) in loading state_dict for PeftModel:");
+    the message must carry the line after it (which weight, which shapes), not the header alone."""
+    from safetensors.torch import load_file, save_file
+
+    _, adapter, _ = lora_run
+    copy = tmp_path / "adapter"
+    shutil.copytree(adapter, copy)
+    weights = load_file(copy / "adapter_model.safetensors")
+    name = next(key for key in weights if "lora_A" in key)
+    weights[name] = torch.zeros(4, 7)
+    save_file(weights, copy / "adapter_model.safetensors")
+    result = CliRunner().invoke(app, ["merge-lora", str(copy), "--out", str(tmp_path / "merged")])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert "does not fit its base model" in lines[0] and "size mismatch" in lines[0] and "[4, 7]" in lines[0]
+
+
 def test_base_option_on_a_plain_model_is_an_error(tmp_path):
     save_pretrained(FuseLIP(FuseLIPConfig.from_size("tiny")), tmp_path / "plain")
     with pytest.raises(CheckpointError, match="LoRA adapters only"):
